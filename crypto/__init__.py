@@ -1,0 +1,1 @@
+"""Murmur crypto package."""

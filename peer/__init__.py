@@ -1,0 +1,1 @@
+"""Murmur peer package."""

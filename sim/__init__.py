@@ -1,0 +1,1 @@
+"""Murmur sim package."""
