@@ -1,0 +1,83 @@
+"""Model registry for the local trainer.
+
+Every model here is built only from layers whose per-example gradients Murmur's DP-SGD engine
+computes exactly (``nn.Linear``, ``nn.Conv2d``) plus parameter-free layers (activations,
+pooling, flatten). There is deliberately no BatchNorm: it mixes examples within a batch, which
+breaks per-example gradients and therefore per-example clipping (the basis of record-level DP).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
+
+
+class ModelError(ValueError):
+    """Unknown model name or a model that does not fit the input shape."""
+
+
+def _build_mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 64) -> nn.Module:
+    """Two-layer MLP for flat or small inputs (8x8 digits, tabular sensor windows)."""
+    in_features = math.prod(input_shape)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def _build_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Small end-to-end CNN for 28x28 single-channel images (26 K parameters).
+
+    The shape (strided 8x8 and 4x4 convolutions, tanh, no normalisation) follows the
+    architecture Tramèr & Boneh (ICLR 2021) found to work well under DP-SGD: few parameters
+    means less total noise, and tanh keeps activations bounded so clipping loses less signal.
+    """
+    if len(input_shape) == 2:
+        channels, height, width = 1, *input_shape
+    elif len(input_shape) == 3:
+        channels, height, width = input_shape
+    else:
+        raise ModelError(f"cnn needs image input (H, W) or (C, H, W), got shape {input_shape}")
+    if (height, width) != (28, 28):
+        raise ModelError(f"cnn is sized for 28x28 images, got {height}x{width}")
+    return nn.Sequential(
+        # (H, W) inputs get a channel axis; (C, H, W) inputs pass through.
+        nn.Unflatten(1, (1, height)) if len(input_shape) == 2 else nn.Identity(),
+        nn.Conv2d(channels, 16, kernel_size=8, stride=2, padding=3),  # -> 16 x 14 x 14
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),  # -> 16 x 13 x 13
+        nn.Conv2d(16, 32, kernel_size=4, stride=2),  # -> 32 x 5 x 5
+        nn.Tanh(),
+        nn.MaxPool2d(2, 1),  # -> 32 x 4 x 4
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.Tanh(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a registered model for inputs of ``input_shape`` (without the batch dimension)."""
+    if num_classes < 2:
+        raise ModelError(f"need at least 2 classes, got {num_classes}")
+    if name == "mlp":
+        model = _build_mlp(tuple(input_shape), num_classes)
+    elif name == "cnn":
+        model = _build_cnn(tuple(input_shape), num_classes)
+    else:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    log.info("built model %s: %d parameters", name, param_count(model))
+    return model
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of trainable scalar parameters (the length of the flat update vector)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,4 @@
+"""Privacy primitives for the local trainer: secure Gaussian noise and the RDP accountant.
+
+Import-light on purpose: the submodules import torch / opacus, this package file does not.
+"""

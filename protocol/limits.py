@@ -1,0 +1,79 @@
+"""Hard limits and identifier rules of the Murmur wire format, written down once.
+
+Every limit here is enforced by the decoder *before* the value is used, so a hostile peer
+cannot make a receiver allocate more than about ``MAX_PAYLOAD_BYTES`` per message or
+build an object outside these ranges. docs/protocol.md restates each one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+#: Largest accepted wire message (the whole MQTT payload), checked before unpacking.
+MAX_PAYLOAD_BYTES: Final = 8 * 1024 * 1024
+
+#: Largest number of indices / coordinates in one index array.
+MAX_VECTOR_LEN: Final = 1 << 22
+
+#: Largest aggregation group (members of a session).
+MAX_MEMBERS: Final = 16
+
+#: Smallest aggregation group: with two members each would learn the other's vector.
+MIN_GROUP_SIZE: Final = 3
+
+#: Smallest Shamir threshold (a threshold of 1 would make every share the secret itself).
+MIN_THRESHOLD: Final = 2
+
+#: Longest free-text string (abort / decline / leave reasons), in characters.
+MAX_STR: Final = 256
+
+#: Longest model identifier, in characters.
+MAX_MODEL_ID_LEN: Final = 128
+
+#: Longest msgpack str the unpacker accepts, in bytes (UTF-8 needs at most 4 bytes per char).
+MAX_STR_BYTES: Final = 4 * MAX_STR
+
+#: Longest msgpack array the unpacker accepts; every legitimate array is much shorter
+#: (index arrays travel as bin, not as msgpack arrays).
+MAX_WIRE_ARRAY_LEN: Final = 64
+
+#: Largest admission certificate carried in an ANNOUNCE, in bytes.
+MAX_CERTIFICATE_BYTES: Final = 2048
+
+#: Bounds of a sealed blob (SHARE / PARTIAL). The minimum is the 16-byte Poly1305 tag that
+#: every NaCl box carries; the maximum is bounded by the payload limit.
+MIN_SEALED_BYTES: Final = 16
+MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
+
+#: Exact sizes of fixed-width fields.
+SESSION_ID_BYTES: Final = 16
+SIGNATURE_BYTES: Final = 64
+
+#: Sequence numbers are 0 <= seq < 2**63 (they fit a signed 64-bit integer).
+MAX_SEQ_EXCLUSIVE: Final = 1 << 63
+
+#: Indices are uint32, so a model may have at most 2**32 parameters.
+MAX_PARAM_COUNT: Final = 1 << 32
+
+#: Fixed-point fractional bits an INVITE may ask for (receivers may support fewer).
+MAX_FRAC_BITS: Final = 60
+
+#: Peer ids and network ids: lower-case ASCII letters, digits, '_' and '-', 1 to 64 characters,
+#: starting with a letter or digit. Safe as an MQTT topic level and as a broker user name
+#: (no '/', '+', '#', NUL or upper/lower-case ambiguity).
+ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+PEER_ID_RE: Final = re.compile(ID_PATTERN)
+NETWORK_ID_RE: Final = PEER_ID_RE
+
+#: Characters free text may not contain: C0 and C1 control characters and DEL. Rejecting
+#: them keeps hostile reasons from forging log lines or terminal escape sequences.
+CONTROL_CHARS_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def is_valid_id(value: object) -> bool:
+    """True if ``value`` is a str that is a valid peer or network id.
+
+    ``fullmatch`` is used rather than ``$`` so a trailing newline is not accepted.
+    """
+    return isinstance(value, str) and PEER_ID_RE.fullmatch(value) is not None

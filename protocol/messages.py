@@ -1,0 +1,219 @@
+"""Typed Murmur messages: the envelope header, one body dataclass per kind, and the result of
+decoding (:class:`SignedMessage`).
+
+The dataclasses are plain data; all validation lives in :mod:`protocol.codec`, which checks
+every field both when encoding (so a peer never emits what another peer must reject) and when
+decoding untrusted bytes. docs/protocol.md gives each body's fields in wire order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+import numpy as np
+
+PROTOCOL_VERSION: Final = 1
+
+
+class Kind(IntEnum):
+    """Message kinds; the integer value is what travels on the wire."""
+
+    ANNOUNCE = 1
+    LEAVE = 2
+    INVITE = 3
+    ACCEPT = 4
+    DECLINE = 5
+    START = 6
+    SHARE = 7
+    PARTIAL = 8
+    ABORT = 9
+
+
+#: Kinds that belong to no aggregation session: their header carries an empty session id.
+SESSIONLESS_KINDS: Final = frozenset({Kind.ANNOUNCE, Kind.LEAVE})
+
+
+@dataclass(frozen=True)
+class Header:
+    """Envelope fields shared by every kind; all are covered by the signature.
+
+    ``session`` is ``b""`` for ANNOUNCE and LEAVE and 16 random bytes otherwise. ``seq`` is the
+    sender's strictly increasing message counter (see :class:`SequenceCounter`).
+    """
+
+    version: int
+    network: str
+    kind: Kind
+    sender: str
+    session: bytes
+    seq: int
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A peer's signed presence: its admission certificate and the model it trains.
+
+    Published retained on the peer's announce topic.
+    """
+
+    certificate: bytes
+    model_id: str
+    param_count: int
+
+
+@dataclass(frozen=True)
+class Leave:
+    """A graceful departure, published on the peer's announce topic."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Invite:
+    """The initiator asks a peer to join a session of ``group_size`` members, threshold t."""
+
+    group_size: int
+    threshold: int
+    model_id: str
+    param_count: int
+    frac_bits: int
+
+
+def _arrays_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+@dataclass(frozen=True, eq=False)
+class Accept:
+    """An invitee joins, sending its top-k index set (sorted unique uint32)."""
+
+    indices: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Accept) and _arrays_equal(self.indices, other.indices)
+
+    __hash__ = None  # type: ignore[assignment]  # holds a mutable array
+
+
+@dataclass(frozen=True)
+class Decline:
+    """An invitee refuses (busy, wrong model, ...)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class Start:
+    """The initiator fixes the group and the coordinate set.
+
+    ``members`` is ordered: the member at position i holds Shamir x-coordinate ``i + 1``, and
+    ``members[0]`` is the initiator (the decoder checks it equals the sender). ``coordinates``
+    is the sorted unique union of the members' index sets.
+    """
+
+    members: tuple[str, ...]
+    threshold: int
+    coordinates: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Start)
+            and self.members == other.members
+            and self.threshold == other.threshold
+            and _arrays_equal(self.coordinates, other.coordinates)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds a mutable array
+
+
+@dataclass(frozen=True)
+class Share:
+    """One member's Shamir share for ``recipient``, sealed for that recipient only."""
+
+    recipient: str
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A member's sealed sum of the shares it holds from ``contributors``."""
+
+    recipient: str
+    contributors: tuple[str, ...]
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Abort:
+    """The session is abandoned; receivers discard everything they hold for it."""
+
+    reason: str
+
+
+Body = Announce | Leave | Invite | Accept | Decline | Start | Share | Partial | Abort
+
+#: The body class of each kind (the codec refuses a body that does not match its header kind).
+BODY_TYPES: Final[dict[Kind, type]] = {
+    Kind.ANNOUNCE: Announce,
+    Kind.LEAVE: Leave,
+    Kind.INVITE: Invite,
+    Kind.ACCEPT: Accept,
+    Kind.DECLINE: Decline,
+    Kind.START: Start,
+    Kind.SHARE: Share,
+    Kind.PARTIAL: Partial,
+    Kind.ABORT: Abort,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SignedMessage:
+    """A decoded, structurally valid message.
+
+    ``signed_bytes`` are exactly the bytes the sender signed, as received; verify
+    ``signature`` over them with the sender's key (never over a re-encoding). Decoding proves
+    only well-formedness: the signature, the sender's certificate and the replay window are
+    still to be checked by the caller.
+    """
+
+    header: Header
+    body: Body
+    signed_bytes: bytes
+    signature: bytes
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SignedMessage)
+            and self.header == other.header
+            and self.body == other.body
+            and self.signed_bytes == other.signed_bytes
+            and self.signature == other.signature
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # body may hold a mutable array
+
+
+class SequenceCounter:
+    """Per-sender message counter: starts at ``time.time_ns() // 1000`` and adds one per message.
+
+    Starting from the wall clock in microseconds means a restarted peer (even after SIGKILL,
+    with nothing persisted) continues above every number it used before, as long as it sent
+    fewer than one message per microsecond and the clock did not step back. Thread-safe.
+    """
+
+    def __init__(self, start: int | None = None) -> None:
+        first = time.time_ns() // 1000 if start is None else start
+        if not 0 <= first < (1 << 63):
+            raise ValueError(f"sequence start {first} outside 0 <= seq < 2**63")
+        self._lock = threading.Lock()
+        self._counter = itertools.count(first)
+
+    def next(self) -> int:
+        """Return the next sequence number (never the same one twice)."""
+        with self._lock:
+            return next(self._counter)

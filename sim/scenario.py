@@ -1,0 +1,515 @@
+"""Simulation scenarios: every option of a `murmur-sim` run, loaded from TOML with clear errors.
+
+A scenario is a flat TOML table whose keys are the field names of `Scenario`, e.g.::
+
+    peers = 8
+    dataset = "digits"
+    partition = "dirichlet"
+    alpha = 0.5
+    target_epsilon = 3.0
+
+Unknown keys, wrong types and out-of-range values raise `ScenarioError`, which names the file,
+the key and the problem. Command-line overrides are applied on top with the same checks.
+
+Security note: `broker_password` is a credential. It is never written back out by
+`scenario_to_toml` / `scenario_summary` (it is redacted), so run directories and reports can
+be shared without leaking it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sim.partition import PARTITION_SCHEMES
+
+HOSTILE_KINDS = ("garbage", "replay", "huge_norm")
+MODES = ("inprocess", "processes")
+BROKER_KINDS = ("embedded", "mosquitto")
+BROKER_URL_SCHEMES = ("mqtt", "mqtts")
+DATASET_PREFIXES = ("digits", "fashion-mnist", "csv:", "npz:")
+MODEL_CHOICES = ("mlp", "cnn", "auto")
+REDACTED = "<redacted>"
+SECRET_KEYS = frozenset({"broker_password"})
+
+
+class ScenarioError(ValueError):
+    """A scenario option is unknown, of the wrong type, or out of range.
+
+    `key` names the offending option (None for file-level problems such as bad TOML).
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None) -> None:
+        self.key = key
+        self.source = source
+        where = f"{source}: " if source else ""
+        what = f"option '{key}': " if key else ""
+        super().__init__(f"{where}{what}{message}")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """All options of one simulation run. Defaults: the README's first command.
+
+    The defaults (8 peers on digits, 20 local rounds of 10 DP-SGD steps, 150 s cap) are sized
+    to finish in under 3 minutes on 2 shared cores.
+    """
+
+    # -- peers and data ----------------------------------------------------------------------
+    peers: int = 8
+    dataset: str = "digits"  # "digits" | "fashion-mnist[:ROOT]" | "csv:PATH" | "npz:PATH"
+    model: str = "auto"  # "mlp" | "cnn" | "auto" (cnn for 28x28 images, mlp otherwise)
+    partition: str = "dirichlet"  # "iid" | "dirichlet" | "shards"
+    alpha: float = 0.5  # Dirichlet concentration; smaller = more skewed
+    shards_per_peer: int = 2
+    min_partition_size: int = 10  # every peer gets at least this many training examples
+    holdout_fraction: float = 0.2  # part of each peer's shard kept for its local accuracy
+    # -- privacy -----------------------------------------------------------------------------
+    dp: bool = True
+    target_epsilon: float | None = 3.0  # per peer, over the planned rounds * local_steps
+    noise_multiplier: float | None = None  # set instead of target_epsilon to fix sigma
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    # -- training ----------------------------------------------------------------------------
+    rounds: int = 20  # local rounds per peer (each: local_steps steps, then share)
+    duration_s: float = 150.0  # wall-clock cap; the run ends at rounds or duration, first hit
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 0.1
+    topk_fraction: float = 0.05
+    # -- aggregation -------------------------------------------------------------------------
+    group_size: int = 3
+    threshold: int = 2
+    # -- faults ------------------------------------------------------------------------------
+    churn_rate: float = 0.0  # expected leave events per peer per minute
+    churn_downtime_s: float = 5.0  # how long a churned peer stays away before rejoining
+    delay_ms: float = 0.0  # added delay on every message a peer sends
+    loss_rate: float = 0.0  # probability that a sent message is dropped
+    hostile_peers: tuple[str, ...] = ()  # extra adversarial peers: "garbage"|"replay"|"huge_norm"
+    # -- broker and execution ----------------------------------------------------------------
+    broker: str = "embedded"  # "embedded" | "mosquitto" | "mqtt://host:port" | "mqtts://..."
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_ca_file: Path | None = None
+    mode: str = "inprocess"  # "inprocess" (tasks of one loop) | "processes" (one per peer)
+    network: str = "sim"
+    seed: int = 0  # for data split, sampling and faults; never for cryptographic randomness
+    out_dir: Path = Path("runs")
+
+    def __post_init__(self) -> None:
+        validate_scenario(self)
+
+    @property
+    def planned_steps(self) -> int:
+        """DP-SGD steps each peer plans to take; the accountant's horizon for target_epsilon."""
+        return self.rounds * self.local_steps
+
+    @property
+    def broker_is_url(self) -> bool:
+        return self.broker not in BROKER_KINDS
+
+
+SCENARIO_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scenario))
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Scenario)
+
+
+# -- type checking -------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "none"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "integer", float: "number", bool: "boolean", str: "string", Path: "path"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return value converted to field type tp, or raise ScenarioError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if origin is tuple:
+        if isinstance(value, str):  # a single kind given as a string
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ScenarioError(
+                f"expected a {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key
+            )
+        (item_type, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(key, item, item_type) for item in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ScenarioError(f"expected true or false, got {value!r}", key=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"expected an integer, got {value!r}", key=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ScenarioError(f"expected a number, got {value!r}", key=key)
+        if not math.isfinite(value):
+            raise ScenarioError(f"must be finite, got {value!r}", key=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ScenarioError(f"expected a string, got {value!r}", key=key)
+        return value
+    if tp is Path:
+        if not isinstance(value, str | Path) or str(value) == "":
+            raise ScenarioError(f"expected a path string, got {value!r}", key=key)
+        return Path(value)
+    raise ScenarioError(f"unsupported option type {tp!r}", key=key)
+
+
+# -- range checks --------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ScenarioError(message, key=key)
+
+
+def _check_types(s: Scenario) -> None:
+    for key in SCENARIO_KEYS:
+        value = getattr(s, key)
+        coerced = _coerce(key, value, _FIELD_TYPES[key])
+        if coerced is not value and coerced != value:
+            object.__setattr__(s, key, coerced)
+        elif type(coerced) is not type(value):  # int given for a float field, list for tuple
+            object.__setattr__(s, key, coerced)
+
+
+def validate_scenario(s: Scenario) -> None:
+    """Check types, ranges and cross-option consistency; ScenarioError names the bad key."""
+    _check_types(s)
+    _require(1 <= s.peers <= 512, "peers", f"must be between 1 and 512, got {s.peers}")
+    _require(
+        s.dataset.startswith(DATASET_PREFIXES)
+        and (s.dataset in ("digits", "fashion-mnist") or ":" in s.dataset),
+        "dataset",
+        f"expected 'digits', 'fashion-mnist[:ROOT]', 'csv:PATH' or 'npz:PATH', got {s.dataset!r}",
+    )
+    _require(s.model in MODEL_CHOICES, "model", f"expected one of {MODEL_CHOICES}, got {s.model!r}")
+    _require(
+        s.partition in PARTITION_SCHEMES,
+        "partition",
+        f"expected one of {PARTITION_SCHEMES}, got {s.partition!r}",
+    )
+    _require(s.alpha > 0, "alpha", f"must be > 0, got {s.alpha}")
+    _require(s.shards_per_peer >= 1, "shards_per_peer", f"must be >= 1, got {s.shards_per_peer}")
+    _require(
+        s.min_partition_size >= 1,
+        "min_partition_size",
+        f"must be >= 1, got {s.min_partition_size}",
+    )
+    _require(
+        0.0 < s.holdout_fraction < 1.0,
+        "holdout_fraction",
+        f"must be strictly between 0 and 1, got {s.holdout_fraction}",
+    )
+    if s.dp:
+        _require(
+            (s.target_epsilon is None) != (s.noise_multiplier is None),
+            "noise_multiplier" if s.noise_multiplier is not None else "target_epsilon",
+            "with dp = true set exactly one of target_epsilon and noise_multiplier",
+        )
+    if s.target_epsilon is not None:
+        _require(
+            0 < s.target_epsilon <= 100,
+            "target_epsilon",
+            f"must be in (0, 100], got {s.target_epsilon}",
+        )
+    if s.noise_multiplier is not None:
+        _require(
+            0 < s.noise_multiplier <= 100,
+            "noise_multiplier",
+            f"must be in (0, 100], got {s.noise_multiplier}",
+        )
+    _require(0 < s.delta < 1, "delta", f"must be strictly between 0 and 1, got {s.delta}")
+    _require(s.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {s.max_grad_norm}")
+    _require(1 <= s.rounds <= 1_000_000, "rounds", f"must be >= 1, got {s.rounds}")
+    _require(s.duration_s > 0, "duration_s", f"must be > 0 seconds, got {s.duration_s}")
+    _require(s.local_steps >= 1, "local_steps", f"must be >= 1, got {s.local_steps}")
+    _require(
+        1 <= s.batch_size <= 65536, "batch_size", f"must be in 1..65536, got {s.batch_size}"
+    )
+    _require(0 < s.lr <= 10, "lr", f"must be in (0, 10], got {s.lr}")
+    _require(
+        0.001 <= s.topk_fraction <= 1.0,
+        "topk_fraction",
+        f"must be in [0.001, 1], got {s.topk_fraction}",
+    )
+    _require(
+        3 <= s.group_size <= 16,
+        "group_size",
+        f"must be in 3..16 (a group of two would reveal each member's vector to the other), "
+        f"got {s.group_size}",
+    )
+    _require(
+        2 <= s.threshold <= s.group_size,
+        "threshold",
+        f"must be in 2..group_size ({s.group_size}), got {s.threshold}",
+    )
+    _require(s.churn_rate >= 0, "churn_rate", f"must be >= 0, got {s.churn_rate}")
+    _require(
+        s.churn_downtime_s >= 0, "churn_downtime_s", f"must be >= 0, got {s.churn_downtime_s}"
+    )
+    _require(0 <= s.delay_ms <= 60_000, "delay_ms", f"must be in 0..60000, got {s.delay_ms}")
+    _require(0 <= s.loss_rate < 1, "loss_rate", f"must be in [0, 1), got {s.loss_rate}")
+    for kind in s.hostile_peers:
+        _require(
+            kind in HOSTILE_KINDS,
+            "hostile_peers",
+            f"unknown hostile kind {kind!r}; expected some of {HOSTILE_KINDS}",
+        )
+    _check_broker(s)
+    _require(s.mode in MODES, "mode", f"expected one of {MODES}, got {s.mode!r}")
+    _require(
+        _valid_name(s.network),
+        "network",
+        f"must match [a-z0-9][a-z0-9_-]{{0,63}}, got {s.network!r}",
+    )
+    _require(0 <= s.seed < 2**63, "seed", f"must be in 0..2**63-1, got {s.seed}")
+
+
+def _valid_name(name: str) -> bool:
+    # Same rule as crypto.identity.PEER_ID_RE; repeated here so sim does not import crypto
+    # just to check a string (network ids are also topic levels, so no '/', '+', '#').
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+    return 1 <= len(name) <= 64 and name[0] not in "_-" and set(name) <= allowed
+
+
+def _check_broker(s: Scenario) -> None:
+    if s.broker in BROKER_KINDS:
+        credentials = ("broker_username", "broker_password", "broker_ca_file")
+        for key in credentials:
+            _require(
+                getattr(s, key) is None,
+                key,
+                f"only applies to an external broker URL, not broker = {s.broker!r}",
+            )
+        return
+    parts = urlsplit(s.broker)
+    _require(
+        parts.scheme in BROKER_URL_SCHEMES,
+        "broker",
+        f"expected 'embedded', 'mosquitto' or an mqtt:// / mqtts:// URL, got {s.broker!r}",
+    )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ScenarioError(f"bad port in {s.broker!r}: {exc}", key="broker") from exc
+    _require(bool(parts.hostname), "broker", f"URL has no host: {s.broker!r}")
+    _require(port is None or port > 0, "broker", f"URL has port 0: {s.broker!r}")
+    _require(
+        parts.username is None and parts.password is None,
+        "broker",
+        "put credentials in broker_username / broker_password, not in the URL",
+    )
+    _require(
+        (s.broker_password is None) or (s.broker_username is not None),
+        "broker_password",
+        "given without broker_username",
+    )
+    if s.broker_ca_file is not None:
+        _require(
+            parts.scheme == "mqtts",
+            "broker_ca_file",
+            "only applies to an mqtts:// broker URL",
+        )
+
+
+# -- building and loading ------------------------------------------------------------------------
+
+
+def _unknown_key_error(key: str, source: str | None) -> ScenarioError:
+    close = difflib.get_close_matches(key, SCENARIO_KEYS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ScenarioError(f"unknown option{hint}", key=key, source=source)
+
+
+def scenario_from_dict(
+    data: dict[str, Any], *, base: Scenario | None = None, source: str | None = None
+) -> Scenario:
+    """Build a Scenario from a flat mapping of option -> value, on top of base (or defaults).
+
+    Setting noise_multiplier without target_epsilon clears the default target_epsilon (the two
+    are alternatives). ScenarioError carries `source` (file name or "command line").
+    """
+    base = base or Scenario()
+    for key in data:
+        if key not in SCENARIO_KEYS:
+            raise _unknown_key_error(key, source)
+    changes = dict(data)
+    if "noise_multiplier" in changes and "target_epsilon" not in changes:
+        changes["target_epsilon"] = None
+    if "target_epsilon" in changes and "noise_multiplier" not in changes:
+        changes["noise_multiplier"] = None
+    try:
+        return dataclasses.replace(base, **changes)
+    except ScenarioError as exc:
+        if exc.source is None and source is not None:
+            raise ScenarioError(str(exc), key=exc.key, source=source) from None
+        raise
+
+
+def load_scenario(path: Path | str, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Read a scenario TOML file, then apply overrides (CLI options; None values are skipped).
+
+    Raises ScenarioError for a missing/unreadable file, invalid TOML, nested tables, unknown
+    keys, wrong types and out-of-range values.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario file: {exc.strerror}", source=source) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ScenarioError("scenario file is not UTF-8 text", source=source) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"invalid TOML: {exc}", source=source) from exc
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SCENARIO_KEYS:
+                raise _unknown_key_error(key, source)
+            raise ScenarioError(
+                "expected a value, got a table (scenario options are flat keys)",
+                key=key,
+                source=source,
+            )
+    scenario = scenario_from_dict(data, source=source)
+    if overrides:
+        scenario = apply_overrides(scenario, overrides)
+    return scenario
+
+
+def apply_overrides(scenario: Scenario, overrides: dict[str, Any]) -> Scenario:
+    """Apply command-line values on top of a scenario; keys with value None are not given."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return scenario
+    return scenario_from_dict(given, base=scenario, source="command line")
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse a generic `--set KEY=VALUE` override; VALUE is read as a TOML value when it is
+    one (numbers, booleans, quoted strings, arrays) and as a bare string otherwise."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ScenarioError(f"expected KEY=VALUE, got {text!r}", source="command line")
+    if key not in SCENARIO_KEYS:
+        raise _unknown_key_error(key, "command line")
+    value_text = value_text.strip()
+    try:
+        value: Any = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return key, value
+
+
+# -- writing back --------------------------------------------------------------------------------
+
+
+def scenario_to_dict(s: Scenario, *, redact: bool = True) -> dict[str, Any]:
+    """Plain-data view (paths as strings, tuples as lists); secrets redacted unless asked."""
+    out: dict[str, Any] = {}
+    for key in SCENARIO_KEYS:
+        value = getattr(s, key)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        if redact and key in SECRET_KEYS and value is not None:
+            value = REDACTED
+        out[key] = value
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def scenario_to_toml(s: Scenario) -> str:
+    """TOML text that load_scenario reads back to the same scenario (secrets left out)."""
+    lines = ["# murmur-sim scenario"]
+    for key, value in scenario_to_dict(s, redact=True).items():
+        if value is None or value == REDACTED:
+            continue  # TOML has no null: unset options are omitted; secrets never written
+        lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def scenario_summary(s: Scenario) -> list[tuple[str, str]]:
+    """Human-readable (label, value) pairs for a report header or terminal table."""
+    if not s.dp:
+        privacy = "off"
+    elif s.target_epsilon is not None:
+        privacy = f"DP-SGD, target ε = {s.target_epsilon:g} per peer, δ = {s.delta:g}"
+    else:
+        privacy = f"DP-SGD, noise multiplier σ = {s.noise_multiplier:g}, δ = {s.delta:g}"
+    if s.partition == "dirichlet":
+        split = f"Dirichlet α = {s.alpha:g}"
+    elif s.partition == "shards":
+        split = f"{s.shards_per_peer} label shards per peer"
+    else:
+        split = "IID"
+    faults = []
+    if s.churn_rate:
+        faults.append(f"churn {s.churn_rate:g}/peer/min (down {s.churn_downtime_s:g} s)")
+    if s.delay_ms:
+        faults.append(f"delay {s.delay_ms:g} ms")
+    if s.loss_rate:
+        faults.append(f"loss {s.loss_rate:.0%}")
+    if s.hostile_peers:
+        faults.append("hostile peers: " + ", ".join(s.hostile_peers))
+    broker = s.broker
+    if s.broker_is_url:
+        auth = " with credentials" if s.broker_username else ""
+        broker = f"{urlsplit(s.broker).scheme}://{urlsplit(s.broker).netloc}{auth}"
+    return [
+        ("Peers", f"{s.peers} ({s.mode})"),
+        ("Data", f"{s.dataset}, {split}, model {s.model}"),
+        ("Privacy", privacy),
+        (
+            "Training",
+            f"{s.rounds} rounds × {s.local_steps} steps, batch {s.batch_size}, lr {s.lr:g}, "
+            f"cap {s.duration_s:g} s",
+        ),
+        (
+            "Aggregation",
+            f"groups of {s.group_size}, threshold {s.threshold}, top-k {s.topk_fraction:.1%}",
+        ),
+        ("Faults", "; ".join(faults) or "none"),
+        ("Broker", broker),
+        ("Seed", str(s.seed)),
+    ]
