@@ -313,8 +313,6 @@ def decode_message(data: bytes) -> SignedMessage:
 
 def _to_wire(value: object) -> object:
     """Convert one body attribute to its msgpack representation (validated afterwards)."""
-    if isinstance(value, np.ndarray):
-        return encode_indices(value)
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, bytearray | memoryview):

@@ -24,7 +24,7 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -188,12 +188,9 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def _check_types(s: Scenario) -> None:
     for key in SCENARIO_KEYS:
-        value = getattr(s, key)
-        coerced = _coerce(key, value, _FIELD_TYPES[key])
-        if coerced is not value and coerced != value:
-            object.__setattr__(s, key, coerced)
-        elif type(coerced) is not type(value):  # int given for a float field, list for tuple
-            object.__setattr__(s, key, coerced)
+        # Normalises as it checks (an int for a float option, a list for a tuple); the
+        # dataclass is frozen, so the normalised value is written with object.__setattr__.
+        object.__setattr__(s, key, _coerce(key, getattr(s, key), _FIELD_TYPES[key]))
 
 
 def validate_scenario(s: Scenario) -> None:

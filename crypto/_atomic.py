@@ -1,0 +1,93 @@
+"""Atomic, private file writes and bounded reads for key material.
+
+Why: a key file must never be observed half-written (a crash mid-write would leave a truncated
+key) and must never be readable by other local users, even for a moment. The file is created
+with mode 0600 by ``tempfile.mkstemp`` in the destination directory, fully written and fsynced,
+then moved into place in one atomic step; the directory is fsynced so the rename survives a
+power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from crypto.errors import KeyFileError
+
+#: Key files are tiny; anything bigger is certainly not one of ours.
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Not every platform lets one open a directory; durability is best effort there.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some file systems (e.g. certain network mounts) refuse fsync on directories.
+        return
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: Path, data: bytes, *, overwrite: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically with permissions 0600.
+
+    Raises ``FileExistsError`` if ``path`` exists and ``overwrite`` is false. Without overwrite
+    the final step is ``os.link``, which fails atomically if another writer created the file in
+    the meantime, so an existing key is never clobbered by a race.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: refusing to overwrite an existing key file")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{path}: refusing to overwrite an existing key file"
+                ) from None
+            except OSError:
+                # File system without hard links: fall back to check-then-rename.
+                if path.exists():
+                    raise FileExistsError(
+                        f"{path}: refusing to overwrite an existing key file"
+                    ) from None
+                os.replace(tmp, path)
+        _fsync_directory(directory)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def read_key_file(path: Path) -> bytes:
+    """Read a key file, mapping every OS-level failure to :class:`KeyFileError`."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: key file does not exist") from None
+    except IsADirectoryError:
+        raise KeyFileError(f"{path}: is a directory, not a key file") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file ({exc.strerror})") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: too large to be a key file")
+    return data
