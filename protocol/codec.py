@@ -295,7 +295,9 @@ def decode_message(data: bytes) -> SignedMessage:
         raise DecodeError(f"expected bytes, got {type(data).__name__}", "message")
     size = memoryview(data).nbytes
     if size > MAX_PAYLOAD_BYTES:
-        raise SizeLimitError(f"{size} bytes exceed MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}", "message")
+        raise SizeLimitError(
+            f"{size} bytes exceed MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}", "message"
+        )
     envelope = _unpack(data, "envelope")
     if type(envelope) is not list or len(envelope) != 2:
         raise DecodeError("envelope must be a 2-element msgpack array", "envelope")
@@ -353,9 +355,11 @@ def encode_message(header: Header, body: Body, sign: Callable[[bytes], bytes]) -
     (e.g. ``Identity.sign``). Raises FieldError / VersionError / UnknownKindError /
     SizeLimitError if the message would not pass :func:`decode_message`.
     """
+    if isinstance(header.kind, bool):  # Kind(True) would silently mean ANNOUNCE
+        raise FieldError("expected an integer kind, got bool", "header.kind")
     try:
         kind = Kind(header.kind)
-    except ValueError:
+    except (ValueError, TypeError):
         raise UnknownKindError(f"unknown message kind {header.kind!r}", "header.kind") from None
     signed = [
         _to_wire(header.version),

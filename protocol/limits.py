@@ -41,9 +41,10 @@ MAX_WIRE_ARRAY_LEN: Final = 64
 #: Largest admission certificate carried in an ANNOUNCE, in bytes.
 MAX_CERTIFICATE_BYTES: Final = 2048
 
-#: Bounds of a sealed blob (SHARE / PARTIAL). The minimum is the 16-byte Poly1305 tag that
-#: every NaCl box carries; the maximum is bounded by the payload limit.
-MIN_SEALED_BYTES: Final = 16
+#: Bounds of a sealed blob (SHARE / PARTIAL). The minimum is what every ``nacl.public.Box``
+#: ciphertext carries: a 24-byte nonce and a 16-byte Poly1305 tag (crypto/sealing.py adds more,
+#: and checks that itself); the maximum is bounded by the payload limit.
+MIN_SEALED_BYTES: Final = 40
 MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
 
 #: Exact sizes of fixed-width fields.

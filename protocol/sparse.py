@@ -33,9 +33,7 @@ def _as_buffer(data: object, field: str) -> bytes | bytearray | memoryview:
 
 def _check_count(byte_len: int, element_bytes: int, field: str) -> int:
     if byte_len % element_bytes:
-        raise FieldError(
-            f"length {byte_len} is not a multiple of {element_bytes} bytes", field
-        )
+        raise FieldError(f"length {byte_len} is not a multiple of {element_bytes} bytes", field)
     count = byte_len // element_bytes
     if count > MAX_VECTOR_LEN:
         raise SizeLimitError(f"{count} elements exceed MAX_VECTOR_LEN={MAX_VECTOR_LEN}", field)
@@ -81,9 +79,7 @@ def encode_indices(idx: np.ndarray) -> bytes:
     return arr.astype(_INDEX_WIRE_DTYPE, copy=False).tobytes()
 
 
-def decode_indices(
-    b: bytes, *, max_index: int | None = None, field: str = "indices"
-) -> np.ndarray:
+def decode_indices(b: bytes, *, max_index: int | None = None, field: str = "indices") -> np.ndarray:
     """Decode raw little-endian uint32 bytes into a sorted unique ``np.uint32`` array.
 
     ``max_index`` is an exclusive upper bound (pass the parameter count); ``None`` checks only
@@ -107,7 +103,9 @@ def encode_f32(values: np.ndarray) -> bytes:
     if arr.dtype.kind not in "iuf":
         raise FieldError(f"expected a numeric array, got dtype {arr.dtype}", "values")
     if arr.size > MAX_VECTOR_LEN:
-        raise SizeLimitError(f"{arr.size} elements exceed MAX_VECTOR_LEN={MAX_VECTOR_LEN}", "values")
+        raise SizeLimitError(
+            f"{arr.size} elements exceed MAX_VECTOR_LEN={MAX_VECTOR_LEN}", "values"
+        )
     with np.errstate(over="ignore", invalid="ignore"):
         wire = arr.astype(_F32_WIRE_DTYPE)
     if not bool(np.all(np.isfinite(wire))):
@@ -115,9 +113,7 @@ def encode_f32(values: np.ndarray) -> bytes:
     return wire.tobytes()
 
 
-def decode_f32(
-    b: bytes, *, expected_len: int | None = None, field: str = "values"
-) -> np.ndarray:
+def decode_f32(b: bytes, *, expected_len: int | None = None, field: str = "values") -> np.ndarray:
     """Decode raw little-endian float32 bytes into a finite ``np.float32`` array.
 
     ``expected_len`` (if given) is the exact element count required, e.g. the length of the

@@ -60,7 +60,8 @@ def announce_filter(network: str) -> str:
 
 def inbox_filter(network: str, me: str) -> str:
     """Subscription filter matching every direct message addressed to ``me``."""
-    return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{DIRECT_LEVEL}/{_checked_id(me, 'me')}"
+    network_level = _checked_id(network, "network")
+    return f"{TOPIC_ROOT}/{network_level}/+/{DIRECT_LEVEL}/{_checked_id(me, 'me')}"
 
 
 def own_topics_filter(network: str, peer: str) -> str:
@@ -122,11 +123,11 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
         )
     on_announce = parsed.kind == "announce"
     if (header.kind in ANNOUNCE_TOPIC_KINDS) != on_announce:
-        raise FieldError(f"{Kind(header.kind).name} does not belong on a {parsed.kind} topic", "topic")
+        kind_name = Kind(header.kind).name
+        raise FieldError(f"{kind_name} does not belong on a {parsed.kind} topic", "topic")
     body = message.body
     if isinstance(body, Share | Partial) and body.recipient != parsed.recipient:
         raise FieldError(
-            f"body recipient {body.recipient!r} differs from topic recipient "
-            f"{parsed.recipient!r}",
+            f"body recipient {body.recipient!r} differs from topic recipient {parsed.recipient!r}",
             "topic",
         )

@@ -2,14 +2,17 @@
 
 Both listen on loopback only and accept anonymous clients: they exist so that a simulation
 (or a test) runs real peers over a real MQTT broker on one machine with no set-up. Neither is
-a security boundary — Murmur's guarantees never rest on the broker (every payload is signed and
-every share sealed for its one recipient), so an open loopback broker reveals nothing a
-subscriber to `#` could not already see: ciphertext and signed announcements.
+a security boundary: Murmur's guarantees never rest on the broker (every payload is signed and
+every share sealed for its one recipient), so all an open loopback broker ever holds is signed
+announcements and ciphertext.
 
-Payload sizes: Murmur sends sealed shares of up to a few MiB (protocol limit 8 MiB). Measured on
-this machine (loopback, QoS 1, one publisher, one subscriber): amqtt 0.12.1 carried 1 MiB in
-~16 ms, 4 MiB in ~150 ms and 8 MiB in ~380 ms (≈ 22-65 MB/s). Mosquitto is configured with a
-`max_packet_size` of 16 MiB so that a maximal 8 MiB payload plus framing always fits.
+Payload sizes (measured on this machine under load from other jobs, loopback, QoS 1, one
+publisher and one subscriber, best of 3): amqtt 0.12.1 carried 1 MiB in ~37 ms, 4 MiB in
+~130 ms, 8 MiB in ~290 ms and 16 MiB in ~570 ms (≈ 30 MB/s; it has no packet-size limit), and
+~1,300 small (200 B) messages/s. Mosquitto 2.0.11 carried 8 MiB in ~33 ms (≈ 260 MB/s). Mosquitto
+here is configured with `max_packet_size` 16 MiB so a maximal 8 MiB protocol payload plus framing
+always fits; larger packets make it disconnect the sender (measured). For runs bigger than the
+default, Mosquitto is the better broker when it is installed.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class EmbeddedBroker:
 
     With port=0 the listener binds an ephemeral port chosen by the kernel (no race with other
     processes) and `.port` reports it once started. Anonymous access, no persistence, no $SYS
-    topics. Stopping shuts down every client session and leaves no broker task running.
+    topics. Stopping disconnects every client and leaves no broker task running; `start()`
+    after `stop()` (or `restart()`) listens on the same port again, for broker-restart tests.
     """
 
     def __init__(self, host: str = LOOPBACK, port: int = 0, *, quiet: bool = True) -> None:
@@ -114,10 +118,10 @@ class EmbeddedBroker:
     def running(self) -> bool:
         return self._broker is not None
 
-    def _config(self) -> dict[str, Any]:
+    def _config(self, port: int) -> dict[str, Any]:
         return {
             "listeners": {
-                "default": {"type": "tcp", "bind": f"{self.host}:{self._requested_port}"},
+                "default": {"type": "tcp", "bind": f"{self.host}:{port}"},
             },
             # Only anonymous auth: the default plugin set also loads packet/event loggers and a
             # $SYS publisher that wakes every 20 s, none of which a simulation wants.
@@ -134,17 +138,19 @@ class EmbeddedBroker:
                 logging.getLogger(name).setLevel(logging.WARNING)
         from amqtt.broker import Broker, BrokerError
 
-        broker = Broker(self._config())
+        # A restart reuses the port of the first start so connected clients can come back.
+        port = self._port if self._port is not None else self._requested_port
+        broker = Broker(self._config(port))
         try:
             await broker.start()
         except BrokerError as exc:
             raise BrokerStartError(f"embedded broker failed to start: {exc}") from exc
         self._broker = broker
-        self._port = self._bound_port(broker)
+        self._port = self._bound_port(broker, port)
 
-    def _bound_port(self, broker: Any) -> int:
-        if self._requested_port != 0:
-            return self._requested_port
+    def _bound_port(self, broker: Any, requested: int) -> int:
+        if requested != 0:
+            return requested
         # amqtt keeps the asyncio.Server per listener; it is the only place the kernel-chosen
         # port is visible. If a future amqtt moves it, fail loudly rather than guess a port.
         try:
@@ -157,6 +163,10 @@ class EmbeddedBroker:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.shutdown()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -117,6 +117,14 @@ class Scenario:
         return self.broker not in BROKER_KINDS
 
 
+def resolve_model(model: str, input_shape: tuple[int, ...]) -> str:
+    """The model name to build: "auto" picks "cnn" for 28x28 images and "mlp" otherwise."""
+    if model != "auto":
+        return model
+    image_28 = tuple(input_shape[-2:]) == (28, 28) and len(input_shape) in (2, 3)
+    return "cnn" if image_28 else "mlp"
+
+
 SCENARIO_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Scenario))
 _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Scenario)
 

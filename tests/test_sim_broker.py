@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import aiomqtt
@@ -60,6 +61,31 @@ async def test_embedded_broker_carries_a_4_mib_payload() -> None:
     async with EmbeddedBroker() as broker:
         payload = os.urandom(4 * 1024 * 1024)
         assert await _round_trip(broker.port, payload) == payload
+
+
+async def test_embedded_broker_stops_with_clients_connected_and_restarts_on_same_port() -> None:
+    before = _other_tasks()
+    broker = EmbeddedBroker()
+    await broker.start()
+    port = broker.port
+    client = aiomqtt.Client(LOOPBACK, port, identifier="still-connected")
+    await client.__aenter__()
+    try:
+        await broker.stop()  # a peer is still connected: the broker must not hang or leak
+        with pytest.raises(aiomqtt.MqttError):
+            async with asyncio.timeout(5):
+                await client.publish("murmur/test/x", b"after stop", qos=1, timeout=2)
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+    await broker.start()
+    try:
+        assert broker.port == port
+        assert await _round_trip(port, b"back") == b"back"
+    finally:
+        await broker.stop()
+    await asyncio.sleep(0)
+    assert _other_tasks() <= before
 
 
 async def test_two_embedded_brokers_get_distinct_ports() -> None:

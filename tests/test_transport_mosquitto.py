@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import random
 import signal
@@ -30,37 +29,16 @@ from peer.transport import (
 )
 from sim.broker import MosquittoBroker
 
-pytestmark = [
-    pytest.mark.mosquitto,
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not MosquittoBroker.available(), reason="needs /usr/sbin/mosquitto"),
-]
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
 
 
-async def _maybe_await(result: object) -> None:
-    if inspect.isawaitable(result):
-        await result
-
-
 @pytest.fixture
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    """The shared `mosquitto` fixture from conftest when there is one, else a local Mosquitto."""
-    try:
-        shared = request.getfixturevalue("mosquitto")
-    except pytest.FixtureLookupError:
-        shared = None
-    if shared is not None:
-        yield shared
-        return
-    local = MosquittoBroker()
-    await local.start()
-    try:
-        yield local
-    finally:
-        await local.close()
+def broker(mosquitto: MosquittoBroker) -> MosquittoBroker:
+    """The shared Mosquitto of tests/conftest.py (restartable on the same port)."""
+    return mosquitto
 
 
 @dataclass
@@ -117,7 +95,9 @@ async def _connected(transport: Transport) -> None:
         await transport.connected.wait()
 
 
-async def test_publish_subscribe_round_trip_and_counters(broker: Any) -> None:
+async def test_publish_subscribe_round_trip_and_counters(
+    broker: MosquittoBroker,
+) -> None:
     inbox = Inbox()
     receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx"])
     sender = _transport(broker.url, "tx", [])
@@ -134,7 +114,9 @@ async def test_publish_subscribe_round_trip_and_counters(broker: Any) -> None:
     assert not receiver.connected.is_set()
 
 
-async def test_tcp_nodelay_is_set_on_the_live_socket(broker: Any) -> None:
+async def test_tcp_nodelay_is_set_on_the_live_socket(
+    broker: MosquittoBroker,
+) -> None:
     transport = _transport(broker.url, "nodelay", [])
     assert transport.socket_option(socket.IPPROTO_TCP, socket.TCP_NODELAY) is None
     async with running(transport, Inbox().handle):
@@ -142,7 +124,9 @@ async def test_tcp_nodelay_is_set_on_the_live_socket(broker: Any) -> None:
         assert transport.socket_option(socket.IPPROTO_TCP, socket.TCP_NODELAY) not in (None, 0)
 
 
-async def test_publish_refuses_oversized_payload_and_when_not_connected(broker: Any) -> None:
+async def test_publish_refuses_oversized_payload_and_when_not_connected(
+    broker: MosquittoBroker,
+) -> None:
     transport = _transport(broker.url, "big", [], max_payload=1000)
     with pytest.raises(NotConnectedError):
         await transport.publish("murmur/t/big/x", b"x")
@@ -157,7 +141,9 @@ async def test_publish_refuses_oversized_payload_and_when_not_connected(broker: 
         await transport.publish("murmur/t/big/x", b"x")
 
 
-async def test_retained_message_reaches_late_subscriber_and_on_connected_runs(broker: Any) -> None:
+async def test_retained_message_reaches_late_subscriber_and_on_connected_runs(
+    broker: MosquittoBroker,
+) -> None:
     topic = f"murmur/t/ret{os.urandom(2).hex()}/announce"
     calls: list[str] = []
     holder: dict[str, Transport] = {}
@@ -208,7 +194,9 @@ _CHILD = textwrap.dedent(
 )
 
 
-async def test_last_will_clears_retained_announce_when_the_process_dies(broker: Any) -> None:
+async def test_last_will_clears_retained_announce_when_the_process_dies(
+    broker: MosquittoBroker,
+) -> None:
     topic = f"murmur/t/dying{os.urandom(2).hex()}/announce"
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, broker.url, f"dying-{os.urandom(3).hex()}", topic],
@@ -241,7 +229,9 @@ async def test_last_will_clears_retained_announce_when_the_process_dies(broker: 
         child.wait(timeout=10)
 
 
-async def test_clean_stop_does_not_publish_the_will(broker: Any) -> None:
+async def test_clean_stop_does_not_publish_the_will(
+    broker: MosquittoBroker,
+) -> None:
     topic = f"murmur/t/clean{os.urandom(2).hex()}/announce"
     watcher_inbox = Inbox()
     async with running(_transport(broker.url, "watch", [topic]), watcher_inbox.handle):
@@ -252,7 +242,9 @@ async def test_clean_stop_does_not_publish_the_will(broker: Any) -> None:
     assert [m.payload for m in watcher_inbox.items] == []
 
 
-async def test_reconnects_and_resubscribes_after_broker_restart(broker: Any) -> None:
+async def test_reconnects_and_resubscribes_after_broker_restart(
+    broker: MosquittoBroker,
+) -> None:
     inbox = Inbox()
     connects: list[int] = []
 
@@ -262,7 +254,7 @@ async def test_reconnects_and_resubscribes_after_broker_restart(broker: Any) -> 
     receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx2"], on_connected=on_connected)
     async with running(receiver, inbox.handle) as task:
         await _connected(receiver)
-        await _maybe_await(broker.stop())
+        await broker.stop()
         async with asyncio.timeout(WAIT_S):
             while receiver.connected.is_set():
                 await asyncio.sleep(0.02)
@@ -270,7 +262,7 @@ async def test_reconnects_and_resubscribes_after_broker_restart(broker: Any) -> 
             await receiver.publish("murmur/t/rx/x", b"x")
         await asyncio.sleep(0.5)  # a few failed connection attempts against a closed port
         assert not task.done()
-        await _maybe_await(broker.start())
+        await broker.start()
         await _connected(receiver)
         assert receiver.reconnects == 1
         sender = _transport(broker.url, "tx", [])
@@ -282,7 +274,9 @@ async def test_reconnects_and_resubscribes_after_broker_restart(broker: Any) -> 
     assert len(connects) == 2
 
 
-async def test_handler_exception_is_counted_and_the_loop_goes_on(broker: Any) -> None:
+async def test_handler_exception_is_counted_and_the_loop_goes_on(
+    broker: MosquittoBroker,
+) -> None:
     seen: list[bytes] = []
     got_second = asyncio.Event()
 

@@ -1,0 +1,296 @@
+"""``murmur-peer``: create a network, identities and certificates; provision; run a peer.
+
+Every user error (missing file, bad config, an output that exists) ends with one line on
+stderr and exit code 2, never a traceback. No command ever overwrites a secret key file;
+``enroll`` overwrites a certificate only with ``--force``.
+
+Subcommands::
+
+    murmur-peer network create --network NET --out admission.key
+    murmur-peer identity create --peer NAME --out DIR
+    murmur-peer enroll --admission admission.key --public NAME.pub --out NAME.cert [--days 365]
+    murmur-peer provision --network NET --peers a,b,c --out DIR [--days N] [--broker-url URL]
+    murmur-peer run --config peer.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from crypto.errors import CryptoError
+from peer.config import ConfigError, load_config
+from peer.provision import (
+    DEFAULT_CERT_DAYS,
+    ProvisionError,
+    issue_certificate,
+    load_public_identity,
+    provision,
+    save_public_identity,
+    write_file_atomic,
+)
+from peer.status import StatusSnapshot, format_status
+from peer.transport import TransportError
+
+PROG = "murmur-peer"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+# Without a terminal (systemd, a pipe) the status line is printed this often instead of being
+# refreshed in place, so a journal is not flooded.
+_PLAIN_STATUS_EVERY_S = 60.0
+
+_log = logging.getLogger("murmur.peer")
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------- commands
+def _cmd_network_create(args: argparse.Namespace) -> int:
+    from crypto.admission import AdmissionKey
+
+    out = Path(args.out)
+    public_path = out.with_suffix(".pub")
+    for path in (out, public_path):
+        if path.exists():
+            raise UserError(f"{path}: exists; refusing to overwrite it")
+    key = AdmissionKey.generate(args.network)
+    key.save(out)
+    public_hex = key.public_key.hex()
+    write_file_atomic(public_path, (public_hex + "\n").encode(), mode=0o644)
+    print(public_hex)
+    print(f"network {args.network}: secret admission key in {out} (keep it offline), "
+          f"public key in {public_path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_identity_create(args: argparse.Namespace) -> int:
+    from crypto.identity import Identity
+
+    directory = Path(args.out)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: exists and is not a directory")
+    identity = Identity.generate(args.peer)  # validates the name before touching the disk
+    key_path, pub_path = directory / f"{args.peer}.key", directory / f"{args.peer}.pub"
+    for path in (key_path, pub_path):
+        if path.exists():
+            raise UserError(f"{path}: exists; refusing to overwrite it")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity.save(key_path)
+    save_public_identity(pub_path, identity.public)
+    print(f"{key_path} (secret, 0600)")
+    print(f"{pub_path} (public: give it to the network operator to enroll)")
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from crypto.admission import AdmissionKey
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: exists; pass --force to replace the certificate")
+    admission = AdmissionKey.load(Path(args.admission))
+    public = load_public_identity(Path(args.public))
+    cert = issue_certificate(admission, public, out, days=args.days, overwrite=args.force)
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cert.expires_at))
+    print(f"{out}: certificate of {cert.peer_id!r} for network {cert.network_id!r}, "
+          f"valid until {expires}")
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from peer.provision import parse_peer_list
+
+    names = parse_peer_list(args.peers)
+    result = provision(args.network, names, Path(args.out), days=args.days,
+                       broker_url=args.broker_url)
+    print(f"network {result.network_id}: admission public key {result.admission_public_hex}")
+    print(f"  {result.admission_key} (secret: keep offline after provisioning)")
+    for files in result.peers:
+        print(f"  {files.peer_id}: {files.identity}, {files.certificate}, {files.config}")
+    print(f"  mosquitto: {result.mosquitto_conf} (uses {result.mosquitto_passwd}, "
+          f"{result.mosquitto_acl})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- run
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class StatusPrinter:
+    """Refreshes the status line in place on a terminal; prints it now and then otherwise."""
+
+    def __init__(self, stream: TextIO, interval_s: float) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval_s = interval_s if self.tty else max(interval_s, _PLAIN_STATUS_EVERY_S)
+        self._last_width = 0
+
+    def show(self, line: str) -> None:
+        if self.tty:
+            # \r + erase-to-end keeps one line that is rewritten in place.
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def _status_loop(peer: Any, printer: StatusPrinter, started: float,
+                       budget_epsilon: float | None) -> None:
+    while True:
+        snapshot = StatusSnapshot.from_peer_status(
+            peer.status(), uptime_s=time.monotonic() - started, budget_epsilon=budget_epsilon)
+        printer.show(format_status(snapshot))
+        await asyncio.sleep(printer.interval_s)
+
+
+async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+    peer_task = asyncio.create_task(peer.run(stop))
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            _log.info("%s received: leaving cleanly (again to force)",
+                      signal.Signals(signum).name)
+            stop.set()
+        else:
+            # A second signal: the user does not want to wait for the graceful path.
+            peer_task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    printer = StatusPrinter(sys.stdout, status_interval_s)
+    status = asyncio.create_task(_status_loop(peer, printer, time.monotonic(), budget_epsilon))
+    try:
+        await peer_task
+    except asyncio.CancelledError:
+        _log.warning("forced stop: the session in flight was not finished")
+        return 130
+    finally:
+        status.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await status
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        printer.finish()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.config))
+    _configure_logging(cfg.log_level)
+    from peer.config import load_credentials
+
+    load_credentials(cfg)  # fail fast, with one line, before the slow torch import
+    from peer.node import Peer  # lazy: pulls in torch and the trainer
+
+    try:
+        peer = Peer.from_config(cfg)
+    except (ValueError, OSError) as exc:
+        # Set-up only (data, model, state dir): the user's to fix. Errors while running are
+        # not caught here, so a bug still shows its traceback.
+        raise UserError(f"cannot start the peer: {exc}") from None
+    budget = getattr(cfg.training, "budget_epsilon", None)
+    return asyncio.run(_run_peer(peer, cfg.status_interval_s,
+                                 float(budget) if budget is not None else None))
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Murmur peer: private gossip learning over MQTT.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    network = commands.add_parser("network", help="network admission key")
+    network_cmds = network.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = network_cmds.add_parser("create", help="create a network's admission key")
+    create.add_argument("--network", required=True, help="network id")
+    create.add_argument("--out", required=True,
+                        help="secret key file to write (e.g. admission.key)")
+    create.set_defaults(handler=_cmd_network_create)
+
+    identity = commands.add_parser("identity", help="peer identities")
+    identity_cmds = identity.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = identity_cmds.add_parser("create", help="create a peer identity (NAME.key, NAME.pub)")
+    create.add_argument("--peer", required=True, help="peer id")
+    create.add_argument("--out", required=True, help="directory for NAME.key and NAME.pub")
+    create.set_defaults(handler=_cmd_identity_create)
+
+    enroll = commands.add_parser("enroll", help="sign a peer certificate with the admission key")
+    enroll.add_argument("--admission", required=True, help="admission key file")
+    enroll.add_argument("--public", required=True, help="the peer's NAME.pub")
+    enroll.add_argument("--out", required=True, help="certificate file to write (NAME.cert)")
+    enroll.add_argument("--days", type=float, default=DEFAULT_CERT_DAYS,
+                        help=f"validity in days (default {DEFAULT_CERT_DAYS})")
+    enroll.add_argument("--force", action="store_true", help="replace an existing certificate")
+    enroll.set_defaults(handler=_cmd_enroll)
+
+    prov = commands.add_parser(
+        "provision", help="create a whole network: keys, certificates, broker credentials, ACL")
+    prov.add_argument("--network", required=True, help="network id")
+    prov.add_argument("--peers", required=True, help="comma-separated peer ids, e.g. a,b,c")
+    prov.add_argument("--out", required=True, help="output directory")
+    prov.add_argument("--days", type=float, default=DEFAULT_CERT_DAYS,
+                      help=f"certificate validity in days (default {DEFAULT_CERT_DAYS})")
+    prov.add_argument("--broker-url", default="mqtt://127.0.0.1:1883",
+                      help="broker url written into the peer configs")
+    prov.set_defaults(handler=_cmd_provision)
+
+    run = commands.add_parser("run", help="run a peer until SIGINT/SIGTERM")
+    run.add_argument("--config", required=True, help="peer TOML config")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``murmur-peer``; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    # The key-file commands only fail on user input (a bad name, a path); `run` converts its
+    # own set-up errors, so a ValueError/OSError raised while a peer runs keeps its traceback.
+    user_errors: tuple[type[BaseException], ...] = (
+        UserError, ConfigError, CryptoError, ProvisionError, TransportError, FileExistsError)
+    if args.command != "run":
+        user_errors += (ValueError,)
+    try:
+        try:
+            return int(args.handler(args))
+        except OSError as exc:
+            if args.command == "run" and not isinstance(exc, FileExistsError):
+                raise
+            name = f"{exc.filename}: " if exc.filename else ""
+            raise UserError(f"{name}{exc.strerror or exc}") from None
+    except user_errors as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The peer's view of the network: which admitted peers are alive, and what they train.
+
+Security properties:
+
+* Only a peer with a certificate signed by this network's admission key, for this network,
+  valid now (within ``clock_skew_s``), whose announcement is signed by the key that
+  certificate vouches for, and whose certificate names the announcing sender, enters the view.
+  Everything else raises :class:`DropError` with a short reason the caller counts and logs.
+  Broker credentials and ACLs are a second wall; this check is the first.
+* The view stores public keys only. A peer's box key and verify key come from its certificate,
+  never from anything the peer may change without the admission key.
+* An announcement older (lower sequence number) than the one the view holds for a peer is
+  dropped, so a replayed old announcement cannot roll back a peer's model or certificate.
+* Removal (:meth:`MembershipView.on_gone`) is triggered by an unsigned empty retained payload
+  (the broker's last will). Anyone who can publish on a peer's announce topic can therefore
+  evict that peer from views until it announces again; broker ACLs (a peer writes only under
+  its own topics) close that door. Eviction only withholds sessions; it never admits anyone.
+* Neighbour sampling draws from the OS CSPRNG (``secrets.SystemRandom``): a peer that cannot
+  predict who will be invited cannot arrange to be in a chosen peer's groups.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from crypto.admission import Certificate, verify_certificate
+from crypto.errors import (
+    BadCertificateSignatureError,
+    CertificateError,
+    ExpiredCertificateError,
+    ForeignNetworkError,
+    SignatureError,
+)
+from crypto.identity import PublicIdentity, verify_signature
+from protocol.messages import Announce, Kind, Leave, SignedMessage
+
+
+class DropError(Exception):
+    """A message was rejected; ``reason`` is a short, stable label for drop counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass
+class Member:
+    """One admitted peer as last announced.
+
+    ``last_seen`` is when its latest announcement arrived (the caller's clock);
+    ``expires_at`` is its certificate's expiry; ``seq`` the announcement's sequence number.
+    """
+
+    public: PublicIdentity
+    model_id: str
+    param_count: int
+    last_seen: float
+    expires_at: float
+    seq: int = 0
+
+    @property
+    def peer_id(self) -> str:
+        return self.public.peer_id
+
+
+class MembershipView:
+    """Admitted peers from signed announcements; expiry of silent peers; random sampling.
+
+    Not thread-safe: owned by the peer's event loop. Time is always passed in (``now``) so the
+    view is deterministic under test and follows whatever clock the peer uses.
+    """
+
+    def __init__(
+        self,
+        network_id: str,
+        admission_public_key: bytes,
+        self_id: str,
+        *,
+        silence_expiry_s: float,
+        clock_skew_s: float,
+    ) -> None:
+        if len(admission_public_key) != 32:
+            raise ValueError("admission public key must be 32 bytes")
+        if silence_expiry_s <= 0 or clock_skew_s < 0:
+            raise ValueError("silence_expiry_s must be > 0 and clock_skew_s >= 0")
+        self.network_id = network_id
+        self.admission_public_key = bytes(admission_public_key)
+        self.self_id = self_id
+        self.silence_expiry_s = silence_expiry_s
+        self.clock_skew_s = clock_skew_s
+        self._members: dict[str, Member] = {}
+        # Highest announce/leave seq seen per admitted peer, kept after the peer leaves so a
+        # replayed old announcement cannot bring it back. Only admitted (certified) ids get an
+        # entry, so the admission key bounds its size.
+        self._highest_seq: dict[str, int] = {}
+        self._random = secrets.SystemRandom()
+
+    # --------------------------------------------------------------------------- admission
+    def verify_announce(self, msg: SignedMessage, now: float) -> tuple[Announce, Certificate]:
+        """Every check of :meth:`on_announce` without changing the view; DropError(reason)."""
+        header = msg.header
+        if header.kind != Kind.ANNOUNCE or not isinstance(msg.body, Announce):
+            raise DropError("wrong_kind", f"expected ANNOUNCE, got {Kind(header.kind).name}")
+        if header.network != self.network_id:
+            raise DropError("foreign_network", f"header network {header.network!r}")
+        body = msg.body
+        try:
+            cert = Certificate.from_bytes(body.certificate)
+            verify_certificate(
+                cert,
+                network_id=self.network_id,
+                admission_public_key=self.admission_public_key,
+                now=now,
+                clock_skew_s=self.clock_skew_s,
+            )
+        except ForeignNetworkError as exc:
+            raise DropError("foreign_network", str(exc)) from None
+        except ExpiredCertificateError as exc:
+            raise DropError("expired_certificate", str(exc)) from None
+        except BadCertificateSignatureError as exc:
+            raise DropError("bad_certificate", str(exc)) from None
+        except (CertificateError, ValueError) as exc:
+            # MalformedCertificateError and anything structurally wrong with the bytes.
+            raise DropError("bad_certificate", str(exc)) from None
+        if cert.peer_id != header.sender:
+            raise DropError(
+                "sender_mismatch",
+                f"certificate of {cert.peer_id!r} announced by {header.sender!r}",
+            )
+        try:
+            verify_signature(cert.verify_key, msg.signed_bytes, msg.signature)
+        except SignatureError as exc:
+            raise DropError("bad_signature", f"announce of {header.sender!r}: {exc}") from None
+        return body, cert
+
+    def on_announce(self, msg: SignedMessage, now: float) -> Member:
+        """Admit or refresh the announcing peer; DropError(reason) when any check fails.
+
+        The caller must also check that the MQTT topic's sender level equals
+        ``msg.header.sender`` (protocol.topics.check_topic_binding).
+        """
+        body, cert = self.verify_announce(msg, now)
+        seq = msg.header.seq
+        current = self._members.get(cert.peer_id)
+        if current is not None and seq == current.seq:
+            # The same announcement again (QoS 1 redelivery, or the retained copy after a
+            # reconnect): it proves nothing new about liveness.
+            return current
+        highest = self._highest_seq.get(cert.peer_id)
+        if highest is not None and seq <= highest:
+            # Older than what this peer already sent (or a copy of an announcement whose peer
+            # has since left or gone silent): a replay must not roll the view back.
+            raise DropError("stale_announce", f"{cert.peer_id!r} seq {seq} <= {highest}")
+        self._highest_seq[cert.peer_id] = seq
+        member = Member(
+            public=cert.public,
+            model_id=body.model_id,
+            param_count=body.param_count,
+            last_seen=now,
+            expires_at=cert.expires_at,
+            seq=seq,
+        )
+        self._members[cert.peer_id] = member
+        return member
+
+    def on_leave(self, msg: SignedMessage) -> None:
+        """Remove a peer on its signed LEAVE; DropError unless signed by the member's key."""
+        if msg.header.kind != Kind.LEAVE or not isinstance(msg.body, Leave):
+            raise DropError("wrong_kind", f"expected LEAVE, got {Kind(msg.header.kind).name}")
+        if msg.header.network != self.network_id:
+            raise DropError("foreign_network", f"header network {msg.header.network!r}")
+        member = self._members.get(msg.header.sender)
+        if member is None:
+            raise DropError("unknown_sender", f"LEAVE from {msg.header.sender!r}")
+        try:
+            verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
+        except SignatureError as exc:
+            raise DropError("bad_signature", f"leave of {msg.header.sender!r}: {exc}") from None
+        if msg.header.seq <= self._highest_seq.get(member.peer_id, -1):
+            raise DropError("stale_leave", f"{member.peer_id!r} seq {msg.header.seq}")
+        self._highest_seq[member.peer_id] = msg.header.seq
+        self.on_gone(member.peer_id)
+
+    def on_gone(self, peer_id: str) -> None:
+        """Forget a peer (its last will fired, or it left). Unknown ids are ignored."""
+        self._members.pop(peer_id, None)
+
+    # ------------------------------------------------------------------------------ queries
+    def get(self, peer_id: str) -> Member | None:
+        return self._members.get(peer_id)
+
+    def is_live(self, member: Member, now: float) -> bool:
+        """Heard from within silence_expiry_s and certificate not expired (skew allowed)."""
+        return (
+            now - member.last_seen <= self.silence_expiry_s
+            and now <= member.expires_at + self.clock_skew_s
+        )
+
+    def live(self, now: float) -> list[Member]:
+        """Live peers other than this one, ordered by peer id."""
+        return [
+            m for pid, m in sorted(self._members.items())
+            if pid != self.self_id and self.is_live(m, now)
+        ]
+
+    def expire(self, now: float) -> list[str]:
+        """Remove peers that are silent too long or whose certificate expired; return them."""
+        gone = [pid for pid, m in self._members.items() if not self.is_live(m, now)]
+        for pid in gone:
+            del self._members[pid]
+        return gone
+
+    def sample(
+        self,
+        k: int,
+        now: float,
+        *,
+        model_id: str,
+        exclude: Iterable[str] = (),
+        param_count: int | None = None,
+    ) -> list[str]:
+        """Up to ``k`` distinct live peer ids, uniformly at random (CSPRNG), never self.
+
+        Only peers training ``model_id`` (and, when given, with ``param_count`` parameters) are
+        candidates: a group must agree on the coordinate space. Fewer than ``k`` are returned
+        when fewer qualify; the caller decides whether that is enough for a session.
+        """
+        if k < 0:
+            raise ValueError("k must be >= 0")
+        excluded = set(exclude) | {self.self_id}
+        candidates = [
+            m.peer_id
+            for m in self.live(now)
+            if m.peer_id not in excluded
+            and m.model_id == model_id
+            and (param_count is None or m.param_count == param_count)
+        ]
+        return self._random.sample(candidates, min(k, len(candidates)))
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._members

@@ -1,0 +1,719 @@
+"""The Murmur peer: trains locally, meets its neighbours in aggregation sessions, merges.
+
+``Peer.run(stop)`` runs concurrently, on one event loop:
+
+* the MQTT transport (reconnects on its own; a broker restart costs only time);
+* the training loop: ``train_round`` in a worker thread, so the loop keeps answering the
+  network; a spent privacy budget stops training and sharing, not serving;
+* the session starter: with a fresh update, no session in flight and >= 2 eligible live peers,
+  invite g - 1 of them after a small random delay (so neighbours do not all invite at once);
+* a ticker that advances the current session's timeouts;
+* periodic signed, retained announcements and checkpoints.
+
+Every inbound message passes, in this order: topic -> size -> decode -> topic binding (the
+signed sender must own the topic) -> network -> certificate (announce) or known sender ->
+signature -> recipient -> replay window -> session. Each failure is a counted drop with a
+reason (``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer.
+The session itself (peer/session.py) checks seals, sizes and contributor sets; the merge rule
+(peer/merge.py) checks finiteness and the norm bound before the model is touched.
+
+A peer takes part in at most one session at a time; nobody waits for a global round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from crypto.admission import Certificate
+from crypto.errors import ReplayError, SignatureError, StaleMessageError
+from crypto.field import FixedPoint
+from crypto.identity import Identity, verify_signature
+from crypto.replay import ReplayWindow
+from peer.counters import DropCounter
+from peer.membership import DropError, MembershipView
+from peer.merge import MergeConfig, MergeRejected, merge_group_sum
+from peer.session import (
+    Contribution,
+    GroupResult,
+    Outgoing,
+    Phase,
+    Session,
+    SessionContext,
+    SessionParams,
+    SessionTimeouts,
+    Step,
+)
+from peer.transport import (
+    BrokerSettings,
+    Incoming,
+    NotConnectedError,
+    PayloadTooLargeError,
+    Transport,
+)
+from protocol import messages as m
+from protocol.codec import decode_message, encode_message
+from protocol.errors import ProtocolError, SizeLimitError
+from protocol.limits import MAX_PAYLOAD_BYTES
+from protocol.topics import (
+    announce_filter,
+    announce_topic,
+    check_topic_binding,
+    direct_topic,
+    inbox_filter,
+    parse_topic,
+)
+
+log = logging.getLogger(__name__)
+
+#: How many finished session ids to remember, so late messages of a finished session are
+#: told apart from messages of sessions this peer never joined.
+_RECENT_SESSIONS = 64
+
+
+class Trainer(Protocol):
+    """What the node needs from the training half (peer.trainer.LocalTrainer satisfies it)."""
+
+    param_count: int
+    model_id: str
+
+    def train_round(self) -> Any: ...  # LocalUpdate(indices, values, steps, epsilon, round)
+    def apply_update(self, indices: np.ndarray, values: np.ndarray) -> None: ...
+    def evaluate(self) -> float: ...
+    def save_checkpoint(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Timing and policy of the node loops (session parameters are in ``SessionParams``)."""
+
+    group_size: int = 3
+    threshold: int = 2
+    timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
+    fixed_point: FixedPoint = field(default_factory=FixedPoint)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    announce_interval_s: float = 30.0
+    silence_expiry_s: float = 120.0
+    clock_skew_s: float = 300.0
+    checkpoint_interval_s: float = 60.0
+    start_jitter_s: float = 0.3  # random delay before inviting (desynchronises neighbours)
+    cooldown_s: float = 0.0  # pause after a session this peer was in before it initiates again
+    tick_s: float = 0.05  # session timeout resolution
+    round_pause_s: float = 0.0  # pause between training rounds (0: train back to back)
+    evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
+    train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
+    auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """A snapshot for the CLI status line, the simulation metrics and tests."""
+
+    peer_id: str
+    connected: bool
+    round: int
+    accuracy: float | None
+    epsilon: float | None
+    budget_exhausted: bool
+    sessions_done: int
+    sessions_aborted: int
+    aborts_by_reason: dict[str, int]
+    merges_applied: int
+    merges_rejected: dict[str, int]
+    bytes_sent: int
+    bytes_received: int
+    messages_sent: int
+    messages_received: int
+    reconnects: int
+    drops: dict[str, int]
+    peers_live: int
+    in_session: bool
+
+    def line(self) -> str:
+        """One-line human status."""
+        acc = "-" if self.accuracy is None else f"{self.accuracy:.3f}"
+        eps = "-" if self.epsilon is None else f"{self.epsilon:.2f}"
+        drops = ",".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "0"
+        return (
+            f"{self.peer_id} {'up' if self.connected else 'DOWN'} round={self.round} acc={acc} "
+            f"eps={eps}{' (budget spent)' if self.budget_exhausted else ''} "
+            f"sessions={self.sessions_done}/{self.sessions_aborted}ab peers={self.peers_live} "
+            f"sent={self.bytes_sent}B recv={self.bytes_received}B drops={drops}"
+        )
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """Something the simulation / tests may record. ``data`` holds plain values and arrays."""
+
+    kind: str  # "round", "session_done", "session_aborted", "merge_rejected", "budget_exhausted"
+    peer_id: str
+    time: float
+    data: dict[str, Any]
+
+
+EventCallback = Callable[[PeerEvent], None]
+
+
+class Peer:
+    """One Murmur peer. Construct from objects (simulation: many peers on one loop) or with
+    ``Peer.from_config`` (daemon). ``run(stop)`` until ``stop`` is set; then it leaves cleanly."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        certificate: Certificate,
+        admission_public_key: bytes,
+        network_id: str,
+        trainer: Trainer,
+        broker: BrokerSettings,
+        config: NodeConfig | None = None,
+        on_event: EventCallback | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.certificate = certificate
+        self.network_id = network_id
+        self.trainer = trainer
+        self.config = config or NodeConfig()
+        self.on_event = on_event
+        cfg = self.config
+        self.params = SessionParams(
+            network_id=network_id,
+            model_id=trainer.model_id,
+            param_count=trainer.param_count,
+            group_size=cfg.group_size,
+            threshold=cfg.threshold,
+            fixed_point=cfg.fixed_point,
+            timeouts=cfg.timeouts,
+        )
+        self.membership = MembershipView(
+            network_id,
+            admission_public_key,
+            self.peer_id,
+            silence_expiry_s=cfg.silence_expiry_s,
+            clock_skew_s=cfg.clock_skew_s,
+        )
+        self.replay = ReplayWindow()
+        self.seq = m.SequenceCounter()
+        self.drops = DropCounter(self.peer_id)
+        self.transport = Transport(
+            broker,
+            client_id=client_id or f"murmur-{network_id}-{self.peer_id}"[:64],
+            subscriptions=[announce_filter(network_id), inbox_filter(network_id, self.peer_id)],
+            will=(announce_topic(network_id, self.peer_id), b"", True),
+            on_connected=self._on_connected,
+            max_payload=MAX_PAYLOAD_BYTES,
+        )
+        self._session_ctx = SessionContext(
+            identity=identity,
+            params=self.params,
+            box_key_of=self._box_key_of,
+            next_seq=self.seq.next,
+        )
+        self.session: Session | None = None
+        self._session_contribution: Contribution | None = None
+        self._fresh: Contribution | None = None
+        self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
+        self._model_lock = threading.Lock()  # training thread vs merges vs checkpoints
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self._stopping = False
+        self._sending = False
+        self._next_expiry = 0.0
+        self._last_session_end = -1e18
+        self._wake = asyncio.Event()
+        # figures for status()
+        self._round = 0
+        self._latest_round = -1
+        self._accuracy: float | None = None
+        self._epsilon: float | None = None
+        self._budget_exhausted = False
+        self.sessions_done = 0
+        self.sessions_aborted = 0
+        self.aborts_by_reason: dict[str, int] = {}
+        self.merges_applied = 0
+        self.merges_rejected: dict[str, int] = {}
+        self.send_failures = 0
+        self.late_messages = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, cfg: Any, *, on_event: EventCallback | None = None) -> Peer:
+        """Build a peer from a ``peer.config.PeerConfig`` (the daemon path)."""
+        from peer.config import build_peer_parts  # local import: config pulls in the trainer
+
+        parts = build_peer_parts(cfg)
+        return cls(on_event=on_event, **parts)
+
+    # ------------------------------------------------------------------ status / events
+    def status(self) -> PeerStatus:
+        now = time.time()
+        t = self.transport
+        return PeerStatus(
+            peer_id=self.peer_id,
+            connected=t.connected.is_set(),
+            round=self._round,
+            accuracy=self._accuracy,
+            epsilon=self._epsilon,
+            budget_exhausted=self._budget_exhausted,
+            sessions_done=self.sessions_done,
+            sessions_aborted=self.sessions_aborted,
+            aborts_by_reason=dict(self.aborts_by_reason),
+            merges_applied=self.merges_applied,
+            merges_rejected=dict(self.merges_rejected),
+            bytes_sent=t.bytes_sent,
+            bytes_received=t.bytes_received,
+            messages_sent=t.messages_sent,
+            messages_received=t.messages_received,
+            reconnects=t.reconnects,
+            drops=self.drops.snapshot(),
+            peers_live=len(self._eligible(now)),
+            in_session=self.session is not None,
+        )
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(PeerEvent(kind, self.peer_id, time.time(), data))
+        except Exception:
+            # A metrics writer bug must not take the peer down.
+            log.exception("%s: event callback failed", self.peer_id)
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then abort the session in flight, checkpoint and leave."""
+        transport_stop = asyncio.Event()
+        transport_task = asyncio.create_task(self.transport.run(self._on_message, transport_stop))
+        tasks = [
+            asyncio.create_task(self._sender_loop()),
+            asyncio.create_task(self._ticker_loop()),
+            asyncio.create_task(self._announce_loop()),
+            asyncio.create_task(self._checkpoint_loop()),
+        ]
+        if self.config.auto_start:
+            tasks.append(asyncio.create_task(self._starter_loop()))
+        training = asyncio.create_task(self._training_loop()) if self.config.train else None
+        try:
+            await stop.wait()
+        finally:
+            self._stopping = True
+            await self._shutdown(tasks, training, transport_task, transport_stop)
+
+    async def _shutdown(
+        self,
+        tasks: list[asyncio.Task[None]],
+        training: asyncio.Task[None] | None,
+        transport_task: asyncio.Task[None],
+        transport_stop: asyncio.Event,
+    ) -> None:
+        if self.session is not None:
+            self._process(self.session.abort("peer_stopping"))
+        # Let the aborts and the leave go out while still connected (bounded wait).
+        if self.transport.connected.is_set():
+            with contextlib.suppress(ProtocolError, ValueError):
+                leave = self._encode(m.Kind.LEAVE, b"", m.Leave("stopping"), self.seq.next())
+                self._outbox.put_nowait((announce_topic(self.network_id, self.peer_id), leave,
+                                         False))
+            self._outbox.put_nowait((announce_topic(self.network_id, self.peer_id), b"", True))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox_drained(), timeout=2.0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if training is not None:
+            # The round in flight finishes in its thread (it cannot be interrupted safely).
+            training.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await training
+        await self._checkpoint()
+        transport_stop.set()
+        await transport_task
+
+    async def _outbox_drained(self) -> None:
+        while not self._outbox.empty() or self._sending:
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ sending
+    def _encode(self, kind: m.Kind, session_id: bytes, body: m.Body, seq: int) -> bytes:
+        header = m.Header(
+            version=m.PROTOCOL_VERSION,
+            network=self.network_id,
+            kind=kind,
+            sender=self.peer_id,
+            session=session_id,
+            seq=seq,
+        )
+        return encode_message(header, body, self.identity.sign)
+
+    def _queue(self, out: Outgoing, session_id: bytes) -> None:
+        payload = self._encode(out.kind, session_id, out.body, out.seq)
+        topic = direct_topic(self.network_id, self.peer_id, out.recipient)
+        self._outbox.put_nowait((topic, payload, False))
+
+    async def _sender_loop(self) -> None:
+        """Publish queued messages in order; a batch goes out pipelined (QoS 1 acks overlap)."""
+        while True:
+            first = await self._outbox.get()
+            batch = [first]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            self._sending = True
+            try:
+                # Tasks start in creation order, so paho queues the packets in batch order.
+                results = await asyncio.gather(
+                    *(self.transport.publish(t, p, retain=r) for t, p, r in batch),
+                    return_exceptions=True,
+                )
+            finally:
+                self._sending = False
+            for (topic, _p, _r), res in zip(batch, results, strict=True):
+                if isinstance(res, NotConnectedError | PayloadTooLargeError):
+                    self.send_failures += 1
+                    log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
+                elif isinstance(res, BaseException):
+                    self.send_failures += 1
+                    log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
+
+    async def _on_connected(self) -> None:
+        await self._publish_announce()
+
+    async def _publish_announce(self) -> None:
+        body = m.Announce(
+            certificate=self.certificate.to_bytes(),
+            model_id=self.params.model_id,
+            param_count=self.params.param_count,
+        )
+        payload = self._encode(m.Kind.ANNOUNCE, b"", body, self.seq.next())
+        await self.transport.publish(
+            announce_topic(self.network_id, self.peer_id), payload, retain=True
+        )
+
+    # ------------------------------------------------------------------ inbound
+    async def _on_message(self, incoming: Incoming) -> None:
+        """Check one inbound message end to end; every refusal is a counted drop."""
+        now = time.time()
+        try:
+            parsed = parse_topic(self.network_id, incoming.topic)
+        except ProtocolError as exc:
+            self.drops.drop("bad_topic", str(exc))
+            return
+        if parsed.sender == self.peer_id:
+            return  # our own retained announcement / leave echoed back
+        if parsed.kind == "announce" and not incoming.payload:
+            self.membership.on_gone(parsed.sender)  # last will or cleared retained announce
+            return
+        if len(incoming.payload) > MAX_PAYLOAD_BYTES:
+            self.drops.drop("oversize")
+            return
+        try:
+            msg = decode_message(incoming.payload)
+        except SizeLimitError as exc:
+            self.drops.drop("oversize", str(exc))
+            return
+        except ProtocolError as exc:
+            self.drops.drop("malformed", str(exc))
+            return
+        header = msg.header
+        if header.network != self.network_id:
+            self.drops.drop("foreign_network", header.network)
+            return
+        try:
+            check_topic_binding(parsed, msg)
+        except ProtocolError as exc:
+            self.drops.drop("topic_mismatch", str(exc))
+            return
+        if header.kind in (m.Kind.ANNOUNCE, m.Kind.LEAVE):
+            # Membership checks certificate, signature and announce ordering itself.
+            try:
+                if header.kind is m.Kind.ANNOUNCE:
+                    self.membership.on_announce(msg, now)
+                else:
+                    self.membership.on_leave(msg)
+            except DropError as exc:
+                self.drops.drop(exc.reason, str(exc))
+            return
+        member = self.membership.get(header.sender)
+        if member is None:
+            self.drops.drop("unknown_sender", header.sender)
+            return
+        try:
+            verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
+        except SignatureError:
+            self.drops.drop("bad_signature", header.sender)
+            return
+        if parsed.recipient is not None and parsed.recipient != self.peer_id:
+            self.drops.drop("wrong_recipient")
+            return
+        try:
+            self.replay.check(header.sender, header.seq)
+        except StaleMessageError:
+            self.drops.drop("stale", header.sender)
+            return
+        except ReplayError:
+            self.drops.drop("replay", header.sender)
+            return
+        self._dispatch(header, msg.body, now)
+
+    def _dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
+        if header.kind is m.Kind.INVITE:
+            assert isinstance(body, m.Invite)
+            self._on_invite(header, body, now)
+            return
+        session = self.session
+        if session is None or header.session != session.session_id:
+            if header.session in self._recent_sessions:
+                # Surplus partials beyond t, answers to an aborted invite: normal, not a drop.
+                self.late_messages += 1
+            else:
+                self.drops.drop("unknown_session")
+            return
+        self._process(session.handle(header, body, now))
+
+    def _on_invite(self, header: m.Header, invite: m.Invite, now: float) -> None:
+        reason: str | None = None
+        if self._stopping or self.session is not None:
+            reason = "busy"
+        elif header.session in self._recent_sessions:
+            reason = "session_reused"
+        elif self._budget_exhausted:
+            reason = "budget_exhausted"
+        elif self._fresh is None:
+            # A member contributing nothing would let the two others learn each other's vector.
+            reason = "no_update"
+        else:
+            reason = Session.check_invite(self.params, invite)
+        if reason is not None:
+            out = Outgoing(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
+            self._queue(out, header.session)
+            return
+        assert self._fresh is not None
+        contribution = self._fresh
+        session, step = Session.join(self._session_ctx, header, invite, contribution, now)
+        self._set_session(session, contribution)
+        self._process(step)
+
+    def _set_session(self, session: Session, contribution: Contribution) -> None:
+        self.session = session
+        self._session_contribution = contribution
+        self._recent_sessions[session.session_id] = None
+        while len(self._recent_sessions) > _RECENT_SESSIONS:
+            self._recent_sessions.popitem(last=False)
+
+    def _process(self, step: Step) -> None:
+        """Send what a session step produced, count its drops, and settle a finished session."""
+        session = self.session
+        for reason in step.drops:
+            self.drops.drop(reason)
+        if session is not None:
+            for out in step.out:
+                self._queue(out, session.session_id)
+        if session is None or not session.finished:
+            return
+        self.session = None
+        self._last_session_end = time.monotonic()
+        contribution = self._session_contribution
+        self._session_contribution = None
+        duration = time.time() - session.started_at
+        if session.phase is Phase.DONE and session.result is not None:
+            self.sessions_done += 1
+            if self._fresh is contribution:
+                self._fresh = None  # shared: the next session needs a new update
+            self._merge(session.result, contribution, session.started_at, duration)
+        else:
+            self.sessions_aborted += 1
+            reason = (session.abort_reason or "unknown").split(":")[0]
+            self.aborts_by_reason[reason] = self.aborts_by_reason.get(reason, 0) + 1
+            log.info("%s: session %s aborted: %s", self.peer_id, session.session_id.hex()[:8],
+                     session.abort_reason)
+            self._emit("session_aborted", session_id=session.session_id, role=session.role.value,
+                       members=session.members, reason=session.abort_reason,
+                       started_at=session.started_at, duration_s=duration)
+        self._wake.set()
+
+    def _merge(self, result: GroupResult, contribution: Contribution | None,
+               started_at: float, duration: float) -> None:
+        staleness = max(0, self._latest_round - result.own_round)
+        try:
+            merged = merge_group_sum(
+                result.coordinates, result.group_sum, result.own_values,
+                len(result.contributors), staleness, self.config.merge,
+            )
+        except MergeRejected as exc:
+            self.merges_rejected[exc.reason] = self.merges_rejected.get(exc.reason, 0) + 1
+            log.warning("%s: merge rejected: %s", self.peer_id, exc)
+            self._emit("merge_rejected", session_id=result.session_id, reason=exc.reason)
+            merged = None
+        self._emit(
+            "session_done",
+            session_id=result.session_id,
+            role=result.role.value,
+            members=result.members,
+            contributors=result.contributors,
+            threshold=result.threshold,
+            coordinates=result.coordinates,
+            group_sum=result.group_sum,
+            own_indices=None if contribution is None else contribution.indices,
+            own_values=None if contribution is None else contribution.values,
+            staleness=staleness,
+            merged_norm=None if merged is None else float(np.linalg.norm(merged.values)),
+            clipped=None if merged is None else merged.clipped,
+            started_at=started_at,
+            duration_s=duration,
+        )
+        if merged is not None:
+            asyncio.get_running_loop().create_task(self._apply(merged.indices, merged.values))
+
+    async def _apply(self, indices: np.ndarray, values: np.ndarray) -> None:
+        def apply_locked() -> None:
+            with self._model_lock:
+                self.trainer.apply_update(indices, values)
+
+        if self.config.train:
+            await asyncio.to_thread(apply_locked)
+        else:
+            apply_locked()
+        self.merges_applied += 1
+
+    def _box_key_of(self, peer_id: str) -> bytes | None:
+        member = self.membership.get(peer_id)
+        return None if member is None else member.public.box_key
+
+    # ------------------------------------------------------------------ sessions
+    def _eligible(self, now: float) -> list[str]:
+        return [
+            mem.public.peer_id
+            for mem in self.membership.live(now)
+            if mem.public.peer_id != self.peer_id
+            and mem.model_id == self.params.model_id
+            and mem.param_count == self.params.param_count
+        ]
+
+    def offer_update(self, indices: np.ndarray, values: np.ndarray, round_: int = 0) -> None:
+        """Make an update available for the next session (used by training and benchmarks)."""
+        self._fresh = Contribution(
+            indices=np.asarray(indices, dtype=np.uint32),
+            values=np.asarray(values, dtype=np.float32),
+            round=round_,
+        )
+        self._latest_round = max(self._latest_round, round_)
+        self._wake.set()
+
+    def try_start_session(self, now: float | None = None) -> bool:
+        """Start a session now if possible (fresh update, free, >= 2 eligible live peers)."""
+        now = time.time() if now is None else now
+        if (self._stopping or self.session is not None or self._fresh is None
+                or self._budget_exhausted or not self.transport.connected.is_set()
+                or time.monotonic() - self._last_session_end < self.config.cooldown_s):
+            return False
+        k = self.params.group_size - 1
+        invitees = self.membership.sample(k, now, model_id=self.params.model_id,
+                                          exclude={self.peer_id},
+                                          param_count=self.params.param_count)
+        invitees = [p for p in invitees if self._box_key_of(p) is not None]
+        if len(invitees) < 2:
+            return False
+        contribution = self._fresh
+        session, step = Session.initiate(self._session_ctx, os.urandom(16), contribution,
+                                         invitees[:k], now)
+        self._set_session(session, contribution)
+        self._process(step)
+        return True
+
+    async def _starter_loop(self) -> None:
+        rng = secrets.SystemRandom()
+        while True:
+            self._wake.clear()
+            if self.session is None and self._fresh is not None:
+                await asyncio.sleep(rng.uniform(0.0, self.config.start_jitter_s))
+                if self.try_start_session():
+                    continue
+                await asyncio.sleep(self.config.start_jitter_s)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    async def _ticker_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            now = time.time()
+            if now >= self._next_expiry:
+                self._next_expiry = now + 1.0
+                for gone in self.membership.expire(now):
+                    log.info("%s: %s went silent", self.peer_id, gone)
+            session = self.session
+            if session is not None and time.time() >= session.deadline:
+                self._process(session.on_timeout(time.time()))
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.announce_interval_s)
+            if self.transport.connected.is_set():
+                try:
+                    await self._publish_announce()
+                except NotConnectedError as exc:
+                    log.info("%s: announce not sent: %s", self.peer_id, exc)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        if not self.config.train:
+            return
+
+        def save_locked() -> None:
+            with self._model_lock:
+                self.trainer.save_checkpoint()
+
+        try:
+            await asyncio.to_thread(save_locked)
+        except OSError as exc:
+            log.error("%s: checkpoint failed: %s", self.peer_id, exc)
+
+    # ------------------------------------------------------------------ training
+    async def _training_loop(self) -> None:
+        from peer.ledger import BudgetExhaustedError  # training half; keeps node importable
+
+        def round_locked() -> Any:
+            with self._model_lock:
+                return self.trainer.train_round()
+
+        def evaluate_locked() -> float:
+            with self._model_lock:
+                return float(self.trainer.evaluate())
+
+        while not self._stopping:
+            try:
+                update = await asyncio.to_thread(round_locked)
+            except BudgetExhaustedError as exc:
+                self._budget_exhausted = True
+                self._fresh = None
+                log.warning("%s: privacy budget spent, no more sharing: %s", self.peer_id, exc)
+                self._emit("budget_exhausted", epsilon=self._epsilon)
+                return
+            self._round += 1
+            self._epsilon = float(update.epsilon)
+            self.offer_update(update.indices, update.values, int(update.round))
+            every = self.config.evaluate_every
+            if every and self._round % every == 0:
+                self._accuracy = await asyncio.to_thread(evaluate_locked)
+            self._emit("round", round=int(update.round), epsilon=self._epsilon,
+                       accuracy=self._accuracy, steps=int(update.steps))
+            await asyncio.sleep(self.config.round_pause_s)

@@ -1,0 +1,356 @@
+"""Key and credential files of a Murmur network: public identity files, certificates, and
+one-shot provisioning of a whole network (admission key, peers, Mosquitto credentials + ACL).
+
+Security properties:
+
+* Secret files (admission key, peer identities, broker passwords, the Mosquitto password
+  file) are written atomically with mode 0600 and are *never* overwritten: provisioning checks
+  every output path first and refuses to start if any exists, and each write refuses again at
+  the last moment (``os.link`` semantics), so a race cannot clobber a key either.
+* Broker passwords come from the OS CSPRNG and are hashed by ``mosquitto_passwd -U`` on a
+  private temporary file, so no plaintext password ever appears on a command line (``ps``).
+* The ACL lets each peer *publish* only under ``murmur/NET/<its user name>/#`` and *read* only
+  announcements and its own inbox; this is the broker-side wall behind the certificate checks,
+  never a replacement for them.
+* Public files (``.pub``, ``.cert``, the ACL) hold nothing secret and are written 0644.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from crypto.admission import AdmissionKey, Certificate
+from crypto.identity import Identity, PublicIdentity, check_name
+
+PUBLIC_IDENTITY_FORMAT = "murmur-public-identity"
+PUBLIC_IDENTITY_VERSION = 1
+DEFAULT_CERT_DAYS = 365
+MOSQUITTO_PASSWD = "mosquitto_passwd"
+_MAX_PUBLIC_FILE = 64 * 1024
+_DAY_S = 86_400.0
+
+
+class ProvisionError(Exception):
+    """A file could not be produced (exists already, unreadable input, tool missing...)."""
+
+
+# ---------------------------------------------------------------------------------- writing
+def write_file_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, link/replace).
+
+    Without ``overwrite`` the final step is ``os.link``, which fails if the path appeared in
+    the meantime: an existing file is never replaced. FileExistsError in that case.
+    """
+    path = Path(path)
+    directory = path.parent
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: exists; refusing to overwrite it")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path}: exists; refusing to overwrite it") from None
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _read_bounded(path: Path, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_PUBLIC_FILE + 1)
+    except FileNotFoundError:
+        raise ProvisionError(f"{path}: {what} does not exist") from None
+    except IsADirectoryError:
+        raise ProvisionError(f"{path}: is a directory, not a {what}") from None
+    except OSError as exc:
+        raise ProvisionError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    if len(data) > _MAX_PUBLIC_FILE:
+        raise ProvisionError(f"{path}: too large to be a {what}")
+    return data
+
+
+# ------------------------------------------------------------------------ public identities
+def public_identity_bytes(public: PublicIdentity) -> bytes:
+    document = {
+        "format": PUBLIC_IDENTITY_FORMAT,
+        "version": PUBLIC_IDENTITY_VERSION,
+        "peer_id": public.peer_id,
+        "verify_key": public.verify_key.hex(),
+        "box_key": public.box_key.hex(),
+    }
+    return (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+
+
+def save_public_identity(path: Path, public: PublicIdentity) -> None:
+    """Write a peer's public identity (what the network operator enrolls); 0644, no overwrite."""
+    write_file_atomic(path, public_identity_bytes(public), mode=0o644)
+
+
+def load_public_identity(path: Path) -> PublicIdentity:
+    """Read a ``.pub`` file written by :func:`save_public_identity`; ProvisionError if bad."""
+    data = _read_bounded(Path(path), "public identity file")
+    try:
+        document = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProvisionError(f"{path}: not a murmur public identity file (not JSON)") from None
+    if not isinstance(document, dict) or document.get("format") != PUBLIC_IDENTITY_FORMAT:
+        hint = " (it looks like a secret key file: pass NAME.pub)" if isinstance(
+            document, dict) and document.get("format") == "murmur-key" else ""
+        raise ProvisionError(f"{path}: not a murmur public identity file{hint}")
+    if document.get("version") != PUBLIC_IDENTITY_VERSION:
+        raise ProvisionError(f"{path}: unsupported version {document.get('version')!r}")
+    try:
+        return PublicIdentity(
+            peer_id=str(document["peer_id"]),
+            verify_key=bytes.fromhex(str(document["verify_key"])),
+            box_key=bytes.fromhex(str(document["box_key"])),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProvisionError(f"{path}: bad public identity field: {exc}") from None
+
+
+def load_certificate(path: Path) -> Certificate:
+    """Read a certificate file (``Certificate.to_bytes``); ProvisionError if unreadable."""
+    from crypto.errors import CertificateError
+
+    data = _read_bounded(Path(path), "certificate file")
+    try:
+        return Certificate.from_bytes(data)
+    except (CertificateError, ValueError) as exc:
+        raise ProvisionError(f"{path}: not a valid certificate: {exc}") from None
+
+
+def issue_certificate(admission: AdmissionKey, public: PublicIdentity, out: Path, *,
+                      days: float = DEFAULT_CERT_DAYS, now: float | None = None,
+                      overwrite: bool = False) -> Certificate:
+    """Sign ``public`` into a certificate valid for ``days`` and write it to ``out`` (0644)."""
+    if not 0 < days <= 36_500:
+        raise ProvisionError(f"days must be in (0, 36500], got {days:g}")
+    now = time.time() if now is None else now
+    cert = admission.issue(public, valid_for_s=days * _DAY_S, now=now)
+    write_file_atomic(out, cert.to_bytes(), mode=0o644, overwrite=overwrite)
+    return cert
+
+
+# ------------------------------------------------------------------------------- mosquitto
+def mosquitto_acl(network_id: str) -> str:
+    """Mosquitto ACL: a peer (user name = peer id) writes only its own topics."""
+    check_name(network_id, "network id")
+    return (
+        f"# Murmur network {network_id!s}: generated by murmur-peer provision.\n"
+        "# A peer's broker user name is its peer id (%u). It may publish only under its own\n"
+        "# topics (announce, leave, its outgoing direct messages) and read only announcements\n"
+        "# and its own inbox. Everything else is denied (Mosquitto's default with an ACL file).\n"
+        "# Mosquitto warns that the announce pattern has no %u/%c: intended, every peer reads\n"
+        "# every announcement (a `topic` line here would apply to anonymous clients only).\n"
+        f"pattern write murmur/{network_id}/%u/#\n"
+        f"pattern read murmur/{network_id}/+/announce\n"
+        f"pattern read murmur/{network_id}/+/to/%u\n"
+    )
+
+
+def hash_mosquitto_passwords(credentials: dict[str, str],
+                             tool: str = MOSQUITTO_PASSWD) -> str:
+    """Return Mosquitto password-file lines (``user:$7$...``) for ``credentials``.
+
+    The plaintext goes through a 0600 file in a private temporary directory that
+    ``mosquitto_passwd -U`` hashes in place; it never appears in argv.
+    """
+    binary = shutil.which(tool)
+    if binary is None:
+        raise ProvisionError(f"{tool} not found: install the mosquitto package")
+    for user, password in credentials.items():
+        check_name(user, "broker user")
+        if ":" in password or "\n" in password:
+            raise ProvisionError("broker passwords must not contain ':' or newlines")
+    with tempfile.TemporaryDirectory(prefix="murmur-passwd-") as tmp:
+        plain = Path(tmp) / "passwd"
+        text = "".join(f"{user}:{password}\n" for user, password in credentials.items())
+        write_file_atomic(plain, text.encode(), mode=0o600)
+        result = subprocess.run([binary, "-U", str(plain)], capture_output=True, text=True,
+                                timeout=60, check=False)
+        if result.returncode != 0:
+            raise ProvisionError(f"{tool} -U failed: {result.stderr.strip() or result.stdout}")
+        hashed = plain.read_text()
+    lines = [line for line in hashed.splitlines() if line]
+    if len(lines) != len(credentials) or any(":$" not in line for line in lines):
+        raise ProvisionError(f"{tool} produced an unexpected password file")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- provision
+@dataclass(frozen=True)
+class PeerFiles:
+    """Where provisioning put one peer's files (all inside the output directory)."""
+
+    peer_id: str
+    identity: Path
+    public: Path
+    certificate: Path
+    broker_password: Path
+    config: Path
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    network_id: str
+    admission_key: Path
+    admission_public: Path
+    admission_public_hex: str
+    peers: tuple[PeerFiles, ...]
+    mosquitto_passwd: Path
+    mosquitto_acl: Path
+    mosquitto_conf: Path
+
+
+def parse_peer_list(text: str) -> list[str]:
+    """"a,b, c" -> ["a", "b", "c"]; ValueError on an invalid or duplicate name, or none."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ValueError("no peer names given")
+    for name in names:
+        check_name(name, "peer name")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"peer name {duplicates[0]!r} given twice")
+    return names
+
+
+def _peer_config_text(network_id: str, files: PeerFiles, broker_url: str) -> str:
+    return (
+        f"# Murmur peer {files.peer_id} of network {network_id}; generated by murmur-peer "
+        "provision.\n"
+        "# Paths are relative to this file. Reference: docs/peer.md.\n"
+        f'peer_id = "{files.peer_id}"\n'
+        f'network_id = "{network_id}"\n'
+        f'identity_file = "{files.identity.name}"\n'
+        f'certificate_file = "{files.certificate.name}"\n'
+        'admission_public_key = "../admission.pub"\n'
+        f'state_dir = "../state/{files.peer_id}"\n'
+        'data = "digits"\n'
+        "\n[broker]\n"
+        f'url = "{broker_url}"\n'
+        f'username = "{files.peer_id}"\n'
+        f'password_file = "{files.broker_password.name}"\n'
+        "\n[training]\n"
+        "\n[session]\n"
+        "group_size = 3\n"
+        "threshold = 2\n"
+    )
+
+
+def _mosquitto_conf_text(passwd: Path, acl: Path) -> str:
+    return (
+        "# Mosquitto settings for a Murmur network (include from your mosquitto.conf or copy).\n"
+        "# Add a TLS listener (certfile/keyfile) before exposing the broker beyond loopback.\n"
+        "per_listener_settings false\n"
+        "allow_anonymous false\n"
+        f"password_file {passwd}\n"
+        f"acl_file {acl}\n"
+        "# Murmur payloads are at most 8 MiB; leave room for framing.\n"
+        "max_packet_size 16777216\n"
+    )
+
+
+def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
+              days: float = DEFAULT_CERT_DAYS, broker_url: str = "mqtt://127.0.0.1:1883",
+              now: float | None = None) -> ProvisionResult:
+    """Create every file of a new network in ``out`` (created if needed); never overwrite.
+
+    Layout::
+
+        out/admission.key            0600  the network's admission (CA) secret: keep offline
+        out/admission.pub            0644  its public key, hex (peers pin it)
+        out/peers/NAME.key           0600  peer identity (secret)
+        out/peers/NAME.pub           0644  public identity
+        out/peers/NAME.cert          0644  admission certificate
+        out/peers/NAME.broker-password 0600 broker password (plaintext, for password_file)
+        out/peers/NAME.toml          0644  a starting peer config
+        out/mosquitto/passwd         0600  hashed broker passwords
+        out/mosquitto/acl            0644  per-peer topic ACL
+        out/mosquitto/murmur.conf    0644  the Mosquitto settings that use the two above
+    """
+    check_name(network_id, "network id")
+    names = parse_peer_list(",".join(peer_names))
+    out = Path(out)
+    peers_dir, mosq_dir = out / "peers", out / "mosquitto"
+    plan = [
+        PeerFiles(name, peers_dir / f"{name}.key", peers_dir / f"{name}.pub",
+                  peers_dir / f"{name}.cert", peers_dir / f"{name}.broker-password",
+                  peers_dir / f"{name}.toml")
+        for name in names
+    ]
+    result = ProvisionResult(
+        network_id=network_id,
+        admission_key=out / "admission.key",
+        admission_public=out / "admission.pub",
+        admission_public_hex="",
+        peers=tuple(plan),
+        mosquitto_passwd=mosq_dir / "passwd",
+        mosquitto_acl=mosq_dir / "acl",
+        mosquitto_conf=mosq_dir / "murmur.conf",
+    )
+    targets = [result.admission_key, result.admission_public, result.mosquitto_passwd,
+               result.mosquitto_acl, result.mosquitto_conf]
+    for files in plan:
+        targets += [files.identity, files.public, files.certificate, files.broker_password,
+                    files.config]
+    existing = [path for path in targets if path.exists()]
+    if existing:
+        raise ProvisionError(f"{existing[0]}: exists; provisioning never overwrites "
+                             f"({len(existing)} existing output file(s))")
+    # Hash first: if mosquitto_passwd is missing nothing has been written yet.
+    passwords = {files.peer_id: secrets.token_urlsafe(24) for files in plan}
+    passwd_text = hash_mosquitto_passwords(passwords)
+
+    for directory in (out, peers_dir, mosq_dir):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    admission = AdmissionKey.generate(network_id)
+    admission.save(result.admission_key)
+    public_hex = admission.public_key.hex()
+    write_file_atomic(result.admission_public, (public_hex + "\n").encode(), mode=0o644)
+    for files in plan:
+        identity = Identity.generate(files.peer_id)
+        identity.save(files.identity)
+        save_public_identity(files.public, identity.public)
+        issue_certificate(admission, identity.public, files.certificate, days=days, now=now)
+        write_file_atomic(files.broker_password, (passwords[files.peer_id] + "\n").encode(),
+                          mode=0o600)
+        write_file_atomic(files.config,
+                          _peer_config_text(network_id, files, broker_url).encode(), mode=0o644)
+    write_file_atomic(result.mosquitto_passwd, passwd_text.encode(), mode=0o600)
+    write_file_atomic(result.mosquitto_acl, mosquitto_acl(network_id).encode(), mode=0o644)
+    write_file_atomic(
+        result.mosquitto_conf,
+        _mosquitto_conf_text(result.mosquitto_passwd.resolve(),
+                             result.mosquitto_acl.resolve()).encode(),
+        mode=0o644,
+    )
+    return dataclasses.replace(result, admission_public_hex=public_hex)

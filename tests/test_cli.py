@@ -1,0 +1,241 @@
+"""murmur-peer as a user runs it: subprocesses, real key files, a real Mosquitto for provision."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from crypto.admission import AdmissionKey, verify_certificate
+from crypto.identity import Identity
+from peer.provision import (
+    ProvisionError,
+    load_certificate,
+    load_public_identity,
+    parse_peer_list,
+    provision,
+)
+from sim.broker import LOOPBACK, free_loopback_port, wait_until_accepting
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def murmur_peer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh interpreter, as the console script would."""
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        check=False,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Exit code 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("murmur-peer: error:"), result.stderr
+    assert fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_network_identity_enroll_round_trip(tmp_path: Path) -> None:
+    created = murmur_peer("network", "create", "--network", "demo", "--out", "admission.key",
+                          cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    public_hex = created.stdout.strip()
+    admission = AdmissionKey.load(tmp_path / "admission.key")
+    assert public_hex == admission.public_key.hex()
+    assert (tmp_path / "admission.pub").read_text().strip() == public_hex
+    assert mode(tmp_path / "admission.key") == 0o600
+
+    made = murmur_peer("identity", "create", "--peer", "alice", "--out", "keys", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    identity = Identity.load(tmp_path / "keys" / "alice.key")
+    assert mode(tmp_path / "keys" / "alice.key") == 0o600
+    assert load_public_identity(tmp_path / "keys" / "alice.pub") == identity.public
+
+    enrolled = murmur_peer("enroll", "--admission", "admission.key", "--public",
+                           "keys/alice.pub", "--out", "keys/alice.cert", "--days", "2",
+                           cwd=tmp_path)
+    assert enrolled.returncode == 0, enrolled.stderr
+    cert = load_certificate(tmp_path / "keys" / "alice.cert")
+    assert cert.public == identity.public and cert.network_id == "demo"
+    assert cert.expires_at - cert.issued_at == pytest.approx(2 * 86_400)
+    verify_certificate(cert, network_id="demo", admission_public_key=admission.public_key,
+                       now=cert.issued_at + 60)
+
+    # Re-enrolling needs --force; then the certificate is replaced.
+    again = murmur_peer("enroll", "--admission", "admission.key", "--public", "keys/alice.pub",
+                        "--out", "keys/alice.cert", cwd=tmp_path)
+    assert_user_error(again, "--force")
+    forced = murmur_peer("enroll", "--admission", "admission.key", "--public",
+                         "keys/alice.pub", "--out", "keys/alice.cert", "--force", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert load_certificate(tmp_path / "keys" / "alice.cert").issued_at >= cert.issued_at
+
+
+def test_secrets_are_never_overwritten(tmp_path: Path) -> None:
+    assert murmur_peer("network", "create", "--network", "demo", "--out", "admission.key",
+                       cwd=tmp_path).returncode == 0
+    original = (tmp_path / "admission.key").read_bytes()
+    again = murmur_peer("network", "create", "--network", "demo", "--out", "admission.key",
+                        cwd=tmp_path)
+    assert_user_error(again, "refusing to overwrite")
+    assert (tmp_path / "admission.key").read_bytes() == original
+
+    assert murmur_peer("identity", "create", "--peer", "bob", "--out", ".",
+                       cwd=tmp_path).returncode == 0
+    key_before = (tmp_path / "bob.key").read_bytes()
+    again = murmur_peer("identity", "create", "--peer", "bob", "--out", ".", cwd=tmp_path)
+    assert_user_error(again, "bob.key")
+    assert (tmp_path / "bob.key").read_bytes() == key_before
+
+
+def test_error_paths_are_one_line(tmp_path: Path) -> None:
+    assert_user_error(
+        murmur_peer("identity", "create", "--peer", "Not-Valid", "--out", "k", cwd=tmp_path),
+        "peer id")
+    assert not (tmp_path / "k").exists()  # nothing written for a bad name
+    assert_user_error(
+        murmur_peer("network", "create", "--network", "bad/net", "--out", "a.key", cwd=tmp_path),
+        "network id")
+    assert_user_error(
+        murmur_peer("enroll", "--admission", "missing.key", "--public", "x.pub", "--out",
+                    "x.cert", cwd=tmp_path),
+        "missing.key")
+    # A secret key passed where the public identity belongs is named as such.
+    assert murmur_peer("network", "create", "--network", "demo", "--out", "admission.key",
+                       cwd=tmp_path).returncode == 0
+    assert murmur_peer("identity", "create", "--peer", "carol", "--out", ".",
+                       cwd=tmp_path).returncode == 0
+    assert_user_error(
+        murmur_peer("enroll", "--admission", "admission.key", "--public", "carol.key",
+                    "--out", "carol.cert", cwd=tmp_path),
+        "secret key file")
+    # The wrong kind of key file as the admission key.
+    assert_user_error(
+        murmur_peer("enroll", "--admission", "carol.key", "--public", "carol.pub",
+                    "--out", "carol.cert", cwd=tmp_path),
+        "admission-key")
+    assert_user_error(
+        murmur_peer("enroll", "--admission", "admission.key", "--public", "carol.pub",
+                    "--out", "carol.cert", "--days", "-1", cwd=tmp_path),
+        "days")
+    assert_user_error(murmur_peer("run", "--config", "nope.toml", cwd=tmp_path), "nope.toml")
+    (tmp_path / "bad.toml").write_text("peer_id = \n")
+    assert_user_error(murmur_peer("run", "--config", "bad.toml", cwd=tmp_path), "TOML")
+    # argparse usage errors also exit with 2.
+    assert murmur_peer("enroll", cwd=tmp_path).returncode == 2
+
+
+def test_provision_writes_everything_once_and_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    result = provision("demo", ["alice", "bob", "carol"], out, days=10)
+    admission = AdmissionKey.load(result.admission_key)
+    assert result.admission_public_hex == admission.public_key.hex()
+    assert mode(result.admission_key) == 0o600 and mode(result.mosquitto_passwd) == 0o600
+    for files in result.peers:
+        identity = Identity.load(files.identity)
+        cert = load_certificate(files.certificate)
+        assert cert.public == identity.public == load_public_identity(files.public)
+        verify_certificate(cert, network_id="demo", admission_public_key=admission.public_key,
+                           now=cert.issued_at)
+        assert mode(files.identity) == 0o600 and mode(files.broker_password) == 0o600
+        assert len(files.broker_password.read_text().strip()) >= 24
+    passwd_lines = result.mosquitto_passwd.read_text().splitlines()
+    assert [line.split(":")[0] for line in passwd_lines] == ["alice", "bob", "carol"]
+    assert all(line.split(":", 1)[1].startswith("$7$") for line in passwd_lines)  # hashed
+    for files in result.peers:  # no plaintext password in the hashed file
+        assert files.broker_password.read_text().strip() not in result.mosquitto_passwd.read_text()
+    assert "pattern write murmur/demo/%u/#" in result.mosquitto_acl.read_text()
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ProvisionError, match="never overwrites"):
+        provision("demo", ["alice", "dave"], out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / "peers" / "dave.key").exists()
+
+    for bad in ("", "a,a", "a,B"):
+        with pytest.raises(ValueError):
+            parse_peer_list(bad)
+
+
+def test_provision_cli_and_generated_config_load(tmp_path: Path) -> None:
+    run = murmur_peer("provision", "--network", "demo", "--peers", "a,b,c", "--out", "net",
+                      "--broker-url", "mqtts://broker.example:8883", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "admission public key" in run.stdout
+    config_text = (tmp_path / "net" / "peers" / "a.toml").read_text()
+    assert 'url = "mqtts://broker.example:8883"' in config_text
+    assert_user_error(
+        murmur_peer("provision", "--network", "demo", "--peers", "a", "--out", "net",
+                    cwd=tmp_path),
+        "never overwrites")
+
+
+async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path: Path) -> None:
+    """The generated passwd + ACL: wrong passwords are refused, a peer cannot publish under
+    another peer's topics, nor read another peer's inbox."""
+    result = provision("demo", ["alice", "bob"], tmp_path / "net")
+    port = free_loopback_port()
+    conf = tmp_path / "mosquitto.conf"
+    lines = [f"listener {port} {LOOPBACK}"]
+    if os.geteuid() == 0:
+        lines.append("user root")  # else Mosquitto drops to `mosquitto`, which cannot read 0600
+    lines += result.mosquitto_conf.read_text().splitlines()
+    conf.write_text("\n".join(lines) + "\n")
+    broker = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        await wait_until_accepting(LOOPBACK, port, timeout_s=10)
+        password = {f.peer_id: f.broker_password.read_text().strip() for f in result.peers}
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(LOOPBACK, port, username="alice", password="wrong"):
+                pass
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(LOOPBACK, port):  # anonymous
+                pass
+        async with (
+            aiomqtt.Client(LOOPBACK, port, username="alice", password=password["alice"],
+                           identifier="alice") as alice,
+            aiomqtt.Client(LOOPBACK, port, username="bob", password=password["bob"],
+                           identifier="bob") as bob,
+        ):
+            await alice.subscribe("murmur/demo/+/to/alice", qos=1)
+            await alice.subscribe("murmur/demo/+/to/bob", qos=1)  # not readable by alice
+            await alice.subscribe("murmur/demo/+/announce", qos=1)
+            await bob.publish("murmur/demo/alice/to/alice", b"forged sender", qos=1)
+            await bob.publish("murmur/demo/alice/announce", b"forged announce", qos=1)
+            await bob.publish("murmur/demo/bob/to/bob", b"bob's own inbox", qos=1)
+            await bob.publish("murmur/demo/bob/announce", b"announce", qos=1)
+            await bob.publish("murmur/demo/bob/to/alice", b"hello", qos=1)
+            received: list[tuple[str, bytes]] = []
+            async with asyncio.timeout(10):
+                async for message in alice.messages:
+                    assert isinstance(message.payload, bytes)
+                    received.append((str(message.topic), message.payload))
+                    if message.payload == b"hello":
+                        break
+            # Publishes from one client arrive in order: everything before "hello" was seen.
+            assert received == [("murmur/demo/bob/announce", b"announce"),
+                                ("murmur/demo/bob/to/alice", b"hello")]
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)

@@ -1,0 +1,106 @@
+"""The merge rule (peer/merge.py): mean of the others, staleness weight, norm bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer.merge import MergeConfig, MergeRejected, merge_group_sum, norm_bound, staleness_weight
+
+COORDS = np.array([1, 4, 7, 9], dtype=np.uint32)
+
+
+def test_mean_of_others_without_clipping() -> None:
+    own = np.array([1.0, 0.0, -1.0, 0.0])
+    others = [np.array([0.5, 0.5, 0.0, 0.0]), np.array([0.1, -0.3, 0.0, 0.2])]
+    total = own + others[0] + others[1]
+    res = merge_group_sum(COORDS, total, own, 3, 0, MergeConfig(relative_norm=10.0))
+    np.testing.assert_allclose(res.values, (others[0] + others[1]) / 2, rtol=1e-6)
+    assert not res.clipped
+    assert res.weight == 1.0
+    assert res.values.dtype == np.float32
+    np.testing.assert_array_equal(res.indices, COORDS)
+
+
+def test_staleness_weight_decreases() -> None:
+    assert staleness_weight(1.0, 0) == 1.0
+    assert staleness_weight(1.0, 1) == 0.5
+    assert staleness_weight(0.5, 3) == 0.125
+    with pytest.raises(ValueError):
+        staleness_weight(1.0, -1)
+    own = np.array([1.0, 0.0, 0.0, 0.0])
+    total = own + np.array([0.0, 0.2, 0.0, 0.0]) * 2
+    fresh = merge_group_sum(COORDS, total, own, 3, 0, MergeConfig())
+    stale = merge_group_sum(COORDS, total, own, 3, 2, MergeConfig())
+    np.testing.assert_allclose(stale.values, fresh.values / 3, rtol=1e-6)
+
+
+def test_large_norm_is_clipped_to_relative_bound() -> None:
+    own = np.array([0.1, 0.0, 0.0, 0.0])
+    total = own + np.array([0.0, 5.0, 5.0, 0.0])
+    config = MergeConfig(relative_norm=2.0)
+    res = merge_group_sum(COORDS, total, own, 3, 0, config)
+    assert res.clipped
+    assert res.bound == pytest.approx(0.2)
+    assert float(np.linalg.norm(res.values)) == pytest.approx(0.2, rel=1e-5)
+    # direction preserved
+    assert res.values[1] == pytest.approx(res.values[2])
+
+
+def test_absolute_cap_and_floor() -> None:
+    assert norm_bound(np.array([100.0]), MergeConfig(max_norm=2.0)) == 2.0
+    assert norm_bound(np.zeros(3), MergeConfig(min_norm=0.01)) == 0.01
+
+
+def test_non_finite_is_rejected() -> None:
+    own = np.zeros(4)
+    for bad in (np.nan, np.inf, -np.inf):
+        total = np.array([0.0, bad, 0.0, 0.0])
+        with pytest.raises(MergeRejected) as info:
+            merge_group_sum(COORDS, total, own, 3, 0, MergeConfig())
+        assert info.value.reason == "non_finite"
+
+
+def test_implausible_norm_is_rejected() -> None:
+    own = np.array([0.01, 0.0, 0.0, 0.0])
+    total = np.array([1e6, 0.0, 0.0, 0.0])
+    with pytest.raises(MergeRejected) as info:
+        merge_group_sum(COORDS, total, own, 3, 0, MergeConfig(reject_factor=100.0))
+    assert info.value.reason == "implausible_norm"
+
+
+def test_shape_and_count_checks() -> None:
+    with pytest.raises(MergeRejected) as info:
+        merge_group_sum(COORDS, np.zeros(3), np.zeros(4), 3, 0, MergeConfig())
+    assert info.value.reason == "shape_mismatch"
+    with pytest.raises(MergeRejected) as info:
+        merge_group_sum(COORDS, np.zeros(4), np.zeros(4), 1, 0, MergeConfig())
+    assert info.value.reason == "too_few_contributors"
+
+
+def test_config_validation() -> None:
+    for kwargs in ({"base_weight": 0.0}, {"base_weight": 1.5}, {"relative_norm": -1.0},
+                   {"min_norm": 0.0}, {"max_norm": float("nan")}, {"reject_factor": 0.5}):
+        with pytest.raises(ValueError):
+            MergeConfig(**kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
+    st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
+    st.integers(2, 8),
+    st.integers(0, 5),
+)
+def test_result_is_always_bounded_and_finite(total, own, m, s) -> None:
+    config = MergeConfig()
+    own_arr = np.array(own)
+    try:
+        res = merge_group_sum(COORDS, np.array(total), own_arr, m, s, config)
+    except MergeRejected as exc:
+        assert exc.reason == "implausible_norm"
+        return
+    assert np.all(np.isfinite(res.values))
+    assert float(np.linalg.norm(res.values.astype(np.float64))) <= res.bound * (1 + 1e-5)
