@@ -132,6 +132,13 @@ def add_shares(shares: Sequence[Share]) -> Share:
     return Share(x=x, values=total)
 
 
+def _fold(a: np.ndarray, scratch: np.ndarray) -> None:
+    """a = (a mod 2**31) + (a >> 31): same residue mod p = 2**31 - 1, since 2**31 ≡ 1."""
+    np.right_shift(a, _SHIFT31, out=scratch)
+    np.bitwise_and(a, _P64, out=a)
+    np.add(a, scratch, out=a)
+
+
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
     """Coefficients λ_i with f(0) = Σ λ_i f(x_i) mod p for distinct non-zero points."""
     coefficients = []
@@ -176,25 +183,28 @@ def reconstruct(shares: Sequence[Share], *, t: int) -> np.ndarray:
     acc = np.empty(block, dtype=np.uint64)
     product = np.empty(block, dtype=np.uint64)
     high = np.empty(block, dtype=np.uint64)
+    term_max = (PRIME - 1) ** 2  # λ, y <= p - 1, so each product fits 62 bits
     for start in range(0, size, BLOCK):
         stop = min(start + BLOCK, size)
         m = stop - start
         a, prod, hi = acc[:m], product[:m], high[:m]
-        a[:] = 0
+        bound = 0  # largest value acc can hold so far; fold before it could pass 2**64
         for share, weight in zip(used, weights, strict=True):
-            # λ < 2**31 and y < 2**31, so λ*y < 2**62; folding (2**31 ≡ 1 mod p) brings it
-            # below 2**32, and t such terms cannot overflow 64 bits.
-            np.multiply(share.values[start:stop], weight, out=prod, dtype=np.uint64)
-            np.right_shift(prod, _SHIFT31, out=hi)
-            np.bitwise_and(prod, _P64, out=prod)
+            y = share.values[start:stop]
+            if bound == 0:
+                np.multiply(y, weight, out=a, dtype=np.uint64)
+                bound = term_max
+                continue
+            if bound + term_max >= 2**64:
+                _fold(a, hi)
+                bound = PRIME + (bound >> 31)
+            np.multiply(y, weight, out=prod, dtype=np.uint64)
             np.add(a, prod, out=a)
-            np.add(a, hi, out=a)
-        # a < t * 2**32: the first fold leaves < 2**31 + 2t, the second at most p (≡ 0).
-        for _ in range(2):
-            np.right_shift(a, _SHIFT31, out=hi)
-            np.bitwise_and(a, _P64, out=a)
-            np.add(a, hi, out=a)
-        np.subtract(a, _P64, out=prod)  # wraps when a < p
+            bound += term_max
+        # acc < 2**64: one fold leaves < 2**31 + 2**33, a second < p + 8 < 2p.
+        _fold(a, hi)
+        _fold(a, hi)
+        np.subtract(a, _P64, out=prod)  # wraps (huge) when a < p
         np.minimum(a, prod, out=a)
         out[start:stop] = a
     return out

@@ -66,42 +66,25 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
 
 
-def _conv_patches(a: torch.Tensor, layer: nn.Conv2d, out_hw: torch.Size) -> torch.Tensor:
-    """im2col in [B, T, K] layout (T = Ho*Wo positions, K = Cin*kh*kw) for ``bmm``.
+def _patch_index(
+    layer: nn.Conv2d, channels: int, padded_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Flat positions into one padded example that form its im2col matrix, [T, K] order.
 
-    Built as two strided gathers (rows, then columns) instead of ``F.unfold``: measured 1.5-2x
-    faster on CPU for the CNN's shapes, and the [B, T, K] layout makes the following bmm
-    about 2x faster than the transposed [B, K, T] one.
+    T = (out_row, out_col) positions, K = (channel, kernel_row, kernel_col) which matches the
+    flattening order of ``layer.weight``.
     """
-    pad_h, pad_w = layer.padding  # type: ignore[misc]
-    if pad_h or pad_w:
-        a = F.pad(a, (pad_w, pad_w, pad_h, pad_h))
-    a = a.contiguous()
-    batch, channels, _, width = a.shape
+    height, width = padded_hw
+    out_h, out_w = out_hw
     kernel_h, kernel_w = layer.kernel_size
     stride_h, stride_w = layer.stride
     dil_h, dil_w = layer.dilation
-    out_h, out_w = out_hw
-    s_b, s_c, s_h, s_w = a.stride()
-    rows = a.as_strided(
-        (batch, out_h, channels, kernel_h, width),
-        (s_b, s_h * stride_h, s_c, s_h * dil_h, s_w),
-    ).contiguous()
-    r_b, r_oh, r_c, r_kh, r_w = rows.stride()
-    cols = rows.as_strided(
-        (batch, out_h, out_w, channels, kernel_h, kernel_w),
-        (r_b, r_oh, r_w * stride_w, r_c, r_kh, r_w * dil_w),
-    )
-    return cols.reshape(batch, out_h * out_w, channels * kernel_h * kernel_w)
-
-
-def _per_example_conv_weight_grads(
-    layer: nn.Conv2d, a: torch.Tensor, b: torch.Tensor
-) -> torch.Tensor:
-    """Every example's weight gradient of one convolution, as [B, Cout, Cin*kh*kw]."""
-    batch = a.shape[0]
-    patches = _conv_patches(a, layer, b.shape[-2:])
-    return torch.bmm(b.reshape(batch, b.shape[1], -1), patches)
+    out_row = torch.arange(out_h).view(out_h, 1, 1, 1, 1) * stride_h
+    out_col = torch.arange(out_w).view(1, out_w, 1, 1, 1) * stride_w
+    channel = torch.arange(channels).view(1, 1, channels, 1, 1) * (height * width)
+    k_row = torch.arange(kernel_h).view(1, 1, 1, kernel_h, 1) * dil_h
+    k_col = torch.arange(kernel_w).view(1, 1, 1, 1, kernel_w) * dil_w
+    return (channel + (out_row + k_row) * width + out_col + k_col).reshape(-1)
 
 
 class GhostClipEngine:
@@ -138,8 +121,28 @@ class GhostClipEngine:
         self._inputs: list[torch.Tensor | None] = [None] * len(self._layers)
         self._outputs: list[torch.Tensor | None] = [None] * len(self._layers)
         self._capturing = False
+        self._patch_indices: dict[tuple[int, int, int, int], torch.Tensor] = {}
         for index, layer in enumerate(self._layers):
             layer.register_forward_hook(self._make_hook(index))
+
+    def _patches(self, layer: nn.Conv2d, a: torch.Tensor, out_hw: torch.Size) -> torch.Tensor:
+        """im2col of a batch in [B, T, K] layout, ready for ``bmm``.
+
+        One ``index_select`` with a cached index: measured about 2x faster on CPU than
+        ``F.unfold`` or strided-view copies for the CNN's shapes, and the [B, T, K] layout
+        makes the following bmm about 2x faster than unfold's [B, K, T].
+        """
+        pad_h, pad_w = layer.padding  # type: ignore[misc]
+        if pad_h or pad_w:
+            a = F.pad(a, (pad_w, pad_w, pad_h, pad_h))
+        batch, channels, height, width = a.shape
+        key = (id(layer), channels, height, width)
+        index = self._patch_indices.get(key)
+        if index is None:
+            index = _patch_index(layer, channels, (height, width), (out_hw[0], out_hw[1]))
+            self._patch_indices[key] = index
+        flat = a.reshape(batch, -1).index_select(1, index)
+        return flat.view(batch, out_hw[0] * out_hw[1], -1)
 
     def _make_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -192,7 +195,8 @@ class GhostClipEngine:
                     saved.append(("dense", per_w.reshape(batch, -1), bias_sum))
             else:
                 b3 = b.reshape(batch, b.shape[1], -1)  # [B, Cout, T]
-                per_w = _per_example_conv_weight_grads(layer, a, b)  # [B, Cout, Cin*kh*kw]
+                patches = self._patches(layer, a, b.shape[-2:])  # [B, T, Cin*kh*kw]
+                per_w = torch.bmm(b3, patches)  # [B, Cout, Cin*kh*kw]
                 sq_norms.add_(per_w.pow(2).sum((1, 2)))
                 bias_sum = b3.sum(2) if has_bias else None
                 if bias_sum is not None:

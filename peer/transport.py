@@ -140,6 +140,13 @@ class Incoming:
 Handler = Callable[[Incoming], Awaitable[None]]
 
 
+def _is_failure(code: object) -> bool:
+    """A SUBACK code that refuses the subscription (paho ReasonCode or a bare int)."""
+    if isinstance(code, int):
+        return code >= 0x80
+    return bool(getattr(code, "is_failure", False))
+
+
 def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): full jitter over a capped doubling.
 
@@ -202,6 +209,7 @@ class Transport:
         self.reconnects = 0
         self.connect_failures = 0
         self.handler_errors = 0
+        self.subscribe_failures = 0
         self.last_error: str | None = None
 
         self._client: aiomqtt.Client | None = None
@@ -223,7 +231,7 @@ class Transport:
             # A missing or unreadable CA/certificate file is a configuration error, not a
             # network hiccup: retrying would not fix it, so it ends run().
             raise TransportError(f"cannot set up TLS for {self.settings.url}: {exc}") from exc
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             host,
             port,
             username=self.settings.username,
@@ -239,6 +247,10 @@ class Transport:
             max_queued_incoming_messages=self.max_queued_incoming,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
+        # A session sends a burst of QoS 1 messages whose acks overlap; aiomqtt warns above
+        # 10 pending calls, which is normal here.
+        client.pending_calls_threshold = 1000
+        return client
 
     async def run(self, handler: Handler, stop: asyncio.Event) -> None:
         """Stay connected and feed every incoming message to ``handler`` until ``stop`` is set.
@@ -288,7 +300,12 @@ class Transport:
         client = self._make_client()
         async with client:
             for topic in self.subscriptions:
-                await client.subscribe(topic, qos=1)
+                granted = await client.subscribe(topic, qos=1)
+                if any(_is_failure(code) for code in granted):
+                    # Typically a broker ACL: the peer runs but will not hear this filter.
+                    self.subscribe_failures += 1
+                    _log.error("%s: broker refused the subscription to %s", self.client_id,
+                               topic)
             self._client = client
             self._had_session = True
             if self._ever_connected:

@@ -125,6 +125,24 @@ def _check_row(row: MetricsRow) -> None:
         raise MetricsError(f"extra must be an object, got {row.extra!r}")
 
 
+# PeerStatus fields kept in a row's `extra` by MetricsWriter.record_status.
+_STATUS_EXTRAS = (
+    "connected",
+    "budget_exhausted",
+    "aborts_by_reason",
+    "merges_applied",
+    "merges_rejected",
+    "messages_sent",
+    "messages_received",
+    "reconnects",
+    "peers_live",
+)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 class MetricsWriter:
     """Appends MetricsRow lines to run_dir/metrics.jsonl; safe to share between tasks/threads.
 
@@ -162,6 +180,41 @@ class MetricsWriter:
         row = MetricsRow(t=self.elapsed() if t is None else t, peer=peer, event=event, **counters)
         self.write(row)
         return row
+
+    def record_status(
+        self, status: Any, event: str, *, t: float | None = None, **extra: Any
+    ) -> MetricsRow:
+        """Write a row from a peer.node.PeerStatus-like snapshot (read by attribute name).
+
+        The core counters become row fields; merges, reconnects, live peers and abort reasons
+        go to `extra` (with any keyword extras). A non-finite ε (no bound) is recorded as
+        epsilon None plus extra["epsilon_unbounded"] = True rather than rejected.
+        """
+        epsilon = _optional_float(getattr(status, "epsilon", None))
+        details: dict[str, Any] = {}
+        if epsilon is not None and not math.isfinite(epsilon):
+            epsilon = None
+            details["epsilon_unbounded"] = True
+        for name in _STATUS_EXTRAS:
+            value = getattr(status, name, None)
+            if value is not None:
+                details[name] = dict(value) if isinstance(value, dict) else value
+        details.update(extra)
+        accuracy = _optional_float(getattr(status, "accuracy", None))
+        return self.record(
+            str(status.peer_id),
+            event,
+            t=t,
+            round=int(status.round) if getattr(status, "round", None) is not None else None,
+            sessions_done=int(status.sessions_done),
+            sessions_aborted=int(status.sessions_aborted),
+            accuracy=accuracy,
+            epsilon=epsilon,
+            bytes_sent=int(status.bytes_sent),
+            bytes_received=int(status.bytes_received),
+            drops={str(k): int(v) for k, v in dict(status.drops).items()},
+            extra=details,
+        )
 
     def flush(self) -> None:
         """Force rows to disk (fsync), e.g. before the report is built or a process exits."""

@@ -35,7 +35,8 @@ HOSTILE_KINDS = ("garbage", "replay", "huge_norm")
 MODES = ("inprocess", "processes")
 BROKER_KINDS = ("embedded", "mosquitto")
 BROKER_URL_SCHEMES = ("mqtt", "mqtts")
-DATASET_PREFIXES = ("digits", "fashion-mnist", "csv:", "npz:")
+DATASET_NAMES = ("digits", "fashion-mnist")
+DATASET_PREFIXES = ("fashion-mnist:", "csv:", "npz:")
 MODEL_CHOICES = ("mlp", "cnn", "auto")
 REDACTED = "<redacted>"
 SECRET_KEYS = frozenset({"broker_password"})
@@ -206,8 +207,8 @@ def validate_scenario(s: Scenario) -> None:
     _check_types(s)
     _require(1 <= s.peers <= 512, "peers", f"must be between 1 and 512, got {s.peers}")
     _require(
-        s.dataset.startswith(DATASET_PREFIXES)
-        and (s.dataset in ("digits", "fashion-mnist") or ":" in s.dataset),
+        s.dataset in DATASET_NAMES
+        or any(s.dataset.startswith(p) and len(s.dataset) > len(p) for p in DATASET_PREFIXES),
         "dataset",
         f"expected 'digits', 'fashion-mnist[:ROOT]', 'csv:PATH' or 'npz:PATH', got {s.dataset!r}",
     )

@@ -84,6 +84,26 @@ def test_writer_and_reader_round_trip(tmp_path: Path) -> None:
     assert [r.event for r in read_metrics(tmp_path)] == ["round", "status", "stop"]
 
 
+def test_record_status_maps_a_peer_status_snapshot(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    status = SimpleNamespace(
+        peer_id="p1", connected=True, round=4, accuracy=np.float32(0.75), epsilon=float("inf"),
+        budget_exhausted=False, sessions_done=3, sessions_aborted=1,
+        aborts_by_reason={"timeout": 1}, merges_applied=3, merges_rejected={}, bytes_sent=10,
+        bytes_received=20, messages_sent=5, messages_received=6, reconnects=0,
+        drops={"replay": 2}, peers_live=7, in_session=False,
+    )
+    with MetricsWriter(tmp_path) as writer:
+        row = writer.record_status(status, "round", t=3.0, test_accuracy=0.7)
+    assert read_metrics(tmp_path) == [row]
+    assert (row.peer, row.round, row.sessions_done, row.drops) == ("p1", 4, 3, {"replay": 2})
+    assert row.accuracy == pytest.approx(0.75) and row.epsilon is None
+    assert row.extra["epsilon_unbounded"] is True
+    assert row.extra["aborts_by_reason"] == {"timeout": 1} and row.extra["peers_live"] == 7
+    assert row.extra["test_accuracy"] == 0.7
+
+
 def test_reader_skips_and_counts_malformed_lines(tmp_path: Path) -> None:
     with MetricsWriter(tmp_path) as writer:
         writer.record("a", "round", t=1.0, accuracy=0.4)

@@ -87,6 +87,8 @@ out_dir = "out/runs"
         ('mode = "threads"', "mode", "expected one of"),
         ('network = "Bad/Name"', "network", "must match"),
         ('dataset = "imagenet"', "dataset", "digits"),
+        ('dataset = "csv:"', "dataset", "csv:PATH"),
+        ('dataset = "digits:x"', "dataset", "digits"),
         ("noise_multiplier = 1.0\ntarget_epsilon = 3.0", "noise_multiplier", "exactly one"),
         ("[peers]\nx = 1", "peers", "got a table"),
         ("[privacy]\ndp = true", "privacy", "unknown option"),
@@ -167,3 +169,13 @@ def test_summary_describes_privacy_and_faults() -> None:
     assert "churn" in summary["Faults"] and "loss 5%" in summary["Faults"]
     assert "garbage" in summary["Faults"]
     assert dict(scenario_summary(Scenario(dp=False)))["Privacy"] == "off"
+
+
+def test_resolve_model_picks_cnn_for_28x28_images_only() -> None:
+    from sim.scenario import resolve_model
+
+    assert resolve_model("auto", (28, 28)) == "cnn"
+    assert resolve_model("auto", (1, 28, 28)) == "cnn"
+    assert resolve_model("auto", (8, 8)) == "mlp"
+    assert resolve_model("auto", (784,)) == "mlp"
+    assert resolve_model("mlp", (28, 28)) == "mlp"

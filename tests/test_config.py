@@ -1,0 +1,167 @@
+"""peer.config: the shipped example parses; every kind of mistake is one precise ConfigError."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from crypto.admission import AdmissionKey
+from crypto.identity import Identity
+from peer.config import ConfigError, PeerConfig, SessionConfig, load_config, load_credentials
+from peer.transport import BrokerSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO_ROOT / "docs" / "peer.example.toml"
+
+MINIMAL = """\
+peer_id = "alice"
+network_id = "demo"
+identity_file = "alice.key"
+certificate_file = "alice.cert"
+admission_public_key = "admission.pub"
+"""
+
+
+@pytest.fixture
+def network_dir(tmp_path: Path) -> Path:
+    """A directory holding alice's key, certificate and the network's admission.pub."""
+    admission = AdmissionKey.generate("demo")
+    admission.save(tmp_path / "admission.key")
+    alice = Identity.generate("alice")
+    alice.save(tmp_path / "alice.key")
+    cert = admission.issue(alice.public, valid_for_s=86_400, now=time.time())
+    (tmp_path / "alice.cert").write_bytes(cert.to_bytes())
+    (tmp_path / "admission.pub").write_text(admission.public_key.hex() + "\n")
+    return tmp_path
+
+
+def write(directory: Path, text: str, name: str = "peer.toml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+def config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    return message
+
+
+def test_the_shipped_example_parses(network_dir: Path) -> None:
+    path = network_dir / "peer.toml"
+    shutil.copy(EXAMPLE, path)
+    cfg = load_config(path)
+    assert isinstance(cfg, PeerConfig)
+    assert (cfg.peer_id, cfg.network_id) == ("alice", "demo")
+    assert cfg.identity_file == network_dir / "alice.key"
+    assert cfg.admission_public_key == bytes.fromhex(
+        (network_dir / "admission.pub").read_text().strip())
+    assert cfg.broker == BrokerSettings(url="mqtt://127.0.0.1:1883", keepalive_s=30)
+    assert cfg.session == SessionConfig()
+    assert cfg.state_dir == network_dir / "state" / "alice"
+    assert cfg.silence_expiry_s == 120.0 and cfg.log_level == "INFO"
+    assert type(cfg.training).__name__ == "TrainerConfig"
+    identity, certificate = load_credentials(cfg)
+    assert identity.peer_id == certificate.peer_id == "alice"
+
+
+def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> None:
+    hex_key = (network_dir / "admission.pub").read_text().strip()
+    text = MINIMAL.replace('"admission.pub"', f'"{hex_key}"') + (
+        '\n[broker]\nurl = "mqtts://broker.example"\nusername = "alice"\n'
+        'password_file = "pw"\n')
+    (network_dir / "pw").write_text("s3cret\n")
+    cfg = load_config(write(network_dir, text))
+    assert cfg.admission_public_key.hex() == hex_key
+    assert cfg.broker.endpoint() == ("broker.example", 8883, True)
+    assert (cfg.broker.username, cfg.broker.password) == ("alice", "s3cret")
+    assert cfg.data == "digits" and cfg.holdout_fraction == 0.2
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ('colour = "blue"\n', "unknown key 'colour'"),
+        ('holdout_fraction = "lots"\n', "holdout_fraction: expected a number"),
+        ("holdout_fraction = 1.5\n", "holdout_fraction: must be in (0, 1)"),
+        ('log_level = "LOUD"\n', "log_level: must be one of"),
+        ("silence_expiry_s = 10.0\n", "must exceed announce_interval_s"),
+        ("announce_interval_s = -1\n", "announce_interval_s: must be in (0"),
+        ('data = "parquet:x"\n', "data: 'parquet:x' is not a data source"),
+        ('data = "csv:missing.csv"\n', "missing.csv does not exist"),
+        ("[session]\nthreshold = 4\n", "session: threshold must be in 2..group_size=3"),
+        ("[session]\ngroup_size = 2\n", "session: group_size must be in 3..16"),
+        ("[session]\ngroup_size = 3.5\n", "session.group_size: expected an integer"),
+        ("[session]\ngroup_size = true\n", "session.group_size: expected an integer"),
+        ("[session]\nretries = 3\n", "session: unknown key 'retries'"),
+        ('[broker]\nurl = "http://x"\n', "broker: broker url must start with mqtt://"),
+        ('[broker]\nurl = "mqtt://u:p@h"\n', "not in the url"),
+        ('[broker]\nport = 1883\n', "broker: unknown key 'port'"),
+        ('[broker]\nusername = "a"\npassword = "x"\npassword_file = "y"\n', "not both"),
+        ('[broker]\nca_file = "ca.pem"\n', "broker.ca_file: file"),
+        ("[broker]\nkeepalive_s = 1\n", "keepalive_s must be in 5..65535"),
+        ('[training]\nno_such_field = 1\n', "training: unknown key 'no_such_field'"),
+        ('broker = "mqtt://x"\n', "'broker' must be a table"),
+    ],
+)
+def test_each_mistake_names_the_key(network_dir: Path, extra: str, fragment: str) -> None:
+    # Top-level keys must come before the first table: put tables last.
+    text = MINIMAL + extra
+    assert fragment in config_error(write(network_dir, text))
+
+
+def test_missing_required_key_and_missing_files(network_dir: Path) -> None:
+    no_peer = MINIMAL.replace('peer_id = "alice"\n', "")
+    assert "missing required key 'peer_id'" in config_error(write(network_dir, no_peer))
+    bad_id = MINIMAL.replace('"alice"', '"Alice"', 1)
+    assert "peer_id: 'Alice' must match" in config_error(write(network_dir, bad_id))
+    missing = network_dir / "nope.toml"
+    assert "config file does not exist" in config_error(missing)
+    assert "not valid TOML" in config_error(write(network_dir, "peer_id = [\n"))
+    garbage_key = MINIMAL.replace('"admission.pub"', '"zz"')
+    assert "admission_public_key: file" in config_error(write(network_dir, garbage_key))
+    (network_dir / "short.pub").write_text("abcd\n")
+    short_key = MINIMAL.replace('"admission.pub"', '"short.pub"')
+    assert "64-character hex key" in config_error(write(network_dir, short_key))
+    (network_dir / "alice.key").unlink()
+    message = config_error(write(network_dir, MINIMAL))
+    assert "identity_file: file" in message and "alice.key does not exist" in message
+
+
+def test_credentials_must_match_the_config(network_dir: Path) -> None:
+    cfg = load_config(write(network_dir, MINIMAL))
+    load_credentials(cfg)  # the matching set loads
+    # Valid for a day: checked three days later it has expired (beyond the 300 s skew).
+    with pytest.raises(ConfigError, match=r"certificate_file: .*expired"):
+        load_credentials(cfg, now=time.time() + 3 * 86_400)
+
+    # A certificate from another admission key, installed under alice's name.
+    other_ca = AdmissionKey.generate("demo")
+    foreign = other_ca.issue(Identity.generate("alice").public, valid_for_s=60, now=time.time())
+    (network_dir / "alice.cert").write_bytes(foreign.to_bytes())
+    with pytest.raises(ConfigError, match=r"certificate_file: .*bad signature"):
+        load_credentials(cfg)
+
+    # Identity of someone other than peer_id.
+    Identity.generate("mallory").save(network_dir / "mallory.key")
+    cfg_wrong = load_config(write(network_dir, MINIMAL.replace("alice.key", "mallory.key")))
+    with pytest.raises(ConfigError, match="identity of 'mallory'"):
+        load_credentials(cfg_wrong)
+
+    # A genuine certificate for alice's name, but for another key pair than alice.key.
+    admission = AdmissionKey.load(network_dir / "admission.key")
+    other_keys = admission.issue(Identity.generate("alice").public, valid_for_s=60,
+                                 now=time.time())
+    (network_dir / "alice.cert").write_bytes(other_keys.to_bytes())
+    with pytest.raises(ConfigError, match="certifies other keys"):
+        load_credentials(cfg)
+
+    (network_dir / "alice.cert").write_bytes(b"not a certificate")
+    with pytest.raises(ConfigError, match="certificate_file"):
+        load_credentials(cfg)

@@ -1,0 +1,458 @@
+"""Murmur peers (peer/node.py) over a real Mosquitto broker on a loopback port.
+
+Scenarios of issue 4: peers complete sessions and agree on the group sum; a member killed
+(SIGKILL, separate process) after its shares are out; the broker stopped and restarted; a raw
+MQTT client sending garbage, replays, forged senders and foreign certificates; a subscriber on
+``#`` proving no payload carries a member's vector. Peers train the MLP on the digits data set
+with tiny local rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from crypto.admission import AdmissionKey
+from crypto.field import FixedPoint
+from crypto.identity import Identity
+from peer.node import NodeConfig, Peer, PeerEvent
+from peer.session import SessionTimeouts
+from peer.transport import BrokerSettings
+from protocol import messages as m
+from protocol.codec import decode_message, encode_message
+from protocol.topics import announce_topic, direct_topic
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
+
+NET = "nodetest"
+ROOT = Path(__file__).resolve().parent.parent
+RESOLUTION = 2.0**-16
+
+FAST = NodeConfig(
+    group_size=3,
+    threshold=2,
+    timeouts=SessionTimeouts(invite_s=1.0, start_s=2.0, share_s=2.0, partial_s=2.0),
+    announce_interval_s=2.0,
+    silence_expiry_s=20.0,
+    checkpoint_interval_s=3600.0,
+    start_jitter_s=0.2,
+    tick_s=0.02,
+    round_pause_s=0.05,
+    evaluate_every=4,
+)
+
+
+# ---------------------------------------------------------------------------- trainers
+_DIGITS: tuple | None = None
+
+
+def _digits_parts():
+    global _DIGITS
+    if _DIGITS is None:
+        from peer.data import load_source, split_holdout
+
+        train, _test = load_source("digits")
+        _DIGITS = (train, split_holdout)
+    return _DIGITS
+
+
+def make_trainer(index: int, n: int):
+    """A real LocalTrainer: MLP on a 1/n shard of digits, DP-SGD, top-10 %, tiny rounds."""
+    import torch
+
+    from peer.trainer import LocalTrainer, TrainerConfig
+
+    torch.set_num_threads(1)  # many peers in one process: one intra-op thread each
+    train, split_holdout = _digits_parts()
+    shard = train.subset(np.arange(index, len(train.y), n))
+    local, holdout = split_holdout(shard, 0.2, index)
+    config = TrainerConfig(
+        model="mlp", lr=0.1, batch_size=32, local_steps=2, dp=True, noise_multiplier=1.0,
+        delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6, topk_fraction=0.1, seed=7,
+    )
+    return LocalTrainer(config, local, holdout, None)
+
+
+# ---------------------------------------------------------------------------- harness
+@dataclass
+class Network:
+    url: str
+    admission: AdmissionKey
+    peers: list[Peer] = field(default_factory=list)
+    events: list[PeerEvent] = field(default_factory=list)
+    stops: list[asyncio.Event] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def add(self, peer_id: str, trainer: object, config: NodeConfig = FAST) -> Peer:
+        ident = Identity.generate(peer_id)
+        cert = self.admission.issue(ident.public, valid_for_s=3600, now=time.time())
+        peer = Peer(identity=ident, certificate=cert,
+                    admission_public_key=self.admission.public_key, network_id=NET,
+                    trainer=trainer, broker=BrokerSettings(url=self.url), config=config,
+                    on_event=self.events.append)
+        self.peers.append(peer)
+        stop = asyncio.Event()
+        self.stops.append(stop)
+        self.tasks.append(asyncio.create_task(peer.run(stop)))
+        return peer
+
+    async def close(self) -> None:
+        for stop in self.stops:
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), timeout=30)
+
+    def done_events(self) -> dict[bytes, list[PeerEvent]]:
+        out: dict[bytes, list[PeerEvent]] = {}
+        for e in self.events:
+            if e.kind == "session_done":
+                out.setdefault(e.data["session_id"], []).append(e)
+        return out
+
+
+async def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def start_network(url: str, n: int, make: Callable[[int, int], object],
+                        config: NodeConfig = FAST) -> Network:
+    net = Network(url, AdmissionKey.generate(NET))
+    for i in range(n):
+        net.add(f"peer{i}", make(i, n), config)
+    await wait_for(lambda: all(p.status().peers_live == n - 1 for p in net.peers), 20,
+                   "every peer to see the others")
+    return net
+
+
+class Sniffer:
+    """A plain MQTT client subscribed to '#' recording every (topic, payload)."""
+
+    def __init__(self, url: str) -> None:
+        host, port, _ = BrokerSettings(url=url).endpoint()
+        self.client = aiomqtt.Client(host, port, identifier="sniffer",
+                                     protocol=aiomqtt.ProtocolVersion.V311)
+        self.records: list[tuple[str, bytes]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Sniffer:
+        await self.client.__aenter__()
+        await self.client.subscribe("#", qos=1)
+        self._task = asyncio.create_task(self._collect())
+        return self
+
+    async def _collect(self) -> None:
+        async for msg in self.client.messages:
+            payload = msg.payload if isinstance(msg.payload, bytes) else b""
+            self.records.append((str(msg.topic), payload))
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.client.__aexit__(None, None, None)
+
+
+def check_group_sums(net: Network, min_complete: int) -> int:
+    """Every member of a session rebuilt the same sum, equal to the plain sum of the members'
+    noised top-k vectors (to fixed-point resolution). Returns the number of sessions checked."""
+    checked = 0
+    for sid, events in net.done_events().items():
+        members = events[0].data["members"]
+        by_peer = {e.peer_id: e for e in events}
+        first = events[0].data
+        for e in events[1:]:
+            np.testing.assert_array_equal(e.data["coordinates"], first["coordinates"])
+            np.testing.assert_array_equal(e.data["group_sum"], first["group_sum"])
+        if set(by_peer) != set(members):
+            continue  # a member did not finish (tolerated); the others agree, checked above
+        coords = first["coordinates"]
+        plain = np.zeros(coords.size)
+        for peer_id in members:
+            data = by_peer[peer_id].data
+            pos = np.searchsorted(coords, data["own_indices"])
+            np.testing.assert_array_equal(coords[pos], data["own_indices"])
+            plain[pos] += data["own_values"].astype(np.float64)
+        np.testing.assert_allclose(first["group_sum"], plain,
+                                   atol=len(members) * RESOLUTION, rtol=0, err_msg=sid.hex())
+        checked += 1
+    assert checked >= min_complete, f"only {checked} fully completed sessions"
+    return checked
+
+
+def assert_no_vector_on_the_wire(net: Network, records: list[tuple[str, bytes]]) -> None:
+    """No payload contains any member's vector, raw float32 or fixed-point encoded."""
+    fp = FixedPoint()
+    needles: list[bytes] = []
+    for events in net.done_events().values():
+        for e in events:
+            values = e.data["own_values"]
+            nonzero = values[values != 0]
+            if nonzero.size >= 4:
+                needles.append(nonzero[:4].astype("<f4").tobytes())
+                needles.append(fp.encode(nonzero[:4].astype(np.float64)).astype("<u4").tobytes())
+    assert needles, "no vectors to look for"
+    assert records, "the sniffer saw nothing"
+    decoded = 0
+    for topic, payload in records:
+        for needle in needles:
+            assert needle not in payload, f"a member's vector bytes on {topic}"
+        if not payload:
+            continue  # a cleared retained announcement
+        msg = decode_message(payload)
+        decoded += 1
+        body = msg.body
+        # only index sets, ids and ciphertext travel; no body holds model values in the clear
+        assert isinstance(body, m.Announce | m.Leave | m.Invite | m.Accept | m.Decline
+                          | m.Start | m.Share | m.Partial | m.Abort)
+    assert decoded > 0
+
+
+# ---------------------------------------------------------------------------- scenarios
+async def test_five_peers_complete_sessions_and_agree(mosquitto) -> None:
+    async with Sniffer(mosquitto.url) as sniffer:
+        net = await start_network(mosquitto.url, 5, make_trainer)
+        try:
+            await wait_for(lambda: all(p.sessions_done >= 2 for p in net.peers), 60,
+                           "two sessions per peer")
+        finally:
+            await net.close()
+        await asyncio.sleep(0.2)
+    check_group_sums(net, min_complete=3)
+    for p in net.peers:
+        st = p.status()
+        assert st.merges_applied >= 1 or st.merges_rejected, st
+        assert st.round >= 1 and st.epsilon is not None
+        assert not st.in_session
+        # an honest run drops nothing that signals an attack or a bug
+        assert set(st.drops) <= {"unknown_session"}, st.drops
+    assert_no_vector_on_the_wire(net, sniffer.records)
+
+
+async def test_broker_restart_mid_run(mosquitto) -> None:
+    net = await start_network(mosquitto.url, 4, make_trainer)
+    try:
+        await wait_for(lambda: sum(p.sessions_done for p in net.peers) >= 3, 40,
+                       "sessions before the restart")
+        await mosquitto.stop()
+        await asyncio.sleep(1.0)
+        await wait_for(lambda: not any(p.transport.connected.is_set() for p in net.peers), 10,
+                       "peers to notice the broker is gone")
+        before = [p.sessions_done for p in net.peers]
+        await mosquitto.start()
+        await wait_for(lambda: all(p.transport.connected.is_set() for p in net.peers), 30,
+                       "every peer to reconnect")
+        await wait_for(
+            lambda: all(p.sessions_done > b for p, b in zip(net.peers, before, strict=True)),
+            60, "every peer to complete a session after the restart",
+        )
+        assert all(p.transport.reconnects >= 1 for p in net.peers)
+    finally:
+        await net.close()
+    check_group_sums(net, min_complete=1)
+
+
+_VICTIM = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, time
+    import numpy as np
+    from crypto.admission import Certificate
+    from crypto.identity import Identity
+    from peer.node import NodeConfig, Peer
+    from peer.session import SessionTimeouts
+    from peer.transport import BrokerSettings
+    from protocol.codec import decode_message
+    from protocol import messages as m
+
+    url, net, ident_path, cert_path, adm_hex, model_id, param_count = sys.argv[1:8]
+    param_count = int(param_count)
+
+    class Vectors:
+        def __init__(self):
+            self.param_count = param_count
+            self.model_id = model_id
+        def train_round(self):
+            raise RuntimeError("unused")
+        def apply_update(self, i, v):
+            pass
+        def evaluate(self):
+            return 0.0
+        def save_checkpoint(self):
+            pass
+
+    async def main():
+        peer = Peer(identity=Identity.load(ident_path),
+                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
+                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
+                    trainer=Vectors(), broker=BrokerSettings(url=url),
+                    config=NodeConfig(timeouts=SessionTimeouts(1.0, 2.0, 2.0, 2.0),
+                                      announce_interval_s=2.0, train=False,
+                                      start_jitter_s=0.2, tick_s=0.02))
+        publish = peer.transport.publish
+
+        async def publish_then_die(topic, payload, retain=False):
+            if payload and decode_message(payload).header.kind is m.Kind.PARTIAL:
+                print("KILLED", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # shares are out, partial never leaves
+            await publish(topic, payload, retain=retain)
+
+        peer.transport.publish = publish_then_die
+        rng = np.random.default_rng(3)
+        idx = np.sort(rng.choice(param_count, size=max(4, param_count // 10), replace=False))
+        peer.offer_update(idx.astype(np.uint32), rng.normal(0, 0.01, idx.size).astype(np.float32))
+        await peer.run(asyncio.Event())
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_member_killed_after_its_shares_are_out(mosquitto, tmp_path: Path) -> None:
+    net = await start_network(mosquitto.url, 4, make_trainer)
+    victim_id = "victim"
+    ident = Identity.generate(victim_id)
+    ident.save(tmp_path / "victim.key")
+    cert = net.admission.issue(ident.public, valid_for_s=3600, now=time.time())
+    (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
+    script = tmp_path / "victim.py"
+    script.write_text(_VICTIM)
+    trainer = net.peers[0].trainer
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mosquitto.url, NET, str(tmp_path / "victim.key"),
+         str(tmp_path / "victim.cert"), net.admission.public_key.hex(), trainer.model_id,
+         str(trainer.param_count)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_for(lambda: proc.poll() is not None, 60,
+                       "the victim to join a session and be killed")
+        out, err = proc.communicate(timeout=5)
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        assert b"KILLED" in out
+        # Every survivor that was in the victim's session finishes it: done with >= t
+        # partials, or aborted by timeout. Nobody hangs.
+        await asyncio.sleep(FAST.timeouts.share_s + FAST.timeouts.partial_s + 0.5)
+        victim_sessions = {
+            e.data["session_id"] for e in net.events
+            if e.kind in ("session_done", "session_aborted")
+            and victim_id in (e.data.get("members") or ())
+        }
+        assert victim_sessions, "no survivor recorded a session with the victim"
+        assert not any(p.session is not None and p.session.session_id in victim_sessions
+                       for p in net.peers)
+        done_with_victim = [e for e in net.events if e.kind == "session_done"
+                            and e.data["session_id"] in victim_sessions]
+        for e in done_with_victim:
+            assert victim_id in e.data["contributors"]  # its shares were out: it counts
+        before = [p.sessions_done for p in net.peers]
+        await wait_for(
+            lambda: all(p.sessions_done > b for p, b in zip(net.peers, before, strict=True)),
+            60, "survivors to keep completing sessions",
+        )
+        await wait_for(lambda: all(p.membership.get(victim_id) is None for p in net.peers), 10,
+                       "the victim's last will to remove it from every view")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await net.close()
+    check_group_sums(net, min_complete=1)
+
+
+async def test_hostile_client_is_dropped_and_counted(mosquitto) -> None:
+    async with Sniffer(mosquitto.url) as sniffer:
+        net = await start_network(mosquitto.url, 3, make_trainer)
+        target = net.peers[1]
+        try:
+            await wait_for(lambda: sum(p.sessions_done for p in net.peers) >= 3, 40,
+                           "sessions before the attack")
+            captured = next(
+                (t, p) for t, p in sniffer.records
+                if t.endswith(f"/to/{target.peer_id}") and p
+            )
+            sender = net.peers[0].peer_id
+            mallory = Identity.generate("mallory")
+            foreign = AdmissionKey.generate("othernet")
+            rogue_ca = AdmissionKey.generate(NET)  # right network name, wrong admission key
+            now = time.time()
+
+            def signed(ident: Identity, kind: m.Kind, body: m.Body, network: str = NET,
+                       header_sender: str | None = None) -> bytes:
+                header = m.Header(m.PROTOCOL_VERSION, network, kind,
+                                  header_sender or ident.peer_id,
+                                  b"" if kind is m.Kind.ANNOUNCE else os.urandom(16),
+                                  time.time_ns() // 1000)
+                return encode_message(header, body, ident.sign)
+
+            invite = m.Invite(3, 2, target.params.model_id, target.params.param_count, 16)
+            host, port, _ = BrokerSettings(url=mosquitto.url).endpoint()
+            attacks = [
+                # garbage bytes on a valid inbox topic
+                (direct_topic(NET, sender, target.peer_id), b"\x93\x01garbage\xff"),
+                # a captured message, published again
+                captured,
+                # mallory signs an invite but claims to be peer0 (topic and header say peer0)
+                (direct_topic(NET, sender, target.peer_id),
+                 signed(mallory, m.Kind.INVITE, invite, header_sender=sender)),
+                # header names another sender than the topic
+                (direct_topic(NET, sender, target.peer_id),
+                 signed(mallory, m.Kind.INVITE, invite)),
+                # a validly signed message from a peer nobody admitted
+                (direct_topic(NET, "mallory", target.peer_id),
+                 signed(mallory, m.Kind.INVITE, invite)),
+                # a certificate from another network's admission key
+                (announce_topic(NET, "mallory"),
+                 signed(mallory, m.Kind.ANNOUNCE, m.Announce(
+                     foreign.issue(mallory.public, valid_for_s=3600, now=now).to_bytes(),
+                     target.params.model_id, target.params.param_count))),
+                # a certificate for this network name signed by a rogue key
+                (announce_topic(NET, "mallory"),
+                 signed(mallory, m.Kind.ANNOUNCE, m.Announce(
+                     rogue_ca.issue(mallory.public, valid_for_s=3600, now=now).to_bytes(),
+                     target.params.model_id, target.params.param_count))),
+                # a message of another network on this network's topic
+                (direct_topic(NET, "mallory", target.peer_id),
+                 signed(mallory, m.Kind.INVITE, invite, network="othernet")),
+            ]
+            before = target.status().drops
+            async with aiomqtt.Client(host, port, identifier="mallory",
+                                      protocol=aiomqtt.ProtocolVersion.V311) as client:
+                for topic, payload in attacks:
+                    await client.publish(topic, payload, qos=1)
+            expected = {"malformed": 1, "replay": 1, "bad_signature": 1, "topic_mismatch": 1,
+                        "unknown_sender": 1, "bad_certificate": 1}
+
+            def counted() -> bool:
+                drops = target.status().drops
+                return all(drops.get(k, 0) - before.get(k, 0) >= v for k, v in expected.items())
+
+            await wait_for(counted, 10, f"drops {expected} at the target")
+            after = target.status().drops
+            # foreign certificate + foreign header network
+            assert after.get("foreign_network", 0) - before.get("foreign_network", 0) == 2
+            assert all(p.membership.get("mallory") is None for p in net.peers)
+            done_before = [p.sessions_done for p in net.peers]
+            await wait_for(
+                lambda: all(p.sessions_done > b
+                            for p, b in zip(net.peers, done_before, strict=True)),
+                40, "peers to keep completing sessions after the attack",
+            )
+        finally:
+            await net.close()
