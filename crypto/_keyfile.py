@@ -41,9 +41,10 @@ def load_key_file(path: Path, kind: str) -> dict[str, object]:
         ) from None
     if not isinstance(document, dict) or document.get("format") != KEY_FILE_FORMAT:
         raise KeyFileError(f"{path}: not a murmur key file (missing format tag)")
-    if document.get("version") != KEY_FILE_VERSION:
+    version = document.get("version")
+    if type(version) is not int or version != KEY_FILE_VERSION:
         raise KeyFileError(
-            f"{path}: unsupported key file version {document.get('version')!r}"
+            f"{path}: unsupported key file version {version!r}"
         )
     found_kind = document.get("kind")
     if found_kind != kind:

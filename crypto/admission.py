@@ -226,6 +226,9 @@ def verify_certificate(
     """
     if len(admission_public_key) != KEY_BYTES:
         raise ValueError("admission public key must be 32 bytes")
+    if not (math.isfinite(now) and math.isfinite(clock_skew_s) and clock_skew_s >= 0):
+        # a NaN clock would make every validity comparison false, i.e. accept anything
+        raise ValueError("now must be finite and clock_skew_s finite and >= 0")
     if cert.network_id != network_id:
         raise ForeignNetworkError(
             f"certificate of {cert.peer_id!r} is for network {cert.network_id!r}, "

@@ -30,6 +30,8 @@ FIELD_BYTES: int = 4
 HALF_PRIME: int = (PRIME - 1) // 2
 
 _P32 = np.uint32(PRIME)
+_SHIFT30 = np.uint32(30)
+_NEGATE_OFFSET = np.uint32(2**31 + 1)  # -p mod 2**32
 _WIRE_DTYPE = np.dtype("<u4")
 #: elements per block in the blocked loops below: keeps temporaries in the L2 cache
 BLOCK = 1 << 16
@@ -42,6 +44,8 @@ def mod_add_into(acc: np.ndarray, other: np.ndarray, scratch: np.ndarray | None 
     a + b - p is smaller, otherwise the subtraction wraps to a huge value; the minimum picks the
     canonical representative.
     """
+    if acc.shape != other.shape:
+        raise ValueError(f"cannot add field arrays of shapes {acc.shape} and {other.shape}")
     size = acc.shape[0]
     if scratch is None or scratch.shape[0] < min(size, BLOCK):
         scratch = np.empty(min(size, BLOCK), dtype=FIELD_DTYPE)
@@ -167,6 +171,16 @@ class FixedPoint:
     def decode(self, field_values: np.ndarray) -> np.ndarray:
         """Canonical field elements -> float64 by the centered lift (ValueError otherwise)."""
         a = check_field(np.asarray(field_values).reshape(-1), "field values")
-        signed = a.astype(np.int64)
-        signed[signed > HALF_PRIME] -= PRIME
-        return signed * (1.0 / 2.0**self.frac_bits)
+        out = np.empty(a.size, dtype=np.float64)
+        scale = 1.0 / 2.0**self.frac_bits
+        signed = np.empty(min(a.size, BLOCK), dtype=FIELD_DTYPE)
+        for start in range(0, a.size, BLOCK):
+            stop = min(start + BLOCK, a.size)
+            v, s = a[start:stop], signed[: stop - start]
+            # v > (p-1)/2 <=> bit 30 is set (v < 2**31). For those, v - p = v + 2**31 + 1
+            # (mod 2**32), which read as int32 is the negative value of the centered lift.
+            np.right_shift(v, _SHIFT30, out=s)
+            np.multiply(s, _NEGATE_OFFSET, out=s)
+            np.add(s, v, out=s)
+            np.multiply(s.view(np.int32), scale, out=out[start:stop])
+        return out

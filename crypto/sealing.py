@@ -13,7 +13,9 @@ Security properties:
 - Context binding: opening checks that the sealed digest equals the digest of the context the
   recipient expects (network, session, sender, recipient, seq), so a sealed share cannot be
   replayed into another session or under another sequence number, nor redirected to another
-  recipient (which could not open it anyway) or claimed by another sender.
+  recipient (which could not open it anyway) or claimed by another sender. This also stops
+  reflection: Box's shared key is the same in both directions, but a box B sealed for A names
+  sender B and recipient A, so it does not open as a message from A to B.
 - Nonces are random (192 bits), so nonce reuse is negligible even across restarts.
 
 The ciphertext layout is ``nonce (24) || Poly1305 tag (16) || ciphertext``, the same as

@@ -20,7 +20,8 @@ the shares is that of textbook Shamir. Each modular addition is three ``uint32``
 cache-sized blocks.
 
 Randomness: libsodium's ``randombytes_buf_deterministic`` (the ChaCha20 keystream, i.e. the
-encryption of zero bytes) under a fresh 32-byte key from ``os.urandom`` per block. Each 32-bit
+encryption of zero bytes) under a fresh 32-byte key from ``os.urandom`` for every 32 KiB of
+output (one ``os.urandom`` call supplies the keys of a whole block). Each 32-bit
 word is masked to 31 bits, which is uniform on ``[0, 2**31 - 1] = [0, p]``; a word equal to
 ``p`` (probability 2**-31) is redrawn, so elements are exactly uniform on ``[0, p)``.
 Never a seeded PRNG.

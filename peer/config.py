@@ -203,9 +203,14 @@ def build_dataclass(cls: type, table: dict[str, Any], where: str) -> Any:
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key {name!r}")
     try:
-        return cls(**kwargs)
+        instance = cls(**kwargs)
+        # Some config classes (peer.trainer.TrainerConfig) check ranges in validate().
+        validate = getattr(instance, "validate", None)
+        if callable(validate):
+            validate()
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    return instance
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -277,22 +282,25 @@ def _check_id(value: str, key: str) -> str:
 
 
 def _data_spec(value: str, base: Path) -> str:
+    """Check a data source spec and make its path absolute (see peer.data.load_source)."""
     kind, sep, rest = value.partition(":")
     if kind == "digits" and not sep:
         return value
-    if kind == "fashion-mnist":
-        if sep and not rest:
-            raise ConfigError("data: 'fashion-mnist:' needs a directory after the colon")
+    if kind in ("fashion-mnist", "mnist"):
+        if (sep or kind == "mnist") and not rest:
+            raise ConfigError(f"data: '{kind}:' needs a directory after the colon")
         if rest:
             root = Path(rest) if Path(rest).is_absolute() else base / rest
             if not root.is_dir():
                 raise ConfigError(f"data: directory {root} does not exist")
-            return f"fashion-mnist:{root}"
+            return f"{kind}:{root}"
         return value
     if kind in ("csv", "npz") and sep and rest:
-        return f"{kind}:{_existing_file(base, Path(rest), 'data')}"
+        path_text, hash_sign, label = rest.partition("#")
+        path = _existing_file(base, Path(path_text), "data")
+        return f"{kind}:{path}{hash_sign}{label}"
     raise ConfigError(f"data: {value!r} is not a data source; use 'digits', "
-                      "'fashion-mnist[:DIR]', 'csv:PATH' or 'npz:PATH'")
+                      "'fashion-mnist[:DIR]', 'mnist:DIR', 'csv:PATH[#LABEL]' or 'npz:PATH'")
 
 
 def _positive(value: float, key: str, upper: float = 86_400.0) -> float:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from peer.privacy.noise import GaussianSource, SecureGaussian
+from peer.privacy.noise import GaussianSource, SecureGaussian, secure_bernoulli_mask
 
 _CLIP_EPS = 1e-6  # keeps the clip factor finite for a zero gradient; factor stays <= 1
 
@@ -152,7 +152,9 @@ class GhostClipEngine:
 
         return hook
 
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> ClippedGradient:
+    def clipped_sum(
+        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+    ) -> ClippedGradient:
         batch = x.shape[0]
         flat = torch.zeros(self._param_count, dtype=torch.float32)
         if batch == 0:
@@ -247,7 +249,9 @@ class VmapEngine:
         grads = self._per_example_grads(params, x, y)
         return torch.cat([grads[n].reshape(x.shape[0], -1) for n in self._names], dim=1)
 
-    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float) -> ClippedGradient:
+    def clipped_sum(
+        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+    ) -> ClippedGradient:
         count = sum(p.numel() for p in _trainable(self.model))
         if x.shape[0] == 0:
             return ClippedGradient(torch.zeros(count), torch.zeros(0), 0)
@@ -271,14 +275,20 @@ def make_engine(model: nn.Module, engine: str = "auto") -> GhostClipEngine | Vma
         return VmapEngine(model)
 
 
-def poisson_batch(n: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+def poisson_batch(
+    n: int, sample_rate: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Indices of a Poisson-sampled batch: each of ``n`` records independently with rate q.
 
-    The batch *membership* is drawn from a seeded generator on purpose: DP does not rely on
-    the sampling randomness being secret from the data owner, only on the noise being
-    unpredictable to the recipient, and a seeded sampler keeps runs reproducible.
+    This is the sampling the RDP accountant analyses. Without a ``generator`` the membership
+    draws come from the secure source (amplification by subsampling assumes the batch is
+    secret); a seeded generator is for reproducible experiments only and weakens that
+    assumption.
     """
-    mask = torch.rand(n, generator=generator) < sample_rate
+    if generator is None:
+        mask = secure_bernoulli_mask(n, sample_rate)
+    else:
+        mask = torch.rand(n, generator=generator) < sample_rate
     return mask.nonzero().flatten()
 
 

@@ -9,8 +9,10 @@ Security properties:
   Broker credentials and ACLs are a second wall; this check is the first.
 * The view stores public keys only. A peer's box key and verify key come from its certificate,
   never from anything the peer may change without the admission key.
-* An announcement older (lower sequence number) than the one the view holds for a peer is
-  dropped, so a replayed old announcement cannot roll back a peer's model or certificate.
+* An announcement whose sequence number is not above the highest one seen from that peer is
+  dropped (``stale_announce``; an exact copy of the current one is accepted as a no-op), and
+  that memory outlives the peer's departure: a replayed old announcement can neither roll back
+  a peer's model or certificate nor bring a departed peer back.
 * Removal (:meth:`MembershipView.on_gone`) is triggered by an unsigned empty retained payload
   (the broker's last will). Anyone who can publish on a peer's announce topic can therefore
   evict that peer from views until it announces again; broker ACLs (a peer writes only under

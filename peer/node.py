@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -83,7 +82,11 @@ _RECENT_SESSIONS = 64
 
 
 class Trainer(Protocol):
-    """What the node needs from the training half (peer.trainer.LocalTrainer satisfies it)."""
+    """What the node needs from the training half (peer.trainer.LocalTrainer satisfies it).
+
+    The trainer must be thread-safe: ``train_round`` runs in a worker thread while the event
+    loop calls ``apply_update`` (LocalTrainer queues merges that arrive mid-round).
+    """
 
     param_count: int
     model_id: str
@@ -228,7 +231,6 @@ class Peer:
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
-        self._model_lock = threading.Lock()  # training thread vs merges vs checkpoints
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._stopping = False
         self._sending = False
@@ -248,6 +250,8 @@ class Peer:
         self.merges_rejected: dict[str, int] = {}
         self.send_failures = 0
         self.late_messages = 0
+        self.declines_sent: dict[str, int] = {}
+        self.training_error: str | None = None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -499,8 +503,10 @@ class Peer:
         else:
             reason = Session.check_invite(self.params, invite)
         if reason is not None:
+            self.declines_sent[reason] = self.declines_sent.get(reason, 0) + 1
             out = Outgoing(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
             self._queue(out, header.session)
+            self._remember_session(header.session)  # its ABORT may still come: not a drop
             return
         assert self._fresh is not None
         contribution = self._fresh
@@ -511,7 +517,10 @@ class Peer:
     def _set_session(self, session: Session, contribution: Contribution) -> None:
         self.session = session
         self._session_contribution = contribution
-        self._recent_sessions[session.session_id] = None
+        self._remember_session(session.session_id)
+
+    def _remember_session(self, session_id: bytes) -> None:
+        self._recent_sessions[session_id] = None
         while len(self._recent_sessions) > _RECENT_SESSIONS:
             self._recent_sessions.popitem(last=False)
 
@@ -580,14 +589,17 @@ class Peer:
             asyncio.get_running_loop().create_task(self._apply(merged.indices, merged.values))
 
     async def _apply(self, indices: np.ndarray, values: np.ndarray) -> None:
-        def apply_locked() -> None:
-            with self._model_lock:
+        try:
+            if self.config.train:
+                await asyncio.to_thread(self.trainer.apply_update, indices, values)
+            else:
                 self.trainer.apply_update(indices, values)
-
-        if self.config.train:
-            await asyncio.to_thread(apply_locked)
-        else:
-            apply_locked()
+        except ValueError as exc:
+            # The merge rule already bounded the delta; this is a trainer-side refusal.
+            self.merges_rejected["trainer_refused"] = (
+                self.merges_rejected.get("trainer_refused", 0) + 1)
+            log.error("%s: trainer refused a merge: %s", self.peer_id, exc)
+            return
         self.merges_applied += 1
 
     def _box_key_of(self, peer_id: str) -> bytes | None:
@@ -678,12 +690,8 @@ class Peer:
         if not self.config.train:
             return
 
-        def save_locked() -> None:
-            with self._model_lock:
-                self.trainer.save_checkpoint()
-
         try:
-            await asyncio.to_thread(save_locked)
+            await asyncio.to_thread(self.trainer.save_checkpoint)
         except OSError as exc:
             log.error("%s: checkpoint failed: %s", self.peer_id, exc)
 
@@ -691,29 +699,29 @@ class Peer:
     async def _training_loop(self) -> None:
         from peer.ledger import BudgetExhaustedError  # training half; keeps node importable
 
-        def round_locked() -> Any:
-            with self._model_lock:
-                return self.trainer.train_round()
-
-        def evaluate_locked() -> float:
-            with self._model_lock:
-                return float(self.trainer.evaluate())
-
         while not self._stopping:
             try:
-                update = await asyncio.to_thread(round_locked)
+                update = await asyncio.to_thread(self.trainer.train_round)
             except BudgetExhaustedError as exc:
                 self._budget_exhausted = True
                 self._fresh = None
                 log.warning("%s: privacy budget spent, no more sharing: %s", self.peer_id, exc)
                 self._emit("budget_exhausted", epsilon=self._epsilon)
                 return
+            except Exception as exc:
+                # A training bug must not take the peer off the network: it keeps serving
+                # sessions for others (it declines invites: it has nothing fresh to add).
+                self.training_error = repr(exc)
+                self._fresh = None
+                log.exception("%s: training failed; serving only from now on", self.peer_id)
+                self._emit("training_failed", error=repr(exc))
+                return
             self._round += 1
             self._epsilon = float(update.epsilon)
             self.offer_update(update.indices, update.values, int(update.round))
             every = self.config.evaluate_every
             if every and self._round % every == 0:
-                self._accuracy = await asyncio.to_thread(evaluate_locked)
+                self._accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
             self._emit("round", round=int(update.round), epsilon=self._epsilon,
                        accuracy=self._accuracy, steps=int(update.steps))
             await asyncio.sleep(self.config.round_pause_s)

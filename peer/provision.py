@@ -260,6 +260,8 @@ def _peer_config_text(network_id: str, files: PeerFiles, broker_url: str) -> str
         f'username = "{files.peer_id}"\n'
         f'password_file = "{files.broker_password.name}"\n'
         "\n[training]\n"
+        "# DP-SGD; see docs/peer.example.toml for every field.\n"
+        "target_epsilon = 8.0\n"
         "\n[session]\n"
         "group_size = 3\n"
         "threshold = 2\n"

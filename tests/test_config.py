@@ -23,6 +23,8 @@ identity_file = "alice.key"
 certificate_file = "alice.cert"
 admission_public_key = "admission.pub"
 """
+# DP-SGD is on by default and needs a noise setting: the one training key a config must have.
+TRAINING = '[training]\ntarget_epsilon = 8.0\n'
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> 
     hex_key = (network_dir / "admission.pub").read_text().strip()
     text = MINIMAL.replace('"admission.pub"', f'"{hex_key}"') + (
         '\n[broker]\nurl = "mqtts://broker.example"\nusername = "alice"\n'
-        'password_file = "pw"\n')
+        'password_file = "pw"\n') + TRAINING
     (network_dir / "pw").write_text("s3cret\n")
     cfg = load_config(write(network_dir, text))
     assert cfg.admission_public_key.hex() == hex_key
@@ -107,12 +109,16 @@ def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> 
         ('[broker]\nca_file = "ca.pem"\n', "broker.ca_file: file"),
         ("[broker]\nkeepalive_s = 1\n", "keepalive_s must be in 5..65535"),
         ('[training]\nno_such_field = 1\n', "training: unknown key 'no_such_field'"),
+        ("[training]\n", "training: dp needs noise_multiplier or target_epsilon"),
+        ('[training]\ntarget_epsilon = 8.0\nmodel = "rnn"\n', "training: unknown model"),
+        ("[training]\ntarget_epsilon = 8.0\nlr = -1\n", "training: lr must be positive"),
+        ('[training]\ntarget_epsilon = "high"\n', "training.target_epsilon: expected a number"),
         ('broker = "mqtt://x"\n', "'broker' must be a table"),
     ],
 )
 def test_each_mistake_names_the_key(network_dir: Path, extra: str, fragment: str) -> None:
     # Top-level keys must come before the first table: put tables last.
-    text = MINIMAL + extra
+    text = MINIMAL + extra + ("" if "[training]" in extra else TRAINING)
     assert fragment in config_error(write(network_dir, text))
 
 
@@ -130,12 +136,12 @@ def test_missing_required_key_and_missing_files(network_dir: Path) -> None:
     short_key = MINIMAL.replace('"admission.pub"', '"short.pub"')
     assert "64-character hex key" in config_error(write(network_dir, short_key))
     (network_dir / "alice.key").unlink()
-    message = config_error(write(network_dir, MINIMAL))
+    message = config_error(write(network_dir, MINIMAL + TRAINING))
     assert "identity_file: file" in message and "alice.key does not exist" in message
 
 
 def test_credentials_must_match_the_config(network_dir: Path) -> None:
-    cfg = load_config(write(network_dir, MINIMAL))
+    cfg = load_config(write(network_dir, MINIMAL + TRAINING))
     load_credentials(cfg)  # the matching set loads
     # Valid for a day: checked three days later it has expired (beyond the 300 s skew).
     with pytest.raises(ConfigError, match=r"certificate_file: .*expired"):
@@ -150,7 +156,8 @@ def test_credentials_must_match_the_config(network_dir: Path) -> None:
 
     # Identity of someone other than peer_id.
     Identity.generate("mallory").save(network_dir / "mallory.key")
-    cfg_wrong = load_config(write(network_dir, MINIMAL.replace("alice.key", "mallory.key")))
+    cfg_wrong = load_config(
+        write(network_dir, MINIMAL.replace("alice.key", "mallory.key") + TRAINING))
     with pytest.raises(ConfigError, match="identity of 'mallory'"):
         load_credentials(cfg_wrong)
 

@@ -113,6 +113,12 @@ def test_expired_and_not_yet_valid_with_skew() -> None:
     assert verify(CERT, now=NOW + DAY + 1000, skew=3600.0) == PEER.public
 
 
+def test_bad_clock_arguments_are_refused() -> None:
+    for now, skew in [(float("nan"), 300.0), (NOW, float("nan")), (NOW, -1.0), (float("inf"), 0)]:
+        with pytest.raises(ValueError):
+            verify(CERT, now=now, skew=skew)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -129,6 +135,16 @@ def test_expired_and_not_yet_valid_with_skew() -> None:
 def test_malformed_bytes(data: bytes) -> None:
     with pytest.raises(MalformedCertificateError):
         Certificate.from_bytes(data)
+
+
+def test_every_truncation_or_extension_is_malformed() -> None:
+    data = CERT.to_bytes()
+    for length in range(len(data)):
+        with pytest.raises(MalformedCertificateError):
+            Certificate.from_bytes(data[:length])
+    for extra in (b"\x00", b"\xff" * 7):
+        with pytest.raises(MalformedCertificateError):
+            Certificate.from_bytes(data + extra)
 
 
 def test_non_finite_or_inverted_times_are_malformed() -> None:

@@ -86,6 +86,17 @@ def test_load_truncated_file(tmp_path: Path, alice: Identity, cut: int) -> None:
         Identity.load(truncated)
 
 
+def test_every_truncation_is_a_key_file_error(tmp_path: Path, alice: Identity) -> None:
+    full = tmp_path / "full"
+    alice.save(full)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.key"
+    for length in range(len(data) - 1):  # the last byte is a newline: dropping it is harmless
+        cut.write_bytes(data[:length])
+        with pytest.raises(KeyFileError, match=r"cut\.key: "):
+            Identity.load(cut)
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -121,6 +132,7 @@ def test_wrong_kind_is_named(tmp_path: Path, alice: Identity) -> None:
         ("box_private_key", None, "missing"),
         ("peer_id", "BAD ID", "must match"),
         ("version", 99, "version"),
+        ("version", True, "version"),
     ],
 )
 def test_load_corrupt_fields(

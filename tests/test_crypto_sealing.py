@@ -91,6 +91,15 @@ def test_redirected_to_another_recipient_is_rejected() -> None:
         open_sealed(BOB, ALICE.public.box_key, carol_context, sealed)
 
 
+def test_reflection_back_to_the_sender_is_rejected() -> None:
+    """Box's shared key is the same both ways; the bound sender/recipient names stop reflection."""
+    from_bob = SealContext("lab", SESSION, "bob", "alice", 7)
+    sealed = seal(BOB, ALICE.public.box_key, from_bob, b"payload")
+    as_if_from_alice = SealContext("lab", SESSION, "alice", "bob", 7)
+    with pytest.raises(SealError, match="different context"):
+        open_sealed(BOB, ALICE.public.box_key, as_if_from_alice, sealed)
+
+
 def test_wrong_sender_key_is_rejected() -> None:
     sealed = seal(ALICE, BOB.public.box_key, CONTEXT, b"payload")
     with pytest.raises(SealError):

@@ -61,6 +61,13 @@ def test_mod_add_edge_values_across_blocks() -> None:
     np.testing.assert_array_equal(acc, expected)
 
 
+def test_mod_add_rejects_shape_mismatch() -> None:
+    acc = np.zeros(4, dtype=FIELD_DTYPE)
+    for other in (np.ones(1, dtype=FIELD_DTYPE), np.ones(5, dtype=FIELD_DTYPE)):
+        with pytest.raises(ValueError, match="shapes"):
+            mod_add_into(acc, other)
+
+
 @settings(max_examples=50, deadline=None)
 @given(a=field_vectors)
 def test_field_bytes_round_trip(a: np.ndarray) -> None:
@@ -139,6 +146,18 @@ def test_sum_of_max_summands_extremes_does_not_wrap() -> None:
             mod_add_into(total, encoded)
         expected = sign * CODE.max_summands * float(np.rint(float(limit) * 2**16)) / 2**16
         np.testing.assert_allclose(CODE.decode(total), expected)
+
+
+def test_decode_centered_lift_edges() -> None:
+    edges = np.array([0, 1, HALF_PRIME, HALF_PRIME + 1, PRIME - 1], dtype=FIELD_DTYPE)
+    np.testing.assert_array_equal(
+        FixedPoint(frac_bits=0).decode(edges), [0, 1, HALF_PRIME, -HALF_PRIME, -1]
+    )
+    np.testing.assert_array_equal(
+        FixedPoint(frac_bits=4).decode(edges[:2]), [0, 1 / 16]
+    )
+    with pytest.raises(ValueError):
+        CODE.decode(np.array([PRIME], dtype=FIELD_DTYPE))
 
 
 def test_fixed_point_accepts_any_shape_and_ints() -> None:
@@ -262,22 +281,25 @@ def test_fewer_than_t_shares_are_uniform_and_independent_of_the_secret(n: int, t
     Secrets: all zeros vs. the field element nearest p/2 everywhere. For each, every share
     (marginal) and a pair of shares (joint 6x6 histogram) pass a chi-square test against
     uniform, and a two-sample KS test cannot tell the two secrets' shares apart. Thresholds
-    are loose (1e-4) because the test must not flake; a broken sharing fails by orders of
+    are loose (1e-5) because the test must not flake; a broken sharing fails by orders of
     magnitude (a share equal to the secret gives p-values ~0).
     """
     secrets = {
         "zeros": np.zeros(SAMPLES, dtype=FIELD_DTYPE),
         "half": np.full(SAMPLES, HALF_PRIME, dtype=FIELD_DTYPE),
     }
-    observed = {name: split(s, n=n, t=t)[n - t + 1 :] for name, s in secrets.items()}
-    for shares in observed.values():
-        assert len(shares) == t - 1
-        for share in shares:
-            assert _uniformity_p_value(share.values) > 1e-4
-        if t - 1 >= 2:
-            assert _joint_p_value(shares[0].values, shares[1].values) > 1e-4
-    for a, b in zip(observed["zeros"], observed["half"], strict=True):
-        assert stats.ks_2samp(a.values, b.values).pvalue > 1e-4
+    all_shares = {name: split(s, n=n, t=t) for name, s in secrets.items()}
+    # the first t-1 points (x = 1..t-1) and the last t-1 (x = n-t+2..n)
+    for subset in (slice(0, t - 1), slice(n - t + 1, n)):
+        observed = {name: shares[subset] for name, shares in all_shares.items()}
+        for shares in observed.values():
+            assert len(shares) == t - 1
+            for share in shares:
+                assert _uniformity_p_value(share.values) > 1e-5
+            if t - 1 >= 2:
+                assert _joint_p_value(shares[0].values, shares[-1].values) > 1e-5
+        for a, b in zip(observed["zeros"], observed["half"], strict=True):
+            assert stats.ks_2samp(a.values, b.values).pvalue > 1e-5
 
 
 def test_uniformity_test_detects_a_leak() -> None:

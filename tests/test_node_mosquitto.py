@@ -71,11 +71,9 @@ def _digits_parts():
 
 def make_trainer(index: int, n: int):
     """A real LocalTrainer: MLP on a 1/n shard of digits, DP-SGD, top-10 %, tiny rounds."""
-    import torch
+    from peer.trainer import LocalTrainer, TrainerConfig, configure_torch_threads
 
-    from peer.trainer import LocalTrainer, TrainerConfig
-
-    torch.set_num_threads(1)  # many peers in one process: one intra-op thread each
+    configure_torch_threads(1)  # many peers in one process: one intra-op thread each
     train, split_holdout = _digits_parts()
     shard = train.subset(np.arange(index, len(train.y), n))
     local, holdout = split_holdout(shard, 0.2, index)

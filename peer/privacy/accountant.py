@@ -72,3 +72,21 @@ class PrivacyParams:
 
     def epsilon_after(self, steps: int) -> float:
         return epsilon(steps, self.sigma, self.sample_rate, self.delta)
+
+
+def epsilon_of_segments(segments: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon of a composition of DP-SGD segments ``(sigma, sample_rate, steps)``.
+
+    Used by the ledger when a peer's noise or sampling rate changed between runs: RDP
+    composes the segments exactly instead of pretending they all had one setting.
+    """
+    active = [(s, q, n) for s, q, n in segments if n > 0]
+    if not active:
+        return 0.0
+    for sigma, sample_rate, steps in active:
+        _check(sigma, sample_rate, delta)
+        if steps < 0:
+            raise AccountingError(f"steps must be >= 0, got {steps}")
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in active]
+    return float(accountant.get_epsilon(delta=delta))

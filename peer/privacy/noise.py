@@ -81,3 +81,21 @@ class InsecureFastGaussian:
 
     def sample(self, n: int) -> torch.Tensor:
         return torch.randn(n, generator=self._generator, dtype=torch.float32)
+
+
+def secure_bernoulli_mask(n: int, probability: float) -> torch.Tensor:
+    """``n`` independent Bernoulli(probability) draws from a freshly keyed ChaCha20 stream.
+
+    Used for Poisson sampling of DP-SGD batches: privacy amplification by subsampling needs
+    the batch membership to be secret, so it must not come from a guessable seed.
+    Resolution 2^-32 in ``probability``.
+    """
+    if not 0 <= probability <= 1:
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
+    if n <= 0:
+        return torch.zeros(max(n, 0), dtype=torch.bool)
+    stream = randombytes_buf_deterministic(8 * n, os.urandom(32))
+    # 64-bit words: int64 view is signed, so compare the top 32 bits as a non-negative int.
+    words = torch.frombuffer(bytearray(stream), dtype=torch.int64)
+    top = torch.bitwise_right_shift(words, 32).bitwise_and_(0xFFFFFFFF)
+    return top < round(probability * 2**32)

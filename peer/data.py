@@ -1,0 +1,298 @@
+"""Data sources for a peer's local training: digits, IDX images, CSV / .npz tables.
+
+A peer's data never leaves it; this module only reads local files. Every loader returns a
+:class:`Dataset` of float32 features and int64 labels 0..num_classes-1, and every problem with a
+file (missing, truncated, wrong format, bad labels) raises :class:`DataError` naming the path
+and the problem instead of crashing deep inside numpy or torch.
+
+Normalisation is data-independent where the format allows (pixels / 255, digits / 16), so it
+reveals nothing about the records. Tables are standardised with their own column mean and
+standard deviation; those statistics are not privatised (see docs/privacy.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+IDX_IMAGE_MAGIC = 0x00000803
+IDX_LABEL_MAGIC = 0x00000801
+TABLE_TEST_FRACTION = 0.2
+DIGITS_TEST_FRACTION = 0.25
+SPLIT_SEED = 0  # fixed so every run (and every peer) sees the same train/test split
+
+
+class DataError(Exception):
+    """A data file is missing or malformed; the message names the path and the problem."""
+
+
+@dataclass
+class Dataset:
+    """Features ``x`` (float32, [N, ...]) and labels ``y`` (int64 in 0..num_classes-1)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"{self.name}: {len(self.x)} feature rows but {len(self.y)} labels")
+        if self.x.dtype != np.float32:
+            self.x = self.x.astype(np.float32)
+        if self.y.dtype != np.int64:
+            self.y = self.y.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    def subset(self, indices: np.ndarray | list[int], name: str | None = None) -> Dataset:
+        """The records at ``indices`` (copied), keeping ``num_classes``."""
+        index = np.asarray(indices, dtype=np.int64)
+        return Dataset(
+            x=self.x[index].copy(),
+            y=self.y[index].copy(),
+            num_classes=self.num_classes,
+            name=name or self.name,
+        )
+
+
+def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    if not 0 < fraction < 1:
+        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    if len(ds) < 2:
+        raise DataError(f"{ds.name}: {len(ds)} records are too few to split")
+    order = np.random.default_rng(seed).permutation(len(ds))
+    cut = min(max(1, round(len(ds) * fraction)), len(ds) - 1)
+    return ds.subset(np.sort(order[cut:])), ds.subset(np.sort(order[:cut]))
+
+
+def split_holdout(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Deterministic (train, holdout) split: the same seed always gives the same records."""
+    train, holdout = _split(ds, fraction, seed)
+    train.name, holdout.name = f"{ds.name}/train", f"{ds.name}/holdout"
+    return train, holdout
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 records, no download), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return Dataset(
+        x=(bunch.data / 16.0).astype(np.float32),
+        y=bunch.target.astype(np.int64),
+        num_classes=10,
+        name="digits",
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                return handle.read()
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; EOFError = truncated gzip
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+
+
+def _parse_idx(path: Path, expected_magic: int, dims: int) -> np.ndarray:
+    data = _read_bytes(path)
+    header = 4 + 4 * dims
+    if len(data) >= 4:
+        (magic,) = struct.unpack(">I", data[:4])
+        if magic != expected_magic:
+            raise DataError(
+                f"{path}: IDX magic {magic:#010x}, expected {expected_magic:#010x}"
+            )
+    if len(data) < header:
+        raise DataError(f"{path}: {len(data)} bytes is too short for an IDX header")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DataError(
+            f"{path}: IDX header promises {expected} bytes of data, file has {len(data) - header}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_idx(images: Path, labels: Path, name: str = "idx") -> Dataset:
+    """MNIST-format IDX image + label files (raw or .gz) -> [N, 1, H, W] in [0, 1]."""
+    pixels = _parse_idx(Path(images), IDX_IMAGE_MAGIC, 3)
+    targets = _parse_idx(Path(labels), IDX_LABEL_MAGIC, 1)
+    if len(pixels) != len(targets):
+        raise DataError(f"{images}: {len(pixels)} images but {labels} has {len(targets)} labels")
+    if len(targets) and int(targets.max()) > 9:
+        raise DataError(f"{labels}: label {int(targets.max())} outside 0..9")
+    x = (pixels.astype(np.float32) / 255.0)[:, None, :, :]
+    return Dataset(x=x, y=targets.astype(np.int64), num_classes=10, name=name)
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{root / stem}[.gz]: file not found")
+
+
+def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = True) -> Dataset:
+    """Fashion-MNIST (or MNIST: same file names) from a directory of IDX files."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected IDX files from dataset-fashion-mnist)")
+    prefix = "train" if train else "t10k"
+    return load_idx(
+        _idx_file(root, f"{prefix}-images-idx3-ubyte"),
+        _idx_file(root, f"{prefix}-labels-idx1-ubyte"),
+        name=f"{root.name}/{prefix}",
+    )
+
+
+def _labels_to_classes(path: Path, raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """Map arbitrary label values onto 0..K-1 in sorted order (deterministic)."""
+    classes, y = np.unique(raw, return_inverse=True)
+    if len(classes) < 2:
+        raise DataError(f"{path}: needs at least 2 distinct labels, found {len(classes)}")
+    return y.astype(np.int64), len(classes)
+
+
+def _standardise(path: Path, x: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: features contain NaN or infinite values")
+    flat = x.reshape(len(x), -1)
+    mean = flat.mean(axis=0)
+    std = flat.std(axis=0)
+    std[std == 0] = 1.0  # constant columns stay constant (zero) instead of dividing by 0
+    return ((flat - mean) / std).reshape(x.shape).astype(np.float32)
+
+
+def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row]
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read CSV ({exc})") from exc
+    if not rows:
+        raise DataError(f"{path}: empty CSV")
+    header: list[str] | None = None
+    try:
+        float(rows[0][0])
+    except ValueError:
+        header, rows = rows[0], rows[1:]
+    if not rows:
+        raise DataError(f"{path}: CSV has a header but no records")
+    width = len(rows[0])
+    if width < 2:
+        raise DataError(f"{path}: need at least one feature column and a label column")
+    for number, row in enumerate(rows, start=2 if header else 1):
+        if len(row) != width:
+            raise DataError(f"{path}: line {number} has {len(row)} columns, expected {width}")
+    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
+        if header is None or label_column not in header:
+            raise DataError(f"{path}: no column named {label_column!r} in the header")
+        label_index = header.index(label_column)
+    else:
+        label_index = int(label_column)
+        if not -width <= label_index < width:
+            raise DataError(f"{path}: label column {label_index} out of range (width {width})")
+        label_index %= width
+    labels = np.array([row[label_index] for row in rows])
+    try:
+        features = np.array(
+            [[float(v) for i, v in enumerate(row) if i != label_index] for row in rows],
+            dtype=np.float32,
+        )
+    except ValueError as exc:
+        raise DataError(f"{path}: non-numeric feature value ({exc})") from exc
+    return features, labels
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read .npz ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+    with archive:
+        if "x" not in archive.files or "y" not in archive.files:
+            raise DataError(f"{path}: .npz must hold arrays 'x' (features) and 'y' (labels)")
+        try:
+            x, y = archive["x"], archive["y"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: cannot read arrays from .npz ({exc})") from exc
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{path}: need x [N, features...] and y [N], got {x.shape} and {y.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{path}: x has non-numeric dtype {x.dtype}")
+    return x.astype(np.float32), y
+
+
+def load_table(path: Path, label_column: str | int = "label") -> Dataset:
+    """A user's own CSV (features + one label column) or .npz (arrays ``x`` and ``y``).
+
+    CSV: an optional header row; ``label_column`` is a header name or a column number
+    (negative counts from the end). Labels of any kind are mapped to 0..K-1 in sorted order.
+    """
+    path = Path(path)
+    if path.suffix == ".npz":
+        x, raw_labels = _load_npz(path)
+    elif path.suffix == ".csv":
+        x, raw_labels = _load_csv(path, label_column)
+    else:
+        raise DataError(f"{path}: unsupported table format {path.suffix!r} (use .csv or .npz)")
+    if len(x) < 2:
+        raise DataError(f"{path}: {len(x)} records are too few")
+    y, num_classes = _labels_to_classes(path, raw_labels)
+    return Dataset(x=_standardise(path, x), y=y, num_classes=num_classes, name=path.stem)
+
+
+def load_source(spec: str) -> tuple[Dataset, Dataset]:
+    """(train, test) for a source spec.
+
+    ``digits`` | ``fashion-mnist[:ROOT]`` | ``mnist:ROOT`` | ``csv:PATH[#LABEL]`` |
+    ``npz:PATH``. Digits and tables get a fixed deterministic test split.
+    """
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits":
+        train, test = _split(load_digits(), DIGITS_TEST_FRACTION, SPLIT_SEED)
+    elif kind in ("fashion-mnist", "mnist"):
+        if kind == "mnist" and not rest:
+            raise DataError("mnist needs a directory: mnist:/path/to/idx/files")
+        root = Path(rest) if rest else DEFAULT_FASHION_MNIST_ROOT
+        train, test = load_fashion_mnist(root, train=True), load_fashion_mnist(root, train=False)
+    elif kind in ("csv", "npz"):
+        if not rest:
+            raise DataError(f"{kind} needs a path: {kind}:/path/to/file.{kind}")
+        path_text, _, label = rest.partition("#")
+        path = Path(path_text)
+        if path.suffix != f".{kind}":
+            raise DataError(f"{path}: expected a .{kind} file for source {kind!r}")
+        table = load_table(path, label or "label") if kind == "csv" else load_table(path)
+        train, test = _split(table, TABLE_TEST_FRACTION, SPLIT_SEED)
+    else:
+        raise DataError(
+            f"unknown data source {spec!r}: use digits, fashion-mnist[:DIR], mnist:DIR, "
+            "csv:PATH[#LABEL] or npz:PATH"
+        )
+    train.name, test.name = f"{train.name}/train", f"{test.name}/test"
+    return train, test

@@ -1,0 +1,145 @@
+"""The per-peer privacy ledger: what this peer's data has already paid, persisted atomically.
+
+Security property (the ledger "never forgets"): the trainer records the steps of a round and
+writes this file (atomic replace + fsync) *before* any update derived from those steps leaves
+the trainer, so a crash or SIGKILL after an update was shared can never lose its cost. On
+restart the file is read back exactly; a missing ledger next to existing training state, or an
+unreadable one, is an error rather than a silent reset to zero. Epsilon only grows: it is the
+maximum of the stored value and the accountant's value for the recorded steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from peer._atomic import atomic_write_bytes
+from peer.privacy.accountant import epsilon_of_segments
+
+LEDGER_FORMAT = 1
+
+
+class LedgerError(Exception):
+    """The ledger file is unreadable, malformed, or contradicts the configuration."""
+
+
+class BudgetExhaustedError(Exception):
+    """The next private round would push epsilon past the configured budget."""
+
+    def __init__(self, spent: float, would_be: float, budget: float) -> None:
+        super().__init__(
+            f"privacy budget exhausted: spent epsilon {spent:.3f}, the next round would reach "
+            f"{would_be:.3f}, budget is {budget:.3f}; refusing further private training"
+        )
+        self.spent = spent
+        self.would_be = would_be
+        self.budget = budget
+
+
+@dataclass
+class PrivacyLedger:
+    """Record-level (epsilon, delta)-DP spent by one peer's DP-SGD steps.
+
+    ``sigma`` / ``sample_rate`` are the current settings; ``segments`` keeps every
+    (sigma, sample_rate, steps) run so a settings change is composed exactly.
+    ``sigma == 0`` means non-private training: epsilon is infinite.
+    """
+
+    sigma: float
+    max_grad_norm: float
+    sample_rate: float
+    delta: float
+    steps: int = 0
+    epsilon: float = 0.0
+    budget_epsilon: float | None = None
+    segments: list[list[float]] = field(default_factory=list)
+
+    @property
+    def private(self) -> bool:
+        return self.sigma > 0
+
+    def _segments_with(self, extra_steps: int) -> list[tuple[float, float, int]]:
+        merged = [(float(s), float(q), int(n)) for s, q, n in self.segments]
+        if extra_steps > 0:
+            if merged and merged[-1][:2] == (self.sigma, self.sample_rate):
+                sigma, rate, steps = merged[-1]
+                merged[-1] = (sigma, rate, steps + extra_steps)
+            else:
+                merged.append((self.sigma, self.sample_rate, extra_steps))
+        return merged
+
+    def epsilon_after(self, extra_steps: int) -> float:
+        """Epsilon if ``extra_steps`` more steps ran at the current settings (never less
+        than what is already spent)."""
+        if extra_steps < 0:
+            raise ValueError(f"extra_steps must be >= 0, got {extra_steps}")
+        if not self.private:
+            return math.inf if (self.steps + extra_steps) > 0 else 0.0
+        if any(s <= 0 for s, _q, n in self.segments if n > 0):
+            return math.inf
+        value = epsilon_of_segments(self._segments_with(extra_steps), self.delta)
+        return max(self.epsilon, value)
+
+    def check_budget(self, extra_steps: int) -> float:
+        """Epsilon after ``extra_steps``; raises BudgetExhaustedError if that exceeds budget."""
+        would_be = self.epsilon_after(extra_steps)
+        if self.budget_epsilon is not None and would_be > self.budget_epsilon:
+            raise BudgetExhaustedError(self.epsilon, would_be, self.budget_epsilon)
+        return would_be
+
+    def record(self, steps: int) -> float:
+        """Add ``steps`` completed steps at the current settings; returns the new epsilon."""
+        new_epsilon = self.epsilon_after(steps)
+        self.segments = [list(seg) for seg in self._segments_with(steps)]
+        self.steps += steps
+        self.epsilon = max(self.epsilon, new_epsilon)
+        return self.epsilon
+
+    def update_settings(self, sigma: float, sample_rate: float, max_grad_norm: float) -> None:
+        """Adopt new settings for future steps; past segments keep their own."""
+        self.sigma, self.sample_rate, self.max_grad_norm = sigma, sample_rate, max_grad_norm
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["format"] = LEDGER_FORMAT
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "ledger") -> PrivacyLedger:
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LedgerError(f"{source}: not valid JSON ({exc})") from exc
+        if not isinstance(body, dict) or body.pop("format", None) != LEDGER_FORMAT:
+            raise LedgerError(f"{source}: not a Murmur privacy ledger (format {LEDGER_FORMAT})")
+        try:
+            ledger = cls(**body)
+        except TypeError as exc:
+            raise LedgerError(f"{source}: wrong fields ({exc})") from exc
+        numbers = (ledger.sigma, ledger.max_grad_norm, ledger.sample_rate, ledger.delta)
+        if not all(isinstance(v, int | float) for v in numbers) or not isinstance(
+            ledger.steps, int
+        ):
+            raise LedgerError(f"{source}: non-numeric settings")
+        if ledger.steps < 0 or not (ledger.epsilon >= 0) or not 0 < ledger.delta < 1:
+            raise LedgerError(f"{source}: values out of range")
+        if sum(int(seg[2]) for seg in ledger.segments) != ledger.steps:
+            raise LedgerError(f"{source}: segments do not add up to {ledger.steps} steps")
+        return ledger
+
+    def save(self, path: Path) -> None:
+        """Atomic, durable write (tmp file + fsync + rename + directory fsync)."""
+        atomic_write_bytes(Path(path), self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError as exc:
+            raise LedgerError(f"{path}: ledger file not found") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LedgerError(f"{path}: cannot read ledger ({exc})") from exc
+        return cls.from_json(text, source=str(path))

@@ -1,0 +1,117 @@
+"""Network faults for the simulation: message delay and loss on a peer's send path, and churn.
+
+Delay and loss are injected by wrapping one peer's outgoing publish call
+(``peer.transport.publish``) with an instance-level wrapper, so that the peer code itself is
+untouched and every message a simulated peer sends - announcements, invitations, shares,
+partial sums - goes through the same faulty path. A lost message is simply never handed to the
+broker; the sender believes it was sent, as with a lossy radio link. The receiving side needs no
+hook: loss and delay on the sender's side are, for a receiver, indistinguishable from a
+lossy/slow network.
+
+Churn is a Poisson process per peer: a peer leaves (a clean stop: leave message, checkpoint)
+at rate ``churn_rate`` per minute and rejoins ``churn_downtime_s`` later as a new process or
+object that resumes from its checkpoint, with the same identity and certificate.
+
+Randomness: the fault decisions use ``random.Random(seed)`` so a scenario's fault pattern is
+repeatable. This generator never touches keys, nonces, shares or DP noise (those use the OS
+CSPRNG in crypto/ and peer/privacy/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PublishCall = Callable[..., Awaitable[None]]
+
+
+@dataclass
+class FaultStats:
+    """What the fault layer did to one peer's outgoing messages (for logs and the report)."""
+
+    delayed: int = 0
+    lost: int = 0
+    passed: int = 0
+
+
+def install_send_faults(
+    transport: Any,
+    *,
+    delay_ms: float,
+    loss_rate: float,
+    rng: random.Random,
+    stats: FaultStats | None = None,
+) -> FaultStats:
+    """Wrap ``transport.publish`` so each outgoing message is delayed and/or dropped.
+
+    ``delay_ms`` is the mean added latency; each message waits uniformly between 0.5x and 1.5x
+    of it (a fixed delay would keep messages in lock-step, which real links do not). A message
+    is dropped with probability ``loss_rate``. Returns the (possibly shared) counters. Does
+    nothing to the transport when both faults are off.
+    """
+    stats = stats if stats is not None else FaultStats()
+    if delay_ms <= 0 and loss_rate <= 0:
+        return stats
+    original: PublishCall = transport.publish
+
+    async def faulty_publish(topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if loss_rate > 0 and rng.random() < loss_rate:
+            stats.lost += 1
+            return
+        if delay_ms > 0:
+            stats.delayed += 1
+            await asyncio.sleep(delay_ms * rng.uniform(0.5, 1.5) / 1000.0)
+        stats.passed += 1
+        await original(topic, payload, retain=retain)
+
+    # Instance attribute shadows the bound method: only this peer's transport is affected.
+    transport.publish = faulty_publish
+    return stats
+
+
+@dataclass(frozen=True)
+class ChurnEvent:
+    """Peer ``peer_index`` leaves at ``leave_at_s`` (seconds from start) and rejoins after
+    ``downtime_s``."""
+
+    peer_index: int
+    leave_at_s: float
+    downtime_s: float
+
+
+def churn_schedule(
+    *,
+    peers: int,
+    churn_rate_per_min: float,
+    downtime_s: float,
+    horizon_s: float,
+    seed: int,
+    first_leave_after_s: float = 5.0,
+) -> list[ChurnEvent]:
+    """A repeatable churn plan: per peer, leave times of a Poisson process of the given rate.
+
+    A peer that is down does not leave again: the next leave is drawn after it rejoined.
+    ``first_leave_after_s`` keeps the start-up (connect, announce) out of the fault window.
+    Events are sorted by time.
+    """
+    if churn_rate_per_min <= 0 or peers <= 0:
+        return []
+    rng = random.Random(seed ^ 0x5EED_C4A2)
+    rate_per_s = churn_rate_per_min / 60.0
+    events: list[ChurnEvent] = []
+    for index in range(peers):
+        t = first_leave_after_s
+        while True:
+            t += rng.expovariate(rate_per_s)
+            if t >= horizon_s:
+                break
+            events.append(ChurnEvent(index, t, downtime_s))
+            t += downtime_s
+    events.sort(key=lambda e: (e.leave_at_s, e.peer_index))
+    return events

@@ -1,0 +1,164 @@
+"""Data loaders: shapes, determinism, and a clear DataError for every bad file."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peer.data import (
+    DataError,
+    Dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_idx,
+    load_source,
+    load_table,
+    split_holdout,
+)
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int, compress: bool) -> Path:
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _idx_pair(root: Path, prefix: str, n: int, compress: bool) -> None:
+    rng = np.random.default_rng(1)
+    _write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)),
+               0x803, compress)
+    _write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), 0x801, compress)
+
+
+def test_digits_default_source() -> None:
+    ds = load_digits()
+    assert ds.x.shape == (1797, 64) and ds.x.dtype == np.float32 and ds.y.dtype == np.int64
+    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0 and ds.num_classes == 10
+    train, test = load_source("digits")
+    assert len(train) + len(test) == 1797
+    again, _ = load_source("digits")
+    np.testing.assert_array_equal(train.y, again.y)
+
+
+def test_split_holdout_deterministic_and_disjoint() -> None:
+    ds = Dataset(np.arange(100, dtype=np.float32)[:, None], np.arange(100) % 3, 3, "t")
+    a_train, a_hold = split_holdout(ds, 0.2, seed=7)
+    b_train, b_hold = split_holdout(ds, 0.2, seed=7)
+    np.testing.assert_array_equal(a_hold.x, b_hold.x)
+    assert len(a_hold) == 20 and len(a_train) == 80
+    assert not set(a_train.x.ravel()) & set(a_hold.x.ravel())
+    _, c_hold = split_holdout(ds, 0.2, seed=8)
+    assert not np.array_equal(a_hold.x, c_hold.x)
+    sub = ds.subset([3, 1])
+    assert sub.x.ravel().tolist() == [3.0, 1.0] and sub.num_classes == 3
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_files_gz_and_raw(tmp_path: Path, compress: bool) -> None:
+    _idx_pair(tmp_path, "train", 12, compress)
+    _idx_pair(tmp_path, "t10k", 5, compress)
+    train, test = load_source(f"mnist:{tmp_path}")
+    assert train.x.shape == (12, 1, 28, 28) and test.x.shape == (5, 1, 28, 28)
+    assert train.x.dtype == np.float32 and train.x.max() <= 1.0
+
+
+def test_real_fashion_mnist_if_installed() -> None:
+    root = Path("/usr/share/datasets/fashion-mnist")
+    if not (root / "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist not installed")
+    test = load_fashion_mnist(root, train=False)
+    assert test.x.shape == (10000, 1, 28, 28) and set(np.unique(test.y)) == set(range(10))
+
+
+def test_idx_errors_name_path_and_problem(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_source(f"fashion-mnist:{tmp_path}")
+    with pytest.raises(DataError, match="not a directory"):
+        load_fashion_mnist(tmp_path / "nope")
+    labels = _write_idx(tmp_path / "l", np.zeros(3), 0x801, False)
+    images = _write_idx(tmp_path / "i", np.zeros((3, 28, 28)), 0x803, False)
+    truncated = tmp_path / "trunc"
+    truncated.write_bytes(images.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"{truncated}.*promises"):
+        load_idx(truncated, labels)
+    with pytest.raises(DataError, match="magic"):
+        load_idx(labels, labels)
+    bad_gz = tmp_path / "x.gz"
+    bad_gz.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=str(bad_gz)):
+        load_idx(bad_gz, labels)
+    short = _write_idx(tmp_path / "l2", np.zeros(2), 0x801, False)
+    with pytest.raises(DataError, match="2 labels"):
+        load_idx(images, short)
+
+
+def test_csv_with_header_and_named_label(tmp_path: Path) -> None:
+    path = tmp_path / "sensor.csv"
+    rows = ["a,b,label"] + [f"{i},{i * 2 % 5},{'hi' if i % 2 else 'lo'}" for i in range(20)]
+    path.write_text("\n".join(rows) + "\n")
+    ds = load_table(path, "label")
+    assert ds.x.shape == (20, 2) and ds.num_classes == 2
+    assert abs(float(ds.x[:, 0].mean())) < 1e-5  # standardised
+    train, test = load_source(f"csv:{path}#label")
+    assert len(train) == 16 and len(test) == 4
+
+
+def test_csv_without_header_uses_column_number(tmp_path: Path) -> None:
+    path = tmp_path / "plain.csv"
+    path.write_text("".join(f"{i % 3},{i}.5,{i}\n" for i in range(9)))
+    ds = load_table(path, 0)
+    assert ds.x.shape == (9, 2) and ds.num_classes == 3
+
+
+@pytest.mark.parametrize(
+    ("content", "label", "message"),
+    [
+        ("a,label\n1,0\n2\n", "label", "line 3 has 1 columns"),
+        ("a,label\nx,0\ny,1\n", "label", "non-numeric"),
+        ("a,b\n1,0\n2,1\n", "label", "no column named 'label'"),
+        ("", "label", "empty CSV"),
+        ("a,label\n1,0\n2,0\n", "label", "at least 2 distinct labels"),
+        ("a,label\nnan,0\n2,1\n", "label", "NaN"),
+    ],
+)
+def test_csv_errors(tmp_path: Path, content: str, label: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        load_table(path, label)
+    assert str(path) in str(info.value)
+
+
+def test_npz_tables_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.random.default_rng(0).normal(size=(10, 4, 3)), y=np.arange(10) % 2)
+    train, test = load_source(f"npz:{good}")
+    assert train.x.shape[1:] == (4, 3) and len(train) + len(test) == 10
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, features=np.zeros((3, 2)))
+    with pytest.raises(DataError, match="'x'"):
+        load_table(missing)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(DataError, match=str(garbage)):
+        load_table(garbage)
+    with pytest.raises(DataError, match="not found"):
+        load_table(tmp_path / "absent.npz")
+    with pytest.raises(DataError, match="unsupported"):
+        load_table(tmp_path / "data.parquet")
+
+
+def test_unknown_source_spec() -> None:
+    with pytest.raises(DataError, match="unknown data source"):
+        load_source("imagenet")
+    with pytest.raises(DataError, match="needs a path"):
+        load_source("csv:")

@@ -1,0 +1,148 @@
+"""DP-SGD: exact per-example clipping, noise scale, secure noise, Poisson sampling, accountant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peer.dpsgd import (
+    DPSGDStep,
+    GhostClipEngine,
+    UnsupportedModelError,
+    VmapEngine,
+    clip_factors,
+    make_engine,
+    poisson_batch,
+)
+from peer.models import build_model
+from peer.privacy.accountant import AccountingError, epsilon, epsilon_of_segments, sigma_for
+from peer.privacy.noise import InsecureFastGaussian, SecureGaussian, secure_bernoulli_mask
+
+
+def _batch(shape: tuple[int, ...], n: int = 12, classes: int = 10, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen) * 3, torch.randint(0, classes, (n,), generator=gen)
+
+
+@pytest.mark.parametrize(("name", "shape"), [("mlp", (64,)), ("cnn", (1, 28, 28))])
+def test_fast_engine_matches_vmap_reference(name: str, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10)
+    x, y = _batch(shape)
+    fast = GhostClipEngine(model).clipped_sum(x, y, 0.7)
+    reference = VmapEngine(model).clipped_sum(x, y, 0.7)
+    torch.testing.assert_close(fast.per_example_norms, reference.per_example_norms,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_engine_handles_padding_stride_dilation() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=(1, 2), stride=(1, 2), dilation=(2, 1)),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 6, 5),
+    )
+    x, y = _batch((3, 9, 10), classes=5)
+    fast = GhostClipEngine(model).clipped_sum(x, y, 0.5)
+    reference = VmapEngine(model).clipped_sum(x, y, 0.5)
+    torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_every_clipped_example_norm_is_at_most_c() -> None:
+    torch.manual_seed(2)
+    model = build_model("cnn", (1, 28, 28), 10)
+    x, y = _batch((1, 28, 28), n=32)
+    per_example = VmapEngine(model).per_example_flat(x, y)
+    norms = per_example.norm(dim=1)
+    for c in (0.01, 0.5, 1.0, float(norms.max()) * 2):
+        clipped = per_example * clip_factors(norms, c)[:, None]
+        assert torch.all(clipped.norm(dim=1) <= c * (1 + 1e-5))
+        # Examples already under the bound are left untouched.
+        small = norms < c
+        torch.testing.assert_close(clipped[small], per_example[small], rtol=1e-5, atol=1e-6)
+    assert float(norms.min()) > 0.01  # the smallest C above really clipped everything
+
+
+def test_clipped_sum_bounded_by_batch_times_c() -> None:
+    model = build_model("mlp", (64,), 10)
+    x, y = _batch((64,), n=20)
+    result = make_engine(model).clipped_sum(x * 50, y, 0.3)
+    assert float(result.flat_sum.norm()) <= 20 * 0.3 * (1 + 1e-5)
+
+
+def test_noise_scale_matches_sigma_c_over_batch() -> None:
+    model = build_model("cnn", (1, 28, 28), 10)
+    sigma, c, expected_batch = 1.3, 0.8, 16.0
+    dp = DPSGDStep.build(model, noise_multiplier=sigma, max_grad_norm=c,
+                         expected_batch_size=expected_batch)
+    empty_x, empty_y = torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)
+    samples = torch.cat([dp.private_gradient(empty_x, empty_y) for _ in range(3)])
+    expected_std = sigma * c / expected_batch
+    assert abs(float(samples.std()) / expected_std - 1) < 0.02  # 140 K samples: ~0.2 % s.e.
+    assert abs(float(samples.mean())) < 0.02 * expected_std
+
+
+def test_step_writes_private_grad_and_no_noise_without_sigma() -> None:
+    model = build_model("mlp", (64,), 10)
+    x, y = _batch((64,), n=8)
+    dp = DPSGDStep.build(model, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=8)
+    dp.step(x, y)
+    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    reference = VmapEngine(model).clipped_sum(x, y, 1.0).flat_sum / 8
+    torch.testing.assert_close(flat, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_secure_gaussian_moments_and_freshness() -> None:
+    source = SecureGaussian()
+    assert source.secure
+    z = source.sample(400_001).double()
+    assert z.shape == (400_001,)
+    assert abs(float(z.mean())) < 0.01
+    assert abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z**4).mean()) - 3) < 0.1  # Gaussian kurtosis
+    assert abs(float((z.abs() > 2).double().mean()) - 0.0455) < 0.003
+    assert not torch.equal(source.sample(100), source.sample(100))  # never repeats
+    assert source.sample(0).shape == (0,)
+
+
+def test_insecure_source_is_named_and_seeded() -> None:
+    a, b = InsecureFastGaussian(5), InsecureFastGaussian(5)
+    assert not a.secure
+    assert torch.equal(a.sample(10), b.sample(10))
+
+
+def test_poisson_sampling_rate() -> None:
+    assert abs(float(secure_bernoulli_mask(200_000, 0.05).double().mean()) - 0.05) < 0.003
+    batch = poisson_batch(10_000, 0.02)
+    assert 120 < len(batch) < 280 and len(set(batch.tolist())) == len(batch)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(poisson_batch(100, 0.3, gen_a), poisson_batch(100, 0.3, gen_b))
+
+
+def test_unsupported_layers_fall_back_to_vmap() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError):
+        GhostClipEngine(model)
+    assert isinstance(make_engine(model), VmapEngine)
+
+
+def test_accountant_monotone_and_sigma_for_target() -> None:
+    eps_small = epsilon(100, 1.0, 0.01, 1e-5)
+    eps_large = epsilon(1000, 1.0, 0.01, 1e-5)
+    assert 0 < eps_small < eps_large
+    assert epsilon(0, 1.0, 0.01, 1e-5) == 0.0
+    sigma = sigma_for(3.0, 1e-5, 0.01, 1000)
+    reached = epsilon(1000, sigma, 0.01, 1e-5)
+    assert reached <= 3.0 and reached > 2.9
+    assert math.isclose(
+        epsilon_of_segments([(sigma, 0.01, 400), (sigma, 0.01, 600)], 1e-5), reached
+    )
+    with pytest.raises(AccountingError):
+        epsilon(10, 1.0, 1.5, 1e-5)
+    with pytest.raises(AccountingError):
+        sigma_for(-1, 1e-5, 0.01, 10)

@@ -1,0 +1,164 @@
+"""Privacy ledger: exact persistence (also across SIGKILL), monotone epsilon, budget refusal."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peer.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
+from peer.privacy.accountant import epsilon
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from peer.data import load_source, split_holdout
+from peer.trainer import LocalTrainer, TrainerConfig
+train, _ = load_source("digits")
+train, hold = split_holdout(train, 0.1, 0)
+cfg = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, lr=0.2, momentum=0.9)
+trainer = LocalTrainer(cfg, train, hold, Path(sys.argv[1]))
+while True:
+    update = trainer.train_round()
+    line = {"round": update.round, "steps": trainer.ledger.steps, "epsilon": update.epsilon}
+    print(json.dumps(line), flush=True)
+"""
+
+
+def run_and_kill(state_dir: Path, min_rounds: int) -> list[dict]:
+    """Start a training child, SIGKILL it mid-run after ``min_rounds`` rounds, return its lines."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    lines: list[dict] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(lines) < min_rounds:
+            assert time.monotonic() < deadline, "child produced no rounds in time"
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                text = proc.stdout.readline()
+                assert text, f"child exited early: {proc.stderr.read()}"
+                lines.append(json.loads(text))
+        time.sleep(0.013)  # land somewhere inside the next round
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    lines.extend(json.loads(t) for t in proc.stdout.read().splitlines() if t.strip())
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return lines
+
+
+def test_ledger_survives_sigkill_and_resumes_exactly(tmp_path: Path) -> None:
+    lines = run_and_kill(tmp_path, min_rounds=3)
+    last = lines[-1]
+    on_disk = PrivacyLedger.load(tmp_path / "ledger.json")
+    # Persisted before each update was returned: never behind what the child reported,
+    # at most one round ahead (killed after saving, before printing).
+    assert on_disk.steps in (last["steps"], last["steps"] + 5)
+    assert on_disk.epsilon >= last["epsilon"]
+    if on_disk.steps == last["steps"]:
+        assert on_disk.epsilon == last["epsilon"]
+
+    from peer.data import load_source, split_holdout
+    from peer.trainer import LocalTrainer, TrainerConfig
+
+    train, _ = load_source("digits")
+    train, hold = split_holdout(train, 0.1, 0)
+    cfg = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, lr=0.2, momentum=0.9)
+    trainer = LocalTrainer(cfg, train, hold, tmp_path)
+    assert trainer.ledger.steps == on_disk.steps
+    assert trainer.ledger.epsilon == on_disk.epsilon
+    update = trainer.train_round()
+    assert trainer.ledger.steps == on_disk.steps + 5 and update.epsilon > on_disk.epsilon
+    assert PrivacyLedger.load(tmp_path / "ledger.json").steps == on_disk.steps + 5
+
+
+def _ledger(**overrides: object) -> PrivacyLedger:
+    values: dict = {"sigma": 1.1, "max_grad_norm": 1.0, "sample_rate": 0.02, "delta": 1e-5}
+    values.update(overrides)
+    return PrivacyLedger(**values)
+
+
+def test_json_round_trip_is_exact(tmp_path: Path) -> None:
+    ledger = _ledger(budget_epsilon=4.0)
+    ledger.record(123)
+    path = tmp_path / "ledger.json"
+    ledger.save(path)
+    loaded = PrivacyLedger.load(path)
+    assert loaded == ledger
+    assert math.isclose(loaded.epsilon, epsilon(123, 1.1, 0.02, 1e-5))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_epsilon_never_decreases_even_with_less_noise_later() -> None:
+    ledger = _ledger()
+    seen = []
+    for sigma, rate in [(1.1, 0.02), (3.0, 0.001), (0.8, 0.05)]:
+        ledger.update_settings(sigma, rate, 1.0)
+        seen.append(ledger.record(50))
+    assert seen == sorted(seen)
+    assert ledger.steps == 150 and len(ledger.segments) == 3
+    # Segments compose: more noise later still adds (a little) epsilon.
+    assert seen[1] > seen[0]
+
+
+def test_budget_refusal_happens_before_spending() -> None:
+    ledger = _ledger(budget_epsilon=1.0)
+    allowed = 0
+    while True:
+        try:
+            ledger.check_budget(20)
+        except BudgetExhaustedError as exc:
+            assert exc.budget == 1.0 and exc.would_be > 1.0 and exc.spent <= 1.0
+            assert "budget" in str(exc)
+            break
+        ledger.record(20)
+        allowed += 1
+    assert allowed > 0 and ledger.epsilon <= 1.0
+
+
+def test_non_private_ledger_is_infinite() -> None:
+    ledger = _ledger(sigma=0.0)
+    assert ledger.epsilon_after(0) == 0.0
+    assert ledger.record(5) == math.inf
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"format": 99}), json.dumps({"format": 1, "sigma": 1.0}), "[]"],
+)
+def test_corrupt_ledger_is_an_error_not_a_reset(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text(content)
+    with pytest.raises(LedgerError, match=str(path)):
+        PrivacyLedger.load(path)
+
+
+def test_tampered_step_count_is_detected(tmp_path: Path) -> None:
+    ledger = _ledger()
+    ledger.record(40)
+    body = json.loads(ledger.to_json())
+    body["steps"] = 0  # someone trying to reset the count without touching segments
+    with pytest.raises(LedgerError, match="segments"):
+        PrivacyLedger.from_json(json.dumps(body))
+    with pytest.raises(LedgerError, match="not found"):
+        PrivacyLedger.load(tmp_path / "absent.json")
