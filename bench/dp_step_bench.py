@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peer.dpsgd import DPSGDStep  # noqa: E402
-from peer.models import build_model, param_count  # noqa: E402
-from peer.privacy.noise import SecureGaussian  # noqa: E402
+from peer.dpsgd import DPSGDStep
+from peer.models import build_model, param_count
+from peer.privacy.noise import SecureGaussian
 
 SIGMA = 1.0
 CLIP = 1.0

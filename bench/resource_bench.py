@@ -12,8 +12,9 @@ Rows (``what``):
   PyNaCl, aiomqtt, msgpack), bare torch, torch + Opacus (what the RDP accountant import pulls
   in), torch + scipy.special (all that the RDP analysis itself needs), and everything a peer
   process imports before it loads data;
-* ``dpsgd_synthetic`` -- torch + model + Murmur's DP-SGD step on a synthetic shard, no Murmur
-  trainer and no accountant: the floor for training a model of that size;
+* ``lean_floor``      -- what a peer needs and nothing more: torch, the network stack, the RDP
+  math (scipy.special), Murmur's model and DP-SGD step on a synthetic 6 000-example shard and
+  functional SGD; ``cnn+optim`` swaps in ``torch.optim.SGD`` to show what it imports;
 * ``peer_training``   -- the peer's training half exactly as ``murmur-peer run`` builds it
   (peer.data.load_source, split_holdout, peer.trainer.LocalTrainer with a state directory),
   running N local rounds: ``cnn`` on the full Fashion-MNIST training set, ``cnn_shard`` on a
@@ -62,15 +63,25 @@ IMPORT_SETS: dict[str, str] = {
 
 
 # ------------------------------------------------------------------------------ measuring
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # the kernel reports kB
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set: VmHWM, the high-water mark of its address space.
+
+    Not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a parent that
+    once held a large data set would report the parent's peak.
+    """
+    return _proc_status_mb("VmHWM")
 
 
 def current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        resident_pages = int(statm.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / MB
+    return _proc_status_mb("VmRSS")
 
 
 def cpu_s() -> float:
@@ -94,37 +105,62 @@ def child_import(config: str) -> dict[str, Any]:
     return {"import_cpu_s": round(cpu_s() - start, 2)}
 
 
-def child_dpsgd_synthetic(config: str, rounds: int, steps_per_round: int) -> dict[str, Any]:
+def child_lean_floor(config: str, rounds: int, steps_per_round: int) -> dict[str, Any]:
+    """What a peer *needs*: torch, Murmur's DP-SGD step and model, the network stack, the RDP
+    math (scipy.special), a 6 000-example shard, and functional SGD (``torch.optim.sgd.sgd``
+    does not import torch._dynamo; constructing a ``torch.optim.Optimizer`` does, +~70 MB).
+
+    ``config`` is ``cnn`` or ``mlp``; a ``+optim`` suffix uses ``torch.optim.SGD`` instead,
+    to isolate that one import.
+    """
+    import aiomqtt  # noqa: F401  (the network half's imports, for a fair floor)
+    import msgpack  # noqa: F401
+    import nacl.public  # noqa: F401
+    import scipy.special  # noqa: F401  (all that the RDP analysis itself imports)
     import torch
+    from torch.optim.sgd import sgd
 
     from peer.dpsgd import DPSGDStep, poisson_batch
     from peer.models import build_model
 
     phases = Phases()
     phases.mark("imports")
-    torch.set_num_threads(1)
-    shape = (28, 28) if config == "cnn" else (64,)
+    model_name, _, variant = config.partition("+")
+    shape = (1, 28, 28) if model_name == "cnn" else (64,)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((SHARD_EXAMPLES, *shape), generator=generator)
     y = torch.randint(0, 10, (SHARD_EXAMPLES,), generator=generator)
     phases.mark("data")
-    model = build_model(config, shape, 10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    batch = 64
+    model = build_model(model_name, shape, 10)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, lr = 64, 0.05
+    optimizer = torch.optim.SGD(params, lr=lr) if variant == "optim" else None
     dp = DPSGDStep.build(model, noise_multiplier=1.0, max_grad_norm=1.0,
                          expected_batch_size=batch)
-    phases.mark("model")
+    phases.mark("trainer")
+
+    def sgd_step() -> None:
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return
+        with torch.no_grad():
+            sgd(params, [p.grad for p in params], [None] * len(params), weight_decay=0.0,
+                momentum=0.0, lr=lr, dampening=0.0, nesterov=False, maximize=False)
+        for p in params:
+            p.grad = None
+
     round_cpu = []
     for _ in range(rounds):
         start = cpu_s()
         for _ in range(steps_per_round):
             index = poisson_batch(SHARD_EXAMPLES, batch / SHARD_EXAMPLES, generator)
-            optimizer.zero_grad(set_to_none=True)
             dp.step(x[index], y[index])
-            optimizer.step()
+            sgd_step()
         round_cpu.append(cpu_s() - start)
     phases.mark("rounds")
-    return {**phases.figures, **round_figures(round_cpu), "steps_per_round": steps_per_round}
+    return {**phases.figures, **round_figures(round_cpu), "steps_per_round": steps_per_round,
+            "torch_dynamo_imported": "torch._dynamo" in sys.modules}
 
 
 def child_peer_training(config: str, rounds: int, steps_per_round: int,
@@ -142,7 +178,9 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
     phases.mark("data")
     train, holdout = split_holdout(train_source, 0.2, seed=0)
     model = "mlp" if config == "mlp" else "cnn"
-    overrides = {"model": model, "local_steps": steps_per_round}
+    # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k.
+    overrides = {"model": model, "local_steps": steps_per_round, "dp": True,
+                 "noise_multiplier": 1.0, "batch_size": 64, "topk_fraction": 0.01}
     known = {f.name for f in dataclasses.fields(TrainerConfig)}
     trainer_config = TrainerConfig(**{k: v for k, v in overrides.items() if k in known})
     with tempfile.TemporaryDirectory(prefix="murmur-bench-state-") as state:
@@ -164,7 +202,7 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
         **round_figures(round_cpu),
         "evaluate_cpu_s": round(evaluate_cpu, 3),
         "holdout_accuracy": round(float(accuracy), 3),
-        "train_examples": int(len(train.y)),
+        "train_examples": len(train.y),
         "param_count": int(trainer.param_count),
         "steps_per_round": steps_per_round,
     }
@@ -184,8 +222,8 @@ def child_main(args: argparse.Namespace) -> None:
     what, config = args.child, args.config
     if what == "import":
         figures = child_import(config)
-    elif what == "dpsgd_synthetic":
-        figures = child_dpsgd_synthetic(config, args.rounds, args.steps)
+    elif what == "lean_floor":
+        figures = child_lean_floor(config, args.rounds, args.steps)
     elif what == "peer_training":
         figures = child_peer_training(config, args.rounds, args.steps, args.data)
     else:
@@ -241,7 +279,8 @@ def write_shard(directory: Path, out: Path) -> None:
 def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, list[str]]]:
     rounds, steps = str(args.rounds), str(args.steps)
     runs: list[tuple[str, str, list[str]]] = [("import", name, []) for name in IMPORT_SETS]
-    runs += [("dpsgd_synthetic", "cnn", ["--rounds", rounds, "--steps", steps])]
+    runs += [("lean_floor", config, ["--rounds", rounds, "--steps", steps])
+             for config in ("cnn", "cnn+optim", "mlp")]
     fmnist = fashion_mnist_dir()
     if fmnist is not None:
         runs.append(("peer_training", "cnn",

@@ -33,6 +33,7 @@ from peer.provision import (
     ProvisionError,
     issue_certificate,
     load_public_identity,
+    parse_peer_list,
     provision,
     save_public_identity,
     write_file_atomic,
@@ -61,6 +62,8 @@ def _cmd_network_create(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     public_path = out.with_suffix(".pub")
+    if public_path == out:
+        raise UserError(f"{out}: the secret key file must not end in .pub")
     for path in (out, public_path):
         if path.exists():
             raise UserError(f"{path}: exists; refusing to overwrite it")
@@ -109,8 +112,6 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    from peer.provision import parse_peer_list
-
     names = parse_peer_list(args.peers)
     result = provision(args.network, names, Path(args.out), days=args.days,
                        broker_url=args.broker_url)
@@ -129,6 +130,7 @@ def _configure_logging(level: str) -> None:
         level=getattr(logging, level, logging.INFO),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # opacus calls basicConfig at import time; ours must win
     )
 
 
@@ -155,12 +157,16 @@ class StatusPrinter:
             self.stream.flush()
 
 
+def _status_line(peer: Any, started: float, budget_epsilon: float | None) -> str:
+    snapshot = StatusSnapshot.from_peer_status(
+        peer.status(), uptime_s=time.monotonic() - started, budget_epsilon=budget_epsilon)
+    return format_status(snapshot)
+
+
 async def _status_loop(peer: Any, printer: StatusPrinter, started: float,
                        budget_epsilon: float | None) -> None:
     while True:
-        snapshot = StatusSnapshot.from_peer_status(
-            peer.status(), uptime_s=time.monotonic() - started, budget_epsilon=budget_epsilon)
-        printer.show(format_status(snapshot))
+        printer.show(_status_line(peer, started, budget_epsilon))
         await asyncio.sleep(printer.interval_s)
 
 
@@ -184,7 +190,8 @@ async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float |
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     printer = StatusPrinter(sys.stdout, status_interval_s)
-    status = asyncio.create_task(_status_loop(peer, printer, time.monotonic(), budget_epsilon))
+    started = time.monotonic()
+    status = asyncio.create_task(_status_loop(peer, printer, started, budget_epsilon))
     try:
         await peer_task
     except asyncio.CancelledError:
@@ -196,6 +203,7 @@ async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float |
             await status
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        printer.show(_status_line(peer, started, budget_epsilon))  # the final figures
         printer.finish()
     return 0
 
@@ -205,8 +213,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _configure_logging(cfg.log_level)
     from peer.config import load_credentials
 
-    load_credentials(cfg)  # fail fast, with one line, before the slow torch import
-    from peer.node import Peer  # lazy: pulls in torch and the trainer
+    load_credentials(cfg)  # fail fast, with one line, before data and model are built
+    from peer.node import Peer  # lazy: the key-file commands need no torch
 
     try:
         peer = Peer.from_config(cfg)
@@ -214,7 +222,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Set-up only (data, model, state dir): the user's to fix. Errors while running are
         # not caught here, so a bug still shows its traceback.
         raise UserError(f"cannot start the peer: {exc}") from None
-    budget = getattr(cfg.training, "budget_epsilon", None)
+    # The trainer resolves the budget (budget_epsilon, else target_epsilon; None without DP).
+    ledger = getattr(getattr(peer, "trainer", None), "ledger", None)
+    budget = getattr(ledger, "budget_epsilon", None)
     return asyncio.run(_run_peer(peer, cfg.status_interval_s,
                                  float(budget) if budget is not None else None))
 

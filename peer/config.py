@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import ssl
 import time
 import tomllib
 import types
@@ -69,8 +70,10 @@ class SessionConfig:
                 raise ValueError(f"{name} must be in (0, 600] seconds (got {value})")
         if not 0 <= self.cooldown_s <= 3600:
             raise ValueError(f"cooldown_s must be in [0, 3600] seconds (got {self.cooldown_s})")
-        if not 8 <= self.frac_bits <= 40:
-            raise ValueError(f"frac_bits must be in 8..40 (got {self.frac_bits})")
+        # The field is 31 bits wide: 24 fractional bits leave |x| < 4 for a sum of 16 values,
+        # already tight for model updates (crypto.field.FixedPoint.max_abs).
+        if not 8 <= self.frac_bits <= 24:
+            raise ValueError(f"frac_bits must be in 8..24 (got {self.frac_bits})")
 
     def to_timeouts(self) -> Any:
         """The :class:`peer.session.SessionTimeouts` these settings describe."""
@@ -115,16 +118,6 @@ class PeerConfig:
 
 
 # ------------------------------------------------------------------------------ type checking
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None):
-        return "nothing"
-    if isinstance(annotation, type):
-        return {"str": "a string", "int": "an integer", "float": "a number",
-                "bool": "true or false", "Path": "a path string"}.get(
-                    annotation.__name__, annotation.__name__)
-    return str(annotation).replace("typing.", "")
-
-
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a TOML value against a dataclass field annotation; ConfigError if it does not fit."""
     origin = typing.get_origin(annotation)
@@ -323,21 +316,30 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
     for key in ("ca_file", "client_cert", "client_key"):
         raw = _take(table, key, Path | None, where, None)
         files[key] = None if raw is None else _existing_file(base, raw, f"broker.{key}")
-    known = {"url", "username", "keepalive_s"}
+    known = {"url", "username", "keepalive_s", "mqtt_version"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"broker: unknown key {unknown[0]!r} (known: ca_file, client_cert, "
-                          "client_key, keepalive_s, password, password_file, url, username)")
+                          "client_key, keepalive_s, mqtt_version, password, password_file, "
+                          "url, username)")
     try:
-        return BrokerSettings(
+        settings = BrokerSettings(
             url=_take(table, "url", str, where, BrokerSettings.url),
             username=_take(table, "username", str | None, where, None),
             password=password,
             keepalive_s=_take(table, "keepalive_s", int, where, BrokerSettings.keepalive_s),
+            mqtt_version=_take(table, "mqtt_version", str, where, BrokerSettings.mqtt_version),
             **files,
         )
     except ValueError as exc:
         raise ConfigError(f"broker: {exc}") from None
+    try:
+        # Load the CA and client certificate now: a bad PEM file is a config error, not
+        # something to discover at every reconnect.
+        settings.tls_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"broker: cannot use the TLS files: {exc}") from None
+    return settings
 
 
 def _trainer_config_class() -> type:

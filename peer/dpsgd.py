@@ -66,6 +66,11 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
 
 
+def _row_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each example's slice, in one fused kernel (no squared copy)."""
+    return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square_()
+
+
 def _patch_index(
     layer: nn.Conv2d, channels: int, padded_hw: tuple[int, int], out_hw: tuple[int, int]
 ) -> torch.Tensor:
@@ -190,7 +195,7 @@ class GhostClipEngine:
                     a3 = a.reshape(batch, -1, a.shape[-1])
                     b3 = b.reshape(batch, -1, b.shape[-1])
                     per_w = torch.bmm(b3.transpose(1, 2), a3)
-                    sq_norms.add_(per_w.pow(2).sum((1, 2)))
+                    sq_norms.add_(_row_sq_norms(per_w))
                     bias_sum = b3.sum(1) if has_bias else None
                     if bias_sum is not None:
                         sq_norms.add_(bias_sum.pow(2).sum(1))
@@ -199,7 +204,7 @@ class GhostClipEngine:
                 b3 = b.reshape(batch, b.shape[1], -1)  # [B, Cout, T]
                 patches = self._patches(layer, a, b.shape[-2:])  # [B, T, Cin*kh*kw]
                 per_w = torch.bmm(b3, patches)  # [B, Cout, Cin*kh*kw]
-                sq_norms.add_(per_w.pow(2).sum((1, 2)))
+                sq_norms.add_(_row_sq_norms(per_w))
                 bias_sum = b3.sum(2) if has_bias else None
                 if bias_sum is not None:
                     sq_norms.add_(bias_sum.pow(2).sum(1))

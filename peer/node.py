@@ -48,6 +48,7 @@ from peer.session import (
     GroupResult,
     Outgoing,
     Phase,
+    Role,
     Session,
     SessionContext,
     SessionParams,
@@ -64,7 +65,7 @@ from peer.transport import (
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message
 from protocol.errors import ProtocolError, SizeLimitError
-from protocol.limits import MAX_PAYLOAD_BYTES
+from protocol.limits import MAX_MEMBERS, MAX_PAYLOAD_BYTES
 from protocol.topics import (
     announce_filter,
     announce_topic,
@@ -112,6 +113,7 @@ class NodeConfig:
     checkpoint_interval_s: float = 60.0
     start_jitter_s: float = 0.3  # random delay before inviting (desynchronises neighbours)
     cooldown_s: float = 0.0  # pause after a session this peer was in before it initiates again
+    over_invite: int = 1  # invite this many peers beyond g - 1; the first g - 1 to accept join
     tick_s: float = 0.05  # session timeout resolution
     round_pause_s: float = 0.0  # pause between training rounds (0: train back to back)
     evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
@@ -130,7 +132,8 @@ class PeerStatus:
     epsilon: float | None
     budget_exhausted: bool
     sessions_done: int
-    sessions_aborted: int
+    sessions_aborted: int  # aborted after the group was fixed (shares may have flowed)
+    sessions_not_formed: int  # invitations that never became a group (busy, declined, ...)
     aborts_by_reason: dict[str, int]
     merges_applied: int
     merges_rejected: dict[str, int]
@@ -236,6 +239,7 @@ class Peer:
         self._sending = False
         self._next_expiry = 0.0
         self._last_session_end = -1e18
+        self._initiator_failures = 0  # consecutive aborted sessions we started: backoff
         self._wake = asyncio.Event()
         # figures for status()
         self._round = 0
@@ -245,6 +249,7 @@ class Peer:
         self._budget_exhausted = False
         self.sessions_done = 0
         self.sessions_aborted = 0
+        self.sessions_not_formed = 0
         self.aborts_by_reason: dict[str, int] = {}
         self.merges_applied = 0
         self.merges_rejected: dict[str, int] = {}
@@ -275,6 +280,7 @@ class Peer:
             budget_exhausted=self._budget_exhausted,
             sessions_done=self.sessions_done,
             sessions_aborted=self.sessions_aborted,
+            sessions_not_formed=self.sessions_not_formed,
             aborts_by_reason=dict(self.aborts_by_reason),
             merges_applied=self.merges_applied,
             merges_rejected=dict(self.merges_rejected),
@@ -347,7 +353,10 @@ class Peer:
                 await training
         await self._checkpoint()
         transport_stop.set()
-        await transport_task
+        try:
+            await asyncio.wait_for(transport_task, timeout=15.0)
+        except TimeoutError:
+            log.warning("%s: broker disconnect did not finish in time", self.peer_id)
 
     async def _outbox_drained(self) -> None:
         while not self._outbox.empty() or self._sending:
@@ -489,9 +498,26 @@ class Peer:
             return
         self._process(session.handle(header, body, now))
 
+    def _yields_to(self, header: m.Header) -> bool:
+        """Whether our own session, still only inviting, gives way to this invite.
+
+        Peers with fresh updates tend to invite each other at the same moment and then decline
+        each other as busy. The invite with the smaller (random) session id wins: an
+        initiator that has not fixed its group yet abandons its own session (nothing was
+        shared, so nothing is lost) and joins. Both sides compare the same two ids, so exactly
+        one of them yields.
+        """
+        session = self.session
+        return (
+            session is not None
+            and session.role is Role.INITIATOR
+            and session.phase is Phase.INVITING
+            and header.session < session.session_id
+        )
+
     def _on_invite(self, header: m.Header, invite: m.Invite, now: float) -> None:
         reason: str | None = None
-        if self._stopping or self.session is not None:
+        if self._stopping or (self.session is not None and not self._yields_to(header)):
             reason = "busy"
         elif header.session in self._recent_sessions:
             reason = "session_reused"
@@ -509,6 +535,8 @@ class Peer:
             self._remember_session(header.session)  # its ABORT may still come: not a drop
             return
         assert self._fresh is not None
+        if self.session is not None:
+            self._process(self.session.abort("yielded"))
         contribution = self._fresh
         session, step = Session.join(self._session_ctx, header, invite, contribution, now)
         self._set_session(session, contribution)
@@ -541,17 +569,24 @@ class Peer:
         duration = time.time() - session.started_at
         if session.phase is Phase.DONE and session.result is not None:
             self.sessions_done += 1
+            self._initiator_failures = 0
             if self._fresh is contribution:
                 self._fresh = None  # shared: the next session needs a new update
             self._merge(session.result, contribution, session.started_at, duration)
         else:
-            self.sessions_aborted += 1
+            if session.role is Role.INITIATOR:
+                self._initiator_failures += 1
+            if session.members:
+                self.sessions_aborted += 1
+            else:
+                self.sessions_not_formed += 1
             reason = (session.abort_reason or "unknown").split(":")[0]
             self.aborts_by_reason[reason] = self.aborts_by_reason.get(reason, 0) + 1
             log.info("%s: session %s aborted: %s", self.peer_id, session.session_id.hex()[:8],
                      session.abort_reason)
             self._emit("session_aborted", session_id=session.session_id, role=session.role.value,
-                       members=session.members, reason=session.abort_reason,
+                       members=session.members, formed=bool(session.members),
+                       reason=session.abort_reason,
                        started_at=session.started_at, duration_s=duration)
         self._wake.set()
 
@@ -633,7 +668,7 @@ class Peer:
                 or self._budget_exhausted or not self.transport.connected.is_set()
                 or time.monotonic() - self._last_session_end < self.config.cooldown_s):
             return False
-        k = self.params.group_size - 1
+        k = min(self.params.group_size - 1 + max(0, self.config.over_invite), MAX_MEMBERS - 1)
         invitees = self.membership.sample(k, now, model_id=self.params.model_id,
                                           exclude={self.peer_id},
                                           param_count=self.params.param_count)
@@ -652,7 +687,10 @@ class Peer:
         while True:
             self._wake.clear()
             if self.session is None and self._fresh is not None:
-                await asyncio.sleep(rng.uniform(0.0, self.config.start_jitter_s))
+                # Random delay, growing with consecutive failed invitations (collisions): a
+                # peer that waits is likely to be invited by a neighbour instead.
+                spread = self.config.start_jitter_s * 2 ** min(self._initiator_failures, 4)
+                await asyncio.sleep(rng.uniform(0.0, spread))
                 if self.try_start_session():
                     continue
                 await asyncio.sleep(self.config.start_jitter_s)

@@ -239,17 +239,23 @@ class Session:
         invitees: list[str],
         now: float,
     ) -> tuple[Session, Step]:
-        """Start a session: invite ``invitees`` (g - 1 sampled peers with our model)."""
+        """Start a session: invite ``invitees`` (peers with our model, sampled at random).
+
+        More than g - 1 invitees may be asked (over-inviting): the first g - 1 to accept form
+        the group, and the rest are released with an ABORT. That raises the chance of a full
+        group when many neighbours are busy or have nothing fresh.
+        """
         p = ctx.params
-        if not MIN_GROUP_SIZE - 1 <= len(invitees) <= p.group_size - 1:
-            raise ValueError("need between 2 and group_size - 1 invitees")
+        if not MIN_GROUP_SIZE - 1 <= len(invitees) <= MAX_MEMBERS - 1:
+            raise ValueError(f"need between 2 and {MAX_MEMBERS - 1} invitees")
         if ctx.self_id in invitees or len(set(invitees)) != len(invitees):
             raise ValueError("invitees must be distinct and exclude self")
+        group_size = min(len(invitees) + 1, p.group_size)
         s = cls(ctx, session_id, Role.INITIATOR, contribution, ctx.self_id, p.threshold,
-                len(invitees) + 1, now)
+                group_size, now)
         s.invited = list(invitees)
         invite = m.Invite(
-            group_size=len(invitees) + 1,
+            group_size=group_size,
             threshold=p.threshold,
             model_id=p.model_id,
             param_count=p.param_count,
@@ -360,7 +366,8 @@ class Session:
         if sender == self.ctx.self_id:
             raise _Drop("own_message")
         if kind is m.Kind.ABORT:
-            return self._on_abort(sender, now)
+            assert isinstance(body, m.Abort)
+            return self._on_abort(sender, body.reason, now)
         if self.phase is Phase.INVITING:
             if kind is m.Kind.ACCEPT:
                 assert isinstance(body, m.Accept)
@@ -370,9 +377,8 @@ class Session:
             raise _Drop("unexpected_kind")
         if kind in (m.Kind.ACCEPT, m.Kind.DECLINE):
             if self.role is Role.INITIATOR and sender in self.invited:
-                # A late answer: free the invitee instead of leaving it waiting for a Start.
-                if kind is m.Kind.ACCEPT and sender not in self.members:
-                    return Step([self._out(sender, m.Kind.ABORT, m.Abort("late"))])
+                # A late answer: the invitee was already released with an ABORT when the
+                # group was fixed.
                 return Step()
             raise _Drop("unexpected_kind")
         if self.phase is Phase.ACCEPTED:
@@ -416,20 +422,25 @@ class Session:
         return self._maybe_fix_members(now)
 
     def _maybe_fix_members(self, now: float) -> Step:
-        if len(self.accepted) + len(self.declined) < len(self.invited):
+        full = len(self.accepted) >= self.group_size - 1
+        if not full and len(self.accepted) + len(self.declined) < len(self.invited):
             return Step()
         return self._fix_members(now)
 
     def _fix_members(self, now: float) -> Step:
-        accepted = [p for p in self.invited if p in self.accepted]
+        accepted = list(self.accepted)[: self.group_size - 1]  # first to accept, first in
         members = (self.ctx.self_id, *accepted)
         if len(members) < max(MIN_GROUP_SIZE, self.threshold):
             return self.abort("too_few_members")
+        # Release invitees that are not in the group (not answered yet, or accepted too late).
+        released = [p for p in self.invited if p not in accepted and p not in self.declined]
+        release = Step([self._out(p, m.Kind.ABORT, m.Abort("not_selected")) for p in released])
         coords = np.unique(
             np.concatenate([self.contribution.indices, *(self.accepted[p] for p in accepted)])
         ).astype(np.uint32)
         start = m.Start(members=members, threshold=self.threshold, coordinates=coords)
         step = Step([self._out(p, m.Kind.START, start) for p in accepted])
+        step.extend(release)
         step.extend(self._begin_sharing(members, coords, now))
         return step
 
@@ -630,9 +641,10 @@ class Session:
         self._forget()
         return Step()
 
-    def _on_abort(self, sender: str, now: float) -> Step:
-        if sender == self.initiator and self.phase in (Phase.ACCEPTED,):
-            self._enter_aborted("aborted_by_initiator")
+    def _on_abort(self, sender: str, reason: str, now: float) -> Step:
+        if sender == self.initiator and self.phase is Phase.ACCEPTED:
+            released = reason == "not_selected"
+            self._enter_aborted("not_selected" if released else "aborted_by_initiator")
             return Step()
         if self.role is Role.INITIATOR and self.phase is Phase.INVITING:
             if sender in self.invited and sender not in self.declined:

@@ -274,7 +274,13 @@ class LocalTrainer:
             if stored is None or on_disk.steps >= stored.steps:
                 stored = on_disk
         elif stored is not None:
-            log.warning("%s missing; using the ledger inside the checkpoint", self.ledger_path)
+            # Training state without its ledger: the file was lost or deleted. Falling back
+            # to the checkpoint's copy could under-count (it may be older), so refuse.
+            raise LedgerError(
+                f"{self.ledger_path}: ledger missing next to {self.checkpoint_path}; refusing "
+                "to start rather than under-count epsilon (restore the ledger file, or start "
+                "from an empty state directory deliberately)"
+            )
         if stored is None:
             return
         if stored.delta != self.config.delta:

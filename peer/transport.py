@@ -34,6 +34,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -41,6 +42,7 @@ import aiomqtt
 _log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+MQTT_VERSIONS = ("3.1.1", "5")
 
 # Messages waiting for the handler. Bounded so that a flood cannot exhaust memory; each message
 # is at most max_payload bytes, so this is the worst-case backlog the peer holds.
@@ -66,6 +68,10 @@ class PayloadTooLargeError(TransportError):
 class BrokerSettings:
     """Where the broker is and how to authenticate to it.
 
+    ``mqtt_version`` is "3.1.1" (default: every broker speaks it, including the embedded
+    amqtt one) or "5". Murmur uses no feature of either beyond publish/subscribe, QoS 1,
+    retained messages and the last will, so any standard broker or cluster works.
+
     ``url`` is ``mqtt://host[:port]`` (plain TCP, default port 1883) or
     ``mqtts://host[:port]`` (TLS, default port 8883). With TLS the server certificate is always
     verified, against ``ca_file`` when given, else against the system's trusted CAs; the host
@@ -80,10 +86,14 @@ class BrokerSettings:
     client_cert: Path | None = None
     client_key: Path | None = None
     keepalive_s: int = 30
+    mqtt_version: str = "3.1.1"
 
     def __post_init__(self) -> None:
         # Fail at construction, not at the first connection attempt minutes later.
         self.endpoint()
+        if self.mqtt_version not in MQTT_VERSIONS:
+            raise ValueError(f"mqtt_version must be one of {', '.join(MQTT_VERSIONS)}, "
+                             f"got {self.mqtt_version!r}")
         if not 5 <= self.keepalive_s <= 65535:
             raise ValueError(f"keepalive_s must be in 5..65535, got {self.keepalive_s}")
         if self.client_key is not None and self.client_cert is None:
@@ -231,17 +241,22 @@ class Transport:
             # A missing or unreadable CA/certificate file is a configuration error, not a
             # network hiccup: retrying would not fix it, so it ends run().
             raise TransportError(f"cannot set up TLS for {self.settings.url}: {exc}") from exc
+        # A fresh session on every connect: queued traffic for a previous connection would
+        # belong to aggregation sessions that have timed out by now.
+        session_options: dict[str, Any]
+        if self.settings.mqtt_version == "5":
+            session_options = {"protocol": aiomqtt.ProtocolVersion.V5,
+                               "clean_start": True}
+        else:
+            session_options = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": True}
         client = aiomqtt.Client(
             host,
             port,
             username=self.settings.username,
             password=self.settings.password,
             identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
             will=will,
-            # A fresh session on every connect: queued traffic for a previous connection would
-            # belong to sessions that have timed out by now.
-            clean_session=True,
+            **session_options,
             keepalive=self.settings.keepalive_s,
             tls_context=tls_context,
             max_queued_incoming_messages=self.max_queued_incoming,
@@ -260,6 +275,7 @@ class Transport:
         """
         attempt = 0
         stop_waiter = asyncio.ensure_future(stop.wait())
+        connection: asyncio.Future[bool] | None = None
         try:
             while not stop.is_set():
                 connection = asyncio.ensure_future(self._connection(handler, stop_waiter))
@@ -292,6 +308,11 @@ class Transport:
                     await asyncio.wait_for(asyncio.shield(stop_waiter), timeout=delay)
         finally:
             stop_waiter.cancel()
+            if connection is not None and not connection.done():
+                # run() itself was cancelled: take the connection down with it.
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await connection
             self._detach()
 
     async def _connection(self, handler: Handler, stop_waiter: asyncio.Future[bool]) -> bool:

@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = asyncio.run(run_simulation(scenario, progress=not args.no_progress,
                                             baselines=not args.no_baselines))
-    except SimulationError as exc:
+    except (SimulationError, OSError) as exc:
         print(f"murmur-sim: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

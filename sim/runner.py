@@ -49,6 +49,7 @@ from peer.node import NodeConfig, Peer, PeerEvent, PeerStatus
 from peer.session import SessionTimeouts
 from peer.transport import BrokerSettings
 from sim import hostile
+from sim.broker import BrokerStartError
 from sim.faults import ChurnEvent, FaultStats, churn_schedule, install_send_faults
 from sim.metrics import (
     EVENT_JOIN,
@@ -73,6 +74,13 @@ CERT_VALIDITY_S = 7 * 24 * 3600.0
 DRAIN_S = 3.0
 #: Bound on stopping one peer (leave, checkpoint, disconnect).
 STOP_TIMEOUT_S = 30.0
+#: Node pacing. A local round of the default model takes a fraction of a second, far less than
+#: an aggregation session; without a pause between rounds a peer would finish all its rounds
+#: before its neighbours could merge anything. Random start jitter spreads the peers'
+#: invitations so that they do not all start sessions at once and decline each other as busy.
+ROUND_PAUSE_S = 2.0
+START_JITTER_S = 1.5
+COOLDOWN_S = 0.5
 #: Peer events that become metrics rows.
 RECORDED_EVENTS = ("round", "session_done", "session_aborted", "merge_rejected",
                    "budget_exhausted")
@@ -134,8 +142,19 @@ def add_carry(carry: dict[str, Any] | None, status: PeerStatus) -> dict[str, Any
     return status_carry(with_carry(status, carry))
 
 
+def event_extra(event: PeerEvent) -> dict[str, Any]:
+    """Plain details of a peer event worth a metrics row (never model data)."""
+    extra: dict[str, Any] = {}
+    if event.kind in ("session_aborted", "merge_rejected"):
+        extra["reason"] = str(event.data.get("reason"))
+    if event.kind == "session_done":
+        extra["clipped"] = bool(event.data.get("clipped"))
+        extra["contributors"] = len(event.data.get("contributors") or ())
+    return extra
+
+
 # ----------------------------------------------------------------------------- configuration
-def node_config(s: Scenario) -> NodeConfig:
+def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig:
     """Node timing for a simulation: announcements and expiry fast enough that churn shows up
     within seconds; session timeouts stretched by the injected delay (a session makes ~4 hops)."""
     extra = 4 * s.delay_ms / 1000.0
@@ -147,10 +166,10 @@ def node_config(s: Scenario) -> NodeConfig:
         announce_interval_s=5.0,
         silence_expiry_s=30.0,
         checkpoint_interval_s=30.0,
-        start_jitter_s=0.3,
-        cooldown_s=0.2,
+        start_jitter_s=START_JITTER_S,
+        cooldown_s=COOLDOWN_S,
         tick_s=0.05,
-        round_pause_s=0.0,
+        round_pause_s=round_pause_s,
         evaluate_every=1,
     )
 
@@ -242,6 +261,7 @@ class Prepared:
     admission: AdmissionKey
     plans: list[PeerPlan]
     hostile_plans: list[PeerPlan]
+    round_pause_s: float = ROUND_PAUSE_S
 
 
 def make_run_dir(out_dir: Path, network: str) -> Path:
@@ -388,7 +408,7 @@ class InProcessNetwork:
         self.s = prep.scenario
         self.broker = broker
         self.writer = writer
-        self.config = node_config(self.s)
+        self.config = node_config(self.s, prep.round_pause_s)
         self.fault_rng = random.Random(self.s.seed)
         self.peers: list[SimPeer] = []
         self.hostile_peers: list[SimPeer] = []
@@ -410,8 +430,7 @@ class InProcessNetwork:
             if status is None:
                 return
             extra: dict[str, Any] = {}
-            if event.kind in ("session_aborted", "merge_rejected"):
-                extra["reason"] = str(event.data.get("reason"))
+            extra.update(event_extra(event))
             self.writer.record_status(status, event.kind, **extra)
 
         return handle
@@ -537,7 +556,7 @@ async def _run_inprocess(prep: Prepared, broker: BrokerSettings, writer: Metrics
             await task
     hostile_stop.set()
     await asyncio.gather(*(net.stop_peer(sp) for sp in (*net.peers, *net.hostile_peers)))
-    hostile_stats = [await t for t in hostile_tasks]
+    hostile_stats = await _collect_hostiles(hostile_tasks)
 
     # Final accuracy of every honest peer on the shared test set.
     for sim_peer in net.peers:
@@ -577,6 +596,17 @@ def _start_raw_hostiles(s: Scenario, broker: BrokerSettings, targets: list[str],
         tasks.append(asyncio.create_task(hostile.run_replay(
             broker, s.network, stop, seed=s.seed + 2)))
     return tasks
+
+
+async def _collect_hostiles(tasks: list[asyncio.Task[Any]]) -> list[hostile.HostileStats]:
+    """Results of the hostile clients; one that failed is logged, never fatal to the run."""
+    stats: list[hostile.HostileStats] = []
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, hostile.HostileStats):
+            stats.append(outcome)
+        else:
+            log.error("hostile client failed: %r", outcome)
+    return stats
 
 
 async def _watch(s: Scenario, started: float, stop_requested: asyncio.Event,
@@ -634,7 +664,7 @@ def _write_spec(prep: Prepared, plan: PeerPlan, broker: BrokerSettings, start_ti
                    "ca_file": None if broker.ca_file is None else str(broker.ca_file)},
         "shard_file": str(shard_path),
         "scenario": scenario_to_toml(s),
-        "broker_password_given": broker.password is not None,
+        "round_pause_s": prep.round_pause_s,
     }
     spec_path = secrets_dir / f"{plan.peer_id}.json"
     write_private_file(spec_path, json.dumps(spec, indent=1).encode(), overwrite=True)
@@ -734,23 +764,28 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
     tail = MetricsTail(writer.path)
     finished_flag = False
     churn_done = 0
+    away = 0  # peers between a churn leave and their rejoin
     schedule = churn_schedule(peers=s.peers, churn_rate_per_min=s.churn_rate,
                               downtime_s=s.churn_downtime_s, horizon_s=s.duration_s, seed=s.seed)
 
     async def churn_one(event: ChurnEvent) -> None:
-        nonlocal churn_done
+        nonlocal churn_done, away
         proc_peer = procs[event.peer_index]
         if finished_flag or proc_peer.process is None or proc_peer.process.poll() is not None:
             return
         log.info("churn: %s leaves for %.1f s", proc_peer.plan.peer_id, event.downtime_s)
-        # SIGUSR1: leave (clean stop, checkpoint, no final evaluation) - see sim/peer_process.py
-        await _end_process(proc_peer, signal.SIGUSR1, STOP_TIMEOUT_S)
-        await asyncio.sleep(event.downtime_s)
-        if finished_flag:
-            return
-        log.info("churn: %s rejoins", proc_peer.plan.peer_id)
-        _spawn(proc_peer, rejoin=True)
-        churn_done += 1
+        away += 1
+        try:
+            # SIGUSR1: leave (clean stop, checkpoint, no final evaluation): sim/peer_process.py
+            await _end_process(proc_peer, signal.SIGUSR1, STOP_TIMEOUT_S)
+            await asyncio.sleep(event.downtime_s)
+            if finished_flag:
+                return
+            log.info("churn: %s rejoins", proc_peer.plan.peer_id)
+            _spawn(proc_peer, rejoin=True)
+            churn_done += 1
+        finally:
+            away -= 1
 
     churn_tasks: list[asyncio.Task[None]] = []
 
@@ -766,6 +801,12 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
         rows = [tail.latest.get(p.plan.peer_id) for p in procs]
         present = [r for r in rows if r is not None]
         alive = sum(1 for p in procs if p.process is not None and p.process.poll() is None)
+        if alive == 0 and away == 0:
+            # Every peer process ended on its own (crashed, see its process.log): nothing
+            # more will happen, so end the run and report what there is.
+            log.error("all peer processes have exited; ending the run")
+            return {"alive": 0, "rounds": 0, "sessions": 0, "accuracy": None,
+                    "epsilon": None, "finished": True, "in_session": False}
         return {
             "alive": alive,
             "rounds": sum(min(int(r.get("round") or 0), s.rounds) for r in present),
@@ -792,7 +833,7 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
     # SIGTERM: stop, evaluate on the test set, write the final row, exit.
     await asyncio.gather(*(_end_process(p, signal.SIGTERM, 60.0)
                            for p in (*procs, *hostile_procs)))
-    hostile_stats = [await t for t in hostile_tasks]
+    hostile_stats = await _collect_hostiles(hostile_tasks)
     for proc_peer in procs:
         code = None if proc_peer.process is None else proc_peer.process.returncode
         if code not in (0, None):
@@ -863,11 +904,26 @@ def _baseline_inputs(prep: Prepared) -> tuple[Any, list[np.ndarray]]:
 
 
 async def run_simulation(scenario: Scenario, *, progress: bool = True,
-                         baselines: bool = True) -> RunResult:
-    """Run the scenario end to end and write its report (see the module docstring)."""
+                         baselines: bool = True,
+                         round_pause_s: float = ROUND_PAUSE_S) -> RunResult:
+    """Run the scenario end to end and write its report (see the module docstring).
+
+    ``baselines=False`` skips the centralized/standalone references; ``round_pause_s`` paces
+    the peers' training (see ROUND_PAUSE_S; tests shorten it).
+    """
     wall_start = time.monotonic()
     run_dir = make_run_dir(Path(scenario.out_dir), scenario.network)
     handler = _attach_log_file(run_dir)
+    try:
+        return await _run(scenario, run_dir, wall_start, progress=progress,
+                          baselines=baselines, round_pause_s=round_pause_s)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+async def _run(scenario: Scenario, run_dir: Path, wall_start: float, *, progress: bool,
+               baselines: bool, round_pause_s: float) -> RunResult:
     _write_text_atomic(run_dir / SCENARIO_FILE, scenario_to_toml(scenario))
     log.info("run directory %s", run_dir)
     stop_requested = asyncio.Event()
@@ -876,6 +932,7 @@ async def run_simulation(scenario: Scenario, *, progress: bool = True,
     writer = MetricsWriter(run_dir)
     try:
         prep = await asyncio.to_thread(prepare, scenario, run_dir)
+        prep.round_pause_s = round_pause_s
         log.info("data %s: %d train / %d test, model %s, shards %s", scenario.dataset,
                  len(prep.train.y), len(prep.test.y), prep.model_name,
                  [len(p.shard) for p in prep.plans])
@@ -884,41 +941,37 @@ async def run_simulation(scenario: Scenario, *, progress: bool = True,
             async with open_broker(scenario) as broker:
                 log.info("broker %s", broker.url)
                 outcome = await runner(prep, broker, writer, stop_requested, bar)
-        except OSError as exc:
+        except BrokerStartError as exc:
             raise SimulationError(f"broker: {exc}") from exc
     finally:
         bar.close()
         writer.close()
         remove_handlers()
-    try:
-        base: dict[str, dict[str, Any]] = {}
-        if baselines and not stop_requested.is_set():
-            from sim.baselines import compute_baselines
+    base: dict[str, dict[str, Any]] = {}
+    if baselines and not stop_requested.is_set():
+        from sim.baselines import compute_baselines
 
-            pooled, parts = _baseline_inputs(prep)
-            base = await asyncio.to_thread(compute_baselines, scenario, pooled, prep.test, parts)
-        report_path = await asyncio.to_thread(write_report, run_dir, scenario, base)
-        metrics = read_metrics_file(run_dir / METRICS_FILE)
-        result = RunResult(
-            run_dir=run_dir,
-            report_path=report_path,
-            metrics_path=run_dir / METRICS_FILE,
-            summary=summarize(metrics.rows, metrics.skipped_lines),
-            baselines=base,
-            wall_time_s=time.monotonic() - wall_start,
-            interrupted=stop_requested.is_set(),
-            stopped_by=outcome["stopped_by"],
-            hostile=outcome["hostile"],
-            faults=outcome["faults"],
-            churn_events=outcome["churn_events"],
-        )
-        _write_text_atomic(run_dir / RESULT_FILE, json.dumps(result_dict(result), indent=1))
-        log.info("done in %.1f s (%s); report %s", result.wall_time_s, result.stopped_by,
-                 report_path)
-        return result
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        pooled, parts = _baseline_inputs(prep)
+        base = await asyncio.to_thread(compute_baselines, scenario, pooled, prep.test, parts)
+    report_path = await asyncio.to_thread(write_report, run_dir, scenario, base)
+    metrics = read_metrics_file(run_dir / METRICS_FILE)
+    result = RunResult(
+        run_dir=run_dir,
+        report_path=report_path,
+        metrics_path=run_dir / METRICS_FILE,
+        summary=summarize(metrics.rows, metrics.skipped_lines),
+        baselines=base,
+        wall_time_s=time.monotonic() - wall_start,
+        interrupted=stop_requested.is_set(),
+        stopped_by=outcome["stopped_by"],
+        hostile=outcome["hostile"],
+        faults=outcome["faults"],
+        churn_events=outcome["churn_events"],
+    )
+    _write_text_atomic(run_dir / RESULT_FILE, json.dumps(result_dict(result), indent=1))
+    log.info("done in %.1f s (%s); report %s", result.wall_time_s, result.stopped_by,
+             report_path)
+    return result
 
 
 def result_dict(result: RunResult) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from peer.provision import (
     parse_peer_list,
     provision,
 )
-from sim.broker import LOOPBACK, free_loopback_port, wait_until_accepting
+from sim.broker import LOOPBACK, MosquittoBroker, free_loopback_port, wait_until_accepting
+from tests.conftest import require_mosquitto
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -190,9 +191,11 @@ def test_provision_cli_and_generated_config_load(tmp_path: Path) -> None:
         "never overwrites")
 
 
+@pytest.mark.mosquitto
 async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path: Path) -> None:
     """The generated passwd + ACL: wrong passwords are refused, a peer cannot publish under
     another peer's topics, nor read another peer's inbox."""
+    require_mosquitto()
     result = provision("demo", ["alice", "bob"], tmp_path / "net")
     port = free_loopback_port()
     conf = tmp_path / "mosquitto.conf"
@@ -264,3 +267,53 @@ def test_status_line_is_one_line_with_the_figures() -> None:
     assert "drops 0" in offline and "\n" not in offline
     assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
     assert human_duration(3723) == "1h02m03s" and human_duration(float("nan")) == "0s"
+
+
+@pytest.mark.mosquitto
+async def test_run_announces_then_leaves_cleanly_on_sigterm(
+    tmp_path: Path, mosquitto: MosquittoBroker,
+) -> None:
+    """`run` on a real broker: a signed, retained announcement appears; SIGTERM makes the peer
+    leave (retained announcement cleared), print its final status and exit 0."""
+    import signal
+
+    from protocol.codec import decode_message
+    from protocol.topics import announce_topic
+
+    result = provision("demo", ["alice"], tmp_path / "net", broker_url=mosquitto.url)
+    config = result.peers[0].config
+    config.write_text(
+        config.read_text().replace("password_file", "# password_file").replace(
+            "target_epsilon = 8.0", "dp = false\nlocal_steps = 2\nbatch_size = 16")
+    )
+    topic = announce_topic("demo", "alice")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.cli", "run", "--config", str(config),
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="watch") as watch:
+            await watch.subscribe(topic, qos=1)
+            async with asyncio.timeout(90):  # includes the torch import on a loaded machine
+                async for message in watch.messages:
+                    assert isinstance(message.payload, bytes)
+                    if message.payload:
+                        announced = decode_message(message.payload)
+                        break
+            assert announced.header.sender == "alice"
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                async for message in watch.messages:
+                    if message.payload == b"":  # the peer cleared its announcement
+                        break
+            async with asyncio.timeout(60):
+                stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    final_line = stdout.decode().strip().splitlines()[-1]
+    assert final_line.startswith("alice ") and "| drops " in final_line
+    assert b"SIGTERM received" in stderr and b"Traceback" not in stderr

@@ -42,7 +42,7 @@ def _idx_pair(root: Path, prefix: str, n: int, compress: bool) -> None:
 def test_digits_default_source() -> None:
     ds = load_digits()
     assert ds.x.shape == (1797, 64) and ds.x.dtype == np.float32 and ds.y.dtype == np.int64
-    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0 and ds.num_classes == 10
+    assert ds.x.min() >= 0.0 and ds.x.max() <= 1.0 and ds.num_classes == 10
     train, test = load_source("digits")
     assert len(train) + len(test) == 1797
     again, _ = load_source("digits")
@@ -54,6 +54,7 @@ def test_split_holdout_deterministic_and_disjoint() -> None:
     a_train, a_hold = split_holdout(ds, 0.2, seed=7)
     b_train, b_hold = split_holdout(ds, 0.2, seed=7)
     np.testing.assert_array_equal(a_hold.x, b_hold.x)
+    np.testing.assert_array_equal(a_train.x, b_train.x)
     assert len(a_hold) == 20 and len(a_train) == 80
     assert not set(a_train.x.ravel()) & set(a_hold.x.ravel())
     _, c_hold = split_holdout(ds, 0.2, seed=8)

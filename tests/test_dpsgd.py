@@ -22,6 +22,15 @@ from peer.privacy.accountant import AccountingError, epsilon, epsilon_of_segment
 from peer.privacy.noise import InsecureFastGaussian, SecureGaussian, secure_bernoulli_mask
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _batch(shape: tuple[int, ...], n: int = 12, classes: int = 10, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=gen) * 3, torch.randint(0, classes, (n,), generator=gen)

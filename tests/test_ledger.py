@@ -122,7 +122,7 @@ def test_epsilon_never_decreases_even_with_less_noise_later() -> None:
 
 
 def test_budget_refusal_happens_before_spending() -> None:
-    ledger = _ledger(budget_epsilon=1.0)
+    ledger = _ledger(sigma=2.0, budget_epsilon=1.0)
     allowed = 0
     while True:
         try:

@@ -50,7 +50,7 @@ FAST = NodeConfig(
     checkpoint_interval_s=3600.0,
     start_jitter_s=0.2,
     tick_s=0.02,
-    round_pause_s=0.05,
+    round_pause_s=0.5,
     evaluate_every=4,
 )
 
@@ -229,17 +229,19 @@ async def test_five_peers_complete_sessions_and_agree(mosquitto) -> None:
         try:
             await wait_for(lambda: all(p.sessions_done >= 2 for p in net.peers), 60,
                            "two sessions per peer")
+            running = [p.status() for p in net.peers]
         finally:
             await net.close()
         await asyncio.sleep(0.2)
     check_group_sums(net, min_complete=3)
-    for p in net.peers:
-        st = p.status()
+    for st in running:
         assert st.merges_applied >= 1 or st.merges_rejected, st
         assert st.round >= 1 and st.epsilon is not None
-        assert not st.in_session
-        # an honest run drops nothing that signals an attack or a bug
-        assert set(st.drops) <= {"unknown_session"}, st.drops
+        assert st.peers_live == 4
+        # an honest run drops nothing: no attack, no bug
+        assert st.drops == {}, st.drops
+    for p in net.peers:
+        assert not p.status().in_session  # every session settled on the way out
     assert_no_vector_on_the_wire(net, sniffer.records)
 
 

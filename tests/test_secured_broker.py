@@ -280,9 +280,12 @@ class SecuredMosquitto:
                     raise BrokerStartError(f"{exc}; log: {self.log_text()[-1500:]}") from exc
         # The shipped configuration and the guide's file modes must load without complaint,
         # except for the one warning the ACL explains (an all-peers read rule has no %u).
+        # The readiness probe (a bare TCP connect, no TLS handshake) leaves two expected lines.
+        expected = (f"'murmur/{self.network}/+/announce' does not contain",
+                    "unexpected eof while reading", "Client <unknown> disconnected")
         problems = [line for line in self.log_text().splitlines()
                     if ("warning" in line.lower() or "error" in line.lower())
-                    and f"'murmur/{self.network}/+/announce' does not contain" not in line]
+                    and not any(known in line for known in expected)]
         assert not problems, problems
 
     async def stop(self) -> None:
@@ -604,6 +607,11 @@ def provisioned_peer_config(files: Any, broker: SecuredMosquitto, base: Path) ->
     return parse_config(document, base, files.config)
 
 
+# Drop reasons that honest peers can cause by timing alone (a message of a session that
+# already ended here, a peer not yet admitted when its first message arrives).
+BENIGN_DROPS = {"unknown_session", "unknown_sender"}
+
+
 async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: Path) -> None:
     """The deployment path end to end: `murmur-peer provision` makes the network (admission
     key, identities, certificates, broker passwords, ACL); Mosquitto runs the shipped TLS
@@ -638,15 +646,17 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: 
         tasks = [asyncio.create_task(peer.run(stop)) for peer in peers]
         await wait_until(lambda: all(p.status().peers_live == 2 for p in peers), 30,
                          "every peer to admit the two others")
-        await wait_until(lambda: all(p.status().sessions_done >= 1 for p in peers), 60,
-                         "every peer to complete a session")
+        await wait_until(lambda: all(p.status().sessions_done >= 1
+                                     and p.status().merges_applied >= 1 for p in peers), 60,
+                         "every peer to complete a session and merge its result")
+        statuses = [peer.status() for peer in peers]  # before shutdown noise (leaves, aborts)
     finally:
         stop.set()
         if tasks:
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
         await secured.stop()
-    for peer in peers:
-        status = peer.status()
-        assert status.merges_applied >= 1, status
-        # Honest peers through an honest broker: nothing was refused on the way.
-        assert not status.drops, status
+    for status in statuses:
+        assert status.connected and status.peers_live == 2, status
+        # Honest peers through an honest broker: no message failed a security check. (A late
+        # message of a session that ended elsewhere may legitimately arrive.)
+        assert set(status.drops) <= BENIGN_DROPS, status

@@ -421,22 +421,38 @@ def test_late_accept_is_released_and_duplicates_dropped() -> None:
     assert "session_finished" in h.drops["p0"]
 
 
-def test_late_accept_while_sharing_gets_abort() -> None:
+def test_unanswered_invitee_is_released_when_group_is_fixed() -> None:
     h = Harness(n=4, group_size=4)
     held: list[Envelope] = []
-    h.link = lambda env: not (
-        (env.out.kind is m.Kind.ACCEPT and env.sender == "p3" and not held.append(env))
-        or (env.out.kind is m.Kind.SHARE and env.sender == "p2")
-    )
+
+    def hold(env: Envelope) -> bool:
+        if env.out.kind is m.Kind.ACCEPT and env.sender == "p3":
+            held.append(env)
+            return False
+        return True
+
+    h.link = hold
     h.start("p0", ["p1", "p2", "p3"])
     h.run()
-    h.tick(1.5)
-    assert h.sessions["p0"].phase is Phase.SHARING
-    h.link = lambda env: True
-    h.queue.extend(held)
-    h.run()
+    h.tick(1.5)  # invite timeout: group p0, p1, p2; p3 is released at once
     s3 = h.sessions["p3"]
-    assert s3.phase is Phase.ABORTED and s3.abort_reason == "aborted_by_initiator"
+    assert s3.phase is Phase.ABORTED and s3.abort_reason == "not_selected"
+    assert_done_and_consistent(h, ["p0", "p1", "p2"])
+
+
+def test_over_inviting_takes_the_first_acceptors() -> None:
+    h = Harness(n=5, group_size=3)
+    sid = h.start("p0", ["p1", "p2", "p3", "p4"])
+    assert all(env.out.body == m.Invite(3, 2, "mlp-test", PARAMS_N, 16) for env in h.queue)
+    h.run()
+    s0 = h.sessions["p0"]
+    assert s0.members == ("p0", "p1", "p2")  # accepts arrive in invite order here
+    assert_done_and_consistent(h, ["p0", "p1", "p2"])
+    for p in ("p3", "p4"):
+        s = h.sessions[p]
+        assert s.session_id == sid
+        assert s.phase is Phase.ABORTED and s.abort_reason == "not_selected"
+    assert all(set(d) <= {"session_finished"} for d in h.drops.values()), h.drops
 
 
 def test_accepted_member_times_out_without_start() -> None:

@@ -77,11 +77,12 @@ async def running(
             await task
 
 
-def _transport(url: str, name: str, subscriptions: list[str], **kwargs: Any) -> Transport:
+def _transport(url: str, name: str, subscriptions: list[str], *, mqtt_version: str = "3.1.1",
+               **kwargs: Any) -> Transport:
     options: dict[str, Any] = {"will": None, "on_connected": None, "max_payload": 1 << 20}
     options.update(kwargs)
     return Transport(
-        BrokerSettings(url=url, keepalive_s=10),
+        BrokerSettings(url=url, keepalive_s=10, mqtt_version=mqtt_version),
         client_id=f"{name}-{os.urandom(3).hex()}",
         subscriptions=subscriptions,
         backoff_initial_s=0.05,
@@ -95,12 +96,13 @@ async def _connected(transport: Transport) -> None:
         await transport.connected.wait()
 
 
+@pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
 async def test_publish_subscribe_round_trip_and_counters(
-    broker: MosquittoBroker,
+    broker: MosquittoBroker, mqtt_version: str,
 ) -> None:
     inbox = Inbox()
-    receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx"])
-    sender = _transport(broker.url, "tx", [])
+    receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx"], mqtt_version=mqtt_version)
+    sender = _transport(broker.url, "tx", [], mqtt_version=mqtt_version)
     async with running(receiver, inbox.handle), running(sender, Inbox().handle):
         await _connected(receiver)
         await _connected(sender)
@@ -331,6 +333,8 @@ def test_broker_settings_validate_urls() -> None:
         BrokerSettings(password="secret")
     with pytest.raises(ValueError):
         BrokerSettings(keepalive_s=1)
+    with pytest.raises(ValueError):
+        BrokerSettings(mqtt_version="3.1")
     assert BrokerSettings().tls_context() is None
     assert BrokerSettings(url="mqtts://h").tls_context() is not None
 
@@ -341,3 +345,21 @@ async def test_missing_ca_file_is_a_transport_error(tmp_path: Path) -> None:
                           on_connected=None, max_payload=10)
     with pytest.raises(TransportError, match="TLS"):
         await transport.run(Inbox().handle, asyncio.Event())
+
+
+async def test_cancelling_run_leaves_no_task_behind(
+    broker: MosquittoBroker,
+) -> None:
+    before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    transport = _transport(broker.url, "cancel", ["murmur/t/+/to/cancel"])
+    task = asyncio.create_task(transport.run(Inbox().handle, asyncio.Event()))
+    await _connected(transport)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    after = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+    assert after <= before
+    assert not transport.connected.is_set()
+    with pytest.raises(NotConnectedError):
+        await transport.publish("murmur/t/cancel/x", b"x")

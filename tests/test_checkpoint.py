@@ -1,0 +1,113 @@
+"""Checkpoints: atomic, restored into an equal state, intact after SIGKILL mid-run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peer.checkpoint import CheckpointError, load_checkpoint
+from peer.data import load_source, split_holdout
+from peer.ledger import LedgerError, PrivacyLedger
+from peer.trainer import LocalTrainer, TrainerConfig
+from tests.test_ledger import run_and_kill
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+CONFIG = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, lr=0.2, momentum=0.9)
+
+
+def _data():
+    train, _ = load_source("digits")
+    return split_holdout(train, 0.1, 0)
+
+
+def _assert_same_state(a: LocalTrainer, b: LocalTrainer) -> None:
+    for (name_a, ta), (name_b, tb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert name_a == name_b
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+    opt_a, opt_b = a._optimizer.state_dict(), b._optimizer.state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for key in opt_a["state"]:
+        torch.testing.assert_close(
+            opt_a["state"][key]["momentum_buffer"], opt_b["state"][key]["momentum_buffer"],
+            rtol=0, atol=0,
+        )
+    np.testing.assert_array_equal(a.residual, b.residual)
+    assert a.round == b.round
+    assert a.ledger == b.ledger
+
+
+def test_save_and_restore_gives_equal_state(tmp_path: Path) -> None:
+    train, hold = _data()
+    first = LocalTrainer(CONFIG, train, hold, tmp_path)
+    for _ in range(3):
+        first.train_round()
+    first.apply_update(np.array([0, 7], dtype=np.uint32), np.array([0.5, -0.25], np.float32))
+    first.save_checkpoint()
+    second = LocalTrainer(CONFIG, train, hold, tmp_path)
+    _assert_same_state(first, second)
+    assert np.count_nonzero(second.residual) > 0  # error feedback state really came back
+    assert first.evaluate() == second.evaluate()
+
+
+def test_checkpoint_intact_after_sigkill_and_restored_exactly(tmp_path: Path) -> None:
+    lines = run_and_kill(tmp_path, min_rounds=4)
+    last_round = lines[-1]["round"]
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")  # never torn: loads cleanly
+    assert saved.round in (last_round, last_round + 1)
+    ledger_file = PrivacyLedger.load(tmp_path / "ledger.json")
+    in_checkpoint = PrivacyLedger.from_json(saved.ledger_json)
+    assert ledger_file.steps >= in_checkpoint.steps  # the ledger is written first
+    train, hold = _data()
+    restored = LocalTrainer(CONFIG, train, hold, tmp_path)
+    assert restored.round == saved.round
+    for name, tensor in restored.model.state_dict().items():
+        torch.testing.assert_close(tensor, saved.model_state[name], rtol=0, atol=0)
+    np.testing.assert_array_equal(restored.residual, saved.residual)
+    assert restored.ledger.steps == ledger_file.steps
+    assert restored.ledger.epsilon == ledger_file.epsilon
+    # A temporary file may remain if the kill hit mid-write; it is never the live file.
+    live = {p for p in os.listdir(tmp_path) if not p.endswith(".tmp")}
+    assert live == {"checkpoint.pt", "ledger.json"}
+
+
+def test_corrupt_or_foreign_checkpoint_is_an_error(tmp_path: Path) -> None:
+    train, hold = _data()
+    trainer = LocalTrainer(CONFIG, train, hold, tmp_path)
+    trainer.train_round()
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
+    path.write_bytes(data)
+    ledger_bytes = (tmp_path / "ledger.json").read_bytes()
+    (tmp_path / "ledger.json").unlink()
+    with pytest.raises(LedgerError, match="ledger missing"):
+        LocalTrainer(CONFIG, train, hold, tmp_path)
+    (tmp_path / "ledger.json").write_bytes(ledger_bytes)
+    other = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, delta=1e-6)
+    with pytest.raises(LedgerError, match="delta"):
+        LocalTrainer(other, train, hold, tmp_path)
+    wrong_model_dir = tmp_path / "cnn"
+    wrong_model_dir.mkdir()
+    (wrong_model_dir / "checkpoint.pt").write_bytes(data)
+    images = train.subset(np.arange(40))
+    images.x = np.zeros((40, 1, 28, 28), dtype=np.float32)
+    cnn_cfg = TrainerConfig(model="cnn", local_steps=1, noise_multiplier=1.0)
+    with pytest.raises(LedgerError, match="checkpoint is for mlp"):
+        LocalTrainer(cnn_cfg, images, images, wrong_model_dir)

@@ -1,0 +1,156 @@
+"""LocalTrainer: update shape, ledger-before-return, budget refusal, merges, threading."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from peer.data import Dataset, load_source, split_holdout
+from peer.ledger import BudgetExhaustedError, PrivacyLedger
+from peer.trainer import LocalTrainer, LocalUpdate, TrainerConfig, configure_torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Dataset, Dataset, Dataset]:
+    train, test = load_source("digits")
+    train, holdout = split_holdout(train, 0.1, seed=0)
+    return train, holdout, test
+
+
+def _flat(trainer: LocalTrainer) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+
+
+def test_train_round_returns_valid_sparse_update(digits, tmp_path: Path) -> None:
+    train, holdout, _ = digits
+    cfg = TrainerConfig(model="mlp", local_steps=4, noise_multiplier=1.0, topk_fraction=0.02)
+    trainer = LocalTrainer(cfg, train, holdout, tmp_path)
+    assert trainer.model_id == "mlp-4810" and trainer.param_count == 4810
+    update = trainer.train_round()
+    assert isinstance(update, LocalUpdate)
+    assert update.indices.dtype == np.uint32 and update.values.dtype == np.float32
+    assert len(update.indices) == math.ceil(0.02 * 4810) == len(update.values)
+    assert np.all(np.diff(update.indices.astype(np.int64)) > 0)
+    assert np.all(np.isfinite(update.values)) and update.round == 1 and update.steps == 4
+    # The ledger on disk already accounts for the update that was just returned.
+    on_disk = PrivacyLedger.load(tmp_path / "ledger.json")
+    assert on_disk.steps == 4 and on_disk.epsilon == update.epsilon > 0
+
+
+def test_budget_refusal_before_training(digits) -> None:
+    train, holdout, _ = digits
+    cfg = TrainerConfig(model="mlp", local_steps=10, noise_multiplier=1.0, budget_epsilon=5.0)
+    trainer = LocalTrainer(cfg, train, holdout)
+    rounds = 0
+    with pytest.raises(BudgetExhaustedError) as info:
+        while True:
+            trainer.train_round()
+            rounds += 1
+    assert rounds >= 1 and trainer.ledger.epsilon <= 5.0 < info.value.would_be
+    before = _flat(trainer)
+    with pytest.raises(BudgetExhaustedError):
+        trainer.train_round()
+    assert torch.equal(before, _flat(trainer))  # refused without a single private step
+    assert trainer.ledger.steps == rounds * 10
+
+
+def test_target_epsilon_sets_noise_and_budget(digits) -> None:
+    train, holdout, _ = digits
+    cfg = TrainerConfig(model="mlp", local_steps=5, target_epsilon=3.0, planned_rounds=4)
+    trainer = LocalTrainer(cfg, train, holdout)
+    assert trainer.ledger.budget_epsilon == 3.0 and trainer.sigma > 0
+    for _ in range(4):
+        trainer.train_round()
+    assert 2.8 < trainer.ledger.epsilon <= 3.0
+    with pytest.raises(BudgetExhaustedError):
+        trainer.train_round()
+
+
+def test_apply_update_adds_values_and_validates(digits) -> None:
+    train, holdout, _ = digits
+    trainer = LocalTrainer(TrainerConfig(model="mlp", dp=False), train, holdout)
+    before = _flat(trainer)
+    trainer.apply_update(np.array([1, 5, 4809], np.uint32), np.array([1.0, -2.0, 0.5], np.float32))
+    delta = _flat(trainer) - before
+    assert delta[1] == 1.0 and delta[5] == -2.0 and delta[4809] == 0.5
+    assert int(torch.count_nonzero(delta)) == 3
+    with pytest.raises(ValueError, match="out of range"):
+        trainer.apply_update(np.array([4810]), np.array([1.0]))
+    with pytest.raises(ValueError, match="finite"):
+        trainer.apply_update(np.array([0]), np.array([np.inf]))
+    with pytest.raises(ValueError, match="equal length"):
+        trainer.apply_update(np.array([0, 1]), np.array([1.0]))
+
+
+def test_merge_during_a_round_is_queued_and_not_reshared(digits) -> None:
+    train, holdout, _ = digits
+    cfg = TrainerConfig(model="mlp", dp=False, local_steps=3, topk_fraction=1.0)
+    trainer = LocalTrainer(cfg, train, holdout)
+    with trainer._lock:  # as if a round were running in the worker thread
+        before = _flat(trainer)
+        trainer.apply_update(np.array([0]), np.array([100.0], np.float32))  # must not block
+        assert torch.equal(before, _flat(trainer))
+        trainer._drain_pending()  # the round drains between steps
+    assert float(_flat(trainer)[0] - before[0]) == 100.0
+    # A merge that lands inside a round is excluded from that round's own update.
+    result: dict[str, LocalUpdate] = {}
+    with trainer._lock:
+        worker = threading.Thread(target=lambda: result.setdefault("u", trainer.train_round()))
+        worker.start()
+        trainer.apply_update(np.array([2]), np.array([50.0], np.float32))
+    worker.join(timeout=60)
+    update = result["u"]
+    own = dict(zip(update.indices.tolist(), update.values.tolist(), strict=True))
+    assert abs(own.get(2, 0.0)) < 10.0  # its own small step, not the 50.0 merge
+
+
+def test_non_private_training_learns_digits(digits) -> None:
+    train, holdout, test = digits
+    cfg = TrainerConfig(model="mlp", dp=False, lr=0.5, local_steps=50)
+    trainer = LocalTrainer(cfg, train, holdout)
+    for _ in range(4):
+        update = trainer.train_round()
+    assert update.epsilon == math.inf
+    assert trainer.evaluate() > 0.85 and trainer.evaluate(test) > 0.85
+    assert math.isnan(trainer.evaluate(test.subset([])))
+
+
+def test_private_training_learns_digits(digits) -> None:
+    train, holdout, test = digits
+    cfg = TrainerConfig(model="mlp", lr=1.0, local_steps=50, noise_multiplier=1.0,
+                        max_grad_norm=1.0)
+    trainer = LocalTrainer(cfg, train, holdout)
+    for _ in range(4):
+        trainer.train_round()
+    assert trainer.evaluate(test) > 0.7
+
+
+def test_train_round_from_worker_thread_and_config_errors(digits) -> None:
+    train, holdout, _ = digits
+    configure_torch_threads(torch.get_num_threads())
+    trainer = LocalTrainer(TrainerConfig(model="mlp", noise_multiplier=1.2), train, holdout)
+    out: list[LocalUpdate] = []
+    worker = threading.Thread(target=lambda: out.append(trainer.train_round()))
+    worker.start()
+    worker.join(timeout=60)
+    assert out and out[0].round == 1
+    with pytest.raises(ValueError, match="noise_multiplier or target_epsilon"):
+        TrainerConfig(dp=True).validate()
+    with pytest.raises(ValueError, match="fraction"):
+        TrainerConfig(dp=False, topk_fraction=0).validate()
+    with pytest.raises(ValueError):
+        configure_torch_threads(0)
