@@ -296,20 +296,163 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, list[s
     return runs
 
 
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("what", "{}"), ("config", "{}"), ("peak_rss_mb", "{:.0f}"),
-    ("cpu_s_per_round", "{:.2f}"), ("rss_after_imports_mb", "{:.0f}"),
-    ("rss_after_data_mb", "{:.0f}"), ("rss_after_trainer_mb", "{:.0f}"),
+def full_plan(workdir: Path) -> list[tuple[str, str]]:
+    """(config, data spec) of the whole-peer runs: the CNN on a shard, the MLP on digits."""
+    runs = []
+    shard = workdir / "fmnist-shard.npz"
+    if shard.exists():
+        runs.append(("cnn_shard", f"npz:{shard}"))
+    runs.append(("mlp", "digits"))
+    return runs
+
+
+# ------------------------------------------------------------------ whole peer processes
+def toml_text(document: dict[str, Any]) -> str:
+    """A flat TOML writer for peer configs: top-level scalars, then one level of tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+    lines = [f"{k} = {value(v)}" for k, v in document.items() if not isinstance(v, dict)]
+    for name, table in document.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{name}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+def peer_configs(workdir: Path, broker_url: str, data_spec: str, model: str, steps: int,
+                 count: int) -> list[Path]:
+    """Provision a network of ``count`` peers and write their run configs (plain loopback
+    MQTT: TLS costs the peer a few MB of OpenSSL state, measured separately by nobody)."""
+    import tomllib
+
+    from peer.provision import provision
+
+    names = [f"bench-{i}" for i in range(count)]
+    network = provision("bench", names, workdir / "network", broker_url=broker_url)
+    paths = []
+    for files in network.peers:
+        document = tomllib.loads(files.config.read_text())
+        document.update(data=data_spec, announce_interval_s=5.0, silence_expiry_s=30.0,
+                        checkpoint_interval_s=60.0, status_interval_s=60.0,
+                        log_level="WARNING")
+        document["training"] = {"model": model, "local_steps": steps, "dp": True,
+                                "noise_multiplier": 1.0, "batch_size": 64,
+                                "topk_fraction": 0.01}
+        path = files.config.with_name(f"{files.peer_id}.run.toml")
+        path.write_text(toml_text(document))
+        paths.append(path)
+    return paths
+
+
+def ledger_steps(state_dir: Path) -> int:
+    try:
+        return int(json.loads((state_dir / "ledger.json").read_text()).get("steps", 0))
+    except (OSError, ValueError):
+        return 0  # not written yet, or replaced at this very moment
+
+
+def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: float,
+                       workdir: Path, count: int = 3) -> dict[str, Any]:
+    """Run ``count`` real ``murmur-peer run`` processes against a loopback Mosquitto for
+    ``duration_s`` and report the first one: VmHWM, CPU per local round (everything the
+    process did divided by its rounds, so sessions and networking are included)."""
+    import asyncio
+
+    import psutil
+
+    from sim.broker import MosquittoBroker
+
+    model = "mlp" if config == "mlp" else "cnn"
+    row: dict[str, Any] = {"config": config, "what": "peer_full", "peers": count}
+    broker = MosquittoBroker()
+    if not broker.available():
+        row["error"] = "mosquitto not installed"
+        return row
+    asyncio.run(broker.start())
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        configs = peer_configs(workdir, broker.url, data_spec, model, steps, count)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "MALLOC_ARENA_MAX": "2"}  # as in docs/deploy/murmur-peer.service
+        for path in configs:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "peer.cli", "run", "--config", str(path)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE))
+        watched = psutil.Process(processes[0].pid)
+        state_dir = workdir / "network" / "state" / "bench-0"
+        started = time.monotonic()
+        first: tuple[float, int] | None = None  # (cpu seconds, steps) at the first round
+        rss_samples: list[float] = []
+        while time.monotonic() - started < duration_s:
+            if any(p.poll() is not None for p in processes):
+                break
+            times = watched.cpu_times()
+            cpu = times.user + times.system
+            done = ledger_steps(state_dir)
+            if first is None and done > 0:
+                first = (cpu, done)
+            rss_samples.append(watched.memory_info().rss / MB)
+            time.sleep(0.5)
+        exited = [p for p in processes if p.poll() is not None]
+        if exited:
+            stderr = exited[0].stderr.read().decode(errors="replace") if exited[0].stderr else ""
+            row["error"] = f"a peer exited early: {stderr.strip().splitlines()[-1:]}"
+            return row
+        with open(f"/proc/{watched.pid}/status") as status:
+            hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        times = watched.cpu_times()
+        cpu_end, steps_end = times.user + times.system, ledger_steps(state_dir)
+        row.update(
+            peak_rss_mb=round(hwm / 1024.0, 1),
+            rss_steady_median_mb=round(statistics.median(rss_samples[len(rss_samples) // 2:]),
+                                       1) if rss_samples else None,
+            rounds=steps_end // steps,
+            steps_per_round=steps,
+            process_cpu_s=round(cpu_end, 2),
+            wall_s=round(time.monotonic() - started, 1),
+        )
+        if first is not None and steps_end > first[1]:
+            row["cpu_s_per_round"] = round((cpu_end - first[0]) / ((steps_end - first[1])
+                                                                   / steps), 3)
+            row["startup_cpu_s"] = round(first[0], 2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+        asyncio.run(broker.close())
+    return row
+
+
+# (field, format, width); rss_after_* show where a process's memory went, phase by phase.
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("what", "{}", 15), ("config", "{}", 19), ("peak_rss_mb", "{:.0f}", 11),
+    ("cpu_s_per_round", "{:.3f}", 15), ("rss_after_imports_mb", "{:.0f}", 20),
+    ("rss_after_data_mb", "{:.0f}", 17), ("rss_after_trainer_mb", "{:.0f}", 20),
+    ("rss_after_rounds_mb", "{:.0f}", 19),
 )
 
 
-def print_table(rows: list[dict[str, Any]], write: Callable[[str], None] = print) -> None:
-    write("  ".join(f"{name:>20}" for name, _fmt in COLUMNS))
+def print_table(rows: list[dict[str, Any]], write: Callable[[str], None] = print,
+                header: bool = True) -> None:
+    if header:
+        write("  ".join(f"{name:>{width}}" for name, _fmt, width in COLUMNS))
     for row in rows:
         cells = []
-        for name, fmt in COLUMNS:
+        for name, fmt, width in COLUMNS:
             value = row.get(name)
-            cells.append(f"{fmt.format(value) if value is not None else '-':>20}")
+            cells.append(f"{fmt.format(value) if value is not None else '-':>{width}}")
         line = "  ".join(cells)
         if "error" in row:
             line += f"  ERROR: {row['error']}"
@@ -322,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="local rounds per config")
     parser.add_argument("--steps", type=int, default=None, help="DP-SGD steps per round")
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
+    parser.add_argument("--full-seconds", type=float, default=None,
+                        help="how long the whole-peer runs last (0: skip them)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -330,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2 if args.quick else 5
     if args.steps is None:
         args.steps = 5 if args.quick else 20
+    if args.full_seconds is None:
+        args.full_seconds = 0.0 if args.quick else 60.0
     if args.child is not None:
         child_main(args)
         return 0
@@ -338,7 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="murmur-resource-bench-") as tmp:
         for what, config, extra in plan(args, Path(tmp)):
             rows.append(run_child(what, config, extra, timeout_s=600))
-    print_table(rows)
+            print_table(rows[-1:], header=len(rows) == 1)
+        if args.full_seconds > 0:
+            for config, data_spec in full_plan(Path(tmp)):
+                workdir = Path(tmp) / f"full-{config}"
+                workdir.mkdir()
+                rows.append(measure_full_peers(config, data_spec, args.steps,
+                                               args.full_seconds, workdir))
+                print_table(rows[-1:], header=False)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 1 if any("error" in row for row in rows) else 0

@@ -278,6 +278,9 @@ def _mosquitto_conf_text(passwd: Path, acl: Path) -> str:
         f"acl_file {acl}\n"
         "# Murmur payloads are at most 8 MiB; leave room for framing.\n"
         "max_packet_size 16777216\n"
+        "# Without it Mosquitto's own small writes wait on Nagle + delayed ACK: measured here,\n"
+        "# a request/response between two peers takes ~44 ms instead of ~1.5 ms.\n"
+        "set_tcp_nodelay true\n"
     )
 
 

@@ -193,6 +193,7 @@ class Transport:
         backoff_max_s: float = 10.0,
         max_queued_incoming: int = DEFAULT_MAX_QUEUED_INCOMING,
         publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
+        tcp_nodelay: bool = True,
     ) -> None:
         if max_payload <= 0:
             raise ValueError(f"max_payload must be positive, got {max_payload}")
@@ -210,6 +211,7 @@ class Transport:
         self.backoff_max_s = backoff_max_s
         self.max_queued_incoming = max_queued_incoming
         self.publish_timeout_s = publish_timeout_s
+        self.tcp_nodelay = tcp_nodelay  # False only to measure what Nagle's algorithm costs
 
         self.connected = asyncio.Event()
         self.bytes_sent = 0
@@ -260,7 +262,7 @@ class Transport:
             keepalive=self.settings.keepalive_s,
             tls_context=tls_context,
             max_queued_incoming_messages=self.max_queued_incoming,
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.tcp_nodelay))],
         )
         # A session sends a burst of QoS 1 messages whose acks overlap; aiomqtt warns above
         # 10 pending calls, which is normal here.

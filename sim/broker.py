@@ -245,6 +245,9 @@ class MosquittoBroker:
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
             f"max_packet_size {MOSQUITTO_MAX_PACKET_BYTES}",
+            # Without it Nagle + delayed ACK hold small protocol messages back: a loopback
+            # request/response took 44 ms instead of 1.5 ms with only the client's nodelay on.
+            "set_tcp_nodelay true",
             # Peers publish bursts of shares; the defaults (1000 queued, 20 in flight) are
             # fine per client, but never drop QoS 1 messages for a slow subscriber on count.
             "max_queued_messages 10000",
