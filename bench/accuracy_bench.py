@@ -3,7 +3,8 @@
 For each data set: centralized non-private training on the whole training set, one peer's
 standalone IID shard (1/8 of digits, 1/16 of Fashion-MNIST) without privacy, and DP-SGD on the
 whole training set at epsilon = 1, 3, 8 (delta = 1e-5; noise chosen by the RDP accountant for
-the planned number of steps). Every run goes through peer.trainer.LocalTrainer with secure
+the planned number of steps). Digits rows average 5 independent runs (2 with --quick);
+Fashion-MNIST rows are single runs. Every run goes through peer.trainer.LocalTrainer with secure
 noise and Poisson sampling, i.e. exactly what a peer runs. Wall time is per run.
 
     python bench/accuracy_bench.py [--quick] [--out FILE] [--datasets digits,fashion-mnist]
@@ -45,6 +46,7 @@ class Plan:
     plain_epochs: int
     private: TrainerConfig
     private_epochs: int
+    repeats: int  # independent runs per row (cheap data sets: average out the noise)
 
 
 PLANS = {
@@ -59,6 +61,7 @@ PLANS = {
             max_grad_norm=1.0, delta=DELTA, target_epsilon=1.0,
         ),
         private_epochs=10,
+        repeats=5,
     ),
     "fashion-mnist": Plan(
         source="fashion-mnist",
@@ -67,10 +70,11 @@ PLANS = {
         plain=TrainerConfig(model="cnn", dp=False, optimizer="adam", lr=1e-3, batch_size=64),
         plain_epochs=3,
         private=TrainerConfig(
-            model="cnn", optimizer="sgd", lr=2.0, momentum=0.9, batch_size=512,
+            model="cnn", optimizer="sgd", lr=4.0, momentum=0.9, batch_size=1024,
             max_grad_norm=0.1, delta=DELTA, target_epsilon=1.0,
         ),
-        private_epochs=5,
+        private_epochs=12,
+        repeats=1,
     ),
 }
 
@@ -81,31 +85,46 @@ def _iid_shard(train: Dataset, fraction: float, seed: int = 0) -> Dataset:
 
 
 def _run(
-    label: dict, config: TrainerConfig, train: Dataset, test: Dataset, epochs: int
+    label: dict,
+    config: TrainerConfig,
+    train: Dataset,
+    test: Dataset,
+    epochs: int,
+    repeats: int = 1,
 ) -> dict:
+    """Train ``repeats`` independent models (fresh secure noise each); mean and spread."""
     steps_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
-    config = replace(
-        config, local_steps=steps_per_epoch, planned_rounds=epochs, checkpoint_every_round=False
-    )
-    start = time.perf_counter()
-    trainer = LocalTrainer(config, train, test.subset(np.arange(min(len(test), 500))))
-    for _ in range(epochs):
-        trainer.train_round()
-    wall = time.perf_counter() - start
-    accuracy = trainer.evaluate(test)
+    accuracies, walls = [], []
+    for repeat in range(repeats):
+        run_config = replace(
+            config,
+            local_steps=steps_per_epoch,
+            planned_rounds=epochs,
+            checkpoint_every_round=False,
+            seed=config.seed + repeat,
+        )
+        start = time.perf_counter()
+        trainer = LocalTrainer(run_config, train, test.subset(np.arange(min(len(test), 500))))
+        for _ in range(epochs):
+            trainer.train_round()
+        walls.append(time.perf_counter() - start)
+        accuracies.append(100 * trainer.evaluate(test))
     row = {
         **label,
         "train_examples": len(train),
         "epochs": epochs,
+        "repeats": repeats,
         "sigma": round(trainer.sigma, 4),
         "epsilon_spent": round(trainer.ledger.epsilon, 3) if config.dp else None,
-        "test_accuracy_pct": round(100 * accuracy, 2),
-        "wall_s": round(wall, 1),
+        "test_accuracy_pct": round(float(np.mean(accuracies)), 2),
+        "test_accuracy_std_pct": round(float(np.std(accuracies)), 2),
+        "wall_s": round(float(np.mean(walls)), 1),
     }
     print(
         f"{row['dataset']:<14} {row['setting']:<12} {row['train_examples']:>6} "
-        f"{row['epochs']:>3} {row['sigma']:>7} {row['epsilon_spent']!s:>7} "
-        f"{row['test_accuracy_pct']:>7.2f} {row['wall_s']:>7.1f}",
+        f"{row['epochs']:>3} {repeats:>3} {row['sigma']:>7} {row['epsilon_spent']!s:>7} "
+        f"{row['test_accuracy_pct']:>7.2f} {row['test_accuracy_std_pct']:>5.2f} "
+        f"{row['wall_s']:>7.1f}",
         flush=True,
     )
     return row
@@ -117,9 +136,10 @@ def run(dataset: str, quick: bool) -> list[dict]:
     scale = 0.5 if quick else 1.0
     plain_epochs = max(1, round(plan.plain_epochs * scale))
     private_epochs = plan.private_epochs  # few epochs already; fewer would change sigma
+    repeats = min(plan.repeats, 2) if quick else plan.repeats
     rows = [
         _run({"dataset": dataset, "setting": "centralized"}, plan.plain, train, test,
-             plain_epochs),
+             plain_epochs, repeats),
         _run(
             {"dataset": dataset, "setting": f"shard_1/{round(1 / plan.shard_fraction)}"},
             plan.plain,
@@ -127,12 +147,13 @@ def run(dataset: str, quick: bool) -> list[dict]:
             test,
             # same number of optimizer steps as centralized, spread over more epochs
             max(1, round(plain_epochs / plan.shard_fraction)),
+            repeats,
         ),
     ]
     for eps in EPSILONS:
         config = replace(plan.private, target_epsilon=eps)
         rows.append(_run({"dataset": dataset, "setting": f"dp_eps_{eps:g}"}, config, train,
-                         test, private_epochs))
+                         test, private_epochs, repeats))
     return rows
 
 
@@ -146,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Optimal order")
     torch.set_num_threads(args.threads)
     datasets = ["digits"] if args.quick else args.datasets.split(",")
-    print(f"{'dataset':<14} {'setting':<12} {'train':>6} {'ep':>3} {'sigma':>7} {'eps':>7} "
-          f"{'acc %':>7} {'wall s':>7}")
+    print(f"{'dataset':<14} {'setting':<12} {'train':>6} {'ep':>3} {'rep':>3} {'sigma':>7} "
+          f"{'eps':>7} {'acc %':>7} {'std':>5} {'wall s':>7}")
     rows: list[dict] = []
     for dataset in datasets:
         rows.extend(run(dataset, args.quick))

@@ -8,7 +8,10 @@ split (same seed):
   (d) standalone (each peer alone on its shard, no DP, its own compute)
 
 Figures per row: final mean test accuracy, wall time, bytes a peer sends per session it took
-part in, and that against sending the dense float32 model in the clear once.
+part in (all its traffic - announcements, invitations, shares, partial sums, aborted sessions -
+divided by its completed sessions), and that against sending one copy of the dense float32
+model in the clear ("vs dense"; a plain exchange with the g - 1 other members would cost g - 1
+copies).
 Every gossip row is a real `murmur-sim` run (real peers, crypto and broker).
 
     python bench/network_bench.py --quick            # digits, 4 peers, < 60 s
@@ -46,7 +49,8 @@ def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]],
             broker="embedded",
         )
         rows = [("gossip, no DP", {"dp": False}),
-                ("gossip, DP eps=3", {"dp": True, "target_epsilon": 3.0})]
+                ("gossip, DP eps=3", {"dp": True, "target_epsilon": 3.0}),
+                ("gossip, DP eps=8", {"dp": True, "target_epsilon": 8.0})]
         return shared, rows, 0.3
     shared = dict(
         peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5, rounds=30,

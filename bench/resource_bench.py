@@ -21,8 +21,10 @@ Rows (``what``):
   6 000-example shard given as an .npz file (what one device of a fleet would hold), ``mlp``
   on scikit-learn's digits;
 * ``peer_full``       -- a whole ``murmur-peer run`` process (transport, membership,
-  sessions, trainer) with the CNN against a loopback Mosquitto, next to two more peers so that
-  sessions happen; sampled with psutil while it runs.
+  sessions, trainer) against a loopback Mosquitto, next to two more peers so that sessions
+  happen; sampled with psutil while it runs. ``cnn_shard+lean`` is a what-if: the same run
+  with the two changes proposed in docs/deploy/raspberry-pi.md applied from outside
+  (:func:`install_lean_what_if`), so that the proposal has a measured figure.
 
 Usage::
 
@@ -218,8 +220,95 @@ def round_figures(round_cpu: list[float]) -> dict[str, float]:
     }
 
 
+# ------------------------------------------------------- what-if: the two proposed changes
+# Measurement only, never product code: the whole-peer run with ``+lean`` applies, from the
+# outside, the two changes this benchmark proposes (see docs/deploy/raspberry-pi.md), so the
+# proposal comes with a measured figure rather than an estimate.
+OPACUS_DEFAULT_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def install_lean_what_if() -> None:
+    """(1) Load only Opacus' RDP analysis module (numpy + scipy.special) instead of running
+    ``opacus/__init__``; (2) use functional SGD instead of constructing a torch.optim
+    optimizer (which imports torch._dynamo). Both leave the arithmetic unchanged."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("opacus")  # locates the package; does not import it
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("opacus is not installed")
+    rdp_file = Path(spec.submodule_search_locations[0]) / "accountants" / "analysis" / "rdp.py"
+    rdp_spec = importlib.util.spec_from_file_location("opacus.accountants.analysis.rdp",
+                                                      rdp_file)
+    assert rdp_spec is not None and rdp_spec.loader is not None
+    rdp = importlib.util.module_from_spec(rdp_spec)
+    rdp_spec.loader.exec_module(rdp)
+    packages = {name: types.ModuleType(name) for name in
+                ("opacus", "opacus.accountants", "opacus.accountants.analysis",
+                 "opacus.accountants.utils")}
+    for name, module in packages.items():
+        if name != "opacus.accountants.utils":
+            module.__path__ = []  # a package, so its submodules resolve from sys.modules
+
+    class RDPAccountant:  # only the constant peer/privacy/accountant.py reads
+        DEFAULT_ALPHAS = OPACUS_DEFAULT_ALPHAS
+
+    def get_noise_multiplier(**_kwargs: Any) -> float:
+        raise RuntimeError("what-if run: configure noise_multiplier, not target_epsilon")
+
+    packages["opacus.accountants"].RDPAccountant = RDPAccountant  # type: ignore[attr-defined]
+    packages["opacus.accountants.utils"].get_noise_multiplier = (  # type: ignore[attr-defined]
+        get_noise_multiplier)
+    sys.modules.update(packages)
+    sys.modules["opacus.accountants.analysis.rdp"] = rdp
+
+    import torch
+    from torch.optim.sgd import sgd
+
+    import peer.trainer
+
+    class FunctionalSGD:
+        """torch.optim.SGD's update through the functional API (no torch._dynamo)."""
+
+        def __init__(self, params: list[torch.Tensor], lr: float, momentum: float) -> None:
+            self.params, self.lr, self.momentum = params, lr, momentum
+            self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            for p in self.params:
+                p.grad = None
+
+        @torch.no_grad()
+        def step(self) -> None:
+            live = [i for i, p in enumerate(self.params) if p.grad is not None]
+            buffers = [self.buffers[i] for i in live]
+            sgd([self.params[i] for i in live], [self.params[i].grad for i in live], buffers,
+                weight_decay=0.0, momentum=self.momentum, lr=self.lr, dampening=0.0,
+                nesterov=False, maximize=False)
+            for i, buffer in zip(live, buffers, strict=True):
+                self.buffers[i] = buffer
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"momentum_buffers": list(self.buffers)}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.buffers = list(state.get("momentum_buffers", self.buffers))
+
+    def make_optimizer(trainer: Any) -> FunctionalSGD:
+        if trainer.config.optimizer != "sgd":
+            raise SystemExit("what-if run supports optimizer = 'sgd' only")
+        return FunctionalSGD(trainer._params, trainer.config.lr, trainer.config.momentum)
+
+    peer.trainer.LocalTrainer._make_optimizer = make_optimizer  # type: ignore[method-assign]
+
+
 def child_main(args: argparse.Namespace) -> None:
     what, config = args.child, args.config
+    if what == "lean_peer_run":
+        install_lean_what_if()
+        from peer.cli import main as peer_main
+
+        raise SystemExit(peer_main(["run", "--config", config]))
     if what == "import":
         figures = child_import(config)
     elif what == "lean_floor":
@@ -296,13 +385,14 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, list[s
     return runs
 
 
-def full_plan(workdir: Path) -> list[tuple[str, str]]:
-    """(config, data spec) of the whole-peer runs: the CNN on a shard, the MLP on digits."""
+def full_plan(workdir: Path) -> list[tuple[str, str, bool]]:
+    """(config, data spec, lean what-if) of the whole-peer runs: the CNN on a shard as the
+    code stands and with the two proposed changes, the MLP on digits."""
     runs = []
     shard = workdir / "fmnist-shard.npz"
     if shard.exists():
-        runs.append(("cnn_shard", f"npz:{shard}"))
-    runs.append(("mlp", "digits"))
+        runs += [("cnn_shard", f"npz:{shard}", False), ("cnn_shard", f"npz:{shard}", True)]
+    runs.append(("mlp", "digits", False))
     return runs
 
 
@@ -356,8 +446,13 @@ def ledger_steps(state_dir: Path) -> int:
         return 0  # not written yet, or replaced at this very moment
 
 
+# The environment docs/deploy/murmur-peer.service gives a peer (whole-peer runs use it).
+UNIT_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
+                    "MALLOC_MMAP_THRESHOLD_": "4194304"}
+
+
 def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: float,
-                       workdir: Path, count: int = 3) -> dict[str, Any]:
+                       workdir: Path, count: int = 3, lean: bool = False) -> dict[str, Any]:
     """Run ``count`` real ``murmur-peer run`` processes against a loopback Mosquitto for
     ``duration_s`` and report the first one: VmHWM, CPU per local round (everything the
     process did divided by its rounds, so sessions and networking are included)."""
@@ -368,7 +463,8 @@ def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: floa
     from sim.broker import MosquittoBroker
 
     model = "mlp" if config == "mlp" else "cnn"
-    row: dict[str, Any] = {"config": config, "what": "peer_full", "peers": count}
+    row: dict[str, Any] = {"config": config + ("+lean" if lean else ""), "what": "peer_full",
+                           "peers": count}
     broker = MosquittoBroker()
     if not broker.available():
         row["error"] = "mosquitto not installed"
@@ -377,11 +473,13 @@ def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: floa
     processes: list[subprocess.Popen[bytes]] = []
     try:
         configs = peer_configs(workdir, broker.url, data_spec, model, steps, count)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-               "MALLOC_ARENA_MAX": "2"}  # as in docs/deploy/murmur-peer.service
+        env = {**os.environ, "PYTHONPATH": str(REPO), **UNIT_ENVIRONMENT}
         for path in configs:
+            command = ([sys.executable, str(Path(__file__).resolve()), "--child",
+                        "lean_peer_run", "--config", str(path)] if lean else
+                       [sys.executable, "-m", "peer.cli", "run", "--config", str(path)])
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "peer.cli", "run", "--config", str(path)],
+                command,
                 cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE))
         watched = psutil.Process(processes[0].pid)
@@ -487,11 +585,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_child(what, config, extra, timeout_s=600))
             print_table(rows[-1:], header=len(rows) == 1)
         if args.full_seconds > 0:
-            for config, data_spec in full_plan(Path(tmp)):
-                workdir = Path(tmp) / f"full-{config}"
+            for config, data_spec, lean in full_plan(Path(tmp)):
+                workdir = Path(tmp) / f"full-{config}{'-lean' if lean else ''}"
                 workdir.mkdir()
                 rows.append(measure_full_peers(config, data_spec, args.steps,
-                                               args.full_seconds, workdir))
+                                               args.full_seconds, workdir, lean=lean))
                 print_table(rows[-1:], header=False)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -87,6 +87,12 @@ class Trainer(Protocol):
 
     The trainer must be thread-safe: ``train_round`` runs in a worker thread while the event
     loop calls ``apply_update`` (LocalTrainer queues merges that arrive mid-round).
+
+    Optional, for the residual fill (docs/sessions.md, "Sparse supports"): a trainer that has
+    both ``residual_values(indices) -> float32 array`` (called on the event loop: must not
+    block on a running round) and ``consume_residual(indices, values)`` (called in a worker
+    thread after a completed session, to remove what was shared) makes every member contribute
+    on every coordinate of a session.
     """
 
     param_count: int
@@ -145,6 +151,9 @@ class PeerStatus:
     drops: dict[str, int]
     peers_live: int
     in_session: bool
+    declines_sent: dict[str, int] = field(default_factory=dict)
+    late_messages: int = 0  # messages of a session we just finished (surplus partials)
+    send_failures: int = 0
 
     def line(self) -> str:
         """One-line human status."""
@@ -233,6 +242,11 @@ class Peer:
         self.session: Session | None = None
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
+        # Residual fill (docs/sessions.md, "Sparse supports"): used when the trainer can both
+        # read residual values without blocking and remove what a session shared.
+        lend = getattr(trainer, "residual_values", None)
+        settle = getattr(trainer, "consume_residual", None)
+        self._residual_fill = lend if callable(lend) and callable(settle) else None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._stopping = False
@@ -292,6 +306,9 @@ class Peer:
             drops=self.drops.snapshot(),
             peers_live=len(self._eligible(now)),
             in_session=self.session is not None,
+            declines_sent=dict(self.declines_sent),
+            late_messages=self.late_messages,
+            send_failures=self.send_failures,
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -343,14 +360,18 @@ class Peer:
                 await asyncio.wait_for(self._outbox_drained(), timeout=2.0)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         if training is not None:
-            # The round in flight finishes in its thread (it cannot be interrupted safely).
+            # The round in flight finishes in its thread (it cannot be interrupted safely);
+            # its ledger entry is already on disk, so nothing is forgotten.
             training.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await training
+            tasks = [*tasks, training]
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("%s: a background task had failed", self.peer_id)
         await self._checkpoint()
         transport_stop.set()
         try:
@@ -614,16 +635,33 @@ class Peer:
             group_sum=result.group_sum,
             own_indices=None if contribution is None else contribution.indices,
             own_values=None if contribution is None else contribution.values,
+            contributed=result.own_values,  # dense on the coordinates, incl. residual fill
+            filled_indices=result.filled_indices,
+            filled_values=result.filled_values,
             staleness=staleness,
             merged_norm=None if merged is None else float(np.linalg.norm(merged.values)),
             clipped=None if merged is None else merged.clipped,
             started_at=started_at,
             duration_s=duration,
         )
-        if merged is not None:
-            asyncio.get_running_loop().create_task(self._apply(merged.indices, merged.values))
+        if merged is not None or result.filled_indices.size:
+            asyncio.get_running_loop().create_task(self._apply(
+                None if merged is None else merged.indices,
+                None if merged is None else merged.values,
+                result.filled_indices, result.filled_values,
+            ))
 
-    async def _apply(self, indices: np.ndarray, values: np.ndarray) -> None:
+    async def _apply(self, indices: np.ndarray | None, values: np.ndarray | None,
+                     filled_indices: np.ndarray, filled_values: np.ndarray) -> None:
+        if filled_indices.size:
+            # What we shared from the residual has left: remove it so it is not sent twice.
+            settle = self.trainer.consume_residual  # type: ignore[attr-defined]
+            try:
+                await asyncio.to_thread(settle, filled_indices, filled_values)
+            except ValueError as exc:
+                log.error("%s: trainer refused to settle the residual: %s", self.peer_id, exc)
+        if indices is None or values is None:
+            return
         try:
             if self.config.train:
                 await asyncio.to_thread(self.trainer.apply_update, indices, values)
@@ -657,6 +695,7 @@ class Peer:
             indices=np.asarray(indices, dtype=np.uint32),
             values=np.asarray(values, dtype=np.float32),
             round=round_,
+            fill=self._residual_fill,
         )
         self._latest_round = max(self._latest_round, round_)
         self._wake.set()
@@ -691,8 +730,12 @@ class Peer:
                 # peer that waits is likely to be invited by a neighbour instead.
                 spread = self.config.start_jitter_s * 2 ** min(self._initiator_failures, 4)
                 await asyncio.sleep(rng.uniform(0.0, spread))
-                if self.try_start_session():
-                    continue
+                try:
+                    if self.try_start_session():
+                        continue
+                except Exception:
+                    # A bug must not stop this peer from ever inviting again.
+                    log.exception("%s: could not start a session", self.peer_id)
                 await asyncio.sleep(self.config.start_jitter_s)
                 continue
             with contextlib.suppress(TimeoutError):
@@ -701,14 +744,22 @@ class Peer:
     async def _ticker_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_s)
-            now = time.time()
-            if now >= self._next_expiry:
-                self._next_expiry = now + 1.0
-                for gone in self.membership.expire(now):
-                    log.info("%s: %s went silent", self.peer_id, gone)
-            session = self.session
-            if session is not None and time.time() >= session.deadline:
-                self._process(session.on_timeout(time.time()))
+            try:
+                self._tick()
+            except Exception:
+                # A bug here must not freeze the session timeouts: log and keep ticking.
+                log.exception("%s: session tick failed", self.peer_id)
+
+    def _tick(self) -> None:
+        """Expire silent peers (once a second) and advance the session's timeouts."""
+        now = time.time()
+        if now >= self._next_expiry:
+            self._next_expiry = now + 1.0
+            for gone in self.membership.expire(now):
+                log.info("%s: %s went silent", self.peer_id, gone)
+        session = self.session
+        if session is not None and now >= session.deadline:
+            self._process(session.on_timeout(now))
 
     async def _announce_loop(self) -> None:
         while True:
@@ -716,7 +767,7 @@ class Peer:
             if self.transport.connected.is_set():
                 try:
                     await self._publish_announce()
-                except NotConnectedError as exc:
+                except (NotConnectedError, PayloadTooLargeError) as exc:
                     log.info("%s: announce not sent: %s", self.peer_id, exc)
 
     async def _checkpoint_loop(self) -> None:

@@ -48,6 +48,9 @@ from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
 
 log = logging.getLogger(__name__)
 
+_NO_INDICES = np.zeros(0, dtype=np.uint32)
+_NO_VALUES = np.zeros(0, dtype=np.float32)
+
 #: Messages held while waiting for Start (shares/partials can overtake the Start from the
 #: initiator because MQTT only orders messages per publisher and topic).
 _MAX_EARLY_MESSAGES = 2 * MAX_MEMBERS
@@ -119,11 +122,20 @@ class SessionContext:
 
 @dataclass(frozen=True)
 class Contribution:
-    """A peer's update for one session: sorted unique uint32 indices and float32 values."""
+    """A peer's update for one session: sorted unique uint32 indices and float32 values.
+
+    ``fill``, when given, returns this peer's values on coordinates *outside* its own index set
+    (from its error-feedback residual). Without it the peer contributes zeros there, and at a
+    coordinate only one member selected the group sum is that member's value
+    (docs/sessions.md, "Sparse supports"); with it every member contributes on every
+    coordinate. The values used are reported in ``GroupResult.filled_*`` so the peer can
+    remove them from its residual once the session is done.
+    """
 
     indices: np.ndarray
     values: np.ndarray
     round: int = 0
+    fill: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,8 @@ class GroupResult:
     group_sum: np.ndarray  # float64, sum of every contributor's vector on the coordinates
     own_values: np.ndarray  # float64, this member's contribution as encoded (fixed-point exact)
     own_round: int
+    filled_indices: np.ndarray  # uint32: coordinates outside our index set we contributed on
+    filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
 
 
 class _Drop(Exception):
@@ -228,6 +242,7 @@ class Session:
         self._partials: dict[str, shamir.Share] = {}  # sender -> partial at sender's x
         self._gone: set[str] = set()
         self._early: list[tuple[m.Header, m.Body]] = []
+        self._filled: tuple[np.ndarray, np.ndarray] = (_NO_INDICES, _NO_VALUES)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -491,6 +506,7 @@ class Session:
         # Clip to the encodable range instead of failing: a DP update is far inside it, and the
         # merge bounds the result anyway.
         dense[pos] = np.clip(self.contribution.values.astype(np.float64), -fp.max_abs, fp.max_abs)
+        self._filled = self._fill_outside(coords, dense)
         secret = np.concatenate([dense, np.ones(1)])
         try:
             encoded = fp.encode(secret)
@@ -521,6 +537,26 @@ class Session:
             )
         step.extend(self._maybe_send_partial(now))
         return step
+
+    def _fill_outside(self, coords: np.ndarray, dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Put our residual values on the coordinates outside our index set (if we can)."""
+        fill = self.contribution.fill
+        outside = np.setdiff1d(coords, self.contribution.indices, assume_unique=True)
+        if fill is None or outside.size == 0:
+            return _NO_INDICES, _NO_VALUES
+        try:
+            values = np.asarray(fill(outside), dtype=np.float32)
+        except Exception:
+            # A trainer-side failure must not cost the session: contribute zeros there.
+            log.exception("session %s: residual fill failed", self.session_id.hex()[:8])
+            return _NO_INDICES, _NO_VALUES
+        if values.shape != outside.shape or not np.all(np.isfinite(values)):
+            log.error("session %s: residual fill returned a bad array", self.session_id.hex()[:8])
+            return _NO_INDICES, _NO_VALUES
+        max_abs = self.ctx.params.fixed_point.max_abs
+        values = np.clip(values, -max_abs, max_abs)
+        dense[np.searchsorted(coords, outside)] = values.astype(np.float64)
+        return outside.astype(np.uint32), values
 
     def _context(self, sender: str, recipient: str, seq: int) -> SealContext:
         return SealContext(
@@ -636,6 +672,8 @@ class Session:
             group_sum=decoded[:-1],
             own_values=own,
             own_round=self.contribution.round,
+            filled_indices=self._filled[0],
+            filled_values=self._filled[1],
         )
         self.phase = Phase.DONE
         self._forget()

@@ -126,6 +126,8 @@ async def run_peer(spec: dict[str, Any], *, rejoin: bool) -> int:
     loop.add_signal_handler(signal.SIGTERM, on_signal, True)
     loop.add_signal_handler(signal.SIGUSR1, on_signal, False)
     loop.add_signal_handler(signal.SIGINT, on_signal, True)
+    if _EARLY_STOP:
+        on_signal(_EARLY_STOP["end_of_run"])
     if writer is not None:
         writer.record_status(with_carry(peer.status(), carry),
                              EVENT_JOIN if rejoin else EVENT_START)
@@ -149,7 +151,20 @@ async def run_peer(spec: dict[str, Any], *, rejoin: bool) -> int:
     return 0
 
 
+#: A stop requested before the event loop runs (the process may still be importing torch when
+#: the runner ends the run or churns it): "end" or "leave". Read once the loop is up.
+_EARLY_STOP: dict[str, bool] = {}
+
+
+def _early_signal(signum: int, _frame: Any) -> None:
+    _EARLY_STOP["end_of_run"] = signum != signal.SIGUSR1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything slow: the default action of SIGTERM/SIGUSR1 would kill the process
+    # without its final row or checkpoint.
+    signal.signal(signal.SIGTERM, _early_signal)
+    signal.signal(signal.SIGUSR1, _early_signal)
     parser = argparse.ArgumentParser(prog="python -m sim.peer_process")
     parser.add_argument("--spec", type=Path, required=True)
     parser.add_argument("--rejoin", action="store_true")

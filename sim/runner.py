@@ -394,6 +394,7 @@ class SimPeer:
     carry: dict[str, Any] | None = None
     alive: bool = False
     incarnations: int = 0
+    churning: bool = False
     faults: FaultStats = field(default_factory=FaultStats)
 
     def status(self) -> PeerStatus | None:
@@ -473,21 +474,28 @@ class InProcessNetwork:
             log.exception("%s ended with an error", sim_peer.plan.peer_id)
         sim_peer.alive = False
 
-    async def churn_one(self, event: ChurnEvent, finished: Callable[[], bool]) -> None:
+    async def churn_one(self, event: ChurnEvent, finished: Callable[[], bool]) -> bool:
+        """One leave/rejoin cycle; skipped (False) if the peer is down or already cycling:
+        two overlapping cycles would start two peers with one identity."""
         sim_peer = self.peers[event.peer_index]
-        if not sim_peer.alive or finished():
-            return
-        log.info("churn: %s leaves for %.1f s", sim_peer.plan.peer_id, event.downtime_s)
-        await self.stop_peer(sim_peer)
-        status = sim_peer.status()
-        assert sim_peer.peer is not None and status is not None
-        self.writer.record_status(status, EVENT_LEAVE)
-        sim_peer.carry = add_carry(sim_peer.carry, sim_peer.peer.status())
-        await asyncio.sleep(event.downtime_s)
-        if finished():
-            return
-        log.info("churn: %s rejoins", sim_peer.plan.peer_id)
-        self.start(sim_peer, record=True, event=EVENT_JOIN)
+        if not sim_peer.alive or sim_peer.churning or finished():
+            return False
+        sim_peer.churning = True
+        try:
+            log.info("churn: %s leaves for %.1f s", sim_peer.plan.peer_id, event.downtime_s)
+            await self.stop_peer(sim_peer)
+            status = sim_peer.status()
+            assert sim_peer.peer is not None and status is not None
+            self.writer.record_status(status, EVENT_LEAVE)
+            sim_peer.carry = add_carry(sim_peer.carry, sim_peer.peer.status())
+            await asyncio.sleep(event.downtime_s)
+            if finished():
+                return True
+            log.info("churn: %s rejoins", sim_peer.plan.peer_id)
+            self.start(sim_peer, record=True, event=EVENT_JOIN)
+            return True
+        finally:
+            sim_peer.churning = False
 
     def rounds_done(self, sim_peer: SimPeer) -> int:
         status = sim_peer.status()
@@ -532,7 +540,7 @@ async def _run_inprocess(prep: Prepared, broker: BrokerSettings, writer: Metrics
     hostile_tasks = _start_raw_hostiles(s, broker, [p.peer_id for p in prep.plans], hostile_stop,
                                         param_count=net.peers[0].trainer.param_count)
     finished_flag = False
-    churn_tasks: list[asyncio.Task[None]] = []
+    churn_tasks: list[asyncio.Task[bool]] = []
     schedule = churn_schedule(peers=s.peers, churn_rate_per_min=s.churn_rate,
                               downtime_s=s.churn_downtime_s, horizon_s=s.duration_s, seed=s.seed)
 
@@ -582,7 +590,9 @@ async def _run_inprocess(prep: Prepared, broker: BrokerSettings, writer: Metrics
         "stopped_by": stopped_by,
         "hostile": [dataclasses.asdict(h) for h in hostile_stats] + extra,
         "faults": faults,
-        "churn_events": sum(1 for t in churn_tasks if t.done() and not t.cancelled()),
+        "churn_events": sum(1 for t in churn_tasks
+                            if t.done() and not t.cancelled() and t.exception() is None
+                            and t.result()),
     }
 
 
@@ -705,6 +715,8 @@ class ProcPeer:
     spec: Path
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    spawned_t: float = 0.0  # metrics time of the last spawn
+    churning: bool = False
 
 
 def _spawn(proc_peer: ProcPeer, *, rejoin: bool) -> None:
@@ -771,10 +783,18 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
     async def churn_one(event: ChurnEvent) -> None:
         nonlocal churn_done, away
         proc_peer = procs[event.peer_index]
-        if finished_flag or proc_peer.process is None or proc_peer.process.poll() is not None:
+        if (finished_flag or proc_peer.churning or proc_peer.process is None
+                or proc_peer.process.poll() is not None):
+            return
+        # Only a peer that is up can leave: a process still importing torch is not yet a peer.
+        tail.poll()
+        row = tail.latest.get(proc_peer.plan.peer_id)
+        if row is None or float(row.get("t", -1.0)) < proc_peer.spawned_t:
+            log.info("churn: %s is still starting; leave skipped", proc_peer.plan.peer_id)
             return
         log.info("churn: %s leaves for %.1f s", proc_peer.plan.peer_id, event.downtime_s)
         away += 1
+        proc_peer.churning = True
         try:
             # SIGUSR1: leave (clean stop, checkpoint, no final evaluation): sim/peer_process.py
             await _end_process(proc_peer, signal.SIGUSR1, STOP_TIMEOUT_S)
@@ -782,10 +802,12 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
             if finished_flag:
                 return
             log.info("churn: %s rejoins", proc_peer.plan.peer_id)
+            proc_peer.spawned_t = writer.elapsed()
             _spawn(proc_peer, rejoin=True)
             churn_done += 1
         finally:
             away -= 1
+            proc_peer.churning = False
 
     churn_tasks: list[asyncio.Task[None]] = []
 
@@ -992,6 +1014,14 @@ def result_dict(result: RunResult) -> dict[str, Any]:
     }
 
 
+def _describe_hostile(h: dict[str, Any]) -> str:
+    if "published" in h:
+        return f"{h.get('kind')} client sent {h['published']} messages"
+    if "sessions_done" in h:
+        return f"{h.get('kind')} insider completed {h['sessions_done']} sessions"
+    return f"{h.get('kind')} insider ran"
+
+
 def format_result(result: RunResult) -> str:
     """The lines printed at the end of a run: the table, then where the report is."""
     lines = [terminal_summary(result.summary, result.baselines)]
@@ -1000,10 +1030,7 @@ def format_result(result: RunResult) -> str:
     lines.append(f"run: {result.wall_time_s:.0f} s ({how}); accuracy on the "
                  f"{result.summary.accuracy_source}")
     if result.hostile:
-        lines.append("hostile: " + "; ".join(
-            f"{h.get('kind')} sent {h['published']}" if "published" in h else
-            f"{h.get('kind')} took part in {h.get('sessions_done', '?')} sessions"
-            for h in result.hostile))
+        lines.append("hostile: " + "; ".join(_describe_hostile(h) for h in result.hostile))
     if result.churn_events:
         lines.append(f"churn: {result.churn_events} leave/rejoin cycles")
     lines.append(f"report: {result.report_path}")

@@ -464,3 +464,77 @@ def test_accepted_member_times_out_without_start() -> None:
     for p in ("p1", "p2"):
         assert h.sessions[p].phase is Phase.ABORTED
         assert h.sessions[p].abort_reason == "timeout_accepted"
+
+
+def test_residual_fill_makes_every_member_contribute_on_every_coordinate() -> None:
+    h = Harness(n=3)
+    residuals = {p: np.random.default_rng(i + 10).normal(0, 0.01, PARAMS_N).astype(np.float32)
+                 for i, p in enumerate(("p0", "p1", "p2"))}
+    for p, c in list(h.contrib.items()):
+        h.contrib[p] = Contribution(c.indices, c.values, 0,
+                                    fill=lambda idx, r=residuals[p]: r[idx])
+    h.start("p0", ["p1", "p2"])
+    h.run()
+    results = {p: h.sessions[p].result for p in ("p0", "p1", "p2")}
+    assert all(r is not None for r in results.values())
+    coords = results["p0"].coordinates
+    expected = h.expected_sum(("p0", "p1", "p2"), coords)
+    for p, r in results.items():
+        own = set(h.contrib[p].indices.tolist())
+        assert r.filled_indices.tolist() == [c for c in coords.tolist() if c not in own]
+        np.testing.assert_array_equal(r.filled_values, residuals[p][r.filled_indices])
+        expected[np.searchsorted(coords, r.filled_indices)] += r.filled_values
+    for r in results.values():
+        np.testing.assert_allclose(r.group_sum, expected, atol=3 * RESOLUTION)
+
+
+def test_failing_fill_falls_back_to_zeros() -> None:
+    h = Harness(n=3)
+
+    def broken(idx: np.ndarray) -> np.ndarray:
+        raise RuntimeError("trainer bug")
+
+    c = h.contrib["p1"]
+    h.contrib["p1"] = Contribution(c.indices, c.values, 0, fill=broken)
+    h.start("p0", ["p1", "p2"])
+    h.run()
+    assert_done_and_consistent(h, ["p0", "p1", "p2"])
+    assert h.sessions["p1"].result.filled_indices.size == 0
+
+
+def test_hostile_members_never_crash_a_session() -> None:
+    """Random, well-formed but hostile bodies from members: dropped or aborted, never raised."""
+    rng = np.random.default_rng(5)
+    phases: set[Phase] = set()
+    for trial in range(40):
+        h = Harness(n=3, threshold=3)
+        # lose some of p2's traffic so p0 and p1 wait in each phase in turn while attacked
+        lost = [None, m.Kind.SHARE, m.Kind.PARTIAL][trial % 3]
+        h.link = lambda env, lost=lost: env.sender != "p2" or (
+            lost is not None and env.out.kind is not lost)
+        h.start("p0", ["p1", "p2"])
+        h.run()
+        target = h.sessions["p1"] if trial % 2 else h.sessions["p0"]
+        phases.add(target.phase)
+        sid = target.session_id
+        for _ in range(6):
+            kind = [m.Kind.SHARE, m.Kind.PARTIAL, m.Kind.START, m.Kind.ACCEPT,
+                    m.Kind.DECLINE, m.Kind.ABORT][int(rng.integers(0, 6))]
+            sender = ["p0", "p1", "p2", "zed"][int(rng.integers(0, 4))]
+            blob = rng.bytes(int(rng.integers(16, 200)))
+            idx = np.unique(rng.integers(0, PARAMS_N + 5, int(rng.integers(1, 30)))).astype(
+                np.uint32)
+            body = {
+                m.Kind.SHARE: m.Share(target.ctx.self_id, blob),
+                m.Kind.PARTIAL: m.Partial(target.ctx.self_id, ("p0", "p1", "p2"), blob),
+                m.Kind.START: m.Start((sender, "p1", "p0"), 2, idx),
+                m.Kind.ACCEPT: m.Accept(idx),
+                m.Kind.DECLINE: m.Decline("x"),
+                m.Kind.ABORT: m.Abort("x"),
+            }[kind]
+            header = m.Header(1, NET, kind, sender, sid, int(rng.integers(0, 2**40)))
+            step = target.handle(header, body, 0.0)
+            assert isinstance(step.drops, list)
+        assert target.phase in set(Phase)
+        assert target.result is None  # nothing hostile ever completes a rebuild
+    assert {Phase.INVITING, Phase.ACCEPTED, Phase.SHARING, Phase.PARTIALS} <= phases
