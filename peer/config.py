@@ -525,6 +525,7 @@ def build_peer_parts(cfg: PeerConfig) -> dict[str, Any]:
         silence_expiry_s=cfg.silence_expiry_s,
         clock_skew_s=cfg.clock_skew_s,
         checkpoint_interval_s=cfg.checkpoint_interval_s,
+        cooldown_s=cfg.session.cooldown_s,
     )
     return {
         "identity": identity,
