@@ -221,7 +221,7 @@ def broker_settings_for_url(s: Scenario) -> BrokerSettings:
 @contextlib.asynccontextmanager
 async def open_broker(s: Scenario) -> AsyncIterator[BrokerSettings]:
     """Start the scenario's broker (or point at an external one) for the length of the run."""
-    from sim.broker import EmbeddedBroker, MosquittoBroker
+    from sim.broker import EmbeddedBroker, MosquittoBroker, wait_until_accepting
 
     if s.broker == "embedded":
         async with EmbeddedBroker() as embedded:
@@ -232,7 +232,11 @@ async def open_broker(s: Scenario) -> AsyncIterator[BrokerSettings]:
         async with MosquittoBroker() as mosquitto:
             yield BrokerSettings(url=mosquitto.url)
     else:
-        yield broker_settings_for_url(s)
+        settings = broker_settings_for_url(s)
+        host, port, _tls = settings.endpoint()
+        # Fail in seconds, not at duration_s, when nothing listens there.
+        await wait_until_accepting(host, port, timeout_s=10.0)
+        yield settings
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -413,7 +417,6 @@ class InProcessNetwork:
         self.fault_rng = random.Random(self.s.seed)
         self.peers: list[SimPeer] = []
         self.hostile_peers: list[SimPeer] = []
-        self.huge_norms: list[float] = []
 
     def build(self) -> None:
         for plan in self.prep.plans:
@@ -430,9 +433,7 @@ class InProcessNetwork:
             status = sim_peer.status()
             if status is None:
                 return
-            extra: dict[str, Any] = {}
-            extra.update(event_extra(event))
-            self.writer.record_status(status, event.kind, **extra)
+            self.writer.record_status(status, event.kind, **event_extra(event))
 
         return handle
 
@@ -487,19 +488,16 @@ class InProcessNetwork:
             status = sim_peer.status()
             assert sim_peer.peer is not None and status is not None
             self.writer.record_status(status, EVENT_LEAVE)
-            sim_peer.carry = add_carry(sim_peer.carry, sim_peer.peer.status())
             await asyncio.sleep(event.downtime_s)
             if finished():
-                return True
+                return True  # stays down; its last incarnation holds its final counters
             log.info("churn: %s rejoins", sim_peer.plan.peer_id)
+            # Fold the ended incarnation into the carry only now that a new one replaces it.
+            sim_peer.carry = add_carry(sim_peer.carry, sim_peer.peer.status())
             self.start(sim_peer, record=True, event=EVENT_JOIN)
             return True
         finally:
             sim_peer.churning = False
-
-    def rounds_done(self, sim_peer: SimPeer) -> int:
-        status = sim_peer.status()
-        return 0 if status is None else status.round
 
     def snapshot(self) -> dict[str, Any]:
         statuses = [st for sp in self.peers if (st := sp.status()) is not None]
@@ -556,12 +554,7 @@ async def _run_inprocess(prep: Prepared, broker: BrokerSettings, writer: Metrics
     stopped_by = await _watch(
         s, started, stop_requested, progress, net.snapshot)
     finished_flag = True
-    driver.cancel()
-    for task in churn_tasks:
-        task.cancel()
-    for task in (driver, *churn_tasks):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await _cancel_all([driver, *churn_tasks])
     hostile_stop.set()
     await asyncio.gather(*(net.stop_peer(sp) for sp in (*net.peers, *net.hostile_peers)))
     hostile_stats = await _collect_hostiles(hostile_tasks)
@@ -592,7 +585,7 @@ async def _run_inprocess(prep: Prepared, broker: BrokerSettings, writer: Metrics
         "faults": faults,
         "churn_events": sum(1 for t in churn_tasks
                             if t.done() and not t.cancelled() and t.exception() is None
-                            and t.result()),
+                            and t.result()),  # completed leave/rejoin cycles
     }
 
 
@@ -606,6 +599,16 @@ def _start_raw_hostiles(s: Scenario, broker: BrokerSettings, targets: list[str],
         tasks.append(asyncio.create_task(hostile.run_replay(
             broker, s.network, stop, seed=s.seed + 2)))
     return tasks
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks (churn) and wait for them; a task that had failed is logged."""
+    for task in tasks:
+        task.cancel()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome,
+                                                                 asyncio.CancelledError):
+            log.error("background task failed: %r", outcome)
 
 
 async def _collect_hostiles(tasks: list[asyncio.Task[Any]]) -> list[hostile.HostileStats]:
@@ -846,11 +849,7 @@ async def _run_processes(prep: Prepared, broker: BrokerSettings, writer: Metrics
     if stopped_by == "rounds":
         await asyncio.sleep(DRAIN_S / 2)  # sessions in flight are invisible from here
     finished_flag = True
-    driver.cancel()
-    for task in (driver, *churn_tasks):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await _cancel_all([driver, *churn_tasks])
     hostile_stop.set()
     # SIGTERM: stop, evaluate on the test set, write the final row, exit.
     await asyncio.gather(*(_end_process(p, signal.SIGTERM, 60.0)

@@ -51,6 +51,7 @@ class ScenarioError(ValueError):
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None) -> None:
         self.key = key
         self.source = source
+        self.detail = message  # without the source / option prefix
         where = f"{source}: " if source else ""
         what = f"option '{key}': " if key else ""
         super().__init__(f"{where}{what}{message}")
@@ -372,7 +373,7 @@ def scenario_from_dict(
         return dataclasses.replace(base, **changes)
     except ScenarioError as exc:
         if exc.source is None and source is not None:
-            raise ScenarioError(str(exc), key=exc.key, source=source) from None
+            raise ScenarioError(exc.detail, key=exc.key, source=source) from None
         raise
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import numpy as np
 import pytest
 from aiomqtt.exceptions import MqttConnectError
 
@@ -334,6 +335,7 @@ def client_for(
     *,
     password: str | None = None,
     tls: bool = True,
+    timeout_s: float = DELIVERY_TIMEOUT_S,
 ) -> aiomqtt.Client:
     """An MQTT 3.1.1 client for ``username`` (its real password unless one is given)."""
     if password is None and username is not None:
@@ -347,7 +349,7 @@ def client_for(
         identifier=f"test-{username or 'anonymous'}-{os.urandom(4).hex()}",
         protocol=aiomqtt.ProtocolVersion.V311,
         tls_context=tls_context,
-        timeout=DELIVERY_TIMEOUT_S,
+        timeout=timeout_s,
     )
 
 
@@ -386,8 +388,9 @@ def assert_refused_for_credentials(error: MqttConnectError) -> None:
 
 # -------------------------------------------------------------------------------- tests
 async def test_plain_text_client_is_refused(broker: SecuredMosquitto) -> None:
+    # The broker waits for a TLS ClientHello and never answers the MQTT CONNECT.
     with pytest.raises(aiomqtt.MqttError):
-        async with client_for(broker, "alice", tls=False):
+        async with client_for(broker, "alice", tls=False, timeout_s=1.5):
             pass
 
 
@@ -660,3 +663,36 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: 
         # Honest peers through an honest broker: no message failed a security check. (A late
         # message of a session that ended elsewhere may legitimately arrive.)
         assert set(status.drops) <= BENIGN_DROPS, status
+
+
+def test_device_config_template_loads(secrets_dir: Path) -> None:
+    # docs/deploy/peer.toml must stay in step with peer/config.py: filled in as the guide
+    # says (ids, paths), it loads and its credentials check out.
+    from peer.config import load_config, load_credentials
+    from peer.provision import provision
+
+    network = provision("farm", ["pi-01"], secrets_dir / "network",
+                        broker_url="mqtts://broker.lan:8883")
+    etc = secrets_dir / "etc"
+    etc.mkdir()
+    files = network.peers[0]
+    for source in (files.identity, files.certificate, files.broker_password,
+                   network.admission_public):
+        shutil.copy(source, etc / source.name)
+    pki = make_broker_pki(secrets_dir)
+    shutil.copy(pki.ca_cert, etc / "ca.crt")
+    text = (DEPLOY_DIR / "peer.toml").read_text()
+    text = (text.replace("PEER-ID", "pi-01").replace("NETWORK-ID", "farm")
+            .replace("/etc/murmur", str(etc)).replace("/var/lib/murmur", str(secrets_dir)))
+    data_dir = secrets_dir / "data"
+    data_dir.mkdir()
+    np.savez(data_dir / "shard.npz", x=np.random.default_rng(0).random((40, 8)),
+             y=np.arange(40) % 2)
+    (etc / "peer.toml").write_text(text)
+
+    cfg = load_config(etc / "peer.toml")
+    identity, certificate = load_credentials(cfg)
+    assert identity.peer_id == certificate.peer_id == "pi-01"
+    assert cfg.broker.url == "mqtts://broker.lan:8883" and cfg.broker.password
+    assert cfg.state_dir == secrets_dir and cfg.data == f"npz:{data_dir / 'shard.npz'}"
+    assert cfg.training.dp
