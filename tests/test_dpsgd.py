@@ -155,3 +155,12 @@ def test_accountant_monotone_and_sigma_for_target() -> None:
         epsilon(10, 1.0, 1.5, 1e-5)
     with pytest.raises(AccountingError):
         sigma_for(-1, 1e-5, 0.01, 10)
+
+
+def test_accountant_agrees_with_opacus_rdp_accountant() -> None:
+    from opacus.accountants import RDPAccountant
+
+    reference = RDPAccountant()
+    reference.history = [(1.1, 0.02, 300), (0.8, 0.05, 120)]
+    ours = epsilon_of_segments([(1.1, 0.02, 300), (0.8, 0.05, 120)], 1e-5)
+    assert math.isclose(ours, reference.get_epsilon(delta=1e-5), rel_tol=1e-9)

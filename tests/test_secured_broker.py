@@ -605,6 +605,7 @@ def provisioned_peer_config(files: Any, broker: SecuredMosquitto, base: Path) ->
     document["silence_expiry_s"] = 20.0
     document["session"].update(invite_timeout_s=2.0, start_timeout_s=3.0, share_timeout_s=3.0,
                                partial_timeout_s=3.0)
+    document["training"].pop("target_epsilon", None)  # fixed noise instead: same every run
     document["training"].update(model="mlp", batch_size=32, local_steps=2, dp=True,
                                 noise_multiplier=1.0, budget_epsilon=1e6, topk_fraction=0.1)
     return parse_config(document, base, files.config)
