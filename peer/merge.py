@@ -122,7 +122,7 @@ def merge_group_sum(
     if not (np.all(np.isfinite(group_sum)) and np.all(np.isfinite(own_values))):
         raise MergeRejected("non_finite")
     weight = staleness_weight(config.base_weight, staleness)
-    delta = weight * (group_sum - own_values)
+    delta = weight * (group_sum - own_values) / float(contributors - 1)
     norm = float(np.linalg.norm(delta))
     if not math.isfinite(norm):
         raise MergeRejected("non_finite", "norm overflow")
