@@ -93,8 +93,9 @@ class PeerConfig:
 
     ``admission_public_key`` is the network's 32-byte admission (CA) public key: the one value a
     peer must obtain out of band and trust; every certificate is checked against it.
-    ``data`` is a source spec for peer.data.load_source: "digits", "fashion-mnist[:ROOT]",
-    "csv:PATH" or "npz:PATH". ``training`` is a peer.trainer.TrainerConfig.
+    ``data`` is a source spec for peer.data.load_train_source: "digits",
+    "fashion-mnist[:ROOT]", "mnist:ROOT", "csv:PATH[#LABEL]" or "npz:PATH" (the peer loads only
+    the source's training part). ``training`` is a peer.trainer.TrainerConfig.
     """
 
     peer_id: str
@@ -275,7 +276,7 @@ def _check_id(value: str, key: str) -> str:
 
 
 def _data_spec(value: str, base: Path) -> str:
-    """Check a data source spec and make its path absolute (see peer.data.load_source)."""
+    """Check a data source spec and make its path absolute (see peer.data.load_train_source)."""
     kind, sep, rest = value.partition(":")
     if kind == "digits" and not sep:
         return value
@@ -494,23 +495,28 @@ def load_credentials(cfg: PeerConfig, now: float | None = None) -> tuple[Any, An
 def build_peer_parts(cfg: PeerConfig) -> dict[str, Any]:
     """Keyword arguments for ``peer.node.Peer(...)`` built from a config (the daemon path).
 
-    Loads and checks the credentials, the data (split into train / local hold-out) and the
-    trainer (which resumes from ``state_dir`` if a checkpoint exists). Imports the training
-    half lazily: it pulls in torch.
+    Loads and checks the credentials, the data (only the source's training part, split into
+    train / local hold-out; nothing else stays referenced) and the trainer (which resumes from
+    ``state_dir`` if a checkpoint exists). Imports the training half lazily: it pulls in torch.
     """
     from crypto.field import FixedPoint
-    from peer.data import load_source, split_holdout
+    from peer.data import load_train_source, split_holdout
     from peer.node import NodeConfig
     from peer.trainer import LocalTrainer
 
     identity, certificate = load_credentials(cfg)
+    seed = int(getattr(cfg.training, "seed", 0) or 0)
     try:
-        train_source, _test = load_source(cfg.data)
+        # Only the training part: a device never evaluates on the source's test split, so
+        # loading it would only cost memory (and, for IDX data, reading the test files).
+        train_source = load_train_source(cfg.data)
+        train, holdout = split_holdout(train_source, cfg.holdout_fraction, seed)
     except Exception as exc:
         # DataError, OSError, ValueError...: all mean the configured data is unusable.
         raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
-    seed = int(getattr(cfg.training, "seed", 0) or 0)
-    train, holdout = split_holdout(train_source, cfg.holdout_fraction, seed)
+    # split_holdout copied the records: drop the unsplit set before the trainer (the model,
+    # DP-SGD buffers) is built, so the two never share the process's memory peak.
+    del train_source
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

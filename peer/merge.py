@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+MERGE_RULES = ("others_mean", "others_sum", "group_average")
+
+
 class MergeRejected(Exception):
     """The rebuilt sum may not touch the model. ``reason`` is a short counter key."""
 
@@ -47,6 +50,7 @@ class MergeRejected(Exception):
 class MergeConfig:
     """Parameters of the merge rule (see the module docstring)."""
 
+    rule: str = "others_mean"  # one of MERGE_RULES
     base_weight: float = 1.0
     relative_norm: float = 3.0
     min_norm: float = 1e-3
@@ -54,6 +58,8 @@ class MergeConfig:
     reject_factor: float = 1000.0
 
     def __post_init__(self) -> None:
+        if self.rule not in MERGE_RULES:
+            raise ValueError(f"rule must be one of {MERGE_RULES}, got {self.rule!r}")
         if not (math.isfinite(self.base_weight) and 0.0 < self.base_weight <= 1.0):
             raise ValueError("base_weight must be in (0, 1]")
         if not (math.isfinite(self.relative_norm) and self.relative_norm > 0.0):
@@ -85,6 +91,20 @@ def staleness_weight(base_weight: float, staleness: int) -> float:
     if staleness < 0:
         raise ValueError("staleness must be >= 0")
     return base_weight / (1.0 + staleness)
+
+
+def rule_delta(
+    rule: str, group_sum: np.ndarray, own_values: np.ndarray, contributors: int
+) -> np.ndarray:
+    """The unweighted, unbounded change the rule asks for (see the module docstring)."""
+    others = group_sum - own_values
+    if rule == "others_mean":
+        return others / float(contributors - 1)
+    if rule == "others_sum":
+        return others
+    if rule == "group_average":
+        return group_sum / float(contributors) - own_values
+    raise ValueError(f"unknown merge rule {rule!r}")
 
 
 def norm_bound(own_values: np.ndarray, config: MergeConfig) -> float:
@@ -122,7 +142,7 @@ def merge_group_sum(
     if not (np.all(np.isfinite(group_sum)) and np.all(np.isfinite(own_values))):
         raise MergeRejected("non_finite")
     weight = staleness_weight(config.base_weight, staleness)
-    delta = weight * (group_sum - own_values) / float(contributors - 1)
+    delta = weight * rule_delta(config.rule, group_sum, own_values, contributors)
     norm = float(np.linalg.norm(delta))
     if not math.isfinite(norm):
         raise MergeRejected("non_finite", "norm overflow")

@@ -51,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+SHARE_MODES = ("delta", "model")
 LEDGER_FILE = "ledger.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -87,6 +88,10 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     budget_epsilon: float | None = None
     topk_fraction: float = 0.01
+    # What a round shares: "delta" (this round's own change, top-k with error feedback) or
+    # "model" (the model's displacement from the common initialisation, top-k by magnitude;
+    # pairs with the merge rule "group_average"). Both are post-processing of DP outputs.
+    share: str = "delta"
     seed: int = 0  # model initialisation only (and everything in insecure mode)
     insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
     engine: str = "auto"  # "auto" | "ghost" | "vmap"
@@ -118,6 +123,8 @@ class TrainerConfig:
         if self.budget_epsilon is not None and not self.budget_epsilon > 0:
             raise ValueError(f"budget_epsilon must be > 0, got {self.budget_epsilon}")
         TopK(self.topk_fraction)  # validates the fraction
+        if self.share not in SHARE_MODES:
+            raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,8 @@ class LocalTrainer:
         self.param_count = param_count(self.model)
         self.model_id = f"{config.model}-{self.param_count}"
         self._params = [p for p in self.model.parameters() if p.requires_grad]
+        # The common starting point (same seed on every peer): "model" sharing sends x - x0.
+        self._init_params = self._flat_params().clone()
         self._x = torch.from_numpy(train.x)
         self._y = torch.from_numpy(train.y)
         self.sample_rate = min(1.0, config.batch_size / len(train))
@@ -173,6 +182,10 @@ class LocalTrainer:
         self._residual = np.zeros(self.param_count, dtype=np.float32)
         self._round = 0
         self._lock = threading.Lock()
+        # Guards the residual and the shared snapshot: held only for array copies, never
+        # across training, so the event loop can read them while a round runs.
+        self._residual_lock = threading.Lock()
+        self._shared_snapshot = np.zeros(self.param_count, dtype=np.float32)
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         if config.insecure_fast_noise:
@@ -208,6 +221,8 @@ class LocalTrainer:
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._resume()
+        if config.share == "model":
+            self._shared_snapshot = self._displacement()
         log.info(
             "trainer %s: %d train records, q=%.4f, sigma=%.3f, C=%.2f, epsilon spent %.3f",
             self.model_id,
@@ -353,7 +368,19 @@ class LocalTrainer:
             delta = (self._flat_params() - before).numpy()
             epsilon = self.ledger.record(cfg.local_steps)
             self._round += 1
-            indices, values, self._residual = self._topk.select(delta, self._residual)
+            if cfg.share == "model":
+                # Share the displacement from the common init; no error feedback: what is
+                # not sent now is still in the model and is sent whenever it is large.
+                displacement = self._displacement()
+                indices, values, _unsent = self._topk.select(
+                    displacement, np.zeros_like(displacement)
+                )
+                with self._residual_lock:
+                    self._shared_snapshot = displacement
+            else:
+                with self._residual_lock:
+                    residual = self._residual
+                    indices, values, self._residual = self._topk.select(delta, residual)
             # Persist before the update can leave: the ledger first, then the checkpoint.
             self._persist(checkpoint=cfg.checkpoint_every_round)
             return LocalUpdate(
@@ -363,6 +390,56 @@ class LocalTrainer:
                 epsilon=epsilon,
                 round=self._round,
             )
+
+    def residual_values(self, indices: np.ndarray) -> np.ndarray:
+        """This peer's values on ``indices`` outside its top-k (the session's residual fill).
+
+        Share mode "delta": the error-feedback residual (what top-k held back); mode "model":
+        the displacement from the common init as of the last completed round (the snapshot
+        the round's own top-k was taken from). Called on the event loop: takes only the short
+        residual lock, never the training lock, so it does not wait for a running round.
+        Both are post-processing of DP outputs. Raises ValueError on bad indices.
+        """
+        index_array = self._checked_indices(indices)
+        with self._residual_lock:
+            source = self._shared_snapshot if self.config.share == "model" else self._residual
+            return source[index_array].astype(np.float32, copy=True)
+
+    def consume_residual(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """Remove what a completed session shared from the residual (so it is not sent twice).
+
+        Mode "delta": ``residual[indices] -= values`` (if a later round already sent and
+        zeroed a coordinate, the negative remainder corrects the double send). Mode "model":
+        nothing to remove, the displacement stays in the model. Raises ValueError on bad
+        indices, mismatched lengths or non-finite values.
+        """
+        index_array = self._checked_indices(indices)
+        value_array = np.asarray(values, dtype=np.float32)
+        if value_array.shape != index_array.shape:
+            raise ValueError("indices and values must be 1-D and of equal length")
+        if not np.all(np.isfinite(value_array)):
+            raise ValueError("residual values must be finite")
+        if self.config.share == "model":
+            return
+        with self._residual_lock:
+            np.subtract.at(self._residual, index_array, value_array)
+
+    def _checked_indices(self, indices: np.ndarray) -> np.ndarray:
+        index_array = np.asarray(indices)
+        if index_array.ndim != 1:
+            raise ValueError("indices must be 1-D")
+        if index_array.size and not np.issubdtype(index_array.dtype, np.integer):
+            raise ValueError(f"indices must be integers, got {index_array.dtype}")
+        index_array = index_array.astype(np.int64)
+        if index_array.size and (
+            int(index_array.min()) < 0 or int(index_array.max()) >= self.param_count
+        ):
+            raise ValueError(f"index out of range 0..{self.param_count - 1}")
+        return index_array
+
+    def _displacement(self) -> np.ndarray:
+        """x - x0 as float32 (caller holds the model lock or owns the trainer)."""
+        return (self._flat_params() - self._init_params).numpy().astype(np.float32)
 
     def apply_update(self, indices: np.ndarray, values: np.ndarray) -> None:
         """Add a sparse (already bounded) merge to the model; never blocks on training.

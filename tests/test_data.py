@@ -17,6 +17,7 @@ from peer.data import (
     load_idx,
     load_source,
     load_table,
+    load_train_source,
     split_holdout,
 )
 
@@ -163,3 +164,38 @@ def test_unknown_source_spec() -> None:
         load_source("imagenet")
     with pytest.raises(DataError, match="needs a path"):
         load_source("csv:")
+
+
+def _same(a: Dataset, b: Dataset) -> bool:
+    return (np.array_equal(a.x, b.x) and a.x.dtype == b.x.dtype and np.array_equal(a.y, b.y)
+            and a.name == b.name and a.num_classes == b.num_classes)
+
+
+def test_train_only_loader_matches_load_source(tmp_path: Path) -> None:
+    """What a device loads (load_train_source) is exactly load_source's training part."""
+    table = tmp_path / "t.npz"
+    np.savez(table, x=np.random.default_rng(2).normal(size=(30, 5)), y=np.arange(30) % 3)
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("a,b,label\n" + "".join(f"{i},{i * 7 % 5}.5,{i % 2}\n" for i in range(25)))
+    _idx_pair(tmp_path, "train", 9, True)
+    _idx_pair(tmp_path, "t10k", 4, True)
+    for spec in ("digits", f"npz:{table}", f"csv:{csv_file}#label", f"mnist:{tmp_path}"):
+        train, _test = load_source(spec)
+        assert _same(load_train_source(spec), train), spec
+    # The test files are never read: a device may hold only its training IDX files.
+    only_train = tmp_path / "device"
+    only_train.mkdir()
+    _idx_pair(only_train, "train", 6, False)
+    assert len(load_train_source(f"mnist:{only_train}")) == 6
+    with pytest.raises(DataError, match="unknown data source"):
+        load_train_source("imagenet")
+
+
+def test_idx_pixels_scaled_exactly(tmp_path: Path) -> None:
+    """The in-place scaling gives the same float32 values as a plain division."""
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    images = _write_idx(tmp_path / "i", pixels, 0x803, False)
+    labels = _write_idx(tmp_path / "l", np.zeros(1), 0x801, False)
+    ds = load_idx(images, labels)
+    expected = (pixels.astype(np.float32) / 255.0)[:, None]
+    assert ds.x.dtype == np.float32 and np.array_equal(ds.x, expected)
