@@ -16,7 +16,7 @@ Rows (``what``):
   math (scipy.special), Murmur's model and DP-SGD step on a synthetic 6 000-example shard and
   functional SGD; ``cnn+optim`` swaps in ``torch.optim.SGD`` to show what it imports;
 * ``peer_training``   -- the peer's training half exactly as ``murmur-peer run`` builds it
-  (peer.data.load_source, split_holdout, peer.trainer.LocalTrainer with a state directory),
+  (peer.data.load_train_source, split_holdout, peer.trainer.LocalTrainer with a state directory),
   running N local rounds: ``cnn`` on the full Fashion-MNIST training set, ``cnn_shard`` on a
   6 000-example shard given as an .npz file (what one device of a fleet would hold), ``mlp``
   on scikit-learn's digits;
@@ -169,16 +169,17 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
                         data_spec: str) -> dict[str, Any]:
     import dataclasses
 
-    from peer.data import load_source, split_holdout
+    from peer.data import load_train_source, split_holdout
     from peer.trainer import LocalTrainer, TrainerConfig
 
     phases = Phases()
     phases.mark("imports")
-    # The same sequence as peer.config.build_peer_parts (the `murmur-peer run` path): the
-    # public test split stays referenced until the trainer exists, as it does there.
-    train_source, test = load_source(data_spec)
+    # The same sequence as peer.config.build_peer_parts (the `murmur-peer run` path): only
+    # the source's training part is loaded, and the unsplit set is dropped once it is split.
+    train_source = load_train_source(data_spec)
     phases.mark("data")
     train, holdout = split_holdout(train_source, 0.2, seed=0)
+    del train_source
     model = "mlp" if config == "mlp" else "cnn"
     # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k.
     overrides = {"model": model, "local_steps": steps_per_round, "dp": True,
@@ -188,7 +189,6 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
     with tempfile.TemporaryDirectory(prefix="murmur-bench-state-") as state:
         trainer = LocalTrainer(trainer_config, train, holdout, Path(state))
         phases.mark("trainer")
-        del train_source, test  # build_peer_parts returns here, dropping both
         round_cpu = []
         for _ in range(rounds):
             start = cpu_s()
@@ -229,8 +229,10 @@ OPACUS_DEFAULT_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 6
 
 def install_lean_what_if() -> None:
     """(1) Load only Opacus' RDP analysis module (numpy + scipy.special) instead of running
-    ``opacus/__init__``; (2) use functional SGD instead of constructing a torch.optim
-    optimizer (which imports torch._dynamo). Both leave the arithmetic unchanged."""
+    ``opacus/__init__`` (peer/privacy/accountant.py now does this itself, so (1) changes
+    nothing any more; kept so the row measures the same thing as before); (2) use functional
+    SGD instead of constructing a torch.optim optimizer (which imports torch._dynamo). Both
+    leave the arithmetic unchanged."""
     import importlib.util
     import types
 
@@ -357,9 +359,9 @@ def write_shard(directory: Path, out: Path) -> None:
     """A 6 000-example Fashion-MNIST shard as .npz, as a fleet operator would hand a device."""
     import numpy as np
 
-    from peer.data import load_source
+    from peer.data import load_train_source
 
-    train, _test = load_source(f"fashion-mnist:{directory}")
+    train = load_train_source(f"fashion-mnist:{directory}")
     chosen = np.random.default_rng(0).choice(len(train.y), SHARD_EXAMPLES, replace=False)
     # Images keep their [N, 1, 28, 28] shape: the CNN needs it, and the table loader keeps it.
     np.savez(out, x=train.x[chosen], y=train.y[chosen])

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 MERGE_RULES = ("others_mean", "others_sum", "group_average")
 
 
@@ -52,6 +51,7 @@ class MergeConfig:
 
     rule: str = "others_mean"  # one of MERGE_RULES
     base_weight: float = 1.0
+    staleness_decay: bool = True  # False: w = base_weight whatever the staleness
     relative_norm: float = 3.0
     min_norm: float = 1e-3
     max_norm: float | None = None
@@ -141,7 +141,13 @@ def merge_group_sum(
         raise MergeRejected("too_few_contributors", f"m={contributors}")
     if not (np.all(np.isfinite(group_sum)) and np.all(np.isfinite(own_values))):
         raise MergeRejected("non_finite")
-    weight = staleness_weight(config.base_weight, staleness)
+    if staleness < 0:
+        raise ValueError("staleness must be >= 0")
+    weight = (
+        staleness_weight(config.base_weight, staleness)
+        if config.staleness_decay
+        else config.base_weight
+    )
     delta = weight * rule_delta(config.rule, group_sum, own_values, contributors)
     norm = float(np.linalg.norm(delta))
     if not math.isfinite(norm):

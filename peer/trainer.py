@@ -92,6 +92,12 @@ class TrainerConfig:
     # "model" (the model's displacement from the common initialisation, top-k by magnitude;
     # pairs with the merge rule "group_average"). Both are post-processing of DP outputs.
     share: str = "delta"
+    # Share mode "model" only: the last ``averaging_rounds`` of ``planned_rounds`` take no
+    # private step and only re-share the current displacement, so the peers' models keep
+    # averaging (and their independent DP noise keeps cancelling) after training ends. They
+    # are post-processing of released outputs and cost no epsilon; the noise is calibrated
+    # for the training rounds only.
+    averaging_rounds: int = 0
     seed: int = 0  # model initialisation only (and everything in insecure mode)
     insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
     engine: str = "auto"  # "auto" | "ghost" | "vmap"
@@ -125,6 +131,10 @@ class TrainerConfig:
         TopK(self.topk_fraction)  # validates the fraction
         if self.share not in SHARE_MODES:
             raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
+        if not 0 <= self.averaging_rounds < self.planned_rounds:
+            raise ValueError("averaging_rounds must be in 0..planned_rounds-1")
+        if self.averaging_rounds and self.share != "model":
+            raise ValueError("averaging_rounds needs share='model'")
 
 
 @dataclass(frozen=True)
@@ -241,7 +251,8 @@ class LocalTrainer:
         if cfg.noise_multiplier is not None:
             return float(cfg.noise_multiplier)
         assert cfg.target_epsilon is not None
-        planned = cfg.planned_steps or cfg.planned_rounds * cfg.local_steps
+        training_rounds = cfg.planned_rounds - cfg.averaging_rounds
+        planned = cfg.planned_steps or training_rounds * cfg.local_steps
         return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -345,6 +356,8 @@ class LocalTrainer:
         epsilon past the budget.
         """
         cfg = self.config
+        if self._in_averaging_tail():
+            return self._averaging_round()
         with self._lock:
             self._drain_pending()
             if cfg.dp:
@@ -388,6 +401,34 @@ class LocalTrainer:
                 values=values,
                 steps=cfg.local_steps,
                 epsilon=epsilon,
+                round=self._round,
+            )
+
+    def _in_averaging_tail(self) -> bool:
+        cfg = self.config
+        first = cfg.planned_rounds - cfg.averaging_rounds
+        return cfg.averaging_rounds > 0 and first <= self._round < cfg.planned_rounds
+
+    def _averaging_round(self) -> LocalUpdate:
+        """A round with no private step: re-share the model's current displacement.
+
+        Everything in the model is already a function of released DP outputs (this peer's
+        accounted steps and merged group sums), so this costs no epsilon; the ledger is not
+        touched.
+        """
+        with self._lock:
+            self._drain_pending()
+            self._round += 1
+            displacement = self._displacement()
+            indices, values, _unsent = self._topk.select(displacement, np.zeros_like(displacement))
+            with self._residual_lock:
+                self._shared_snapshot = displacement
+            self._persist(checkpoint=self.config.checkpoint_every_round)
+            return LocalUpdate(
+                indices=indices,
+                values=values,
+                steps=0,
+                epsilon=self.ledger.epsilon,
                 round=self._round,
             )
 

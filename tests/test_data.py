@@ -50,6 +50,16 @@ def test_digits_default_source() -> None:
     np.testing.assert_array_equal(train.y, again.y)
 
 
+def test_digits_read_without_sklearn_match_sklearn() -> None:
+    """The direct CSV read gives exactly scikit-learn's digits (which the tests may import)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    ds = load_digits()
+    np.testing.assert_array_equal(ds.x, (bunch.data / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(ds.y, bunch.target)
+
+
 def test_split_holdout_deterministic_and_disjoint() -> None:
     ds = Dataset(np.arange(100, dtype=np.float32)[:, None], np.arange(100) % 3, 3, "t")
     a_train, a_hold = split_holdout(ds, 0.2, seed=7)

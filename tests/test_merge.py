@@ -104,3 +104,52 @@ def test_result_is_always_bounded_and_finite(total, own, m, s) -> None:
         return
     assert np.all(np.isfinite(res.values))
     assert float(np.linalg.norm(res.values.astype(np.float64))) <= res.bound * (1 + 1e-5)
+
+
+def test_others_sum_adds_every_other_contribution() -> None:
+    own = np.array([1.0, 0.0, -1.0, 0.0])
+    others = np.array([0.2, 0.4, 0.0, -0.2])
+    config = MergeConfig(rule="others_sum", relative_norm=10.0)
+    res = merge_group_sum(COORDS, own + others, own, 3, 0, config)
+    np.testing.assert_allclose(res.values, others, rtol=1e-6)
+
+
+def test_group_average_moves_own_value_to_the_group_mean() -> None:
+    # Shared values are model displacements from the common init: after the merge the
+    # peer's coordinates equal the group mean (own progress made since is kept on top).
+    own = np.array([1.0, 0.0, -1.0, 0.5])
+    a = np.array([0.0, 0.3, -0.4, 0.5])
+    b = np.array([0.5, -0.3, 0.1, 0.5])
+    config = MergeConfig(rule="group_average", relative_norm=10.0)
+    res = merge_group_sum(COORDS, own + a + b, own, 3, 0, config)
+    np.testing.assert_allclose(own + res.values, (own + a + b) / 3, rtol=1e-6, atol=1e-7)
+    # Consensus is a fixed point: an agreeing group changes nothing.
+    same = merge_group_sum(COORDS, 3 * own, own, 3, 0, config)
+    np.testing.assert_allclose(same.values, 0.0, atol=1e-7)
+
+
+def test_group_average_with_and_without_staleness_decay() -> None:
+    own = np.array([1.0, 0.0, 0.0, 0.0])
+    total = own + np.array([0.0, 0.6, 0.0, 0.0])
+    decayed = merge_group_sum(COORDS, total, own, 2, 1, MergeConfig(rule="group_average"))
+    flat = merge_group_sum(
+        COORDS, total, own, 2, 1, MergeConfig(rule="group_average", staleness_decay=False)
+    )
+    np.testing.assert_allclose(decayed.values, flat.values / 2, rtol=1e-6)
+    assert flat.weight == 1.0 and decayed.weight == 0.5
+
+
+def test_group_average_huge_member_is_clipped_or_rejected() -> None:
+    own = np.array([0.5, 0.5, 0.0, 0.0])
+    config = MergeConfig(rule="group_average", relative_norm=2.0, reject_factor=100.0)
+    clipped = merge_group_sum(COORDS, own + np.array([0.0, 0.0, 20.0, 0.0]), own, 2, 0, config)
+    assert clipped.clipped
+    assert float(np.linalg.norm(clipped.values)) == pytest.approx(clipped.bound, rel=1e-5)
+    with pytest.raises(MergeRejected) as info:
+        merge_group_sum(COORDS, own + np.array([0.0, 0.0, 1e6, 0.0]), own, 2, 0, config)
+    assert info.value.reason == "implausible_norm"
+
+
+def test_unknown_rule_is_refused() -> None:
+    with pytest.raises(ValueError):
+        MergeConfig(rule="median")

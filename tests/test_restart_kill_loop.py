@@ -19,6 +19,7 @@ A single peer trains but never shares (sessions need 3 peers), which is all this
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -33,7 +34,7 @@ import pytest
 
 from peer.checkpoint import load_checkpoint
 from peer.config import build_peer_parts, load_config
-from peer.ledger import PrivacyLedger
+from peer.ledger import LedgerError, PrivacyLedger
 from peer.provision import provision
 from peer.trainer import CHECKPOINT_FILE, LEDGER_FILE
 from sim.broker import MosquittoBroker
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.timeout(150), pytest.mark.mosquitto]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_STEPS = 2
-ITERATIONS = 6
+ITERATIONS = 5
 SEED = 20261122
 START_TIMEOUT_S = 60.0  # spawn -> first ledger write, including torch import on a busy machine
 
@@ -86,7 +87,7 @@ def ledger_steps_now(state_dir: Path) -> int:
     """The ledger's steps while the peer runs (os.replace makes every read whole)."""
     try:
         return PrivacyLedger.load(state_dir / LEDGER_FILE).steps
-    except Exception:  # noqa: BLE001 - not written yet; the test's own checks come after kill
+    except LedgerError:  # not written yet; the test's own checks come after the kill
         return 0
 
 
@@ -198,8 +199,8 @@ async def test_sigkill_loop_restarts_consistently(tmp_path: Path,
             process.wait(timeout=30)
 
     steps = [s.ledger_steps for s in history]
-    assert any(b > a for a, b in zip(steps, steps[1:])), steps  # progress after restarts
-    assert sum(b > a for a, b in zip(steps[1:], steps[2:])) >= 1, steps  # also after a kill
+    gains = [after - before for before, after in itertools.pairwise(steps)]
+    assert any(gain > 0 for gain in gains[1:]), steps  # a restart after a kill trained on
     assert history[-1].ledger_epsilon > 0
     assert f".{LEDGER_FILE}.stale.tmp" in leftovers_seen  # the planted files were there ...
     assert history[-1].ledger_steps > history[2].ledger_steps  # ... and training went on
