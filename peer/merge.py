@@ -1,15 +1,28 @@
 """The merge rule: how a rebuilt group sum becomes a bounded change to the local model.
 
 A session ends, for each member, with the group sum ``S`` of every contributor's (noised, top-k)
-update over the session's coordinates, the number of contributors ``m`` (carried by the weight
+vector over the session's coordinates, the number of contributors ``m`` (carried by the weight
 slot, so it is rebuilt, not trusted), and the member's own contribution ``own`` on the same
-coordinates. The member already applied its own update locally while training, so it adds only
-the others' mean:
+coordinates (with the residual fill, every member contributes on every coordinate). Three rules,
+chosen by ``MergeConfig.rule``; all members of a network must use the same rule and share mode:
 
-    delta = w(s) * (S - own) / (m - 1),      w(s) = base_weight / (1 + s)
+* ``"group_average"`` (gossip averaging; what ``murmur-sim`` uses): members share their model's
+  *displacement from the common initialisation* (``TrainerConfig(share="model")``), so ``S / m``
+  is the group's mean model and the member moves its shared snapshot onto it::
 
-where ``s`` is the staleness of the session (local rounds the peer trained since it produced the
-update it contributed). Before anything touches the model the delta is checked:
+      delta = w * (S / m - own)
+
+  Progress the member made after taking the snapshot stays on top (the change is relative).
+  Information relays (a model carries what it averaged in to its next group) and independent
+  DP noise averages out, so models converge to a consensus; measured in docs/results.md.
+* ``"others_mean"`` (additive update gossip): members share their round's update
+  (``share="delta"``) and add the others' mean, ``delta = w * (S - own) / (m - 1)``. Nothing
+  relays and every model keeps its own full DP noise plus part of the others'.
+* ``"others_sum"``: as above but ``delta = w * (S - own)``.
+
+``w = base_weight / (1 + s)`` where ``s`` is the staleness of the session (local rounds the peer
+trained since it produced what it contributed), or ``w = base_weight`` with
+``staleness_decay=False``. Before anything touches the model the delta is checked:
 
 * any non-finite value -> rejected (``MergeRejected("non_finite")``): it can only come from a
   corrupted partial or a bug; scaling cannot repair it;
@@ -21,9 +34,10 @@ update it contributed). Before anything touches the model the delta is checked:
   who sent what, so per-contributor checks are impossible by design).
 
 The bound is ``relative_norm * ||own||`` (honest members run the same DP-SGD with the same
-clipping and learning rate, so their updates have the same scale as ours), capped by
-``max_norm`` when set, and never below ``min_norm`` so a peer whose own update happens to be tiny
-still learns. This module is pure numpy: no I/O, no torch.
+clipping and learning rate, so their vectors have the same scale as ours; under averaging an
+honest pull is at most about ``||own|| + ||mean||``), capped by ``max_norm`` when set, and never
+below ``min_norm`` so a peer whose own vector happens to be tiny still learns. This module is
+pure numpy: no I/O, no torch.
 """
 
 from __future__ import annotations

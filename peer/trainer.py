@@ -70,8 +70,8 @@ def configure_torch_threads(threads: int) -> None:
 class TrainerConfig:
     """Local training settings. Exactly one of ``noise_multiplier`` / ``target_epsilon``
     is needed when ``dp`` is on; with ``target_epsilon`` the noise is chosen so that
-    ``planned_rounds`` rounds of ``local_steps`` steps spend exactly that epsilon, and the
-    budget defaults to it."""
+    ``planned_rounds - averaging_rounds`` rounds of ``local_steps`` steps spend exactly that
+    epsilon, and the budget defaults to it."""
 
     model: str = "mlp"
     lr: float = 0.1

@@ -45,6 +45,7 @@ import numpy as np
 
 from crypto.admission import AdmissionKey, Certificate
 from crypto.identity import Identity
+from peer.merge import MergeConfig
 from peer.node import NodeConfig, Peer, PeerEvent, PeerStatus
 from peer.session import SessionTimeouts
 from peer.transport import BrokerSettings
@@ -171,7 +172,22 @@ def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig
         tick_s=0.05,
         round_pause_s=round_pause_s,
         evaluate_every=1,
+        merge=SIM_MERGE,
     )
+
+
+#: Gossip averaging (docs/sessions.md, "Merge rule"): peers share their model's displacement
+#: from the common init and move to the group mean. The mean already weighs every member
+#: equally and the pull is relative to the snapshot the peer shared, so a stale session is not
+#: discounted further. Pairs with ``share="model"`` in :func:`trainer_config`.
+SIM_MERGE = MergeConfig(rule="group_average", staleness_decay=False)
+
+
+def averaging_rounds(rounds: int) -> int:
+    """Rounds at the end of a run that take no private step and only re-share the model, so
+    the peers' independent DP noise keeps averaging out at no privacy cost (a sixth of the run;
+    none for runs shorter than six rounds)."""
+    return rounds // 6
 
 
 def model_seed(network: str, seed: int) -> int:
@@ -209,6 +225,8 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
         # The budget is the target: a peer stops sharing once it spent what was planned.
         budget_epsilon=s.target_epsilon if s.dp else None,
         topk_fraction=s.topk_fraction,
+        share="model",  # displacement from the common init; merged by SIM_MERGE
+        averaging_rounds=averaging_rounds(s.rounds),
         seed=model_seed(s.network, s.seed),
     )
 
