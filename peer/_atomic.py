@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -23,9 +24,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: A temporary file this old cannot belong to a write in progress (writes take milliseconds).
+STALE_TEMP_AGE_S = 300.0
+
+
+def remove_stale_temps(path: Path, *, older_than_s: float = STALE_TEMP_AGE_S) -> int:
+    """Delete temporary files a killed writer left beside ``path``; returns how many.
+
+    Why: a SIGKILL or power cut between ``mkstemp`` and ``os.replace`` leaves a
+    ``.NAME.*.tmp`` file behind. Each is as large as a checkpoint, so on a device that loses
+    power often they would fill the disk. Only files older than ``older_than_s`` are removed,
+    so a concurrent writer's temporary file is never touched.
+    """
+    removed = 0
+    now = time.time()
+    for candidate in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        try:
+            if now - candidate.stat().st_mtime < older_than_s:
+                continue
+            candidate.unlink()
+        except FileNotFoundError:
+            continue  # another cleaner got there first
+        removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def _temp_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:

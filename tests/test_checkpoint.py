@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from peer._atomic import STALE_TEMP_AGE_S, atomic_write_bytes
 from peer.checkpoint import CheckpointError, load_checkpoint
 from peer.data import load_source, split_holdout
 from peer.ledger import LedgerError, PrivacyLedger
@@ -111,3 +113,20 @@ def test_corrupt_or_foreign_checkpoint_is_an_error(tmp_path: Path) -> None:
     cnn_cfg = TrainerConfig(model="cnn", local_steps=1, noise_multiplier=1.0)
     with pytest.raises(LedgerError, match="checkpoint is for mlp"):
         LocalTrainer(cnn_cfg, images, images, wrong_model_dir)
+
+
+def test_stale_temp_files_from_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    """A temp file left by a kill mid-write is deleted on the next write; a fresh one is not
+    (it may belong to a writer in progress)."""
+
+    target = tmp_path / "ledger.json"
+    stale = tmp_path / ".ledger.json.abc123.tmp"
+    fresh = tmp_path / ".ledger.json.def456.tmp"
+    stale.write_bytes(b"x" * 1000)
+    fresh.write_bytes(b"y")
+    old = time.time() - STALE_TEMP_AGE_S - 10
+    os.utime(stale, (old, old))
+    atomic_write_bytes(target, b"{}")
+    assert target.read_bytes() == b"{}"
+    assert not stale.exists()
+    assert fresh.exists()
