@@ -36,8 +36,11 @@ trained since it produced what it contributed), or ``w = base_weight`` with
 The bound is ``relative_norm * ||own||`` (honest members run the same DP-SGD with the same
 clipping and learning rate, so their vectors have the same scale as ours; under averaging an
 honest pull is at most about ``||own|| + ||mean||``), capped by ``max_norm`` when set, and never
-below ``min_norm`` so a peer whose own vector happens to be tiny still learns. This module is
-pure numpy: no I/O, no torch.
+below ``min_norm`` so a peer whose own vector happens to be tiny still learns. Under
+``group_average`` ``own`` is the whole displacement, which a clipped hostile pull enlarges (and
+with it the next bound), so use a tight clip and a low ``reject_factor`` there (``murmur-sim``:
+2 and 5): a sum that only a hostile or broken member can produce is then rejected rather than
+clipped. This module is pure numpy: no I/O, no torch.
 """
 
 from __future__ import annotations

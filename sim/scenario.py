@@ -71,7 +71,7 @@ class Scenario:
     dataset: str = "digits"  # "digits" | "fashion-mnist[:ROOT]" | "csv:PATH" | "npz:PATH"
     model: str = "auto"  # "mlp" | "cnn" | "auto" (cnn for 28x28 images, mlp otherwise)
     partition: str = "dirichlet"  # "iid" | "dirichlet" | "shards"
-    alpha: float = 0.5  # Dirichlet concentration; smaller = more skewed
+    alpha: float = 1.0  # Dirichlet concentration; smaller = more skewed
     shards_per_peer: int = 2
     min_partition_size: int = 10  # every peer gets at least this many training examples
     holdout_fraction: float = 0.2  # part of each peer's shard kept for its local accuracy
