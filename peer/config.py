@@ -352,6 +352,9 @@ def _trainer_config_class() -> type:
 
 
 # ------------------------------------------------------------------------------------ loader
+#: ``[training] share`` when the config does not set it (see peer.merge.GOSSIP_AVERAGING).
+DEFAULT_SHARE_MODE = "model"
+
 _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
     "data", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
@@ -405,8 +408,10 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
 
     broker = _broker(_section(document, "broker", label), base)
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
-    training = build_dataclass(_trainer_config_class(), _section(document, "training", label),
-                               "training")
+    # A daemon shares its model's displacement and averages with its group unless the config
+    # says otherwise: measured far better than adding deltas (docs/results.md).
+    training_table = {"share": DEFAULT_SHARE_MODE, **_section(document, "training", label)}
+    training = build_dataclass(_trainer_config_class(), training_table, "training")
     return PeerConfig(
         peer_id=peer_id,
         network_id=network_id,
@@ -501,6 +506,7 @@ def build_peer_parts(cfg: PeerConfig) -> dict[str, Any]:
     """
     from crypto.field import FixedPoint
     from peer.data import load_train_source, split_holdout
+    from peer.merge import merge_config_for
     from peer.node import NodeConfig
     from peer.trainer import LocalTrainer
 
@@ -532,6 +538,7 @@ def build_peer_parts(cfg: PeerConfig) -> dict[str, Any]:
         clock_skew_s=cfg.clock_skew_s,
         checkpoint_interval_s=cfg.checkpoint_interval_s,
         cooldown_s=cfg.session.cooldown_s,
+        merge=merge_config_for(cfg.training.share),
     )
     return {
         "identity": identity,

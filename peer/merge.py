@@ -186,3 +186,24 @@ def merge_group_sum(
         bound=bound,
         clipped=clipped,
     )
+
+
+#: Gossip averaging (docs/sessions.md, "Merge rule"): members share their model's displacement
+#: from the common init (``TrainerConfig.share = "model"``) and move to the group mean. The mean
+#: already weighs every member equally and the pull is relative to the snapshot the peer shared,
+#: so a stale session is not discounted further. An honest pull is at most about
+#: ``||own|| + ||mean||``: clipped above 2x the own norm; beyond 10x (5x the bound) it is a
+#: hostile or broken sum and rejected (clipping it would let it inflate the next bound).
+GOSSIP_AVERAGING = MergeConfig(
+    rule="group_average", staleness_decay=False, relative_norm=2.0, reject_factor=5.0
+)
+
+
+def merge_config_for(share: str) -> MergeConfig:
+    """The merge rule that pairs with a trainer's share mode ("model" or "delta")."""
+    if share == "model":
+        return GOSSIP_AVERAGING
+    if share == "delta":
+        return MergeConfig()
+    raise ValueError(f"unknown share mode {share!r}")
+

@@ -37,6 +37,7 @@ from peer.data import Dataset
 from peer.dpsgd import DPSGDStep, poisson_batch
 from peer.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.models import MODEL_NAMES, build_model, param_count
+from peer.optim import SGD, Adam, Optimizer
 from peer.privacy.accountant import sigma_for
 from peer.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
 from peer.topk import TopK
@@ -179,7 +180,10 @@ class LocalTrainer:
         self.model = build_model(config.model, train.input_shape, train.num_classes)
         _seeded_init(self.model, config.seed)
         self.param_count = param_count(self.model)
-        self.model_id = f"{config.model}-{self.param_count}"
+        # Peers only group with the same model id, so a network never mixes share modes
+        # (a displacement averaged with deltas would be meaningless).
+        suffix = "-avg" if config.share == "model" else ""
+        self.model_id = f"{config.model}-{self.param_count}{suffix}"
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # The common starting point (same seed on every peer): "model" sharing sends x - x0.
         self._init_params = self._flat_params().clone()
@@ -255,11 +259,13 @@ class LocalTrainer:
         planned = cfg.planned_steps or training_rounds * cfg.local_steps
         return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> Optimizer:
+        # peer.optim, not torch.optim: constructing a torch.optim optimizer imports
+        # torch._dynamo (+70 MB resident), too much for a 1 GB Raspberry Pi.
         cfg = self.config
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(self._params, lr=cfg.lr)
-        return torch.optim.SGD(self._params, lr=cfg.lr, momentum=cfg.momentum)
+            return Adam(self._params, lr=cfg.lr)
+        return SGD(self._params, lr=cfg.lr, momentum=cfg.momentum)
 
     @property
     def ledger_path(self) -> Path | None:

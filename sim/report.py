@@ -176,7 +176,8 @@ def _baseline_lines(ax: Any, baselines: Mapping[str, Mapping[str, Any]]) -> None
         if not isinstance(accuracy, int | float):
             continue
         style = _BASELINE_STYLES.get(name, {"color": "#555555", "linestyle": "-."})
-        ax.axhline(accuracy, linewidth=1.4, label=f"{name} baseline, test set ({accuracy:.1%})", **style)
+        label = f"{name} baseline, test set ({accuracy:.1%})"
+        ax.axhline(accuracy, linewidth=1.4, label=label, **style)
 
 
 def _peer_lines(ax: Any, series: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:

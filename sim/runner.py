@@ -45,7 +45,7 @@ import numpy as np
 
 from crypto.admission import AdmissionKey, Certificate
 from crypto.identity import Identity
-from peer.merge import MergeConfig
+from peer.merge import GOSSIP_AVERAGING
 from peer.node import NodeConfig, Peer, PeerEvent, PeerStatus
 from peer.session import SessionTimeouts
 from peer.transport import BrokerSettings
@@ -176,16 +176,9 @@ def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig
     )
 
 
-#: Gossip averaging (docs/sessions.md, "Merge rule"): peers share their model's displacement
-#: from the common init and move to the group mean. The mean already weighs every member
-#: equally and the pull is relative to the snapshot the peer shared, so a stale session is not
-#: discounted further. Pairs with ``share="model"`` in :func:`trainer_config`.
-#: The bound: an honest pull is at most about ``||own|| + ||mean||`` (clipped above 2x), and a
-#: pull beyond 10x ``||own||`` is a hostile or broken sum and is rejected outright; clipping it
-#: instead would let a huge contribution inflate the displacement, and with it the next bound.
-SIM_MERGE = MergeConfig(
-    rule="group_average", staleness_decay=False, relative_norm=2.0, reject_factor=5.0
-)
+#: The simulation's merge rule: gossip averaging (see peer.merge.GOSSIP_AVERAGING); pairs
+#: with ``share="model"`` in :func:`trainer_config`.
+SIM_MERGE = GOSSIP_AVERAGING
 
 
 def averaging_rounds(rounds: int) -> int:

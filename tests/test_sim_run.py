@@ -116,7 +116,7 @@ async def test_processes_mode_runs_one_process_per_peer(tmp_path: Path) -> None:
 
 
 def test_cli_bad_option_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--threshold", "5"]) == EXIT_USAGE
+    assert main(["--threshold", "6"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "threshold" in err and "murmur-sim" in err

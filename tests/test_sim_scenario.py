@@ -28,9 +28,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_are_the_readme_run() -> None:
     s = Scenario()
-    assert (s.peers, s.dataset, s.partition, s.alpha) == (8, "digits", "dirichlet", 0.5)
+    assert (s.peers, s.dataset, s.partition, s.alpha) == (8, "digits", "dirichlet", 1.0)
     assert s.dp and s.target_epsilon == 3.0 and s.noise_multiplier is None
-    assert (s.group_size, s.threshold, s.broker, s.mode) == (3, 2, "embedded", "inprocess")
+    assert (s.group_size, s.threshold, s.broker, s.mode) == (5, 3, "embedded", "inprocess")
     assert s.planned_steps == s.rounds * s.local_steps
     assert s.duration_s < 180
 
@@ -76,7 +76,7 @@ out_dir = "out/runs"
         ("alpha = nan", "alpha", "finite"),
         ('partition = "random"', "partition", "expected one of"),
         ("group_size = 2", "group_size", "group of two"),
-        ("threshold = 4", "threshold", "2..group_size"),
+        ("threshold = 6", "threshold", "2..group_size"),
         ("loss_rate = 1.0", "loss_rate", "[0, 1)"),
         ('hostile_peers = ["evil"]', "hostile_peers", "unknown hostile kind"),
         ("hostile_peers = 3", "hostile_peers", "list of string"),
