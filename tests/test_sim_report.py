@@ -199,8 +199,9 @@ def test_write_report_produces_self_contained_html_and_pngs(tmp_path: Path) -> N
     assert len(inlined) == len(PLOT_FILES)
     assert all(base64.b64decode(b).startswith(PNG_MAGIC) for b in inlined)
     assert 'src="http' not in text and "<script" not in text  # nothing fetched from anywhere
-    for expected in ("centralized", "standalone", "Murmur (this run)", f"Dirichlet α = {scenario.alpha:g}",
-                     "bad_signature", "churn", "garbage", "target ε = 3"):
+    for expected in ("centralized", "standalone", "Murmur (this run)",
+                     f"Dirichlet α = {scenario.alpha:g}", "bad_signature", "churn", "garbage",
+                     "target ε = 3"):
         assert expected in text
     assert "points above training alone" in text
     assert "Events recorded" in text and "session" in text
