@@ -35,22 +35,25 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically with permissions 0600.
+def write_private_file(
+    path: Path, data: bytes, *, overwrite: bool = False, mode: int = 0o600
+) -> None:
+    """Write ``data`` to ``path`` atomically with permissions ``mode`` (0600 by default).
 
     Raises ``FileExistsError`` if ``path`` exists and ``overwrite`` is false. Without overwrite
     the final step is ``os.link``, which fails atomically if another writer created the file in
-    the meantime, so an existing key is never clobbered by a race.
+    the meantime, so an existing key is never clobbered by a race. The permissions are set on
+    the temporary file before any byte is written, so a secret is never readable by others.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not overwrite and path.exists():
-        raise FileExistsError(f"{path}: refusing to overwrite an existing key file")
+        raise FileExistsError(f"{path}: exists; refusing to overwrite it")
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -61,13 +64,13 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool = False) -> N
                 os.link(tmp, path)
             except FileExistsError:
                 raise FileExistsError(
-                    f"{path}: refusing to overwrite an existing key file"
+                    f"{path}: exists; refusing to overwrite it"
                 ) from None
             except OSError:
                 # File system without hard links: fall back to check-then-rename.
                 if path.exists():
                     raise FileExistsError(
-                        f"{path}: refusing to overwrite an existing key file"
+                        f"{path}: exists; refusing to overwrite it"
                     ) from None
                 os.replace(tmp, path)
         _fsync_directory(directory)

@@ -17,10 +17,8 @@ Security properties:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -30,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from crypto._atomic import write_private_file
 from crypto.admission import AdmissionKey, Certificate
 from crypto.identity import Identity, PublicIdentity, check_name
 
@@ -49,36 +48,10 @@ class ProvisionError(Exception):
 def write_file_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, link/replace).
 
-    Without ``overwrite`` the final step is ``os.link``, which fails if the path appeared in
-    the meantime: an existing file is never replaced. FileExistsError in that case.
+    Without ``overwrite`` an existing file is never replaced (FileExistsError), even by a race:
+    the same writer as the key files (crypto._atomic), with the file's own permissions.
     """
-    path = Path(path)
-    directory = path.parent
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path}: exists; refusing to overwrite it")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path}: exists; refusing to overwrite it") from None
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    write_private_file(path, data, overwrite=overwrite, mode=mode)
 
 
 def _read_bounded(path: Path, what: str) -> bytes:
