@@ -214,11 +214,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peer.config import load_credentials
 
     load_credentials(cfg)  # fail fast, with one line, before data and model are built
+    from peer.checkpoint import CheckpointError
+    from peer.ledger import LedgerError
     from peer.node import Peer  # lazy: the key-file commands need no torch
 
     try:
         peer = Peer.from_config(cfg)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, LedgerError, CheckpointError) as exc:
         # Set-up only (data, model, state dir): the user's to fix. Errors while running are
         # not caught here, so a bug still shows its traceback.
         raise UserError(f"cannot start the peer: {exc}") from None

@@ -354,6 +354,9 @@ def _trainer_config_class() -> type:
 # ------------------------------------------------------------------------------------ loader
 #: ``[training] share`` when the config does not set it (see peer.merge.GOSSIP_AVERAGING).
 DEFAULT_SHARE_MODE = "model"
+#: ``[training] topk_fraction`` when unset: averaging needs many coordinates per session to
+#: average the peers' DP noise away (the simulation's measured default, docs/results.md).
+DEFAULT_TOPK_FRACTION = 0.25
 
 _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
@@ -410,7 +413,8 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
     # A daemon shares its model's displacement and averages with its group unless the config
     # says otherwise: measured far better than adding deltas (docs/results.md).
-    training_table = {"share": DEFAULT_SHARE_MODE, **_section(document, "training", label)}
+    training_table = {"share": DEFAULT_SHARE_MODE, "topk_fraction": DEFAULT_TOPK_FRACTION,
+                      **_section(document, "training", label)}
     training = build_dataclass(_trainer_config_class(), training_table, "training")
     return PeerConfig(
         peer_id=peer_id,

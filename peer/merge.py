@@ -6,9 +6,9 @@ slot, so it is rebuilt, not trusted), and the member's own contribution ``own`` 
 coordinates (with the residual fill, every member contributes on every coordinate). Three rules,
 chosen by ``MergeConfig.rule``; all members of a network must use the same rule and share mode:
 
-* ``"group_average"`` (gossip averaging; what ``murmur-sim`` uses): members share their model's
-  *displacement from the common initialisation* (``TrainerConfig(share="model")``), so ``S / m``
-  is the group's mean model and the member moves its shared snapshot onto it::
+* ``"group_average"`` (gossip averaging; ``murmur-sim`` and ``murmur-peer`` use it): members share
+  their model's *displacement from the common initialisation* (``TrainerConfig(share="model")``),
+  so ``S / m`` is the group's mean model and the member moves its shared snapshot onto it::
 
       delta = w * (S / m - own)
 
@@ -38,9 +38,9 @@ clipping and learning rate, so their vectors have the same scale as ours; under 
 honest pull is at most about ``||own|| + ||mean||``), capped by ``max_norm`` when set, and never
 below ``min_norm`` so a peer whose own vector happens to be tiny still learns. Under
 ``group_average`` ``own`` is the whole displacement, which a clipped hostile pull enlarges (and
-with it the next bound), so use a tight clip and a low ``reject_factor`` there (``murmur-sim``:
-2 and 5): a sum that only a hostile or broken member can produce is then rejected rather than
-clipped. This module is pure numpy: no I/O, no torch.
+with it the next bound), so use a tight clip and a low ``reject_factor`` there
+(``GOSSIP_AVERAGING``: 2 and 5): a sum that only a hostile or broken member can produce is then
+rejected rather than clipped. This module is pure numpy: no I/O, no torch.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep ``k = ceil(fraction * n)`` entries (0.001-0.1 is the intended range)."""
+    """Keep ``k = ceil(fraction * n)`` entries (0.001-0.1 for deltas with error feedback;
+    up to 0.25 for model displacements under gossip averaging, see docs/results.md)."""
 
     fraction: float
 

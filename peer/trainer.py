@@ -21,6 +21,7 @@ process-wide, so it is left to the caller (see :func:`configure_torch_threads`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -180,13 +181,15 @@ class LocalTrainer:
         self.model = build_model(config.model, train.input_shape, train.num_classes)
         _seeded_init(self.model, config.seed)
         self.param_count = param_count(self.model)
-        # Peers only group with the same model id, so a network never mixes share modes
-        # (a displacement averaged with deltas would be meaningless).
-        suffix = "-avg" if config.share == "model" else ""
-        self.model_id = f"{config.model}-{self.param_count}{suffix}"
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # The common starting point (same seed on every peer): "model" sharing sends x - x0.
         self._init_params = self._flat_params().clone()
+        # Peers only group with the same model id, so a network never mixes share modes
+        # (a displacement averaged with deltas would be meaningless). Averaging models is
+        # meaningful only from the same initial weights, so in model mode the id also carries
+        # a digest of them: a peer initialised with another seed never groups.
+        suffix = f"-avg-{self._init_digest()}" if config.share == "model" else ""
+        self.model_id = f"{config.model}-{self.param_count}{suffix}"
         self._x = torch.from_numpy(train.x)
         self._y = torch.from_numpy(train.y)
         self.sample_rate = min(1.0, config.batch_size / len(train))
@@ -483,6 +486,11 @@ class LocalTrainer:
         ):
             raise ValueError(f"index out of range 0..{self.param_count - 1}")
         return index_array
+
+    def _init_digest(self) -> str:
+        """8 hex digits of BLAKE2b over the initial parameters (float32 bytes)."""
+        raw = self._init_params.numpy().astype("<f4").tobytes()
+        return hashlib.blake2b(raw, digest_size=4).hexdigest()
 
     def _displacement(self) -> np.ndarray:
         """x - x0 as float32 (caller holds the model lock or owns the trainer)."""

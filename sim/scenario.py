@@ -112,7 +112,8 @@ class Scenario:
 
     @property
     def planned_steps(self) -> int:
-        """DP-SGD steps each peer plans to take; the accountant's horizon for target_epsilon."""
+        """Local steps each peer plans over the run (the private ones are fewer: the runner's
+        averaging tail takes none, and target_epsilon is spread over the private ones)."""
         return self.rounds * self.local_steps
 
     @property
