@@ -54,7 +54,7 @@ def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]],
         return shared, rows, 0.3
     shared = dict(
         peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5, rounds=30,
-        local_steps=10, batch_size=64, lr=0.1, topk_fraction=0.05, duration_s=1800.0, seed=1,
+        local_steps=10, batch_size=64, lr=0.1, topk_fraction=0.25, duration_s=1800.0, seed=1,
         broker="mosquitto" if MosquittoBroker.available() else "embedded",
     )
     rows = [("gossip, no DP", {"dp": False}),
