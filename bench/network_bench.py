@@ -53,8 +53,8 @@ def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]],
                 ("gossip, DP eps=8", {"dp": True, "target_epsilon": 8.0})]
         return shared, rows, 0.3
     shared = dict(
-        peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5, rounds=30,
-        local_steps=10, batch_size=64, lr=0.1, topk_fraction=0.25, duration_s=1800.0, seed=1,
+        peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5, rounds=60,
+        local_steps=10, batch_size=64, lr=0.2, topk_fraction=0.25, duration_s=1800.0, seed=1,
         broker="mosquitto" if MosquittoBroker.available() else "embedded",
     )
     rows = [("gossip, no DP", {"dp": False}),
