@@ -15,7 +15,7 @@ copies).
 Every gossip row is a real `murmur-sim` run (real peers, crypto and broker).
 
     python bench/network_bench.py --quick            # digits, 4 peers, < 60 s
-    python bench/network_bench.py --out results.json # the full grid (~6 min on 2 cores)
+    python bench/network_bench.py --out results.json # the full grid (~10 min on 2 cores)
 """
 
 from __future__ import annotations
