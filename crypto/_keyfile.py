@@ -12,6 +12,7 @@ problem becomes a :class:`KeyFileError` naming the path and what is wrong.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from crypto._atomic import read_key_file, write_private_file
@@ -72,3 +73,17 @@ def str_field(path: Path, document: dict[str, object], name: str) -> str:
     if not isinstance(value, str):
         raise KeyFileError(f"{path}: field {name!r} is missing or not a string")
     return value
+
+
+def name_field(
+    path: Path, document: dict[str, object], name: str, check: Callable[[str], object]
+) -> str:
+    """Return the string field ``name`` after ``check`` (which raises ValueError) accepts it;
+    KeyFileError naming the path otherwise."""
+    value = str_field(path, document, name)
+    try:
+        check(value)
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+    return value
+

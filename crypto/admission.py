@@ -34,12 +34,11 @@ from pathlib import Path
 
 import nacl.signing
 
-from crypto._keyfile import hex_field, load_key_file, save_key_file, str_field
+from crypto._keyfile import hex_field, load_key_file, name_field, save_key_file
 from crypto.errors import (
     BadCertificateSignatureError,
     ExpiredCertificateError,
     ForeignNetworkError,
-    KeyFileError,
     MalformedCertificateError,
     SignatureError,
 )
@@ -201,11 +200,7 @@ class AdmissionKey:
         """Load; KeyFileError naming the path and the problem on any failure."""
         path = Path(path)
         document = load_key_file(path, ADMISSION_KIND)
-        network_id = str_field(path, document, "network_id")
-        try:
-            check_name(network_id, "network id")
-        except ValueError as exc:
-            raise KeyFileError(f"{path}: {exc}") from None
+        network_id = name_field(path, document, "network_id", lambda v: check_name(v, "network id"))
         seed = hex_field(path, document, "signing_seed", KEY_BYTES)
         warn_if_exposed(path)
         return cls(network_id, nacl.signing.SigningKey(seed))

@@ -21,8 +21,8 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
-from crypto._keyfile import hex_field, load_key_file, save_key_file, str_field
-from crypto.errors import KeyFileError, SignatureError
+from crypto._keyfile import hex_field, load_key_file, name_field, save_key_file
+from crypto.errors import SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,7 @@ class Identity:
         """Load an identity; KeyFileError naming the path and the problem on any failure."""
         path = Path(path)
         document = load_key_file(path, IDENTITY_KIND)
-        peer_id = str_field(path, document, "peer_id")
-        try:
-            check_name(peer_id, "peer id")
-        except ValueError as exc:
-            raise KeyFileError(f"{path}: {exc}") from None
+        peer_id = name_field(path, document, "peer_id", lambda v: check_name(v, "peer id"))
         seed = hex_field(path, document, "signing_seed", KEY_BYTES)
         box_secret = hex_field(path, document, "box_private_key", KEY_BYTES)
         warn_if_exposed(path)
