@@ -4,7 +4,8 @@ For each data set: centralized non-private training on the whole training set, o
 standalone IID shard (1/8 of digits, 1/16 of Fashion-MNIST) without privacy, and DP-SGD on the
 whole training set at epsilon = 1, 3, 8 (delta = 1e-5; noise chosen by the RDP accountant for
 the planned number of steps). Digits rows average 5 independent runs (2 with --quick);
-Fashion-MNIST rows are single runs. Every run goes through peer.trainer.LocalTrainer with secure
+Fashion-MNIST rows are single runs. Every run goes through
+peer.training.trainer.LocalTrainer with secure
 noise and Poisson sampling, i.e. exactly what a peer runs. Wall time is per run.
 
     python bench/accuracy_bench.py [--quick] [--out FILE] [--datasets digits,fashion-mnist]
@@ -28,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peer.data import Dataset, load_source
-from peer.trainer import LocalTrainer, TrainerConfig
+from peer.training.data import Dataset, load_source
+from peer.training.trainer import LocalTrainer, TrainerConfig
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0)

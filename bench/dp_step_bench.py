@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peer.dpsgd import DPSGDStep
-from peer.models import build_model, param_count
-from peer.privacy.noise import SecureGaussian
+from peer.training.dpsgd import DPSGDStep
+from peer.training.models import build_model, param_count
+from peer.training.privacy.noise import SecureGaussian
 
 SIGMA = 1.0
 CLIP = 1.0

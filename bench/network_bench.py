@@ -36,8 +36,9 @@ if str(ROOT) not in sys.path:
 
 from sim.broker import MosquittoBroker  # noqa: E402
 from sim.metrics import last_row_per_peer, read_metrics  # noqa: E402
-from sim.runner import RunResult, _baseline_inputs, prepare, run_simulation  # noqa: E402
+from sim.runner import RunResult, baseline_inputs, run_simulation  # noqa: E402
 from sim.scenario import Scenario, scenario_from_dict  # noqa: E402
+from sim.setup import prepare  # noqa: E402
 
 
 def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], float]:
@@ -71,7 +72,7 @@ def _bytes_per_session(result: RunResult) -> float | None:
 
 
 def _dense_model_bytes(scenario: Scenario, model_name: str, train: Any) -> int:
-    from peer.models import build_model, param_count
+    from peer.training.models import build_model, param_count
 
     model = build_model(model_name, tuple(train.x.shape[1:]), train.num_classes)
     return 4 * param_count(model)
@@ -89,7 +90,7 @@ async def run_grid(quick: bool, out_dir: Path) -> list[dict[str, Any]]:
         wall = time.monotonic() - started
         per_session = _bytes_per_session(result)
         if dense is None:
-            from peer.data import load_source
+            from peer.training.data import load_source
             from sim.scenario import resolve_model
 
             train, _test = load_source(scenario.dataset)
@@ -116,7 +117,7 @@ async def run_grid(quick: bool, out_dir: Path) -> list[dict[str, Any]]:
     scenario = scenario_from_dict({**shared, "dp": False, "out_dir": out_dir})
     with tempfile.TemporaryDirectory() as tmp:
         prep = prepare(scenario, Path(tmp))
-        pooled, parts = _baseline_inputs(prep)
+        pooled, parts = baseline_inputs(prep)
         base = compute_baselines(scenario, pooled, prep.test, parts)
     for name in ("centralized", "standalone"):
         rows.append({

@@ -16,7 +16,8 @@ Rows (``what``):
   math (scipy.special), Murmur's model and DP-SGD step on a synthetic 6 000-example shard and
   functional SGD; ``cnn+optim`` swaps in ``torch.optim.SGD`` to show what it imports;
 * ``peer_training``   -- the peer's training half exactly as ``murmur-peer run`` builds it
-  (peer.data.load_train_source, split_holdout, peer.trainer.LocalTrainer with a state directory),
+  (peer.training.data.load_train_source, split_holdout,
+  peer.training.trainer.LocalTrainer with a state directory),
   running N local rounds: ``cnn`` on the full Fashion-MNIST training set, ``cnn_shard`` on a
   6 000-example shard given as an .npz file (what one device of a fleet would hold), ``mlp``
   on scikit-learn's digits;
@@ -60,7 +61,8 @@ IMPORT_SETS: dict[str, str] = {
     "torch": "import torch",
     "torch+opacus": "import torch; from opacus.accountants import RDPAccountant",
     "torch+scipy.special": "import torch; import scipy.special",
-    "peer_process": "import peer.cli, peer.config, peer.node, peer.data, peer.trainer",
+    "peer_process": ("import peer.cli, peer.config, peer.network.node, peer.training.data, "
+                     "peer.training.trainer"),
 }
 
 
@@ -122,8 +124,8 @@ def child_lean_floor(config: str, rounds: int, steps_per_round: int) -> dict[str
     import torch
     from torch.optim.sgd import sgd
 
-    from peer.dpsgd import DPSGDStep, poisson_batch
-    from peer.models import build_model
+    from peer.training.dpsgd import DPSGDStep, poisson_batch
+    from peer.training.models import build_model
 
     phases = Phases()
     phases.mark("imports")
@@ -169,8 +171,8 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
                         data_spec: str) -> dict[str, Any]:
     import dataclasses
 
-    from peer.data import load_train_source, split_holdout
-    from peer.trainer import LocalTrainer, TrainerConfig
+    from peer.training.data import load_train_source, split_holdout
+    from peer.training.trainer import LocalTrainer, TrainerConfig
 
     phases = Phases()
     phases.mark("imports")
@@ -229,7 +231,7 @@ OPACUS_DEFAULT_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 6
 
 def install_lean_what_if() -> None:
     """(1) Load only Opacus' RDP analysis module (numpy + scipy.special) instead of running
-    ``opacus/__init__`` (peer/privacy/accountant.py now does this itself, so (1) changes
+    ``opacus/__init__`` (peer/training/privacy/accountant.py now does this itself, so (1) changes
     nothing any more; kept so the row measures the same thing as before); (2) use functional
     SGD instead of constructing a torch.optim optimizer (which imports torch._dynamo). Both
     leave the arithmetic unchanged."""
@@ -252,7 +254,7 @@ def install_lean_what_if() -> None:
         if name != "opacus.accountants.utils":
             module.__path__ = []  # a package, so its submodules resolve from sys.modules
 
-    class RDPAccountant:  # only the constant peer/privacy/accountant.py reads
+    class RDPAccountant:  # only the constant peer/training/privacy/accountant.py reads
         DEFAULT_ALPHAS = OPACUS_DEFAULT_ALPHAS
 
     def get_noise_multiplier(**_kwargs: Any) -> float:
@@ -267,7 +269,7 @@ def install_lean_what_if() -> None:
     import torch
     from torch.optim.sgd import sgd
 
-    import peer.trainer
+    import peer.training.trainer
 
     class FunctionalSGD:
         """torch.optim.SGD's update through the functional API (no torch._dynamo)."""
@@ -301,7 +303,7 @@ def install_lean_what_if() -> None:
             raise SystemExit("what-if run supports optimizer = 'sgd' only")
         return FunctionalSGD(trainer._params, trainer.config.lr, trainer.config.momentum)
 
-    peer.trainer.LocalTrainer._make_optimizer = make_optimizer  # type: ignore[method-assign]
+    peer.training.trainer.LocalTrainer._make_optimizer = make_optimizer  # type: ignore[method-assign]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -359,7 +361,7 @@ def write_shard(directory: Path, out: Path) -> None:
     """A 6 000-example Fashion-MNIST shard as .npz, as a fleet operator would hand a device."""
     import numpy as np
 
-    from peer.data import load_train_source
+    from peer.training.data import load_train_source
 
     train = load_train_source(f"fashion-mnist:{directory}")
     chosen = np.random.default_rng(0).choice(len(train.y), SHARD_EXAMPLES, replace=False)

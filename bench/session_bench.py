@@ -1,6 +1,6 @@
 """Time and bytes of one aggregation session over a real Mosquitto broker on loopback.
 
-For each group size g and top-k fraction, g real ``peer.node.Peer`` objects (one event loop,
+For each group size g and top-k fraction, g real ``peer.network.node.Peer`` objects (one event loop,
 real crypto, real MQTT) run back-to-back sessions with synthetic update vectors of the small
 CNN's parameter count (session cost does not depend on training, only on the vector sizes).
 Reported per configuration:
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
-from peer.node import NodeConfig, Peer, PeerEvent
-from peer.session import SessionTimeouts
-from peer.transport import BrokerSettings
+from peer.network.node import NodeConfig, Peer, PeerEvent
+from peer.network.session import SessionTimeouts
+from peer.network.transport import BrokerSettings
 from sim.broker import MosquittoBroker
 
 NETWORK = "bench"
@@ -56,8 +56,8 @@ class NoDelayMosquitto(MosquittoBroker):
 
 
 def cnn_param_count() -> int:
-    """The small CNN's parameter count (peer.models), without keeping torch around."""
-    from peer.models import build_model, param_count
+    """The small CNN's parameter count (peer.training.models), without keeping torch around."""
+    from peer.training.models import build_model, param_count
 
     return int(param_count(build_model("cnn", (28, 28), 10)))
 

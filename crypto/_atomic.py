@@ -5,11 +5,16 @@ key) and must never be readable by other local users, even for a moment. The fil
 with mode 0600 by ``tempfile.mkstemp`` in the destination directory, fully written and fsynced,
 then moved into place in one atomic step; the directory is fsynced so the rename survives a
 power cut.
+
+This is crypto's own writer, for key files only: ``crypto/`` imports nothing above it, so it
+cannot use ``peer.files``, and nothing outside ``crypto/`` imports this private module (peer/
+and sim/ write through ``peer.files.atomic_write_bytes``). Both writers follow the same rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -20,19 +25,27 @@ from crypto.errors import KeyFileError
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 
+#: errno values with which a file system says it cannot fsync a directory at all.
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
 def _fsync_directory(directory: Path) -> None:
-    # Not every platform lets one open a directory; durability is best effort there.
+    """Make the rename durable; the same rule as ``peer.files`` (one behaviour for both).
+
+    A file system that does not support fsync on a directory (EINVAL / ENOTSUP: some network
+    and FUSE mounts) is accepted: the rename is as durable as it can make it, and refusing
+    would make key files impossible to write there. Any other failure (EIO, ...) raises: a key
+    the caller believes saved could vanish at the next power cut.
+    """
     try:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        # Some file systems (e.g. certain network mounts) refuse fsync on directories.
-        return
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
 
 
 def write_private_file(

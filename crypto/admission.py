@@ -44,13 +44,13 @@ from crypto.errors import (
 )
 from crypto.identity import (
     KEY_BYTES,
-    PEER_ID_RE,
     SIGNATURE_BYTES,
     PublicIdentity,
     check_name,
     verify_signature,
     warn_if_exposed,
 )
+from protocol.limits import is_valid_id
 
 CERT_MAGIC = b"MCRT"
 CERT_VERSION = 1
@@ -124,7 +124,7 @@ class Certificate:
                 name = raw.decode("ascii")
             except UnicodeDecodeError:
                 raise MalformedCertificateError(f"{what} is not ASCII") from None
-            if PEER_ID_RE.fullmatch(name) is None:
+            if not is_valid_id(name):
                 raise MalformedCertificateError(f"invalid {what} {name!r}")
             names.append(name)
             offset += 1 + length

@@ -12,7 +12,6 @@ Security properties:
 from __future__ import annotations
 
 import logging
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,19 +22,23 @@ import nacl.signing
 
 from crypto._keyfile import hex_field, load_key_file, name_field, save_key_file
 from crypto.errors import SignatureError
+from protocol.limits import ID_PATTERN, is_valid_id
+from protocol.limits import PEER_ID_RE as PEER_ID_RE  # re-exported by crypto/__init__
 
 log = logging.getLogger(__name__)
 
-PEER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 IDENTITY_KIND = "identity"
 
 
 def check_name(name: str, what: str) -> str:
-    """Return ``name`` if it is a valid peer/network id, else raise ValueError naming ``what``."""
-    if not isinstance(name, str) or PEER_ID_RE.fullmatch(name) is None:
-        raise ValueError(f"{what} {name!r} must match {PEER_ID_RE.pattern}")
+    """Return ``name`` if it is a valid peer/network id, else raise ValueError naming ``what``.
+
+    The rule itself is protocol.limits.ID_PATTERN, the one definition every layer shares.
+    """
+    if not is_valid_id(name):
+        raise ValueError(f"{what} {name!r} must match {ID_PATTERN}")
     return name
 
 

@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 from crypto.errors import CryptoError
 from peer.config import ConfigError, load_config
+from peer.errors import PeerError
+from peer.network.transport import TransportError
 from peer.provision import (
     DEFAULT_CERT_DAYS,
     ProvisionError,
@@ -38,8 +40,7 @@ from peer.provision import (
     save_public_identity,
     write_file_atomic,
 )
-from peer.status import StatusSnapshot, format_status
-from peer.transport import TransportError
+from peer.status import format_status
 
 PROG = "murmur-peer"
 EXIT_USAGE = 2
@@ -52,7 +53,7 @@ _PLAIN_STATUS_EVERY_S = 60.0
 _log = logging.getLogger("murmur.peer")
 
 
-class UserError(Exception):
+class UserError(PeerError):
     """Something the user can fix; printed as one line, exit code 2."""
 
 
@@ -158,9 +159,8 @@ class StatusPrinter:
 
 
 def _status_line(peer: Any, started: float, budget_epsilon: float | None) -> str:
-    snapshot = StatusSnapshot.from_peer_status(
-        peer.status(), uptime_s=time.monotonic() - started, budget_epsilon=budget_epsilon)
-    return format_status(snapshot)
+    return format_status(peer.status(), uptime_s=time.monotonic() - started,
+                         budget_epsilon=budget_epsilon)
 
 
 async def _status_loop(peer: Any, printer: StatusPrinter, started: float,
@@ -211,15 +211,13 @@ async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float |
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     _configure_logging(cfg.log_level)
-    from peer.config import load_credentials
+    from peer.daemon import load_credentials, peer_from_config  # lazy: pulls in the node
+    from peer.training.checkpoint import CheckpointError
+    from peer.training.ledger import LedgerError
 
     load_credentials(cfg)  # fail fast, with one line, before data and model are built
-    from peer.checkpoint import CheckpointError
-    from peer.ledger import LedgerError
-    from peer.node import Peer  # lazy: the key-file commands need no torch
-
     try:
-        peer = Peer.from_config(cfg)
+        peer = peer_from_config(cfg)
     except (ValueError, OSError, LedgerError, CheckpointError) as exc:
         # Set-up only (data, model, state dir): the user's to fix. Errors while running are
         # not caught here, so a bug still shows its traceback.

@@ -14,47 +14,51 @@ docs/peer.example.toml a commented example.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import ssl
-import time
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from peer.transport import BrokerSettings
+from crypto.field import FixedPoint
+from peer import tomlcheck
+from peer.errors import PeerError
+from peer.files import FileReadError, read_small_file
+from peer.network.node import NodeConfig
+from peer.network.session import SessionTimeouts
+from peer.network.transport import BrokerSettings
+from peer.training.config import TrainerConfig
+from protocol.limits import ID_PATTERN, is_valid_id
 
-PEER_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _HEX_KEY_CHARS = 64  # a 32-byte Ed25519 public key in hex
 
 # Largest file read as a small text value (admission public key, broker password).
 _MAX_SMALL_FILE = 4096
+# Largest config file: a real one is a few kB; anything this big is not one.
+_MAX_CONFIG_FILE = 1024 * 1024
 
 
-class ConfigError(Exception):
+class ConfigError(PeerError):
     """The configuration cannot be used; the message names the file, key and problem."""
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """Aggregation sessions (see peer/session.py): group size g, Shamir threshold t, timeouts.
+    """Aggregation sessions (peer/network/session.py): group size g, threshold t, timeouts.
 
     ``cooldown_s`` is the pause after a session (done or aborted) before this peer initiates
     another, so that a peer does not flood the network with invitations.
     """
 
-    group_size: int = 3
-    threshold: int = 2
-    invite_timeout_s: float = 2.0
-    start_timeout_s: float = 4.0
-    share_timeout_s: float = 5.0
-    partial_timeout_s: float = 5.0
-    cooldown_s: float = 1.0
-    frac_bits: int = 16
+    group_size: int = NodeConfig.group_size
+    threshold: int = NodeConfig.threshold
+    invite_timeout_s: float = SessionTimeouts.invite_s
+    start_timeout_s: float = SessionTimeouts.start_s
+    share_timeout_s: float = SessionTimeouts.share_s
+    partial_timeout_s: float = SessionTimeouts.partial_s
+    cooldown_s: float = NodeConfig.cooldown_s
+    frac_bits: int = FixedPoint.frac_bits
 
     def __post_init__(self) -> None:
         if not 3 <= self.group_size <= 16:
@@ -75,17 +79,6 @@ class SessionConfig:
         if not 8 <= self.frac_bits <= 24:
             raise ValueError(f"frac_bits must be in 8..24 (got {self.frac_bits})")
 
-    def to_timeouts(self) -> Any:
-        """The :class:`peer.session.SessionTimeouts` these settings describe."""
-        from peer.session import SessionTimeouts
-
-        return SessionTimeouts(
-            invite_s=self.invite_timeout_s,
-            start_s=self.start_timeout_s,
-            share_s=self.share_timeout_s,
-            partial_s=self.partial_timeout_s,
-        )
-
 
 @dataclass
 class PeerConfig:
@@ -93,9 +86,9 @@ class PeerConfig:
 
     ``admission_public_key`` is the network's 32-byte admission (CA) public key: the one value a
     peer must obtain out of band and trust; every certificate is checked against it.
-    ``data`` is a source spec for peer.data.load_train_source: "digits",
+    ``data`` is a source spec for peer.training.data.load_train_source: "digits",
     "fashion-mnist[:ROOT]", "mnist:ROOT", "csv:PATH[#LABEL]" or "npz:PATH" (the peer loads only
-    the source's training part). ``training`` is a peer.trainer.TrainerConfig.
+    the source's training part). ``training`` is a peer.training.trainer.TrainerConfig.
     """
 
     peer_id: str
@@ -104,7 +97,7 @@ class PeerConfig:
     certificate_file: Path
     admission_public_key: bytes
     broker: BrokerSettings
-    training: Any
+    training: TrainerConfig
     state_dir: Path
     data: str = "digits"
     holdout_fraction: float = 0.2
@@ -119,92 +112,12 @@ class PeerConfig:
 
 
 # ------------------------------------------------------------------------------ type checking
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a TOML value against a dataclass field annotation; ConfigError if it does not fit."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue  # TOML has no null: an absent key means None (the default)
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"{where}: unsupported value")
-    if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, "
-                              f"got {value!r}")
-        return value
-    if origin in (tuple, list):
-        args = typing.get_args(annotation)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        item_type = args[0] if args else Any
-        items = [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: must be finite, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if annotation is Path:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: expected a path string, got {value!r}")
-        return Path(value)
-    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return build_dataclass(annotation, value, where)
-    # A type this loader does not know: hand the TOML value through and let the
-    # dataclass' own validation judge it.
-    return value
-
-
 def build_dataclass(cls: type, table: dict[str, Any], where: str) -> Any:
-    """Build ``cls`` from a TOML table: unknown keys, missing keys, types and range errors.
-
-    ``cls.__post_init__`` raising ValueError becomes a ConfigError naming the section.
-    """
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(table) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
-                          f"(known: {', '.join(sorted(fields))})")
-    kwargs: dict[str, Any] = {}
-    for name, spec in fields.items():
-        if name in table:
-            kwargs[name] = _coerce(table[name], hints.get(name, Any), f"{where}.{name}")
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
+    """Build ``cls`` from a TOML table (peer.tomlcheck.build_dataclass); ConfigError if bad."""
     try:
-        instance = cls(**kwargs)
-        # Some config classes (peer.trainer.TrainerConfig) check ranges in validate().
-        validate = getattr(instance, "validate", None)
-        if callable(validate):
-            validate()
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return instance
+        return tomlcheck.build_dataclass(cls, table, where)
+    except tomlcheck.TomlValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -221,7 +134,10 @@ def _take(table: dict[str, Any], key: str, annotation: Any, where: str, default:
             prefix = f"{where}: " if where else ""
             raise ConfigError(f"{prefix}missing required key {key!r}")
         return default
-    return _coerce(table.pop(key), annotation, f"{where}.{key}" if where else key)
+    try:
+        return tomlcheck.check_value(table.pop(key), annotation, f"{where}.{key}" if where else key)
+    except tomlcheck.TomlValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _existing_file(base: Path, raw: Path, key: str) -> Path:
@@ -232,14 +148,11 @@ def _existing_file(base: Path, raw: Path, key: str) -> Path:
     return path
 
 
-def _read_small_text(path: Path, key: str) -> str:
+def _read_small_text(path: Path, key: str, what: str) -> str:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(_MAX_SMALL_FILE + 1)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    if len(data) > _MAX_SMALL_FILE:
-        raise ConfigError(f"{key}: {path} is too large ({_MAX_SMALL_FILE} bytes at most)")
+        data = read_small_file(path, _MAX_SMALL_FILE, what)
+    except FileReadError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -262,21 +175,21 @@ def _admission_key(value: str, base: Path) -> bytes:
     if key is not None:
         return key
     path = _existing_file(base, Path(value), "admission_public_key")
-    key = parse_public_key_hex(_read_small_text(path, "admission_public_key"))
+    key = parse_public_key_hex(_read_small_text(path, "admission_public_key", "public key file"))
     if key is None:
         raise ConfigError(f"admission_public_key: {path} does not hold a 64-character hex key")
     return key
 
 
 def _check_id(value: str, key: str) -> str:
-    if re.fullmatch(PEER_ID_PATTERN, value) is None:
-        raise ConfigError(f"{key}: {value!r} must match {PEER_ID_PATTERN} "
+    if not is_valid_id(value):
+        raise ConfigError(f"{key}: {value!r} must match {ID_PATTERN} "
                           "(lower-case letters, digits, '_' and '-', at most 64)")
     return value
 
 
 def _data_spec(value: str, base: Path) -> str:
-    """Check a data source spec and make its path absolute (see peer.data.load_train_source)."""
+    """Check a data source spec and make its path absolute (peer.training.data)."""
     kind, sep, rest = value.partition(":")
     if kind == "digits" and not sep:
         return value
@@ -312,7 +225,7 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
         raise ConfigError("broker: give password or password_file, not both")
     if password_file is not None:
         password = _read_small_text(_existing_file(base, password_file, "broker.password_file"),
-                                    "broker.password_file")
+                                    "broker.password_file", "password file")
     files: dict[str, Path | None] = {}
     for key in ("ca_file", "client_cert", "client_key"):
         raw = _take(table, key, Path | None, where, None)
@@ -343,21 +256,7 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
     return settings
 
 
-def _trainer_config_class() -> type:
-    try:
-        from peer.trainer import TrainerConfig
-    except ImportError as exc:  # the training half is missing from this install
-        raise ConfigError(f"training: cannot import peer.trainer ({exc})") from None
-    return TrainerConfig
-
-
 # ------------------------------------------------------------------------------------ loader
-#: ``[training] share`` when the config does not set it (see peer.merge.GOSSIP_AVERAGING).
-DEFAULT_SHARE_MODE = "model"
-#: ``[training] topk_fraction`` when unset: averaging needs many coordinates per session to
-#: average the peers' DP noise away (the simulation's measured default, docs/results.md).
-DEFAULT_TOPK_FRACTION = 0.25
-
 _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
     "data", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
@@ -411,11 +310,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
 
     broker = _broker(_section(document, "broker", label), base)
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
-    # A daemon shares its model's displacement and averages with its group unless the config
-    # says otherwise: measured far better than adding deltas (docs/results.md).
-    training_table = {"share": DEFAULT_SHARE_MODE, "topk_fraction": DEFAULT_TOPK_FRACTION,
-                      **_section(document, "training", label)}
-    training = build_dataclass(_trainer_config_class(), training_table, "training")
+    training = build_dataclass(TrainerConfig, _section(document, "training", label), "training")
     return PeerConfig(
         peer_id=peer_id,
         network_id=network_id,
@@ -442,114 +337,14 @@ def load_config(path: Path) -> PeerConfig:
     """Read and check a peer config file; ConfigError (one line, names file + key) on any fault."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        document = tomllib.loads(read_small_file(path, _MAX_CONFIG_FILE, "config file").decode())
+    except FileReadError as exc:
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
         return parse_config(document, path.resolve().parent, path)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-# ------------------------------------------------------------------------- building a peer
-def load_credentials(cfg: PeerConfig, now: float | None = None) -> tuple[Any, Any]:
-    """Load the identity and certificate and check they belong together and to this network.
-
-    Returns (Identity, Certificate). ConfigError when the key file is unusable, the certificate
-    is for another peer or key, another network, not signed by the admission key, or outside
-    its validity (with clock_skew_s) — so a misconfigured peer stops at start-up with one line
-    instead of being silently ignored by every other peer.
-    """
-    from crypto.admission import Certificate, verify_certificate
-    from crypto.errors import CertificateError, CryptoError
-    from crypto.identity import Identity
-
-    try:
-        identity = Identity.load(cfg.identity_file)
-    except CryptoError as exc:
-        raise ConfigError(f"identity_file: {exc}") from None
-    if identity.peer_id != cfg.peer_id:
-        raise ConfigError(f"identity_file: {cfg.identity_file} is the identity of "
-                          f"{identity.peer_id!r}, but peer_id is {cfg.peer_id!r}")
-    try:
-        with open(cfg.certificate_file, "rb") as handle:
-            raw = handle.read(_MAX_SMALL_FILE + 1)
-    except OSError as exc:
-        raise ConfigError(f"certificate_file: cannot read {cfg.certificate_file}: "
-                          f"{exc.strerror}") from None
-    try:
-        certificate = Certificate.from_bytes(raw)
-        verify_certificate(
-            certificate,
-            network_id=cfg.network_id,
-            admission_public_key=cfg.admission_public_key,
-            now=time.time() if now is None else now,
-            clock_skew_s=cfg.clock_skew_s,
-        )
-    except (CertificateError, ValueError) as exc:
-        raise ConfigError(f"certificate_file: {cfg.certificate_file}: {exc}") from None
-    if certificate.public != identity.public:
-        raise ConfigError(f"certificate_file: {cfg.certificate_file} certifies other keys than "
-                          f"{cfg.identity_file} holds (enroll this identity's .pub file)")
-    return identity, certificate
-
-
-def build_peer_parts(cfg: PeerConfig) -> dict[str, Any]:
-    """Keyword arguments for ``peer.node.Peer(...)`` built from a config (the daemon path).
-
-    Loads and checks the credentials, the data (only the source's training part, split into
-    train / local hold-out; nothing else stays referenced) and the trainer (which resumes from
-    ``state_dir`` if a checkpoint exists). Imports the training half lazily: it pulls in torch.
-    """
-    from crypto.field import FixedPoint
-    from peer.data import load_train_source, split_holdout
-    from peer.merge import merge_config_for
-    from peer.node import NodeConfig
-    from peer.trainer import LocalTrainer
-
-    identity, certificate = load_credentials(cfg)
-    seed = int(getattr(cfg.training, "seed", 0) or 0)
-    try:
-        # Only the training part: a device never evaluates on the source's test split, so
-        # loading it would only cost memory (and, for IDX data, reading the test files).
-        train_source = load_train_source(cfg.data)
-        train, holdout = split_holdout(train_source, cfg.holdout_fraction, seed)
-    except Exception as exc:
-        # DataError, OSError, ValueError...: all mean the configured data is unusable.
-        raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
-    # split_holdout copied the records: drop the unsplit set before the trainer (the model,
-    # DP-SGD buffers) is built, so the two never share the process's memory peak.
-    del train_source
-    try:
-        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ConfigError(f"state_dir: cannot create {cfg.state_dir}: {exc.strerror}") from None
-    trainer = LocalTrainer(cfg.training, train, holdout, cfg.state_dir)
-    node_config = NodeConfig(
-        group_size=cfg.session.group_size,
-        threshold=cfg.session.threshold,
-        timeouts=cfg.session.to_timeouts(),
-        fixed_point=FixedPoint(frac_bits=cfg.session.frac_bits),
-        announce_interval_s=cfg.announce_interval_s,
-        silence_expiry_s=cfg.silence_expiry_s,
-        clock_skew_s=cfg.clock_skew_s,
-        checkpoint_interval_s=cfg.checkpoint_interval_s,
-        cooldown_s=cfg.session.cooldown_s,
-        merge=merge_config_for(cfg.training.share),
-    )
-    return {
-        "identity": identity,
-        "certificate": certificate,
-        "admission_public_key": cfg.admission_public_key,
-        "network_id": cfg.network_id,
-        "trainer": trainer,
-        "broker": cfg.broker,
-        "config": node_config,
-    }

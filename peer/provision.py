@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crypto._atomic import write_private_file
 from crypto.admission import AdmissionKey, Certificate
+from crypto.errors import CertificateError
 from crypto.identity import Identity, PublicIdentity, check_name
+from peer.errors import PeerError
+from peer.files import FileReadError, atomic_write_bytes, read_small_file
 
 PUBLIC_IDENTITY_FORMAT = "murmur-public-identity"
 PUBLIC_IDENTITY_VERSION = 1
@@ -40,33 +42,25 @@ _MAX_PUBLIC_FILE = 64 * 1024
 _DAY_S = 86_400.0
 
 
-class ProvisionError(Exception):
+class ProvisionError(PeerError):
     """A file could not be produced (exists already, unreadable input, tool missing...)."""
 
 
 # ---------------------------------------------------------------------------------- writing
 def write_file_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, link/replace).
+    """Write ``data`` to ``path`` atomically (``peer.files.atomic_write_bytes``), mode ``mode``.
 
     Without ``overwrite`` an existing file is never replaced (FileExistsError), even by a race:
-    the same writer as the key files (crypto._atomic), with the file's own permissions.
+    provisioned files are never overwritten unless asked.
     """
-    write_private_file(path, data, overwrite=overwrite, mode=mode)
+    atomic_write_bytes(path, data, mode=mode, overwrite=overwrite)
 
 
-def _read_bounded(path: Path, what: str) -> bytes:
+def _read_public_file(path: Path, what: str) -> bytes:
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(_MAX_PUBLIC_FILE + 1)
-    except FileNotFoundError:
-        raise ProvisionError(f"{path}: {what} does not exist") from None
-    except IsADirectoryError:
-        raise ProvisionError(f"{path}: is a directory, not a {what}") from None
-    except OSError as exc:
-        raise ProvisionError(f"{path}: cannot read {what} ({exc.strerror})") from None
-    if len(data) > _MAX_PUBLIC_FILE:
-        raise ProvisionError(f"{path}: too large to be a {what}")
-    return data
+        return read_small_file(path, _MAX_PUBLIC_FILE, what)
+    except FileReadError as exc:
+        raise ProvisionError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------ public identities
@@ -88,7 +82,7 @@ def save_public_identity(path: Path, public: PublicIdentity) -> None:
 
 def load_public_identity(path: Path) -> PublicIdentity:
     """Read a ``.pub`` file written by :func:`save_public_identity`; ProvisionError if bad."""
-    data = _read_bounded(Path(path), "public identity file")
+    data = _read_public_file(Path(path), "public identity file")
     try:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -111,9 +105,7 @@ def load_public_identity(path: Path) -> PublicIdentity:
 
 def load_certificate(path: Path) -> Certificate:
     """Read a certificate file (``Certificate.to_bytes``); ProvisionError if unreadable."""
-    from crypto.errors import CertificateError
-
-    data = _read_bounded(Path(path), "certificate file")
+    data = _read_public_file(Path(path), "certificate file")
     try:
         return Certificate.from_bytes(data)
     except (CertificateError, ValueError) as exc:
@@ -236,8 +228,7 @@ def _peer_config_text(network_id: str, files: PeerFiles, broker_url: str) -> str
         "# DP-SGD; see docs/peer.example.toml for every field.\n"
         "target_epsilon = 8.0\n"
         "\n[session]\n"
-        "group_size = 3\n"
-        "threshold = 2\n"
+        "# group_size, threshold, timeouts: defaults in docs/peer.md\n"
     )
 
 

@@ -6,62 +6,21 @@ Example::
     | sent 3.1 MiB recv 2.8 MiB | drops 3 (bad_signature 2, replay 1)
 
 (one line on the terminal; wrapped here). ASCII labels, so it survives any locale. Nothing
-here reads the peer: the caller builds a :class:`StatusSnapshot`, so formatting is testable
-without a network, and the status line never shows anything secret (no keys, no model values,
-only counts and aggregates).
+here reads the peer: the caller passes the :class:`peer.network.counters.PeerStatus` snapshot
+the node produced (the same one the simulation's metrics and churn carry read), so formatting
+is testable without a network, and the status line never shows anything secret (no keys, no
+model values, only counts and aggregates).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
+from peer.network.counters import PeerStatus
 
-@dataclass(frozen=True)
-class StatusSnapshot:
-    """What the status line shows, sampled at one moment."""
-
-    peer_id: str
-    connected: bool
-    uptime_s: float
-    peers_live: int = 0
-    rounds: int = 0
-    sessions_done: int = 0
-    sessions_aborted: int = 0
-    accuracy: float | None = None  # on the local hold-out, in [0, 1]
-    epsilon: float | None = None  # privacy budget spent
-    budget_epsilon: float | None = None  # configured budget
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    drops: Mapping[str, int] = field(default_factory=dict)
-    phase: str | None = None  # state of the session in flight, if any
-    note: str | None = None  # e.g. "budget spent: sharing stopped"
-
-    @classmethod
-    def from_peer_status(cls, status: Any, *, uptime_s: float,
-                         budget_epsilon: float | None = None) -> StatusSnapshot:
-        """Adapt a ``peer.node.PeerStatus`` (duck-typed: this module imports nothing heavy)."""
-        note = "budget spent: sharing stopped" if getattr(status, "budget_exhausted", False) \
-            else None
-        return cls(
-            peer_id=status.peer_id,
-            connected=bool(status.connected),
-            uptime_s=uptime_s,
-            peers_live=int(status.peers_live),
-            rounds=int(status.round),
-            sessions_done=int(status.sessions_done),
-            sessions_aborted=int(status.sessions_aborted),
-            accuracy=status.accuracy,
-            epsilon=status.epsilon,
-            budget_epsilon=budget_epsilon,
-            bytes_sent=int(status.bytes_sent),
-            bytes_received=int(status.bytes_received),
-            drops=dict(status.drops),
-            phase="in session" if getattr(status, "in_session", False) else None,
-            note=note,
-        )
+#: Shown when the budget is spent: the peer still serves sessions but shares nothing.
+BUDGET_SPENT_NOTE = "budget spent: sharing stopped"
 
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -100,27 +59,32 @@ def _drops(drops: Mapping[str, int], top: int) -> str:
     return f"drops {total} ({shown}{more})"
 
 
-def format_status(snapshot: StatusSnapshot, *, max_width: int | None = None,
+def format_status(status: PeerStatus, *, uptime_s: float, budget_epsilon: float | None = None,
+                  note: str | None = None, max_width: int | None = None,
                   top_drops: int = 3) -> str:
-    """Render the snapshot as one line (no newline), cut to ``max_width`` characters if given."""
-    s = snapshot
+    """Render ``status`` as one line (no newline), cut to ``max_width`` characters if given.
+
+    ``budget_epsilon`` is the configured budget shown after the spent epsilon; ``note`` is any
+    extra remark (a spent budget adds its own).
+    """
+    s = status
     parts = [
-        f"{s.peer_id} {'up' if s.connected else 'OFFLINE'} {human_duration(s.uptime_s)}",
+        f"{s.peer_id} {'up' if s.connected else 'OFFLINE'} {human_duration(uptime_s)}",
         f"peers {s.peers_live}",
-        f"rounds {s.rounds}",
+        f"rounds {s.round}",
         f"sessions {s.sessions_done} ok {s.sessions_aborted} aborted"
-        + (f" ({s.phase})" if s.phase else ""),
+        + (" (in session)" if s.in_session else ""),
         "acc " + ("-" if s.accuracy is None else f"{100.0 * s.accuracy:.1f}%"),
     ]
     if s.epsilon is not None:
-        budget = "" if s.budget_epsilon is None else f"/{s.budget_epsilon:.2f}"
+        budget = "" if budget_epsilon is None else f"/{budget_epsilon:.2f}"
         parts.append(f"eps {s.epsilon:.2f}{budget}")
     else:
         parts.append("eps off")
     parts.append(f"sent {human_bytes(s.bytes_sent)} recv {human_bytes(s.bytes_received)}")
     parts.append(_drops(s.drops, top_drops))
-    if s.note:
-        parts.append(s.note)
+    parts.extend(text for text in (BUDGET_SPENT_NOTE if s.budget_exhausted else None, note)
+                 if text)
     line = " | ".join(parts)
     # A hostile peer never reaches this line (reasons are our own labels), but keep it one
     # terminal line whatever a caller passes.

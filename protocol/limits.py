@@ -62,7 +62,9 @@ MAX_FRAC_BITS: Final = 60
 
 #: Peer ids and network ids: lower-case ASCII letters, digits, '_' and '-', 1 to 64 characters,
 #: starting with a letter or digit. Safe as an MQTT topic level and as a broker user name
-#: (no '/', '+', '#', NUL or upper/lower-case ambiguity).
+#: (no '/', '+', '#', NUL or upper/lower-case ambiguity). This is the only definition of the
+#: rule: the codec and topics here, crypto.identity / crypto.admission (key files and
+#: certificates), peer.config and sim.scenario all use ``is_valid_id`` / ``ID_PATTERN``.
 ID_PATTERN: Final = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 PEER_ID_RE: Final = re.compile(ID_PATTERN)
 NETWORK_ID_RE: Final = PEER_ID_RE

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from protocol.errors import FieldError
-from protocol.limits import PEER_ID_RE
+from protocol.limits import is_valid_id
 from protocol.messages import SESSIONLESS_KINDS, Kind, Partial, Share, SignedMessage
 
 TOPIC_ROOT: Final = "murmur"
@@ -34,7 +34,7 @@ ANNOUNCE_TOPIC_KINDS: Final = SESSIONLESS_KINDS
 
 
 def _checked_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or PEER_ID_RE.fullmatch(value) is None:
+    if not is_valid_id(value):
         shown = value[:80] if isinstance(value, str) else type(value).__name__
         raise FieldError(f"{shown!r} is not a valid id", what)
     return value
@@ -92,13 +92,13 @@ def parse_topic(network: str, topic: str) -> ParsedTopic:
     if levels[1] != network:
         raise FieldError(f"topic of another network: {topic[:200]!r}", "topic")
     sender = levels[2]
-    if PEER_ID_RE.fullmatch(sender) is None:
+    if not is_valid_id(sender):
         raise FieldError(f"invalid sender id in topic {topic[:200]!r}", "topic")
     if len(levels) == 4 and levels[3] == ANNOUNCE_LEVEL:
         return ParsedTopic(kind="announce", sender=sender, recipient=None)
     if len(levels) == 5 and levels[3] == DIRECT_LEVEL:
         recipient = levels[4]
-        if PEER_ID_RE.fullmatch(recipient) is None:
+        if not is_valid_id(recipient):
             raise FieldError(f"invalid recipient id in topic {topic[:200]!r}", "topic")
         return ParsedTopic(kind="direct", sender=sender, recipient=recipient)
     raise FieldError(f"not a murmur topic: {topic[:200]!r}", "topic")

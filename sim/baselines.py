@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.models import build_model
+from peer.training.models import build_model
 from sim.scenario import Scenario, resolve_model
 
 _EVAL_BATCH = 4096
 
 
 class LabelledData(Protocol):
-    """What the baselines need from peer.data.Dataset."""
+    """What the baselines need from peer.training.data.Dataset."""
 
     x: np.ndarray
     y: np.ndarray

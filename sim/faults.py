@@ -1,7 +1,7 @@
 """Network faults for the simulation: message delay and loss on a peer's send path, and churn.
 
 Delay and loss are injected by wrapping one peer's outgoing publish call
-(``peer.transport.publish``) with an instance-level wrapper, so that the peer code itself is
+(``peer.network.transport.publish``) with an instance-level wrapper, so that the peer code itself is
 untouched and every message a simulated peer sends - announcements, invitations, shares,
 partial sums - goes through the same faulty path. A lost message is simply never handed to the
 broker; the sender believes it was sent, as with a lossy radio link. The receiving side needs no
@@ -14,7 +14,7 @@ object that resumes from its checkpoint, with the same identity and certificate.
 
 Randomness: the fault decisions use ``random.Random(seed)`` so a scenario's fault pattern is
 repeatable. This generator never touches keys, nonces, shares or DP noise (those use the OS
-CSPRNG in crypto/ and peer/privacy/).
+CSPRNG in crypto/ and peer/training/privacy/).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sim.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +119,52 @@ def churn_schedule(
             t += downtime_s
     events.sort(key=lambda e: (e.leave_at_s, e.peer_index))
     return events
+
+
+def scenario_churn(s: Scenario) -> list[ChurnEvent]:
+    """The churn plan of a scenario over its whole duration."""
+    return churn_schedule(peers=s.peers, churn_rate_per_min=s.churn_rate,
+                          downtime_s=s.churn_downtime_s, horizon_s=s.duration_s, seed=s.seed)
+
+
+class ChurnDriver:
+    """Plays a churn plan: at each event's time (from ``started``, a monotonic clock reading)
+    it starts ``cycle(event)`` as a task; a cycle returns True when the peer left and rejoined.
+
+    Both engines use it; only what a leave and a rejoin are differs (a task or a process).
+    """
+
+    def __init__(self, schedule: list[ChurnEvent], started: float,
+                 cycle: Callable[[ChurnEvent], Awaitable[bool]]) -> None:
+        self.schedule = schedule
+        self.started = started
+        self.cycle = cycle
+        self.tasks: list[asyncio.Task[bool]] = []
+        self._driver: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._driver = asyncio.create_task(self._drive())
+
+    async def _drive(self) -> None:
+        for event in self.schedule:
+            delay = self.started + event.leave_at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.tasks.append(asyncio.create_task(self.cycle(event)))
+
+    async def stop(self) -> None:
+        """Cancel the plan and the cycles in progress and wait for them; a failed one is
+        logged."""
+        tasks: list[asyncio.Task[Any]] = [*([self._driver] if self._driver else []),
+                                          *self.tasks]
+        for task in tasks:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome,
+                                                                     asyncio.CancelledError):
+                log.error("background task failed: %r", outcome)
+
+    def completed(self) -> int:
+        """How many leave/rejoin cycles completed."""
+        return sum(1 for t in self.tasks
+                   if t.done() and not t.cancelled() and t.exception() is None and t.result())

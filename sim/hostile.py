@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import msgpack
@@ -41,10 +41,13 @@ import numpy as np
 from crypto.admission import AdmissionKey
 from crypto.field import FixedPoint
 from crypto.identity import Identity
-from peer.transport import BrokerSettings
+from peer.network.transport import BrokerSettings
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.topics import announce_topic, direct_topic
+
+if TYPE_CHECKING:
+    from sim.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +213,31 @@ async def run_replay(
             stats.errors += 1
             log.info("replay client: connection lost (%s); retrying", exc)
             await _sleep_or_stop(stop, 1.0)
+    return stats
+
+
+def start_raw_clients(s: Scenario, broker: BrokerSettings, targets: list[str],
+                      stop: asyncio.Event, *, param_count: int) -> list[asyncio.Task[Any]]:
+    """Start the scenario's raw hostile clients (garbage, replay) as tasks until ``stop``."""
+    tasks: list[asyncio.Task[Any]] = []
+    if "garbage" in s.hostile_peers:
+        tasks.append(asyncio.create_task(run_garbage(
+            broker, s.network, targets, stop, seed=s.seed + 1, param_count=param_count)))
+    if "replay" in s.hostile_peers:
+        tasks.append(asyncio.create_task(run_replay(
+            broker, s.network, stop, seed=s.seed + 2)))
+    return tasks
+
+
+async def collect_raw_clients(tasks: list[asyncio.Task[Any]]) -> list[dict[str, Any]]:
+    """What the raw hostile clients did (after their stop was set), as result.json rows; one
+    that failed is logged, never fatal to the run."""
+    stats: list[dict[str, Any]] = []
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(outcome, HostileStats):
+            stats.append(dataclasses.asdict(outcome))
+        else:
+            log.error("hostile client failed: %r", outcome)
     return stats
 
 

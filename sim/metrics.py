@@ -184,7 +184,7 @@ class MetricsWriter:
     def record_status(
         self, status: Any, event: str, *, t: float | None = None, **extra: Any
     ) -> MetricsRow:
-        """Write a row from a peer.node.PeerStatus-like snapshot (read by attribute name).
+        """Write a row from a peer.network.node.PeerStatus-like snapshot (read by attribute name).
 
         The core counters become row fields; merges, reconnects, live peers and abort reasons
         go to `extra` (with any keyword extras). A non-finite ε (no bound) is recorded as

@@ -1,8 +1,8 @@
 """One simulated peer as its own OS process (``murmur-sim --mode processes``).
 
-Started by sim/runner.py as ``python -m sim.peer_process --spec FILE [--rejoin]``. The spec
+Started by sim/processes.py as ``python -m sim.peer_process --spec FILE [--rejoin]``. The spec
 (JSON, mode 0600 in RUN_DIR/secrets) names the peer's key and certificate files, its data
-shard, the broker and the scenario. The process builds the same real ``peer.node.Peer`` a
+shard, the broker and the scenario. The process builds the same real ``peer.network.node.Peer`` a
 device would run and appends its metrics rows to the shared RUN_DIR/metrics.jsonl (one
 O_APPEND write per row, so processes never interleave lines).
 
@@ -26,9 +26,13 @@ import tomllib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sim.scenario import Scenario
+    from sim.setup import PeerPlan
 
 log = logging.getLogger("sim.peer_process")
 
@@ -42,79 +46,121 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(data, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-async def run_peer(spec: dict[str, Any], *, rejoin: bool) -> int:
+def _plan(spec: dict[str, Any], scenario: Scenario, train: Any) -> PeerPlan:
+    """The sim.setup.PeerPlan the runner made for this peer, rebuilt from the spec's files."""
     from crypto.admission import Certificate
     from crypto.identity import Identity
-    from peer.data import load_source, split_holdout
-    from peer.node import Peer, PeerEvent
-    from peer.trainer import LocalTrainer
-    from peer.transport import BrokerSettings
-    from sim import hostile
-    from sim.faults import FaultStats, install_send_faults
-    from sim.metrics import EVENT_JOIN, EVENT_LEAVE, EVENT_START, EVENT_STOP, MetricsWriter
-    from sim.runner import (
-        RECORDED_EVENTS,
-        add_carry,
-        event_extra,
-        node_config,
-        trainer_config,
-        with_carry,
-    )
-    from sim.scenario import resolve_model, scenario_from_dict
+    from sim.setup import PeerPlan, local_data
 
-    scenario = scenario_from_dict(tomllib.loads(spec["scenario"]), source="peer spec")
     peer_id = str(spec["peer_id"])
     index = int(spec["index"])
     hostile_kind = spec.get("hostile_kind")
-    state_dir = Path(spec["state_dir"])
-    identity = Identity.load(Path(spec["identity_file"]))
-    certificate = Certificate.from_bytes(Path(spec["certificate_file"]).read_bytes())
-    train, test = load_source(scenario.dataset)
     shard = np.load(spec["shard_file"])
-    holdout_seed = scenario.seed if hostile_kind else scenario.seed + index
-    local_train, holdout = split_holdout(train.subset(shard), scenario.holdout_fraction,
-                                         holdout_seed)
-    model_name = resolve_model(scenario.model, tuple(train.x.shape[1:]))
-    trainer: Any = LocalTrainer(trainer_config(scenario, model_name), local_train, holdout,
-                                state_dir)
-    if hostile_kind == "huge_norm":
-        trainer = hostile.HugeNormTrainer(trainer)
+    local_train, holdout = local_data(scenario, train, shard, index=index, peer_id=peer_id,
+                                      hostile_kind=hostile_kind)
+    return PeerPlan(
+        index=index, peer_id=peer_id,
+        identity=Identity.load(Path(spec["identity_file"])),
+        certificate=Certificate.from_bytes(Path(spec["certificate_file"]).read_bytes()),
+        shard=shard, train=local_train, holdout=holdout, state_dir=Path(spec["state_dir"]),
+        hostile_kind=hostile_kind,
+    )
+
+
+def _broker(spec: dict[str, Any]) -> Any:
+    from peer.network.transport import BrokerSettings
+
     b = spec["broker"]
-    broker = BrokerSettings(url=b["url"], username=b.get("username"), password=b.get("password"),
-                            ca_file=Path(b["ca_file"]) if b.get("ca_file") else None)
-    carry_path = state_dir / CARRY_FILE
-    carry = json.loads(carry_path.read_text()) if rejoin and carry_path.exists() else None
-    writer = None if hostile_kind else MetricsWriter(Path(spec["run_dir"]),
-                                                     start_time=float(spec["start_time"]))
-    peer: Peer | None = None
+    return BrokerSettings(url=b["url"], username=b.get("username"), password=b.get("password"),
+                          ca_file=Path(b["ca_file"]) if b.get("ca_file") else None)
 
-    def on_event(event: PeerEvent) -> None:
-        if writer is None or peer is None or event.kind not in RECORDED_EVENTS:
-            return
-        writer.record_status(with_carry(peer.status(), carry), event.kind, **event_extra(event))
 
-    peer = Peer(identity=identity, certificate=certificate,
-                admission_public_key=bytes.fromhex(spec["admission_public_key"]),
-                network_id=scenario.network, trainer=trainer, broker=broker,
-                config=node_config(scenario, float(spec["round_pause_s"])), on_event=on_event)
-    faults = FaultStats()
-    # A fresh fault stream per incarnation, still determined by the seed and the peer.
-    incarnation = 0 if carry is None else int(carry.get("incarnation", 0)) + 1
-    install_send_faults(peer.transport, delay_ms=scenario.delay_ms,
-                        loss_rate=scenario.loss_rate,
-                        rng=random.Random(scenario.seed * 100_003 + index * 101 + incarnation),
-                        stats=faults)
+def _save_carry(path: Path, carry: dict[str, Any]) -> None:
+    from peer.files import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(carry).encode("utf-8"), mode=0o644, overwrite=True)
+
+
+class _Incarnation:
+    """This process's life as one peer: built from the spec, run until a signal, recorded."""
+
+    def __init__(self, spec: dict[str, Any], *, rejoin: bool) -> None:
+        from peer.training.data import load_source
+        from sim.faults import FaultStats
+        from sim.metrics import MetricsWriter
+        from sim.scenario import resolve_model, scenario_from_dict
+        from sim.setup import build_sim_trainer
+
+        self.scenario = scenario_from_dict(tomllib.loads(spec["scenario"]), source="peer spec")
+        train, self.test = load_source(self.scenario.dataset)
+        self.plan = _plan(spec, self.scenario, train)
+        model_name = resolve_model(self.scenario.model, tuple(train.x.shape[1:]))
+        self.trainer = build_sim_trainer(self.scenario, model_name, self.plan)
+        self.carry_path = self.plan.state_dir / CARRY_FILE
+        self.rejoin = rejoin
+        self.carry = (json.loads(self.carry_path.read_text())
+                      if rejoin and self.carry_path.exists() else None)
+        # A fresh fault stream per incarnation, still determined by the seed and the peer.
+        self.number = 0 if self.carry is None else int(self.carry.get("incarnation", 0)) + 1
+        self.faults = FaultStats()
+        self.writer = None if self.plan.hostile_kind else MetricsWriter(
+            Path(spec["run_dir"]), start_time=float(spec["start_time"]))
+        self.peer: Any = None  # events before the node exists are not recorded
+        self.peer = self._build_peer(spec)
+
+    def _build_peer(self, spec: dict[str, Any]) -> Any:
+        from sim.carry import RECORDED_EVENTS, event_extra
+        from sim.setup import build_sim_peer
+
+        def on_event(event: Any) -> None:
+            if self.writer is None or self.peer is None or event.kind not in RECORDED_EVENTS:
+                return
+            self.writer.record_status(self.status(), event.kind, **event_extra(event))
+
+        s, index = self.scenario, self.plan.index
+        return build_sim_peer(
+            s, self.plan, self.trainer,
+            admission_public_key=bytes.fromhex(spec["admission_public_key"]),
+            broker=_broker(spec), round_pause_s=float(spec["round_pause_s"]),
+            fault_rng=random.Random(s.seed * 100_003 + index * 101 + self.number),
+            fault_stats=self.faults, on_event=on_event)
+
+    def status(self) -> Any:
+        return self.peer.status().plus(self.carry)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from sim.metrics import EVENT_JOIN, EVENT_START
+
+        if self.writer is not None:
+            self.writer.record_status(self.status(), EVENT_JOIN if self.rejoin else EVENT_START)
+        log.info("%s running (incarnation %d)", self.plan.peer_id, self.number)
+        await self.peer.run(stop)
+
+    async def finish(self, end_of_run: bool) -> None:
+        """The last row (with the test accuracy at the end of the run); on a leave, the
+        counters to carry into the next incarnation."""
+        from sim.carry import add_carry
+        from sim.metrics import EVENT_LEAVE, EVENT_STOP
+
+        status = self.status()
+        if self.writer is not None:
+            if end_of_run:
+                accuracy = await asyncio.to_thread(self.trainer.evaluate, self.test)
+                self.writer.record_status(
+                    status, EVENT_STOP,
+                    test_accuracy=None if math.isnan(accuracy) else float(accuracy),
+                    incarnations=self.number + 1, injected_losses=self.faults.lost)
+            else:
+                self.writer.record_status(status, EVENT_LEAVE)
+            self.writer.close()
+        if not end_of_run:
+            new_carry = add_carry(self.carry, self.peer.status())
+            new_carry["incarnation"] = self.number
+            _save_carry(self.carry_path, new_carry)
+
+
+async def run_peer(spec: dict[str, Any], *, rejoin: bool) -> int:
+    incarnation = _Incarnation(spec, rejoin=rejoin)
     stop = asyncio.Event()
     final = {"end_of_run": False}
 
@@ -128,26 +174,10 @@ async def run_peer(spec: dict[str, Any], *, rejoin: bool) -> int:
     loop.add_signal_handler(signal.SIGINT, on_signal, True)
     if _EARLY_STOP:
         on_signal(_EARLY_STOP["end_of_run"])
-    if writer is not None:
-        writer.record_status(with_carry(peer.status(), carry),
-                             EVENT_JOIN if rejoin else EVENT_START)
-    log.info("%s running (incarnation %d)", peer_id, incarnation)
-    await peer.run(stop)
-    status = with_carry(peer.status(), carry)
-    if writer is not None:
-        if final["end_of_run"]:
-            accuracy = await asyncio.to_thread(trainer.evaluate, test)
-            writer.record_status(status, EVENT_STOP,
-                                 test_accuracy=None if math.isnan(accuracy) else float(accuracy),
-                                 incarnations=incarnation + 1, injected_losses=faults.lost)
-        else:
-            writer.record_status(status, EVENT_LEAVE)
-        writer.close()
-    if not final["end_of_run"]:
-        new_carry = add_carry(carry, peer.status())
-        new_carry["incarnation"] = incarnation
-        _write_json_atomic(carry_path, new_carry)
-    log.info("%s stopped (%s)", peer_id, "end of run" if final["end_of_run"] else "leave")
+    await incarnation.run(stop)
+    await incarnation.finish(final["end_of_run"])
+    log.info("%s stopped (%s)", incarnation.plan.peer_id,
+             "end of run" if final["end_of_run"] else "leave")
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from peer.files import atomic_write_bytes
 from sim.metrics import MetricsRow, last_row_per_peer, peer_sort_key, read_metrics_file
 from sim.scenario import Scenario, scenario_summary
 
@@ -304,12 +304,8 @@ def _png_bytes(fig: Figure) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    # Reports and plots are for sharing: world-readable, written like every other file.
+    atomic_write_bytes(path, data, mode=0o644)
 
 
 # -- HTML ------------------------------------------------------------------------------------------

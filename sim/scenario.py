@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from peer import tomlcheck
+from peer.training.config import TrainerConfig
+from protocol.limits import ID_PATTERN, is_valid_id
 from sim.partition import PARTITION_SCHEMES
 
 HOSTILE_KINDS = ("garbage", "replay", "huge_norm")
@@ -79,16 +80,17 @@ class Scenario:
     dp: bool = True
     target_epsilon: float | None = 3.0  # per peer, over the planned rounds * local_steps
     noise_multiplier: float | None = None  # set instead of target_epsilon to fix sigma
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    delta: float = TrainerConfig.delta
+    max_grad_norm: float = TrainerConfig.max_grad_norm
     # -- training ----------------------------------------------------------------------------
     rounds: int = 30  # local rounds per peer (each: local_steps steps, then share)
     duration_s: float = 150.0  # wall-clock cap; the run ends at rounds or duration, first hit
     local_steps: int = 5
     batch_size: int = 32
     lr: float = 0.2
-    topk_fraction: float = 0.25
-    # -- aggregation -------------------------------------------------------------------------
+    topk_fraction: float = TrainerConfig.topk_fraction
+    # -- aggregation: larger groups than a daemon's default (NodeConfig), measured better for
+    # 8 peers (docs/results.md) ---------------------------------------------------------------
     group_size: int = 5
     threshold: int = 3
     # -- faults ------------------------------------------------------------------------------
@@ -136,58 +138,14 @@ _FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Scenario)
 # -- type checking -------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "none"
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "integer", float: "number", bool: "boolean", str: "string", Path: "path"}.get(
-        tp, str(tp)
-    )
-
-
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return value converted to field type tp, or raise ScenarioError naming the key."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if origin is tuple:
-        if isinstance(value, str):  # a single kind given as a string
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise ScenarioError(
-                f"expected a {_type_name(tp)}, got {type(value).__name__} {value!r}", key=key
-            )
-        (item_type, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(key, item, item_type) for item in value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ScenarioError(f"expected true or false, got {value!r}", key=key)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ScenarioError(f"expected an integer, got {value!r}", key=key)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ScenarioError(f"expected a number, got {value!r}", key=key)
-        if not math.isfinite(value):
-            raise ScenarioError(f"must be finite, got {value!r}", key=key)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ScenarioError(f"expected a string, got {value!r}", key=key)
-        return value
-    if tp is Path:
-        if not isinstance(value, str | Path) or str(value) == "":
-            raise ScenarioError(f"expected a path string, got {value!r}", key=key)
-        return Path(value)
-    raise ScenarioError(f"unsupported option type {tp!r}", key=key)
+    """Return value converted to field type tp (peer.tomlcheck), or ScenarioError naming key."""
+    if typing.get_origin(tp) is tuple and isinstance(value, str):
+        value = [value]  # a single kind given as a string
+    try:
+        return tomlcheck.check_value(value, tp, key)
+    except tomlcheck.TomlValueError as exc:
+        raise ScenarioError(exc.detail, key=key) from None
 
 
 # -- range checks --------------------------------------------------------------------------------
@@ -290,19 +248,8 @@ def validate_scenario(s: Scenario) -> None:
         )
     _check_broker(s)
     _require(s.mode in MODES, "mode", f"expected one of {MODES}, got {s.mode!r}")
-    _require(
-        _valid_name(s.network),
-        "network",
-        f"must match [a-z0-9][a-z0-9_-]{{0,63}}, got {s.network!r}",
-    )
+    _require(is_valid_id(s.network), "network", f"must match {ID_PATTERN}, got {s.network!r}")
     _require(0 <= s.seed < 2**63, "seed", f"must be in 0..2**63-1, got {s.seed}")
-
-
-def _valid_name(name: str) -> bool:
-    # Same rule as crypto.identity.PEER_ID_RE; repeated here so sim does not import crypto
-    # just to check a string (network ids are also topic levels, so no '/', '+', '#').
-    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
-    return 1 <= len(name) <= 64 and name[0] not in "_-" and set(name) <= allowed
 
 
 def _check_broker(s: Scenario) -> None:

@@ -1,20 +1,60 @@
-"""Shared fixtures: real brokers on free loopback ports.
+"""Shared fixtures and helpers for the whole suite.
 
-`mosquitto` starts the real Mosquitto binary for one test and removes it afterwards. Outside CI
-a machine without Mosquitto skips those tests; in CI (`CI=true`) a missing binary is an error,
-because a test that needs Mosquitto must run there, not skip.
+* `wait_until` / `wait_until_sync`: wait for a condition with a deadline instead of sleeping a
+  fixed time and hoping; a timeout is an AssertionError naming what was awaited.
+* `mosquitto`: the real Mosquitto binary on a free loopback port for one test. Outside CI a
+  machine without Mosquitto skips those tests; in CI (`CI=true`) a missing binary is an error,
+  because a test that needs Mosquitto must run there, not skip (`require_mosquitto`).
+* `embedded_broker`: the simulation's embedded amqtt broker on a kernel-chosen port.
+* `digits_source` / `digits`: the bundled digits data set, and its (train, holdout, test) split.
+* `one_torch_thread`: one intra-op torch thread for the test, restored afterwards.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
 from sim.broker import EmbeddedBroker, MosquittoBroker
 
+if TYPE_CHECKING:
+    from peer.training.data import Dataset
 
+#: How often the wait helpers look at their condition.
+POLL_S = 0.02
+
+
+def _timed_out(timeout_s: float, what: str) -> AssertionError:
+    return AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str,
+                     *, poll_s: float = POLL_S) -> None:
+    """Return as soon as ``predicate()`` is true; raise AssertionError naming ``what`` when it
+    is still false after ``timeout_s`` seconds. The event loop keeps running in between."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout_s, what)
+        await asyncio.sleep(poll_s)
+
+
+def wait_until_sync(predicate: Callable[[], bool], timeout_s: float, what: str,
+                    *, poll_s: float = POLL_S) -> None:
+    """`wait_until` for synchronous tests (subprocesses, files): blocks the calling thread."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout_s, what)
+        time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------------------ brokers
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -46,3 +86,42 @@ async def embedded_broker() -> AsyncIterator[EmbeddedBroker]:
     """The simulation's embedded amqtt broker on a kernel-chosen loopback port."""
     async with EmbeddedBroker() as broker:
         yield broker
+
+
+# --------------------------------------------------------------------------- data, torch
+class Digits(NamedTuple):
+    """The digits data set split as the trainer tests use it (holdout: 10 %, seed 0)."""
+
+    train: Dataset
+    holdout: Dataset
+    test: Dataset
+
+
+@pytest.fixture(scope="module")
+def digits_source() -> tuple[Dataset, Dataset]:
+    """The bundled digits data set as `load_source` gives it: (train, test)."""
+    from peer.training.data import load_source
+
+    return load_source("digits")
+
+
+@pytest.fixture(scope="module")
+def digits(digits_source: tuple[Dataset, Dataset]) -> Digits:
+    """Digits with 10 % of the training part held out (seed 0)."""
+    from peer.training.data import split_holdout
+
+    train, test = digits_source
+    train, holdout = split_holdout(train, 0.1, seed=0)
+    return Digits(train, holdout, test)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """The test machine is shared (and some tests run several peers in one process): one
+    intra-op thread avoids OpenMP oversubscription. The previous setting comes back after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,28 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from peer._atomic import STALE_TEMP_AGE_S, atomic_write_bytes
-from peer.checkpoint import CheckpointError, load_checkpoint
-from peer.data import load_source, split_holdout
-from peer.ledger import LedgerError, PrivacyLedger
-from peer.trainer import LocalTrainer, TrainerConfig
+from peer.files import STALE_TEMP_AGE_S, atomic_write_bytes
+from peer.training.checkpoint import CheckpointError, load_checkpoint
+from peer.training.ledger import LedgerError, PrivacyLedger
+from peer.training.trainer import LocalTrainer, TrainerConfig
 from tests.test_ledger import run_and_kill
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-CONFIG = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, lr=0.2, momentum=0.9)
-
-
-def _data():
-    train, _ = load_source("digits")
-    return split_holdout(train, 0.1, 0)
+CONFIG = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, lr=0.2, momentum=0.9,
+                       share="delta")  # error feedback: the residual is checkpointed state
 
 
 def _assert_same_state(a: LocalTrainer, b: LocalTrainer) -> None:
@@ -51,8 +39,8 @@ def _assert_same_state(a: LocalTrainer, b: LocalTrainer) -> None:
     assert a.ledger == b.ledger
 
 
-def test_save_and_restore_gives_equal_state(tmp_path: Path) -> None:
-    train, hold = _data()
+def test_save_and_restore_gives_equal_state(tmp_path: Path, digits) -> None:
+    train, hold, _ = digits
     first = LocalTrainer(CONFIG, train, hold, tmp_path)
     for _ in range(3):
         first.train_round()
@@ -64,7 +52,7 @@ def test_save_and_restore_gives_equal_state(tmp_path: Path) -> None:
     assert first.evaluate() == second.evaluate()
 
 
-def test_checkpoint_intact_after_sigkill_and_restored_exactly(tmp_path: Path) -> None:
+def test_checkpoint_intact_after_sigkill_and_restored_exactly(tmp_path: Path, digits) -> None:
     lines = run_and_kill(tmp_path, min_rounds=4)
     last_round = lines[-1]["round"]
     saved = load_checkpoint(tmp_path / "checkpoint.pt")  # never torn: loads cleanly
@@ -72,7 +60,7 @@ def test_checkpoint_intact_after_sigkill_and_restored_exactly(tmp_path: Path) ->
     ledger_file = PrivacyLedger.load(tmp_path / "ledger.json")
     in_checkpoint = PrivacyLedger.from_json(saved.ledger_json)
     assert ledger_file.steps >= in_checkpoint.steps  # the ledger is written first
-    train, hold = _data()
+    train, hold, _ = digits
     restored = LocalTrainer(CONFIG, train, hold, tmp_path)
     assert restored.round == saved.round
     for name, tensor in restored.model.state_dict().items():
@@ -85,8 +73,8 @@ def test_checkpoint_intact_after_sigkill_and_restored_exactly(tmp_path: Path) ->
     assert live == {"checkpoint.pt", "ledger.json"}
 
 
-def test_corrupt_or_foreign_checkpoint_is_an_error(tmp_path: Path) -> None:
-    train, hold = _data()
+def test_corrupt_or_foreign_checkpoint_is_an_error(tmp_path: Path, digits) -> None:
+    train, hold, _ = digits
     trainer = LocalTrainer(CONFIG, train, hold, tmp_path)
     trainer.train_round()
     path = tmp_path / "checkpoint.pt"
@@ -100,7 +88,8 @@ def test_corrupt_or_foreign_checkpoint_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="ledger missing"):
         LocalTrainer(CONFIG, train, hold, tmp_path)
     (tmp_path / "ledger.json").write_bytes(ledger_bytes)
-    other = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, delta=1e-6)
+    other = TrainerConfig(model="mlp", local_steps=5, noise_multiplier=1.0, delta=1e-6,
+                          share="delta")
     with pytest.raises(LedgerError, match="delta"):
         LocalTrainer(other, train, hold, tmp_path)
     wrong_model_dir = tmp_path / "cnn"

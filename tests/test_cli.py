@@ -245,24 +245,26 @@ async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path
 
 
 def test_status_line_is_one_line_with_the_figures() -> None:
-    from peer.status import StatusSnapshot, format_status, human_bytes, human_duration
+    from peer.network.counters import PeerStatus
+    from peer.status import format_status, human_bytes, human_duration
 
-    snapshot = StatusSnapshot(
-        peer_id="alice", connected=True, uptime_s=724, peers_live=4, rounds=37,
+    status = PeerStatus(
+        peer_id="alice", connected=True, peers_live=4, round=37,
         sessions_done=21, sessions_aborted=2, accuracy=0.9134, epsilon=1.843,
-        budget_epsilon=8.0, bytes_sent=3 * 1024 * 1024, bytes_received=1536,
+        bytes_sent=3 * 1024 * 1024, bytes_received=1536,
         drops={"bad_signature": 2, "replay": 1, "malformed": 1, "stale": 1},
     )
-    line = format_status(snapshot)
+    line = format_status(status, uptime_s=724, budget_epsilon=8.0)
     assert line == (
         "alice up 12m04s | peers 4 | rounds 37 | sessions 21 ok 2 aborted | acc 91.3% | "
         "eps 1.84/8.00 | sent 3.0 MiB recv 1.5 KiB | "
         "drops 5 (bad_signature 2, malformed 1, replay 1, +1 more)"
     )
-    cut = format_status(snapshot, max_width=40)
+    cut = format_status(status, uptime_s=724, budget_epsilon=8.0, max_width=40)
     assert len(cut) == 40 and cut.endswith("...")
-    offline = format_status(StatusSnapshot(peer_id="bob", connected=False, uptime_s=3.7,
-                                           note="budget spent:\nsharing stopped"))
+    offline = format_status(PeerStatus(peer_id="bob", connected=False, budget_exhausted=True),
+                            uptime_s=3.7, note="broker:\nunreachable")
+    assert offline.endswith("budget spent: sharing stopped | broker: unreachable")
     assert offline.startswith("bob OFFLINE 3s |") and "acc - | eps off" in offline
     assert "drops 0" in offline and "\n" not in offline
     assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"

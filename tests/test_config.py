@@ -10,8 +10,9 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
-from peer.config import ConfigError, PeerConfig, SessionConfig, load_config, load_credentials
-from peer.transport import BrokerSettings
+from peer.config import ConfigError, PeerConfig, SessionConfig, load_config
+from peer.daemon import load_credentials
+from peer.network.transport import BrokerSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO_ROOT / "docs" / "peer.example.toml"

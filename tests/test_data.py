@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer.data import (
+from peer.training.data import (
     DataError,
     Dataset,
     load_digits,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from peer.dpsgd import (
+from peer.training.dpsgd import (
     DPSGDStep,
     GhostClipEngine,
     UnsupportedModelError,
@@ -17,18 +17,16 @@ from peer.dpsgd import (
     make_engine,
     poisson_batch,
 )
-from peer.models import build_model
-from peer.privacy.accountant import AccountingError, epsilon, epsilon_of_segments, sigma_for
-from peer.privacy.noise import InsecureFastGaussian, SecureGaussian, secure_bernoulli_mask
+from peer.training.models import build_model
+from peer.training.privacy.accountant import (
+    AccountingError,
+    epsilon,
+    epsilon_of_segments,
+    sigma_for,
+)
+from peer.training.privacy.noise import InsecureFastGaussian, SecureGaussian, secure_bernoulli_mask
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _batch(shape: tuple[int, ...], n: int = 12, classes: int = 10, seed: int = 0):

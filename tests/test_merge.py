@@ -1,4 +1,4 @@
-"""The merge rule (peer/merge.py): mean of the others, staleness weight, norm bound."""
+"""The merge rule (peer/sharing/merge.py): mean of the others, staleness weight, norm bound."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.merge import MergeConfig, MergeRejected, merge_group_sum, norm_bound, staleness_weight
+from peer.sharing.merge import (
+    MergeConfig,
+    MergeRejected,
+    merge_group_sum,
+    norm_bound,
+    staleness_weight,
+)
 
 COORDS = np.array([1, 4, 7, 9], dtype=np.uint32)
 

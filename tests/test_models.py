@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from peer.models import MODEL_NAMES, ModelError, build_model, param_count
+from peer.training.models import MODEL_NAMES, ModelError, build_model, param_count
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Murmur peers (peer/node.py) over a real Mosquitto broker on a loopback port.
+"""Murmur peers (peer/network/node.py) over a real Mosquitto broker on a loopback port.
 
 Scenarios of issue 4: peers complete sessions and agree on the group sum; a member killed
 (SIGKILL, separate process) after its shares are out; the broker stopped and restarted; a raw
@@ -28,12 +28,15 @@ import pytest
 from crypto.admission import AdmissionKey
 from crypto.field import FixedPoint
 from crypto.identity import Identity
-from peer.node import NodeConfig, Peer, PeerEvent
-from peer.session import SessionTimeouts
-from peer.transport import BrokerSettings
+from peer.daemon import build_peer
+from peer.network.node import NodeConfig, Peer, PeerEvent
+from peer.network.session import SessionTimeouts
+from peer.network.transport import BrokerSettings
+from peer.sharing import DeltaSharing
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message
 from protocol.topics import announce_topic, direct_topic
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
 
@@ -52,36 +55,31 @@ FAST = NodeConfig(
     tick_s=0.02,
     round_pause_s=0.5,
     evaluate_every=4,
+    cooldown_s=0.0,
 )
 
 
 # ---------------------------------------------------------------------------- trainers
-_DIGITS: tuple | None = None
+@pytest.fixture
+def make_trainer(digits_source, one_torch_thread) -> Callable[[int, int], object]:
+    """make(index, n): a real LocalTrainer, MLP on a 1/n shard of digits, DP-SGD, top-10 %,
+    tiny rounds. Many peers in one process: one intra-op torch thread (tests/conftest.py)."""
+    from peer.training.data import split_holdout
+    from peer.training.trainer import LocalTrainer, TrainerConfig
 
+    train, _test = digits_source
 
-def _digits_parts():
-    global _DIGITS
-    if _DIGITS is None:
-        from peer.data import load_source, split_holdout
+    def make(index: int, n: int) -> LocalTrainer:
+        shard = train.subset(np.arange(index, len(train.y), n))
+        local, holdout = split_holdout(shard, 0.2, index)
+        config = TrainerConfig(
+            model="mlp", lr=0.1, batch_size=32, local_steps=2, dp=True, noise_multiplier=1.0,
+            delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6, topk_fraction=0.1, seed=7,
+            share="delta",
+        )
+        return LocalTrainer(config, local, holdout, None)
 
-        train, _test = load_source("digits")
-        _DIGITS = (train, split_holdout)
-    return _DIGITS
-
-
-def make_trainer(index: int, n: int):
-    """A real LocalTrainer: MLP on a 1/n shard of digits, DP-SGD, top-10 %, tiny rounds."""
-    from peer.trainer import LocalTrainer, TrainerConfig, configure_torch_threads
-
-    configure_torch_threads(1)  # many peers in one process: one intra-op thread each
-    train, split_holdout = _digits_parts()
-    shard = train.subset(np.arange(index, len(train.y), n))
-    local, holdout = split_holdout(shard, 0.2, index)
-    config = TrainerConfig(
-        model="mlp", lr=0.1, batch_size=32, local_steps=2, dp=True, noise_multiplier=1.0,
-        delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6, topk_fraction=0.1, seed=7,
-    )
-    return LocalTrainer(config, local, holdout, None)
+    return make
 
 
 # ---------------------------------------------------------------------------- harness
@@ -97,10 +95,10 @@ class Network:
     def add(self, peer_id: str, trainer: object, config: NodeConfig = FAST) -> Peer:
         ident = Identity.generate(peer_id)
         cert = self.admission.issue(ident.public, valid_for_s=3600, now=time.time())
-        peer = Peer(identity=ident, certificate=cert,
-                    admission_public_key=self.admission.public_key, network_id=NET,
-                    trainer=trainer, broker=BrokerSettings(url=self.url), config=config,
-                    on_event=self.events.append)
+        peer = build_peer(identity=ident, certificate=cert,
+                          admission_public_key=self.admission.public_key, network_id=NET,
+                          trainer=trainer, broker=BrokerSettings(url=self.url), node=config,
+                          on_event=self.events.append)
         self.peers.append(peer)
         stop = asyncio.Event()
         self.stops.append(stop)
@@ -120,21 +118,13 @@ class Network:
         return out
 
 
-async def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def start_network(url: str, n: int, make: Callable[[int, int], object],
                         config: NodeConfig = FAST) -> Network:
     net = Network(url, AdmissionKey.generate(NET))
     for i in range(n):
         net.add(f"peer{i}", make(i, n), config)
-    await wait_for(lambda: all(p.status().peers_live == n - 1 for p in net.peers), 20,
-                   "every peer to see the others")
+    await wait_until(lambda: all(p.status().peers_live == n - 1 for p in net.peers), 20,
+                     "every peer to see the others")
     return net
 
 
@@ -225,16 +215,19 @@ def assert_no_vector_on_the_wire(net: Network, records: list[tuple[str, bytes]])
 
 
 # ---------------------------------------------------------------------------- scenarios
-async def test_five_peers_complete_sessions_and_agree(mosquitto) -> None:
+async def test_five_peers_complete_sessions_and_agree(mosquitto, make_trainer) -> None:
     async with Sniffer(mosquitto.url) as sniffer:
         net = await start_network(mosquitto.url, 5, make_trainer)
         try:
-            await wait_for(lambda: all(p.sessions_done >= 2 for p in net.peers), 60,
-                           "two sessions per peer")
+            await wait_until(lambda: all(p.counters.sessions_done >= 2 for p in net.peers), 60,
+                             "two sessions per peer")
             running = [p.status() for p in net.peers]
         finally:
             await net.close()
-        await asyncio.sleep(0.2)
+        # Each peer's last publish on the way out clears its retained announcement.
+        await wait_until(lambda: all((announce_topic(NET, p.peer_id), b"") in sniffer.records
+                                     for p in net.peers), 10,
+                         "the sniffer to see every peer clear its announcement")
     check_group_sums(net, min_complete=3)
     for st in running:
         assert st.merges_applied >= 1 or st.merges_rejected, st
@@ -247,21 +240,21 @@ async def test_five_peers_complete_sessions_and_agree(mosquitto) -> None:
     assert_no_vector_on_the_wire(net, sniffer.records)
 
 
-async def test_broker_restart_mid_run(mosquitto) -> None:
+async def test_broker_restart_mid_run(mosquitto, make_trainer) -> None:
     net = await start_network(mosquitto.url, 4, make_trainer)
     try:
-        await wait_for(lambda: sum(p.sessions_done for p in net.peers) >= 3, 40,
-                       "sessions before the restart")
+        await wait_until(lambda: sum(p.counters.sessions_done for p in net.peers) >= 3, 40,
+                         "sessions before the restart")
         await mosquitto.stop()
-        await asyncio.sleep(1.0)
-        await wait_for(lambda: not any(p.transport.connected.is_set() for p in net.peers), 10,
-                       "peers to notice the broker is gone")
-        before = [p.sessions_done for p in net.peers]
+        await wait_until(lambda: not any(p.transport.connected.is_set() for p in net.peers), 10,
+                         "peers to notice the broker is gone")
+        before = [p.counters.sessions_done for p in net.peers]
         await mosquitto.start()
-        await wait_for(lambda: all(p.transport.connected.is_set() for p in net.peers), 30,
-                       "every peer to reconnect")
-        await wait_for(
-            lambda: all(p.sessions_done > b for p, b in zip(net.peers, before, strict=True)),
+        await wait_until(lambda: all(p.transport.connected.is_set() for p in net.peers), 30,
+                         "every peer to reconnect")
+        await wait_until(
+            lambda: all(p.counters.sessions_done > b
+                        for p, b in zip(net.peers, before, strict=True)),
             60, "every peer to complete a session after the restart",
         )
         assert all(p.transport.reconnects >= 1 for p in net.peers)
@@ -276,9 +269,9 @@ _VICTIM = textwrap.dedent(
     import numpy as np
     from crypto.admission import Certificate
     from crypto.identity import Identity
-    from peer.node import NodeConfig, Peer
-    from peer.session import SessionTimeouts
-    from peer.transport import BrokerSettings
+    from peer.network.node import NodeConfig, Peer
+    from peer.network.session import SessionTimeouts
+    from peer.network.transport import BrokerSettings
     from protocol.codec import decode_message
     from protocol import messages as m
 
@@ -325,7 +318,8 @@ _VICTIM = textwrap.dedent(
 )
 
 
-async def test_member_killed_after_its_shares_are_out(mosquitto, tmp_path: Path) -> None:
+async def test_member_killed_after_its_shares_are_out(mosquitto, make_trainer,
+                                                      tmp_path: Path) -> None:
     net = await start_network(mosquitto.url, 4, make_trainer)
     victim_id = "victim"
     ident = Identity.generate(victim_id)
@@ -343,19 +337,27 @@ async def test_member_killed_after_its_shares_are_out(mosquitto, tmp_path: Path)
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        await wait_for(lambda: proc.poll() is not None, 60,
-                       "the victim to join a session and be killed")
+        await wait_until(lambda: proc.poll() is not None, 60,
+                         "the victim to join a session and be killed")
         out, err = proc.communicate(timeout=5)
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
         assert b"KILLED" in out
         # Every survivor that was in the victim's session finishes it: done with >= t
-        # partials, or aborted by timeout. Nobody hangs.
-        await asyncio.sleep(FAST.timeouts.share_s + FAST.timeouts.partial_s + 0.5)
-        victim_sessions = {
-            e.data["session_id"] for e in net.events
-            if e.kind in ("session_done", "session_aborted")
-            and victim_id in (e.data.get("members") or ())
-        }
+        # partials, or aborted by timeout, within the share and partial timeouts. Nobody hangs.
+        def ended_with_victim() -> set[bytes]:
+            return {
+                e.data["session_id"] for e in net.events
+                if e.kind in ("session_done", "session_aborted")
+                and victim_id in (e.data.get("members") or ())
+            }
+
+        await wait_until(
+            lambda: bool(ended_with_victim()) and not any(
+                p.session is not None and victim_id in p.session.members for p in net.peers),
+            FAST.timeouts.share_s + FAST.timeouts.partial_s + 0.5,
+            "every survivor to finish its session with the victim",
+        )
+        victim_sessions = ended_with_victim()
         assert victim_sessions, "no survivor recorded a session with the victim"
         assert not any(p.session is not None and p.session.session_id in victim_sessions
                        for p in net.peers)
@@ -363,13 +365,14 @@ async def test_member_killed_after_its_shares_are_out(mosquitto, tmp_path: Path)
                             and e.data["session_id"] in victim_sessions]
         for e in done_with_victim:
             assert victim_id in e.data["contributors"]  # its shares were out: it counts
-        before = [p.sessions_done for p in net.peers]
-        await wait_for(
-            lambda: all(p.sessions_done > b for p, b in zip(net.peers, before, strict=True)),
+        before = [p.counters.sessions_done for p in net.peers]
+        await wait_until(
+            lambda: all(p.counters.sessions_done > b
+                        for p, b in zip(net.peers, before, strict=True)),
             60, "survivors to keep completing sessions",
         )
-        await wait_for(lambda: all(p.membership.get(victim_id) is None for p in net.peers), 10,
-                       "the victim's last will to remove it from every view")
+        await wait_until(lambda: all(p.membership.get(victim_id) is None for p in net.peers), 10,
+                         "the victim's last will to remove it from every view")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -378,13 +381,13 @@ async def test_member_killed_after_its_shares_are_out(mosquitto, tmp_path: Path)
     check_group_sums(net, min_complete=1)
 
 
-async def test_hostile_client_is_dropped_and_counted(mosquitto) -> None:
+async def test_hostile_client_is_dropped_and_counted(mosquitto, make_trainer) -> None:
     async with Sniffer(mosquitto.url) as sniffer:
         net = await start_network(mosquitto.url, 3, make_trainer)
         target = net.peers[1]
         try:
-            await wait_for(lambda: sum(p.sessions_done for p in net.peers) >= 3, 40,
-                           "sessions before the attack")
+            await wait_until(lambda: sum(p.counters.sessions_done for p in net.peers) >= 3, 40,
+                             "sessions before the attack")
             captured = next(
                 (t, p) for t, p in sniffer.records
                 if t.endswith(f"/to/{target.peer_id}") and p
@@ -433,28 +436,33 @@ async def test_hostile_client_is_dropped_and_counted(mosquitto) -> None:
                 (direct_topic(NET, "mallory", target.peer_id),
                  signed(mallory, m.Kind.INVITE, invite, network="othernet")),
             ]
+            # A last garbage message after the attacks: one client's publishes reach the target
+            # in order and it handles them one at a time, so once this marker is counted every
+            # attack has been handled (and counted) - a double count would show by then.
+            marker = (direct_topic(NET, sender, target.peer_id), b"\x93\x01marker\xff")
             before = target.status().drops
             async with aiomqtt.Client(host, port, identifier="mallory",
                                       protocol=aiomqtt.ProtocolVersion.V311) as client:
-                for topic, payload in attacks:
+                for topic, payload in [*attacks, marker]:
                     await client.publish(topic, payload, qos=1)
             # foreign_network twice: the foreign certificate and the foreign header network
             expected = {"malformed": 1, "replay": 1, "bad_signature": 1, "topic_mismatch": 1,
                         "unknown_sender": 1, "bad_certificate": 1, "foreign_network": 2}
+            with_marker = {**expected, "malformed": expected["malformed"] + 1}
 
             def counted() -> bool:
                 drops = target.status().drops
-                return all(drops.get(k, 0) - before.get(k, 0) >= v for k, v in expected.items())
+                return all(drops.get(k, 0) - before.get(k, 0) >= v
+                           for k, v in with_marker.items())
 
-            await wait_for(counted, 10, f"drops {expected} at the target")
-            await asyncio.sleep(0.3)
+            await wait_until(counted, 10, f"drops {expected} and the marker at the target")
             after = target.status().drops
-            for reason, count in expected.items():  # each attack counted once, no more
+            for reason, count in with_marker.items():  # each attack counted once, no more
                 assert after.get(reason, 0) - before.get(reason, 0) == count, (reason, after)
             assert all(p.membership.get("mallory") is None for p in net.peers)
-            done_before = [p.sessions_done for p in net.peers]
-            await wait_for(
-                lambda: all(p.sessions_done > b
+            done_before = [p.counters.sessions_done for p in net.peers]
+            await wait_until(
+                lambda: all(p.counters.sessions_done > b
                             for p, b in zip(net.peers, done_before, strict=True)),
                 40, "peers to keep completing sessions after the attack",
             )
@@ -462,37 +470,41 @@ async def test_hostile_client_is_dropped_and_counted(mosquitto) -> None:
             await net.close()
 
 
-class ResidualTrainer:
-    """A vector-only trainer with an error-feedback residual it can lend and settle.
+class RecordingSharing(DeltaSharing):
+    """The real delta strategy, remembering every settlement the node makes."""
 
-    Stands in for a trainer that implements ``residual_values`` / ``consume_residual``
-    (the node's residual fill, docs/sessions.md "Sparse supports"); LocalTrainer does not yet.
-    """
+    def __init__(self, param_count: int) -> None:
+        super().__init__(0.1, param_count)
+        self.settled: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def settle(self, indices: np.ndarray, values: np.ndarray) -> None:
+        self.settled.append((indices.copy(), values.copy()))
+        super().settle(indices, values)
+
+
+class ResidualTrainer:
+    """A vector-only trainer whose sharing strategy holds an error-feedback residual
+    (the node's residual fill, docs/sessions.md "Sparse supports")."""
 
     def __init__(self, index: int, n: int) -> None:
         self.param_count = 400
         self.model_id = "vectors-400"
         self.rng = np.random.default_rng(100 + index)
-        self.residual = self.rng.normal(0, 0.01, self.param_count).astype(np.float32)
-        self.settled: list[tuple[np.ndarray, np.ndarray]] = []
+        self.sharing = RecordingSharing(self.param_count)
+        self.sharing.restore(self.rng.normal(0, 0.01, self.param_count).astype(np.float32))
         self.round = 0
 
     def train_round(self):
-        from peer.trainer import LocalUpdate
+        from peer.training.trainer import LocalUpdate
 
         time.sleep(0.02)
         self.round += 1
         idx = np.sort(self.rng.choice(self.param_count, 40, replace=False)).astype(np.uint32)
-        self.residual[idx] = 0.0  # the top-k part leaves through the update
+        residual = self.sharing.state
+        residual[idx] = 0.0  # the top-k part leaves through the update
+        self.sharing.restore(residual)
         values = self.rng.normal(0, 0.05, idx.size).astype(np.float32)
         return LocalUpdate(indices=idx, values=values, steps=1, epsilon=0.0, round=self.round)
-
-    def residual_values(self, indices: np.ndarray) -> np.ndarray:
-        return self.residual[indices].copy()
-
-    def consume_residual(self, indices: np.ndarray, values: np.ndarray) -> None:
-        self.settled.append((indices.copy(), values.copy()))
-        self.residual[indices] -= values
 
     def apply_update(self, indices: np.ndarray, values: np.ndarray) -> None:
         return None
@@ -507,9 +519,15 @@ class ResidualTrainer:
 async def test_residual_fill_is_shared_and_settled(mosquitto) -> None:
     net = await start_network(mosquitto.url, 3, ResidualTrainer)
     try:
-        await wait_for(lambda: all(p.sessions_done >= 2 for p in net.peers), 30,
-                       "two sessions per peer")
-        await asyncio.sleep(0.3)  # settlement runs in a worker thread after the merge
+        await wait_until(lambda: all(p.counters.sessions_done >= 2 for p in net.peers), 30,
+                         "two sessions per peer")
+        # Settlement runs in a task after the merge: wait until it caught up with every fill.
+        def fills(peer: Peer) -> int:
+            return sum(1 for e in net.events if e.kind == "session_done"
+                       and e.peer_id == peer.peer_id and e.data["filled_indices"].size)
+
+        await wait_until(lambda: all(len(p.trainer.sharing.settled) == fills(p)
+                                     for p in net.peers), 10, "every residual fill to be settled")
     finally:
         await net.close()
     check_group_sums(net, min_complete=2)
@@ -517,7 +535,7 @@ async def test_residual_fill_is_shared_and_settled(mosquitto) -> None:
         done = [e for e in net.events if e.kind == "session_done" and e.peer_id == p.peer_id]
         filled = [e.data["filled_indices"] for e in done if e.data["filled_indices"].size]
         assert filled, "no session used the residual fill"
-        settled = p.trainer.settled
+        settled = p.trainer.sharing.settled
         assert len(settled) == len(filled)
         for (idx, _values), expected in zip(settled, filled, strict=True):
             np.testing.assert_array_equal(idx, expected)

@@ -1,11 +1,11 @@
-"""peer.optim must follow torch.optim's arithmetic exactly and round-trip its state."""
+"""peer.training.optim must follow torch.optim's arithmetic exactly and round-trip its state."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peer.optim import SGD, Adam, OptimizerStateError
+from peer.training.optim import SGD, Adam, OptimizerStateError
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

@@ -31,7 +31,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from aiomqtt.exceptions import MqttConnectError
 
-from peer.transport import BrokerSettings
+from peer.network.transport import BrokerSettings
 from sim.broker import (
     DEFAULT_MOSQUITTO_BINARY,
     LOOPBACK,
@@ -49,7 +49,7 @@ from sim.broker import (
     free_loopback_port,
     wait_until_accepting,
 )
-from tests.conftest import require_mosquitto
+from tests.conftest import require_mosquitto, wait_until
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
 
@@ -84,7 +84,7 @@ def make_broker_pki(directory: Path, *, common_name: str = "localhost") -> Broke
     """Create a CA and a server certificate for ``localhost`` / 127.0.0.1 under ``directory``.
 
     The server certificate carries both names in subjectAltName, because the peer's TLS
-    context (peer.transport.BrokerSettings) checks the host name.
+    context (peer.network.transport.BrokerSettings) checks the host name.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -584,14 +584,6 @@ def test_provisioned_acl_has_exactly_the_shipped_rules() -> None:
 
 
 # ------------------------------------------------------------------- real peers over TLS
-async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def provisioned_peer_config(files: Any, broker: SecuredMosquitto, base: Path) -> Any:
     """The TOML `murmur-peer provision` wrote for one peer, pointed at the TLS broker, with
     short timings and tiny training rounds so the test runs in seconds."""
@@ -616,19 +608,19 @@ def provisioned_peer_config(files: Any, broker: SecuredMosquitto, base: Path) ->
 BENIGN_DROPS = {"unknown_session", "unknown_sender"}
 
 
-async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: Path) -> None:
+async def test_three_provisioned_peers_complete_a_session_over_tls(
+    secrets_dir: Path, one_torch_thread: None,
+) -> None:
     """The deployment path end to end: `murmur-peer provision` makes the network (admission
     key, identities, certificates, broker passwords, ACL); Mosquitto runs the shipped TLS
     configuration with that password file and ACL; three real peers built from their
     provisioned configs find each other and complete aggregation sessions."""
     require_mosquitto()
-    pytest.importorskip("peer.trainer")
-    import torch
-
-    from peer.node import Peer
+    pytest.importorskip("peer.training.trainer")
+    # three peers in one process: one intra-op torch thread each (the one_torch_thread fixture)
+    from peer.daemon import peer_from_config
     from peer.provision import provision
 
-    torch.set_num_threads(1)  # three peers in one process: one intra-op thread each
     port = free_loopback_port()
     names = ["pi-01", "pi-02", "pi-03"]
     network = provision(NETWORK, names, secrets_dir / "network",
@@ -646,7 +638,7 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: 
         for files in network.peers:
             cfg = provisioned_peer_config(files, secured, files.config.parent)
             assert cfg.broker.url.startswith("mqtts://") and cfg.broker.password
-            peers.append(Peer.from_config(cfg))
+            peers.append(peer_from_config(cfg))
         tasks = [asyncio.create_task(peer.run(stop)) for peer in peers]
         await wait_until(lambda: all(p.status().peers_live == 2 for p in peers), 30,
                          "every peer to admit the two others")
@@ -669,7 +661,8 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(secrets_dir: 
 def test_device_config_template_loads(secrets_dir: Path) -> None:
     # docs/deploy/peer.toml must stay in step with peer/config.py: filled in as the guide
     # says (ids, paths), it loads and its credentials check out.
-    from peer.config import load_config, load_credentials
+    from peer.config import load_config
+    from peer.daemon import load_credentials
     from peer.provision import provision
 
     network = provision("farm", ["pi-01"], secrets_dir / "network",

@@ -232,7 +232,7 @@ def test_baselines_on_digits_beat_chance_and_centralized_beats_standalone() -> N
     from sim.partition import dirichlet
 
     @dataclass
-    class Data:  # the fields of peer.data.Dataset that the baselines use
+    class Data:  # the fields of peer.training.data.Dataset that the baselines use
         x: np.ndarray
         y: np.ndarray
         num_classes: int

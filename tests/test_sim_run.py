@@ -15,6 +15,7 @@ from sim.cli import EXIT_USAGE, main
 from sim.metrics import read_metrics
 from sim.runner import RunResult, run_simulation
 from sim.scenario import Scenario, scenario_from_dict
+from tests.conftest import require_mosquitto
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -75,24 +76,23 @@ async def test_churn_and_hostile_peers_do_not_stop_the_run(tmp_path: Path) -> No
     assert set(result.summary.drops) & {"malformed", "unknown_sender", "topic_mismatch"}
     garbage = next(h for h in result.hostile if h["kind"] == "garbage")
     assert garbage["published"] > 0
-    # Whenever the huge-norm insider got into a session with an honest peer, that peer's merge
-    # was clipped to the norm bound or rejected - never applied at full size.
+    # The huge-norm insider got into sessions with honest peers (14 rounds: it does, several
+    # times), and each such peer's merge was clipped to the norm bound or rejected - never
+    # applied at full size.
     huge = next(h for h in result.hostile if h["kind"] == "huge_norm")
     honest_done = [r for r in rows if r.event == "session_done"]
     assert honest_done, "no session completed under churn"
-    if huge["sessions_done"] > 0:
-        contained = sum(1 for r in honest_done if r.extra.get("clipped"))
-        contained += sum(sum(r.extra.get("merges_rejected", {}).values())
-                         for r in rows if r.event == "stop")
-        assert contained > 0
+    assert huge["sessions_done"] > 0, huge
+    contained = sum(1 for r in honest_done if r.extra.get("clipped"))
+    contained += sum(sum(r.extra.get("merges_rejected", {}).values())
+                     for r in rows if r.event == "stop")
+    assert contained > 0
     # Every honest peer still finished with a test accuracy.
     assert len(_finals(result)) == 4
 
 
 @pytest.mark.mosquitto
 async def test_small_run_on_mosquitto(tmp_path: Path) -> None:
-    from tests.conftest import require_mosquitto
-
     require_mosquitto()
     scenario = _small(tmp_path, peers=3, rounds=4, broker="mosquitto")
     result = await run_simulation(scenario, progress=False, baselines=False,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.topk import TopK
+from peer.sharing.topk import TopK
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 

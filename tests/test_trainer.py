@@ -10,25 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from peer.data import Dataset, load_source, split_holdout
-from peer.ledger import BudgetExhaustedError, PrivacyLedger
-from peer.trainer import LocalTrainer, LocalUpdate, TrainerConfig, configure_torch_threads
+from peer.training.ledger import BudgetExhaustedError, PrivacyLedger
+from peer.training.trainer import LocalTrainer, LocalUpdate, TrainerConfig, configure_torch_threads
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The test machine is shared: one intra-op thread avoids OpenMP oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[Dataset, Dataset, Dataset]:
-    train, test = load_source("digits")
-    train, holdout = split_holdout(train, 0.1, seed=0)
-    return train, holdout, test
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _flat(trainer: LocalTrainer) -> torch.Tensor:
@@ -37,7 +22,8 @@ def _flat(trainer: LocalTrainer) -> torch.Tensor:
 
 def test_train_round_returns_valid_sparse_update(digits, tmp_path: Path) -> None:
     train, holdout, _ = digits
-    cfg = TrainerConfig(model="mlp", local_steps=4, noise_multiplier=1.0, topk_fraction=0.02)
+    cfg = TrainerConfig(model="mlp", local_steps=4, noise_multiplier=1.0, topk_fraction=0.02,
+                        share="delta")
     trainer = LocalTrainer(cfg, train, holdout, tmp_path)
     assert trainer.model_id == "mlp-4810" and trainer.param_count == 4810
     update = trainer.train_round()
@@ -98,7 +84,7 @@ def test_apply_update_adds_values_and_validates(digits) -> None:
 
 def test_merge_during_a_round_is_queued_and_not_reshared(digits) -> None:
     train, holdout, _ = digits
-    cfg = TrainerConfig(model="mlp", dp=False, local_steps=3, topk_fraction=1.0)
+    cfg = TrainerConfig(model="mlp", dp=False, local_steps=3, topk_fraction=1.0, share="delta")
     trainer = LocalTrainer(cfg, train, holdout)
     with trainer._lock:  # as if a round were running in the worker thread
         before = _flat(trainer)

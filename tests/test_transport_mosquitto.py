@@ -1,4 +1,5 @@
-"""peer.transport against a real Mosquitto on a loopback port (no fake broker, bounded waits)."""
+"""peer.network.transport against a real Mosquitto on a loopback port
+(no fake broker, bounded waits)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from peer.transport import (
+from peer.network.transport import (
     BrokerSettings,
     Incoming,
     NotConnectedError,
@@ -28,6 +29,7 @@ from peer.transport import (
     backoff_delay,
 )
 from sim.broker import MosquittoBroker
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
 
@@ -35,31 +37,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
 
 
-@pytest.fixture
-def broker(mosquitto: MosquittoBroker) -> MosquittoBroker:
-    """The shared Mosquitto of tests/conftest.py (restartable on the same port)."""
-    return mosquitto
-
-
 @dataclass
 class Inbox:
     """Collects what a transport's handler receives."""
 
     items: list[Incoming] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def handle(self, incoming: Incoming) -> None:
         self.items.append(incoming)
-        self.arrived.set()
 
-    async def wait_for(self, predicate: Callable[[Incoming], bool]) -> Incoming:
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                for item in self.items:
-                    if predicate(item):
-                        return item
-                self.arrived.clear()
-                await self.arrived.wait()
+    async def wait_for(self, predicate: Callable[[Incoming], bool],
+                       what: str = "a matching message") -> Incoming:
+        """The first item that matches, once one has arrived (bounded by WAIT_S)."""
+        await wait_until(lambda: any(predicate(item) for item in self.items), WAIT_S, what)
+        return next(item for item in self.items if predicate(item))
 
 
 @contextlib.asynccontextmanager
@@ -98,11 +89,11 @@ async def _connected(transport: Transport) -> None:
 
 @pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
 async def test_publish_subscribe_round_trip_and_counters(
-    broker: MosquittoBroker, mqtt_version: str,
+    mosquitto: MosquittoBroker, mqtt_version: str,
 ) -> None:
     inbox = Inbox()
-    receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx"], mqtt_version=mqtt_version)
-    sender = _transport(broker.url, "tx", [], mqtt_version=mqtt_version)
+    receiver = _transport(mosquitto.url, "rx", ["murmur/t/+/to/rx"], mqtt_version=mqtt_version)
+    sender = _transport(mosquitto.url, "tx", [], mqtt_version=mqtt_version)
     async with running(receiver, inbox.handle), running(sender, Inbox().handle):
         await _connected(receiver)
         await _connected(sender)
@@ -117,9 +108,9 @@ async def test_publish_subscribe_round_trip_and_counters(
 
 
 async def test_tcp_nodelay_is_set_on_the_live_socket(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
-    transport = _transport(broker.url, "nodelay", [])
+    transport = _transport(mosquitto.url, "nodelay", [])
     assert transport.socket_option(socket.IPPROTO_TCP, socket.TCP_NODELAY) is None
     async with running(transport, Inbox().handle):
         await _connected(transport)
@@ -127,9 +118,9 @@ async def test_tcp_nodelay_is_set_on_the_live_socket(
 
 
 async def test_publish_refuses_oversized_payload_and_when_not_connected(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
-    transport = _transport(broker.url, "big", [], max_payload=1000)
+    transport = _transport(mosquitto.url, "big", [], max_payload=1000)
     with pytest.raises(NotConnectedError):
         await transport.publish("murmur/t/big/x", b"x")
     async with running(transport, Inbox().handle):
@@ -144,7 +135,7 @@ async def test_publish_refuses_oversized_payload_and_when_not_connected(
 
 
 async def test_retained_message_reaches_late_subscriber_and_on_connected_runs(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     topic = f"murmur/t/ret{os.urandom(2).hex()}/announce"
     calls: list[str] = []
@@ -154,15 +145,13 @@ async def test_retained_message_reaches_late_subscriber_and_on_connected_runs(
         calls.append("connected")
         await holder["t"].publish(topic, b"signed-announcement", retain=True)
 
-    announcer = _transport(broker.url, "ann", [], on_connected=announce)
+    announcer = _transport(mosquitto.url, "ann", [], on_connected=announce)
     holder["t"] = announcer
     async with running(announcer, Inbox().handle):
         await _connected(announcer)
-        async with asyncio.timeout(WAIT_S):
-            while announcer.messages_sent == 0:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: announcer.messages_sent > 0, WAIT_S, "the announcement")
         late = Inbox()
-        async with running(_transport(broker.url, "late", [topic]), late.handle):
+        async with running(_transport(mosquitto.url, "late", [topic]), late.handle):
             got = await late.wait_for(lambda m: m.topic == topic)
             assert got.payload == b"signed-announcement" and got.retain is True
         await announcer.publish(topic, b"", retain=True)  # clear it for other tests
@@ -172,7 +161,7 @@ async def test_retained_message_reaches_late_subscriber_and_on_connected_runs(
 _CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from peer.transport import BrokerSettings, Transport
+    from peer.network.transport import BrokerSettings, Transport
 
     async def main() -> None:
         url, client_id, topic = sys.argv[1:4]
@@ -197,11 +186,11 @@ _CHILD = textwrap.dedent(
 
 
 async def test_last_will_clears_retained_announce_when_the_process_dies(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     topic = f"murmur/t/dying{os.urandom(2).hex()}/announce"
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, broker.url, f"dying-{os.urandom(3).hex()}", topic],
+        [sys.executable, "-c", _CHILD, mosquitto.url, f"dying-{os.urandom(3).hex()}", topic],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -212,7 +201,7 @@ async def test_last_will_clears_retained_announce_when_the_process_dies(
         line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout=30)
         assert line.strip() == b"READY", child.stderr.read() if child.stderr else line
         watcher_inbox = Inbox()
-        async with running(_transport(broker.url, "watch", [topic]), watcher_inbox.handle):
+        async with running(_transport(mosquitto.url, "watch", [topic]), watcher_inbox.handle):
             alive = await watcher_inbox.wait_for(lambda m: m.payload == b"alive")
             assert alive.retain is True
             # SIGKILL: no DISCONNECT packet, the kernel just closes the socket.
@@ -220,11 +209,16 @@ async def test_last_will_clears_retained_announce_when_the_process_dies(
             gone = await watcher_inbox.wait_for(lambda m: m.payload == b"")
             assert gone.topic == topic
         # The will was retained (empty): it deleted the announcement for later subscribers.
+        # A retained message reaches a subscriber right after its subscription, so before
+        # anything it publishes itself later: its own marker arriving means nothing retained is.
         after = Inbox()
-        async with running(_transport(broker.url, "after", [topic]), after.handle) as task:
-            await asyncio.sleep(0.3)
+        late = _transport(mosquitto.url, "after", [topic])
+        async with running(late, after.handle) as task:
+            await _connected(late)
+            await late.publish(topic, b"marker")
+            await after.wait_for(lambda m: m.payload == b"marker", "the late subscriber's marker")
             assert not task.done()
-        assert after.items == []
+        assert [m.payload for m in after.items] == [b"marker"]
     finally:
         if child.poll() is None:
             child.kill()
@@ -232,20 +226,26 @@ async def test_last_will_clears_retained_announce_when_the_process_dies(
 
 
 async def test_clean_stop_does_not_publish_the_will(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     topic = f"murmur/t/clean{os.urandom(2).hex()}/announce"
     watcher_inbox = Inbox()
-    async with running(_transport(broker.url, "watch", [topic]), watcher_inbox.handle):
-        leaver = _transport(broker.url, "leaver", [], will=(topic, b"will", False))
+    async with running(_transport(mosquitto.url, "watch", [topic]), watcher_inbox.handle):
+        leaver = _transport(mosquitto.url, "leaver", [], will=(topic, b"will", False))
         async with running(leaver, Inbox().handle):
             await _connected(leaver)
-        await asyncio.sleep(0.3)
-    assert [m.payload for m in watcher_inbox.items] == []
+        # The leaver's disconnect reached the broker before a new client even connects; a will
+        # would be queued for the watcher then, ahead of the new client's marker.
+        probe = _transport(mosquitto.url, "probe", [])
+        async with running(probe, Inbox().handle):
+            await _connected(probe)
+            await probe.publish(topic, b"marker")
+            await watcher_inbox.wait_for(lambda m: m.payload == b"marker", "the probe's marker")
+    assert [m.payload for m in watcher_inbox.items] == [b"marker"]
 
 
 async def test_reconnects_and_resubscribes_after_broker_restart(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     inbox = Inbox()
     connects: list[int] = []
@@ -253,21 +253,22 @@ async def test_reconnects_and_resubscribes_after_broker_restart(
     async def on_connected() -> None:
         connects.append(1)
 
-    receiver = _transport(broker.url, "rx", ["murmur/t/+/to/rx2"], on_connected=on_connected)
+    receiver = _transport(mosquitto.url, "rx", ["murmur/t/+/to/rx2"], on_connected=on_connected)
     async with running(receiver, inbox.handle) as task:
         await _connected(receiver)
-        await broker.stop()
-        async with asyncio.timeout(WAIT_S):
-            while receiver.connected.is_set():
-                await asyncio.sleep(0.02)
+        await mosquitto.stop()
+        await wait_until(lambda: not receiver.connected.is_set(), WAIT_S,
+                         "the receiver to notice the broker is gone")
         with pytest.raises(NotConnectedError):
             await receiver.publish("murmur/t/rx/x", b"x")
-        await asyncio.sleep(0.5)  # a few failed connection attempts against a closed port
+        failures = receiver.connect_failures
+        await wait_until(lambda: receiver.connect_failures >= failures + 3, WAIT_S,
+                         "a few failed connection attempts against the closed port")
         assert not task.done()
-        await broker.start()
+        await mosquitto.start()
         await _connected(receiver)
         assert receiver.reconnects == 1
-        sender = _transport(broker.url, "tx", [])
+        sender = _transport(mosquitto.url, "tx", [])
         async with running(sender, Inbox().handle):
             await _connected(sender)
             await sender.publish("murmur/t/tx/to/rx2", b"after restart")
@@ -277,7 +278,7 @@ async def test_reconnects_and_resubscribes_after_broker_restart(
 
 
 async def test_handler_exception_is_counted_and_the_loop_goes_on(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     seen: list[bytes] = []
     got_second = asyncio.Event()
@@ -288,8 +289,8 @@ async def test_handler_exception_is_counted_and_the_loop_goes_on(
             raise ValueError("hostile payload")
         got_second.set()
 
-    receiver = _transport(broker.url, "fragile", ["murmur/t/+/to/fragile"])
-    sender = _transport(broker.url, "tx", [])
+    receiver = _transport(mosquitto.url, "fragile", ["murmur/t/+/to/fragile"])
+    sender = _transport(mosquitto.url, "tx", [])
     async with running(receiver, fragile), running(sender, Inbox().handle):
         await _connected(receiver)
         await _connected(sender)
@@ -306,7 +307,7 @@ async def test_stop_while_broker_is_unreachable_returns_promptly() -> None:
     transport = _transport(f"mqtt://127.0.0.1:{port}", "nobody", [])
     stop = asyncio.Event()
     task = asyncio.create_task(transport.run(Inbox().handle, stop))
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: transport.connect_failures >= 1, WAIT_S, "a failed connection")
     assert transport.connect_failures >= 1 and not transport.connected.is_set()
     stop.set()
     async with asyncio.timeout(5):
@@ -348,17 +349,23 @@ async def test_missing_ca_file_is_a_transport_error(tmp_path: Path) -> None:
 
 
 async def test_cancelling_run_leaves_no_task_behind(
-    broker: MosquittoBroker,
+    mosquitto: MosquittoBroker,
 ) -> None:
     before = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-    transport = _transport(broker.url, "cancel", ["murmur/t/+/to/cancel"])
+    transport = _transport(mosquitto.url, "cancel", ["murmur/t/+/to/cancel"])
     task = asyncio.create_task(transport.run(Inbox().handle, asyncio.Event()))
     await _connected(transport)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)
-    after = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    def others() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    # Tasks that are finishing their cancellation end within a few loop iterations; a task
+    # left behind would still be there after a second.
+    await wait_until(lambda: others() <= before, 1.0, "the transport's tasks to end")
+    after = others()
     assert after <= before
     assert not transport.connected.is_set()
     with pytest.raises(NotConnectedError):

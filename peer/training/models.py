@@ -13,12 +13,13 @@ import math
 
 from torch import nn
 
+from peer.errors import PeerError
+from peer.training.config import MODEL_NAMES
+
 log = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
 
-
-class ModelError(ValueError):
+class ModelError(PeerError, ValueError):
     """Unknown model name or a model that does not fit the input shape."""
 
 

@@ -46,20 +46,16 @@ rejected rather than clipped. This module is pure numpy: no I/O, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-MERGE_RULES = ("others_mean", "others_sum", "group_average")
+from peer.errors import DroppedError
 
 
-class MergeRejected(Exception):
+class MergeRejected(DroppedError):
     """The rebuilt sum may not touch the model. ``reason`` is a short counter key."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -76,7 +72,7 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         if self.rule not in MERGE_RULES:
-            raise ValueError(f"rule must be one of {MERGE_RULES}, got {self.rule!r}")
+            raise ValueError(f"rule must be one of {tuple(MERGE_RULES)}, got {self.rule!r}")
         if not (math.isfinite(self.base_weight) and 0.0 < self.base_weight <= 1.0):
             raise ValueError("base_weight must be in (0, 1]")
         if not (math.isfinite(self.relative_norm) and self.relative_norm > 0.0):
@@ -110,18 +106,38 @@ def staleness_weight(base_weight: float, staleness: int) -> float:
     return base_weight / (1.0 + staleness)
 
 
+RuleDelta = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _others_mean(group_sum: np.ndarray, own: np.ndarray, contributors: int) -> np.ndarray:
+    return (group_sum - own) / float(contributors - 1)
+
+
+def _others_sum(group_sum: np.ndarray, own: np.ndarray, contributors: int) -> np.ndarray:
+    return group_sum - own
+
+
+def _group_average(group_sum: np.ndarray, own: np.ndarray, contributors: int) -> np.ndarray:
+    return group_sum / float(contributors) - own
+
+
+#: The merge rules by name: (group sum, own values, contributors) -> unweighted change.
+MERGE_RULES: dict[str, RuleDelta] = {
+    "others_mean": _others_mean,
+    "others_sum": _others_sum,
+    "group_average": _group_average,
+}
+
+
 def rule_delta(
     rule: str, group_sum: np.ndarray, own_values: np.ndarray, contributors: int
 ) -> np.ndarray:
     """The unweighted, unbounded change the rule asks for (see the module docstring)."""
-    others = group_sum - own_values
-    if rule == "others_mean":
-        return others / float(contributors - 1)
-    if rule == "others_sum":
-        return others
-    if rule == "group_average":
-        return group_sum / float(contributors) - own_values
-    raise ValueError(f"unknown merge rule {rule!r}")
+    try:
+        delta_of = MERGE_RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown merge rule {rule!r}") from None
+    return delta_of(group_sum, own_values, contributors)
 
 
 def norm_bound(own_values: np.ndarray, config: MergeConfig) -> float:
@@ -197,13 +213,4 @@ def merge_group_sum(
 GOSSIP_AVERAGING = MergeConfig(
     rule="group_average", staleness_decay=False, relative_norm=2.0, reject_factor=5.0
 )
-
-
-def merge_config_for(share: str) -> MergeConfig:
-    """The merge rule that pairs with a trainer's share mode ("model" or "delta")."""
-    if share == "model":
-        return GOSSIP_AVERAGING
-    if share == "delta":
-        return MergeConfig()
-    raise ValueError(f"unknown share mode {share!r}")
 

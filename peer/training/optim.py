@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from peer.errors import PeerError
+
 __all__ = ["SGD", "Adam", "Optimizer", "OptimizerStateError"]
 
 
-class OptimizerStateError(ValueError):
+class OptimizerStateError(PeerError, ValueError):
     """A saved optimizer state does not fit this optimizer (kind, sizes or shapes)."""
 
 

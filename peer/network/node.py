@@ -14,8 +14,9 @@ Every inbound message passes, in this order: topic -> size -> decode -> topic bi
 signed sender must own the topic) -> network -> certificate (announce) or known sender ->
 signature -> recipient -> replay window -> session. Each failure is a counted drop with a
 reason (``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer.
-The session itself (peer/session.py) checks seals, sizes and contributor sets; the merge rule
-(peer/merge.py) checks finiteness and the norm bound before the model is touched.
+The session itself (peer/network/session.py) checks seals, sizes and contributor sets; the merge
+rule
+(peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
 
 A peer takes part in at most one session at a time; nobody waits for a global round.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import secrets
@@ -40,10 +42,10 @@ from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.field import FixedPoint
 from crypto.identity import Identity, verify_signature
 from crypto.replay import ReplayWindow
-from peer.counters import DropCounter
-from peer.membership import DropError, MembershipView
-from peer.merge import MergeConfig, MergeRejected, merge_group_sum
-from peer.session import (
+from peer.errors import BudgetExhaustedError, DroppedError
+from peer.network.counters import DropCounter, PeerStatus, SessionCounters
+from peer.network.membership import DropError, MembershipView
+from peer.network.session import (
     Contribution,
     GroupResult,
     Outgoing,
@@ -55,15 +57,17 @@ from peer.session import (
     SessionTimeouts,
     Step,
 )
-from peer.transport import (
+from peer.network.transport import (
     BrokerSettings,
     Incoming,
     NotConnectedError,
     PayloadTooLargeError,
     Transport,
 )
+from peer.sharing import SharingStrategy
+from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig, MergeRejected, merge_group_sum
 from protocol import messages as m
-from protocol.codec import decode_message, encode_message
+from protocol.codec import SignedMessage, decode_message, encode_message
 from protocol.errors import ProtocolError, SizeLimitError
 from protocol.limits import MAX_MEMBERS, MAX_PAYLOAD_BYTES
 from protocol.topics import (
@@ -83,16 +87,14 @@ _RECENT_SESSIONS = 64
 
 
 class Trainer(Protocol):
-    """What the node needs from the training half (peer.trainer.LocalTrainer satisfies it).
+    """What the node needs from the training half (peer.training.trainer.LocalTrainer satisfies it).
 
     The trainer must be thread-safe: ``train_round`` runs in a worker thread while the event
     loop calls ``apply_update`` (LocalTrainer queues merges that arrive mid-round).
 
-    Optional, for the residual fill (docs/sessions.md, "Sparse supports"): a trainer that has
-    both ``residual_values(indices) -> float32 array`` (called on the event loop: must not
-    block on a running round) and ``consume_residual(indices, values)`` (called in a worker
-    thread after a completed session, to remove what was shared) makes every member contribute
-    on every coordinate of a session.
+    ``train_round`` raises :class:`peer.errors.BudgetExhaustedError` once the privacy budget is
+    spent. The residual fill is not the trainer's business but its sharing strategy's, which
+    the node is given on its own (``Peer(sharing=...)``).
     """
 
     param_count: int
@@ -106,66 +108,29 @@ class Trainer(Protocol):
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Timing and policy of the node loops (session parameters are in ``SessionParams``)."""
+    """Timing and policy of the node loops: the one place that holds their defaults.
 
-    group_size: int = 3
-    threshold: int = 2
+    The defaults are what ``murmur-peer run`` runs; ``peer.config.SessionConfig`` reads its
+    defaults from here and the simulation states only what it changes (sim/setup.py).
+    """
+
+    group_size: int = 3  # at most g members per session (g - 1 invited)
+    threshold: int = 2  # Shamir threshold t: t colluding members learn nothing more
     timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
-    merge: MergeConfig = field(default_factory=MergeConfig)
+    merge: MergeConfig = GOSSIP_AVERAGING  # build_peer takes it from the sharing strategy
     announce_interval_s: float = 30.0
     silence_expiry_s: float = 120.0
     clock_skew_s: float = 300.0
     checkpoint_interval_s: float = 60.0
     start_jitter_s: float = 0.3  # random delay before inviting (desynchronises neighbours)
-    cooldown_s: float = 0.0  # pause after a session this peer was in before it initiates again
+    cooldown_s: float = 1.0  # pause after a session before this peer initiates another
     over_invite: int = 1  # invite this many peers beyond g - 1; the first g - 1 to accept join
     tick_s: float = 0.05  # session timeout resolution
     round_pause_s: float = 0.0  # pause between training rounds (0: train back to back)
     evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
     train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
     auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
-
-
-@dataclass(frozen=True)
-class PeerStatus:
-    """A snapshot for the CLI status line, the simulation metrics and tests."""
-
-    peer_id: str
-    connected: bool
-    round: int
-    accuracy: float | None
-    epsilon: float | None
-    budget_exhausted: bool
-    sessions_done: int
-    sessions_aborted: int  # aborted after the group was fixed (shares may have flowed)
-    sessions_not_formed: int  # invitations that never became a group (busy, declined, ...)
-    aborts_by_reason: dict[str, int]
-    merges_applied: int
-    merges_rejected: dict[str, int]
-    bytes_sent: int
-    bytes_received: int
-    messages_sent: int
-    messages_received: int
-    reconnects: int
-    drops: dict[str, int]
-    peers_live: int
-    in_session: bool
-    declines_sent: dict[str, int] = field(default_factory=dict)
-    late_messages: int = 0  # messages of a session we just finished (surplus partials)
-    send_failures: int = 0
-
-    def line(self) -> str:
-        """One-line human status."""
-        acc = "-" if self.accuracy is None else f"{self.accuracy:.3f}"
-        eps = "-" if self.epsilon is None else f"{self.epsilon:.2f}"
-        drops = ",".join(f"{k}={v}" for k, v in sorted(self.drops.items())) or "0"
-        return (
-            f"{self.peer_id} {'up' if self.connected else 'DOWN'} round={self.round} acc={acc} "
-            f"eps={eps}{' (budget spent)' if self.budget_exhausted else ''} "
-            f"sessions={self.sessions_done}/{self.sessions_aborted}ab peers={self.peers_live} "
-            f"sent={self.bytes_sent}B recv={self.bytes_received}B drops={drops}"
-        )
 
 
 @dataclass(frozen=True)
@@ -182,8 +147,10 @@ EventCallback = Callable[[PeerEvent], None]
 
 
 class Peer:
-    """One Murmur peer. Construct from objects (simulation: many peers on one loop) or with
-    ``Peer.from_config`` (daemon). ``run(stop)`` until ``stop`` is set; then it leaves cleanly."""
+    """One Murmur peer; ``peer.daemon`` builds it (daemon and simulation alike).
+
+    ``run(stop)`` until ``stop`` is set; then it leaves cleanly.
+    """
 
     def __init__(
         self,
@@ -195,6 +162,7 @@ class Peer:
         trainer: Trainer,
         broker: BrokerSettings,
         config: NodeConfig | None = None,
+        sharing: SharingStrategy | None = None,
         on_event: EventCallback | None = None,
         client_id: str | None = None,
     ) -> None:
@@ -207,12 +175,8 @@ class Peer:
         self.on_event = on_event
         cfg = self.config
         self.params = SessionParams(
-            network_id=network_id,
-            model_id=trainer.model_id,
-            param_count=trainer.param_count,
-            group_size=cfg.group_size,
-            threshold=cfg.threshold,
-            fixed_point=cfg.fixed_point,
+            network_id=network_id, model_id=trainer.model_id, param_count=trainer.param_count,
+            group_size=cfg.group_size, threshold=cfg.threshold, fixed_point=cfg.fixed_point,
             timeouts=cfg.timeouts,
         )
         self.membership = MembershipView(
@@ -225,14 +189,7 @@ class Peer:
         self.replay = ReplayWindow()
         self.seq = m.SequenceCounter()
         self.drops = DropCounter(self.peer_id)
-        self.transport = Transport(
-            broker,
-            client_id=client_id or f"murmur-{network_id}-{self.peer_id}"[:64],
-            subscriptions=[announce_filter(network_id), inbox_filter(network_id, self.peer_id)],
-            will=(announce_topic(network_id, self.peer_id), b"", True),
-            on_connected=self._on_connected,
-            max_payload=MAX_PAYLOAD_BYTES,
-        )
+        self.transport = self._make_transport(broker, client_id)
         self._session_ctx = SessionContext(
             identity=identity,
             params=self.params,
@@ -242,11 +199,9 @@ class Peer:
         self.session: Session | None = None
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
-        # Residual fill (docs/sessions.md, "Sparse supports"): used when the trainer can both
-        # read residual values without blocking and remove what a session shared.
-        lend = getattr(trainer, "residual_values", None)
-        settle = getattr(trainer, "consume_residual", None)
-        self._residual_fill = lend if callable(lend) and callable(settle) else None
+        # Residual fill (docs/sessions.md, "Sparse supports"): the strategy lends this peer's
+        # values outside its top-k and settles what a session shared. None: zeros there.
+        self.sharing = sharing
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._stopping = False
@@ -256,59 +211,44 @@ class Peer:
         self._initiator_failures = 0  # consecutive aborted sessions we started: backoff
         self._wake = asyncio.Event()
         # figures for status()
-        self._round = 0
+        self.counters = SessionCounters()
         self._latest_round = -1
         self._accuracy: float | None = None
         self._epsilon: float | None = None
         self._budget_exhausted = False
-        self.sessions_done = 0
-        self.sessions_aborted = 0
-        self.sessions_not_formed = 0
-        self.aborts_by_reason: dict[str, int] = {}
-        self.merges_applied = 0
-        self.merges_rejected: dict[str, int] = {}
-        self.send_failures = 0
-        self.late_messages = 0
-        self.declines_sent: dict[str, int] = {}
         self.training_error: str | None = None
 
-    # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def from_config(cls, cfg: Any, *, on_event: EventCallback | None = None) -> Peer:
-        """Build a peer from a ``peer.config.PeerConfig`` (the daemon path)."""
-        from peer.config import build_peer_parts  # local import: config pulls in the trainer
-
-        parts = build_peer_parts(cfg)
-        return cls(on_event=on_event, **parts)
-
     # ------------------------------------------------------------------ status / events
+    def _make_transport(self, broker: BrokerSettings, client_id: str | None) -> Transport:
+        """The MQTT client: our announcements and our inbox; the will clears our announcement."""
+        net = self.network_id
+        return Transport(
+            broker,
+            client_id=client_id or f"murmur-{net}-{self.peer_id}"[:64],
+            subscriptions=[announce_filter(net), inbox_filter(net, self.peer_id)],
+            will=(announce_topic(net, self.peer_id), b"", True),
+            on_connected=self._on_connected,
+            max_payload=MAX_PAYLOAD_BYTES,
+        )
+
     def status(self) -> PeerStatus:
-        now = time.time()
+        """This peer's counters and gauges now (the one snapshot every reader uses)."""
         t = self.transport
         return PeerStatus(
             peer_id=self.peer_id,
             connected=t.connected.is_set(),
-            round=self._round,
             accuracy=self._accuracy,
             epsilon=self._epsilon,
             budget_exhausted=self._budget_exhausted,
-            sessions_done=self.sessions_done,
-            sessions_aborted=self.sessions_aborted,
-            sessions_not_formed=self.sessions_not_formed,
-            aborts_by_reason=dict(self.aborts_by_reason),
-            merges_applied=self.merges_applied,
-            merges_rejected=dict(self.merges_rejected),
+            peers_live=len(self._eligible(time.time())),
+            in_session=self.session is not None,
             bytes_sent=t.bytes_sent,
             bytes_received=t.bytes_received,
             messages_sent=t.messages_sent,
             messages_received=t.messages_received,
             reconnects=t.reconnects,
             drops=self.drops.snapshot(),
-            peers_live=len(self._eligible(now)),
-            in_session=self.session is not None,
-            declines_sent=dict(self.declines_sent),
-            late_messages=self.late_messages,
-            send_failures=self.send_failures,
+            **copy.deepcopy(vars(self.counters)),
         )
 
     def _emit(self, kind: str, **data: Any) -> None:
@@ -418,10 +358,10 @@ class Peer:
                 self._sending = False
             for (topic, _p, _r), res in zip(batch, results, strict=True):
                 if isinstance(res, NotConnectedError | PayloadTooLargeError):
-                    self.send_failures += 1
+                    self.counters.send_failures += 1
                     log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
                 elif isinstance(res, BaseException):
-                    self.send_failures += 1
+                    self.counters.send_failures += 1
                     log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
 
     async def _on_connected(self) -> None:
@@ -443,66 +383,65 @@ class Peer:
         """Check one inbound message end to end; every refusal is a counted drop."""
         now = time.time()
         try:
+            admitted = self._admit(incoming, now)
+        except DroppedError as exc:
+            self.drops.drop(exc.reason, exc.detail)
+            return
+        if admitted is not None:
+            self._dispatch(admitted.header, admitted.body, now)
+
+    def _admit(self, incoming: Incoming, now: float) -> SignedMessage | None:
+        """The checks of the module docstring, in order; DropError names the first that fails.
+
+        None: the message was fully handled here (our own echo, membership traffic).
+        """
+        try:
             parsed = parse_topic(self.network_id, incoming.topic)
         except ProtocolError as exc:
-            self.drops.drop("bad_topic", str(exc))
-            return
+            raise DropError("bad_topic", str(exc)) from None
         if parsed.sender == self.peer_id:
-            return  # our own retained announcement / leave echoed back
+            return None  # our own retained announcement / leave echoed back
         if parsed.kind == "announce" and not incoming.payload:
             self.membership.on_gone(parsed.sender)  # last will or cleared retained announce
-            return
+            return None
         if len(incoming.payload) > MAX_PAYLOAD_BYTES:
-            self.drops.drop("oversize")
-            return
+            raise DropError("oversize")
         try:
             msg = decode_message(incoming.payload)
         except SizeLimitError as exc:
-            self.drops.drop("oversize", str(exc))
-            return
+            raise DropError("oversize", str(exc)) from None
         except ProtocolError as exc:
-            self.drops.drop("malformed", str(exc))
-            return
+            raise DropError("malformed", str(exc)) from None
         header = msg.header
         if header.network != self.network_id:
-            self.drops.drop("foreign_network", header.network)
-            return
+            raise DropError("foreign_network", header.network)
         try:
             check_topic_binding(parsed, msg)
         except ProtocolError as exc:
-            self.drops.drop("topic_mismatch", str(exc))
-            return
+            raise DropError("topic_mismatch", str(exc)) from None
         if header.kind in (m.Kind.ANNOUNCE, m.Kind.LEAVE):
             # Membership checks certificate, signature and announce ordering itself.
-            try:
-                if header.kind is m.Kind.ANNOUNCE:
-                    self.membership.on_announce(msg, now)
-                else:
-                    self.membership.on_leave(msg)
-            except DropError as exc:
-                self.drops.drop(exc.reason, str(exc))
-            return
+            if header.kind is m.Kind.ANNOUNCE:
+                self.membership.on_announce(msg, now)
+            else:
+                self.membership.on_leave(msg)
+            return None
         member = self.membership.get(header.sender)
         if member is None:
-            self.drops.drop("unknown_sender", header.sender)
-            return
+            raise DropError("unknown_sender", header.sender)
         try:
             verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
         except SignatureError:
-            self.drops.drop("bad_signature", header.sender)
-            return
+            raise DropError("bad_signature", header.sender) from None
         if parsed.recipient is not None and parsed.recipient != self.peer_id:
-            self.drops.drop("wrong_recipient")
-            return
+            raise DropError("wrong_recipient")
         try:
             self.replay.check(header.sender, header.seq)
         except StaleMessageError:
-            self.drops.drop("stale", header.sender)
-            return
+            raise DropError("stale", header.sender) from None
         except ReplayError:
-            self.drops.drop("replay", header.sender)
-            return
-        self._dispatch(header, msg.body, now)
+            raise DropError("replay", header.sender) from None
+        return msg
 
     def _dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
         if header.kind is m.Kind.INVITE:
@@ -513,7 +452,7 @@ class Peer:
         if session is None or header.session != session.session_id:
             if header.session in self._recent_sessions:
                 # Surplus partials beyond t, answers to an aborted invite: normal, not a drop.
-                self.late_messages += 1
+                self.counters.late_messages += 1
             else:
                 self.drops.drop("unknown_session")
             return
@@ -550,7 +489,7 @@ class Peer:
         else:
             reason = Session.check_invite(self.params, invite)
         if reason is not None:
-            self.declines_sent[reason] = self.declines_sent.get(reason, 0) + 1
+            self.counters.count_decline(reason)
             out = Outgoing(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
             self._queue(out, header.session)
             self._remember_session(header.session)  # its ABORT may still come: not a drop
@@ -589,7 +528,7 @@ class Peer:
         self._session_contribution = None
         duration = time.time() - session.started_at
         if session.phase is Phase.DONE and session.result is not None:
-            self.sessions_done += 1
+            self.counters.sessions_done += 1
             self._initiator_failures = 0
             if self._fresh is contribution:
                 self._fresh = None  # shared: the next session needs a new update
@@ -598,11 +537,11 @@ class Peer:
             if session.role is Role.INITIATOR:
                 self._initiator_failures += 1
             if session.members:
-                self.sessions_aborted += 1
+                self.counters.sessions_aborted += 1
             else:
-                self.sessions_not_formed += 1
+                self.counters.sessions_not_formed += 1
             reason = (session.abort_reason or "unknown").split(":")[0]
-            self.aborts_by_reason[reason] = self.aborts_by_reason.get(reason, 0) + 1
+            self.counters.count_abort(reason)
             log.info("%s: session %s aborted: %s", self.peer_id, session.session_id.hex()[:8],
                      session.abort_reason)
             self._emit("session_aborted", session_id=session.session_id, role=session.role.value,
@@ -620,7 +559,7 @@ class Peer:
                 len(result.contributors), staleness, self.config.merge,
             )
         except MergeRejected as exc:
-            self.merges_rejected[exc.reason] = self.merges_rejected.get(exc.reason, 0) + 1
+            self.counters.count_rejected_merge(exc.reason)
             log.warning("%s: merge rejected: %s", self.peer_id, exc)
             self._emit("merge_rejected", session_id=result.session_id, reason=exc.reason)
             merged = None
@@ -653,11 +592,10 @@ class Peer:
 
     async def _apply(self, indices: np.ndarray | None, values: np.ndarray | None,
                      filled_indices: np.ndarray, filled_values: np.ndarray) -> None:
-        if filled_indices.size:
+        if filled_indices.size and self.sharing is not None:
             # What we shared from the residual has left: remove it so it is not sent twice.
-            settle = self.trainer.consume_residual  # type: ignore[attr-defined]
             try:
-                await asyncio.to_thread(settle, filled_indices, filled_values)
+                self.sharing.settle(filled_indices, filled_values)
             except ValueError as exc:
                 log.error("%s: trainer refused to settle the residual: %s", self.peer_id, exc)
         if indices is None or values is None:
@@ -669,11 +607,10 @@ class Peer:
                 self.trainer.apply_update(indices, values)
         except ValueError as exc:
             # The merge rule already bounded the delta; this is a trainer-side refusal.
-            self.merges_rejected["trainer_refused"] = (
-                self.merges_rejected.get("trainer_refused", 0) + 1)
+            self.counters.count_rejected_merge("trainer_refused")
             log.error("%s: trainer refused a merge: %s", self.peer_id, exc)
             return
-        self.merges_applied += 1
+        self.counters.merges_applied += 1
 
     def _box_key_of(self, peer_id: str) -> bytes | None:
         member = self.membership.get(peer_id)
@@ -695,7 +632,7 @@ class Peer:
             indices=np.asarray(indices, dtype=np.uint32),
             values=np.asarray(values, dtype=np.float32),
             round=round_,
-            fill=self._residual_fill,
+            fill=None if self.sharing is None else self.sharing.fill,
         )
         self._latest_round = max(self._latest_round, round_)
         self._wake.set()
@@ -786,8 +723,6 @@ class Peer:
 
     # ------------------------------------------------------------------ training
     async def _training_loop(self) -> None:
-        from peer.ledger import BudgetExhaustedError  # training half; keeps node importable
-
         while not self._stopping:
             try:
                 update = await asyncio.to_thread(self.trainer.train_round)
@@ -805,11 +740,11 @@ class Peer:
                 log.exception("%s: training failed; serving only from now on", self.peer_id)
                 self._emit("training_failed", error=repr(exc))
                 return
-            self._round += 1
+            self.counters.round += 1
             self._epsilon = float(update.epsilon)
             self.offer_update(update.indices, update.values, int(update.round))
             every = self.config.evaluate_every
-            if every and self._round % every == 0:
+            if every and self.counters.round % every == 0:
                 self._accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
             self._emit("round", round=int(update.round), epsilon=self._epsilon,
                        accuracy=self._accuracy, steps=int(update.steps))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peer.errors import PeerError
+
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IDX_IMAGE_MAGIC = 0x00000803
 IDX_LABEL_MAGIC = 0x00000801
@@ -30,7 +32,7 @@ DIGITS_TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # fixed so every run (and every peer) sees the same train/test split
 
 
-class DataError(Exception):
+class DataError(PeerError):
     """A data file is missing or malformed; the message names the path and the problem."""
 
 

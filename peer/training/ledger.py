@@ -15,27 +15,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from peer._atomic import atomic_write_bytes
-from peer.privacy.accountant import epsilon_of_segments
+from peer.errors import BudgetExhaustedError, PeerError
+from peer.files import atomic_write_bytes
+from peer.training.privacy.accountant import epsilon_of_segments
 
 LEDGER_FORMAT = 1
 
 
-class LedgerError(Exception):
+class LedgerError(PeerError):
     """The ledger file is unreadable, malformed, or contradicts the configuration."""
-
-
-class BudgetExhaustedError(Exception):
-    """The next private round would push epsilon past the configured budget."""
-
-    def __init__(self, spent: float, would_be: float, budget: float) -> None:
-        super().__init__(
-            f"privacy budget exhausted: spent epsilon {spent:.3f}, the next round would reach "
-            f"{would_be:.3f}, budget is {budget:.3f}; refusing further private training"
-        )
-        self.spent = spent
-        self.would_be = would_be
-        self.budget = budget
 
 
 @dataclass

@@ -33,15 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from peer.data import Dataset
-from peer.dpsgd import DPSGDStep, poisson_batch
-from peer.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
-from peer.models import MODEL_NAMES, build_model, param_count
-from peer.optim import SGD, Adam, Optimizer
-from peer.privacy.accountant import sigma_for
-from peer.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
-from peer.topk import TopK
+from peer.sharing import SharingStrategy, build_strategy
+from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from peer.training.config import TrainerConfig
+from peer.training.data import Dataset
+from peer.training.dpsgd import DPSGDStep, poisson_batch
+from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
+from peer.training.models import build_model, param_count
+from peer.training.optim import SGD, Adam, Optimizer
+from peer.training.privacy.accountant import sigma_for
+from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
 
 __all__ = [
     "BudgetExhaustedError",
@@ -53,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHARE_MODES = ("delta", "model")
 LEDGER_FILE = "ledger.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -66,77 +66,6 @@ def configure_torch_threads(threads: int) -> None:
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-
-
-@dataclass
-class TrainerConfig:
-    """Local training settings. Exactly one of ``noise_multiplier`` / ``target_epsilon``
-    is needed when ``dp`` is on; with ``target_epsilon`` the noise is chosen so that
-    ``planned_rounds - averaging_rounds`` rounds of ``local_steps`` steps spend exactly that
-    epsilon, and the budget defaults to it."""
-
-    model: str = "mlp"
-    lr: float = 0.1
-    optimizer: str = "sgd"  # "sgd" or "adam"; either is post-processing of private grads
-    momentum: float = 0.0
-    batch_size: int = 64  # expected batch size: sample rate q = batch_size / len(train)
-    local_steps: int = 20
-    dp: bool = True
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    planned_rounds: int = 100
-    planned_steps: int | None = None  # overrides planned_rounds * local_steps when set
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    budget_epsilon: float | None = None
-    topk_fraction: float = 0.01
-    # What a round shares: "delta" (this round's own change, top-k with error feedback) or
-    # "model" (the model's displacement from the common initialisation, top-k by magnitude;
-    # pairs with the merge rule "group_average"). Both are post-processing of DP outputs.
-    share: str = "delta"
-    # Share mode "model" only: the last ``averaging_rounds`` of ``planned_rounds`` take no
-    # private step and only re-share the current displacement, so the peers' models keep
-    # averaging (and their independent DP noise keeps cancelling) after training ends. They
-    # are post-processing of released outputs and cost no epsilon; the noise is calibrated
-    # for the training rounds only.
-    averaging_rounds: int = 0
-    seed: int = 0  # model initialisation only (and everything in insecure mode)
-    insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
-    engine: str = "auto"  # "auto" | "ghost" | "vmap"
-    eval_batch_size: int = 1024
-    checkpoint_every_round: bool = True
-
-    def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.local_steps < 1 or self.planned_rounds < 1:
-            raise ValueError("batch_size, local_steps and planned_rounds must be >= 1")
-        if self.planned_steps is not None and self.planned_steps < 1:
-            raise ValueError(f"planned_steps must be >= 1, got {self.planned_steps}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
-        if self.dp:
-            if self.noise_multiplier is None and self.target_epsilon is None:
-                raise ValueError("dp needs noise_multiplier or target_epsilon")
-            if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-                raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-            if self.target_epsilon is not None and not self.target_epsilon > 0:
-                raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if self.budget_epsilon is not None and not self.budget_epsilon > 0:
-            raise ValueError(f"budget_epsilon must be > 0, got {self.budget_epsilon}")
-        TopK(self.topk_fraction)  # validates the fraction
-        if self.share not in SHARE_MODES:
-            raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
-        if not 0 <= self.averaging_rounds < self.planned_rounds:
-            raise ValueError("averaging_rounds must be in 0..planned_rounds-1")
-        if self.averaging_rounds and self.share != "model":
-            raise ValueError("averaging_rounds needs share='model'")
 
 
 @dataclass(frozen=True)
@@ -182,64 +111,36 @@ class LocalTrainer:
         _seeded_init(self.model, config.seed)
         self.param_count = param_count(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        # The common starting point (same seed on every peer): "model" sharing sends x - x0.
+        # The common starting point (same seed on every peer): displacements are x - x0.
         self._init_params = self._flat_params().clone()
+        #: What a round shares, the residual fill and the merge rule (peer.sharing).
+        self.sharing: SharingStrategy = build_strategy(
+            config.share, config.topk_fraction, self.param_count)
         # Peers only group with the same model id, so a network never mixes share modes
-        # (a displacement averaged with deltas would be meaningless). Averaging models is
-        # meaningful only from the same initial weights, so in model mode the id also carries
-        # a digest of them: a peer initialised with another seed never groups.
-        suffix = f"-avg-{self._init_digest()}" if config.share == "model" else ""
-        self.model_id = f"{config.model}-{self.param_count}{suffix}"
+        # (a displacement averaged with deltas would be meaningless).
+        self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
+                                              self._init_digest())
         self._x = torch.from_numpy(train.x)
         self._y = torch.from_numpy(train.y)
         self.sample_rate = min(1.0, config.batch_size / len(train))
         self.sigma = self._noise_multiplier()
         self._optimizer = self._make_optimizer()
-        self._topk = TopK(config.topk_fraction)
-        self._residual = np.zeros(self.param_count, dtype=np.float32)
         self._round = 0
         self._lock = threading.Lock()
-        # Guards the residual and the shared snapshot: held only for array copies, never
-        # across training, so the event loop can read them while a round runs.
-        self._residual_lock = threading.Lock()
-        self._shared_snapshot = np.zeros(self.param_count, dtype=np.float32)
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if config.insecure_fast_noise:
-            log.warning("insecure_fast_noise is on: seeded noise and sampling, NO privacy")
-            noise: GaussianSource = InsecureFastGaussian(config.seed + 1)
-            self._sampling: torch.Generator | None = torch.Generator().manual_seed(config.seed)
-        else:
-            noise = SecureGaussian()
-            self._sampling = None
-        self._dp_step = (
-            DPSGDStep.build(
-                self.model,
-                noise_multiplier=self.sigma,
-                max_grad_norm=config.max_grad_norm,
-                expected_batch_size=self.sample_rate * len(train),
-                noise=noise,
-                engine=config.engine,
-            )
-            if config.dp
-            else None
-        )
-        budget = config.budget_epsilon
-        if budget is None and config.dp and config.target_epsilon is not None:
-            budget = config.target_epsilon
-        self.ledger = PrivacyLedger(
-            sigma=self.sigma,
-            max_grad_norm=config.max_grad_norm,
-            sample_rate=self.sample_rate,
-            delta=config.delta,
-            budget_epsilon=budget,
-        )
+        # Insecure mode seeds batch sampling too (experiments only: NOT private).
+        self._sampling: torch.Generator | None = (
+            torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
+        self._dp_step = self._make_dp_step() if config.dp else None
+        self.ledger = self._new_ledger()
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._resume()
-        if config.share == "model":
-            self._shared_snapshot = self._displacement()
+        if self.sharing.needs_common_init:
+            # The fill lends the displacement as of the last round: after a restart, now.
+            self.sharing.reshare(self._displacement())
         log.info(
             "trainer %s: %d train records, q=%.4f, sigma=%.3f, C=%.2f, epsilon spent %.3f",
             self.model_id,
@@ -251,6 +152,36 @@ class LocalTrainer:
         )
 
     # ----------------------------------------------------------------------- set-up
+    def _make_dp_step(self) -> DPSGDStep:
+        cfg = self.config
+        if cfg.insecure_fast_noise:
+            log.warning("insecure_fast_noise is on: seeded noise and sampling, NO privacy")
+            noise: GaussianSource = InsecureFastGaussian(cfg.seed + 1)
+        else:
+            noise = SecureGaussian()
+        return DPSGDStep.build(
+            self.model,
+            noise_multiplier=self.sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            expected_batch_size=self.sample_rate * len(self.train_data),
+            noise=noise,
+            engine=cfg.engine,
+        )
+
+    def _new_ledger(self) -> PrivacyLedger:
+        """An empty ledger; its budget is budget_epsilon, else the DP target epsilon."""
+        cfg = self.config
+        budget = cfg.budget_epsilon
+        if budget is None and cfg.dp and cfg.target_epsilon is not None:
+            budget = cfg.target_epsilon
+        return PrivacyLedger(
+            sigma=self.sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            sample_rate=self.sample_rate,
+            delta=cfg.delta,
+            budget_epsilon=budget,
+        )
+
     def _noise_multiplier(self) -> float:
         cfg = self.config
         if not cfg.dp:
@@ -263,7 +194,7 @@ class LocalTrainer:
         return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned)
 
     def _make_optimizer(self) -> Optimizer:
-        # peer.optim, not torch.optim: constructing a torch.optim optimizer imports
+        # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
         # torch._dynamo (+70 MB resident), too much for a 1 GB Raspberry Pi.
         cfg = self.config
         if cfg.optimizer == "adam":
@@ -284,7 +215,8 @@ class LocalTrainer:
 
     @property
     def residual(self) -> np.ndarray:
-        return self._residual.copy()
+        """What the sharing strategy keeps between rounds (a copy)."""
+        return self.sharing.state
 
     def _resume(self) -> None:
         assert self.ledger_path is not None and self.checkpoint_path is not None
@@ -298,9 +230,11 @@ class LocalTrainer:
                 )
             self.model.load_state_dict(state.model_state)
             self._optimizer.load_state_dict(state.optimizer_state)
-            if state.residual.shape != (self.param_count,):
-                raise LedgerError(f"{self.checkpoint_path}: residual has the wrong length")
-            self._residual = state.residual.astype(np.float32)
+            try:
+                self.sharing.restore(state.residual)
+            except ValueError:
+                raise LedgerError(
+                    f"{self.checkpoint_path}: residual has the wrong length") from None
             self._round = state.round
             stored = PrivacyLedger.from_json(state.ledger_json, str(self.checkpoint_path))
         if self.ledger_path.exists():
@@ -390,19 +324,7 @@ class LocalTrainer:
             delta = (self._flat_params() - before).numpy()
             epsilon = self.ledger.record(cfg.local_steps)
             self._round += 1
-            if cfg.share == "model":
-                # Share the displacement from the common init; no error feedback: what is
-                # not sent now is still in the model and is sent whenever it is large.
-                displacement = self._displacement()
-                indices, values, _unsent = self._topk.select(
-                    displacement, np.zeros_like(displacement)
-                )
-                with self._residual_lock:
-                    self._shared_snapshot = displacement
-            else:
-                with self._residual_lock:
-                    residual = self._residual
-                    indices, values, self._residual = self._topk.select(delta, residual)
+            indices, values = self.sharing.after_round(delta, self._displacement())
             # Persist before the update can leave: the ledger first, then the checkpoint.
             self._persist(checkpoint=cfg.checkpoint_every_round)
             return LocalUpdate(
@@ -428,10 +350,7 @@ class LocalTrainer:
         with self._lock:
             self._drain_pending()
             self._round += 1
-            displacement = self._displacement()
-            indices, values, _unsent = self._topk.select(displacement, np.zeros_like(displacement))
-            with self._residual_lock:
-                self._shared_snapshot = displacement
+            indices, values = self.sharing.reshare(self._displacement())
             self._persist(checkpoint=self.config.checkpoint_every_round)
             return LocalUpdate(
                 indices=indices,
@@ -440,52 +359,6 @@ class LocalTrainer:
                 epsilon=self.ledger.epsilon,
                 round=self._round,
             )
-
-    def residual_values(self, indices: np.ndarray) -> np.ndarray:
-        """This peer's values on ``indices`` outside its top-k (the session's residual fill).
-
-        Share mode "delta": the error-feedback residual (what top-k held back); mode "model":
-        the displacement from the common init as of the last completed round (the snapshot
-        the round's own top-k was taken from). Called on the event loop: takes only the short
-        residual lock, never the training lock, so it does not wait for a running round.
-        Both are post-processing of DP outputs. Raises ValueError on bad indices.
-        """
-        index_array = self._checked_indices(indices)
-        with self._residual_lock:
-            source = self._shared_snapshot if self.config.share == "model" else self._residual
-            return source[index_array].astype(np.float32, copy=True)
-
-    def consume_residual(self, indices: np.ndarray, values: np.ndarray) -> None:
-        """Remove what a completed session shared from the residual (so it is not sent twice).
-
-        Mode "delta": ``residual[indices] -= values`` (if a later round already sent and
-        zeroed a coordinate, the negative remainder corrects the double send). Mode "model":
-        nothing to remove, the displacement stays in the model. Raises ValueError on bad
-        indices, mismatched lengths or non-finite values.
-        """
-        index_array = self._checked_indices(indices)
-        value_array = np.asarray(values, dtype=np.float32)
-        if value_array.shape != index_array.shape:
-            raise ValueError("indices and values must be 1-D and of equal length")
-        if not np.all(np.isfinite(value_array)):
-            raise ValueError("residual values must be finite")
-        if self.config.share == "model":
-            return
-        with self._residual_lock:
-            np.subtract.at(self._residual, index_array, value_array)
-
-    def _checked_indices(self, indices: np.ndarray) -> np.ndarray:
-        index_array = np.asarray(indices)
-        if index_array.ndim != 1:
-            raise ValueError("indices must be 1-D")
-        if index_array.size and not np.issubdtype(index_array.dtype, np.integer):
-            raise ValueError(f"indices must be integers, got {index_array.dtype}")
-        index_array = index_array.astype(np.int64)
-        if index_array.size and (
-            int(index_array.min()) < 0 or int(index_array.max()) >= self.param_count
-        ):
-            raise ValueError(f"index out of range 0..{self.param_count - 1}")
-        return index_array
 
     def _init_digest(self) -> str:
         """8 hex digits of BLAKE2b over the initial parameters (float32 bytes)."""
@@ -564,7 +437,7 @@ class LocalTrainer:
                     round=self._round,
                     model_state=self.model.state_dict(),
                     optimizer_state=self._optimizer.state_dict(),
-                    residual=self._residual,
+                    residual=self.sharing.state,
                     ledger_json=self.ledger.to_json(),
                 ),
             )

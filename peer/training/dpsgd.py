@@ -24,7 +24,8 @@ Two engines compute ``sum_i clip_C(grad_i)``:
   fallback and as the reference the fast engine is tested against.
 
 Security property: the clipped sum has L2 sensitivity C with respect to adding or removing
-one record, and the noise comes from :class:`peer.privacy.noise.SecureGaussian` (os.urandom)
+one record, and the noise comes from
+:class:`peer.training.privacy.noise.SecureGaussian` (os.urandom)
 unless the caller explicitly passes the insecure experiment source.
 """
 
@@ -39,12 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from peer.privacy.noise import GaussianSource, SecureGaussian, secure_bernoulli_mask
+from peer.errors import PeerError
+from peer.training.privacy.noise import GaussianSource, SecureGaussian, secure_bernoulli_mask
 
 _CLIP_EPS = 1e-6  # keeps the clip factor finite for a zero gradient; factor stays <= 1
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(PeerError, ValueError):
     """The fast engine cannot compute exact per-example gradients for this model."""
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from peer._atomic import atomic_write_with
+from peer.errors import PeerError
+from peer.files import atomic_write_with
 
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(PeerError):
     """The checkpoint is unreadable, foreign or for a different model."""
 
 

@@ -1,6 +1,8 @@
-"""Top-k sparsification with error feedback.
+"""Top-k sparsification, with or without error feedback.
 
-Each round the peer adds the residual it kept back last time to its fresh update, sends the
+The strategies in peer.sharing call :meth:`TopK.select`: "delta" passes its residual (error
+feedback), "model" passes zeros (the unsent part stays in the model). With error feedback, each
+round the peer adds the residual it kept back last time to its fresh update, sends the
 k largest-magnitude entries and keeps the rest as the new residual, so nothing is lost, only
 delayed. The selection runs on the accumulated *noised* update (DP outputs plus earlier DP
 outputs), so which indices are sent is post-processing and costs no extra privacy.

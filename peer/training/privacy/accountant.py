@@ -1,7 +1,7 @@
 """Privacy accounting with Opacus' maintained RDP analysis (no hand-written bounds).
 
 The RDP analysis of the sampled Gaussian mechanism assumes Poisson sampling: every record
-joins each batch independently with probability ``sample_rate``. :mod:`peer.dpsgd` samples
+joins each batch independently with probability ``sample_rate``. :mod:`peer.training.dpsgd` samples
 batches exactly that way, so the epsilon reported here is the guarantee of what the trainer
 actually ran.
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+
+from peer.errors import PeerError
 
 # The orders Opacus' RDPAccountant uses by default (RDPAccountant.DEFAULT_ALPHAS, copied so the
 # accountant class need not be imported); fixed so cached per-step vectors line up.
@@ -49,7 +51,7 @@ def _load_rdp_analysis() -> ModuleType:
         raise ImportError("opacus is not installed (pip install opacus)")
     path = Path(next(iter(package.submodule_search_locations)))
     rdp_file = path / "accountants" / "analysis" / "rdp.py"
-    spec = importlib.util.spec_from_file_location("peer.privacy._opacus_rdp", rdp_file)
+    spec = importlib.util.spec_from_file_location("peer.training.privacy._opacus_rdp", rdp_file)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load Opacus' RDP analysis from {rdp_file}")
     module = importlib.util.module_from_spec(spec)
@@ -60,7 +62,7 @@ def _load_rdp_analysis() -> ModuleType:
 _rdp = _load_rdp_analysis()
 
 
-class AccountingError(ValueError):
+class AccountingError(PeerError, ValueError):
     """Parameters the accountant cannot work with (out of range, or target unreachable)."""
 
 

@@ -43,6 +43,7 @@ from crypto.errors import CryptoError, SealError
 from crypto.field import FixedPoint, field_from_bytes, field_to_bytes
 from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed, seal
+from peer.errors import DroppedError
 from protocol import messages as m
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
 
@@ -87,8 +88,8 @@ class SessionParams:
     network_id: str
     model_id: str
     param_count: int
-    group_size: int = 3
-    threshold: int = 2
+    group_size: int
+    threshold: int
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
     timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
 
@@ -125,8 +126,9 @@ class Contribution:
     """A peer's update for one session: sorted unique uint32 indices and float32 values.
 
     ``fill``, when given, returns this peer's values on coordinates *outside* its own index set
-    (from its error-feedback residual). Without it the peer contributes zeros there, and at a
-    coordinate only one member selected the group sum is that member's value
+    (its sharing strategy's :meth:`peer.sharing.SharingStrategy.fill`). Without it the peer
+    contributes zeros there, and at a coordinate only one member selected the group sum is that
+    member's value
     (docs/sessions.md, "Sparse supports"); with it every member contributes on every
     coordinate. The values used are reported in ``GroupResult.filled_*`` so the peer can
     remove them from its residual once the session is done.
@@ -177,12 +179,8 @@ class GroupResult:
     filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
 
 
-class _Drop(Exception):
+class _Drop(DroppedError):
     """Internal: refuse one inbound message with a counted reason."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:

@@ -39,6 +39,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
+from peer.errors import PeerError
+
 _log = logging.getLogger(__name__)
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -52,7 +54,7 @@ DEFAULT_MAX_QUEUED_INCOMING = 256
 DEFAULT_PUBLISH_TIMEOUT_S = 10.0
 
 
-class TransportError(Exception):
+class TransportError(PeerError):
     """The transport could not do what was asked."""
 
 

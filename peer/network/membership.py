@@ -36,16 +36,12 @@ from crypto.errors import (
     SignatureError,
 )
 from crypto.identity import PublicIdentity, verify_signature
+from peer.errors import DroppedError
 from protocol.messages import Announce, Kind, Leave, SignedMessage
 
 
-class DropError(Exception):
-    """A message was rejected; ``reason`` is a short, stable label for drop counters."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+class DropError(DroppedError):
+    """An inbound message was rejected; ``reason`` labels the drop counter."""
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""Building a peer: the one place where settings become a trainer and a node.
+
+Three callers build peers (``murmur-peer run``, the in-process simulation and the
+one-process-per-peer simulation) and all of them come through here, so a peer is assembled the
+same way everywhere and each default lives in one class:
+
+* :func:`peer_from_config` is the daemon path: it checks the credentials and the data of a
+  :class:`peer.config.PeerConfig`, builds the trainer (which resumes from ``state_dir``) and the
+  node;
+* :func:`build_peer` joins an already built trainer to a node; the simulation calls it with
+  its own keys and data. It takes the merge rule from the trainer's sharing strategy, so a
+  node can never merge with a rule that does not pair with what its trainer shares.
+
+Imports of the training half (torch) stay inside the functions that need them, so that
+``murmur-peer`` commands that only touch key files start without loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crypto.admission import Certificate, verify_certificate
+from crypto.errors import CertificateError, CryptoError
+from crypto.field import FixedPoint
+from crypto.identity import Identity
+from peer.config import ConfigError, PeerConfig, SessionConfig
+from peer.files import FileTooLargeError, read_bounded
+from peer.network.node import EventCallback, NodeConfig, Peer
+from peer.network.session import SessionTimeouts
+from peer.network.transport import BrokerSettings
+
+if TYPE_CHECKING:
+    from peer.training.data import Dataset
+    from peer.training.trainer import LocalTrainer
+
+#: Certificates are a few hundred bytes; anything larger is not one.
+MAX_CERTIFICATE_BYTES = 4096
+
+
+def load_credentials(cfg: PeerConfig, now: float | None = None) -> tuple[Identity, Certificate]:
+    """Load the identity and certificate and check they belong together and to this network.
+
+    ConfigError when the key file is unusable, the certificate is for another peer or key,
+    another network, not signed by the admission key, or outside its validity (with
+    ``clock_skew_s``), so a misconfigured peer stops at start-up with one line instead of being
+    silently ignored by every other peer.
+    """
+    try:
+        identity = Identity.load(cfg.identity_file)
+    except CryptoError as exc:
+        raise ConfigError(f"identity_file: {exc}") from None
+    if identity.peer_id != cfg.peer_id:
+        raise ConfigError(f"identity_file: {cfg.identity_file} is the identity of "
+                          f"{identity.peer_id!r}, but peer_id is {cfg.peer_id!r}")
+    try:
+        raw = read_bounded(cfg.certificate_file, MAX_CERTIFICATE_BYTES)
+    except (OSError, FileTooLargeError) as exc:
+        raise ConfigError(f"certificate_file: {exc}") from None
+    try:
+        certificate = Certificate.from_bytes(raw)
+        verify_certificate(
+            certificate,
+            network_id=cfg.network_id,
+            admission_public_key=cfg.admission_public_key,
+            now=time.time() if now is None else now,
+            clock_skew_s=cfg.clock_skew_s,
+        )
+    except (CertificateError, ValueError) as exc:
+        raise ConfigError(f"certificate_file: {cfg.certificate_file}: {exc}") from None
+    if certificate.public != identity.public:
+        raise ConfigError(f"certificate_file: {cfg.certificate_file} certifies other keys than "
+                          f"{cfg.identity_file} holds (enroll this identity's .pub file)")
+    return identity, certificate
+
+
+def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
+    """The configured source's training part, split into (train, local hold-out)."""
+    from peer.training.data import load_train_source, split_holdout
+
+    try:
+        # Only the training part: a device never evaluates on the source's test split, so
+        # loading it would only cost memory (and, for IDX data, reading the test files).
+        source = load_train_source(cfg.data)
+        return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
+    except Exception as exc:
+        # DataError, OSError, ValueError...: all mean the configured data is unusable.
+        raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
+
+
+def build_trainer(training: Any, train: Dataset, holdout: Dataset,
+                  state_dir: Path | None) -> LocalTrainer:
+    """The real trainer for ``training`` (a TrainerConfig); resumes from ``state_dir``."""
+    from peer.training.trainer import LocalTrainer
+
+    return LocalTrainer(training, train, holdout, state_dir)
+
+
+def node_config(session: SessionConfig, **changes: Any) -> NodeConfig:
+    """The node settings a ``[session]`` table describes, with ``changes`` on top."""
+    timeouts = SessionTimeouts(
+        invite_s=session.invite_timeout_s,
+        start_s=session.start_timeout_s,
+        share_s=session.share_timeout_s,
+        partial_s=session.partial_timeout_s,
+    )
+    base = NodeConfig(
+        group_size=session.group_size,
+        threshold=session.threshold,
+        timeouts=timeouts,
+        fixed_point=FixedPoint(frac_bits=session.frac_bits),
+        cooldown_s=session.cooldown_s,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def build_peer(
+    *,
+    identity: Identity,
+    certificate: Certificate,
+    admission_public_key: bytes,
+    network_id: str,
+    trainer: Any,
+    broker: BrokerSettings,
+    node: NodeConfig,
+    on_event: EventCallback | None = None,
+) -> Peer:
+    """A node around ``trainer``, merging with the rule its sharing strategy pairs with."""
+    sharing = trainer.sharing
+    return Peer(
+        identity=identity,
+        certificate=certificate,
+        admission_public_key=admission_public_key,
+        network_id=network_id,
+        trainer=trainer,
+        broker=broker,
+        config=dataclasses.replace(node, merge=sharing.merge),
+        sharing=sharing,
+        on_event=on_event,
+    )
+
+
+def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) -> Peer:
+    """The daemon's peer: credentials, data, trainer (resumed) and node from one config."""
+    identity, certificate = load_credentials(cfg)
+    train, holdout = load_local_data(cfg)
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"state_dir: cannot create {cfg.state_dir}: {exc.strerror}") from None
+    trainer = build_trainer(cfg.training, train, holdout, cfg.state_dir)
+    node = node_config(
+        cfg.session,
+        announce_interval_s=cfg.announce_interval_s,
+        silence_expiry_s=cfg.silence_expiry_s,
+        clock_skew_s=cfg.clock_skew_s,
+        checkpoint_interval_s=cfg.checkpoint_interval_s,
+    )
+    return build_peer(
+        identity=identity,
+        certificate=certificate,
+        admission_public_key=cfg.admission_public_key,
+        network_id=cfg.network_id,
+        trainer=trainer,
+        broker=cfg.broker,
+        node=node,
+        on_event=on_event,
+    )

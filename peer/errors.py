@@ -1,0 +1,40 @@
+"""The exception roots of ``peer/``: one for every deliberate error, one for every drop.
+
+* :class:`PeerError` is the root of every error a peer raises on purpose (bad config, unusable
+  data, a broken ledger or checkpoint, a broker that cannot be reached), so a caller that wants
+  "anything Murmur refused" catches one class. Errors that are also plain bad arguments derive
+  from ``ValueError`` too.
+* :class:`DroppedError` means "this input was refused, count it under ``reason``": an inbound
+  message (membership, session) or a rebuilt group sum (merge). It is never fatal; the node
+  counts it by reason and goes on.
+
+This module imports nothing, so both halves and the daemon can share it.
+"""
+
+from __future__ import annotations
+
+
+class PeerError(Exception):
+    """Root of the errors raised on purpose anywhere in ``peer/``."""
+
+
+class DroppedError(PeerError):
+    """An input was refused; ``reason`` is a short, stable label for drop counters."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class BudgetExhaustedError(PeerError):
+    """The next private round would push epsilon past the configured budget."""
+
+    def __init__(self, spent: float, would_be: float, budget: float) -> None:
+        super().__init__(
+            f"privacy budget exhausted: spent epsilon {spent:.3f}, the next round would reach "
+            f"{would_be:.3f}, budget is {budget:.3f}; refusing further private training"
+        )
+        self.spent = spent
+        self.would_be = would_be
+        self.budget = budget

@@ -1,0 +1,136 @@
+"""What a peer counts: drops by reason, session and merge counters, and the status snapshot.
+
+Counted, logged drops: every refused inbound message leaves a trace by reason.
+
+A hostile sender can make a peer drop as many messages as it likes, so logging is rate-limited
+per reason (the counter is always exact); the peer goes on either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DropCounter:
+    """Counts drops by reason and logs at most ``log_per_reason_s`` apart per reason."""
+
+    owner: str
+    log_per_reason_s: float = 5.0
+    counts: Counter[str] = field(default_factory=Counter)
+    _last_logged: dict[str, float] = field(default_factory=dict)
+
+    def drop(self, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -1e18) >= self.log_per_reason_s:
+            self._last_logged[reason] = now
+            log.info("%s: dropped a message: %s%s (total %d)", self.owner, reason,
+                     f" ({detail[:200]})" if detail else "", self.counts[reason])
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _bump(counter: dict[str, int], key: str) -> None:
+    counter[key] = counter.get(key, 0) + 1
+
+
+@dataclass
+class SessionCounters:
+    """What the node counts about its sessions and merges (one incarnation, cumulative)."""
+
+    round: int = 0  # local training rounds finished
+    sessions_done: int = 0
+    sessions_aborted: int = 0  # aborted after the group was fixed (shares may have flowed)
+    sessions_not_formed: int = 0  # invitations that never became a group (busy, declined, ...)
+    aborts_by_reason: dict[str, int] = field(default_factory=dict)
+    merges_applied: int = 0
+    merges_rejected: dict[str, int] = field(default_factory=dict)
+    declines_sent: dict[str, int] = field(default_factory=dict)
+    late_messages: int = 0  # messages of a session we just finished (surplus partials)
+    send_failures: int = 0
+
+    def count_abort(self, reason: str) -> None:
+        _bump(self.aborts_by_reason, reason)
+
+    def count_rejected_merge(self, reason: str) -> None:
+        _bump(self.merges_rejected, reason)
+
+    def count_decline(self, reason: str) -> None:
+        _bump(self.declines_sent, reason)
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One peer sampled at one moment: what the status line, the simulation's metrics and its
+    churn carry all read. Counts are cumulative; :meth:`plus` adds an earlier incarnation's.
+
+    Gauges (connected, accuracy, epsilon, live peers...) describe the moment; every other field
+    is a counter, and adding a counter here is all it takes for the metrics and the churn carry
+    to follow it.
+    """
+
+    peer_id: str
+    connected: bool = False
+    accuracy: float | None = None  # on the local hold-out, in [0, 1]
+    epsilon: float | None = None  # privacy budget spent (None: nothing trained yet)
+    budget_exhausted: bool = False
+    peers_live: int = 0
+    in_session: bool = False
+    # -- counters (summed across incarnations) ------------------------------------------------
+    round: int = 0
+    sessions_done: int = 0
+    sessions_aborted: int = 0
+    sessions_not_formed: int = 0
+    aborts_by_reason: dict[str, int] = field(default_factory=dict)
+    merges_applied: int = 0
+    merges_rejected: dict[str, int] = field(default_factory=dict)
+    declines_sent: dict[str, int] = field(default_factory=dict)
+    late_messages: int = 0
+    send_failures: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    reconnects: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def counter_names(cls) -> tuple[str, ...]:
+        """The cumulative fields: everything after ``in_session``."""
+        names = [f.name for f in fields(cls)]
+        return tuple(names[names.index("in_session") + 1:])
+
+    def counters(self) -> dict[str, Any]:
+        """The cumulative fields as plain JSON-ready values (for a churn carry file)."""
+        return {name: (dict(value) if isinstance(value, dict) else int(value))
+                for name in self.counter_names() for value in [getattr(self, name)]}
+
+    def plus(self, earlier: Mapping[str, Any] | None) -> PeerStatus:
+        """This status with ``earlier`` counters (from :meth:`counters`) added to its own."""
+        if not earlier:
+            return self
+        changes: dict[str, Any] = {}
+        for name in self.counter_names():
+            mine, theirs = getattr(self, name), earlier.get(name)
+            if theirs is None:
+                continue
+            if isinstance(mine, dict):
+                merged = {str(k): int(v) for k, v in dict(theirs).items()}
+                for key, value in mine.items():
+                    merged[key] = merged.get(key, 0) + int(value)
+                changes[name] = merged
+            else:
+                changes[name] = int(mine) + int(theirs)
+        return replace(self, **changes)

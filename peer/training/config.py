@@ -1,0 +1,90 @@
+"""A peer's training settings (``[training]`` in its config): a dataclass, no torch.
+
+The defaults are what ``murmur-peer run`` trains with; the simulation changes a few of them
+(sim/setup.py). Loading a config checks these settings without importing torch, so a typo is
+reported before the slow imports start.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from peer.sharing import DEFAULT_STRATEGY, strategy_class
+from peer.sharing.topk import TopK
+
+#: The models peer.training.models can build.
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
+
+
+@dataclass
+class TrainerConfig:
+    """Local training settings. Exactly one of ``noise_multiplier`` / ``target_epsilon``
+    is needed when ``dp`` is on; with ``target_epsilon`` the noise is chosen so that
+    ``planned_rounds - averaging_rounds`` rounds of ``local_steps`` steps spend exactly that
+    epsilon, and the budget defaults to it."""
+
+    model: str = "mlp"
+    lr: float = 0.1
+    optimizer: str = "sgd"  # "sgd" or "adam"; either is post-processing of private grads
+    momentum: float = 0.0
+    batch_size: int = 64  # expected batch size: sample rate q = batch_size / len(train)
+    local_steps: int = 20
+    dp: bool = True
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    planned_rounds: int = 100
+    planned_steps: int | None = None  # overrides planned_rounds * local_steps when set
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    budget_epsilon: float | None = None
+    # Averaging needs many coordinates per session to average the peers' DP noise away
+    # (measured, docs/results.md); deltas with error feedback do well with far fewer.
+    topk_fraction: float = 0.25
+    # What a round shares and how it is merged: a name in peer.sharing.STRATEGIES ("model":
+    # the displacement from the common init, gossip averaging; "delta": the round's own
+    # change with error feedback). Both are post-processing of DP outputs.
+    share: str = DEFAULT_STRATEGY
+    # Share mode "model" only: the last ``averaging_rounds`` of ``planned_rounds`` take no
+    # private step and only re-share the current displacement, so the peers' models keep
+    # averaging (and their independent DP noise keeps cancelling) after training ends. They
+    # are post-processing of released outputs and cost no epsilon; the noise is calibrated
+    # for the training rounds only.
+    averaging_rounds: int = 0
+    seed: int = 0  # model initialisation only (and everything in insecure mode)
+    insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
+    engine: str = "auto"  # "auto" | "ghost" | "vmap"
+    eval_batch_size: int = 1024
+    checkpoint_every_round: bool = True
+
+    def validate(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_size < 1 or self.local_steps < 1 or self.planned_rounds < 1:
+            raise ValueError("batch_size, local_steps and planned_rounds must be >= 1")
+        if self.planned_steps is not None and self.planned_steps < 1:
+            raise ValueError(f"planned_steps must be >= 1, got {self.planned_steps}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.dp:
+            if self.noise_multiplier is None and self.target_epsilon is None:
+                raise ValueError("dp needs noise_multiplier or target_epsilon")
+            if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+                raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+            if self.target_epsilon is not None and not self.target_epsilon > 0:
+                raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.budget_epsilon is not None and not self.budget_epsilon > 0:
+            raise ValueError(f"budget_epsilon must be > 0, got {self.budget_epsilon}")
+        TopK(self.topk_fraction)  # validates the fraction
+        strategy = strategy_class(self.share)
+        if not 0 <= self.averaging_rounds < self.planned_rounds:
+            raise ValueError("averaging_rounds must be in 0..planned_rounds-1")
+        if self.averaging_rounds and not strategy.needs_common_init:
+            raise ValueError(f"averaging_rounds needs a share mode that averages models, "
+                             f"not {self.share!r}")

@@ -1,0 +1,84 @@
+"""Watching a run: the progress bar and the loop that decides when the run is over.
+
+Both engines describe their network with the same snapshot (a dict: ``alive``, ``rounds``,
+``sessions``, ``accuracy``, ``epsilon``, ``finished``, ``in_session``); :func:`watch` shows it
+and ends the run when every peer is done, the time is up, or a stop was requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sim.scenario import Scenario
+
+#: After every peer finished its rounds, wait at most this long for sessions in flight.
+DRAIN_S = 3.0
+
+Snapshot = dict[str, Any]
+
+
+class Progress:
+    """tqdm bar over local rounds (peers x rounds) with live network figures."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr,
+                            desc="murmur-sim")
+
+    def update(self, done: int, *, alive: int, sessions: int, accuracy: float | None,
+               epsilon: float | None) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = min(done, self.bar.total)
+        self.bar.set_postfix(
+            alive=alive,
+            sessions=sessions,
+            acc="-" if accuracy is None else f"{accuracy:.3f}",
+            eps="-" if epsilon is None else f"{epsilon:.2f}",
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def mean(values: list[float]) -> float | None:
+    """The mean of ``values``, or None for none (a snapshot figure nobody reported yet)."""
+    return float(np.mean(values)) if values else None
+
+
+async def watch(s: Scenario, started: float, stop_requested: asyncio.Event,
+                progress: Progress, snapshot: Callable[[], Snapshot]) -> str:
+    """Update the progress bar until rounds are done, time is up, or a stop is requested.
+
+    Returns why the run ended: "rounds", "duration" or "interrupt".
+    """
+    drain_until: float | None = None
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop_requested.wait(), timeout=0.5)
+        snap = snapshot()
+        progress.update(snap["rounds"], alive=snap["alive"], sessions=snap["sessions"],
+                        accuracy=snap["accuracy"], epsilon=snap["epsilon"])
+        if stop_requested.is_set():
+            return "interrupt"
+        now = time.monotonic()
+        if now - started >= s.duration_s:
+            return "duration"
+        if snap["finished"]:
+            # Let sessions in flight finish so the last updates are merged.
+            drain_until = drain_until or now + DRAIN_S
+            if not snap["in_session"] or now >= drain_until:
+                return "rounds"
