@@ -6,6 +6,9 @@ split (same seed):
   (a) gossip without DP        (b) gossip with DP at epsilon = 3 and at epsilon = 8
   (c) centralized (all peers' training data pooled, no DP, the network's total compute)
   (d) standalone (each peer alone on its shard, no DP, its own compute)
+  (e) for each DP epsilon of (b): centralized with DP (Murmur's own DP-SGD trainer on the pooled
+      data, the network's total private steps, sigma calibrated for the pooled sample rate and
+      the same epsilon) and standalone with DP (each peer's own trainer config, no merges)
 
 Figures per row: final mean test accuracy, wall time, bytes a peer sends per session it took
 part in (all its traffic - announcements, invitations, shares, partial sums, aborted sessions -
@@ -15,7 +18,9 @@ copies).
 Every gossip row is a real `murmur-sim` run (real peers, crypto and broker).
 
     python bench/network_bench.py --quick            # digits, 4 peers, < 60 s
-    python bench/network_bench.py --out results.json # the full grid (~10 min on 2 cores)
+    python bench/network_bench.py --out results.json # the full grid (~10 min on 2 cores, plus
+                                                     # ~12 min for the DP baseline rows, an
+                                                     # estimate; --no-dp-baselines skips them)
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def _dense_model_bytes(scenario: Scenario, model_name: str, train: Any) -> int:
     return 4 * param_count(model)
 
 
-async def run_grid(quick: bool, out_dir: Path) -> list[dict[str, Any]]:
+async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True) -> list[dict[str, Any]]:
     shared, gossip_rows, pause = grid(quick)
     rows: list[dict[str, Any]] = []
     dense: int | None = None
@@ -112,7 +117,7 @@ async def run_grid(quick: bool, out_dir: Path) -> list[dict[str, Any]]:
             "stopped_by": result.stopped_by,
         })
     # Baselines on the same split, with the same per-peer compute.
-    from sim.baselines import compute_baselines
+    from sim.baselines import compute_baselines, compute_dp_baselines
 
     scenario = scenario_from_dict({**shared, "dp": False, "out_dir": out_dir})
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,18 +125,38 @@ async def run_grid(quick: bool, out_dir: Path) -> list[dict[str, Any]]:
         pooled, parts = baseline_inputs(prep)
         base = compute_baselines(scenario, pooled, prep.test, parts)
     for name in ("centralized", "standalone"):
-        rows.append({
-            "method": name, "dataset": scenario.dataset, "peers": scenario.peers,
-            "accuracy_pct": round(100 * base[name]["accuracy"], 1),
-            "wall_s": round(base[name]["seconds"], 1), "sessions_done": None,
-            "max_epsilon": None, "bytes_per_peer_per_session": None,
-            "dense_model_bytes": dense, "bytes_vs_dense": None, "stopped_by": None,
-        })
+        rows.append(_baseline_row(name, base[name], scenario, dense, epsilon=None))
+    # With DP at each epsilon of the grid: Murmur's DP-SGD trainer, real (secure) noise.
+    for _label, options in gossip_rows:
+        if not (dp_baselines and options.get("dp")):
+            continue
+        scenario = scenario_from_dict({**shared, **options, "out_dir": out_dir})
+        with tempfile.TemporaryDirectory() as tmp:
+            prep = prepare(scenario, Path(tmp))
+            pooled, parts = baseline_inputs(prep)
+            base = compute_dp_baselines(scenario, pooled, prep.test, parts)
+        eps = f"{scenario.target_epsilon:g}"
+        for name, label in (("centralized_dp", f"centralized, DP eps={eps}"),
+                            ("standalone_dp", f"standalone, DP eps={eps}")):
+            rows.append(_baseline_row(label, base[name], scenario, dense,
+                                      epsilon=base[name]["epsilon"]))
     return rows
 
 
+def _baseline_row(method: str, result: dict[str, Any], scenario: Scenario, dense: int | None,
+                  *, epsilon: float | None) -> dict[str, Any]:
+    return {
+        "method": method, "dataset": scenario.dataset, "peers": scenario.peers,
+        "accuracy_pct": round(100 * result["accuracy"], 1),
+        "wall_s": round(result["seconds"], 1), "sessions_done": None,
+        "max_epsilon": None if epsilon is None else round(epsilon, 2),
+        "bytes_per_peer_per_session": None,
+        "dense_model_bytes": dense, "bytes_vs_dense": None, "stopped_by": None,
+    }
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = f"{'method':<18} {'acc %':>6} {'wall s':>7} {'sessions':>8} {'max eps':>7} " \
+    head = f"{'method':<24} {'acc %':>6} {'wall s':>7} {'sessions':>8} {'max eps':>7} " \
            f"{'B/peer/session':>14} {'vs dense':>8}"
     print(head)
     print("-" * len(head))
@@ -139,7 +164,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         def show(value: Any) -> str:
             return "-" if value is None else str(value)
 
-        print(f"{r['method']:<18} {show(r['accuracy_pct']):>6} {show(r['wall_s']):>7} "
+        print(f"{r['method']:<24} {show(r['accuracy_pct']):>6} {show(r['wall_s']):>7} "
               f"{show(r['sessions_done']):>8} {show(r['max_epsilon']):>7} "
               f"{show(r['bytes_per_peer_per_session']):>14} {show(r['bytes_vs_dense']):>8}")
 
@@ -150,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="keep the run directories here (default: a temporary directory)")
+    parser.add_argument("--no-dp-baselines", action="store_true",
+                        help="skip the DP baseline rows (on the full grid they add about "
+                             "32,000 CNN DP-SGD steps, ~12 min on 2 cores)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     import logging
@@ -161,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(quiet)
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.runs_dir or Path(tmp)
-        rows = asyncio.run(run_grid(args.quick, runs_dir))
+        rows = asyncio.run(run_grid(args.quick, runs_dir, not args.no_dp_baselines))
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

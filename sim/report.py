@@ -3,7 +3,8 @@
 The HTML is self-contained (plots inlined as base64 PNG; the same PNGs are also written next
 to it for reuse in slides or docs). It states the scenario, the headline numbers, four plots
 (accuracy against time and against bytes sent, ε against time, session outcomes per peer), a
-table against the centralized and standalone baselines, and dropped messages by reason.
+table against the centralized and standalone baselines (without DP, and with DP at the same ε
+when the run used DP), and dropped messages by reason.
 
 The report reads only counters and scores from metrics.jsonl; it never sees model data. Every
 string from the run (peer ids, drop reasons, scenario values) is HTML-escaped. The broker
@@ -46,6 +47,8 @@ _MEAN_COLOR = "#111111"
 _BASELINE_STYLES = {
     "centralized": {"color": "#2a7f3f", "linestyle": "--"},
     "standalone": {"color": "#b5541c", "linestyle": ":"},
+    "centralized_dp": {"color": "#6a3d9a", "linestyle": "--"},
+    "standalone_dp": {"color": "#b5541c", "linestyle": "-."},
 }
 _MAX_LEGEND_PEERS = 10
 
@@ -176,7 +179,7 @@ def _baseline_lines(ax: Any, baselines: Mapping[str, Mapping[str, Any]]) -> None
         if not isinstance(accuracy, int | float):
             continue
         style = _BASELINE_STYLES.get(name, {"color": "#555555", "linestyle": "-."})
-        label = f"{name} baseline, test set ({accuracy:.1%})"
+        label = f"{_baseline_label(name, result)}, test set ({accuracy:.1%})"
         ax.axhline(accuracy, linewidth=1.4, label=label, **style)
 
 
@@ -322,6 +325,19 @@ def _bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def _baseline_label(name: str, result: Mapping[str, Any]) -> str:
+    """A baseline's display label ("each peer alone, DP eps=3"); its key if it has none."""
+    label = result.get("label")
+    return label if isinstance(label, str) and label else name
+
+
+def _ordered(baselines: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Known baselines first, the no-DP one before its DP twin; any others after, as given."""
+    known = ("centralized", "centralized_dp", "standalone", "standalone_dp")
+    first = [(k, baselines[k]) for k in known if k in baselines]
+    return first + [(k, v) for k, v in baselines.items() if k not in known]
+
+
 def _baseline_rows(
     summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]]
 ) -> list[tuple[str, str, str, str, str]]:
@@ -332,16 +348,28 @@ def _baseline_rows(
         _pct(summary.max_accuracy),
         f"mean over {summary.peers} peers, {summary.accuracy_source}",
     )]
-    for name, result in baselines.items():
+    for name, result in _ordered(baselines):
         accuracy = result.get("accuracy")
+        description = str(result.get("description", ""))
         rows.append((
-            name,
+            _baseline_label(name, result),
             _pct(accuracy if isinstance(accuracy, int | float) else None),
             _pct(result.get("accuracy_min")),
             _pct(result.get("accuracy_max")),
-            str(result.get("description", "")),
+            f"{description} [result.json: {name}]" if description else f"[result.json: {name}]",
         ))
     return rows
+
+
+def _baseline_note(baselines: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """How to read the table when it has DP baselines (a paragraph, or nothing)."""
+    if not any(key in baselines for key in ("centralized_dp", "standalone_dp")):
+        return []
+    return ["<p>All baselines use the same split and the peers' training sets. Each "
+            "no-DP row against its DP row is what privacy costs; "
+            "each peer alone with DP against this run is what gossip buys back at the "
+            "same ε. The DP rows use Murmur's own DP-SGD trainer with the peers' recipe "
+            "and real (secure) noise, so they vary from run to run.</p>"]
 
 
 def _verdict(summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]], s: Scenario) -> str:
@@ -355,10 +383,12 @@ def _verdict(summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]], s:
     if isinstance(standalone, int | float):
         delta = summary.mean_accuracy - standalone
         word = "above" if delta >= 0 else "below"
-        parts.append(f"{abs(delta) * 100:.1f} points {word} training alone")
+        parts.append(f"{abs(delta) * 100:.1f} points {word} training alone without DP")
     if isinstance(centralized, int | float):
-        parts.append(f"against {centralized:.1%} if all data were pooled in one place")
+        parts.append(f"against {centralized:.1%} if all data were pooled in one place "
+                     "without DP")
     text = ", ".join(parts) + "."
+    text += _dp_verdict(summary.mean_accuracy, baselines)
     total = summary.sessions_done + summary.sessions_aborted
     if total:
         text += (f" {summary.sessions_done} of {total} aggregation sessions completed "
@@ -372,6 +402,25 @@ def _verdict(summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]], s:
             text += f" (target {s.target_epsilon:g})"
         text += "."
     return text
+
+
+def _dp_verdict(mean_accuracy: float, baselines: Mapping[str, Mapping[str, Any]]) -> str:
+    """What privacy costs and what gossip buys back, from the DP baselines (if any)."""
+    alone = baselines.get("standalone_dp", {})
+    pooled = baselines.get("centralized_dp", {})
+    alone_accuracy, pooled_accuracy = alone.get("accuracy"), pooled.get("accuracy")
+    sentences = []
+    if isinstance(alone_accuracy, int | float):
+        delta = mean_accuracy - alone_accuracy
+        word = "above" if delta >= 0 else "below"
+        sentences.append(f" With the same DP, each peer alone reaches {alone_accuracy:.1%}: "
+                         f"gossip puts the network {abs(delta) * 100:.1f} points {word} that.")
+    if isinstance(pooled_accuracy, int | float):
+        epsilon = pooled.get("target_epsilon")
+        at = f" at ε = {epsilon:g}" if isinstance(epsilon, int | float) else ""
+        sentences.append(f" Murmur's DP-SGD on all data pooled{at} reaches "
+                         f"{pooled_accuracy:.1%}.")
+    return "".join(sentences)
 
 
 _CSS = """
@@ -443,6 +492,7 @@ def render_html(
             for row in _baseline_rows(summary, baselines)
         ),
         "</table>",
+        *_baseline_note(baselines),
         '<h2>Plots</h2><div class="plots">',
     ]
     for key, filename in PLOT_FILES.items():
@@ -496,13 +546,18 @@ def terminal_summary(
     summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]] | None = None
 ) -> str:
     """A short plain-text table for the end of a `murmur-sim` run."""
-    lines = [f"{'method':<20} {'mean acc':>9} {'min':>7} {'max':>7}"]
-    for name, mean, low, high, _note in _baseline_rows(summary, baselines or {}):
-        lines.append(f"{name:<20} {mean:>9} {low:>7} {high:>7}")
+    rows = _baseline_rows(summary, baselines or {})
+    width = max(20, *(len(row[0]) for row in rows))
+    lines = [f"{'method':<{width}} {'mean acc':>9} {'min':>7} {'max':>7}"]
+    for name, mean, low, high, _note in rows:
+        lines.append(f"{name:<{width}} {mean:>9} {low:>7} {high:>7}")
     lines.append(
         f"sessions: {summary.sessions_done} completed, {summary.sessions_aborted} aborted; "
         f"max ε {'–' if summary.max_epsilon is None else f'{summary.max_epsilon:.2f}'}; "
         f"{_bytes(summary.mean_bytes_sent)} sent per peer; "
         f"drops: {sum(summary.drops.values())}"
     )
+    seconds = [v.get("seconds") for v in (baselines or {}).values()]
+    if seconds and all(isinstance(t, int | float) for t in seconds):
+        lines.append(f"baselines: trained in {sum(seconds):.1f} s (test set)")
     return "\n".join(lines)

@@ -198,6 +198,10 @@ async def _run_peers(prep: Prepared, writer: MetricsWriter, stop_requested: asyn
                      bar: Progress) -> dict[str, Any]:
     """The scenario's broker and engine, from the first peer's start to the last one's stop."""
     scenario = prep.scenario
+    if scenario.mode == "reference":
+        from sim.reference import run_reference
+
+        return await run_reference(prep, writer, stop_requested, bar)
     engine = run_processes if scenario.mode == "processes" else run_inprocess
     try:
         async with open_broker(scenario) as broker:

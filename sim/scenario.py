@@ -33,7 +33,7 @@ from protocol.limits import ID_PATTERN, is_valid_id
 from sim.partition import PARTITION_SCHEMES
 
 HOSTILE_KINDS = ("garbage", "replay", "huge_norm")
-MODES = ("inprocess", "processes")
+MODES = ("inprocess", "processes", "reference")
 BROKER_KINDS = ("embedded", "mosquitto")
 BROKER_URL_SCHEMES = ("mqtt", "mqtts")
 DATASET_NAMES = ("digits", "fashion-mnist")
@@ -88,6 +88,11 @@ class Scenario:
     local_steps: int = 5
     batch_size: int = 32
     lr: float = 0.2
+    momentum: float = TrainerConfig.momentum  # heavy-ball momentum of the local optimizer
+    # The last rounds (this fraction of them) take no private step and only re-share the
+    # model, so the peers' DP noise keeps averaging out at no privacy cost.
+    averaging_fraction: float = 1 / 6
+    averaging_topk_fraction: float | None = None  # top-k of those rounds (None: topk_fraction)
     topk_fraction: float = TrainerConfig.topk_fraction
     # -- aggregation: larger groups than a daemon's default (NodeConfig), measured better for
     # 8 peers (docs/results.md) ---------------------------------------------------------------
@@ -104,7 +109,9 @@ class Scenario:
     broker_username: str | None = None
     broker_password: str | None = None
     broker_ca_file: Path | None = None
-    mode: str = "inprocess"  # "inprocess" (tasks of one loop) | "processes" (one per peer)
+    # "inprocess" (tasks of one loop) | "processes" (one per peer) | "reference" (network-free
+    # engine: the same trainers and merge rule, sessions on a seeded schedule; sim/reference.py)
+    mode: str = "inprocess"
     network: str = "sim"
     seed: int = 0  # for data split, sampling and faults; never for cryptographic randomness
     out_dir: Path = Path("runs")
@@ -218,11 +225,17 @@ def validate_scenario(s: Scenario) -> None:
         1 <= s.batch_size <= 65536, "batch_size", f"must be in 1..65536, got {s.batch_size}"
     )
     _require(0 < s.lr <= 10, "lr", f"must be in (0, 10], got {s.lr}")
+    _require(0 <= s.momentum < 1, "momentum", f"must be in [0, 1), got {s.momentum}")
+    _require(0 <= s.averaging_fraction < 1, "averaging_fraction",
+             f"must be in [0, 1), got {s.averaging_fraction}")
     _require(
         0.001 <= s.topk_fraction <= 1.0,
         "topk_fraction",
         f"must be in [0.001, 1], got {s.topk_fraction}",
     )
+    tail_topk = s.averaging_topk_fraction
+    _require(tail_topk is None or 0.001 <= tail_topk <= 1.0, "averaging_topk_fraction",
+             f"must be in [0.001, 1], got {tail_topk}")
     _require(
         3 <= s.group_size <= 16,
         "group_size",

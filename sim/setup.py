@@ -85,11 +85,11 @@ def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig
     )
 
 
-def averaging_rounds(rounds: int) -> int:
+def averaging_rounds(rounds: int, fraction: float = 1 / 6) -> int:
     """Rounds at the end of a run that take no private step and only re-share the model, so
-    the peers' independent DP noise keeps averaging out at no privacy cost (a sixth of the run;
-    none for runs shorter than six rounds)."""
-    return rounds // 6
+    the peers' independent DP noise keeps averaging out at no privacy cost (by default a sixth
+    of the run; none for runs too short to have one)."""
+    return min(rounds - 1, int(rounds * fraction + 1e-9))
 
 
 def model_seed(network: str, seed: int) -> int:
@@ -118,6 +118,7 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
         TrainerConfig(),
         model=model_name,
         lr=s.lr,
+        momentum=s.momentum,
         batch_size=s.batch_size,
         local_steps=s.local_steps,
         dp=s.dp,
@@ -129,7 +130,8 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
         # The budget is the target: a peer stops sharing once it spent what was planned.
         budget_epsilon=s.target_epsilon if s.dp else None,
         topk_fraction=s.topk_fraction,
-        averaging_rounds=averaging_rounds(s.rounds),
+        averaging_rounds=averaging_rounds(s.rounds, s.averaging_fraction),
+        averaging_topk_fraction=s.averaging_topk_fraction,
         seed=model_seed(s.network, s.seed),
     )
 

@@ -138,27 +138,47 @@ def test_unsupported_layers_fall_back_to_vmap() -> None:
     assert isinstance(make_engine(model), VmapEngine)
 
 
-def test_accountant_monotone_and_sigma_for_target() -> None:
-    eps_small = epsilon(100, 1.0, 0.01, 1e-5)
-    eps_large = epsilon(1000, 1.0, 0.01, 1e-5)
+@pytest.mark.parametrize("name", ["pld", "rdp"])
+def test_accountant_monotone_and_sigma_for_target(name: str) -> None:
+    eps_small = epsilon(100, 1.0, 0.01, 1e-5, accountant=name)
+    eps_large = epsilon(1000, 1.0, 0.01, 1e-5, accountant=name)
     assert 0 < eps_small < eps_large
-    assert epsilon(0, 1.0, 0.01, 1e-5) == 0.0
-    sigma = sigma_for(3.0, 1e-5, 0.01, 1000)
-    reached = epsilon(1000, sigma, 0.01, 1e-5)
+    assert epsilon(0, 1.0, 0.01, 1e-5, accountant=name) == 0.0
+    sigma = sigma_for(3.0, 1e-5, 0.01, 1000, accountant=name)
+    reached = epsilon(1000, sigma, 0.01, 1e-5, accountant=name)
     assert reached <= 3.0 and reached > 2.9
     assert math.isclose(
-        epsilon_of_segments([(sigma, 0.01, 400), (sigma, 0.01, 600)], 1e-5), reached
+        epsilon_of_segments([(sigma, 0.01, 400), (sigma, 0.01, 600)], 1e-5, name), reached,
+        rel_tol=1e-3,
     )
     with pytest.raises(AccountingError):
-        epsilon(10, 1.0, 1.5, 1e-5)
+        epsilon(10, 1.0, 1.5, 1e-5, accountant=name)
     with pytest.raises(AccountingError):
-        sigma_for(-1, 1e-5, 0.01, 10)
+        sigma_for(-1, 1e-5, 0.01, 10, accountant=name)
 
 
 def test_accountant_agrees_with_opacus_rdp_accountant() -> None:
     from opacus.accountants import RDPAccountant
 
+    from peer.training.privacy import rdp
+
     reference = RDPAccountant()
     reference.history = [(1.1, 0.02, 300), (0.8, 0.05, 120)]
-    ours = epsilon_of_segments([(1.1, 0.02, 300), (0.8, 0.05, 120)], 1e-5)
-    assert math.isclose(ours, reference.get_epsilon(delta=1e-5), rel_tol=1e-9)
+    ours = epsilon_of_segments([(1.1, 0.02, 300), (0.8, 0.05, 120)], 1e-5, "rdp")
+    assert ours == rdp.epsilon_of_segments([(1.1, 0.02, 300), (0.8, 0.05, 120)], 1e-5)
+    # Same orders as ours (Opacus' defaults stop at 63; ours extend them to 1024).
+    expected = reference.get_epsilon(delta=1e-5, alphas=list(rdp.ORDERS))
+    assert math.isclose(ours, expected, rel_tol=1e-9)
+    # More orders can only tighten the bound: never above Opacus' default-order figure.
+    assert ours <= reference.get_epsilon(delta=1e-5) + 1e-12
+
+
+def test_rdp_sigma_for_matches_opacus_noise_search() -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from peer.training.privacy import rdp
+
+    ours = sigma_for(3.0, 1e-5, 0.02, 500, accountant="rdp")
+    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.02,
+                                    steps=500, accountant="rdp", alphas=list(rdp.ORDERS))
+    assert math.isclose(ours, expected, rel_tol=1e-12)

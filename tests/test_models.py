@@ -28,7 +28,7 @@ def test_mlp_takes_tabular_and_image_shapes() -> None:
 
 
 def test_registry_errors() -> None:
-    assert set(MODEL_NAMES) == {"mlp", "cnn"}
+    assert set(MODEL_NAMES) == {"mlp", "cnn", "scatter"}
     with pytest.raises(ModelError, match="unknown model"):
         build_model("resnet", (64,), 10)
     with pytest.raises(ModelError, match="28x28"):
@@ -37,3 +37,61 @@ def test_registry_errors() -> None:
         build_model("cnn", (784,), 10)
     with pytest.raises(ModelError, match="2 classes"):
         build_model("mlp", (64,), 1)
+
+
+def test_scatter_model_has_only_linear_parameters() -> None:
+    pytest.importorskip("kymatio")
+    for shape in ((1, 28, 28), (28, 28)):
+        model = build_model("scatter", shape, 10)
+        assert param_count(model) == 81 * 7 * 7 * 10 + 10  # 3969 frozen features -> 10
+        owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+        assert len(owners) == 1 and isinstance(owners[0], nn.Linear)
+        assert all(not b.requires_grad for b in model.buffers())
+        assert model(torch.rand(3, *shape)).shape == (3, 10)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_scatter_features_are_per_example() -> None:
+    pytest.importorskip("kymatio")
+    model = build_model("scatter", (1, 28, 28), 10)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_scatter_dp_gradients_match_references() -> None:
+    """Murmur's fast engine on the whole scatter model == vmap on its linear head.
+
+    vmap cannot run through kymatio itself (its torch rfft writes in place into a
+    non-batched tensor), but the frozen features make the head's per-example gradients the
+    model's, so the head on precomputed features is the vmap reference; a plain loop of
+    single-example backward passes through the whole model checks the same sum independently.
+    """
+    pytest.importorskip("kymatio")
+    from peer.training.dpsgd import GhostClipEngine, VmapEngine, clip_factors
+
+    torch.manual_seed(0)
+    model = build_model("scatter", (1, 28, 28), 10)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (10,), generator=gen)
+    fast = GhostClipEngine(model).clipped_sum(x, y, 0.7)
+
+    head = model[-1]
+    with torch.no_grad():
+        features = model[:-1](x)
+    reference = VmapEngine(head).clipped_sum(features, y, 0.7)
+    torch.testing.assert_close(fast.per_example_norms, reference.per_example_norms,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+
+    rows = []
+    for i in range(len(y)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    per_example = torch.stack(rows)
+    loop_sum = per_example.t().mv(clip_factors(per_example.norm(dim=1), 0.7))
+    torch.testing.assert_close(fast.flat_sum, loop_sum, rtol=1e-4, atol=1e-6)

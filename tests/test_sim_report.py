@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import threading
@@ -222,6 +223,47 @@ def test_report_escapes_run_strings_and_handles_an_empty_run(tmp_path: Path) -> 
     assert "No peer reported an accuracy" in text
 
 
+BASELINES_DP = {
+    "centralized": {**BASELINES["centralized"], "label": "centralized, no DP", "seconds": 1.0},
+    "standalone": {**BASELINES["standalone"], "label": "each peer alone, no DP", "seconds": 1.0},
+    "centralized_dp": {"accuracy": 0.903, "epsilon": 2.99, "target_epsilon": 3.0,
+                       "label": "centralized, DP eps=3 (Murmur DP-SGD, pooled data)",
+                       "description": "pooled, Murmur DP-SGD", "seconds": 2.5},
+    "standalone_dp": {"accuracy": 0.412, "accuracy_min": 0.3, "accuracy_max": 0.55,
+                      "epsilon": 3.0, "target_epsilon": 3.0,
+                      "label": "each peer alone, DP eps=3",
+                      "description": "each peer alone, DP", "seconds": 4.0},
+}
+
+
+def test_report_and_terminal_show_dp_baselines_beside_the_no_dp_ones(tmp_path: Path) -> None:
+    _synthetic_run(tmp_path)
+    rows = read_metrics(tmp_path / METRICS_FILE)
+    table = terminal_summary(summarize(rows), BASELINES_DP)
+    lines = table.splitlines()
+    labels = ["centralized, no DP", "centralized, DP eps=3 (Murmur DP-SGD, pooled data)",
+              "each peer alone, no DP", "each peer alone, DP eps=3"]
+    starts = [next(i for i, line in enumerate(lines) if line.startswith(label))
+              for label in labels]
+    assert starts == sorted(starts)  # each no-DP row right before its DP twin
+    dp_row = lines[starts[3]].split()
+    assert dp_row[-3:] == ["41.2%", "30.0%", "55.0%"]
+    assert "90.3%" in lines[starts[1]]
+    assert "baselines: trained in 8.5 s" in table
+
+    text = write_report(tmp_path, Scenario(peers=4), BASELINES_DP).read_text()
+    for label in labels:
+        assert f"<td>{html.escape(label)}</td>" in text
+    for key in BASELINES_DP:
+        assert f"[result.json: {key}]" in text
+    assert "With the same DP, each peer alone reaches 41.2%" in text
+    assert "all data pooled at ε = 3 reaches 90.3%" in text
+    assert "what privacy costs" in text and "what gossip buys back" in text
+    # Without DP baselines the DP sentences and the reading note are absent.
+    plain = write_report(tmp_path, Scenario(peers=4), BASELINES).read_text()
+    assert "With the same DP" not in plain and "what gossip buys back" not in plain
+
+
 def test_baselines_on_digits_beat_chance_and_centralized_beats_standalone() -> None:
     from dataclasses import dataclass
 
@@ -261,6 +303,7 @@ def test_baselines_on_digits_beat_chance_and_centralized_beats_standalone() -> N
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
 
-    by_epochs = compute_baselines(scenario, train, test, partitions, epochs_equivalent=1.0)
+    by_epochs = compute_baselines(scenario, train, test, partitions, epochs_equivalent=1.0,
+                                  dp=False)
     assert by_epochs["centralized"]["steps"] == int(np.ceil(1400 / 32))
     assert by_epochs["centralized"]["epochs"] == pytest.approx(1.0, abs=0.05)

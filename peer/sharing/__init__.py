@@ -27,9 +27,10 @@ def strategy_class(name: str) -> type[SharingStrategy]:
         raise ValueError(f"share must be one of {tuple(STRATEGIES)}, got {name!r}") from None
 
 
-def build_strategy(name: str, topk_fraction: float, param_count: int) -> SharingStrategy:
+def build_strategy(name: str, topk_fraction: float, param_count: int,
+                   reshare_fraction: float | None = None) -> SharingStrategy:
     """A fresh strategy of kind ``name`` for a model of ``param_count`` parameters."""
-    return strategy_class(name)(topk_fraction, param_count)
+    return strategy_class(name)(topk_fraction, param_count, reshare_fraction)
 
 
 __all__ = [

@@ -41,10 +41,13 @@ class SharingStrategy(ABC):
     #: them, and the run may end with averaging-only rounds).
     needs_common_init: ClassVar[bool] = False
 
-    def __init__(self, topk_fraction: float, param_count: int) -> None:
+    def __init__(self, topk_fraction: float, param_count: int,
+                 reshare_fraction: float | None = None) -> None:
         if param_count < 1:
             raise ValueError(f"param_count must be >= 1, got {param_count}")
         self.topk = TopK(topk_fraction)
+        #: Top-k of the averaging-only rounds (:meth:`reshare`); the round's own by default.
+        self.reshare_topk = self.topk if reshare_fraction is None else TopK(reshare_fraction)
         self.param_count = param_count
         self._state = np.zeros(param_count, dtype=np.float32)
         self._lock = threading.Lock()

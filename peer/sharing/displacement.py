@@ -18,6 +18,7 @@ import numpy as np
 
 from peer.sharing.base import SharingStrategy, SparseVector
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
+from peer.sharing.topk import TopK
 
 
 class DisplacementSharing(SharingStrategy):
@@ -28,11 +29,16 @@ class DisplacementSharing(SharingStrategy):
     needs_common_init: ClassVar[bool] = True
 
     def after_round(self, delta: np.ndarray, displacement: np.ndarray) -> SparseVector:
-        return self.reshare(displacement)
+        return self._share(displacement, self.topk)
 
     def reshare(self, displacement: np.ndarray) -> SparseVector:
+        """An averaging-only round: its own top-k (often larger: it is where the peers'
+        models reach a consensus, and it comes only at the end)."""
+        return self._share(displacement, self.reshare_topk)
+
+    def _share(self, displacement: np.ndarray, topk: TopK) -> SparseVector:
         snapshot = np.asarray(displacement, dtype=np.float32)
-        indices, values, _unsent = self.topk.select(snapshot, np.zeros_like(snapshot))
+        indices, values, _unsent = topk.select(snapshot, np.zeros_like(snapshot))
         with self._lock:
             self._state = snapshot.copy()
         return indices, values

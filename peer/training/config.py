@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from peer.sharing import DEFAULT_STRATEGY, strategy_class
 from peer.sharing.topk import TopK
+from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
-#: The models peer.training.models can build.
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
+#: The models peer.training.models can build ("scatter" needs kymatio, see features.py).
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "scatter")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class TrainerConfig:
     planned_rounds: int = 100
     planned_steps: int | None = None  # overrides planned_rounds * local_steps when set
     delta: float = 1e-5
+    # Which registered accountant turns the steps into epsilon (peer.training.privacy):
+    # "pld" is 8-15 % tighter than "rdp" (bench/accountant_bench.py) and costs about 50 MB more
+    # resident memory; "rdp" suits a peer on a 1 GB device.
+    accountant: str = DEFAULT_ACCOUNTANT
     max_grad_norm: float = 1.0
     budget_epsilon: float | None = None
     # Averaging needs many coordinates per session to average the peers' DP noise away
@@ -51,6 +56,8 @@ class TrainerConfig:
     # are post-processing of released outputs and cost no epsilon; the noise is calibrated
     # for the training rounds only.
     averaging_rounds: int = 0
+    # Top-k of those averaging-only rounds (None: topk_fraction).
+    averaging_topk_fraction: float | None = None
     seed: int = 0  # model initialisation only (and everything in insecure mode)
     insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
     engine: str = "auto"  # "auto" | "ghost" | "vmap"
@@ -82,7 +89,12 @@ class TrainerConfig:
         if self.budget_epsilon is not None and not self.budget_epsilon > 0:
             raise ValueError(f"budget_epsilon must be > 0, got {self.budget_epsilon}")
         TopK(self.topk_fraction)  # validates the fraction
+        if self.averaging_topk_fraction is not None:
+            TopK(self.averaging_topk_fraction)
         strategy = strategy_class(self.share)
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {tuple(ACCOUNTANTS)}, "
+                             f"got {self.accountant!r}")
         if not 0 <= self.averaging_rounds < self.planned_rounds:
             raise ValueError("averaging_rounds must be in 0..planned_rounds-1")
         if self.averaging_rounds and not strategy.needs_common_init:

@@ -6,6 +6,11 @@ the trainer, so a crash or SIGKILL after an update was shared can never lose its
 restart the file is read back exactly; a missing ledger next to existing training state, or an
 unreadable one, is an error rather than a silent reset to zero. Epsilon only grows: it is the
 maximum of the stored value and the accountant's value for the recorded steps.
+
+The accountant is the registry's default (:mod:`peer.training.privacy.accountant`: PLD) unless
+the file names another. Files written before the ``accountant`` field existed (their epsilon
+came from RDP) still load, with the default; since epsilon only grows, such a peer keeps its
+stored RDP epsilon until the tighter accountant's figure for its steps exceeds it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from pathlib import Path
 
 from peer.errors import BudgetExhaustedError, PeerError
 from peer.files import atomic_write_bytes
-from peer.training.privacy.accountant import epsilon_of_segments
+from peer.training.privacy.accountant import (
+    ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
+    epsilon_of_segments,
+)
 
 LEDGER_FORMAT = 1
 
@@ -32,7 +41,8 @@ class PrivacyLedger:
 
     ``sigma`` / ``sample_rate`` are the current settings; ``segments`` keeps every
     (sigma, sample_rate, steps) run so a settings change is composed exactly.
-    ``sigma == 0`` means non-private training: epsilon is infinite.
+    ``sigma == 0`` means non-private training: epsilon is infinite. ``accountant`` names the
+    registered accountant that composes the segments.
     """
 
     sigma: float
@@ -43,6 +53,7 @@ class PrivacyLedger:
     epsilon: float = 0.0
     budget_epsilon: float | None = None
     segments: list[list[float]] = field(default_factory=list)
+    accountant: str = DEFAULT_ACCOUNTANT
 
     @property
     def private(self) -> bool:
@@ -67,7 +78,8 @@ class PrivacyLedger:
             return math.inf if (self.steps + extra_steps) > 0 else 0.0
         if any(s <= 0 for s, _q, n in self.segments if n > 0):
             return math.inf
-        value = epsilon_of_segments(self._segments_with(extra_steps), self.delta)
+        value = epsilon_of_segments(
+            self._segments_with(extra_steps), self.delta, self.accountant)
         return max(self.epsilon, value)
 
     def check_budget(self, extra_steps: int) -> float:
@@ -111,6 +123,8 @@ class PrivacyLedger:
             ledger.steps, int
         ):
             raise LedgerError(f"{source}: non-numeric settings")
+        if not isinstance(ledger.accountant, str) or ledger.accountant not in ACCOUNTANTS:
+            raise LedgerError(f"{source}: unknown accountant {ledger.accountant!r}")
         if ledger.steps < 0 or not (ledger.epsilon >= 0) or not 0 < ledger.delta < 1:
             raise LedgerError(f"{source}: values out of range")
         if sum(int(seg[2]) for seg in ledger.segments) != ledger.steps:

@@ -65,6 +65,33 @@ def _build_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+def _build_scatter(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """ScatterNet features (frozen) + one linear layer, as Tramèr & Boneh (ICLR 2021).
+
+    The scattering transform (kymatio, J = 2: 81 channels of 7x7 for a 28x28 image) and its
+    per-example GroupNorm have no trainable parameters and act on each example alone, so the
+    DP engine sees a single ``nn.Linear`` (39 700 parameters for 10 classes) and its
+    per-example gradients stay exact. kymatio is imported only when this model is built.
+    """
+    if len(input_shape) == 2:
+        channels, height, width = 1, *input_shape
+    elif len(input_shape) == 3:
+        channels, height, width = input_shape
+    else:
+        raise ModelError(f"scatter needs image input (H, W) or (C, H, W), got {input_shape}")
+    if height < 8 or width < 8:
+        raise ModelError(f"scatter needs images of at least 8x8, got {height}x{width}")
+    from peer.training.features import ScatterFeatures
+
+    features = ScatterFeatures((height, width), in_channels=channels)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, height)) if len(input_shape) == 2 else nn.Identity(),
+        features,
+        nn.Flatten(),
+        nn.Linear(features.out_features, num_classes),
+    )
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build a registered model for inputs of ``input_shape`` (without the batch dimension)."""
     if num_classes < 2:
@@ -73,6 +100,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         model = _build_mlp(tuple(input_shape), num_classes)
     elif name == "cnn":
         model = _build_cnn(tuple(input_shape), num_classes)
+    elif name == "scatter":
+        model = _build_scatter(tuple(input_shape), num_classes)
     else:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     log.info("built model %s: %d parameters", name, param_count(model))

@@ -115,7 +115,8 @@ class LocalTrainer:
         self._init_params = self._flat_params().clone()
         #: What a round shares, the residual fill and the merge rule (peer.sharing).
         self.sharing: SharingStrategy = build_strategy(
-            config.share, config.topk_fraction, self.param_count)
+            config.share, config.topk_fraction, self.param_count,
+            config.averaging_topk_fraction)
         # Peers only group with the same model id, so a network never mixes share modes
         # (a displacement averaged with deltas would be meaningless).
         self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
@@ -180,6 +181,7 @@ class LocalTrainer:
             sample_rate=self.sample_rate,
             delta=cfg.delta,
             budget_epsilon=budget,
+            accountant=cfg.accountant,
         )
 
     def _noise_multiplier(self) -> float:
@@ -191,7 +193,8 @@ class LocalTrainer:
         assert cfg.target_epsilon is not None
         training_rounds = cfg.planned_rounds - cfg.averaging_rounds
         planned = cfg.planned_steps or training_rounds * cfg.local_steps
-        return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned)
+        return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned,
+                         cfg.accountant)
 
     def _make_optimizer(self) -> Optimizer:
         # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
@@ -261,6 +264,8 @@ class LocalTrainer:
             log.warning("switching between private and non-private training on one ledger")
         stored.update_settings(self.sigma, self.sample_rate, self.config.max_grad_norm)
         stored.budget_epsilon = self.ledger.budget_epsilon
+        # The ledger keeps the largest epsilon any accountant gave it, so a switch is safe.
+        stored.accountant = self.config.accountant
         self.ledger = stored
         log.info("resumed round %d, %d steps, epsilon %.3f", self._round, stored.steps,
                  stored.epsilon)

@@ -1,4 +1,4 @@
-"""Privacy primitives for the local trainer: secure Gaussian noise and the RDP accountant.
+"""Privacy primitives for the local trainer: secure Gaussian noise and the accountants.
 
 Import-light on purpose: the submodules import torch / opacus, this package file does not.
 """
