@@ -22,6 +22,15 @@ as in the paper's grid). Epoch counts are scaled down to fit a 2-core CPU budget
     python bench/scatter_bench.py [--quick] [--out FILE] [--threads 2]
 
 --quick: 6000 training / 2000 test images, few epochs (< 60 s).
+
+    python bench/scatter_bench.py --trainer-round [--no-cache] [--shard 4000]
+
+--trainer-round: what one peer pays with the real LocalTrainer (DP on, batch 64, 10 local
+steps, C = 0.1, lr 2, momentum 0.5) on a Fashion-MNIST shard: construction (which computes the
+shard's features once through peer.training.features' cache), ms per private step over two
+rounds, evaluation of the hold-out and of 1000 test images (first, then cached).
+--no-cache runs the same trainer without the frozen split (the scattering transform is
+recomputed in every step and every evaluation: the behaviour before the feature cache).
 """
 
 from __future__ import annotations
@@ -139,6 +148,45 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * correct / len(y)
 
 
+def trainer_round(shard_size: int, cache: bool, threads: int) -> dict:
+    """One scatter peer with the real LocalTrainer: build, two rounds, evaluations."""
+    import numpy as np
+
+    import peer.training.trainer as trainer_module
+    from peer.training.config import TrainerConfig
+    from peer.training.data import split_holdout
+    from peer.training.features import clear_feature_caches
+
+    if not cache:  # the trainer as it was: the whole model in every step and evaluation
+        trainer_module.split_frozen = lambda model: (None, model)
+    clear_feature_caches()
+    train, test = load_fashion_mnist(train=True), load_fashion_mnist(train=False)
+    shard = train.subset(np.arange(shard_size))
+    own, holdout = split_holdout(shard, 0.1, 0)
+    config = TrainerConfig(model="scatter", lr=2.0, momentum=0.5, batch_size=64,
+                           local_steps=10, dp=True, target_epsilon=3.0, planned_rounds=20,
+                           max_grad_norm=CLIP)
+    result: dict = {"cache": cache, "train": len(own), "holdout": len(holdout),
+                    "threads": threads, "local_steps": config.local_steps,
+                    "batch_size": config.batch_size}
+    start = time.perf_counter()
+    trainer = trainer_module.LocalTrainer(config, own, holdout)
+    result["build_s"] = round(time.perf_counter() - start, 2)
+    for name in ("round1_ms_per_step", "round2_ms_per_step"):
+        start = time.perf_counter()
+        trainer.train_round()
+        result[name] = round((time.perf_counter() - start) * 1000 / config.local_steps, 1)
+    start = time.perf_counter()
+    trainer.evaluate()
+    result["eval_holdout_s"] = round(time.perf_counter() - start, 3)
+    sample = test.subset(np.arange(1000))
+    for name in ("eval_test1000_first_s", "eval_test1000_again_s"):
+        start = time.perf_counter()
+        result["test_accuracy"] = round(trainer.evaluate(sample), 4)
+        result[name] = round(time.perf_counter() - start, 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -153,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cnn-epochs", type=int, default=5)
     parser.add_argument("--accountant", default=DEFAULT_ACCOUNTANT)
     parser.add_argument("--shard", type=int, default=4000, help="images in the RSS child")
+    parser.add_argument("--trainer-round", action="store_true",
+                        help="time one scatter peer's LocalTrainer (see above)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="with --trainer-round: without the frozen-feature split")
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-scatter", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Optimal order")
     if args.rss_child is not None:
         print(json.dumps(rss_child(args.rss_child, not args.no_scatter, args.threads)))
+        return 0
+    if args.trainer_round:
+        row = trainer_round(args.shard, not args.no_cache, args.threads)
+        print(json.dumps(row))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(row, indent=1) + "\n")
         return 0
 
     from peer.training.features import ScatterFeatures, compute_features

@@ -86,13 +86,14 @@ class Scenario:
     rounds: int = 30  # local rounds per peer (each: local_steps steps, then share)
     duration_s: float = 150.0  # wall-clock cap; the run ends at rounds or duration, first hit
     local_steps: int = 5
-    batch_size: int = 32
-    lr: float = 0.2
+    batch_size: int = TrainerConfig.batch_size
+    lr: float = TrainerConfig.lr
     momentum: float = TrainerConfig.momentum  # heavy-ball momentum of the local optimizer
     # The last rounds (this fraction of them) take no private step and only re-share the
     # model, so the peers' DP noise keeps averaging out at no privacy cost.
     averaging_fraction: float = 1 / 6
-    averaging_topk_fraction: float | None = None  # top-k of those rounds (None: topk_fraction)
+    # top-k of those rounds (None: topk_fraction)
+    averaging_topk_fraction: float | None = TrainerConfig.averaging_topk_fraction
     topk_fraction: float = TrainerConfig.topk_fraction
     # -- aggregation: larger groups than a daemon's default (NodeConfig), measured better for
     # 8 peers (docs/results.md) ---------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from peer.training.models import MODEL_NAMES, ModelError, build_model, param_count
+from peer.training.models import MODEL_NAMES, ModelError, build_model, param_count, split_frozen
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,27 @@ def test_models_build_and_run(name: str, shape: tuple[int, ...], expected_params
     assert out.shape == (3, 10)
     # Per-example clipping needs layers that never mix examples.
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize(("name", "shape"), [("mlp", (64,)), ("cnn", (28, 28))])
+def test_models_without_frozen_prefix_are_not_split(name: str, shape: tuple[int, ...]) -> None:
+    model = build_model(name, shape, 10)
+    prefix, rest = split_frozen(model)
+    assert prefix is None and rest is model
+
+
+def test_scatter_splits_into_frozen_features_and_linear_head() -> None:
+    pytest.importorskip("kymatio")
+    model = build_model("scatter", (28, 28), 10)
+    prefix, rest = split_frozen(model)
+    assert prefix is not None and len(prefix) == 3 and len(rest) == 1
+    assert isinstance(rest[0], nn.Linear) and rest[0] is model[-1]
+    assert not any(True for _ in prefix.parameters())
+    assert param_count(rest) == param_count(model)
+    x = torch.rand(2, 28, 28)
+    with torch.no_grad():
+        assert prefix(x).shape == (2, 81 * 7 * 7)
+        torch.testing.assert_close(rest(prefix(x)), model(x), rtol=0, atol=0)
 
 
 def test_mlp_takes_tabular_and_image_shapes() -> None:

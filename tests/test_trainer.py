@@ -140,3 +140,18 @@ def test_train_round_from_worker_thread_and_config_errors(digits) -> None:
         TrainerConfig(dp=False, topk_fraction=0).validate()
     with pytest.raises(ValueError):
         configure_torch_threads(0)
+
+
+def test_averaging_tail_goes_on_after_the_plan_without_spending(digits) -> None:
+    train, holdout, _ = digits
+    cfg = TrainerConfig(model="mlp", local_steps=2, noise_multiplier=1.0, planned_rounds=3,
+                        averaging_rounds=1, budget_epsilon=50.0)
+    trainer = LocalTrainer(cfg, train, holdout)
+    private = [trainer.train_round() for _ in range(2)]
+    assert [u.steps for u in private] == [2, 2]
+    spent = trainer.ledger.epsilon
+    tail = [trainer.train_round() for _ in range(3)]  # the tail's round, then past the plan
+    assert [u.steps for u in tail] == [0, 0, 0]
+    assert [u.round for u in tail] == [3, 4, 5]
+    assert trainer.ledger.epsilon == spent == tail[-1].epsilon
+    assert tail[-1].indices.size == trainer.param_count  # the tail shares the whole model

@@ -26,9 +26,11 @@ class TrainerConfig:
     epsilon, and the budget defaults to it."""
 
     model: str = "mlp"
-    lr: float = 0.1
+    # lr, momentum, batch size and the averaging tail's top-k won the sweeps of
+    # docs/results.md ("Learning quality"); measured with the simulation's rounds.
+    lr: float = 0.2
     optimizer: str = "sgd"  # "sgd" or "adam"; either is post-processing of private grads
-    momentum: float = 0.0
+    momentum: float = 0.5
     batch_size: int = 64  # expected batch size: sample rate q = batch_size / len(train)
     local_steps: int = 20
     dp: bool = True
@@ -54,10 +56,11 @@ class TrainerConfig:
     # private step and only re-share the current displacement, so the peers' models keep
     # averaging (and their independent DP noise keeps cancelling) after training ends. They
     # are post-processing of released outputs and cost no epsilon; the noise is calibrated
-    # for the training rounds only.
+    # for the training rounds only. Rounds past planned_rounds are averaging rounds too.
     averaging_rounds: int = 0
-    # Top-k of those averaging-only rounds (None: topk_fraction).
-    averaging_topk_fraction: float | None = None
+    # Top-k of those averaging-only rounds (None: topk_fraction). The whole model: the peers
+    # end at a consensus instead of each keeping its own noise (docs/results.md).
+    averaging_topk_fraction: float | None = 1.0
     seed: int = 0  # model initialisation only (and everything in insecure mode)
     insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
     engine: str = "auto"  # "auto" | "ghost" | "vmap"

@@ -108,6 +108,38 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     return model
 
 
+def split_frozen(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """(frozen prefix, trainable rest) of ``model``; (None, model) if it has no frozen prefix.
+
+    The prefix is the longest leading run of parameter-free layers of a ``nn.Sequential``
+    that contains a fixed feature extractor (a module with ``frozen_features = True``, e.g.
+    :class:`peer.training.features.ScatterFeatures`): for "scatter" that is unflatten +
+    scattering + flatten, and the rest is the linear head. Both share the model's modules, so
+    ``model(x) == rest(prefix(x))`` and the rest's parameters are the model's trainable
+    parameters, in the same order. Every layer of the prefix acts on each example alone, so
+    the per-example gradients of the rest on precomputed features are the model's.
+    """
+    if not isinstance(model, nn.Sequential):
+        return None, model
+    end = 0
+    has_extractor = False
+    for index, module in enumerate(model):
+        if any(True for _ in module.parameters()):
+            break
+        if getattr(module, "frozen_features", False):
+            has_extractor = True
+            end = index + 1
+        elif has_extractor:
+            end = index + 1  # parameter-free layers after the extractor (flatten) join it
+    if not has_extractor:
+        return None, model
+    prefix, rest = model[:end], model[end:]
+    assert not any(True for _ in prefix.parameters()), "a frozen prefix has no parameters"
+    assert len(rest) > 0 and any(p.requires_grad for p in rest.parameters()), (
+        "the rest of a split model must hold its trainable parameters")
+    return prefix, rest
+
+
 def param_count(model: nn.Module) -> int:
     """Number of trainable scalar parameters (the length of the flat update vector)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

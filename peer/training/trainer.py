@@ -17,6 +17,13 @@ event loop calls :meth:`LocalTrainer.apply_update`; an internal lock serialises 
 model, and merges that arrive mid-round are queued and applied between steps (and excluded
 from the round's own update). The trainer holds no global state; ``torch.set_num_threads`` is
 process-wide, so it is left to the caller (see :func:`configure_torch_threads`).
+
+Frozen features: a model with a frozen, parameter-free prefix (``split_frozen``; "scatter")
+has its training and hold-out data featurised once at construction through the process-wide
+cache of :mod:`peer.training.features`, and trains, DP-steps and evaluates only the trainable
+rest on those features. The prefix acts on each example alone and never changes, so the
+per-example gradients, the clipping and the privacy analysis are exactly those of the whole
+model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
 from peer.training.dpsgd import DPSGDStep, poisson_batch
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
-from peer.training.models import build_model, param_count
+from peer.training.models import build_model, param_count, split_frozen
 from peer.training.optim import SGD, Adam, Optimizer
 from peer.training.privacy.accountant import sigma_for
 from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
@@ -109,6 +116,9 @@ class LocalTrainer:
         self.holdout = holdout
         self.model = build_model(config.model, train.input_shape, train.num_classes)
         _seeded_init(self.model, config.seed)
+        #: Frozen feature prefix (None for mlp/cnn) and the trainable rest (the whole model
+        #: when there is no prefix); they share the model's modules.
+        self._frozen, self._trainable = split_frozen(self.model)
         self.param_count = param_count(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # The common starting point (same seed on every peer): displacements are x - x0.
@@ -121,8 +131,10 @@ class LocalTrainer:
         # (a displacement averaged with deltas would be meaningless).
         self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
                                               self._init_digest())
-        self._x = torch.from_numpy(train.x)
+        # What the trainable part sees: the images, or their features computed once.
+        self._x = self._inputs(train.x)
         self._y = torch.from_numpy(train.y)
+        self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
         self.sample_rate = min(1.0, config.batch_size / len(train))
         self.sigma = self._noise_multiplier()
         self._optimizer = self._make_optimizer()
@@ -153,6 +165,14 @@ class LocalTrainer:
         )
 
     # ----------------------------------------------------------------------- set-up
+    def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Input of the trainable part for raw records ``x``: frozen features if any."""
+        if self._frozen is None:
+            return torch.from_numpy(x)
+        from peer.training.features import cached_features
+
+        return cached_features(self._frozen, x)
+
     def _make_dp_step(self) -> DPSGDStep:
         cfg = self.config
         if cfg.insecure_fast_noise:
@@ -161,7 +181,7 @@ class LocalTrainer:
         else:
             noise = SecureGaussian()
         return DPSGDStep.build(
-            self.model,
+            self._trainable,
             noise_multiplier=self.sigma,
             max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=self.sample_rate * len(self.train_data),
@@ -321,7 +341,7 @@ class LocalTrainer:
                     if len(batch) == 0:
                         continue
                     self._optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(self.model(x), y).backward()
+                    F.cross_entropy(self._trainable(x), y).backward()
                 self._optimizer.step()
                 merged = self._drain_pending()
                 if merged is not None:
@@ -341,9 +361,15 @@ class LocalTrainer:
             )
 
     def _in_averaging_tail(self) -> bool:
+        """Whether the plan's private rounds are done and only averaging is left.
+
+        The tail has no end: a peer that finished its plan keeps re-sharing its model (free,
+        post-processing) while slower neighbours finish theirs, instead of running into its
+        budget and dropping out of the averaging its neighbours still need.
+        """
         cfg = self.config
         first = cfg.planned_rounds - cfg.averaging_rounds
-        return cfg.averaging_rounds > 0 and first <= self._round < cfg.planned_rounds
+        return cfg.averaging_rounds > 0 and self._round >= first
 
     def _averaging_round(self) -> LocalUpdate:
         """A round with no private step: re-share the model's current displacement.
@@ -418,9 +444,12 @@ class LocalTrainer:
             with torch.no_grad():
                 for start in range(0, len(data), self.config.eval_batch_size):
                     stop = start + self.config.eval_batch_size
-                    x = torch.from_numpy(data.x[start:stop])
+                    if ds is None and self._holdout_x is not None:
+                        x = self._holdout_x[start:stop]  # featurised at construction
+                    else:
+                        x = self._inputs(data.x[start:stop])
                     y = torch.from_numpy(data.y[start:stop])
-                    correct += int((self.model(x).argmax(1) == y).sum())
+                    correct += int((self._trainable(x).argmax(1) == y).sum())
             self.model.train()
         return correct / len(data)
 

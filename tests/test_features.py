@@ -1,0 +1,209 @@
+"""Frozen features computed once: the process-wide cache and the scatter trainer built on it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("kymatio")
+
+from peer.training.data import Dataset, load_source
+from peer.training.features import (
+    FeatureCache,
+    ScatterFeatures,
+    cached_features,
+    clear_feature_caches,
+    feature_cache,
+)
+from peer.training.models import build_model, split_frozen
+from peer.training.trainer import LocalTrainer, TrainerConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+class Counting(nn.Module):
+    """Wraps a prefix; counts forward calls and the rows they computed."""
+
+    def __init__(self, inner: nn.Module, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.rows = 0
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=30), "test gate never opened"
+        return self.inner(x)
+
+
+def _scatter_prefix(shape: tuple[int, ...] = (28, 28)) -> nn.Module:
+    prefix, _rest = split_frozen(build_model("scatter", shape, 10))
+    assert prefix is not None
+    return prefix
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 28, 28), dtype=np.float32)
+
+
+def test_cache_matches_prefix_and_computes_each_row_once() -> None:
+    prefix = _scatter_prefix()
+    x = _images(12)
+    x_dup = np.concatenate([x, x[[3, 0, 3]]])  # 15 rows, 12 distinct
+    counting = Counting(prefix)
+    cache = FeatureCache(max_rows=100, chunk=5)
+
+    features = cache.features(counting, x_dup)
+    with torch.no_grad():
+        direct = prefix(torch.from_numpy(x_dup)).reshape(len(x_dup), -1)
+    assert features.shape == (15, 81 * 7 * 7)
+    torch.testing.assert_close(features, direct, rtol=1e-5, atol=1e-6)
+    assert (counting.rows, counting.calls) == (12, 3)  # distinct rows, in chunks of 5
+    assert (cache.computed, len(cache)) == (12, 12)
+
+    # A copied subset (a peer's shard is a copy) hits: nothing is computed again.
+    subset = x[[7, 2, 11]].copy()
+    again = cache.features(counting, subset)
+    assert counting.rows == 12 and cache.hits >= 3
+    torch.testing.assert_close(again, direct[[7, 2, 11]], rtol=0, atol=0)
+
+    # A new row is the only one computed.
+    fresh = _images(1, seed=1)
+    mixed = cache.features(counting, np.concatenate([fresh, x[:2]]))
+    assert counting.rows == 13
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[0], prefix(torch.from_numpy(fresh)).reshape(-1),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_bounded_and_clearable() -> None:
+    counting = Counting(nn.Flatten())  # cheap stand-in: the cache is prefix-agnostic
+    cache = FeatureCache(max_rows=4, chunk=3)
+    x = _images(10)
+    cache.features(counting, x)
+    assert len(cache) == 4 and counting.rows == 10
+    cache.features(counting, x[6:])  # the 4 most recent rows are kept
+    assert counting.rows == 10
+    cache.features(counting, x[:1])  # an evicted row is computed again
+    assert counting.rows == 11 and len(cache) == 4
+    cache.clear()
+    assert len(cache) == 0
+    out = cache.features(counting, x[:0])
+    assert out.shape == (0, 28 * 28)
+
+
+def test_concurrent_requests_compute_a_row_once() -> None:
+    gate = threading.Event()
+    counting = Counting(nn.Flatten(), gate=gate)
+    cache = FeatureCache(max_rows=100, chunk=64)
+    x = _images(20)
+    results: dict[str, torch.Tensor] = {}
+
+    def run(name: str, rows: np.ndarray) -> None:
+        results[name] = cache.features(counting, rows)
+
+    first = threading.Thread(target=run, args=("first", x))
+    first.start()
+    assert counting.entered.wait(timeout=30)  # the first thread holds the claim on all rows
+    second = threading.Thread(target=run, args=("second", x[5:15].copy()))
+    second.start()
+    gate.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert not first.is_alive() and not second.is_alive()
+    assert counting.rows == 20 and counting.calls == 1
+    torch.testing.assert_close(results["first"], torch.from_numpy(x).reshape(20, -1))
+    torch.testing.assert_close(results["second"], results["first"][5:15])
+
+
+def test_process_wide_caches_are_per_configuration() -> None:
+    clear_feature_caches()
+    a, b = _scatter_prefix(), _scatter_prefix()
+    assert feature_cache(a, (28, 28)) is feature_cache(b, (28, 28))  # same config: shared
+    other = _scatter_prefix((1, 28, 28))
+    assert feature_cache(other, (1, 28, 28)) is not feature_cache(a, (28, 28))
+    x = _images(3)
+    cached_features(a, x)
+    cache = feature_cache(a, (28, 28))
+    assert cache.computed == 3 and len(cache) == 3
+    cached_features(b, x.copy())
+    assert cache.computed == 3
+    clear_feature_caches()
+    assert len(cache) == 0
+
+
+def test_split_frozen_of_scatter_shares_the_model() -> None:
+    model = build_model("scatter", (28, 28), 10)
+    prefix, rest = split_frozen(model)
+    assert prefix is not None
+    assert any(isinstance(m, ScatterFeatures) for m in prefix.modules())
+    assert not any(True for _ in prefix.parameters())
+    assert [id(p) for p in rest.parameters()] == [id(p) for p in model.parameters()]
+    x = torch.from_numpy(_images(4))
+    with torch.no_grad():
+        torch.testing.assert_close(rest(prefix(x)), model(x), rtol=0, atol=0)
+
+
+def _digits_28(n: int) -> Dataset:
+    """Digits (8x8) upsampled x3 and padded to 28x28: a small image set for the trainer."""
+    train, _test = load_source("digits")
+    images = train.x[:n].reshape(n, 8, 8)
+    big = np.pad(np.kron(images, np.ones((3, 3), dtype=np.float32)), ((0, 0), (2, 2), (2, 2)))
+    return Dataset(x=big.astype(np.float32), y=train.y[:n].copy(), num_classes=10,
+                   name="digits-28")
+
+
+def test_scatter_trainer_trains_evaluates_and_resumes(tmp_path: Path) -> None:
+    data = _digits_28(260)
+    train, holdout = data.subset(np.arange(200)), data.subset(np.arange(200, 240))
+    test = data.subset(np.arange(230, 260))  # overlaps the hold-out by 10 rows
+    config = TrainerConfig(model="scatter", local_steps=3, batch_size=32, noise_multiplier=1.0,
+                           max_grad_norm=0.1, lr=2.0, momentum=0.5, dp=True)
+    clear_feature_caches()
+    trainer = LocalTrainer(config, train, holdout, tmp_path)
+    cache = feature_cache(trainer._frozen, (28, 28))
+    assert cache.computed == 240  # train + hold-out, once, at construction
+    assert trainer.param_count == 3969 * 10 + 10
+    assert trainer.model_id.startswith("scatter-39700-")
+    assert trainer._x.shape == (200, 3969)
+    with torch.no_grad():  # the trainable head on cached features is the whole model
+        torch.testing.assert_close(trainer._trainable(trainer._x[:5]),
+                                   trainer.model(torch.from_numpy(train.x[:5])),
+                                   rtol=1e-4, atol=1e-5)
+
+    before = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    update = trainer.train_round()
+    after = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    assert update.round == 1 and update.steps == 3 and update.epsilon > 0
+    assert not torch.equal(before, after)
+    assert int(update.indices.max()) < trainer.param_count
+
+    holdout_accuracy = trainer.evaluate()
+    assert 0.0 <= holdout_accuracy <= 1.0
+    assert cache.computed == 240  # the hold-out was featurised at construction
+    test_accuracy = trainer.evaluate(test)
+    assert cache.computed == 260  # only the 20 test rows not in the hold-out
+    assert trainer.evaluate(test) == test_accuracy and cache.computed == 260
+
+    # The checkpoint holds the whole model, frozen filters included, and resumes.
+    state = torch.load(trainer.checkpoint_path, weights_only=True)["model_state"]
+    assert any(".scattering." in name for name in state)
+    assert set(state) == set(trainer.model.state_dict())
+    resumed = LocalTrainer(config, train, holdout, tmp_path)
+    assert cache.computed == 260  # a rebuilt trainer hits the cache
+    assert resumed.round == 1 and resumed.model_id == trainer.model_id
+    for (name, a), (_n, b) in zip(trainer.model.state_dict().items(),
+                                  resumed.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert resumed.evaluate(test) == test_accuracy
+    assert resumed.train_round().round == 2
