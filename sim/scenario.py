@@ -38,7 +38,7 @@ BROKER_KINDS = ("embedded", "mosquitto")
 BROKER_URL_SCHEMES = ("mqtt", "mqtts")
 DATASET_NAMES = ("digits", "fashion-mnist")
 DATASET_PREFIXES = ("fashion-mnist:", "csv:", "npz:")
-MODEL_CHOICES = ("mlp", "cnn", "auto")
+MODEL_CHOICES = ("mlp", "cnn", "scatter", "auto")
 REDACTED = "<redacted>"
 SECRET_KEYS = frozenset({"broker_password"})
 
@@ -70,7 +70,7 @@ class Scenario:
     # -- peers and data ----------------------------------------------------------------------
     peers: int = 8
     dataset: str = "digits"  # "digits" | "fashion-mnist[:ROOT]" | "csv:PATH" | "npz:PATH"
-    model: str = "auto"  # "mlp" | "cnn" | "auto" (cnn for 28x28 images, mlp otherwise)
+    model: str = "auto"  # "mlp" | "cnn" | "scatter" | "auto" (cnn for 28x28 images, mlp otherwise)
     partition: str = "dirichlet"  # "iid" | "dirichlet" | "shards"
     alpha: float = 1.0  # Dirichlet concentration; smaller = more skewed
     shards_per_peer: int = 2
@@ -132,7 +132,8 @@ class Scenario:
 
 
 def resolve_model(model: str, input_shape: tuple[int, ...]) -> str:
-    """The model name to build: "auto" picks "cnn" for 28x28 images and "mlp" otherwise."""
+    """The model name to build: "auto" picks "cnn" for 28x28 images and "mlp" otherwise
+    (never "scatter": it is chosen explicitly); any other name is returned as it is."""
     if model != "auto":
         return model
     image_28 = tuple(input_shape[-2:]) == (28, 28) and len(input_shape) in (2, 3)

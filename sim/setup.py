@@ -218,6 +218,31 @@ def _split(s: Scenario, train: Any, rng: np.random.Generator) -> list[np.ndarray
                               f"{exc}") from exc
 
 
+def warm_features(model_name: str, train: Any, test: Any) -> None:
+    """For a model with a frozen feature prefix ("scatter"), featurise the whole training and
+    test sets once, before any peer is built (loaded from the on-disk store when an earlier
+    run computed them: ``peer.training.features.warm_cache``), so that every peer's shard and
+    hold-out and the test evaluations hit the process-wide feature cache. Nothing for other
+    models."""
+    import torch
+
+    from peer.errors import PeerError
+    from peer.training.features import default_cache_dir, warm_cache
+    from peer.training.models import build_model, split_frozen
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # building draws weights: leave torch's RNG
+            model = build_model(model_name, tuple(train.x.shape[1:]), train.num_classes)
+    except (PeerError, ImportError) as exc:  # ModelError, FeatureError (kymatio missing)
+        raise SimulationError(f"cannot build model {model_name!r}: {exc}") from exc
+    prefix, _rest = split_frozen(model)
+    if prefix is None:
+        return
+    cache_dir = default_cache_dir()
+    for data in (train, test):
+        warm_cache(prefix, data.x, cache_dir=cache_dir)
+
+
 def prepare(s: Scenario, run_dir: Path) -> Prepared:
     """Data split, keys and certificates for every peer (honest and hostile)."""
     from peer.training.data import load_source
@@ -227,6 +252,7 @@ def prepare(s: Scenario, run_dir: Path) -> Prepared:
     except Exception as exc:  # DataError, OSError, ValueError: the data set is unusable
         raise SimulationError(f"cannot load data set {s.dataset!r}: {exc}") from exc
     model_name = resolve_model(s.model, tuple(train.x.shape[1:]))
+    warm_features(model_name, train, test)
     rng = np.random.default_rng(s.seed)
     shards = _split(s, train, rng)
     admission = AdmissionKey.generate(s.network)

@@ -18,7 +18,11 @@ from peer.training.features import (
     ScatterFeatures,
     cached_features,
     clear_feature_caches,
+    default_cache_dir,
     feature_cache,
+    store_key,
+    store_path,
+    warm_cache,
 )
 from peer.training.models import build_model, split_frozen
 from peer.training.trainer import LocalTrainer, TrainerConfig
@@ -207,3 +211,97 @@ def test_scatter_trainer_trains_evaluates_and_resumes(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert resumed.evaluate(test) == test_accuracy
     assert resumed.train_round().round == 2
+
+
+# ------------------------------------------------------------------------ on-disk store
+def _fresh_counting() -> Counting:
+    """A counting scatter prefix; every instance has the same configuration (and cache)."""
+    return Counting(_scatter_prefix())
+
+
+def test_warm_cache_writes_then_loads_the_store_without_computing(tmp_path: Path) -> None:
+    x = _images(30)
+    clear_feature_caches()
+    first = _fresh_counting()
+    threads = torch.get_num_threads()
+    computed = warm_cache(first, x, cache_dir=tmp_path)
+    assert torch.get_num_threads() == threads  # restored after computing with every core
+    assert first.rows == 30
+    files = list(tmp_path.glob("features-*.npy"))
+    assert files == [store_path(tmp_path, first, x)]
+    assert np.load(files[0]).shape == (30, 3969)
+    assert list(tmp_path.glob(".*.tmp")) == []
+    with torch.no_grad():
+        direct = first.inner(torch.from_numpy(x)).reshape(30, -1)
+    torch.testing.assert_close(computed, direct, rtol=1e-5, atol=1e-6)
+
+    clear_feature_caches()  # a new process: nothing in memory
+    second = _fresh_counting()
+    loaded = warm_cache(second, x, cache_dir=tmp_path)
+    assert (second.calls, second.rows) == (0, 0)
+    torch.testing.assert_close(loaded, computed, rtol=0, atol=0)
+    # Every row is in the in-memory cache now: a shard (a copy) is answered without the prefix.
+    shard = cached_features(second, x[[4, 29, 0]].copy())
+    assert second.rows == 0
+    assert feature_cache(second, (28, 28)).computed == 0
+    torch.testing.assert_close(shard, computed[[4, 29, 0]], rtol=0, atol=0)
+
+
+def test_warm_cache_keys_the_store_by_data_and_prefix(tmp_path: Path) -> None:
+    x = _images(30)
+    prefix = _scatter_prefix()
+    other_rows = x.copy()
+    other_rows[7, 3, 3] += 0.5
+    keys = {store_key(prefix, x), store_key(prefix, x.copy()), store_key(prefix, other_rows),
+            store_key(prefix, x[:29]), store_key(_scatter_prefix((1, 28, 28)), x[:, None])}
+    assert len(keys) == 4  # equal data -> equal key; any other change -> another key
+
+
+def test_warm_cache_replaces_a_truncated_store(tmp_path: Path) -> None:
+    x = _images(30)
+    clear_feature_caches()
+    warm_cache(_fresh_counting(), x, cache_dir=tmp_path)
+    path = store_path(tmp_path, _fresh_counting(), x)  # the wrapper is part of the key
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+
+    clear_feature_caches()
+    again = _fresh_counting()
+    features = warm_cache(again, x, cache_dir=tmp_path)  # logged and recomputed, no error
+    assert again.rows == 30
+    assert features.shape == (30, 3969)
+    assert path.read_bytes() == whole  # the store is whole again
+
+
+def test_warm_cache_replaces_a_store_of_the_wrong_shape(tmp_path: Path) -> None:
+    x = _images(30)
+    clear_feature_caches()
+    counting = _fresh_counting()
+    path = store_path(tmp_path, counting, x)
+    np.save(path, np.zeros((29, 3969), dtype=np.float32))
+    features = warm_cache(counting, x, cache_dir=tmp_path)
+    assert counting.rows == 30
+    assert np.load(path).shape == (30, 3969)
+    torch.testing.assert_close(torch.from_numpy(np.load(path)), features, rtol=0, atol=0)
+
+
+def test_warm_cache_without_a_directory_writes_nothing(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MURMUR_CACHE_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    x = _images(30)
+    clear_feature_caches()
+    counting = _fresh_counting()
+    features = warm_cache(counting, x, cache_dir=None)
+    assert counting.rows == 30 and features.shape == (30, 3969)
+    assert len(feature_cache(counting, (28, 28))) == 30
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    monkeypatch.setenv("MURMUR_CACHE_DIR", str(tmp_path / "store"))
+    assert default_cache_dir() == tmp_path / "store"
+    monkeypatch.delenv("MURMUR_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / ".cache" / "murmur" / "features"

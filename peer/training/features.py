@@ -18,18 +18,30 @@ process-wide cache (:class:`FeatureCache`, one per distinct frozen prefix and in
 keyed by a digest of each input row, so a trainer featurises its data once at construction and
 every peer of a simulation that evaluates on the same test set (or on a copied shard of it)
 reuses the rows already computed. See :func:`configure_feature_cache` for its memory bound.
+
+Computing them once per machine: :func:`warm_cache` featurises a whole data set (with all the
+cores) and keeps the result on disk, in ``features-<key>.npy`` under :func:`default_cache_dir`
+(``$MURMUR_CACHE_DIR`` or ``~/.cache/murmur/features``), keyed by the prefix's configuration and
+the data's bytes. A later process loads the file instead (seconds, not minutes) and fills the
+in-memory cache from it, so every trainer built on rows of that data set hits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 import threading
+import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SCATTER_J = 2
 SCATTER_L = 8
@@ -165,6 +177,19 @@ class FeatureCache:
         with self._lock:
             self._rows.clear()
 
+    def insert(self, keys: list[bytes], rows: torch.Tensor) -> None:
+        """Store precomputed rows (``rows[i]`` for ``keys[i]``), most recent last, bounded."""
+        if len(keys) != len(rows):
+            raise ValueError(f"{len(keys)} keys for {len(rows)} rows")
+        with self._lock:
+            if self.max_rows == 0:
+                return
+            for key, row in zip(keys, rows, strict=True):
+                self._rows[key] = row
+                self._rows.move_to_end(key)
+            while len(self._rows) > self.max_rows:
+                self._rows.popitem(last=False)
+
     def features(self, prefix: nn.Module, x: np.ndarray) -> torch.Tensor:
         """[N, F] float32 features of the rows of ``x`` (a new tensor; N may be 0)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -277,3 +302,103 @@ def clear_feature_caches() -> None:
         _caches.clear()
     for cache in caches:
         cache.clear()
+
+
+# --------------------------------------------------------------------------- disk store
+#: Environment variable naming the directory of the on-disk feature store.
+CACHE_DIR_ENV = "MURMUR_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$MURMUR_CACHE_DIR`` if set (and not empty), else ``~/.cache/murmur/features``."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "murmur" / "features"
+
+
+def store_key(prefix: nn.Module, x: np.ndarray) -> str:
+    """Hex key of the features of the whole array ``x``: prefix configuration, shape, bytes."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    h = hashlib.blake2b(digest_size=_DIGEST_BYTES)
+    h.update(_prefix_key(prefix, tuple(x.shape[1:])))
+    h.update(repr(tuple(x.shape)).encode())
+    h.update(memoryview(x).cast("B"))
+    return h.hexdigest()
+
+
+def store_path(cache_dir: Path, prefix: nn.Module, x: np.ndarray) -> Path:
+    return Path(cache_dir) / f"features-{store_key(prefix, x)}.npy"
+
+
+def _all_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _load_store(path: Path, rows: int) -> torch.Tensor | None:
+    """The stored [rows, F] float32 features, or None (missing; unreadable ones are removed)."""
+    try:
+        stored = np.load(path, mmap_mode="r", allow_pickle=False)
+        if stored.dtype != np.float32 or stored.ndim != 2 or stored.shape[0] != rows \
+                or stored.shape[1] < 1:
+            raise ValueError(f"holds {stored.dtype} {stored.shape}, expected float32 ({rows}, F)")
+        features = torch.from_numpy(np.array(stored))  # read it all now: a private copy
+        del stored
+        return features
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("feature store %s is unreadable (%s); removing it and recomputing",
+                    path, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _save_store(path: Path, features: torch.Tensor) -> None:
+    from peer.files import atomic_write_with
+
+    array = features.numpy()
+    try:
+        atomic_write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
+    except OSError as exc:  # a full or read-only disk: the run goes on without the store
+        log.warning("cannot write feature store %s: %s", path, exc)
+        return
+    log.info("stored features in %s (%.0f MB)", path, path.stat().st_size / 1e6)
+
+
+def warm_cache(prefix: nn.Module, x: np.ndarray, *, cache_dir: Path | None) -> torch.Tensor:
+    """Put the features of every row of ``x`` in the process-wide cache; [N, F] float32.
+
+    With ``cache_dir`` (usually :func:`default_cache_dir`), the features of the whole array
+    are loaded from ``<cache_dir>/features-<key>.npy`` (:func:`store_key`) when it exists;
+    otherwise they are computed, through the in-memory cache, with all available torch threads
+    (the previous thread count is restored after), and written there atomically. A file that
+    is corrupt, truncated or of the wrong shape is logged, removed and recomputed; a store
+    that cannot be written is logged and skipped. ``cache_dir=None``: no disk store.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    cache = feature_cache(prefix, tuple(x.shape[1:]))
+    started = time.perf_counter()
+    path = store_path(cache_dir, prefix, x) if cache_dir is not None else None
+    if path is not None:
+        features = _load_store(path, len(x))
+        if features is not None:
+            cache.insert(row_digests(x), features)
+            log.info("loaded features of %d rows from %s in %.1f s", len(x), path,
+                     time.perf_counter() - started)
+            return features
+    previous = torch.get_num_threads()
+    threads = _all_threads()
+    torch.set_num_threads(threads)
+    try:
+        features = cache.features(prefix, x)
+    finally:
+        torch.set_num_threads(previous)
+    log.info("computed features of %d rows in %.1f s (%d torch threads)", len(x),
+             time.perf_counter() - started, threads)
+    if path is not None:
+        _save_store(path, features)
+    return features
