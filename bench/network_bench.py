@@ -45,8 +45,19 @@ from sim.runner import RunResult, baseline_inputs, run_simulation  # noqa: E402
 from sim.scenario import Scenario, scenario_from_dict  # noqa: E402
 from sim.setup import prepare  # noqa: E402
 
+#: The full grid's model and its recipe; "cnn" is the first version's grid (60 rounds).
+#: "scatter" (frozen ScatterNet features + linear, docs/results.md) learns under DP with a
+#: small clipping norm and a large step, and without DP with a small step.
+MODEL_RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # (options of every row, options of the no-DP row)
+    "scatter": (dict(model="scatter", rounds=30, lr=4.0, max_grad_norm=0.1, topk_fraction=0.1),
+                dict(lr=0.02)),
+    "cnn": (dict(model="cnn", rounds=60, lr=0.2, max_grad_norm=1.0, topk_fraction=0.25), {}),
+}
 
-def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], float]:
+
+def grid(quick: bool, model: str = "scatter"
+         ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], float]:
     """(shared scenario options, [(label, per-row options)], round pause)."""
     if quick:
         shared: dict[str, Any] = dict(
@@ -58,12 +69,13 @@ def grid(quick: bool) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]],
                 ("gossip, DP eps=3", {"dp": True, "target_epsilon": 3.0}),
                 ("gossip, DP eps=8", {"dp": True, "target_epsilon": 8.0})]
         return shared, rows, 0.3
+    recipe, no_dp = MODEL_RECIPES[model]
     shared = dict(
-        peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5, rounds=60,
-        local_steps=10, batch_size=64, lr=0.2, topk_fraction=0.25, duration_s=1800.0, seed=1,
-        broker="mosquitto" if MosquittoBroker.available() else "embedded",
+        peers=16, dataset="fashion-mnist", partition="dirichlet", alpha=0.5,
+        local_steps=10, batch_size=64, duration_s=1800.0, seed=1,
+        broker="mosquitto" if MosquittoBroker.available() else "embedded", **recipe,
     )
-    rows = [("gossip, no DP", {"dp": False}),
+    rows = [("gossip, no DP", {"dp": False, **no_dp}),
             ("gossip, DP eps=3", {"dp": True, "target_epsilon": 3.0}),
             ("gossip, DP eps=8", {"dp": True, "target_epsilon": 8.0})]
     return shared, rows, 2.0
@@ -83,8 +95,9 @@ def _dense_model_bytes(scenario: Scenario, model_name: str, train: Any) -> int:
     return 4 * param_count(model)
 
 
-async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True) -> list[dict[str, Any]]:
-    shared, gossip_rows, pause = grid(quick)
+async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True,
+                   model: str = "scatter") -> list[dict[str, Any]]:
+    shared, gossip_rows, pause = grid(quick, model)
     rows: list[dict[str, Any]] = []
     dense: int | None = None
     for label, options in gossip_rows:
@@ -104,6 +117,7 @@ async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True) -> lis
         rows.append({
             "method": label,
             "dataset": scenario.dataset,
+            "model": scenario.model,
             "peers": scenario.peers,
             "accuracy_pct": None if result.summary.mean_accuracy is None
             else round(100 * result.summary.mean_accuracy, 1),
@@ -146,7 +160,8 @@ async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True) -> lis
 def _baseline_row(method: str, result: dict[str, Any], scenario: Scenario, dense: int | None,
                   *, epsilon: float | None) -> dict[str, Any]:
     return {
-        "method": method, "dataset": scenario.dataset, "peers": scenario.peers,
+        "method": method, "dataset": scenario.dataset, "model": scenario.model,
+        "peers": scenario.peers,
         "accuracy_pct": round(100 * result["accuracy"], 1),
         "wall_s": round(result["seconds"], 1), "sessions_done": None,
         "max_epsilon": None if epsilon is None else round(epsilon, 2),
@@ -175,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="keep the run directories here (default: a temporary directory)")
+    parser.add_argument("--model", choices=sorted(MODEL_RECIPES), default="scatter",
+                        help="the full grid's model and recipe (default scatter)")
     parser.add_argument("--no-dp-baselines", action="store_true",
                         help="skip the DP baseline rows (on the full grid they add about "
                              "32,000 CNN DP-SGD steps, ~12 min on 2 cores)")
@@ -189,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(quiet)
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.runs_dir or Path(tmp)
-        rows = asyncio.run(run_grid(args.quick, runs_dir, not args.no_dp_baselines))
+        rows = asyncio.run(run_grid(args.quick, runs_dir, not args.no_dp_baselines,
+                                    args.model))
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

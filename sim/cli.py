@@ -19,6 +19,7 @@ from typing import Any
 
 from sim.scenario import (
     HOSTILE_KINDS,
+    MODEL_CHOICES,
     MODES,
     Scenario,
     ScenarioError,
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML scenario file (options below override it)")
     parser.add_argument("--peers", type=int, help="number of honest peers")
     parser.add_argument("--dataset", help="digits | fashion-mnist[:DIR] | csv:PATH | npz:PATH")
-    parser.add_argument("--model", help="mlp | cnn | auto")
+    parser.add_argument("--model", help=f"{' | '.join(MODEL_CHOICES)}")
     parser.add_argument("--partition", help="iid | dirichlet | shards")
     parser.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: skewed)")
     dp = parser.add_mutually_exclusive_group()
