@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.training.models import build_model
+from peer.training.models import build_model, split_frozen
 from sim.scenario import Scenario, resolve_model
 
 _EVAL_BATCH = 4096
@@ -65,15 +65,28 @@ class LabelledData(Protocol):
     num_classes: int
 
 
+def _trainable_view(model: nn.Module, x: np.ndarray) -> tuple[nn.Module, Any]:
+    """(what to run, its inputs): a model with a frozen feature prefix ("scatter") runs its
+    trainable part on features computed once per image (peer.training.features), as a peer's
+    trainer does; any other model runs whole on ``x``."""
+    prefix, trainable = split_frozen(model)
+    if prefix is None:
+        return model, x
+    from peer.training.features import cached_features
+
+    return trainable, cached_features(prefix, x)
+
+
 def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     if len(y) == 0:
         raise ValueError("cannot evaluate on an empty test set")
     model.eval()
+    net, data = _trainable_view(model, x)
     correct = 0
     with torch.no_grad():
         for start in range(0, len(y), _EVAL_BATCH):
-            inputs = torch.as_tensor(x[start:start + _EVAL_BATCH], dtype=torch.float32)
-            predictions = model(inputs).argmax(dim=1).numpy()
+            inputs = torch.as_tensor(data[start:start + _EVAL_BATCH], dtype=torch.float32)
+            predictions = net(inputs).argmax(dim=1).numpy()
             correct += int((predictions == y[start:start + _EVAL_BATCH]).sum())
     return correct / len(y)
 
@@ -103,6 +116,7 @@ def train_steps(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    net, data = _trainable_view(model, x)
     order = batch_rng.permutation(len(y))
     cursor = 0
     for _ in range(steps):
@@ -111,10 +125,10 @@ def train_steps(
             cursor = 0
         batch = order[cursor:cursor + batch_size]
         cursor += batch_size
-        inputs = torch.as_tensor(x[batch], dtype=torch.float32)
+        inputs = torch.as_tensor(data[batch], dtype=torch.float32)
         targets = torch.as_tensor(y[batch], dtype=torch.int64)
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
+        loss_fn(net(inputs), targets).backward()
         optimizer.step()
     return model
 
@@ -307,6 +321,32 @@ def _compute_dp(
     training_rounds = peer_config.planned_rounds - peer_config.averaging_rounds
     test_set = _dataset(test.x, test.y, test.num_classes, "test")
 
+    standalone = _standalone_dp(peer_config, train, test_set, partitions, training_rounds)
+    # The same ε as the network: its target, or (σ fixed instead) what a peer spends.
+    target = (scenario.target_epsilon if scenario.target_epsilon is not None
+              else max(standalone["per_peer_epsilon"]))
+    central = _centralized_dp(peer_config, train, test_set, partitions, training_rounds, target)
+
+    eps = _eps_label(target)
+    recipe = (f"Murmur DP-SGD (lr {peer_config.lr:g}, momentum {peer_config.momentum:g}, "
+              f"batch {peer_config.batch_size}, C = {peer_config.max_grad_norm:g}, "
+              f"δ = {peer_config.delta:g})")
+    per_peer_steps = training_rounds * peer_config.local_steps
+    common = {"model": model_name, "target_epsilon": float(target), "delta": peer_config.delta}
+    return {
+        "centralized_dp": _centralized_dp_entry(central, peer_config, common, eps, recipe),
+        "standalone_dp": _standalone_dp_entry(standalone, common, eps, recipe, per_peer_steps),
+    }
+
+
+def _standalone_dp(
+    peer_config: Any,
+    train: LabelledData,
+    test_set: Any,
+    partitions: Sequence[np.ndarray],
+    training_rounds: int,
+) -> dict[str, Any]:
+    """Each peer alone on its shard with exactly its network trainer config."""
     started = time.perf_counter()
     per_peer: list[float] = []
     per_peer_epsilon: list[float] = []
@@ -322,11 +362,25 @@ def _compute_dp(
         sigmas.append(float(trainer.sigma))
         rates.append(float(trainer.sample_rate))
         standalone_steps.append(steps)
-    standalone_seconds = time.perf_counter() - started
+    return {
+        "per_peer": per_peer,
+        "per_peer_epsilon": per_peer_epsilon,
+        "sigmas": sigmas,
+        "rates": rates,
+        "steps": standalone_steps,
+        "seconds": time.perf_counter() - started,
+    }
 
-    # The same ε as the network: its target, or (σ fixed instead) what a peer spends.
-    target = (scenario.target_epsilon if scenario.target_epsilon is not None
-              else max(per_peer_epsilon))
+
+def _centralized_dp(
+    peer_config: Any,
+    train: LabelledData,
+    test_set: Any,
+    partitions: Sequence[np.ndarray],
+    training_rounds: int,
+    target: float,
+) -> dict[str, Any]:
+    """One trainer on the pooled shards with the network's total private compute."""
     per_peer_steps = training_rounds * peer_config.local_steps
     total_steps = per_peer_steps * len(partitions)
     started = time.perf_counter()
@@ -347,47 +401,62 @@ def _compute_dp(
     central, central_steps = _train_private(central_config, pooled_set, test_set,
                                             training_rounds)
     central_accuracy = central.evaluate(test_set)
-    central_seconds = time.perf_counter() - started
-
-    eps = _eps_label(target)
-    recipe = (f"Murmur DP-SGD (lr {peer_config.lr:g}, momentum {peer_config.momentum:g}, "
-              f"batch {peer_config.batch_size}, C = {peer_config.max_grad_norm:g}, "
-              f"δ = {peer_config.delta:g})")
     return {
-        "centralized_dp": {
-            "accuracy": central_accuracy,
-            "steps": central_steps,
-            "epochs": central_steps * peer_config.batch_size / len(pooled),
-            "seconds": central_seconds,
-            "model": model_name,
-            "epsilon": float(central.ledger.epsilon),
-            "target_epsilon": float(target),
-            "delta": peer_config.delta,
-            "sigma": float(central.sigma),
-            "sample_rate": float(central.sample_rate),
-            "label": f"centralized, DP eps={eps} (Murmur DP-SGD, pooled data)",
-            "description": (
-                f"all {len(pooled)} training examples pooled, {recipe}, the network's "
-                f"{central_steps} private steps in total at q = {central.sample_rate:.4f}, "
-                f"σ = {central.sigma:.2f}, ε spent {central.ledger.epsilon:.2f}; test set"),
-        },
-        "standalone_dp": {
-            "accuracy": float(np.mean(per_peer)),
-            "accuracy_min": float(np.min(per_peer)),
-            "accuracy_max": float(np.max(per_peer)),
-            "per_peer": per_peer,
-            "steps": int(np.mean(standalone_steps)),
-            "seconds": standalone_seconds,
-            "model": model_name,
-            "epsilon": float(max(per_peer_epsilon)),
-            "target_epsilon": float(target),
-            "delta": peer_config.delta,
-            "sigma": float(np.mean(sigmas)),
-            "sample_rate": float(np.mean(rates)),
-            "label": f"each peer alone, DP eps={eps}",
-            "description": (
-                f"each peer alone on its shard with its network trainer config, {recipe}, "
-                f"{per_peer_steps} private steps, σ = {min(sigmas):.2f}–{max(sigmas):.2f}, "
-                f"max ε spent {max(per_peer_epsilon):.2f}, no merges; test set"),
-        },
+        "trainer": central,
+        "steps": central_steps,
+        "accuracy": central_accuracy,
+        "n_pooled": len(pooled),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _centralized_dp_entry(
+    run: dict[str, Any], peer_config: Any, common: dict[str, Any], eps: str, recipe: str
+) -> dict[str, Any]:
+    central = run["trainer"]
+    central_steps = run["steps"]
+    n_pooled = run["n_pooled"]
+    return {
+        "accuracy": run["accuracy"],
+        "steps": central_steps,
+        "epochs": central_steps * peer_config.batch_size / n_pooled,
+        "seconds": run["seconds"],
+        "model": common["model"],
+        "epsilon": float(central.ledger.epsilon),
+        "target_epsilon": common["target_epsilon"],
+        "delta": common["delta"],
+        "sigma": float(central.sigma),
+        "sample_rate": float(central.sample_rate),
+        "label": f"centralized, DP eps={eps} (Murmur DP-SGD, pooled data)",
+        "description": (
+            f"all {n_pooled} training examples pooled, {recipe}, the network's "
+            f"{central_steps} private steps in total at q = {central.sample_rate:.4f}, "
+            f"σ = {central.sigma:.2f}, ε spent {central.ledger.epsilon:.2f}; test set"),
+    }
+
+
+def _standalone_dp_entry(
+    run: dict[str, Any], common: dict[str, Any], eps: str, recipe: str, per_peer_steps: int
+) -> dict[str, Any]:
+    per_peer = run["per_peer"]
+    per_peer_epsilon = run["per_peer_epsilon"]
+    sigmas = run["sigmas"]
+    return {
+        "accuracy": float(np.mean(per_peer)),
+        "accuracy_min": float(np.min(per_peer)),
+        "accuracy_max": float(np.max(per_peer)),
+        "per_peer": per_peer,
+        "steps": int(np.mean(run["steps"])),
+        "seconds": run["seconds"],
+        "model": common["model"],
+        "epsilon": float(max(per_peer_epsilon)),
+        "target_epsilon": common["target_epsilon"],
+        "delta": common["delta"],
+        "sigma": float(np.mean(sigmas)),
+        "sample_rate": float(np.mean(run["rates"])),
+        "label": f"each peer alone, DP eps={eps}",
+        "description": (
+            f"each peer alone on its shard with its network trainer config, {recipe}, "
+            f"{per_peer_steps} private steps, σ = {min(sigmas):.2f}–{max(sigmas):.2f}, "
+            f"max ε spent {max(per_peer_epsilon):.2f}, no merges; test set"),
     }

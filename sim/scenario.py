@@ -175,6 +175,16 @@ def _check_types(s: Scenario) -> None:
 def validate_scenario(s: Scenario) -> None:
     """Check types, ranges and cross-option consistency; ScenarioError names the bad key."""
     _check_types(s)
+    _check_data(s)
+    _check_privacy(s)
+    _check_training(s)
+    _check_aggregation(s)
+    _check_faults(s)
+    _check_broker(s)
+    _check_run(s)
+
+
+def _check_data(s: Scenario) -> None:
     _require(1 <= s.peers <= 512, "peers", f"must be between 1 and 512, got {s.peers}")
     _require(
         s.dataset in DATASET_NAMES
@@ -200,6 +210,9 @@ def validate_scenario(s: Scenario) -> None:
         "holdout_fraction",
         f"must be strictly between 0 and 1, got {s.holdout_fraction}",
     )
+
+
+def _check_privacy(s: Scenario) -> None:
     if s.dp:
         _require(
             (s.target_epsilon is None) != (s.noise_multiplier is None),
@@ -220,6 +233,9 @@ def validate_scenario(s: Scenario) -> None:
         )
     _require(0 < s.delta < 1, "delta", f"must be strictly between 0 and 1, got {s.delta}")
     _require(s.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {s.max_grad_norm}")
+
+
+def _check_training(s: Scenario) -> None:
     _require(1 <= s.rounds <= 1_000_000, "rounds", f"must be >= 1, got {s.rounds}")
     _require(s.duration_s > 0, "duration_s", f"must be > 0 seconds, got {s.duration_s}")
     _require(s.local_steps >= 1, "local_steps", f"must be >= 1, got {s.local_steps}")
@@ -228,6 +244,9 @@ def validate_scenario(s: Scenario) -> None:
     )
     _require(0 < s.lr <= 10, "lr", f"must be in (0, 10], got {s.lr}")
     _require(0 <= s.momentum < 1, "momentum", f"must be in [0, 1), got {s.momentum}")
+
+
+def _check_aggregation(s: Scenario) -> None:
     _require(0 <= s.averaging_fraction < 1, "averaging_fraction",
              f"must be in [0, 1), got {s.averaging_fraction}")
     _require(
@@ -249,6 +268,9 @@ def validate_scenario(s: Scenario) -> None:
         "threshold",
         f"must be in 2..group_size ({s.group_size}), got {s.threshold}",
     )
+
+
+def _check_faults(s: Scenario) -> None:
     _require(s.churn_rate >= 0, "churn_rate", f"must be >= 0, got {s.churn_rate}")
     _require(
         s.churn_downtime_s >= 0, "churn_downtime_s", f"must be >= 0, got {s.churn_downtime_s}"
@@ -261,7 +283,9 @@ def validate_scenario(s: Scenario) -> None:
             "hostile_peers",
             f"unknown hostile kind {kind!r}; expected some of {HOSTILE_KINDS}",
         )
-    _check_broker(s)
+
+
+def _check_run(s: Scenario) -> None:
     _require(s.mode in MODES, "mode", f"expected one of {MODES}, got {s.mode!r}")
     _require(is_valid_id(s.network), "network", f"must match {ID_PATTERN}, got {s.network!r}")
     _require(0 <= s.seed < 2**63, "seed", f"must be in 0..2**63-1, got {s.seed}")
