@@ -10,13 +10,12 @@
 * a ticker that advances the current session's timeouts;
 * periodic signed, retained announcements and checkpoints.
 
-Every inbound message passes, in this order: topic -> size -> decode -> topic binding (the
-signed sender must own the topic) -> network -> certificate (announce) or known sender ->
-signature -> recipient -> replay window -> session. Each failure is a counted drop with a
-reason (``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer.
-The session itself (peer/network/session.py) checks seals, sizes and contributor sets; the merge
-rule
-(peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
+Every inbound message passes the checks of peer/network/inbound.py (topic, size, decoding,
+topic binding, network, certificate or known sender, signature, recipient, replay window)
+before it reaches a session. Each failure is a counted drop with a reason
+(``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer. The
+session itself (peer/network/session.py) checks seals, sizes and contributor sets; the merge
+rule (peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
 
 A peer takes part in at most one session at a time; nobody waits for a global round.
 """
@@ -38,13 +37,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from crypto.admission import Certificate
-from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.field import FixedPoint
-from crypto.identity import Identity, verify_signature
+from crypto.identity import Identity
 from crypto.replay import ReplayWindow
 from peer.errors import BudgetExhaustedError, DroppedError
 from peer.network.counters import DropCounter, PeerStatus, SessionCounters
-from peer.network.membership import DropError, MembershipView
+from peer.network.inbound import InboundChecks
+from peer.network.membership import MembershipView
 from peer.network.session import (
     Contribution,
     GroupResult,
@@ -67,16 +66,14 @@ from peer.network.transport import (
 from peer.sharing import SharingStrategy
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig, MergeRejected, merge_group_sum
 from protocol import messages as m
-from protocol.codec import SignedMessage, decode_message, encode_message
-from protocol.errors import ProtocolError, SizeLimitError
+from protocol.codec import encode_message
+from protocol.errors import ProtocolError
 from protocol.limits import MAX_MEMBERS, MAX_PAYLOAD_BYTES
 from protocol.topics import (
     announce_filter,
     announce_topic,
-    check_topic_binding,
     direct_topic,
     inbox_filter,
-    parse_topic,
 )
 
 log = logging.getLogger(__name__)
@@ -186,7 +183,7 @@ class Peer:
             silence_expiry_s=cfg.silence_expiry_s,
             clock_skew_s=cfg.clock_skew_s,
         )
-        self.replay = ReplayWindow()
+        self.inbound = InboundChecks(network_id, self.peer_id, self.membership, ReplayWindow())
         self.seq = m.SequenceCounter()
         self.drops = DropCounter(self.peer_id)
         self.transport = self._make_transport(broker, client_id)
@@ -383,65 +380,12 @@ class Peer:
         """Check one inbound message end to end; every refusal is a counted drop."""
         now = time.time()
         try:
-            admitted = self._admit(incoming, now)
+            admitted = self.inbound.admit(incoming, now)
         except DroppedError as exc:
             self.drops.drop(exc.reason, exc.detail)
             return
         if admitted is not None:
             self._dispatch(admitted.header, admitted.body, now)
-
-    def _admit(self, incoming: Incoming, now: float) -> SignedMessage | None:
-        """The checks of the module docstring, in order; DropError names the first that fails.
-
-        None: the message was fully handled here (our own echo, membership traffic).
-        """
-        try:
-            parsed = parse_topic(self.network_id, incoming.topic)
-        except ProtocolError as exc:
-            raise DropError("bad_topic", str(exc)) from None
-        if parsed.sender == self.peer_id:
-            return None  # our own retained announcement / leave echoed back
-        if parsed.kind == "announce" and not incoming.payload:
-            self.membership.on_gone(parsed.sender)  # last will or cleared retained announce
-            return None
-        if len(incoming.payload) > MAX_PAYLOAD_BYTES:
-            raise DropError("oversize")
-        try:
-            msg = decode_message(incoming.payload)
-        except SizeLimitError as exc:
-            raise DropError("oversize", str(exc)) from None
-        except ProtocolError as exc:
-            raise DropError("malformed", str(exc)) from None
-        header = msg.header
-        if header.network != self.network_id:
-            raise DropError("foreign_network", header.network)
-        try:
-            check_topic_binding(parsed, msg)
-        except ProtocolError as exc:
-            raise DropError("topic_mismatch", str(exc)) from None
-        if header.kind in (m.Kind.ANNOUNCE, m.Kind.LEAVE):
-            # Membership checks certificate, signature and announce ordering itself.
-            if header.kind is m.Kind.ANNOUNCE:
-                self.membership.on_announce(msg, now)
-            else:
-                self.membership.on_leave(msg)
-            return None
-        member = self.membership.get(header.sender)
-        if member is None:
-            raise DropError("unknown_sender", header.sender)
-        try:
-            verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
-        except SignatureError:
-            raise DropError("bad_signature", header.sender) from None
-        if parsed.recipient is not None and parsed.recipient != self.peer_id:
-            raise DropError("wrong_recipient")
-        try:
-            self.replay.check(header.sender, header.seq)
-        except StaleMessageError:
-            raise DropError("stale", header.sender) from None
-        except ReplayError:
-            raise DropError("replay", header.sender) from None
-        return msg
 
     def _dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
         if header.kind is m.Kind.INVITE:
