@@ -33,11 +33,12 @@ property is at stake here. The accuracy reported is on the shared test set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -133,6 +134,18 @@ def train_steps(
     return model
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (None: left alone), then restored."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def compute_baselines(
     scenario: Scenario,
     train: LabelledData,
@@ -162,16 +175,11 @@ def compute_baselines(
     if not partitions:
         raise ValueError("need at least one peer partition")
     with_dp = scenario.dp if dp is None else dp
-    previous_threads = torch.get_num_threads()
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
     started = time.perf_counter()
-    try:
+    with _torch_threads(torch_threads):
         result = _compute(scenario, train, test, partitions, epochs_equivalent, lr)
         if with_dp:
             result.update(_compute_dp(scenario, train, test, partitions))
-    finally:
-        torch.set_num_threads(previous_threads)
     log.info("baselines trained in %.1f s: %s", time.perf_counter() - started,
              ", ".join(f"{k} {v['seconds']:.1f} s ({v['accuracy']:.1%})"
                        for k, v in result.items()))
@@ -192,14 +200,9 @@ def compute_dp_baselines(
         raise ValueError("the DP baselines need a scenario with dp on")
     if not partitions:
         raise ValueError("need at least one peer partition")
-    previous_threads = torch.get_num_threads()
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
     started = time.perf_counter()
-    try:
+    with _torch_threads(torch_threads):
         result = _compute_dp(scenario, train, test, partitions)
-    finally:
-        torch.set_num_threads(previous_threads)
     log.info("DP baselines trained in %.1f s", time.perf_counter() - started)
     return result
 

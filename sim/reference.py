@@ -107,6 +107,7 @@ def run_group(members: list[ReferencePeer], fixed_point: FixedPoint) -> None:
     for peer, (own, filled) in zip(members, parts, strict=True):
         peer.counters.sessions_done += 1
         peer.payload_bytes += per_member
+        peer.fresh = None  # shared: as in the node, the next session needs a new update
         if filled.size:
             mask = np.isin(coords, filled)
             peer.trainer.sharing.settle(filled, own[mask].astype(np.float32))
@@ -118,7 +119,6 @@ def run_group(members: list[ReferencePeer], fixed_point: FixedPoint) -> None:
             continue
         peer.trainer.apply_update(merged.indices, merged.values)
         peer.counters.merges_applied += 1
-        peer.fresh = None
 
 
 def _train(peer: ReferencePeer, evaluate: bool) -> None:
