@@ -25,6 +25,7 @@ from peer import tomlcheck
 from peer.errors import PeerError
 from peer.files import FileReadError, read_small_file
 from peer.network.node import NodeConfig
+from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from peer.training.config import TrainerConfig
@@ -80,6 +81,30 @@ class SessionConfig:
             raise ValueError(f"frac_bits must be in 8..24 (got {self.frac_bits})")
 
 
+@dataclass(frozen=True)
+class PaceConfig:
+    """When the peer trains (``[pace]``; peer/network/pacing.py).
+
+    ``budget_hours``: the planned private rounds (``planned_rounds - averaging_rounds``) are
+    spread over this many hours, so the privacy budget lasts that long; after that the peer
+    keeps averaging its model with its neighbours, which costs no epsilon. ``train_only_when_
+    grouped``: take private steps only while connected with >= 2 other eligible peers (a
+    peer cut off from the network spends nothing). ``averaging_interval_s``: least time
+    between two averaging rounds (free re-shares of the model).
+    """
+
+    budget_hours: float = 24.0
+    train_only_when_grouped: bool = PacingConfig.train_only_when_grouped
+    averaging_interval_s: float = PacingConfig.averaging_interval_s
+
+    def __post_init__(self) -> None:
+        if not 0 < self.budget_hours <= 24 * 365 * 10:
+            raise ValueError(f"budget_hours must be in (0, 87600], got {self.budget_hours}")
+        if not 0 <= self.averaging_interval_s <= 86_400:
+            raise ValueError(f"averaging_interval_s must be in [0, 86400] seconds, "
+                             f"got {self.averaging_interval_s}")
+
+
 @dataclass
 class PeerConfig:
     """Everything ``murmur-peer run`` needs. Paths are absolute after loading.
@@ -88,7 +113,10 @@ class PeerConfig:
     peer must obtain out of band and trust; every certificate is checked against it.
     ``data`` is a source spec for peer.training.data.load_train_source: "digits",
     "fashion-mnist[:ROOT]", "mnist:ROOT", "csv:PATH[#LABEL]" or "npz:PATH" (the peer loads only
-    the source's training part). ``training`` is a peer.training.trainer.TrainerConfig.
+    the source's training part). ``evaluate``, if set, is a source spec whose *test* split is
+    the hold-out (all of ``data`` then trains): a peer on a skewed shard of a public data set is
+    measured on that set's common test split instead of its own skew. The test split is public
+    data, so evaluating on it spends no privacy. ``training`` is a TrainerConfig.
     """
 
     peer_id: str
@@ -100,8 +128,10 @@ class PeerConfig:
     training: TrainerConfig
     state_dir: Path
     data: str = "digits"
+    evaluate: str | None = None
     holdout_fraction: float = 0.2
     session: SessionConfig = field(default_factory=SessionConfig)
+    pace: PaceConfig = field(default_factory=PaceConfig)
     announce_interval_s: float = 30.0
     silence_expiry_s: float = 120.0
     clock_skew_s: float = 300.0
@@ -259,9 +289,9 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
 # ------------------------------------------------------------------------------------ loader
 _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
-    "data", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
+    "data", "evaluate", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
     "clock_skew_s", "status_interval_s", "checkpoint_interval_s", "log_level", "broker",
-    "training", "session",
+    "training", "session", "pace",
 }
 
 
@@ -272,7 +302,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         raise ConfigError(f"unknown key {unknown[0]!r} "
                           f"(known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
     top = dict(document)
-    for table in ("broker", "training", "session"):
+    for table in ("broker", "training", "session", "pace"):
         top.pop(table, None)
     label = str(source) if source is not None else "config"
     peer_id = _check_id(_take(top, "peer_id", str, "", dataclasses.MISSING), "peer_id")
@@ -288,6 +318,12 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     if state_dir.exists() and not state_dir.is_dir():
         raise ConfigError(f"state_dir: {state_dir} exists and is not a directory")
     data = _data_spec(_take(top, "data", str, "", "digits"), base)
+    evaluate = _take(top, "evaluate", str | None, "", None)
+    if evaluate is not None:
+        try:
+            evaluate = _data_spec(evaluate, base)
+        except ConfigError as exc:
+            raise ConfigError(f"evaluate: {str(exc).removeprefix('data: ')}") from None
     holdout = _take(top, "holdout_fraction", float, "", 0.2)
     if not 0 < holdout < 1:
         raise ConfigError(f"holdout_fraction: must be in (0, 1), got {holdout:g}")
@@ -311,6 +347,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     broker = _broker(_section(document, "broker", label), base)
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
     training = build_dataclass(TrainerConfig, _section(document, "training", label), "training")
+    pace = build_dataclass(PaceConfig, _section(document, "pace", label), "pace")
     return PeerConfig(
         peer_id=peer_id,
         network_id=network_id,
@@ -321,8 +358,10 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         training=training,
         state_dir=state_dir,
         data=data,
+        evaluate=evaluate,
         holdout_fraction=holdout,
         session=session,
+        pace=pace,
         announce_interval_s=announce,
         silence_expiry_s=silence,
         clock_skew_s=skew,

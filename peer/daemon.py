@@ -29,6 +29,7 @@ from crypto.identity import Identity
 from peer.config import ConfigError, PeerConfig, SessionConfig
 from peer.files import FileTooLargeError, read_bounded
 from peer.network.node import EventCallback, NodeConfig, Peer
+from peer.network.pacing import PacingConfig, private_round_interval
 from peer.network.session import SessionTimeouts
 from peer.network.transport import BrokerSettings
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 #: Certificates are a few hundred bytes; anything larger is not one.
 MAX_CERTIFICATE_BYTES = 4096
+
+#: Completed sessions of earlier runs, in the state directory (for the status line's totals).
+TOTALS_FILE = "totals.json"
 
 
 def load_credentials(cfg: PeerConfig, now: float | None = None) -> tuple[Identity, Certificate]:
@@ -77,17 +81,30 @@ def load_credentials(cfg: PeerConfig, now: float | None = None) -> tuple[Identit
 
 
 def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
-    """The configured source's training part, split into (train, local hold-out)."""
-    from peer.training.data import load_train_source, split_holdout
+    """(train, hold-out): the configured source's training part split in two, or, with
+    ``evaluate`` set, all of it for training and the test split of ``evaluate`` as hold-out
+    (public data: measuring on it spends no privacy and reveals nothing of the peer's own)."""
+    from peer.training.data import load_source, load_train_source, split_holdout
 
     try:
         # Only the training part: a device never evaluates on the source's test split, so
         # loading it would only cost memory (and, for IDX data, reading the test files).
         source = load_train_source(cfg.data)
-        return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
+        if cfg.evaluate is None:
+            return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
     except Exception as exc:
         # DataError, OSError, ValueError...: all mean the configured data is unusable.
         raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
+    try:
+        _train, holdout = load_source(cfg.evaluate)
+    except Exception as exc:
+        raise ConfigError(f"evaluate: cannot load {cfg.evaluate!r}: {exc}") from None
+    if (holdout.num_classes, holdout.input_shape) != (source.num_classes, source.input_shape):
+        raise ConfigError(
+            f"evaluate: {cfg.evaluate!r} has {holdout.num_classes} classes of shape "
+            f"{holdout.input_shape}, but data {cfg.data!r} has {source.num_classes} of shape "
+            f"{source.input_shape}")
+    return source, holdout
 
 
 def build_trainer(training: Any, train: Dataset, holdout: Dataset,
@@ -126,6 +143,7 @@ def build_peer(
     broker: BrokerSettings,
     node: NodeConfig,
     on_event: EventCallback | None = None,
+    totals_path: Path | None = None,
 ) -> Peer:
     """A node around ``trainer``, merging with the rule its sharing strategy pairs with."""
     sharing = trainer.sharing
@@ -139,6 +157,18 @@ def build_peer(
         config=dataclasses.replace(node, merge=sharing.merge),
         sharing=sharing,
         on_event=on_event,
+        totals_path=totals_path,
+    )
+
+
+def pacing_config(cfg: PeerConfig) -> PacingConfig:
+    """The daemon's pacing: the budget's planned private rounds spread over budget_hours."""
+    training = cfg.training
+    private_rounds = max(1, training.planned_rounds - training.averaging_rounds)
+    return PacingConfig(
+        private_round_interval_s=private_round_interval(cfg.pace.budget_hours, private_rounds),
+        averaging_interval_s=cfg.pace.averaging_interval_s,
+        train_only_when_grouped=cfg.pace.train_only_when_grouped,
     )
 
 
@@ -157,6 +187,7 @@ def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) 
         silence_expiry_s=cfg.silence_expiry_s,
         clock_skew_s=cfg.clock_skew_s,
         checkpoint_interval_s=cfg.checkpoint_interval_s,
+        pacing=pacing_config(cfg),
     )
     return build_peer(
         identity=identity,
@@ -167,4 +198,5 @@ def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) 
         broker=cfg.broker,
         node=node,
         on_event=on_event,
+        totals_path=cfg.state_dir / TOTALS_FILE,
     )

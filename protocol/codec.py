@@ -38,6 +38,7 @@ from protocol.errors import (
     VersionError,
 )
 from protocol.limits import (
+    CONNECTION_ID_BYTES,
     CONTROL_CHARS_RE,
     MAX_CERTIFICATE_BYTES,
     MAX_FRAC_BITS,
@@ -205,9 +206,15 @@ def _decode_body(kind: Kind, raw: object, sender: str) -> Body:
             certificate=_bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES),
             model_id=_text(v["model_id"], name("model_id"), 1, MAX_MODEL_ID_LEN),
             param_count=_int(v["param_count"], name("param_count"), 1, MAX_PARAM_COUNT),
+            connection=_bytes(v["connection"], name("connection"), CONNECTION_ID_BYTES,
+                              CONNECTION_ID_BYTES),
         )
     if kind is Kind.LEAVE:
-        return Leave(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
+        return Leave(
+            reason=_text(v["reason"], name("reason"), 0, MAX_STR),
+            connection=_bytes(v["connection"], name("connection"), CONNECTION_ID_BYTES,
+                              CONNECTION_ID_BYTES),
+        )
     if kind is Kind.INVITE:
         group_size = _int(v["group_size"], name("group_size"), MIN_GROUP_SIZE, MAX_MEMBERS)
         return Invite(

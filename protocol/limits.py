@@ -49,6 +49,8 @@ MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
 
 #: Exact sizes of fixed-width fields.
 SESSION_ID_BYTES: Final = 16
+#: ANNOUNCE.connection / LEAVE.connection: a fresh random id per broker connection.
+CONNECTION_ID_BYTES: Final = 16
 SIGNATURE_BYTES: Final = 64
 
 #: Sequence numbers are 0 <= seq < 2**63 (they fit a signed 64-bit integer).

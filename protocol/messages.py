@@ -17,7 +17,9 @@ from typing import Final
 
 import numpy as np
 
-PROTOCOL_VERSION: Final = 1
+# 2: ANNOUNCE and LEAVE carry the connection id that binds a leave (or a last will) to the
+# connection it announced (docs/protocol.md, "Leaving"). Version 1 peers are not understood.
+PROTOCOL_VERSION: Final = 2
 
 
 class Kind(IntEnum):
@@ -58,19 +60,28 @@ class Header:
 class Announce:
     """A peer's signed presence: its admission certificate and the model it trains.
 
-    Published retained on the peer's announce topic.
+    Published retained on the peer's announce topic. ``connection`` is 16 random bytes drawn
+    for each broker connection; only a LEAVE naming the same connection can remove the peer.
     """
 
     certificate: bytes
     model_id: str
     param_count: int
+    connection: bytes
 
 
 @dataclass(frozen=True)
 class Leave:
-    """A graceful departure, published on the peer's announce topic."""
+    """A departure, published retained on the peer's announce topic.
+
+    Sent by the peer when it stops, or held by the broker as the peer's last will for
+    ``connection`` (signed when that connection was opened). Receivers act on it only while
+    ``connection`` is the one the peer's current announcement names, so a will or leave
+    captured from an earlier connection cannot remove the peer later.
+    """
 
     reason: str
+    connection: bytes
 
 
 @dataclass(frozen=True)

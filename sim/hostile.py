@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import socket
 import time
@@ -121,7 +122,8 @@ class GarbageFactory:
             return inbox, self._invite(target)
         if choice == 4:  # forged announcement: certificate from a foreign admission key
             body = m.Announce(certificate=self.foreign_certificate.to_bytes(),
-                              model_id="mlp", param_count=self.param_count)
+                              model_id="mlp", param_count=self.param_count,
+                              connection=os.urandom(16))
             header = _header(self.network, m.Kind.ANNOUNCE, GARBAGE_ID, b"")
             return (announce_topic(self.network, GARBAGE_ID),
                     encode_message(header, body, self.stranger.sign))

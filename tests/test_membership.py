@@ -29,6 +29,10 @@ def _view(admission: AdmissionKey, self_id: str = "me") -> MembershipView:
                           clock_skew_s=30.0)
 
 
+CONNECTION_A = bytes(range(16))
+CONNECTION_B = bytes(range(16, 32))
+
+
 def _announce(
     identity: Identity,
     certificate: bytes,
@@ -39,12 +43,20 @@ def _announce(
     param_count: int = 1000,
     seq: int | None = None,
     signer: Identity | None = None,
+    connection: bytes = CONNECTION_A,
 ) -> SignedMessage:
     header = Header(PROTOCOL_VERSION, network, Kind.ANNOUNCE, sender or identity.peer_id, b"",
                     next(_seq) if seq is None else seq)
-    wire = encode_message(header, Announce(certificate, model_id, param_count),
+    wire = encode_message(header, Announce(certificate, model_id, param_count, connection),
                           (signer or identity).sign)
     return decode_message(wire)  # exactly what a receiver gets off the wire
+
+
+def _leave(signer: Identity, sender: str = "alice", *, connection: bytes = CONNECTION_A,
+           seq: int | None = None) -> SignedMessage:
+    header = Header(PROTOCOL_VERSION, NET, Kind.LEAVE, sender, b"",
+                    next(_seq) if seq is None else seq)
+    return decode_message(encode_message(header, Leave("bye", connection), signer.sign))
 
 
 def _peer(admission: AdmissionKey, name: str, *, valid_for_s: float = DAY,
@@ -142,7 +154,7 @@ def test_replayed_older_announce_is_stale_and_same_one_is_idempotent(
     assert _drop_reason(view, first, NOW + 2) == "stale_announce"
     again = view.on_announce(second, NOW + 5)  # retained copy after a reconnect
     assert again.last_seen == NOW + 1  # a copy proves no liveness
-    view.on_gone("alice")
+    assert view.on_leave(_leave(alice, seq=25)) == "alice"
     assert _drop_reason(view, second, NOW + 6) == "stale_announce"  # cannot be revived
     assert view.on_announce(_announce(alice, cert, seq=30), NOW + 7).seq == 30
 
@@ -152,18 +164,14 @@ def test_signed_leave_removes_and_forged_leave_is_dropped(admission: AdmissionKe
     alice, cert = _peer(admission, "alice")
     view.on_announce(_announce(alice, cert), NOW)
 
-    def leave(signer: Identity, sender: str = "alice") -> SignedMessage:
-        header = Header(PROTOCOL_VERSION, NET, Kind.LEAVE, sender, b"", next(_seq))
-        return decode_message(encode_message(header, Leave("bye"), signer.sign))
-
     with pytest.raises(DropError) as info:
-        view.on_leave(leave(Identity.generate("alice")))
+        view.on_leave(_leave(Identity.generate("alice")))
     assert info.value.reason == "bad_signature"
     with pytest.raises(DropError) as info:
-        view.on_leave(leave(alice, sender="ghost"))
+        view.on_leave(_leave(alice, sender="ghost"))
     assert info.value.reason == "unknown_sender"
     assert "alice" in view
-    view.on_leave(leave(alice))
+    view.on_leave(_leave(alice))
     assert view.get("alice") is None
 
 
@@ -181,15 +189,31 @@ def test_silent_and_expired_peers_leave_the_live_set(admission: AdmissionKey) ->
     assert view.live(NOW + 116) == []
     assert sorted(view.expire(NOW + 116)) == ["alice", "brief"]
     assert len(view) == 0
-    view.on_gone("nobody")  # unknown ids are ignored
 
 
-def test_last_will_removes_a_member(admission: AdmissionKey) -> None:
+def test_last_will_of_the_current_connection_removes_a_member(admission: AdmissionKey) -> None:
     view = _view(admission)
     alice, cert = _peer(admission, "alice")
-    view.on_announce(_announce(alice, cert), NOW)
-    view.on_gone("alice")
+    # The will is signed when the connection opens, before that connection's announcement,
+    # so its seq is lower: the connection id, not the seq, decides.
+    will = _leave(alice, connection=CONNECTION_A, seq=5)
+    view.on_announce(_announce(alice, cert, seq=6, connection=CONNECTION_A), NOW)
+    assert view.on_leave(will) == "alice"
     assert view.live(NOW) == [] and view.get("alice") is None
+
+
+def test_will_or_leave_of_an_earlier_connection_changes_nothing(admission: AdmissionKey) -> None:
+    view = _view(admission)
+    alice, cert = _peer(admission, "alice")
+    old_will = _leave(alice, connection=CONNECTION_A, seq=5)
+    old_leave = _leave(alice, connection=CONNECTION_A, seq=8)
+    view.on_announce(_announce(alice, cert, seq=6, connection=CONNECTION_A), NOW)
+    view.on_announce(_announce(alice, cert, seq=20, connection=CONNECTION_B), NOW + 1)
+    for replayed in (old_will, old_leave):
+        with pytest.raises(DropError) as info:
+            view.on_leave(replayed)
+        assert info.value.reason == "stale_leave"
+    assert view.get("alice") is not None and view.get("alice").connection == CONNECTION_B
 
 
 def test_sampling_excludes_self_excluded_and_other_models(admission: AdmissionKey) -> None:

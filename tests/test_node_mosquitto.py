@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
 NET = "nodetest"
 ROOT = Path(__file__).resolve().parent.parent
 RESOLUTION = 2.0**-16
+FAST_STEPS = 2  # local steps per round of make_trainer's peers
 
 FAST = NodeConfig(
     group_size=3,
@@ -73,7 +74,8 @@ def make_trainer(digits_source, one_torch_thread) -> Callable[[int, int], object
         shard = train.subset(np.arange(index, len(train.y), n))
         local, holdout = split_holdout(shard, 0.2, index)
         config = TrainerConfig(
-            model="mlp", lr=0.1, batch_size=32, local_steps=2, dp=True, noise_multiplier=1.0,
+            model="mlp", lr=0.1, batch_size=32, local_steps=FAST_STEPS, dp=True,
+            noise_multiplier=1.0,
             delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6, topk_fraction=0.1, seed=7,
             share="delta",
         )
@@ -224,10 +226,14 @@ async def test_five_peers_complete_sessions_and_agree(mosquitto, make_trainer) -
             running = [p.status() for p in net.peers]
         finally:
             await net.close()
-        # Each peer's last publish on the way out clears its retained announcement.
-        await wait_until(lambda: all((announce_topic(NET, p.peer_id), b"") in sniffer.records
-                                     for p in net.peers), 10,
-                         "the sniffer to see every peer clear its announcement")
+        # Each peer's last publish on the way out is its signed, retained LEAVE.
+        def left(peer_id: str) -> bool:
+            return any(t == announce_topic(NET, peer_id) and p
+                       and decode_message(p).header.kind is m.Kind.LEAVE
+                       for t, p in sniffer.records)
+
+        await wait_until(lambda: all(left(p.peer_id) for p in net.peers), 10,
+                         "the sniffer to see every peer's signed leave")
     check_group_sums(net, min_complete=3)
     for st in running:
         assert st.merges_applied >= 1 or st.merges_rejected, st
@@ -248,6 +254,15 @@ async def test_broker_restart_mid_run(mosquitto, make_trainer) -> None:
         await mosquitto.stop()
         await wait_until(lambda: not any(p.transport.connected.is_set() for p in net.peers), 10,
                          "peers to notice the broker is gone")
+        steps_offline = [p.trainer.ledger.steps for p in net.peers]
+        failures = [p.transport.connect_failures for p in net.peers]
+        await wait_until(lambda: all(p.transport.connect_failures >= f + 4
+                                     for p, f in zip(net.peers, failures, strict=True)), 30,
+                         "four failed reconnects each")
+        # Cut off, a peer spends no budget: at most the round already in flight finishes.
+        for p, steps in zip(net.peers, steps_offline, strict=True):
+            assert p.trainer.ledger.steps <= steps + FAST_STEPS, (p.peer_id, steps)
+            assert p.status().state == "offline"
         before = [p.counters.sessions_done for p in net.peers]
         await mosquitto.start()
         await wait_until(lambda: all(p.transport.connected.is_set() for p in net.peers), 30,
@@ -426,12 +441,12 @@ async def test_hostile_client_is_dropped_and_counted(mosquitto, make_trainer) ->
                 (announce_topic(NET, "mallory"),
                  signed(mallory, m.Kind.ANNOUNCE, m.Announce(
                      foreign.issue(mallory.public, valid_for_s=3600, now=now).to_bytes(),
-                     target.params.model_id, target.params.param_count))),
+                     target.params.model_id, target.params.param_count, os.urandom(16)))),
                 # a certificate for this network name signed by a rogue key
                 (announce_topic(NET, "mallory"),
                  signed(mallory, m.Kind.ANNOUNCE, m.Announce(
                      rogue_ca.issue(mallory.public, valid_for_s=3600, now=now).to_bytes(),
-                     target.params.model_id, target.params.param_count))),
+                     target.params.model_id, target.params.param_count, os.urandom(16)))),
                 # a message of another network on this network's topic
                 (direct_topic(NET, "mallory", target.peer_id),
                  signed(mallory, m.Kind.INVITE, invite, network="othernet")),

@@ -114,9 +114,10 @@ def messages(draw: st.DrawFn, kind: Kind) -> tuple[Header, object]:
             certificate=draw(st.binary(min_size=1, max_size=MAX_CERTIFICATE_BYTES)),
             model_id=draw(model_ids),
             param_count=draw(param_counts),
+            connection=draw(st.binary(min_size=16, max_size=16)),
         )
     elif kind is Kind.LEAVE:
-        body = Leave(reason=draw(texts))
+        body = Leave(reason=draw(texts), connection=draw(st.binary(min_size=16, max_size=16)))
     elif kind is Kind.INVITE:
         body = draw(invites())
     elif kind is Kind.ACCEPT:
@@ -194,14 +195,15 @@ def test_sequence_counter_is_strictly_increasing_from_clock() -> None:
 # --------------------------------------------------------------------------------------------
 # validation rules: raw wire builder that bypasses encode-side validation
 
+V = PROTOCOL_VERSION
 VALID_SIGNED: dict[Kind, list[object]] = {
-    Kind.ANNOUNCE: [1, "net", 1, "alice", b"", 7, [b"certificate-bytes", "mlp-v1", 1000]],
-    Kind.LEAVE: [1, "net", 2, "alice", b"", 7, ["shutdown"]],
-    Kind.INVITE: [1, "net", 3, "alice", SESSION, 7, [5, 3, "mlp-v1", 1000, 16]],
-    Kind.ACCEPT: [1, "net", 4, "bob", SESSION, 7, [np.array([1, 2], "<u4").tobytes()]],
-    Kind.DECLINE: [1, "net", 5, "bob", SESSION, 7, ["busy"]],
+    Kind.ANNOUNCE: [V, "net", 1, "alice", b"", 7, [b"certificate", "mlp-v1", 1000, bytes(16)]],
+    Kind.LEAVE: [V, "net", 2, "alice", b"", 7, ["shutdown", bytes(16)]],
+    Kind.INVITE: [V, "net", 3, "alice", SESSION, 7, [5, 3, "mlp-v1", 1000, 16]],
+    Kind.ACCEPT: [V, "net", 4, "bob", SESSION, 7, [np.array([1, 2], "<u4").tobytes()]],
+    Kind.DECLINE: [V, "net", 5, "bob", SESSION, 7, ["busy"]],
     Kind.START: [
-        1,
+        PROTOCOL_VERSION,
         "net",
         6,
         "alice",
@@ -209,9 +211,9 @@ VALID_SIGNED: dict[Kind, list[object]] = {
         7,
         [["alice", "bob", "carol"], 2, np.array([1, 2, 3], "<u4").tobytes()],
     ],
-    Kind.SHARE: [1, "net", 7, "alice", SESSION, 7, ["bob", b"s" * 40]],
-    Kind.PARTIAL: [1, "net", 8, "bob", SESSION, 7, ["alice", ["alice", "bob"], b"p" * 40]],
-    Kind.ABORT: [1, "net", 9, "alice", SESSION, 7, ["timeout"]],
+    Kind.SHARE: [V, "net", 7, "alice", SESSION, 7, ["bob", b"s" * 40]],
+    Kind.PARTIAL: [V, "net", 8, "bob", SESSION, 7, ["alice", ["alice", "bob"], b"p" * 40]],
+    Kind.ABORT: [V, "net", 9, "alice", SESSION, 7, ["timeout"]],
 }
 
 
@@ -254,7 +256,8 @@ ANN, INV, ACC, STA, SHA, PAR = (
 HEADER_CASES = [
     ("version-str", INV, 0, "1", None, FieldError, "header.version"),
     ("version-bool", INV, 0, True, None, FieldError, "header.version"),
-    ("version-2", INV, 0, 2, None, VersionError, "header.version"),
+    ("version-1", INV, 0, 1, None, VersionError, "header.version"),
+    ("version-3", INV, 0, 3, None, VersionError, "header.version"),
     ("network-upper", INV, 1, "Net", None, FieldError, "header.network"),
     ("network-empty", INV, 1, "", None, FieldError, "header.network"),
     ("network-long", INV, 1, "n" * 65, None, FieldError, "header.network"),
@@ -375,7 +378,7 @@ def test_validation_rule(
 def test_version_checked_before_layout() -> None:
     """A future version may change the layout: it must be reported as a version problem."""
     with pytest.raises(VersionError):
-        decode_message(raw_wire([2, "anything", b"layout of a future version"]))
+        decode_message(raw_wire([PROTOCOL_VERSION + 1, "anything", b"layout of a future version"]))
 
 
 def test_header_wrong_length() -> None:
@@ -507,7 +510,7 @@ def invite_header(kind: Kind = Kind.INVITE) -> Header:
         ),
         (
             Header(PROTOCOL_VERSION, "net", Kind.ANNOUNCE, "alice", SESSION, 1),
-            Announce(b"c", "m", 10),
+            Announce(b"c", "m", 10, bytes(16)),
             "header.session",
         ),
         (
@@ -547,7 +550,7 @@ def test_encode_unknown_kind() -> None:
 def test_encode_refuses_bool_kind() -> None:
     header = Header(PROTOCOL_VERSION, "net", True, "alice", b"", 1)  # type: ignore[arg-type]
     with pytest.raises(FieldError) as info:
-        encode_message(header, Announce(b"c", "m", 1), sign)
+        encode_message(header, Announce(b"c", "m", 1, bytes(16)), sign)
     assert info.value.field == "header.kind"
 
 
@@ -586,7 +589,7 @@ def test_worked_example_in_docs_matches_encoder() -> None:
     wire = encode_message(header, Abort("timeout"), sign)
     signed = decode_message(wire).signed_bytes
     expected = (
-        "97 01 a4 64 65 6d 6f 09 a5 61 6c 69 63 65 c4 10"
+        "97 02 a4 64 65 6d 6f 09 a5 61 6c 69 63 65 c4 10"
         " 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"
         " cf 00 06 0a 24 18 1e 40 00 91 a7 74 69 6d 65 6f 75 74"
     )

@@ -58,8 +58,8 @@ def valid_corpus() -> list[bytes]:
     session = os.urandom(16)
     members = ("alice", "bob", "carol", "dave")
     bodies: list[tuple[Kind, str, object]] = [
-        (Kind.ANNOUNCE, "alice", Announce(os.urandom(200), "mlp-digits", 4810)),
-        (Kind.LEAVE, "alice", Leave("shutting down")),
+        (Kind.ANNOUNCE, "alice", Announce(os.urandom(200), "mlp-digits", 4810, os.urandom(16))),
+        (Kind.LEAVE, "alice", Leave("shutting down", os.urandom(16))),
         (Kind.INVITE, "alice", Invite(4, 3, "mlp-digits", 4810, 16)),
         (Kind.ACCEPT, "bob", Accept(np.array([0, 7, 99, 4000], np.uint32))),
         (Kind.ACCEPT, "bob", Accept(np.array([], np.uint32))),

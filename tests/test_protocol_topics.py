@@ -113,10 +113,11 @@ def test_parse_rejects_non_str() -> None:
 def test_binding_accepts_matching_topics() -> None:
     check_topic_binding(
         parse_topic("net", "murmur/net/alice/announce"),
-        make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10)),
+        make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10, bytes(16))),
     )
     check_topic_binding(
-        parse_topic("net", "murmur/net/alice/announce"), make(Kind.LEAVE, "alice", Leave("bye"))
+        parse_topic("net", "murmur/net/alice/announce"),
+        make(Kind.LEAVE, "alice", Leave("bye", bytes(16))),
     )
     check_topic_binding(
         parse_topic("net", "murmur/net/alice/to/bob"),
@@ -142,7 +143,7 @@ def test_binding_accepts_matching_topics() -> None:
         ("murmur/net/alice/announce", lambda: make(Kind.ABORT, "alice", Abort("x"))),
         (
             "murmur/net/alice/to/bob",
-            lambda: make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10)),
+            lambda: make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10, bytes(16))),
         ),
         (
             "murmur/net/alice/announce",

@@ -71,6 +71,19 @@ class SessionCounters:
         _bump(self.declines_sent, reason)
 
 
+#: The peer's state word (PeerStatus.state), from the most to the least urgent.
+STATE_CONNECTING = "connecting"  # never connected yet in this run
+STATE_OFFLINE = "offline"  # was connected, lost the broker; reconnecting
+STATE_WAITING = "waiting for peers"  # connected, fewer than 2 eligible live peers
+STATE_TRAINING = "training"  # a private round is running
+STATE_SHARING = "sharing"  # in an aggregation session
+STATE_IDLE = "idle"  # connected, grouped, paced: waiting for its next round
+STATE_AVERAGING_ONLY = "budget spent: averaging only"  # no private step; shares its model
+STATE_SERVING_ONLY = "serving only"  # cannot contribute (training failed / budget, no averaging)
+STATES = (STATE_CONNECTING, STATE_OFFLINE, STATE_WAITING, STATE_TRAINING, STATE_SHARING,
+          STATE_IDLE, STATE_AVERAGING_ONLY, STATE_SERVING_ONLY)
+
+
 @dataclass(frozen=True)
 class PeerStatus:
     """One peer sampled at one moment: what the status line, the simulation's metrics and its
@@ -83,9 +96,14 @@ class PeerStatus:
 
     peer_id: str
     connected: bool = False
+    state: str = STATE_CONNECTING  # one of STATES
     accuracy: float | None = None  # on the local hold-out, in [0, 1]
-    epsilon: float | None = None  # privacy budget spent (None: nothing trained yet)
+    dp: bool = True  # whether training is private (False: epsilon is meaningless)
+    epsilon: float | None = None  # spent, from the ledger (also right after a restart)
+    budget_epsilon: float | None = None  # the ledger's budget (None: unlimited)
     budget_exhausted: bool = False
+    rounds_total: int = 0  # since the peer was created (checkpoint), this run included
+    sessions_total: int = 0  # completed sessions since the peer was created, this run included
     peers_live: int = 0
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------

@@ -44,8 +44,9 @@ class InboundChecks:
         if parsed.sender == self.peer_id:
             return None  # our own retained announcement / leave echoed back
         if parsed.kind == "announce" and not incoming.payload:
-            self.membership.on_gone(parsed.sender)  # last will or cleared retained announce
-            return None
+            # MQTT's way to clear a retained message. Unsigned, so anyone on the broker could
+            # send it: it removes nobody (only a peer's own signed LEAVE does).
+            raise DropError("unsigned_clear", parsed.sender)
         if len(incoming.payload) > MAX_PAYLOAD_BYTES:
             raise DropError("oversize")
         try:
@@ -65,6 +66,10 @@ class InboundChecks:
             # Membership checks certificate, signature and announce ordering itself.
             if header.kind is m.Kind.ANNOUNCE:
                 self.membership.on_announce(msg, now)
+            elif incoming.retain and header.sender not in self.membership:
+                # The broker's retained copy of a departed peer's leave (or last will): the
+                # normal state of a topic whose peer is gone, not an attack. Nothing to do.
+                return None
             else:
                 self.membership.on_leave(msg)
             return None

@@ -13,10 +13,12 @@ Security properties:
   dropped (``stale_announce``; an exact copy of the current one is accepted as a no-op), and
   that memory outlives the peer's departure: a replayed old announcement can neither roll back
   a peer's model or certificate nor bring a departed peer back.
-* Removal (:meth:`MembershipView.on_gone`) is triggered by an unsigned empty retained payload
-  (the broker's last will). Anyone who can publish on a peer's announce topic can therefore
-  evict that peer from views until it announces again; broker ACLs (a peer writes only under
-  its own topics) close that door. Eviction only withholds sessions; it never admits anyone.
+* Only the peer itself can remove itself: a peer is forgotten on a LEAVE signed by its
+  certified key that names the connection id of its current announcement (its graceful leave,
+  or the last will it signed when it opened that connection), or after ``silence_expiry_s``
+  without an announcement. A LEAVE naming another connection (an old will or leave replayed
+  after the peer reconnected) is dropped (``stale_leave``), and an empty or unsigned payload
+  removes nobody: the node drops it (``unsigned_clear``) before it reaches the view.
 * Neighbour sampling draws from the OS CSPRNG (``secrets.SystemRandom``): a peer that cannot
   predict who will be invited cannot arrange to be in a chosen peer's groups.
 """
@@ -58,6 +60,7 @@ class Member:
     last_seen: float
     expires_at: float
     seq: int = 0
+    connection: bytes = b""  # the connection id of its latest announcement
 
     @property
     def peer_id(self) -> str:
@@ -160,12 +163,21 @@ class MembershipView:
             last_seen=now,
             expires_at=cert.expires_at,
             seq=seq,
+            connection=body.connection,
         )
         self._members[cert.peer_id] = member
         return member
 
-    def on_leave(self, msg: SignedMessage) -> None:
-        """Remove a peer on its signed LEAVE; DropError unless signed by the member's key."""
+    def on_leave(self, msg: SignedMessage) -> str:
+        """Remove a peer on its own signed LEAVE for its current connection; returns its id.
+
+        DropError: ``unknown_sender`` (not in the view: nothing to remove), ``bad_signature``
+        (not signed by the member's certified key), ``stale_leave`` (names a connection other
+        than the one the member's current announcement names: a will or leave of an earlier
+        connection, replayed). The connection id, not the sequence number, orders a leave
+        against announcements: a last will is signed when its connection opens, so its seq is
+        below that connection's announcements.
+        """
         if msg.header.kind != Kind.LEAVE or not isinstance(msg.body, Leave):
             raise DropError("wrong_kind", f"expected LEAVE, got {Kind(msg.header.kind).name}")
         if msg.header.network != self.network_id:
@@ -177,14 +189,12 @@ class MembershipView:
             verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
         except SignatureError as exc:
             raise DropError("bad_signature", f"leave of {msg.header.sender!r}: {exc}") from None
-        if msg.header.seq <= self._highest_seq.get(member.peer_id, -1):
-            raise DropError("stale_leave", f"{member.peer_id!r} seq {msg.header.seq}")
-        self._highest_seq[member.peer_id] = msg.header.seq
-        self.on_gone(member.peer_id)
-
-    def on_gone(self, peer_id: str) -> None:
-        """Forget a peer (its last will fired, or it left). Unknown ids are ignored."""
-        self._members.pop(peer_id, None)
+        if msg.body.connection != member.connection:
+            raise DropError("stale_leave", f"{member.peer_id!r}: leave of another connection")
+        highest = self._highest_seq.get(member.peer_id, -1)
+        self._highest_seq[member.peer_id] = max(highest, msg.header.seq)
+        del self._members[member.peer_id]
+        return member.peer_id
 
     # ------------------------------------------------------------------------------ queries
     def get(self, peer_id: str) -> Member | None:

@@ -4,11 +4,18 @@
 
 * the MQTT transport (reconnects on its own; a broker restart costs only time);
 * the training loop: ``train_round`` in a worker thread, so the loop keeps answering the
-  network; a spent privacy budget stops training and sharing, not serving;
+  network; rounds are paced by the network and the budget (peer/network/pacing.py): no
+  private step while the peer cannot form a group, and once the budget is spent only free
+  averaging rounds (share mode "model") or serving;
 * the session starter: with a fresh update, no session in flight and >= 2 eligible live peers,
   invite g - 1 of them after a small random delay (so neighbours do not all invite at once);
 * a ticker that advances the current session's timeouts;
 * periodic signed, retained announcements and checkpoints.
+
+Membership is asserted only by the peer itself: its signed, retained ANNOUNCE names a fresh
+connection id for every broker connection, its last will is a LEAVE it signed for that
+connection when it opened it, and on a clean stop it publishes a signed LEAVE for it. Nobody
+else can remove it from other peers' views (peer/network/membership.py).
 
 Every inbound message passes the checks of peer/network/inbound.py (topic, size, decoding,
 topic binding, network, certificate or known sender, signature, recipient, replay window)
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import logging
 import os
 import secrets
@@ -32,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,9 +50,12 @@ from crypto.field import FixedPoint
 from crypto.identity import Identity
 from crypto.replay import ReplayWindow
 from peer.errors import BudgetExhaustedError, DroppedError
+from peer.files import FileReadError, atomic_write_bytes, read_small_file
+from peer.network import counters as st
 from peer.network.counters import DropCounter, PeerStatus, SessionCounters
 from peer.network.inbound import InboundChecks
 from peer.network.membership import MembershipView
+from peer.network.pacing import PacingConfig, PacingState, RoundKind, can_form_group, next_round
 from peer.network.session import (
     Contribution,
     GroupResult,
@@ -62,13 +74,14 @@ from peer.network.transport import (
     NotConnectedError,
     PayloadTooLargeError,
     Transport,
+    WillMessage,
 )
 from peer.sharing import SharingStrategy
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig, MergeRejected, merge_group_sum
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
-from protocol.limits import MAX_MEMBERS, MAX_PAYLOAD_BYTES
+from protocol.limits import CONNECTION_ID_BYTES, MAX_MEMBERS, MAX_PAYLOAD_BYTES
 from protocol.topics import (
     announce_filter,
     announce_topic,
@@ -82,6 +95,9 @@ log = logging.getLogger(__name__)
 #: told apart from messages of sessions this peer never joined.
 _RECENT_SESSIONS = 64
 
+#: Fractions of the budget at which a "budget_milestone" event is emitted.
+BUDGET_MILESTONES = (0.25, 0.5, 0.75)
+
 
 class Trainer(Protocol):
     """What the node needs from the training half (peer.training.trainer.LocalTrainer satisfies it).
@@ -90,8 +106,13 @@ class Trainer(Protocol):
     loop calls ``apply_update`` (LocalTrainer queues merges that arrive mid-round).
 
     ``train_round`` raises :class:`peer.errors.BudgetExhaustedError` once the privacy budget is
-    spent. The residual fill is not the trainer's business but its sharing strategy's, which
-    the node is given on its own (``Peer(sharing=...)``).
+    spent (before touching the model). The residual fill is not the trainer's business but its
+    sharing strategy's, which the node is given on its own (``Peer(sharing=...)``).
+
+    Optional members, read with defaults when absent (benchmark and test stand-ins):
+    ``round`` (rounds since the peer was created), ``epsilon`` / ``budget_epsilon`` (from the
+    ledger; None without DP / without a budget), ``can_average`` and ``averaging_round()`` (a
+    round that re-shares the model without a private step).
     """
 
     param_count: int
@@ -125,6 +146,9 @@ class NodeConfig:
     over_invite: int = 1  # invite this many peers beyond g - 1; the first g - 1 to accept join
     tick_s: float = 0.05  # session timeout resolution
     round_pause_s: float = 0.0  # pause between training rounds (0: train back to back)
+    # When rounds run (peer/network/pacing.py); the daemon derives the private round interval
+    # from [pace] budget_hours.
+    pacing: PacingConfig = field(default_factory=PacingConfig)
     evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
     train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
     auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
@@ -134,7 +158,9 @@ class NodeConfig:
 class PeerEvent:
     """Something the simulation / tests may record. ``data`` holds plain values and arrays."""
 
-    kind: str  # "round", "session_done", "session_aborted", "merge_rejected", "budget_exhausted"
+    # "connected", "disconnected", "round", "session_done", "session_aborted",
+    # "merge_rejected", "budget_milestone", "budget_exhausted", "training_failed"
+    kind: str
     peer_id: str
     time: float
     data: dict[str, Any]
@@ -162,6 +188,7 @@ class Peer:
         sharing: SharingStrategy | None = None,
         on_event: EventCallback | None = None,
         client_id: str | None = None,
+        totals_path: Path | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -186,6 +213,8 @@ class Peer:
         self.inbound = InboundChecks(network_id, self.peer_id, self.membership, ReplayWindow())
         self.seq = m.SequenceCounter()
         self.drops = DropCounter(self.peer_id)
+        # Fresh for every broker connection: our announcements and our will name it.
+        self._connection_id = b""
         self.transport = self._make_transport(broker, client_id)
         self._session_ctx = SessionContext(
             identity=identity,
@@ -206,38 +235,81 @@ class Peer:
         self._next_expiry = 0.0
         self._last_session_end = -1e18
         self._initiator_failures = 0  # consecutive aborted sessions we started: backoff
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # the session starter's
+        self._round_wake = asyncio.Event()  # the training loop's: a session ended, a link changed
         # figures for status()
         self.counters = SessionCounters()
         self._latest_round = -1
         self._accuracy: float | None = None
-        self._epsilon: float | None = None
+        # The ledger's figures from the start (also right after a restart), not the first round.
+        self._epsilon: float | None = _optional_float(getattr(trainer, "epsilon", None))
+        self._budget_epsilon = _optional_float(getattr(trainer, "budget_epsilon", None))
+        self._dp = bool(getattr(getattr(trainer, "config", None), "dp", True))
+        self._milestones_passed = self._milestones_reached()
         self._budget_exhausted = False
+        self._training_now = False
+        self._was_connected = False
+        self._ever_connected = False
         self.training_error: str | None = None
+        # Totals since the peer was created: rounds from the trainer's checkpoint, sessions
+        # from this small file (written with each checkpoint).
+        self.totals_path = totals_path
+        self._sessions_before = _load_sessions_total(totals_path)
 
     # ------------------------------------------------------------------ status / events
     def _make_transport(self, broker: BrokerSettings, client_id: str | None) -> Transport:
-        """The MQTT client: our announcements and our inbox; the will clears our announcement."""
+        """The MQTT client: our announcements and our inbox; our will is our signed leave."""
         net = self.network_id
         return Transport(
             broker,
             client_id=client_id or f"murmur-{net}-{self.peer_id}"[:64],
             subscriptions=[announce_filter(net), inbox_filter(net, self.peer_id)],
-            will=(announce_topic(net, self.peer_id), b"", True),
+            will=self._will_for_new_connection,
             on_connected=self._on_connected,
             max_payload=MAX_PAYLOAD_BYTES,
         )
 
+    def _will_for_new_connection(self) -> WillMessage:
+        """Called by the transport before each connection: a new connection id, and the
+        LEAVE for it that the broker publishes (retained) if the connection dies."""
+        self._connection_id = os.urandom(CONNECTION_ID_BYTES)
+        leave = m.Leave("connection lost", self._connection_id)
+        payload = self._encode(m.Kind.LEAVE, b"", leave, self.seq.next())
+        return announce_topic(self.network_id, self.peer_id), payload, True
+
+    def _state(self, connected: bool, eligible: int) -> str:
+        if not connected:
+            return st.STATE_OFFLINE if self._ever_connected else st.STATE_CONNECTING
+        if self.session is not None:
+            return st.STATE_SHARING
+        if self._training_now:
+            return st.STATE_TRAINING
+        if self.training_error is not None:
+            return st.STATE_SERVING_ONLY
+        if self._budget_exhausted:
+            return (st.STATE_AVERAGING_ONLY if self._can_average()
+                    else st.STATE_SERVING_ONLY)
+        if not can_form_group(connected, eligible):
+            return st.STATE_WAITING
+        return st.STATE_IDLE
+
     def status(self) -> PeerStatus:
         """This peer's counters and gauges now (the one snapshot every reader uses)."""
         t = self.transport
+        connected = t.connected.is_set()
+        eligible = len(self._eligible(time.time()))
         return PeerStatus(
             peer_id=self.peer_id,
-            connected=t.connected.is_set(),
+            connected=connected,
+            state=self._state(connected, eligible),
             accuracy=self._accuracy,
+            dp=self._dp,
             epsilon=self._epsilon,
+            budget_epsilon=self._budget_epsilon,
             budget_exhausted=self._budget_exhausted,
-            peers_live=len(self._eligible(time.time())),
+            rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
+            sessions_total=self._sessions_before + self.counters.sessions_done,
+            peers_live=eligible,
             in_session=self.session is not None,
             bytes_sent=t.bytes_sent,
             bytes_received=t.bytes_received,
@@ -289,10 +361,11 @@ class Peer:
         # Let the aborts and the leave go out while still connected (bounded wait).
         if self.transport.connected.is_set():
             with contextlib.suppress(ProtocolError, ValueError):
-                leave = self._encode(m.Kind.LEAVE, b"", m.Leave("stopping"), self.seq.next())
+                # Retained: it replaces our announcement, so newcomers do not invite us.
+                leave = self._encode(m.Kind.LEAVE, b"", m.Leave("stopping", self._connection_id),
+                                     self.seq.next())
                 self._outbox.put_nowait((announce_topic(self.network_id, self.peer_id), leave,
-                                         False))
-            self._outbox.put_nowait((announce_topic(self.network_id, self.peer_id), b"", True))
+                                         True))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox_drained(), timeout=2.0)
         for task in tasks:
@@ -369,6 +442,7 @@ class Peer:
             certificate=self.certificate.to_bytes(),
             model_id=self.params.model_id,
             param_count=self.params.param_count,
+            connection=self._connection_id,
         )
         payload = self._encode(m.Kind.ANNOUNCE, b"", body, self.seq.next())
         await self.transport.publish(
@@ -425,7 +499,7 @@ class Peer:
             reason = "busy"
         elif header.session in self._recent_sessions:
             reason = "session_reused"
-        elif self._budget_exhausted:
+        elif self._budget_exhausted and self._fresh is None:
             reason = "budget_exhausted"
         elif self._fresh is None:
             # A member contributing nothing would let the two others learn each other's vector.
@@ -493,6 +567,7 @@ class Peer:
                        reason=session.abort_reason,
                        started_at=session.started_at, duration_s=duration)
         self._wake.set()
+        self._round_wake.set()
 
     def _merge(self, result: GroupResult, contribution: Contribution | None,
                started_at: float, duration: float) -> None:
@@ -585,7 +660,7 @@ class Peer:
         """Start a session now if possible (fresh update, free, >= 2 eligible live peers)."""
         now = time.time() if now is None else now
         if (self._stopping or self.session is not None or self._fresh is None
-                or self._budget_exhausted or not self.transport.connected.is_set()
+                or not self.transport.connected.is_set()
                 or time.monotonic() - self._last_session_end < self.config.cooldown_s):
             return False
         k = min(self.params.group_size - 1 + max(0, self.config.over_invite), MAX_MEMBERS - 1)
@@ -632,8 +707,15 @@ class Peer:
                 log.exception("%s: session tick failed", self.peer_id)
 
     def _tick(self) -> None:
-        """Expire silent peers (once a second) and advance the session's timeouts."""
+        """Expire silent peers (once a second), note connection changes, advance timeouts."""
         now = time.time()
+        connected = self.transport.connected.is_set()
+        if connected != self._was_connected:
+            self._was_connected = connected
+            self._ever_connected = self._ever_connected or connected
+            self._round_wake.set()
+            self._emit("connected" if connected else "disconnected",
+                       reconnects=self.transport.reconnects)
         if now >= self._next_expiry:
             self._next_expiry = now + 1.0
             for gone in self.membership.expire(now):
@@ -657,39 +739,152 @@ class Peer:
             await self._checkpoint()
 
     async def _checkpoint(self) -> None:
+        self._save_totals()
         if not self.config.train:
             return
-
         try:
             await asyncio.to_thread(self.trainer.save_checkpoint)
         except OSError as exc:
             log.error("%s: checkpoint failed: %s", self.peer_id, exc)
 
+    def _save_totals(self) -> None:
+        if self.totals_path is None:
+            return
+        total = self._sessions_before + self.counters.sessions_done
+        body = json.dumps({"format": 1, "sessions_done": total}).encode()
+        try:
+            atomic_write_bytes(self.totals_path, body, mode=0o600)
+        except OSError as exc:
+            log.error("%s: cannot save %s: %s", self.peer_id, self.totals_path, exc)
+
     # ------------------------------------------------------------------ training
+    def _can_average(self) -> bool:
+        return bool(getattr(self.trainer, "can_average", False))
+
+    def _pacing_state(self, now: float, next_private_at: float,
+                      next_averaging_at: float) -> PacingState:
+        return PacingState(
+            now=now,
+            connected=self.transport.connected.is_set(),
+            eligible_peers=len(self._eligible(time.time())),
+            update_pending=self._fresh is not None,
+            budget_spent=self._budget_exhausted,
+            can_average=self._can_average(),
+            next_private_at=next_private_at,
+            next_averaging_at=next_averaging_at,
+        )
+
     async def _training_loop(self) -> None:
+        """Private rounds when due and grouped; free averaging rounds in between and after."""
+        pacing = self.config.pacing
+        next_private_at = next_averaging_at = 0.0
         while not self._stopping:
-            try:
-                update = await asyncio.to_thread(self.trainer.train_round)
-            except BudgetExhaustedError as exc:
-                self._budget_exhausted = True
-                self._fresh = None
-                log.warning("%s: privacy budget spent, no more sharing: %s", self.peer_id, exc)
-                self._emit("budget_exhausted", epsilon=self._epsilon)
-                return
-            except Exception as exc:
-                # A training bug must not take the peer off the network: it keeps serving
-                # sessions for others (it declines invites: it has nothing fresh to add).
-                self.training_error = repr(exc)
-                self._fresh = None
-                log.exception("%s: training failed; serving only from now on", self.peer_id)
-                self._emit("training_failed", error=repr(exc))
-                return
-            self.counters.round += 1
-            self._epsilon = float(update.epsilon)
-            self.offer_update(update.indices, update.values, int(update.round))
-            every = self.config.evaluate_every
-            if every and self.counters.round % every == 0:
-                self._accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
-            self._emit("round", round=int(update.round), epsilon=self._epsilon,
-                       accuracy=self._accuracy, steps=int(update.steps))
+            now = time.monotonic()
+            decision = next_round(self._pacing_state(now, next_private_at, next_averaging_at),
+                                  pacing)
+            if decision.kind in (RoundKind.WAIT, RoundKind.WAIT_FOR_PEERS):
+                self._round_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._round_wake.wait(),
+                                           timeout=max(0.05, decision.wait_s))
+                continue
+            if decision.kind is RoundKind.PRIVATE:
+                retry = max(pacing.private_round_interval_s,
+                            pacing.retry_private_s if self._budget_exhausted else 0.0)
+                next_private_at = now + retry
+                update = await self._private_round()
+            else:
+                next_averaging_at = now + pacing.averaging_interval_s
+                update = await self._run_in_thread(self.trainer.averaging_round)  # type: ignore[attr-defined]
+            if update is False:
+                return  # training failed: serve only
+            if update is None:
+                continue
+            await self._after_round(update)
             await asyncio.sleep(self.config.round_pause_s)
+
+    async def _private_round(self) -> Any:
+        """One private round; None when the budget is spent (the peer averages or serves)."""
+        try:
+            self._training_now = True
+            update = await asyncio.to_thread(self.trainer.train_round)
+        except BudgetExhaustedError as exc:
+            if not self._budget_exhausted:
+                self._budget_exhausted = True
+                if not self._can_average():
+                    self._fresh = None
+                log.warning("%s: privacy budget spent; %s: %s", self.peer_id,
+                            "averaging only from now on" if self._can_average()
+                            else "serving only from now on", exc)
+                self._emit("budget_exhausted", epsilon=self._epsilon)
+            return None
+        except Exception as exc:
+            return self._training_failed(exc)
+        finally:
+            self._training_now = False
+        if self._budget_exhausted and int(update.steps) > 0:
+            log.info("%s: new data with a fresh budget: private training resumes", self.peer_id)
+            self._budget_exhausted = False
+        return update
+
+    async def _run_in_thread(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.to_thread(fn)
+        except Exception as exc:
+            return self._training_failed(exc)
+
+    def _training_failed(self, exc: Exception) -> bool:
+        # A training bug must not take the peer off the network: it keeps serving sessions
+        # for others (it declines invites: it has nothing fresh to add).
+        self.training_error = repr(exc)
+        self._fresh = None
+        log.error("%s: training failed; serving only from now on", self.peer_id,
+                  exc_info=exc)
+        self._emit("training_failed", error=repr(exc))
+        return False
+
+    async def _after_round(self, update: Any) -> None:
+        self.counters.round += 1
+        self._epsilon = _optional_float(getattr(self.trainer, "epsilon", update.epsilon))
+        self.offer_update(update.indices, update.values, int(update.round))
+        every = self.config.evaluate_every
+        if every and self.counters.round % every == 0:
+            self._accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
+        self._emit("round", round=int(update.round), epsilon=self._epsilon,
+                   accuracy=self._accuracy, steps=int(update.steps))
+        for fraction in self._milestones_reached():
+            if fraction not in self._milestones_passed:
+                self._milestones_passed.add(fraction)
+                self._emit("budget_milestone", fraction=fraction, epsilon=self._epsilon,
+                           budget_epsilon=self._budget_epsilon)
+
+    def _milestones_reached(self) -> set[float]:
+        eps, budget = self._epsilon, self._budget_epsilon
+        if eps is None or budget is None or not self._dp:
+            return set()
+        return {f for f in BUDGET_MILESTONES if eps >= f * budget}
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _load_sessions_total(path: Path | None) -> int:
+    """Completed sessions of earlier runs (0 when the file is missing or unreadable)."""
+    if path is None or not path.exists():
+        return 0
+    try:
+        body = json.loads(read_small_file(path, 4096, "totals file"))
+        total = body["sessions_done"]
+        if body.get("format") != 1 or type(total) is not int or total < 0:
+            raise ValueError("unexpected content")
+        return total
+    except (FileReadError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Only a display figure: never a reason not to start.
+        log.warning("%s: ignoring unreadable totals (%s)", path, exc)
+        return 0

@@ -18,9 +18,11 @@ What this layer guarantees, and what it does not:
 * The connection survives broker restarts: any :class:`aiomqtt.MqttError` leads to a reconnect
   with capped exponential backoff and full jitter (so a fleet that lost its broker does not
   reconnect in lock-step). A handler that raises is logged and counted; it never ends the loop.
-* The last will (typically an empty retained payload on the peer's announce topic) is
+* The last will (for a Murmur peer: a signed LEAVE, retained, on its announce topic) is
   published by the broker only if the connection dies without a DISCONNECT; a clean stop
-  sends DISCONNECT, so a peer that leaves on purpose publishes its own leave first.
+  sends DISCONNECT, so a peer that leaves on purpose publishes its own leave first. The will
+  is built afresh for every connection (``will`` may be a callable), so each connection's
+  will can name that connection and no other.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ class Incoming:
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
+#: (topic, payload, retain) of a last will.
+WillMessage = tuple[str, bytes, bool]
 
 
 def _is_failure(code: object) -> bool:
@@ -188,7 +192,7 @@ class Transport:
         *,
         client_id: str,
         subscriptions: Sequence[str],
-        will: tuple[str, bytes, bool] | None,
+        will: WillMessage | Callable[[], WillMessage] | None,
         on_connected: Callable[[], Awaitable[None]] | None,
         max_payload: int,
         backoff_initial_s: float = 0.2,
@@ -237,7 +241,9 @@ class Transport:
         host, port, _tls = self.settings.endpoint()
         will = None
         if self.will is not None:
-            will_topic, will_payload, will_retain = self.will
+            # A callable is asked once per connection attempt (a will bound to it).
+            will_topic, will_payload, will_retain = (
+                self.will() if callable(self.will) else self.will)
             will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=will_retain)
         try:
             tls_context = self.settings.tls_context()
