@@ -30,6 +30,9 @@ def event_extra(event: PeerEvent) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if event.kind in ("session_aborted", "merge_rejected"):
         extra["reason"] = str(event.data.get("reason"))
+    if event.kind == "session_aborted":
+        # False: an invitation that never became a group (the metrics log names it apart).
+        extra["formed"] = bool(event.data.get("formed", True))
     if event.kind == "session_done":
         extra["clipped"] = bool(event.data.get("clipped"))
         extra["contributors"] = len(event.data.get("contributors") or ())

@@ -33,6 +33,10 @@ EVENT_START = "start"
 EVENT_ROUND = "round"
 EVENT_SESSION_DONE = "session_done"
 EVENT_SESSION_ABORTED = "session_aborted"
+# An invitation that never became a session (too few acceptors, all declined, yielded). The node
+# emits it as a "session_aborted" event with formed=False; the log names it apart so that its
+# rows never read as aborted sessions (which count in sessions_aborted, not here).
+EVENT_SESSION_NOT_FORMED = "session_not_formed"
 EVENT_STATUS = "status"
 EVENT_LEAVE = "leave"
 EVENT_JOIN = "join"
@@ -49,7 +53,9 @@ class MetricsRow:
 
     t: seconds since the run started; accuracy: on the peer's local hold-out (0..1, None if not
     yet measured); epsilon: privacy budget spent so far (None when DP is off); drops: messages
-    dropped, by reason (e.g. {"bad_signature": 2, "replay": 1}).
+    dropped, by reason (e.g. {"bad_signature": 2, "replay": 1}). sessions_aborted counts
+    sessions that failed after their group was fixed; sessions_not_formed counts invitations
+    that never became a group (rows written before that field existed read it as 0).
     """
 
     t: float
@@ -57,6 +63,7 @@ class MetricsRow:
     event: str
     sessions_done: int = 0
     sessions_aborted: int = 0
+    sessions_not_formed: int = 0
     accuracy: float | None = None
     epsilon: float | None = None
     bytes_sent: int = 0
@@ -108,7 +115,8 @@ def _check_row(row: MetricsRow) -> None:
         value = getattr(row, name)
         if not isinstance(value, str) or not value or len(value) > 256:
             raise MetricsError(f"{name} must be a non-empty string, got {value!r}")
-    for name in ("sessions_done", "sessions_aborted", "bytes_sent", "bytes_received"):
+    for name in ("sessions_done", "sessions_aborted", "sessions_not_formed", "bytes_sent",
+                 "bytes_received"):
         if not _is_count(getattr(row, name)):
             raise MetricsError(f"{name} must be an integer >= 0, got {getattr(row, name)!r}")
     if row.accuracy is not None and not (_is_number(row.accuracy) and 0 <= row.accuracy <= 1):
@@ -137,6 +145,18 @@ _STATUS_EXTRAS = (
     "reconnects",
     "peers_live",
 )
+
+
+def row_event(event: str, extra: dict[str, Any] | None) -> str:
+    """The event name a row is counted under: an aborted session whose group never formed
+    (extra["formed"] is False) is EVENT_SESSION_NOT_FORMED; any other event keeps its name.
+
+    The report applies it to rows read back too, so logs written before the two were named
+    apart (but with a `formed` field) are counted the same way.
+    """
+    if event == EVENT_SESSION_ABORTED and extra and extra.get("formed") is False:
+        return EVENT_SESSION_NOT_FORMED
+    return event
 
 
 def _optional_float(value: Any) -> float | None:
@@ -188,7 +208,9 @@ class MetricsWriter:
 
         The core counters become row fields; merges, reconnects, live peers and abort reasons
         go to `extra` (with any keyword extras). A non-finite ε (no bound) is recorded as
-        epsilon None plus extra["epsilon_unbounded"] = True rather than rejected.
+        epsilon None plus extra["epsilon_unbounded"] = True rather than rejected. A
+        "session_aborted" event whose extra says formed=False (an invitation that never became
+        a group) is recorded as EVENT_SESSION_NOT_FORMED, so the log never calls it an abort.
         """
         epsilon = _optional_float(getattr(status, "epsilon", None))
         details: dict[str, Any] = {}
@@ -203,11 +225,12 @@ class MetricsWriter:
         accuracy = _optional_float(getattr(status, "accuracy", None))
         return self.record(
             str(status.peer_id),
-            event,
+            row_event(event, details),
             t=t,
             round=int(status.round) if getattr(status, "round", None) is not None else None,
             sessions_done=int(status.sessions_done),
             sessions_aborted=int(status.sessions_aborted),
+            sessions_not_formed=int(getattr(status, "sessions_not_formed", 0)),
             accuracy=accuracy,
             epsilon=epsilon,
             bytes_sent=int(status.bytes_sent),

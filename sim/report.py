@@ -31,7 +31,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from peer.files import atomic_write_bytes
-from sim.metrics import MetricsRow, last_row_per_peer, peer_sort_key, read_metrics_file
+from sim.metrics import (
+    MetricsRow,
+    last_row_per_peer,
+    peer_sort_key,
+    read_metrics_file,
+    row_event,
+)
 from sim.scenario import Scenario, scenario_summary
 
 REPORT_FILE = "report.html"
@@ -55,7 +61,13 @@ _MAX_LEGEND_PEERS = 10
 
 @dataclass(frozen=True)
 class RunSummary:
-    """Headline numbers of a run, from each peer's last metrics row."""
+    """Headline numbers of a run, from each peer's last metrics row.
+
+    sessions_aborted counts sessions that failed after their group was fixed;
+    sessions_not_formed counts invitations that never became a session (nobody accepted in
+    time, all declined, yielded). Both are summed over peers, so one failed session counts once
+    per member that saw it. `events` counts rows by event, naming the two apart likewise.
+    """
 
     peers: int
     duration_s: float
@@ -70,6 +82,7 @@ class RunSummary:
     drops: dict[str, int]
     events: dict[str, int]
     skipped_lines: int = 0
+    sessions_not_formed: int = 0
 
 
 def _final_accuracy(row: MetricsRow) -> tuple[float | None, str]:
@@ -109,10 +122,11 @@ def summarize(rows: Sequence[MetricsRow], skipped_lines: int = 0) -> RunSummary:
         accuracy_source="test set" if sources == {"test set"} else "local hold-out",
         sessions_done=sum(r.sessions_done for r in finals.values()),
         sessions_aborted=sum(r.sessions_aborted for r in finals.values()),
+        sessions_not_formed=sum(r.sessions_not_formed for r in finals.values()),
         max_epsilon=max(epsilons) if epsilons else None,
         mean_bytes_sent=float(np.mean([r.bytes_sent for r in finals.values()])) if finals else 0.0,
         drops=dict(sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))),
-        events=dict(Counter(row.event for row in rows).most_common()),
+        events=dict(Counter(row_event(row.event, row.extra) for row in rows).most_common()),
         skipped_lines=skipped_lines,
     )
 
@@ -232,8 +246,8 @@ def _plot_metric(
 def _plot_sessions(rows: Sequence[MetricsRow]) -> Figure:
     finals = last_row_per_peer(list(rows))
     fig, ax = _new_figure()
-    ax.set_title("Aggregation sessions per peer")
-    ax.set_ylabel("sessions")
+    ax.set_title("Aggregation sessions and invitations per peer")
+    ax.set_ylabel("sessions / invitations")
     if not finals:
         _no_data(ax, "no peers in metrics.jsonl")
     else:
@@ -241,16 +255,20 @@ def _plot_sessions(rows: Sequence[MetricsRow]) -> Figure:
         x = np.arange(len(peers))
         done = [finals[p].sessions_done for p in peers]
         aborted = [finals[p].sessions_aborted for p in peers]
-        ax.bar(x, done, color="#2a7f3f", label="completed")
-        ax.bar(x, aborted, bottom=done, color="#c0392b", label="aborted")
+        not_formed = [finals[p].sessions_not_formed for p in peers]
+        ax.bar(x, done, color="#2a7f3f", label="sessions completed")
+        ax.bar(x, aborted, bottom=done, color="#c0392b", label="sessions aborted")
+        # Not a session at all: drawn apart (pale, hatched) so it never reads as an abort.
+        ax.bar(x, not_formed, bottom=np.add(done, aborted), color="#d9d9d9", hatch="//",
+               edgecolor="#7f7f7f", label="invitations not formed")
         rotate = len(peers) > 8
         ax.set_xticks(x, peers, rotation=45 if rotate else 0, ha="right" if rotate else "center",
                       fontsize=8)
         # Headroom above the tallest bar so the legend never covers one.
-        tallest = max(d + a for d, a in zip(done, aborted, strict=True))
-        ax.set_ylim(0, max(1, tallest) * 1.2)
+        tallest = max(d + a + n for d, a, n in zip(done, aborted, not_formed, strict=True))
+        ax.set_ylim(0, max(1, tallest) * 1.25)
         ax.set_axisbelow(True)
-        ax.legend(fontsize=8, loc="upper center", ncol=2)
+        ax.legend(fontsize=8, loc="upper center", ncol=3)
     fig.tight_layout()
     return fig
 
@@ -393,6 +411,9 @@ def _verdict(summary: RunSummary, baselines: Mapping[str, Mapping[str, Any]], s:
     if total:
         text += (f" {summary.sessions_done} of {total} aggregation sessions completed "
                  f"({summary.sessions_done / total:.0%}).")
+    if summary.sessions_not_formed:
+        text += (f" {summary.sessions_not_formed} invitations never became a session "
+                 "(too few peers accepted in time, or all declined; nothing was shared in them).")
     left, joined = summary.events.get("leave", 0), summary.events.get("join", 0)
     if left or joined:
         text += f" Churn: peers left {left} times and rejoined {joined} times."
@@ -447,7 +468,9 @@ _CAPTIONS = {
     "epsilon_time": "Differential-privacy budget each peer has spent (ε, at the stated δ). "
     "A peer stops sharing once its budget is spent.",
     "sessions": "Secure-aggregation sessions each peer took part in: completed (its model "
-    "merged the group's sum) and aborted (timeout or dropout; nothing was revealed).",
+    "merged the group's sum) and aborted after the group was fixed (timeout or dropout; "
+    "nothing was revealed). Hatched on top: invitations that never became a session (too few "
+    "peers accepted in time, or all declined); no share was sent in them.",
 }
 
 
@@ -465,6 +488,7 @@ def render_html(
         (_pct(summary.mean_accuracy), f"mean accuracy ({summary.accuracy_source})"),
         (f"{summary.sessions_done}", "sessions completed"),
         (f"{summary.sessions_aborted}", "sessions aborted"),
+        (f"{summary.sessions_not_formed}", "invitations not formed"),
         ("off" if not scenario.dp else
          ("–" if summary.max_epsilon is None else f"{summary.max_epsilon:.2f}"), "max ε spent"),
         (_bytes(summary.mean_bytes_sent), "sent per peer (mean)"),
@@ -552,7 +576,8 @@ def terminal_summary(
     for name, mean, low, high, _note in rows:
         lines.append(f"{name:<{width}} {mean:>9} {low:>7} {high:>7}")
     lines.append(
-        f"sessions: {summary.sessions_done} completed, {summary.sessions_aborted} aborted; "
+        f"sessions: {summary.sessions_done} completed, {summary.sessions_aborted} aborted, "
+        f"{summary.sessions_not_formed} invitations not formed; "
         f"max ε {'–' if summary.max_epsilon is None else f'{summary.max_epsilon:.2f}'}; "
         f"{_bytes(summary.mean_bytes_sent)} sent per peer; "
         f"drops: {sum(summary.drops.values())}"

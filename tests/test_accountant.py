@@ -178,3 +178,129 @@ def test_dp_accounting_is_imported_only_on_first_use() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout.split()
     assert out == ["False", "False", "True"]
+
+
+# (sigma, q, steps) where Opacus' RDP grid ends up optimal at an end: tiny epsilon (large
+# sigma, the noise search's first probes, a ledger after one step) and huge epsilon (tiny
+# sigma). Before the fix each printed Opacus' raw "Optimal order is the ... alpha" warning.
+LARGEST_ORDER_POINTS = [(20.0, 0.01, 1), (10.0, 1e-4, 100), (1e4, 0.4, 100)]
+SMALLEST_ORDER_POINTS = [(0.3, 0.1, 1000), (0.3, 1.0, 10_000)]
+
+
+def _opacus_epsilon_at_orders(sigma: float, q: float, steps: int) -> float:
+    """What the RDP accountant reported before the fix: Opacus at ``rdp.ORDERS`` only."""
+    import warnings
+
+    from peer.training.privacy import rdp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning this reference reproduces
+        rdp_vec = rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                       orders=rdp.ORDERS)
+        eps, _ = rdp._rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
+    return float(eps)
+
+
+@pytest.mark.parametrize(("sigma", "q", "steps"), LARGEST_ORDER_POINTS + SMALLEST_ORDER_POINTS)
+def test_rdp_emits_no_library_warning_and_tightens_at_the_grid_ends(
+    sigma: float, q: float, steps: int
+) -> None:
+    import warnings
+
+    from peer.training.privacy import rdp
+
+    # The library does warn at these points: the test reproduces what the user saw.
+    rdp_vec = rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=rdp.ORDERS)
+    with pytest.warns(UserWarning, match="Optimal order is the"):
+        rdp._rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
+    before = _opacus_epsilon_at_orders(sigma, q, steps)
+
+    rdp._rdp_per_step.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping the accountant fails the test
+        ours = epsilon(steps, sigma, q, DELTA, accountant="rdp")
+        segments = epsilon_of_segments([(sigma, q, steps)], DELTA, "rdp")
+        assert math.isfinite(epsilon(steps, sigma, q, DELTA, accountant="pld"))
+    assert ours == segments
+    assert math.isfinite(ours) and 0 <= ours < before  # extended orders: strictly tighter
+
+
+def test_rdp_is_unchanged_where_the_best_order_is_inside_the_grid() -> None:
+    for q, sigma, steps in POINTS:
+        assert epsilon(steps, sigma, q, DELTA, accountant="rdp") == _opacus_epsilon_at_orders(
+            sigma, q, steps)
+
+
+@pytest.mark.parametrize(("target", "q", "steps"),
+                         [(3.0, 0.02, 500), (1.0, 0.01, 50), (50.0, 0.001, 1000),
+                          (0.002, 0.001, 1)])
+def test_rdp_sigma_search_emits_no_library_warning(target: float, q: float, steps: int,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    # The search probes sigma = 20, 40, ... first: their bounds sit at the largest order (and
+    # at target 50 the bisection reaches the smallest), which used to warn on every search.
+    import warnings
+
+    from peer.training.privacy import rdp
+
+    rdp._edges_logged.clear()
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger=rdp.__name__):
+        warnings.simplefilter("error")
+        sigma = sigma_for(target, DELTA, q, steps, accountant="rdp")
+        reached = epsilon(steps, sigma, q, DELTA, accountant="rdp")
+    assert 0 < sigma < 1e6 and target - 0.01 <= reached <= target
+    assert not caplog.records  # the probes' edges are not the caller's business
+
+
+def test_rdp_sigma_search_reaches_targets_below_the_old_floor() -> None:
+    # At orders <= 1024 epsilon never fell below ~0.0035 at delta 1e-5, so such a target was
+    # unreachable; the extended orders make it reachable (with more noise, soundly).
+    assert _opacus_epsilon_at_orders(1e5, 0.001, 1) > 0.003
+    sigma = sigma_for(0.003, DELTA, 0.001, 1, accountant="rdp")
+    assert epsilon(1, sigma, 0.001, DELTA, accountant="rdp") <= 0.003
+
+
+def test_stable_large_order_sum_matches_opacus_where_opacus_is_finite() -> None:
+    from peer.training.privacy import rdp
+
+    for q, sigma in [(0.01, 1.0), (0.4, 3.0), (64 / 2500, 1.228), (1e-4, 20.0)]:
+        for alpha in (2, 64, 512, 1024):
+            ours = rdp._rdp_large_order(sigma, q, alpha)
+            theirs = float(rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                                orders=[alpha])[0])
+            assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+        beyond = [rdp._rdp_large_order(sigma, q, alpha) for alpha in rdp.LARGE_ORDERS]
+        assert all(math.isfinite(v) and v >= 0 for v in beyond)
+        assert beyond == sorted(beyond)  # RDP never decreases with the order
+    # Opacus' own sum overflows above alpha ~ 1030 (why it cannot simply be asked for more).
+    assert math.isnan(float(rdp._rdp.compute_rdp(q=0.01, noise_multiplier=20.0, steps=1,
+                                                 orders=[2048])[0]))
+
+
+def test_rdp_edge_is_logged_once_in_murmurs_words(caplog: pytest.LogCaptureFixture) -> None:
+    import warnings
+
+    from peer.training.privacy import rdp
+
+    rdp._edges_logged.clear()
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger=rdp.__name__):
+        warnings.simplefilter("error")
+        first = epsilon(100_000, 0.05, 1.0, DELTA, accountant="rdp")  # even 1.001 is optimal
+        epsilon(200_000, 0.05, 1.0, DELTA, accountant="rdp")
+        epsilon(600, 1.2, 0.0256, DELTA, accountant="rdp")  # inside the grid: nothing to say
+    assert math.isfinite(first)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("RDP bound at the smallest order 1.001: epsilon ")
+    assert "may be loose by up to" in messages[0] and "Optimal order" not in messages[0]
+
+
+def test_no_warning_reaches_stderr_from_a_fresh_process() -> None:
+    # What the user saw: a raw library warning on stderr. Fresh interpreter, default filters.
+    code = ("from peer.training.privacy.accountant import epsilon, sigma_for; "
+            "epsilon(1, 20.0, 0.01, 1e-5, 'rdp'); epsilon(1000, 0.3, 0.1, 1e-5, 'rdp'); "
+            "sigma_for(3.0, 1e-5, 0.02, 500, 'rdp'); epsilon(1, 20.0, 0.01, 1e-5); "
+            "import sys; print('opacus' in sys.modules)")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True,
+                          text=True, cwd=REPO, check=True)
+    assert done.stderr == ""
+    assert done.stdout.split() == ["False"]  # still only Opacus' analysis file, not the package

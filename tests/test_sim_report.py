@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import re
@@ -307,3 +308,84 @@ def test_baselines_on_digits_beat_chance_and_centralized_beats_standalone() -> N
                                   dp=False)
     assert by_epochs["centralized"]["steps"] == int(np.ceil(1400 / 32))
     assert by_epochs["centralized"]["epochs"] == pytest.approx(1.0, abs=0.05)
+
+
+def _not_formed_run(run_dir: Path) -> None:
+    """Two peers whose invitations mostly never became sessions, written the way the engines do
+    it: from a PeerStatus snapshot and the node's session_aborted event (formed or not)."""
+    from peer.network.counters import PeerStatus
+    from peer.network.node import PeerEvent
+    from sim.carry import event_extra
+
+    def aborted(peer: str, formed: bool) -> PeerEvent:
+        reason = "timeout" if formed else "not enough acceptors"
+        return PeerEvent("session_aborted", peer, 0.0, {"formed": formed, "reason": reason})
+
+    with MetricsWriter(run_dir) as writer:
+        for i in range(3):  # peer-a: three invitations nobody accepted in time
+            status = PeerStatus(peer_id="peer-a", sessions_done=1, sessions_not_formed=i + 1)
+            writer.record_status(status, "session_aborted", t=1.0 + i,
+                                 **event_extra(aborted("peer-a", formed=False)))
+        status = PeerStatus(peer_id="peer-b", sessions_done=2, sessions_aborted=1,
+                            sessions_not_formed=1)
+        writer.record_status(status, "session_aborted", t=2.5,
+                             **event_extra(aborted("peer-b", formed=True)))
+        writer.record_status(status, "session_aborted", t=3.5,
+                             **event_extra(aborted("peer-b", formed=False)))
+
+
+def test_invitations_not_formed_are_counted_apart_from_aborted_sessions(tmp_path: Path) -> None:
+    _not_formed_run(tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r.event for r in rows] == ["session_not_formed"] * 3 + [
+        "session_aborted", "session_not_formed"]
+    assert [r.extra["formed"] for r in rows] == [False, False, False, True, False]
+    assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[0])[
+        "sessions_not_formed"] == 1
+
+    summary = summarize(rows)
+    assert (summary.sessions_done, summary.sessions_aborted, summary.sessions_not_formed) == (
+        3, 1, 4)
+    # The events table agrees with the counters: one abort row, four not-formed rows.
+    assert summary.events == {"session_not_formed": 4, "session_aborted": 1}
+    saved = json.loads(json.dumps(dataclasses.asdict(summary)))  # what result.json holds
+    assert saved["sessions_aborted"] == 1 and saved["sessions_not_formed"] == 4
+
+    line = terminal_summary(summary).splitlines()[-1]
+    assert line.startswith("sessions: 3 completed, 1 aborted, 4 invitations not formed;")
+
+    text = write_report(tmp_path, Scenario(peers=2, dp=False), {}).read_text()
+    cards = {label: value for value, label
+             in re.findall(r'<div class="card"><b>([^<]*)</b><span>([^<]*)</span>', text)}
+    assert cards["sessions aborted"] == "1" and cards["invitations not formed"] == "4"
+    assert cards["sessions completed"] == "3"
+    assert "<tr><td>session_not_formed</td><td>4</td></tr>" in text
+    assert "<tr><td>session_aborted</td><td>1</td></tr>" in text
+    assert "invitations that never became a session" in text
+
+
+def test_legacy_rows_without_the_new_field_still_read(tmp_path: Path) -> None:
+    # A log from before sessions_not_formed existed: the field reads as 0, and a session_aborted
+    # row that says formed=false is still counted as an invitation that never formed.
+    (tmp_path / METRICS_FILE).write_text(
+        '{"t":1,"peer":"a","event":"session_aborted","sessions_done":2,"sessions_aborted":0,'
+        '"extra":{"formed":false,"reason":"timeout"}}\n')
+    rows = read_metrics(tmp_path)
+    assert rows[0].sessions_not_formed == 0 and rows[0].event == "session_aborted"
+    summary = summarize(rows)
+    assert summary.sessions_aborted == 0 and summary.events == {"session_not_formed": 1}
+
+
+def test_sessions_plot_draws_not_formed_invitations_as_a_third_series() -> None:
+    from sim.report import build_plots
+
+    rows = [MetricsRow(t=1.0, peer="p1", event="stop", sessions_done=4, sessions_aborted=1,
+                       sessions_not_formed=6)]
+    figure = build_plots(rows, {}, Scenario(dp=False))["sessions"]
+    ax = figure.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["sessions completed", "sessions aborted", "invitations not formed"]
+    heights = [[bar.get_height() for bar in container] for container in ax.containers]
+    bottoms = [[bar.get_y() for bar in container] for container in ax.containers]
+    assert heights == [[4], [1], [6]] and bottoms == [[0], [4], [5]]
+    assert ax.get_ylim()[1] >= 11
