@@ -10,6 +10,7 @@ Subcommands::
     murmur-peer identity create --peer NAME --out DIR
     murmur-peer enroll --admission admission.key --public NAME.pub --out NAME.cert [--days 365]
     murmur-peer provision --network NET --peers a,b,c --out DIR [--days N] [--broker-url URL]
+                          [--demo]
     murmur-peer run --config peer.toml
 """
 
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +34,7 @@ from peer.errors import PeerError
 from peer.network.transport import TransportError
 from peer.provision import (
     DEFAULT_CERT_DAYS,
+    DEMO_BUDGET_HOURS,
     ProvisionError,
     issue_certificate,
     load_public_identity,
@@ -40,15 +43,19 @@ from peer.provision import (
     save_public_identity,
     write_file_atomic,
 )
-from peer.status import format_status
+from peer.status import PlainReport, format_status
 
 PROG = "murmur-peer"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
-# Without a terminal (systemd, a pipe) the status line is printed this often instead of being
-# refreshed in place, so a journal is not flooded.
+# Without a terminal (systemd, a pipe) the status line is printed on events that matter and
+# otherwise this often, instead of being refreshed in place, so a journal is not flooded.
 _PLAIN_STATUS_EVERY_S = 60.0
+# ...and completed sessions get at most one line this often (with their count).
+_PLAIN_SESSIONS_EVERY_S = 10.0
+# How often the plain printer looks at the events recorded since its last look.
+_PLAIN_TICK_S = 1.0
 
 _log = logging.getLogger("murmur.peer")
 
@@ -115,14 +122,26 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 def _cmd_provision(args: argparse.Namespace) -> int:
     names = parse_peer_list(args.peers)
     result = provision(args.network, names, Path(args.out), days=args.days,
-                       broker_url=args.broker_url)
+                       broker_url=args.broker_url, demo=args.demo)
     print(f"network {result.network_id}: admission public key {result.admission_public_hex}")
     print(f"  {result.admission_key} (secret: keep offline after provisioning)")
     for files in result.peers:
         print(f"  {files.peer_id}: {files.identity}, {files.certificate}, {files.config}")
+        if files.data is not None:
+            print(f"    data: {files.data} ({_shard_summary(files.data)})")
     print(f"  mosquitto: {result.mosquitto_conf} (uses {result.mosquitto_passwd}, "
           f"{result.mosquitto_acl})")
     return 0
+
+
+def _shard_summary(path: Path) -> str:
+    """'312 records, mostly labels 3, 7, 0' for a demo shard."""
+    from peer.training.data import load_table
+
+    shard = load_table(path)
+    counts = sorted(((int((shard.y == c).sum()), c) for c in range(shard.num_classes)),
+                    reverse=True)
+    return f"{len(shard)} records, mostly labels " + ", ".join(str(c) for _n, c in counts[:3])
 
 
 # ------------------------------------------------------------------------------------- run
@@ -136,13 +155,15 @@ def _configure_logging(level: str) -> None:
 
 
 class StatusPrinter:
-    """Refreshes the status line in place on a terminal; prints it now and then otherwise."""
+    """Refreshes the status line in place on a terminal; prints whole lines otherwise."""
 
-    def __init__(self, stream: TextIO, interval_s: float) -> None:
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
-        self.interval_s = interval_s if self.tty else max(interval_s, _PLAIN_STATUS_EVERY_S)
-        self._last_width = 0
+
+    def width(self) -> int | None:
+        """The terminal's width less one (a full-width line would wrap); None off a terminal."""
+        return shutil.get_terminal_size((100, 24)).columns - 1 if self.tty else None
 
     def show(self, line: str) -> None:
         if self.tty:
@@ -158,19 +179,47 @@ class StatusPrinter:
             self.stream.flush()
 
 
-def _status_line(peer: Any, started: float, budget_epsilon: float | None) -> str:
-    return format_status(peer.status(), uptime_s=time.monotonic() - started,
-                         budget_epsilon=budget_epsilon)
+def _status_line(peer: Any, printer: StatusPrinter, started: float,
+                 note: str | None = None) -> str:
+    return format_status(peer.status(), uptime_s=time.monotonic() - started, note=note,
+                         max_width=printer.width())
 
 
-async def _status_loop(peer: Any, printer: StatusPrinter, started: float,
-                       budget_epsilon: float | None) -> None:
+async def _terminal_loop(peer: Any, printer: StatusPrinter, started: float,
+                         interval_s: float) -> None:
     while True:
-        printer.show(_status_line(peer, started, budget_epsilon))
-        await asyncio.sleep(printer.interval_s)
+        printer.show(_status_line(peer, printer, started))
+        await asyncio.sleep(interval_s)
 
 
-async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float | None) -> int:
+class _EventWake:
+    """The node's event callback for ``murmur-peer run``: records the event in the report and
+    wakes the plain printer. Runs inside the node's code on the event loop, so it stays cheap
+    (a few assignments; no formatting, no I/O)."""
+
+    def __init__(self, report: PlainReport) -> None:
+        self.report = report
+        self.event = asyncio.Event()  # binds to the running loop on first wait (3.10+)
+
+    def __call__(self, event: Any) -> None:
+        self.report.on_event(event)
+        self.event.set()
+
+
+async def _plain_loop(peer: Any, printer: StatusPrinter, wake: _EventWake,
+                      started: float) -> None:
+    """Without a terminal: the lines the report asks for, checked on each event and tick."""
+    while True:
+        status = peer.status()
+        now = time.monotonic()
+        for note in wake.report.due(now, status.connected):
+            printer.show(format_status(status, uptime_s=now - started, note=note))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.event.wait(), _PLAIN_TICK_S)
+        wake.event.clear()
+
+
+async def _run_peer(peer: Any, status_interval_s: float, wake: _EventWake) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -189,9 +238,11 @@ async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float |
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    printer = StatusPrinter(sys.stdout, status_interval_s)
-    started = time.monotonic()
-    status = asyncio.create_task(_status_loop(peer, printer, started, budget_epsilon))
+    printer = StatusPrinter(sys.stdout)
+    started = wake.report.started
+    status = asyncio.create_task(
+        _terminal_loop(peer, printer, started, status_interval_s) if printer.tty
+        else _plain_loop(peer, printer, wake, started))
     try:
         await peer_task
     except asyncio.CancelledError:
@@ -203,7 +254,10 @@ async def _run_peer(peer: Any, status_interval_s: float, budget_epsilon: float |
             await status
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        printer.show(_status_line(peer, started, budget_epsilon))  # the final figures
+        if not printer.tty:  # what happened since the last tick, then the final figures
+            for note in wake.report.flush():
+                printer.show(_status_line(peer, printer, started, note))
+        printer.show(_status_line(peer, printer, started, "stopped"))
         printer.finish()
     return 0
 
@@ -216,17 +270,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from peer.training.ledger import LedgerError
 
     load_credentials(cfg)  # fail fast, with one line, before data and model are built
+    # Created before the peer: it is the node's event callback (it only records; the status
+    # task prints). Its clock starts now, so the uptime includes building the model.
+    wake = _EventWake(PlainReport(started=time.monotonic(), heartbeat_s=_PLAIN_STATUS_EVERY_S,
+                                  sessions_every_s=_PLAIN_SESSIONS_EVERY_S))
     try:
-        peer = peer_from_config(cfg)
+        peer = peer_from_config(cfg, on_event=wake)
     except (ValueError, OSError, LedgerError, CheckpointError) as exc:
         # Set-up only (data, model, state dir): the user's to fix. Errors while running are
         # not caught here, so a bug still shows its traceback.
         raise UserError(f"cannot start the peer: {exc}") from None
-    # The trainer resolves the budget (budget_epsilon, else target_epsilon; None without DP).
-    ledger = getattr(getattr(peer, "trainer", None), "ledger", None)
-    budget = getattr(ledger, "budget_epsilon", None)
-    return asyncio.run(_run_peer(peer, cfg.status_interval_s,
-                                 float(budget) if budget is not None else None))
+    return asyncio.run(_run_peer(peer, cfg.status_interval_s, wake))
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -270,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"certificate validity in days (default {DEFAULT_CERT_DAYS})")
     prov.add_argument("--broker-url", default="mqtt://127.0.0.1:1883",
                       help="broker url written into the peer configs")
+    prov.add_argument("--demo", action="store_true",
+                      help="give each peer its own non-IID shard of the digits training split "
+                           "(DIR/data/NAME.npz), evaluate on the digits test split, and pace "
+                           f"the privacy budget over {DEMO_BUDGET_HOURS:g} h")
     prov.set_defaults(handler=_cmd_provision)
 
     run = commands.add_parser("run", help="run a peer until SIGINT/SIGTERM")

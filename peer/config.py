@@ -114,9 +114,9 @@ class PeerConfig:
     ``data`` is a source spec for peer.training.data.load_train_source: "digits",
     "fashion-mnist[:ROOT]", "mnist:ROOT", "csv:PATH[#LABEL]" or "npz:PATH" (the peer loads only
     the source's training part). ``evaluate``, if set, is a source spec whose *test* split is
-    the hold-out (all of ``data`` then trains): a peer on a skewed shard of a public data set is
-    measured on that set's common test split instead of its own skew. The test split is public
-    data, so evaluating on it spends no privacy. ``training`` is a TrainerConfig.
+    the hold-out (the whole training part of ``data`` trains): a peer on a skewed shard of a
+    public data set is measured on that set's common test split instead of its own skew. The
+    test split is public data, so evaluating on it spends no privacy. ``training``: TrainerConfig.
     """
 
     peer_id: str

@@ -245,30 +245,87 @@ async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path
 
 
 def test_status_line_is_one_line_with_the_figures() -> None:
-    from peer.network.counters import PeerStatus
+    from peer.network.counters import STATE_CONNECTING, STATE_TRAINING, PeerStatus
     from peer.status import format_status, human_bytes, human_duration
 
+    # A restarted peer: totals since it was created, this run's share in brackets.
     status = PeerStatus(
-        peer_id="alice", connected=True, peers_live=4, round=37,
-        sessions_done=21, sessions_aborted=2, accuracy=0.9134, epsilon=1.843,
+        peer_id="alice", connected=True, state=STATE_TRAINING, peers_live=4,
+        round=924, rounds_total=1501, sessions_done=21, sessions_total=210,
+        sessions_aborted=2, accuracy=0.9134, dp=True, epsilon=1.843, budget_epsilon=8.0,
         bytes_sent=3 * 1024 * 1024, bytes_received=1536,
         drops={"bad_signature": 2, "replay": 1, "malformed": 1, "stale": 1},
     )
-    line = format_status(status, uptime_s=724, budget_epsilon=8.0)
+    line = format_status(status, uptime_s=724)
     assert line == (
-        "alice up 12m04s | peers 4 | rounds 37 | sessions 21 ok 2 aborted | acc 91.3% | "
-        "eps 1.84/8.00 | sent 3.0 MiB recv 1.5 KiB | "
-        "drops 5 (bad_signature 2, malformed 1, replay 1, +1 more)"
+        "alice training 12m04s | peers 4 | rounds 1501 (+924 this run) | "
+        "sessions 210 (+21 this run), 2 aborted | acc 91.3% | eps 1.84/8.00 | "
+        "sent 3.0 MiB recv 1.5 KiB | drops 5 (bad_signature 2, malformed 1, replay 1, +1 more)"
     )
-    cut = format_status(status, uptime_s=724, budget_epsilon=8.0, max_width=40)
+    assert format_status(status, uptime_s=724, budget_epsilon=3.0).count("eps 1.84/3.00") == 1
+    cut = format_status(status, uptime_s=724, max_width=40)
     assert len(cut) == 40 and cut.endswith("...")
-    offline = format_status(PeerStatus(peer_id="bob", connected=False, budget_exhausted=True),
-                            uptime_s=3.7, note="broker:\nunreachable")
-    assert offline.endswith("budget spent: sharing stopped | broker: unreachable")
-    assert offline.startswith("bob OFFLINE 3s |") and "acc - | eps off" in offline
-    assert "drops 0" in offline and "\n" not in offline
+
+    # At start-up, before the first round: DP is on, so never "eps off".
+    fresh = format_status(PeerStatus(peer_id="bob", dp=True, epsilon=None, budget_epsilon=8.0),
+                          uptime_s=3.7, note="broker:\nunreachable\tn\u00e9")
+    assert fresh.startswith(f"bob {STATE_CONNECTING} 3s | peers 0 | rounds 0 | "
+                            "sessions 0, 0 aborted | acc - | eps -/8.00 |")
+    assert fresh.endswith("| drops 0 | broker: unreachable n?")  # one line of ASCII
+    after_restart = format_status(
+        PeerStatus(peer_id="bob", dp=True, epsilon=8.0, budget_epsilon=8.0,
+                   budget_exhausted=True, rounds_total=300, state="budget spent: averaging only"),
+        uptime_s=1)
+    assert after_restart.startswith("bob budget spent: averaging only 1s |")
+    assert "| rounds 300 (+0 this run) |" in after_restart and "| eps 8.00/8.00 |" in after_restart
+    no_dp = format_status(PeerStatus(peer_id="carol", dp=False, epsilon=None), uptime_s=1)
+    assert "| eps off |" in no_dp
+    unlimited = format_status(PeerStatus(peer_id="dave", epsilon=0.5), uptime_s=1)
+    assert "| eps 0.50 (no budget) |" in unlimited
     assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
     assert human_duration(3723) == "1h02m03s" and human_duration(float("nan")) == "0s"
+
+
+def test_plain_report_prints_on_events_not_at_start() -> None:
+    """Without a terminal: no line before the peer connects, a line per event that matters,
+    sessions at most once per interval with their count, and a slow heartbeat."""
+    from peer.network.node import PeerEvent
+    from peer.status import PlainReport
+
+    def event(kind: str, **data: object) -> PeerEvent:
+        return PeerEvent(kind, "alice", 0.0, dict(data))
+
+    report = PlainReport(started=100.0, heartbeat_s=60.0, sessions_every_s=10.0)
+    assert report.due(100.0, connected=False) == []  # never "OFFLINE 0s" at t=0
+    assert report.due(130.0, connected=False) == []
+    report.on_event(event("connected"))
+    assert report.due(131.0, connected=True) == ["connected to the broker"]
+    assert report.due(132.0, connected=True) == []
+    report.on_event(event("round", round=1, epsilon=0.1, accuracy=0.5, steps=20))  # no line
+    report.on_event(event("session_done", members=["alice", "bob", "carol"], duration_s=1.25))
+    assert report.due(133.0, connected=True) == ["session done (3 members, 1.2s)"]
+    for _ in range(4):
+        report.on_event(event("session_done", members=["alice", "bob", "carol"],
+                              duration_s=1.0))
+    assert report.due(140.0, connected=True) == []  # rate-limited: 7 s since the last one
+    report.on_event(event("budget_milestone", epsilon=2.0, budget_epsilon=8.0, fraction=0.25))
+    report.on_event(event("disconnected"))
+    assert report.due(143.5, connected=False) == [
+        "25% of the privacy budget spent (eps 2.00)", "lost the broker; reconnecting",
+        "4 sessions done since the last line"]
+    assert report.due(200.0, connected=True) == []
+    assert report.due(203.5, connected=True) == [None]  # heartbeat: 60 s after the last line
+    report.on_event(event("budget_exhausted", epsilon=8.0))
+    report.on_event(event("training_failed", error="RuntimeError('out of\nmemory')"))
+    report.on_event(event("session_done", members=["alice", "bob", "carol"], duration_s=2.0))
+    assert report.flush() == [
+        "privacy budget spent (eps 8.00): no more private training",
+        "training failed: RuntimeError('out of\nmemory')", "session done (3 members, 2.0s)"]
+    assert report.flush() == []
+
+    never = PlainReport(started=0.0, heartbeat_s=60.0)
+    assert never.due(59.0, connected=False) == []
+    assert never.due(60.0, connected=False) == [None]  # still connecting after a minute
 
 
 @pytest.mark.mosquitto
@@ -276,10 +333,12 @@ async def test_run_announces_then_leaves_cleanly_on_sigterm(
     tmp_path: Path, mosquitto: MosquittoBroker,
 ) -> None:
     """`run` on a real broker: a signed, retained announcement appears; SIGTERM makes the peer
-    leave (retained announcement cleared), print its final status and exit 0."""
+    leave (a signed LEAVE replaces it), print its final status and exit 0. stdout is a pipe,
+    so the status comes as whole lines: the first once connected, the last when stopped."""
     import signal
 
     from protocol.codec import decode_message
+    from protocol.messages import Kind
     from protocol.topics import announce_topic
 
     result = provision("demo", ["alice"], tmp_path / "net", broker_url=mosquitto.url)
@@ -304,11 +363,21 @@ async def test_run_announces_then_leaves_cleanly_on_sigterm(
                         announced = decode_message(message.payload)
                         break
             assert announced.header.sender == "alice"
+            # stdout is a pipe: the first line comes once connected (not "connecting 0s").
+            assert process.stdout is not None
+            async with asyncio.timeout(30):
+                first_line = (await process.stdout.readline()).decode()
+            assert first_line.startswith("alice ")
+            assert first_line.rstrip("\n").endswith("| connected to the broker")
+            assert "| eps off |" in first_line  # DP is off in this config, and says so
             process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(60):
                 async for message in watch.messages:
-                    if message.payload == b"":  # the peer cleared its announcement
+                    assert isinstance(message.payload, bytes)
+                    left = decode_message(message.payload)
+                    if left.header.kind is Kind.LEAVE:  # the peer's signed, retained leave
                         break
+            assert left.header.sender == "alice"
             async with asyncio.timeout(60):
                 stdout, stderr = await process.communicate()
     finally:
@@ -316,6 +385,7 @@ async def test_run_announces_then_leaves_cleanly_on_sigterm(
             process.kill()
             await process.wait()
     assert process.returncode == 0, stderr.decode()[-2000:]
-    final_line = stdout.decode().strip().splitlines()[-1]
-    assert final_line.startswith("alice ") and "| drops " in final_line
+    lines = stdout.decode().strip().splitlines()
+    assert lines[-1].startswith("alice ") and "| drops " in lines[-1]
+    assert lines[-1].endswith(" | stopped")
     assert b"SIGTERM received" in stderr and b"Traceback" not in stderr

@@ -263,7 +263,8 @@ def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarr
     return features, labels
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(x, y, declared num_classes or None); see :func:`load_table` for ``num_classes``."""
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
@@ -277,13 +278,24 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: .npz must hold arrays 'x' (features) and 'y' (labels)")
         try:
             x, y = archive["x"], archive["y"]
+            declared = archive["num_classes"] if "num_classes" in archive.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"{path}: cannot read arrays from .npz ({exc})") from exc
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{path}: need x [N, features...] and y [N], got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x has non-numeric dtype {x.dtype}")
-    return x.astype(np.float32), y  # always a fresh copy: _standardise scales it in place
+    num_classes = None
+    if declared is not None:
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or not (
+                2 <= int(declared) <= 100_000):
+            raise DataError(f"{path}: num_classes must be one integer >= 2, got {declared!r}")
+        num_classes = int(declared)
+        if not np.issubdtype(y.dtype, np.integer) or (
+                y.size and (y.min() < 0 or y.max() >= num_classes)):
+            raise DataError(f"{path}: with num_classes={num_classes}, y must hold class "
+                            f"indices 0..{num_classes - 1}")
+    return x.astype(np.float32), y, num_classes  # always a fresh copy: scaled in place
 
 
 def load_table(path: Path, label_column: str | int = "label") -> Dataset:
@@ -291,10 +303,19 @@ def load_table(path: Path, label_column: str | int = "label") -> Dataset:
 
     CSV: an optional header row; ``label_column`` is a header name or a column number
     (negative counts from the end). Labels of any kind are mapped to 0..K-1 in sorted order.
+
+    An .npz that also holds a scalar ``num_classes`` is a prepared split of a known source
+    (``murmur-peer provision --demo`` writes them): ``y`` is taken as class indices and ``x``
+    as already scaled, so every split of that source keeps all classes and the same feature
+    scale (and no statistic of the records is estimated here).
     """
     path = Path(path)
     if path.suffix == ".npz":
-        x, raw_labels = _load_npz(path)
+        x, raw_labels, num_classes = _load_npz(path)
+        if num_classes is not None:
+            if len(x) < 2 or not np.all(np.isfinite(x)):
+                raise DataError(f"{path}: needs >= 2 records and finite features")
+            return Dataset(x=x, y=raw_labels, num_classes=num_classes, name=path.stem)
     elif path.suffix == ".csv":
         x, raw_labels = _load_csv(path, label_column)
     else:
