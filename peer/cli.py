@@ -30,11 +30,11 @@ from typing import Any, TextIO
 
 from crypto.errors import CryptoError
 from peer.config import ConfigError, load_config
+from peer.demo import DEMO_BUDGET_HOURS
 from peer.errors import PeerError
 from peer.network.transport import TransportError
 from peer.provision import (
     DEFAULT_CERT_DAYS,
-    DEMO_BUDGET_HOURS,
     ProvisionError,
     issue_certificate,
     load_public_identity,

@@ -27,11 +27,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from crypto.admission import AdmissionKey, Certificate
 from crypto.errors import CertificateError
 from crypto.identity import Identity, PublicIdentity, check_name
+from peer.demo import DEMO_BUDGET_HOURS, DEMO_SOURCE, DemoDataError, demo_shard_bytes
 from peer.errors import PeerError
 from peer.files import FileReadError, atomic_write_bytes, read_small_file
 
@@ -327,7 +327,7 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     # Hash first: if mosquitto_passwd is missing nothing has been written yet.
     passwords = {files.peer_id: secrets.token_urlsafe(24) for files in plan}
     passwd_text = hash_mosquitto_passwords(passwords)
-    shards = _demo_shard_bytes(len(plan)) if demo else []  # fails before anything is written
+    shards = _demo_data(len(plan)) if demo else []  # fails before anything is written
 
     for directory in (out, peers_dir, mosq_dir, *([data_dir] if demo else [])):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -357,61 +357,8 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     return dataclasses.replace(result, admission_public_hex=public_hex)
 
 
-# ------------------------------------------------------------------------------------ demo
-#: The demo's data: each peer gets a label-skewed shard of this source's training split.
-DEMO_SOURCE = "digits"
-DEMO_ALPHA = 0.5  # Dirichlet concentration over labels: smaller, more skewed
-DEMO_SEED = 0  # fixed: the same peers always get the same shards
-# At least this many records per shard. The loader keeps 80 % of an .npz for training
-# (peer.training.data.TABLE_TEST_FRACTION), so 60 leave 48 to train on.
-DEMO_MIN_RECORDS = 60
-DEMO_BUDGET_HOURS = 0.25  # [pace] budget_hours of a demo config: 15 minutes of private training
-_DEMO_ATTEMPTS = 200
-
-
-def demo_shards(labels: Any, n_peers: int, *, alpha: float = DEMO_ALPHA, seed: int = DEMO_SEED,
-                min_records: int = DEMO_MIN_RECORDS) -> list[Any]:
-    """Disjoint, label-skewed index sets, one per peer: each class's records are dealt out in
-    Dirichlet(``alpha``) proportions, redrawn until every peer has ``min_records``.
-
-    Data placement for a demo, not cryptography: the generator is seeded (``seed``).
-    """
-    import numpy as np
-
-    labels = np.asarray(labels)
-    if n_peers * min_records > len(labels):
-        raise ProvisionError(f"the demo data has {len(labels)} training records: too few for "
-                             f"{n_peers} peers of at least {min_records} each")
-    rng = np.random.default_rng(seed)
-    for _ in range(_DEMO_ATTEMPTS):
-        parts: list[list[Any]] = [[] for _ in range(n_peers)]
-        for label in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == label))
-            cuts = np.round(np.cumsum(rng.dirichlet(np.full(n_peers, alpha)))[:-1]
-                            * len(members)).astype(np.int64)
-            for peer, piece in enumerate(np.split(members, cuts)):
-                parts[peer].append(piece)
-        shards = [np.sort(np.concatenate(pieces)) for pieces in parts]
-        if min(len(shard) for shard in shards) >= min_records:
-            return shards
-    raise ProvisionError(f"no Dirichlet({alpha}) split gave {n_peers} peers {min_records} "
-                         "records each; use fewer peers")
-
-
-def _demo_shard_bytes(n_peers: int) -> list[bytes]:
-    """One .npz per peer: its records of the demo source's training split as a prepared split
-    (``num_classes`` given: class indices kept, features as the source scaled them)."""
-    import io
-
-    import numpy as np
-
-    from peer.training.data import load_source
-
-    train, _test = load_source(DEMO_SOURCE)
-    encoded = []
-    for shard in demo_shards(train.y, n_peers):
-        buffer = io.BytesIO()
-        np.savez(buffer, x=train.x[shard], y=train.y[shard],
-                 num_classes=np.int64(train.num_classes))
-        encoded.append(buffer.getvalue())
-    return encoded
+def _demo_data(n_peers: int) -> list[bytes]:
+    try:
+        return demo_shard_bytes(n_peers)
+    except DemoDataError as exc:
+        raise ProvisionError(str(exc)) from None

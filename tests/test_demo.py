@@ -13,14 +13,8 @@ import pytest
 
 from peer.config import load_config
 from peer.daemon import load_local_data
-from peer.provision import (
-    DEMO_BUDGET_HOURS,
-    DEMO_MIN_RECORDS,
-    DEMO_SOURCE,
-    ProvisionError,
-    demo_shards,
-    provision,
-)
+from peer.demo import DEMO_BUDGET_HOURS, DEMO_MIN_RECORDS, DEMO_SOURCE, DemoDataError, demo_shards
+from peer.provision import ProvisionError, provision
 from peer.training.data import DataError, load_source, load_table
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,7 +92,7 @@ def test_demo_shards_are_seeded_and_refuse_too_many_peers() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert sum(len(s) for s in first) == len(labels)
     assert len(np.unique(np.concatenate(first))) == len(labels)
-    with pytest.raises(ProvisionError, match="too few"):
+    with pytest.raises(DemoDataError, match="too few"):
         demo_shards(labels, 6)  # 6 x 60 > 300 records
 
 

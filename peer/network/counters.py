@@ -80,8 +80,9 @@ STATE_SHARING = "sharing"  # in an aggregation session
 STATE_IDLE = "idle"  # connected, grouped, paced: waiting for its next round
 STATE_AVERAGING_ONLY = "budget spent: averaging only"  # no private step; shares its model
 STATE_SERVING_ONLY = "serving only"  # cannot contribute (training failed / budget, no averaging)
+STATE_STOPPED = "stopped"  # leaving or left (a clean stop)
 STATES = (STATE_CONNECTING, STATE_OFFLINE, STATE_WAITING, STATE_TRAINING, STATE_SHARING,
-          STATE_IDLE, STATE_AVERAGING_ONLY, STATE_SERVING_ONLY)
+          STATE_IDLE, STATE_AVERAGING_ONLY, STATE_SERVING_ONLY, STATE_STOPPED)
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,8 @@ class Peer:
         return announce_topic(self.network_id, self.peer_id), payload, True
 
     def _state(self, connected: bool, eligible: int) -> str:
+        if self._stopping:
+            return st.STATE_STOPPED
         if not connected:
             return st.STATE_OFFLINE if self._ever_connected else st.STATE_CONNECTING
         if self.session is not None:
