@@ -2,6 +2,8 @@
 
 The file is written with ``torch.save`` into a temporary file beside the target, fsynced and
 renamed over it, so a killed peer finds either the previous or the new checkpoint, whole.
+``ledger_json`` is the trainer's ledger file as written (peer/training/block_ledger.py: one
+ledger, format 1, or one per block, format 2), so the copy and the file parse the same way.
 Loading uses ``torch.load(weights_only=True)``: a tampered checkpoint cannot run code through
 pickle; it can only fail to load, which raises :class:`CheckpointError`.
 """
@@ -36,7 +38,7 @@ class TrainerState:
     model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     residual: np.ndarray
-    ledger_json: str
+    ledger_json: str  # BlockLedgers.to_json(): what ledger.json held when this was written
 
 
 def save_checkpoint(path: Path, state: TrainerState) -> None:

@@ -61,6 +61,10 @@ class TrainerConfig:
     # Top-k of those averaging-only rounds (None: topk_fraction). The whole model: the peers
     # end at a consensus instead of each keeping its own noise (docs/results.md).
     averaging_topk_fraction: float | None = 1.0
+    # Data that keeps coming (peer/training/blocks.py): pending files form the next block,
+    # with its own ledger, once they hold this many records. Small blocks mean a large
+    # sample rate batch_size / records, so much more noise for the same epsilon.
+    min_block_records: int = 1000
     seed: int = 0  # model initialisation only (and everything in insecure mode)
     insecure_fast_noise: bool = False  # seeded noise + sampling: NOT private, experiments only
     engine: str = "auto"  # "auto" | "ghost" | "vmap"
@@ -74,8 +78,10 @@ class TrainerConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.batch_size < 1 or self.local_steps < 1 or self.planned_rounds < 1:
-            raise ValueError("batch_size, local_steps and planned_rounds must be >= 1")
+        if min(self.batch_size, self.local_steps, self.planned_rounds,
+               self.min_block_records) < 1:
+            raise ValueError("batch_size, local_steps, planned_rounds and min_block_records "
+                             "must be >= 1")
         if self.planned_steps is not None and self.planned_steps < 1:
             raise ValueError(f"planned_steps must be >= 1, got {self.planned_steps}")
         if not 0 < self.delta < 1:

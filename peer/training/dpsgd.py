@@ -341,6 +341,19 @@ class DPSGDStep:
             engine=make_engine(model, engine),
         )
 
+    def retune(self, noise_multiplier: float, expected_batch_size: float) -> None:
+        """Use another block's noise multiplier and expected batch size from the next step.
+
+        One step object serves every block of a trainer: its engine hooks the model's layers,
+        and a second engine on the same model would hook them twice.
+        """
+        if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
+            raise ValueError(f"expected batch size must be positive, got {expected_batch_size}")
+        self.noise_multiplier = noise_multiplier
+        self.expected_batch_size = expected_batch_size
+
     def private_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The flat private gradient for one batch (already divided by the expected size)."""
         clipped = self.engine.clipped_sum(x, y, self.max_grad_norm)

@@ -108,12 +108,14 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, text: str, source: str = "ledger") -> PrivacyLedger:
-        try:
-            body = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LedgerError(f"{source}: not valid JSON ({exc})") from exc
-        if not isinstance(body, dict) or body.pop("format", None) != LEDGER_FORMAT:
+        return cls.from_body(_parse_json(text, source), source)
+
+    @classmethod
+    def from_body(cls, body: object, source: str = "ledger") -> PrivacyLedger:
+        """A ledger from its parsed JSON object (format 1), checked like :meth:`from_json`."""
+        if not isinstance(body, dict) or body.get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{source}: not a Murmur privacy ledger (format {LEDGER_FORMAT})")
+        body = {k: v for k, v in body.items() if k != "format"}
         try:
             ledger = cls(**body)
         except TypeError as exc:
@@ -137,11 +139,22 @@ class PrivacyLedger:
 
     @classmethod
     def load(cls, path: Path) -> PrivacyLedger:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError as exc:
-            raise LedgerError(f"{path}: ledger file not found") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LedgerError(f"{path}: cannot read ledger ({exc})") from exc
-        return cls.from_json(text, source=str(path))
+        return cls.from_json(read_text(path), source=str(path))
+
+
+def _parse_json(text: str, source: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LedgerError(f"{source}: not valid JSON ({exc})") from exc
+
+
+def read_text(path: Path) -> str:
+    """The text of a ledger file; a missing or unreadable file is a LedgerError."""
+    path = Path(path)
+    try:
+        return path.read_text()
+    except FileNotFoundError as exc:
+        raise LedgerError(f"{path}: ledger file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{path}: cannot read ledger ({exc})") from exc

@@ -18,6 +18,10 @@ model, and merges that arrive mid-round are queued and applied between steps (an
 from the round's own update). The trainer holds no global state; ``torch.set_num_threads`` is
 process-wide, so it is left to the caller (see :func:`configure_torch_threads`).
 
+Data that keeps coming: with a ``source`` (blocks.py) the records form disjoint blocks, each
+with its own ledger; a round trains on one (block_schedule.py), ``epsilon`` is the worst
+block's. Without one the static training set is the only block, and nothing changes.
+
 Frozen features: a model with a frozen, parameter-free prefix (``split_frozen``; "scatter")
 has its training and hold-out data featurised once at construction through the process-wide
 cache of :mod:`peer.training.features`, and trains, DP-steps and evaluates only the trainable
@@ -41,6 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peer.sharing import SharingStrategy, build_strategy
+from peer.training.block_ledger import BlockLedgers, newest_ledgers
+from peer.training.block_schedule import BlockSchedule
+from peer.training.blocks import BlockSource, BlockStatus, open_block_source
 from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
@@ -48,15 +55,17 @@ from peer.training.dpsgd import DPSGDStep, poisson_batch
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.training.models import build_model, param_count, split_frozen
 from peer.training.optim import SGD, Adam, Optimizer
-from peer.training.privacy.accountant import sigma_for
 from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
 
 __all__ = [
+    "BlockSource",
+    "BlockStatus",
     "BudgetExhaustedError",
     "LocalTrainer",
     "LocalUpdate",
     "TrainerConfig",
     "configure_torch_threads",
+    "open_block_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -82,8 +91,9 @@ class LocalUpdate:
     indices: np.ndarray  # uint32, sorted, unique
     values: np.ndarray  # float32, same length
     steps: int  # private steps in this round
-    epsilon: float  # the ledger's epsilon after this round (inf when dp is off)
+    epsilon: float  # the worst block's epsilon after this round (inf when dp is off)
     round: int  # 1-based round number
+    block: int | None = None  # the block this round trained on (None: averaging round)
 
 
 def _seeded_init(model: nn.Module, seed: int) -> None:
@@ -107,9 +117,12 @@ class LocalTrainer:
         train: Dataset,
         holdout: Dataset,
         state_dir: Path | None = None,
+        source: BlockSource | None = None,
     ) -> None:
+        """``train``: the static records (block 0). With a ``source`` it may be record-less
+        (``blocks.template_dataset``): it then only gives the input shape and class count."""
         config.validate()
-        if len(train) == 0:
+        if len(train) == 0 and source is None:
             raise ValueError("training set is empty")
         self.config = config
         self.train_data = train
@@ -131,12 +144,13 @@ class LocalTrainer:
         # (a displacement averaged with deltas would be meaningless).
         self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
                                               self._init_digest())
-        # What the trainable part sees: the images, or their features computed once.
-        self._x = self._inputs(train.x)
-        self._y = torch.from_numpy(train.y)
         self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
-        self.sample_rate = min(1.0, config.batch_size / len(train))
-        self.sigma = self._noise_multiplier()
+        if source is not None:
+            source.bind(train.input_shape, train.num_classes)
+        self.source = source
+        # The blocks, their ledgers and DP settings; the trainable part's inputs of the
+        # static set are computed once here (features, for a frozen prefix).
+        self._blocks = BlockSchedule(config, train, source, self._inputs)
         self._optimizer = self._make_optimizer()
         self._round = 0
         self._lock = threading.Lock()
@@ -146,7 +160,6 @@ class LocalTrainer:
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
         self._dp_step = self._make_dp_step() if config.dp else None
-        self.ledger = self._new_ledger()
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -154,15 +167,9 @@ class LocalTrainer:
         if self.sharing.needs_common_init:
             # The fill lends the displacement as of the last round: after a restart, now.
             self.sharing.reshare(self._displacement())
-        log.info(
-            "trainer %s: %d train records, q=%.4f, sigma=%.3f, C=%.2f, epsilon spent %.3f",
-            self.model_id,
-            len(train),
-            self.sample_rate,
-            self.sigma,
-            config.max_grad_norm,
-            self.ledger.epsilon,
-        )
+        log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
+                 "spent %.3f", self.model_id, len(train), len(self._blocks.ledgers),
+                 self.sample_rate, self.sigma, config.max_grad_norm, self._blocks.ledgers.epsilon)
 
     # ----------------------------------------------------------------------- set-up
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
@@ -180,41 +187,11 @@ class LocalTrainer:
             noise: GaussianSource = InsecureFastGaussian(cfg.seed + 1)
         else:
             noise = SecureGaussian()
-        return DPSGDStep.build(
-            self._trainable,
-            noise_multiplier=self.sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            expected_batch_size=self.sample_rate * len(self.train_data),
-            noise=noise,
-            engine=cfg.engine,
-        )
-
-    def _new_ledger(self) -> PrivacyLedger:
-        """An empty ledger; its budget is budget_epsilon, else the DP target epsilon."""
-        cfg = self.config
-        budget = cfg.budget_epsilon
-        if budget is None and cfg.dp and cfg.target_epsilon is not None:
-            budget = cfg.target_epsilon
-        return PrivacyLedger(
-            sigma=self.sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            sample_rate=self.sample_rate,
-            delta=cfg.delta,
-            budget_epsilon=budget,
-            accountant=cfg.accountant,
-        )
-
-    def _noise_multiplier(self) -> float:
-        cfg = self.config
-        if not cfg.dp:
-            return 0.0
-        if cfg.noise_multiplier is not None:
-            return float(cfg.noise_multiplier)
-        assert cfg.target_epsilon is not None
-        training_rounds = cfg.planned_rounds - cfg.averaging_rounds
-        planned = cfg.planned_steps or training_rounds * cfg.local_steps
-        return sigma_for(cfg.target_epsilon, cfg.delta, self.sample_rate, planned,
-                         cfg.accountant)
+        # One step object for every block, retuned each round (DPSGDStep.retune).
+        return DPSGDStep.build(self._trainable, noise_multiplier=self.sigma,
+                               max_grad_norm=cfg.max_grad_norm,
+                               expected_batch_size=float(cfg.batch_size), noise=noise,
+                               engine=cfg.engine)
 
     def _make_optimizer(self) -> Optimizer:
         # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
@@ -234,7 +211,42 @@ class LocalTrainer:
 
     @property
     def round(self) -> int:
+        """Rounds since the trainer was created (private and averaging, every block)."""
         return self._round
+
+    @property
+    def ledger(self) -> PrivacyLedger | None:
+        """The worst block's ledger (without a source: the static set's, the only one)."""
+        return max((e.ledger for e in self._blocks.ledgers), key=lambda led: led.epsilon,
+                   default=None)
+
+    @property
+    def epsilon(self) -> float | None:
+        """The worst record's epsilon: the largest of any block's (None when dp is off)."""
+        return self._blocks.ledgers.epsilon if self.config.dp else None
+
+    @property
+    def budget_epsilon(self) -> float | None:
+        """Every block's budget (budget_epsilon, else the DP target; None: unlimited)."""
+        return self._blocks.budget
+
+    @property
+    def sigma(self) -> float:
+        """Noise multiplier of the last trained block (before any round: the static set)."""
+        return self._blocks.current.ledger.sigma if self._blocks.current else 0.0
+
+    @property
+    def sample_rate(self) -> float:
+        return self._blocks.current.ledger.sample_rate if self._blocks.current else 0.0
+
+    @property
+    def can_average(self) -> bool:
+        """Whether :meth:`averaging_round` is possible (the strategy averages models)."""
+        return self.sharing.needs_common_init
+
+    def blocks_status(self) -> list[BlockStatus]:
+        """Every block's records, epsilon, steps and whether (and why) it retired."""
+        return self._blocks.status()
 
     @property
     def residual(self) -> np.ndarray:
@@ -243,7 +255,8 @@ class LocalTrainer:
 
     def _resume(self) -> None:
         assert self.ledger_path is not None and self.checkpoint_path is not None
-        stored: PrivacyLedger | None = None
+        stored: BlockLedgers | None = None
+        static_records = len(self.train_data)
         if self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path)
             if state.model_id != self.model_id:
@@ -259,34 +272,12 @@ class LocalTrainer:
                 raise LedgerError(
                     f"{self.checkpoint_path}: residual has the wrong length") from None
             self._round = state.round
-            stored = PrivacyLedger.from_json(state.ledger_json, str(self.checkpoint_path))
-        if self.ledger_path.exists():
-            on_disk = PrivacyLedger.load(self.ledger_path)
-            # The ledger file is written first, so it is never behind the checkpoint.
-            if stored is None or on_disk.steps >= stored.steps:
-                stored = on_disk
-        elif stored is not None:
-            # Training state without its ledger: the file was lost or deleted. Falling back
-            # to the checkpoint's copy could under-count (it may be older), so refuse.
-            raise LedgerError(
-                f"{self.ledger_path}: ledger missing next to {self.checkpoint_path}; refusing "
-                "to start rather than under-count epsilon (restore the ledger file, or start "
-                "from an empty state directory deliberately)"
-            )
+            stored = BlockLedgers.from_json(state.ledger_json, str(self.checkpoint_path),
+                                            static_records)
+        stored = newest_ledgers(self.ledger_path, stored, static_records, self.checkpoint_path)
         if stored is None:
             return
-        if stored.delta != self.config.delta:
-            raise LedgerError(
-                f"ledger in {self.state_dir} was kept at delta={stored.delta}, config asks "
-                f"delta={self.config.delta}; epsilons at different deltas do not compose"
-            )
-        if stored.steps > 0 and (stored.sigma > 0) != (self.sigma > 0):
-            log.warning("switching between private and non-private training on one ledger")
-        stored.update_settings(self.sigma, self.sample_rate, self.config.max_grad_norm)
-        stored.budget_epsilon = self.ledger.budget_epsilon
-        # The ledger keeps the largest epsilon any accountant gave it, so a switch is safe.
-        stored.accountant = self.config.accountant
-        self.ledger = stored
+        self._blocks.adopt(stored, str(self.state_dir))  # delta, settings, budget, accountant
         log.info("resumed round %d, %d steps, epsilon %.3f", self._round, stored.steps,
                  stored.epsilon)
 
@@ -318,23 +309,30 @@ class LocalTrainer:
 
     # ----------------------------------------------------------------------- API
     def train_round(self) -> LocalUpdate:
-        """Run ``local_steps`` steps and return the top-k update (ledger already on disk).
+        """Run ``local_steps`` steps on one block; return the top-k update (ledger on disk).
 
-        Raises BudgetExhaustedError, before touching the model, if the round would take
-        epsilon past the budget.
+        Polls the source for new (and changed) blocks first. Raises BudgetExhaustedError,
+        before touching the model, if no block can afford the round. Without a source the
+        plan's averaging tail applies (``averaging_rounds``); with one it does not (data keeps
+        coming: the caller chooses :meth:`averaging_round` itself).
         """
         cfg = self.config
-        if self._in_averaging_tail():
-            return self._averaging_round()
+        if self.source is None and self._in_averaging_tail():
+            return self.averaging_round()
         with self._lock:
             self._drain_pending()
-            if cfg.dp:
-                self.ledger.check_budget(cfg.local_steps)
+            try:
+                block = self._blocks.start_round(cfg.local_steps)
+            finally:
+                if self._blocks.dirty:  # new or retired blocks: on disk before going on
+                    self._persist(checkpoint=False)
+            if self._dp_step is not None:
+                self._dp_step.retune(block.sigma, block.sample_rate * block.records)
             before = self._flat_params()
             self.model.train()
             for _ in range(cfg.local_steps):
-                batch = poisson_batch(len(self.train_data), self.sample_rate, self._sampling)
-                x, y = self._x[batch], self._y[batch]
+                batch = poisson_batch(block.records, block.sample_rate, self._sampling)
+                x, y = block.x[batch], block.y[batch]
                 if self._dp_step is not None:
                     self._dp_step.step(x, y)  # noise is added even to an empty batch
                 else:
@@ -347,7 +345,7 @@ class LocalTrainer:
                 if merged is not None:
                     before.add_(merged)  # merges are not this peer's own update
             delta = (self._flat_params() - before).numpy()
-            epsilon = self.ledger.record(cfg.local_steps)
+            block.entry.ledger.record(cfg.local_steps)
             self._round += 1
             indices, values = self.sharing.after_round(delta, self._displacement())
             # Persist before the update can leave: the ledger first, then the checkpoint.
@@ -356,8 +354,9 @@ class LocalTrainer:
                 indices=indices,
                 values=values,
                 steps=cfg.local_steps,
-                epsilon=epsilon,
+                epsilon=self._blocks.ledgers.epsilon,
                 round=self._round,
+                block=block.entry.block_id,
             )
 
     def _in_averaging_tail(self) -> bool:
@@ -371,13 +370,15 @@ class LocalTrainer:
         first = cfg.planned_rounds - cfg.averaging_rounds
         return cfg.averaging_rounds > 0 and self._round >= first
 
-    def _averaging_round(self) -> LocalUpdate:
+    def averaging_round(self) -> LocalUpdate:
         """A round with no private step: re-share the model's current displacement.
 
         Everything in the model is already a function of released DP outputs (this peer's
-        accounted steps and merged group sums), so this costs no epsilon; the ledger is not
-        touched.
+        accounted steps and merged group sums), so this costs no epsilon; no ledger is
+        touched. Raises ValueError if the sharing strategy does not average models.
         """
+        if not self.can_average:
+            raise ValueError(f"share mode {self.config.share!r} does not average models")
         with self._lock:
             self._drain_pending()
             self._round += 1
@@ -387,7 +388,7 @@ class LocalTrainer:
                 indices=indices,
                 values=values,
                 steps=0,
-                epsilon=self.ledger.epsilon,
+                epsilon=self._blocks.ledgers.epsilon,
                 round=self._round,
             )
 
@@ -460,9 +461,10 @@ class LocalTrainer:
             self._persist(checkpoint=True)
 
     def _persist(self, *, checkpoint: bool) -> None:
+        self._blocks.dirty = False
         if self.ledger_path is None or self.checkpoint_path is None:
             return
-        self.ledger.save(self.ledger_path)
+        self._blocks.ledgers.save(self.ledger_path)
         if checkpoint:
             save_checkpoint(
                 self.checkpoint_path,
@@ -472,6 +474,6 @@ class LocalTrainer:
                     model_state=self.model.state_dict(),
                     optimizer_state=self._optimizer.state_dict(),
                     residual=self.sharing.state,
-                    ledger_json=self.ledger.to_json(),
+                    ledger_json=self._blocks.ledgers.to_json(),
                 ),
             )
