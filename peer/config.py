@@ -232,12 +232,19 @@ def _data_spec(value: str, base: Path) -> str:
                 raise ConfigError(f"data: directory {root} does not exist")
             return f"{kind}:{root}"
         return value
+    if kind == "blocks" and sep and rest:
+        # A growing directory of .npz files, one privacy budget per block of arrivals.
+        root = Path(rest) if Path(rest).is_absolute() else base / rest
+        if not root.is_dir():
+            raise ConfigError(f"data: block directory {root} does not exist")
+        return f"blocks:{root}"
     if kind in ("csv", "npz") and sep and rest:
         path_text, hash_sign, label = rest.partition("#")
         path = _existing_file(base, Path(path_text), "data")
         return f"{kind}:{path}{hash_sign}{label}"
     raise ConfigError(f"data: {value!r} is not a data source; use 'digits', "
-                      "'fashion-mnist[:DIR]', 'mnist:DIR', 'csv:PATH[#LABEL]' or 'npz:PATH'")
+                      "'fashion-mnist[:DIR]', 'mnist:DIR', 'csv:PATH[#LABEL]', 'npz:PATH' or "
+                      "'blocks:DIR'")
 
 
 def _positive(value: float, key: str, upper: float = 86_400.0) -> float:

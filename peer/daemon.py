@@ -34,11 +34,15 @@ from peer.network.session import SessionTimeouts
 from peer.network.transport import BrokerSettings
 
 if TYPE_CHECKING:
+    from peer.training.blocks import BlockSource
     from peer.training.data import Dataset
     from peer.training.trainer import LocalTrainer
 
 #: Certificates are a few hundred bytes; anything larger is not one.
 MAX_CERTIFICATE_BYTES = 4096
+
+#: ``data = "blocks:DIR"``: a directory that grows with .npz files (peer/training/blocks.py).
+BLOCKS_PREFIX = "blocks:"
 
 #: Completed sessions of earlier runs, in the state directory (for the status line's totals).
 TOTALS_FILE = "totals.json"
@@ -108,11 +112,39 @@ def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
 
 
 def build_trainer(training: Any, train: Dataset, holdout: Dataset,
-                  state_dir: Path | None) -> LocalTrainer:
-    """The real trainer for ``training`` (a TrainerConfig); resumes from ``state_dir``."""
+                  state_dir: Path | None, source: BlockSource | None = None) -> LocalTrainer:
+    """The real trainer for ``training`` (a TrainerConfig); resumes from ``state_dir``.
+
+    With ``source`` (a growing directory, ``data = "blocks:DIR"``) the records come in blocks,
+    each with its own budget (peer/training/blocks.py); ``train`` then only gives the shape.
+    """
     from peer.training.trainer import LocalTrainer
 
-    return LocalTrainer(training, train, holdout, state_dir)
+    return LocalTrainer(training, train, holdout, state_dir, source=source)
+
+
+def load_block_data(cfg: PeerConfig) -> tuple[Dataset, Dataset, BlockSource]:
+    """(shape template, hold-out, source) for ``data = "blocks:DIR"``.
+
+    ``evaluate`` is required: its test split measures the model and fixes the input shape and
+    the classes before the first block has arrived.
+    """
+    from peer.training.blocks import open_block_source, template_dataset
+    from peer.training.data import load_source
+
+    directory = Path(cfg.data.partition(":")[2])
+    if cfg.evaluate is None:
+        raise ConfigError("data: 'blocks:DIR' needs evaluate = SOURCE (its test split is the "
+                          "hold-out and fixes the input shape and classes)")
+    try:
+        _train, holdout = load_source(cfg.evaluate)
+    except Exception as exc:
+        raise ConfigError(f"evaluate: cannot load {cfg.evaluate!r}: {exc}") from None
+    try:
+        source = open_block_source(directory, cfg.training.min_block_records)
+    except Exception as exc:
+        raise ConfigError(f"data: cannot open {directory}: {exc}") from None
+    return template_dataset(holdout.input_shape, holdout.num_classes), holdout, source
 
 
 def node_config(session: SessionConfig, **changes: Any) -> NodeConfig:
@@ -175,12 +207,16 @@ def pacing_config(cfg: PeerConfig) -> PacingConfig:
 def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) -> Peer:
     """The daemon's peer: credentials, data, trainer (resumed) and node from one config."""
     identity, certificate = load_credentials(cfg)
-    train, holdout = load_local_data(cfg)
+    source: BlockSource | None = None
+    if cfg.data.startswith(BLOCKS_PREFIX):
+        train, holdout, source = load_block_data(cfg)
+    else:
+        train, holdout = load_local_data(cfg)
     try:
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise ConfigError(f"state_dir: cannot create {cfg.state_dir}: {exc.strerror}") from None
-    trainer = build_trainer(cfg.training, train, holdout, cfg.state_dir)
+    trainer = build_trainer(cfg.training, train, holdout, cfg.state_dir, source)
     node = node_config(
         cfg.session,
         announce_interval_s=cfg.announce_interval_s,

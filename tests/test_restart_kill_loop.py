@@ -15,7 +15,8 @@ and then checks the state directory from outside:
 * temp files left by a kill mid-write (and planted stale ones) do not break the restart;
 * over the loop the restarted peer makes progress: the ledger's steps grow.
 
-A single peer trains but never shares (sessions need 3 peers), which is all this test needs.
+A single peer trains but never shares (sessions need 3 peers), which is all this test needs;
+its config opts out of waiting for a group (``[pace] train_only_when_grouped = false``).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ async def test_sigkill_loop_restarts_consistently(tmp_path: Path,
         .replace("password_file", "# password_file")  # the test broker takes anonymous clients
         .replace("target_epsilon = 8.0",
                  f"noise_multiplier = 1.0\nlocal_steps = {LOCAL_STEPS}\nbatch_size = 16")
+        # Alone, a peer waits for a group before spending budget; this drill needs rounds.
+        + "\n[pace]\ntrain_only_when_grouped = false\nbudget_hours = 0.01\n"
     )
     cfg = load_config(config)
     state_dir = cfg.state_dir

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -851,7 +852,8 @@ class Peer:
         self.offer_update(update.indices, update.values, int(update.round))
         every = self.config.evaluate_every
         if every and self.counters.round % every == 0:
-            self._accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
+            accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
+            self._accuracy = accuracy if math.isfinite(accuracy) else None  # NaN: no hold-out
         self._emit("round", round=int(update.round), epsilon=self._epsilon,
                    accuracy=self._accuracy, steps=int(update.steps))
         for fraction in self._milestones_reached():
