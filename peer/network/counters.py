@@ -8,12 +8,16 @@ per reason (the counter is always exact); the peer goes on either way.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
+
+from peer.files import FileReadError, atomic_write_bytes, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +157,29 @@ class PeerStatus:
             else:
                 changes[name] = int(mine) + int(theirs)
         return replace(self, **changes)
+
+
+# ------------------------------------------------------------------------ totals on disk
+def load_sessions_total(path: Path | None) -> int:
+    """Completed sessions of earlier runs (0 when the file is missing or unreadable)."""
+    if path is None or not path.exists():
+        return 0
+    try:
+        body = json.loads(read_small_file(path, 4096, "totals file"))
+        total = body["sessions_done"]
+        if body.get("format") != 1 or type(total) is not int or total < 0:
+            raise ValueError("unexpected content")
+        return total
+    except (FileReadError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Only a display figure: never a reason not to start.
+        log.warning("%s: ignoring unreadable totals (%s)", path, exc)
+        return 0
+
+
+def save_sessions_total(path: Path, total: int) -> None:
+    """Atomically record ``total`` completed sessions (logged, never raised, on failure)."""
+    body = json.dumps({"format": 1, "sessions_done": int(total)}).encode()
+    try:
+        atomic_write_bytes(path, body, mode=0o600)
+    except OSError as exc:
+        log.error("cannot save %s: %s", path, exc)

@@ -32,31 +32,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
-import math
 import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from crypto.admission import Certificate
-from crypto.field import FixedPoint
 from crypto.identity import Identity
 from crypto.replay import ReplayWindow
-from peer.errors import BudgetExhaustedError, DroppedError
-from peer.files import FileReadError, atomic_write_bytes, read_small_file
+from peer.errors import DroppedError
 from peer.network import counters as st
-from peer.network.counters import DropCounter, PeerStatus, SessionCounters
+from peer.network.counters import (
+    DropCounter,
+    PeerStatus,
+    SessionCounters,
+    load_sessions_total,
+    save_sessions_total,
+)
 from peer.network.inbound import InboundChecks
 from peer.network.membership import MembershipView
-from peer.network.pacing import PacingConfig, PacingState, RoundKind, can_form_group, next_round
+from peer.network.pacing import PacingState, can_form_group
+from peer.network.rounds import RoundLoop, TrainingGauges
 from peer.network.session import (
     Contribution,
     GroupResult,
@@ -66,9 +67,9 @@ from peer.network.session import (
     Session,
     SessionContext,
     SessionParams,
-    SessionTimeouts,
     Step,
 )
+from peer.network.settings import EventCallback, NodeConfig, PeerEvent, Trainer
 from peer.network.transport import (
     BrokerSettings,
     Incoming,
@@ -78,7 +79,7 @@ from peer.network.transport import (
     WillMessage,
 )
 from peer.sharing import SharingStrategy
-from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig, MergeRejected, merge_group_sum
+from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
@@ -90,84 +91,14 @@ from protocol.topics import (
     inbox_filter,
 )
 
+__all__ = ["EventCallback", "NodeConfig", "Peer", "PeerEvent", "Trainer"]
+
 log = logging.getLogger(__name__)
 
 #: How many finished session ids to remember, so late messages of a finished session are
 #: told apart from messages of sessions this peer never joined.
 _RECENT_SESSIONS = 64
 
-#: Fractions of the budget at which a "budget_milestone" event is emitted.
-BUDGET_MILESTONES = (0.25, 0.5, 0.75)
-
-
-class Trainer(Protocol):
-    """What the node needs from the training half (peer.training.trainer.LocalTrainer satisfies it).
-
-    The trainer must be thread-safe: ``train_round`` runs in a worker thread while the event
-    loop calls ``apply_update`` (LocalTrainer queues merges that arrive mid-round).
-
-    ``train_round`` raises :class:`peer.errors.BudgetExhaustedError` once the privacy budget is
-    spent (before touching the model). The residual fill is not the trainer's business but its
-    sharing strategy's, which the node is given on its own (``Peer(sharing=...)``).
-
-    Optional members, read with defaults when absent (benchmark and test stand-ins):
-    ``round`` (rounds since the peer was created), ``epsilon`` / ``budget_epsilon`` (from the
-    ledger; None without DP / without a budget), ``can_average`` and ``averaging_round()`` (a
-    round that re-shares the model without a private step).
-    """
-
-    param_count: int
-    model_id: str
-
-    def train_round(self) -> Any: ...  # LocalUpdate(indices, values, steps, epsilon, round)
-    def apply_update(self, indices: np.ndarray, values: np.ndarray) -> None: ...
-    def evaluate(self) -> float: ...
-    def save_checkpoint(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Timing and policy of the node loops: the one place that holds their defaults.
-
-    The defaults are what ``murmur-peer run`` runs; ``peer.config.SessionConfig`` reads its
-    defaults from here and the simulation states only what it changes (sim/setup.py).
-    """
-
-    group_size: int = 3  # at most g members per session (g - 1 invited)
-    threshold: int = 2  # Shamir threshold t: t colluding members learn nothing more
-    timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
-    fixed_point: FixedPoint = field(default_factory=FixedPoint)
-    merge: MergeConfig = GOSSIP_AVERAGING  # build_peer takes it from the sharing strategy
-    announce_interval_s: float = 30.0
-    silence_expiry_s: float = 120.0
-    clock_skew_s: float = 300.0
-    checkpoint_interval_s: float = 60.0
-    start_jitter_s: float = 0.3  # random delay before inviting (desynchronises neighbours)
-    cooldown_s: float = 1.0  # pause after a session before this peer initiates another
-    over_invite: int = 1  # invite this many peers beyond g - 1; the first g - 1 to accept join
-    tick_s: float = 0.05  # session timeout resolution
-    round_pause_s: float = 0.0  # pause between training rounds (0: train back to back)
-    # When rounds run (peer/network/pacing.py); the daemon derives the private round interval
-    # from [pace] budget_hours.
-    pacing: PacingConfig = field(default_factory=PacingConfig)
-    evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
-    train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
-    auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
-
-
-@dataclass(frozen=True)
-class PeerEvent:
-    """Something the simulation / tests may record. ``data`` holds plain values and arrays."""
-
-    # "connected", "disconnected", "round", "session_done", "session_aborted",
-    # "merge_rejected", "budget_milestone", "budget_exhausted", "training_failed"
-    kind: str
-    peer_id: str
-    time: float
-    data: dict[str, Any]
-
-
-EventCallback = Callable[[PeerEvent], None]
 
 
 class Peer:
@@ -241,21 +172,16 @@ class Peer:
         # figures for status()
         self.counters = SessionCounters()
         self._latest_round = -1
-        self._accuracy: float | None = None
-        # The ledger's figures from the start (also right after a restart), not the first round.
-        self._epsilon: float | None = _optional_float(getattr(trainer, "epsilon", None))
-        self._budget_epsilon = _optional_float(getattr(trainer, "budget_epsilon", None))
-        self._dp = bool(getattr(getattr(trainer, "config", None), "dp", True))
-        self._milestones_passed = self._milestones_reached()
-        self._budget_exhausted = False
-        self._training_now = False
         self._was_connected = False
         self._ever_connected = False
-        self.training_error: str | None = None
+        self.gauges = TrainingGauges.of(trainer)
+        self.rounds = RoundLoop(self, cfg.pacing, self._round_wake,
+                                round_pause_s=cfg.round_pause_s,
+                                evaluate_every=cfg.evaluate_every)
         # Totals since the peer was created: rounds from the trainer's checkpoint, sessions
         # from this small file (written with each checkpoint).
         self.totals_path = totals_path
-        self._sessions_before = _load_sessions_total(totals_path)
+        self._sessions_before = load_sessions_total(totals_path)
 
     # ------------------------------------------------------------------ status / events
     def _make_transport(self, broker: BrokerSettings, client_id: str | None) -> Transport:
@@ -285,12 +211,13 @@ class Peer:
             return st.STATE_OFFLINE if self._ever_connected else st.STATE_CONNECTING
         if self.session is not None:
             return st.STATE_SHARING
-        if self._training_now:
+        gauges = self.gauges
+        if gauges.training_now:
             return st.STATE_TRAINING
-        if self.training_error is not None:
+        if gauges.training_error is not None:
             return st.STATE_SERVING_ONLY
-        if self._budget_exhausted:
-            return (st.STATE_AVERAGING_ONLY if self._can_average()
+        if gauges.budget_exhausted:
+            return (st.STATE_AVERAGING_ONLY if self.rounds.can_average
                     else st.STATE_SERVING_ONLY)
         if not can_form_group(connected, eligible):
             return st.STATE_WAITING
@@ -305,11 +232,11 @@ class Peer:
             peer_id=self.peer_id,
             connected=connected,
             state=self._state(connected, eligible),
-            accuracy=self._accuracy,
-            dp=self._dp,
-            epsilon=self._epsilon,
-            budget_epsilon=self._budget_epsilon,
-            budget_exhausted=self._budget_exhausted,
+            accuracy=self.gauges.accuracy,
+            dp=self.gauges.dp,
+            epsilon=self.gauges.epsilon,
+            budget_epsilon=self.gauges.budget_epsilon,
+            budget_exhausted=self.gauges.budget_exhausted,
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
             sessions_total=self._sessions_before + self.counters.sessions_done,
             peers_live=eligible,
@@ -345,7 +272,7 @@ class Peer:
         ]
         if self.config.auto_start:
             tasks.append(asyncio.create_task(self._starter_loop()))
-        training = asyncio.create_task(self._training_loop()) if self.config.train else None
+        training = asyncio.create_task(self.rounds.run()) if self.config.train else None
         try:
             await stop.wait()
         finally:
@@ -502,7 +429,7 @@ class Peer:
             reason = "busy"
         elif header.session in self._recent_sessions:
             reason = "session_reused"
-        elif self._budget_exhausted and self._fresh is None:
+        elif self.gauges.budget_exhausted and self._fresh is None:
             reason = "budget_exhausted"
         elif self._fresh is None:
             # A member contributing nothing would let the two others learn each other's vector.
@@ -751,144 +678,37 @@ class Peer:
             log.error("%s: checkpoint failed: %s", self.peer_id, exc)
 
     def _save_totals(self) -> None:
-        if self.totals_path is None:
-            return
-        total = self._sessions_before + self.counters.sessions_done
-        body = json.dumps({"format": 1, "sessions_done": total}).encode()
-        try:
-            atomic_write_bytes(self.totals_path, body, mode=0o600)
-        except OSError as exc:
-            log.error("%s: cannot save %s: %s", self.peer_id, self.totals_path, exc)
+        if self.totals_path is not None:
+            save_sessions_total(self.totals_path,
+                                self._sessions_before + self.counters.sessions_done)
 
-    # ------------------------------------------------------------------ training
-    def _can_average(self) -> bool:
-        return bool(getattr(self.trainer, "can_average", False))
+    # ------------------------------------------------------------------ training (rounds.py)
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-    def _pacing_state(self, now: float, next_private_at: float,
-                      next_averaging_at: float) -> PacingState:
+    def pacing_state(self, now: float, next_private_at: float,
+                     next_averaging_at: float) -> PacingState:
+        """The facts the pacing decides on (RoundHost)."""
         return PacingState(
             now=now,
             connected=self.transport.connected.is_set(),
             eligible_peers=len(self._eligible(time.time())),
             update_pending=self._fresh is not None,
-            budget_spent=self._budget_exhausted,
-            can_average=self._can_average(),
+            budget_spent=self.gauges.budget_exhausted,
+            can_average=self.rounds.can_average,
             next_private_at=next_private_at,
             next_averaging_at=next_averaging_at,
         )
 
-    async def _training_loop(self) -> None:
-        """Private rounds when due and grouped; free averaging rounds in between and after."""
-        pacing = self.config.pacing
-        next_private_at = next_averaging_at = 0.0
-        while not self._stopping:
-            now = time.monotonic()
-            decision = next_round(self._pacing_state(now, next_private_at, next_averaging_at),
-                                  pacing)
-            if decision.kind in (RoundKind.WAIT, RoundKind.WAIT_FOR_PEERS):
-                self._round_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._round_wake.wait(),
-                                           timeout=max(0.05, decision.wait_s))
-                continue
-            if decision.kind is RoundKind.PRIVATE:
-                retry = max(pacing.private_round_interval_s,
-                            pacing.retry_private_s if self._budget_exhausted else 0.0)
-                next_private_at = now + retry
-                update = await self._private_round()
-            else:
-                next_averaging_at = now + pacing.averaging_interval_s
-                update = await self._run_in_thread(self.trainer.averaging_round)  # type: ignore[attr-defined]
-            if update is False:
-                return  # training failed: serve only
-            if update is None:
-                continue
-            await self._after_round(update)
-            await asyncio.sleep(self.config.round_pause_s)
-
-    async def _private_round(self) -> Any:
-        """One private round; None when the budget is spent (the peer averages or serves)."""
-        try:
-            self._training_now = True
-            update = await asyncio.to_thread(self.trainer.train_round)
-        except BudgetExhaustedError as exc:
-            if not self._budget_exhausted:
-                self._budget_exhausted = True
-                if not self._can_average():
-                    self._fresh = None
-                log.warning("%s: privacy budget spent; %s: %s", self.peer_id,
-                            "averaging only from now on" if self._can_average()
-                            else "serving only from now on", exc)
-                self._emit("budget_exhausted", epsilon=self._epsilon)
-            return None
-        except Exception as exc:
-            return self._training_failed(exc)
-        finally:
-            self._training_now = False
-        if self._budget_exhausted and int(update.steps) > 0:
-            log.info("%s: new data with a fresh budget: private training resumes", self.peer_id)
-            self._budget_exhausted = False
-        return update
-
-    async def _run_in_thread(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return await asyncio.to_thread(fn)
-        except Exception as exc:
-            return self._training_failed(exc)
-
-    def _training_failed(self, exc: Exception) -> bool:
-        # A training bug must not take the peer off the network: it keeps serving sessions
-        # for others (it declines invites: it has nothing fresh to add).
-        self.training_error = repr(exc)
-        self._fresh = None
-        log.error("%s: training failed; serving only from now on", self.peer_id,
-                  exc_info=exc)
-        self._emit("training_failed", error=repr(exc))
-        return False
-
-    async def _after_round(self, update: Any) -> None:
+    def round_done(self, update: Any) -> None:
+        """A round finished (RoundHost): count it and offer its update to sessions."""
         self.counters.round += 1
-        self._epsilon = _optional_float(getattr(self.trainer, "epsilon", update.epsilon))
         self.offer_update(update.indices, update.values, int(update.round))
-        every = self.config.evaluate_every
-        if every and self.counters.round % every == 0:
-            accuracy = float(await asyncio.to_thread(self.trainer.evaluate))
-            self._accuracy = accuracy if math.isfinite(accuracy) else None  # NaN: no hold-out
-        self._emit("round", round=int(update.round), epsilon=self._epsilon,
-                   accuracy=self._accuracy, steps=int(update.steps))
-        for fraction in self._milestones_reached():
-            if fraction not in self._milestones_passed:
-                self._milestones_passed.add(fraction)
-                self._emit("budget_milestone", fraction=fraction, epsilon=self._epsilon,
-                           budget_epsilon=self._budget_epsilon)
 
-    def _milestones_reached(self) -> set[float]:
-        eps, budget = self._epsilon, self._budget_epsilon
-        if eps is None or budget is None or not self._dp:
-            return set()
-        return {f for f in BUDGET_MILESTONES if eps >= f * budget}
+    def withdraw_update(self) -> None:
+        """Nothing fresh to contribute any more (RoundHost)."""
+        self._fresh = None
 
-
-def _optional_float(value: object) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-
-
-def _load_sessions_total(path: Path | None) -> int:
-    """Completed sessions of earlier runs (0 when the file is missing or unreadable)."""
-    if path is None or not path.exists():
-        return 0
-    try:
-        body = json.loads(read_small_file(path, 4096, "totals file"))
-        total = body["sessions_done"]
-        if body.get("format") != 1 or type(total) is not int or total < 0:
-            raise ValueError("unexpected content")
-        return total
-    except (FileReadError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        # Only a display figure: never a reason not to start.
-        log.warning("%s: ignoring unreadable totals (%s)", path, exc)
-        return 0
+    def emit(self, kind: str, **data: Any) -> None:
+        self._emit(kind, **data)

@@ -1,0 +1,196 @@
+"""The node's training loop: rounds paced by peer/network/pacing.py, run in a worker thread.
+
+* A private round (``trainer.train_round``) runs only when the pacing says so: the peer can
+  form a group and the budget's schedule has a round due. ``BudgetExhaustedError`` (raised by
+  the trainer before it touches the model) switches the peer to averaging rounds when its
+  share mode averages models, else to serving only; it retries private training now and then,
+  because a growing data source may bring a new block with a fresh budget.
+* An averaging round (``trainer.averaging_round``) re-shares the current model: no private step,
+  no epsilon (docs/privacy.md, "After the budget").
+* A training bug never takes the peer off the network: it logs, emits ``training_failed`` and
+  keeps serving sessions for others.
+
+:class:`TrainingGauges` holds what the status line shows about training; the node reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from peer.errors import BudgetExhaustedError
+from peer.network.pacing import PacingConfig, PacingState, RoundKind, next_round
+
+log = logging.getLogger(__name__)
+
+#: Fractions of the budget at which a "budget_milestone" event is emitted.
+BUDGET_MILESTONES = (0.25, 0.5, 0.75)
+
+
+def optional_float(value: object) -> float | None:
+    """``value`` as a float, None when it is None or not a number."""
+    if value is None:
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class TrainingGauges:
+    """What the peer knows about its own training now (read by ``Peer.status``).
+
+    ``epsilon`` and ``budget_epsilon`` come from the trainer's ledger from the start, so a
+    restarted peer shows what it has spent before its first new round.
+    """
+
+    dp: bool = True
+    epsilon: float | None = None
+    budget_epsilon: float | None = None
+    accuracy: float | None = None
+    budget_exhausted: bool = False
+    training_now: bool = False
+    training_error: str | None = None
+    milestones_passed: set[float] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, trainer: Any) -> TrainingGauges:
+        gauges = cls(
+            dp=bool(getattr(getattr(trainer, "config", None), "dp", True)),
+            epsilon=optional_float(getattr(trainer, "epsilon", None)),
+            budget_epsilon=optional_float(getattr(trainer, "budget_epsilon", None)),
+        )
+        gauges.milestones_passed = gauges.milestones_reached()  # passed before this run
+        return gauges
+
+    def milestones_reached(self) -> set[float]:
+        eps, budget = self.epsilon, self.budget_epsilon
+        if eps is None or budget is None or not self.dp:
+            return set()
+        return {f for f in BUDGET_MILESTONES if eps >= f * budget}
+
+    def new_milestones(self) -> list[float]:
+        """Milestones reached since the last call (each one reported once)."""
+        fresh = sorted(self.milestones_reached() - self.milestones_passed)
+        self.milestones_passed.update(fresh)
+        return fresh
+
+
+class RoundHost(Protocol):
+    """What the loop needs from the node (peer.network.node.Peer)."""
+
+    peer_id: str
+    trainer: Any
+    gauges: TrainingGauges
+
+    @property
+    def stopping(self) -> bool: ...
+    def pacing_state(self, now: float, next_private_at: float,
+                     next_averaging_at: float) -> PacingState: ...
+    def round_done(self, update: Any) -> None: ...  # count it and offer it to sessions
+    def withdraw_update(self) -> None: ...  # nothing fresh to contribute any more
+    def emit(self, kind: str, **data: Any) -> None: ...
+
+
+class RoundLoop:
+    """Runs the host's rounds until it stops; see the module docstring."""
+
+    def __init__(self, host: RoundHost, pacing: PacingConfig, wake: asyncio.Event, *,
+                 round_pause_s: float, evaluate_every: int) -> None:
+        self.host = host
+        self.pacing = pacing
+        self.wake = wake  # set by the node when a session ends or the link changes
+        self.round_pause_s = round_pause_s
+        self.evaluate_every = evaluate_every
+        self.rounds_run = 0
+
+    @property
+    def can_average(self) -> bool:
+        return bool(getattr(self.host.trainer, "can_average", False))
+
+    async def run(self) -> None:
+        host, pacing = self.host, self.pacing
+        next_private_at = next_averaging_at = 0.0
+        while not host.stopping:
+            now = time.monotonic()
+            decision = next_round(host.pacing_state(now, next_private_at, next_averaging_at),
+                                  pacing)
+            if decision.kind in (RoundKind.WAIT, RoundKind.WAIT_FOR_PEERS):
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.05, decision.wait_s))
+                continue
+            if decision.kind is RoundKind.PRIVATE:
+                retry = pacing.retry_private_s if host.gauges.budget_exhausted else 0.0
+                next_private_at = now + max(pacing.private_round_interval_s, retry)
+                update = await self._private_round()
+            else:
+                next_averaging_at = now + pacing.averaging_interval_s
+                update = await self._in_thread(host.trainer.averaging_round)
+            if update is False:
+                return  # training failed: serve only
+            if update is not None:
+                await self._after_round(update)
+                await asyncio.sleep(self.round_pause_s)
+
+    async def _private_round(self) -> Any:
+        """One private round; None when the budget is spent, False when training failed."""
+        host, gauges = self.host, self.host.gauges
+        try:
+            gauges.training_now = True
+            update = await asyncio.to_thread(host.trainer.train_round)
+        except BudgetExhaustedError as exc:
+            if not gauges.budget_exhausted:
+                gauges.budget_exhausted = True
+                if not self.can_average:
+                    host.withdraw_update()
+                log.warning("%s: privacy budget spent; %s from now on: %s", host.peer_id,
+                            "averaging only" if self.can_average else "serving only", exc)
+                host.emit("budget_exhausted", epsilon=gauges.epsilon)
+            return None
+        except Exception as exc:
+            return self._failed(exc)
+        finally:
+            gauges.training_now = False
+        if gauges.budget_exhausted and int(update.steps) > 0:
+            log.info("%s: new data with a fresh budget: private training resumes",
+                     host.peer_id)
+            gauges.budget_exhausted = False
+        return update
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.to_thread(fn)
+        except Exception as exc:
+            return self._failed(exc)
+
+    def _failed(self, exc: Exception) -> bool:
+        # A training bug must not take the peer off the network: it keeps serving sessions
+        # for others (it declines invites: it has nothing fresh to add).
+        self.host.gauges.training_error = repr(exc)
+        self.host.withdraw_update()
+        log.error("%s: training failed; serving only from now on", self.host.peer_id,
+                  exc_info=exc)
+        self.host.emit("training_failed", error=repr(exc))
+        return False
+
+    async def _after_round(self, update: Any) -> None:
+        host, gauges = self.host, self.host.gauges
+        self.rounds_run += 1
+        gauges.epsilon = optional_float(getattr(host.trainer, "epsilon", update.epsilon))
+        host.round_done(update)
+        if self.evaluate_every and self.rounds_run % self.evaluate_every == 0:
+            accuracy = float(await asyncio.to_thread(host.trainer.evaluate))
+            gauges.accuracy = accuracy if math.isfinite(accuracy) else None  # NaN: no hold-out
+        host.emit("round", round=int(update.round), epsilon=gauges.epsilon,
+                  accuracy=gauges.accuracy, steps=int(update.steps))
+        for fraction in gauges.new_milestones():
+            host.emit("budget_milestone", fraction=fraction, epsilon=gauges.epsilon,
+                      budget_epsilon=gauges.budget_epsilon)
