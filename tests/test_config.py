@@ -176,3 +176,36 @@ def test_credentials_must_match_the_config(network_dir: Path) -> None:
     (network_dir / "alice.cert").write_bytes(b"not a certificate")
     with pytest.raises(ConfigError, match="certificate_file"):
         load_credentials(cfg)
+
+
+def test_pace_section_and_its_interval(network_dir: Path) -> None:
+    from peer.daemon import pacing_config
+
+    cfg = load_config(write(network_dir, MINIMAL + TRAINING + "[pace]\nbudget_hours = 2.5\n"))
+    assert cfg.pace.budget_hours == 2.5 and cfg.pace.train_only_when_grouped
+    # 100 planned rounds, no averaging tail: one private round every 90 s
+    assert pacing_config(cfg).private_round_interval_s == pytest.approx(90.0)
+    default = load_config(write(network_dir, MINIMAL + TRAINING, "default.toml"))
+    assert pacing_config(default).private_round_interval_s == pytest.approx(864.0)
+    bad = write(network_dir, MINIMAL + TRAINING + "[pace]\nbudget_hours = 0\n", "bad.toml")
+    assert "budget_hours" in config_error(bad)
+    typo = write(network_dir, MINIMAL + TRAINING + "[pace]\nbudget_days = 2\n", "typo.toml")
+    assert "budget_days" in config_error(typo)
+
+
+def test_blocks_source_needs_a_directory_and_evaluate(network_dir: Path) -> None:
+    from peer.daemon import load_block_data
+
+    missing = write(network_dir, MINIMAL + 'data = "blocks:incoming"\n' + TRAINING)
+    assert "block directory" in config_error(missing)
+    (network_dir / "incoming").mkdir()
+    cfg = load_config(missing)
+    assert cfg.data == f"blocks:{network_dir / 'incoming'}"
+    with pytest.raises(ConfigError, match="evaluate"):
+        load_block_data(cfg)
+    with_eval = load_config(write(network_dir, MINIMAL + 'data = "blocks:incoming"\n'
+                                  'evaluate = "digits"\n' + TRAINING, "eval.toml"))
+    template, holdout, source = load_block_data(with_eval)
+    assert len(template) == 0 and template.input_shape == holdout.input_shape == (64,)
+    assert template.num_classes == holdout.num_classes == 10
+    assert source.directory == network_dir / "incoming"
