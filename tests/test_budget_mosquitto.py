@@ -10,11 +10,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from peer.network.counters import STATE_AVERAGING_ONLY, STATE_SHARING, STATE_WAITING
+from peer.network.counters import (
+    STATE_AVERAGING_ONLY,
+    STATE_SHARING,
+    STATE_WAITING,
+    load_sessions_total,
+)
 from peer.network.node import Peer
 from peer.network.pacing import PacingConfig
 from tests.conftest import wait_until
@@ -68,12 +74,13 @@ async def test_alone_no_budget_is_spent_until_a_group_can_form(mosquitto,
         await net.close()
 
 
-async def test_spent_budget_keeps_averaging_at_constant_epsilon(mosquitto,
-                                                                make_averaging_trainer) -> None:
+async def test_spent_budget_keeps_averaging_at_constant_epsilon(
+        mosquitto, make_averaging_trainer, tmp_path: Path) -> None:
     from crypto.admission import AdmissionKey
 
     net = Network(mosquitto.url, AdmissionKey.generate(NET))
-    peers: list[Peer] = [net.add(f"p{i}", make_averaging_trainer(i, 3), QUICK)
+    peers: list[Peer] = [net.add(f"p{i}", make_averaging_trainer(i, 3), QUICK,
+                                 totals_path=tmp_path / f"p{i}.totals.json")
                          for i in range(3)]
     try:
         await wait_until(lambda: all(p.status().budget_exhausted for p in peers), 60,
@@ -94,5 +101,9 @@ async def test_spent_budget_keeps_averaging_at_constant_epsilon(mosquitto,
             assert p.status().epsilon == eps
         rounds = [e for e in net.events if e.kind == "round" and e.time > spent_at]
         assert rounds and all(e.data["steps"] == 0 for e in rounds)
+        # The session total on disk follows each session (what a restart would show).
+        await wait_until(lambda: all(
+            load_sessions_total(tmp_path / f"{p.peer_id}.totals.json")
+            >= p.counters.sessions_done - 1 > 0 for p in peers), 10, "totals on disk")
     finally:
         await net.close()

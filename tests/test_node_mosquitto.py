@@ -94,13 +94,14 @@ class Network:
     stops: list[asyncio.Event] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def add(self, peer_id: str, trainer: object, config: NodeConfig = FAST) -> Peer:
+    def add(self, peer_id: str, trainer: object, config: NodeConfig = FAST,
+            totals_path: Path | None = None) -> Peer:
         ident = Identity.generate(peer_id)
         cert = self.admission.issue(ident.public, valid_for_s=3600, now=time.time())
         peer = build_peer(identity=ident, certificate=cert,
                           admission_public_key=self.admission.public_key, network_id=NET,
                           trainer=trainer, broker=BrokerSettings(url=self.url), node=config,
-                          on_event=self.events.append)
+                          on_event=self.events.append, totals_path=totals_path)
         self.peers.append(peer)
         stop = asyncio.Event()
         self.stops.append(stop)

@@ -182,6 +182,8 @@ class Peer:
         # from this small file (written with each checkpoint).
         self.totals_path = totals_path
         self._sessions_before = load_sessions_total(totals_path)
+        self._totals_dirty = False
+        self._totals_writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ status / events
     def _make_transport(self, broker: BrokerSettings, client_id: str | None) -> Transport:
@@ -477,6 +479,7 @@ class Peer:
         duration = time.time() - session.started_at
         if session.phase is Phase.DONE and session.result is not None:
             self.counters.sessions_done += 1
+            self._save_totals_soon()
             self._initiator_failures = 0
             if self._fresh is contribution:
                 self._fresh = None  # shared: the next session needs a new update
@@ -681,6 +684,20 @@ class Peer:
         if self.totals_path is not None:
             save_sessions_total(self.totals_path,
                                 self._sessions_before + self.counters.sessions_done)
+
+    def _save_totals_soon(self) -> None:
+        """Record the session total after each session, off the event loop (it fsyncs), so
+        a SIGKILL loses at most the session in flight; one writer at a time."""
+        if self.totals_path is None:
+            return
+        self._totals_dirty = True
+        if self._totals_writer is None or self._totals_writer.done():
+            self._totals_writer = asyncio.get_running_loop().create_task(self._write_totals())
+
+    async def _write_totals(self) -> None:
+        while self._totals_dirty:
+            self._totals_dirty = False
+            await asyncio.to_thread(self._save_totals)
 
     # ------------------------------------------------------------------ training (rounds.py)
     @property
