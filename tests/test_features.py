@@ -179,9 +179,10 @@ def test_scatter_trainer_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert cache.computed == 240  # train + hold-out, once, at construction
     assert trainer.param_count == 3969 * 10 + 10
     assert trainer.model_id.startswith("scatter-39700-")
-    assert trainer._x.shape == (200, 3969)
+    features = trainer._blocks._static_x  # the static block's inputs, featurised once
+    assert features is not None and features.shape == (200, 3969)
     with torch.no_grad():  # the trainable head on cached features is the whole model
-        torch.testing.assert_close(trainer._trainable(trainer._x[:5]),
+        torch.testing.assert_close(trainer._trainable(features[:5]),
                                    trainer.model(torch.from_numpy(train.x[:5])),
                                    rtol=1e-4, atol=1e-5)
 
