@@ -107,3 +107,43 @@ async def test_spent_budget_keeps_averaging_at_constant_epsilon(
             >= p.counters.sessions_done - 1 > 0 for p in peers), 10, "totals on disk")
     finally:
         await net.close()
+
+
+async def test_a_new_block_of_data_brings_a_fresh_budget(mosquitto, digits_source,
+                                                         make_averaging_trainer,
+                                                         tmp_path: Path) -> None:
+    """A device whose first block is spent keeps averaging; a new block resumes private
+    training with its own budget while block 1's epsilon never moves again."""
+    from crypto.admission import AdmissionKey
+    from peer.training.blocks import open_block_source, template_dataset
+    from peer.training.trainer import LocalTrainer, TrainerConfig
+    from tests.test_blocks import write_npz
+
+    train, test = digits_source
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_npz(incoming, "0001.npz", train.x[:200], train.y[:200])
+    config = TrainerConfig(model="mlp", lr=0.1, batch_size=32, local_steps=2,
+                           target_epsilon=1.0, planned_rounds=3, seed=7, share="model",
+                           min_block_records=150)
+    device = LocalTrainer(config, template_dataset(train.input_shape, train.num_classes),
+                          test, None, source=open_block_source(incoming, 150))
+    pacing = dataclasses.replace(QUICK.pacing, retry_private_s=0.5)
+    net = Network(mosquitto.url, AdmissionKey.generate(NET))
+    sensor = net.add("sensor", device, dataclasses.replace(QUICK, pacing=pacing))
+    for i in (1, 2):
+        net.add(f"p{i}", make_averaging_trainer(i, 3), QUICK)
+    try:
+        await wait_until(lambda: sensor.status().budget_exhausted, 60, "block 1 spent")
+        (first,) = device.blocks_status()
+        assert first.retired and 0 < first.epsilon <= 1.0
+        write_npz(incoming, "0002.npz", train.x[200:400], train.y[200:400])
+        await wait_until(lambda: len(device.blocks_status()) == 2
+                         and device.blocks_status()[1].steps > 0, 30,
+                         "private training on block 2")
+        await wait_until(lambda: device.blocks_status()[1].retired, 60, "block 2 spent")
+        again, second = device.blocks_status()
+        assert (again.epsilon, again.steps) == (first.epsilon, first.steps)
+        assert 0 < second.epsilon <= 1.0 and second.records == 200
+    finally:
+        await net.close()
