@@ -445,6 +445,8 @@ def peer_configs(workdir: Path, broker_url: str, data_spec: str, model: str, ste
         document["training"] = {"model": model, "local_steps": steps, "dp": True,
                                 "noise_multiplier": 1.0, "batch_size": 64,
                                 "topk_fraction": 0.01}
+        # Back to back, as before pacing existed: this bench measures CPU per round.
+        document["pace"] = {"budget_hours": 0.001}
         path = files.config.with_name(f"{files.peer_id}.run.toml")
         path.write_text(toml_text(document))
         paths.append(path)
