@@ -1,0 +1,313 @@
+"""Messages and session sealing of the masked aggregation session (issue 13), not yet on the wire.
+
+docs/design/masked-sessions.md is the specification. The bodies here are frozen dataclasses
+with the design's field names; the lead moves them into ``protocol/`` (wire version 3) later.
+Until then the envelope is out of scope: :class:`MaskedHeader` carries what a signed envelope
+header would (kind, sender, session, seq), and "signed by member m" is modelled by
+``sender == m`` because the node's inbound checks verify envelope signatures before a session
+ever sees a message. INVITE and ABORT keep today's bodies (``protocol.messages``).
+
+Session sealing (MASKED, REVEAL): ``nacl.secret.SecretBox`` under the session key K, the
+plaintext being ``BLAKE2b-256(context) || payload`` as ``crypto.sealing.seal`` does for Box.
+The context binds network, session, sender, kind and seq, so a session-sealed payload opens
+only as the message it was sealed as: not in another session, not under another sender, kind
+or sequence number. Only members hold K (it reaches each one sealed for it in START), so the
+broker cannot open, add or forge masked vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+import nacl.exceptions
+import nacl.secret
+import numpy as np
+
+from crypto.errors import SealError
+from crypto.field import field_from_bytes, field_to_bytes
+from crypto.masking import EphemeralKey, MaskError, recover_secret
+from crypto.shamir import Share
+from peer.network.session import Contribution
+from protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+NO_INDICES = np.zeros(0, dtype=np.uint32)
+NO_VALUES = np.zeros(0, dtype=np.float32)
+SESSION_KEY_BYTES = nacl.secret.SecretBox.KEY_SIZE  # 32
+EPHEMERAL_PUBLIC_BYTES = 32
+DIGEST_BYTES = 32
+#: field elements of one Shamir share of a 32-byte secret (crypto.masking.share_secret)
+SECRET_SHARE_ELEMENTS = 16
+SESSION_SEAL_DOMAIN = b"murmur/v3/session-seal\x00"
+VIEW_DOMAIN = b"murmur/v3/session-view\x00"
+
+
+class MaskedKind(Enum):
+    INVITE = "invite"
+    ACCEPT = "accept"
+    START = "start"
+    KEYS = "keys"
+    MASKED = "masked"
+    SURVIVORS = "survivors"
+    CONFIRM = "confirm"
+    REVEAL = "reveal"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True)
+class MaskedHeader:
+    """What the signed envelope header will carry (its signature is the node's business)."""
+
+    kind: MaskedKind
+    sender: str
+    session: bytes
+    seq: int
+
+
+@dataclass(frozen=True, eq=False)
+class Accept:
+    """An invitee joins: its index set and a fresh X25519 public key for this session only."""
+
+    indices: np.ndarray
+    ephemeral_public: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class Start:
+    """The initiator fixes the group; ``session_key`` is K sealed (Box) for ``recipient``."""
+
+    members: tuple[str, ...]
+    threshold: int
+    coordinates: np.ndarray
+    ephemeral_publics: tuple[bytes, ...]  # one per member, in member order
+    recipient: str
+    session_key: bytes
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Sealed (Box) for ``recipient``: the view digest and its shares of the sender's secrets."""
+
+    recipient: str
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Masked:
+    """Session-sealed masked vector over the coordinates (plus the count slot)."""
+
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """The members whose MASKED reached the initiator before its deadline, in member order."""
+
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """The survivor list the sender received; the envelope signature covers (session, list)."""
+
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """Session-sealed: one share per member, of its self seed or of its ephemeral key."""
+
+    sealed: bytes
+
+
+MaskedBody = m.Invite | Accept | Start | Keys | Masked | Survivors | Confirm | Reveal | m.Abort
+
+BODY_TYPES: dict[MaskedKind, type] = {
+    MaskedKind.INVITE: m.Invite, MaskedKind.ACCEPT: Accept, MaskedKind.START: Start,
+    MaskedKind.KEYS: Keys, MaskedKind.MASKED: Masked, MaskedKind.SURVIVORS: Survivors,
+    MaskedKind.CONFIRM: Confirm, MaskedKind.REVEAL: Reveal, MaskedKind.ABORT: m.Abort,
+}
+
+
+@dataclass(frozen=True)
+class MaskedOutgoing:
+    """A message to sign and send: direct to ``recipient``, or on the session topic if None."""
+
+    recipient: str | None
+    kind: MaskedKind
+    body: MaskedBody
+    seq: int
+
+    @property
+    def to_topic(self) -> bool:
+        return self.recipient is None
+
+
+@dataclass
+class MaskedStep:
+    """What one event produced: messages to send and reasons of refused inbound messages."""
+
+    out: list[MaskedOutgoing] = field(default_factory=list)
+    drops: list[str] = field(default_factory=list)
+
+    def extend(self, other: MaskedStep) -> None:
+        self.out.extend(other.out)
+        self.drops.extend(other.drops)
+
+
+@dataclass(frozen=True)
+class MaskedTimeouts:
+    """Per-phase timeouts in seconds (each phase's deadline is set when the phase begins)."""
+
+    invite_s: float = 2.0  # initiator: waiting for ACCEPT/DECLINE
+    start_s: float = 4.0  # invitee: waiting for START after accepting
+    keys_s: float = 5.0  # waiting for KEYS from every other member
+    masked_s: float = 5.0  # initiator: collecting MASKED before it sends SURVIVORS
+    survivors_s: float = 8.0  # invitee: waiting for SURVIVORS after publishing MASKED
+    confirm_s: float = 5.0  # waiting for a quorum of matching CONFIRMs
+    reveal_s: float = 5.0  # waiting for t REVEALs and every survivor's MASKED
+
+
+class RevealKind(IntEnum):
+    SELF_SEED = 1
+    EPHEMERAL_KEY = 2
+
+
+def confirm_quorum(group_size: int, threshold: int) -> int:
+    """CONFIRMs (own included) naming one list that a member needs before it reveals.
+
+    Two confirming sets of a split view share at least the initiator, which signs every list
+    it sends. They cannot both reach q when 2q > g + 1 (c = 0 other colluders), so
+    q = max(t, floor((g + 1) / 2) + 1): 3 at g = 3, 4 at g = 5. Counting t alone, as the design
+    first said, lets an initiator alone split g = 5, t = 3 into {I, A, B} and {I, C, D}.
+    """
+    return max(threshold, (group_size + 1) // 2 + 1)
+
+
+@dataclass(frozen=True)
+class SessionSealContext:
+    """What a session-sealed payload is bound to: network, session, sender, kind, seq."""
+
+    network_id: str
+    session_id: bytes
+    sender: str
+    kind: MaskedKind
+    seq: int
+
+    def digest(self) -> bytes:
+        parts = [SESSION_SEAL_DOMAIN]
+        for name in (self.network_id, self.sender, self.kind.value):
+            raw = name.encode()
+            parts.append(struct.pack(">H", len(raw)) + raw)
+        parts.append(struct.pack(">H", len(self.session_id)) + self.session_id)
+        parts.append(struct.pack(">Q", self.seq))
+        return hashlib.blake2b(b"".join(parts), digest_size=DIGEST_BYTES).digest()
+
+
+def session_seal(key: bytes, context: SessionSealContext, payload: bytes) -> bytes:
+    """SecretBox (XSalsa20-Poly1305, random nonce) of ``digest(context) || payload``."""
+    return bytes(nacl.secret.SecretBox(key).encrypt(context.digest() + payload))
+
+
+def session_open(key: bytes, context: SessionSealContext, sealed: bytes) -> bytes:
+    """Open a session-sealed payload and check its context; SealError on any failure."""
+    try:
+        opened = nacl.secret.SecretBox(key).decrypt(bytes(sealed))
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise SealError("cannot open session-sealed payload (tampered, or wrong key)") from None
+    if len(opened) < DIGEST_BYTES or not hmac.compare_digest(opened[:DIGEST_BYTES],
+                                                             context.digest()):
+        raise SealError("session-sealed payload is bound to a different context")
+    return opened[DIGEST_BYTES:]
+
+
+def view_digest(network_id: str, session_id: bytes, members: Sequence[str], threshold: int,
+                coordinates: np.ndarray, publics: Sequence[bytes], session_key: bytes) -> bytes:
+    """Digest of everything START told a member. Each KEYS carries it, sealed pairwise, so two
+    honest members mask only if the initiator told them the same group, keys and K."""
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES, key=session_key)
+    h.update(VIEW_DOMAIN + network_id.encode() + b"\x00" + session_id)
+    for member, public in zip(members, publics, strict=True):
+        h.update(struct.pack(">H", len(member)) + member.encode() + public)
+    h.update(struct.pack(">I", threshold))
+    h.update(np.ascontiguousarray(coordinates, dtype="<u4").tobytes())
+    return h.digest()
+
+
+def encode_keys(view: bytes, ephemeral_share: np.ndarray, seed_share: np.ndarray) -> bytes:
+    return view + field_to_bytes(np.concatenate([ephemeral_share, seed_share]))
+
+
+def decode_keys(plain: bytes) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """(view digest, ephemeral-key share, self-seed share); ValueError if malformed."""
+    if len(plain) != DIGEST_BYTES + 2 * SECRET_SHARE_ELEMENTS * 4:
+        raise ValueError("KEYS payload has the wrong length")
+    values = field_from_bytes(plain[DIGEST_BYTES:])
+    return plain[:DIGEST_BYTES], values[:SECRET_SHARE_ELEMENTS], values[SECRET_SHARE_ELEMENTS:]
+
+
+def encode_reveal(entries: Sequence[tuple[RevealKind, np.ndarray]]) -> bytes:
+    """One entry per member in member order: a kind byte and a 16-element share."""
+    return b"".join(bytes([kind]) + field_to_bytes(share) for kind, share in entries)
+
+
+def decode_reveal(plain: bytes, members: int) -> list[tuple[RevealKind, np.ndarray]]:
+    """Inverse of :func:`encode_reveal`; ValueError if malformed."""
+    size = 1 + SECRET_SHARE_ELEMENTS * 4
+    if len(plain) != members * size:
+        raise ValueError("REVEAL payload has the wrong length")
+    out = []
+    for i in range(members):
+        chunk = plain[i * size:(i + 1) * size]
+        out.append((RevealKind(chunk[0]), field_from_bytes(chunk[1:])))
+    return out
+
+
+def recover_secrets(members: Sequence[str], survivors: Sequence[str],
+                    publics: Mapping[str, bytes], threshold: int,
+                    reveals: Mapping[int, Sequence[tuple[RevealKind, np.ndarray]]],
+                    ) -> tuple[dict[str, bytes], dict[str, EphemeralKey]]:
+    """Survivors' self seeds and dropped members' ephemeral keys from ``threshold`` REVEALs
+    (keyed by the revealer's Shamir x). MaskError when a rebuilt key does not match its
+    public key or a secret is not 32 bytes: forged shares, never a wrong result."""
+    seeds: dict[str, bytes] = {}
+    dropped: dict[str, EphemeralKey] = {}
+    for i, v in enumerate(members):
+        shares = [Share(x, entries[i][1]) for x, entries in reveals.items()]
+        secret = recover_secret(shares, t=threshold)
+        if v in survivors:
+            seeds[v] = secret
+            continue
+        dropped[v] = EphemeralKey(secret)
+        if dropped[v].public != publics[v]:
+            raise MaskError(f"rebuilt ephemeral key of {v!r} does not match its public key")
+    return seeds, dropped
+
+
+def dense_contribution(contribution: Contribution, coords: np.ndarray, max_abs: float,
+                       ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A member's values over the union, with its residual fill outside its own index set
+    (as peer/network/session.py does), and the (indices, values) it filled."""
+    dense = np.zeros(coords.size, dtype=np.float64)
+    dense[np.searchsorted(coords, contribution.indices)] = np.clip(
+        contribution.values.astype(np.float64), -max_abs, max_abs)
+    outside = np.setdiff1d(coords, contribution.indices, assume_unique=True)
+    if contribution.fill is None or outside.size == 0:
+        return dense, (NO_INDICES, NO_VALUES)
+    try:
+        values = np.asarray(contribution.fill(outside), dtype=np.float32)
+    except Exception:  # a trainer-side failure must not cost the session: contribute zeros
+        log.exception("masked session: residual fill failed")
+        return dense, (NO_INDICES, NO_VALUES)
+    if values.shape != outside.shape or not np.all(np.isfinite(values)):
+        return dense, (NO_INDICES, NO_VALUES)
+    values = np.clip(values, -max_abs, max_abs)
+    dense[np.searchsorted(coords, outside)] = values.astype(np.float64)
+    return dense, (outside.astype(np.uint32), values)

@@ -1,0 +1,625 @@
+"""One masked aggregation session (issue 13) as a sans-IO state machine, not yet on the wire.
+
+The design is docs/design/masked-sessions.md (rules 1-7); the arithmetic is crypto/masking.py;
+the messages are peer/network/masked_messages.py. Like peer/network/session.py, a
+:class:`MaskedSession` never touches the network or the clock: the node feeds it authenticated
+messages (``handle``) and the time (``on_timeout``) and sends what each call returns.
+
+Phases (``MaskedPhase``)::
+
+    initiator: INVITING --answers / invite timeout--> KEYS
+    invitee:   ACCEPTED --START--> KEYS
+    KEYS --every other member's KEYS--> MASKED --SURVIVORS--> CONFIRMING
+         --quorum of matching CONFIRMs--> REVEALING --t REVEALs + survivors' MASKED--> DONE
+    any phase --timeout / ABORT / equivocation / too few survivors--> ABORTED
+
+Security properties:
+
+* The input leaves a member only inside one masked vector (crypto.masking.mask_vector),
+  session-sealed under K, and its secrets only as Shamir shares sealed for one member each.
+* A member masks only once it holds KEYS from every other member, each carrying the same
+  START view digest (group, threshold, coordinates, ephemeral keys, K), sealed pairwise under
+  long-term keys: an initiator cannot hand two honest members different keys or groups, and
+  every survivor holds a share of every dropped member's ephemeral key.
+* A member reveals nothing until it holds ``confirm_quorum(g, t)`` CONFIRMs (its own included)
+  naming exactly the list it received; it aborts on a second, different SURVIVORS and on any
+  conflicting CONFIRM before it reveals. It reveals once, for each member either a self-seed
+  share (on the list) or an ephemeral-key share (not on it), never both, and then discards the
+  shares it held, so it cannot be made to reveal the other kind later.
+* A REVEAL counts only after its sender's CONFIRM of the same list; rebuilt ephemeral keys must
+  match their public keys, and a count slot (each survivor adds 1.0) must rebuild to the number
+  of survivors, so forged shares abort the session instead of yielding a wrong sum.
+* Every bad input is a counted drop (``MaskedStep.drops``); aborts discard every share held.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from crypto import masking
+from crypto.errors import CryptoError, SealError
+from crypto.field import PRIME, field_from_bytes, field_to_bytes
+from crypto.sealing import SealContext, open_sealed, seal
+from peer.errors import DroppedError
+from peer.network import masked_messages as mm
+from peer.network.masked_messages import MaskedHeader as Header
+from peer.network.masked_messages import MaskedKind as Kind
+from peer.network.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
+from peer.network.session import (
+    Contribution,
+    GroupResult,
+    Role,
+    Session,
+    SessionContext,
+    validate_indices,
+)
+from protocol import messages as m
+from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
+
+log = logging.getLogger(__name__)
+
+_EARLY_KINDS = (Kind.KEYS, Kind.MASKED, Kind.CONFIRM, Kind.REVEAL)
+_MAX_EARLY = 4 * MAX_MEMBERS
+
+
+class MaskedPhase(Enum):
+    INVITING = "inviting"
+    ACCEPTED = "accepted"
+    KEYS = "keys"
+    MASKED = "masked"
+    CONFIRMING = "confirming"
+    REVEALING = "revealing"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+class _Drop(DroppedError):
+    """Internal: refuse one inbound message with a counted reason."""
+
+
+@dataclass
+class _Held:
+    """This member's shares (at its own x) of one member's two secrets, from that one's KEYS."""
+
+    ephemeral: np.ndarray
+    seed: np.ndarray
+
+
+class MaskedSession:
+    """One masked session from this member's point of view; create with ``initiate``/``join``."""
+
+    def __init__(self, ctx: SessionContext, session_id: bytes, role: Role,
+                 contribution: Contribution, initiator: str, threshold: int, group_size: int,
+                 now: float, timeouts: MaskedTimeouts) -> None:
+        validate_indices(contribution.indices, ctx.params.param_count)
+        if contribution.values.shape != contribution.indices.shape:
+            raise ValueError("contribution values must match its indices")
+        if not np.all(np.isfinite(contribution.values)):
+            raise ValueError("contribution has non-finite values")
+        self.ctx, self.session_id, self.role = ctx, session_id, role
+        self.contribution, self.initiator = contribution, initiator
+        self.threshold, self.group_size, self.timeouts = threshold, group_size, timeouts
+        initiating = role is Role.INITIATOR
+        self.phase = MaskedPhase.INVITING if initiating else MaskedPhase.ACCEPTED
+        self.deadline = now + (timeouts.invite_s if initiating else timeouts.start_s)
+        self.abort_reason: str | None = None
+        self.result: GroupResult | None = None
+        # Rule 1: fresh secrets per session; forgotten once shared and used.
+        self._key: masking.EphemeralKey | None = masking.EphemeralKey.generate()
+        self._self_seed: bytes | None = masking.new_self_seed()
+        self.invited: list[str] = []
+        self.accepted: dict[str, tuple[np.ndarray, bytes]] = {}
+        self.declined: set[str] = set()
+        self.members: tuple[str, ...] = ()
+        self.coordinates = np.zeros(0, dtype=np.uint32)
+        self.publics: dict[str, bytes] = {}
+        self.survivors: tuple[str, ...] | None = None
+        self._session_key = b""
+        self._view = b""
+        self._own_encoded: np.ndarray | None = None
+        self._filled: tuple[np.ndarray, np.ndarray] = (mm.NO_INDICES, mm.NO_VALUES)
+        self._held: dict[str, _Held] = {}
+        self._masked: dict[str, np.ndarray] = {}
+        self._confirms: dict[str, tuple[str, ...]] = {}
+        self._reveals: dict[str, list[tuple[mm.RevealKind, np.ndarray]]] = {}
+        self._pending_survivors: tuple[str, ...] | None = None
+        self._early: list[tuple[Header, mm.MaskedBody]] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def initiate(cls, ctx: SessionContext, session_id: bytes, contribution: Contribution,
+                 invitees: list[str], now: float,
+                 timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, MaskedStep]:
+        """Invite ``invitees``; the first g - 1 to accept form the group (as today)."""
+        p = ctx.params
+        if not MIN_GROUP_SIZE - 1 <= len(invitees) <= MAX_MEMBERS - 1:
+            raise ValueError(f"need between 2 and {MAX_MEMBERS - 1} invitees")
+        if ctx.self_id in invitees or len(set(invitees)) != len(invitees):
+            raise ValueError("invitees must be distinct and exclude self")
+        group_size = min(len(invitees) + 1, p.group_size)
+        s = cls(ctx, session_id, Role.INITIATOR, contribution, ctx.self_id, p.threshold,
+                group_size, now, timeouts or MaskedTimeouts())
+        s.invited = list(invitees)
+        invite = m.Invite(group_size=group_size, threshold=p.threshold, model_id=p.model_id,
+                          param_count=p.param_count, frac_bits=p.fixed_point.frac_bits)
+        return s, MaskedStep([s._out(peer, Kind.INVITE, invite) for peer in invitees])
+
+    check_invite = staticmethod(Session.check_invite)
+
+    @classmethod
+    def join(cls, ctx: SessionContext, header: Header, invite: m.Invite,
+             contribution: Contribution, now: float,
+             timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, MaskedStep]:
+        """Accept an invite (the caller ran ``check_invite`` and knows we are free)."""
+        s = cls(ctx, header.session, Role.MEMBER, contribution, header.sender, invite.threshold,
+                invite.group_size, now, timeouts or MaskedTimeouts())
+        assert s._key is not None
+        accept = mm.Accept(contribution.indices, s._key.public)
+        return s, MaskedStep([s._out(header.sender, Kind.ACCEPT, accept)])
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def finished(self) -> bool:
+        return self.phase in (MaskedPhase.DONE, MaskedPhase.ABORTED)
+
+    def participants(self) -> list[str]:
+        if self.members:
+            return [p for p in self.members if p != self.ctx.self_id]
+        if self.role is Role.INITIATOR:
+            return [p for p in self.invited if p not in self.declined]
+        return [self.initiator]
+
+    def handle(self, header: Header, body: mm.MaskedBody, now: float) -> MaskedStep:
+        """Process one authenticated message; bad input is a counted drop, never an exception."""
+        if self.finished:
+            return MaskedStep(drops=["session_finished"])
+        try:
+            return self._dispatch(header, body, now)
+        except _Drop as drop:
+            log.debug("masked session %s: drop %s from %s: %s", self.session_id.hex()[:8],
+                      header.kind, header.sender, drop.reason)
+            return MaskedStep(drops=[drop.reason])
+
+    def on_timeout(self, now: float) -> MaskedStep:
+        """Past the current phase's deadline: fix the group, send SURVIVORS, or abort."""
+        if self.finished or now < self.deadline:
+            return MaskedStep()
+        if self.phase is MaskedPhase.INVITING:
+            return self._fix_members(now)
+        if self.phase is MaskedPhase.MASKED and self.role is Role.INITIATOR:
+            return self._send_survivors(now)
+        return self.abort(f"timeout_{self.phase.value}")
+
+    def abort(self, reason: str) -> MaskedStep:
+        """Abandon the session: discard every secret and share, tell the other participants."""
+        if self.finished:
+            return MaskedStep()
+        recipients = self.participants()
+        self._enter(MaskedPhase.ABORTED)
+        self.abort_reason = reason
+        return MaskedStep([self._out(p, Kind.ABORT, m.Abort(reason[:200])) for p in recipients])
+
+    # ------------------------------------------------------------------ internals
+    def _out(self, recipient: str | None, kind: Kind, body: mm.MaskedBody) -> MaskedOutgoing:
+        return MaskedOutgoing(recipient, kind, body, self.ctx.next_seq())
+
+    def _sealed_out(self, kind: Kind, payload: bytes) -> MaskedOutgoing:
+        """A session-sealed topic message bound to its own seq."""
+        seq = self.ctx.next_seq()
+        ctx = mm.SessionSealContext(self.ctx.params.network_id, self.session_id,
+                                    self.ctx.self_id, kind, seq)
+        sealed = mm.session_seal(self._session_key, ctx, payload)
+        body = mm.Masked(sealed) if kind is Kind.MASKED else mm.Reveal(sealed)
+        return MaskedOutgoing(None, kind, body, seq)
+
+    def _box_context(self, sender: str, recipient: str, seq: int) -> SealContext:
+        return SealContext(self.ctx.params.network_id, self.session_id, sender, recipient, seq)
+
+    def _enter(self, phase: MaskedPhase, now: float = 0.0, timeout: float = 0.0) -> None:
+        self.phase = phase
+        self.deadline = now + timeout
+        if self.finished:  # nothing received or drawn in a session outlives it
+            self._key = self._self_seed = self._own_encoded = None
+            self._session_key = b""
+            for store in (self._held, self._masked, self._reveals):
+                store.clear()
+            self._early.clear()
+
+    def _dispatch(self, header: Header, body: mm.MaskedBody, now: float) -> MaskedStep:
+        kind, sender = header.kind, header.sender
+        if header.session != self.session_id:
+            raise _Drop("wrong_session")
+        if sender == self.ctx.self_id:
+            raise _Drop("own_message")
+        if not isinstance(body, mm.BODY_TYPES[kind]):
+            raise _Drop("body_mismatch")
+        if kind is Kind.ABORT:
+            return self._on_abort(sender, body.reason, now)  # type: ignore[union-attr]
+        if self.phase is MaskedPhase.INVITING:
+            if kind is Kind.ACCEPT:
+                return self._on_accept(sender, body, now)  # type: ignore[arg-type]
+            raise _Drop("unexpected_kind")
+        if self.phase is MaskedPhase.ACCEPTED:
+            if kind is Kind.START:
+                return self._on_start(header, body, now)  # type: ignore[arg-type]
+            if kind in _EARLY_KINDS:  # direct and topic messages may overtake START
+                if len(self._early) >= _MAX_EARLY:
+                    raise _Drop("too_many_early_messages")
+                self._early.append((header, body))
+                return MaskedStep()
+            raise _Drop("unexpected_kind")
+        if sender not in self.members:
+            raise _Drop("not_a_member")
+        handlers = {Kind.KEYS: self._on_keys, Kind.MASKED: self._on_masked,
+                    Kind.SURVIVORS: self._on_survivors, Kind.CONFIRM: self._on_confirm,
+                    Kind.REVEAL: self._on_reveal}
+        if kind not in handlers:
+            raise _Drop("unexpected_kind")
+        return handlers[kind](header, body, now)  # type: ignore[operator]
+
+    # initiator: group formation -------------------------------------------
+    def _on_accept(self, sender: str, body: mm.Accept, now: float) -> MaskedStep:
+        if sender not in self.invited:
+            raise _Drop("not_invited")
+        if sender in self.accepted or sender in self.declined:
+            raise _Drop("duplicate_answer")
+        try:
+            idx = validate_indices(body.indices, self.ctx.params.param_count)
+        except ValueError as exc:
+            raise _Drop("bad_indices") from exc
+        public = bytes(body.ephemeral_public)
+        assert self._key is not None
+        known = {self._key.public} | {pub for _, pub in self.accepted.values()}
+        if len(public) != mm.EPHEMERAL_PUBLIC_BYTES or public in known:
+            raise _Drop("bad_ephemeral_key")
+        self.accepted[sender] = (idx, public)
+        if len(self.accepted) >= self.group_size - 1 or (
+                len(self.accepted) + len(self.declined) >= len(self.invited)):
+            return self._fix_members(now)
+        return MaskedStep()
+
+    def _fix_members(self, now: float) -> MaskedStep:
+        chosen = list(self.accepted)[: self.group_size - 1]
+        members = (self.ctx.self_id, *chosen)
+        if len(members) < max(MIN_GROUP_SIZE, self.threshold):
+            return self.abort("too_few_members")
+        released = [p for p in self.invited if p not in chosen and p not in self.declined]
+        step = MaskedStep([self._out(p, Kind.ABORT, m.Abort("not_selected")) for p in released])
+        coords = np.unique(np.concatenate(
+            [self.contribution.indices, *(self.accepted[p][0] for p in chosen)])).astype(np.uint32)
+        assert self._key is not None
+        publics = (self._key.public, *(self.accepted[p][1] for p in chosen))
+        session_key = os.urandom(mm.SESSION_KEY_BYTES)
+        for peer in chosen:
+            box_key = self.ctx.box_key_of(peer)
+            if box_key is None:
+                return self.abort("unknown_member")
+            seq = self.ctx.next_seq()
+            sealed = seal(self.ctx.identity, box_key,
+                          self._box_context(self.ctx.self_id, peer, seq), session_key)
+            start = mm.Start(members, self.threshold, coords, publics, peer, sealed)
+            step.out.append(MaskedOutgoing(peer, Kind.START, start, seq))
+        step.extend(self._begin_keys(members, coords, publics, session_key, now))
+        return step
+
+    # invitee: START -------------------------------------------------------
+    def _on_start(self, header: Header, body: mm.Start, now: float) -> MaskedStep:
+        me = self.ctx.self_id
+        if header.sender != self.initiator:
+            raise _Drop("not_from_initiator")
+        if body.recipient != me:
+            raise _Drop("wrong_recipient")
+        members = tuple(body.members)
+        if (not members or members[0] != self.initiator or me not in members
+                or len(set(members)) != len(members)
+                or not MIN_GROUP_SIZE <= len(members) <= self.group_size):
+            raise _Drop("bad_members")
+        if body.threshold != self.threshold or len(members) < self.threshold:
+            raise _Drop("bad_threshold")
+        try:
+            coords = validate_indices(body.coordinates, self.ctx.params.param_count)
+        except ValueError as exc:
+            raise _Drop("bad_coordinates") from exc
+        if not np.all(np.isin(self.contribution.indices, coords)):
+            raise _Drop("bad_coordinates")  # our own index set must be inside the union
+        publics = tuple(bytes(p) for p in body.ephemeral_publics)
+        assert self._key is not None
+        if (len(publics) != len(members) or len(set(publics)) != len(publics)
+                or any(len(p) != mm.EPHEMERAL_PUBLIC_BYTES for p in publics)
+                or publics[members.index(me)] != self._key.public):
+            raise _Drop("bad_ephemeral_keys")
+        key = self._open_box(header, body.session_key)
+        if len(key) != mm.SESSION_KEY_BYTES:
+            raise _Drop("bad_session_key")
+        step = self._begin_keys(members, coords, publics, key, now)
+        early, self._early = self._early, []
+        for h, b in early:
+            step.extend(self.handle(h, b, now))
+        return step
+
+    # both: KEYS and MASKED ------------------------------------------------
+    def _begin_keys(self, members: tuple[str, ...], coords: np.ndarray,
+                    publics: tuple[bytes, ...], session_key: bytes, now: float) -> MaskedStep:
+        ctx, me = self.ctx, self.ctx.self_id
+        for peer in members:
+            if peer != me and ctx.box_key_of(peer) is None:
+                return self.abort("unknown_member")
+        self.members, self.coordinates, self._session_key = members, coords, session_key
+        self.publics = dict(zip(members, publics, strict=True))
+        self._view = mm.view_digest(ctx.params.network_id, self.session_id, members,
+                                    self.threshold, coords, publics, session_key)
+        fp = ctx.params.fixed_point
+        dense, self._filled = mm.dense_contribution(self.contribution, coords, fp.max_abs)
+        try:  # the count slot: each member adds 1.0, rebuilt as the number of survivors
+            self._own_encoded = fp.encode(np.concatenate([dense, np.ones(1)]))
+        except CryptoError as exc:
+            log.warning("masked session %s: cannot encode: %s", self.session_id.hex()[:8], exc)
+            return self.abort("encode_failed")
+        assert self._key is not None and self._self_seed is not None
+        g = len(members)
+        eph = masking.share_secret(self._key.private, n=g, t=self.threshold)
+        seeds = masking.share_secret(self._self_seed, n=g, t=self.threshold)
+        step = MaskedStep()
+        for pos, peer in enumerate(members):
+            if peer == me:
+                self._held[me] = _Held(eph[pos].values, seeds[pos].values)
+                continue
+            seq = ctx.next_seq()
+            payload = mm.encode_keys(self._view, eph[pos].values, seeds[pos].values)
+            sealed = seal(ctx.identity, ctx.box_key_of(peer) or b"",
+                          self._box_context(me, peer, seq), payload)
+            step.out.append(MaskedOutgoing(peer, Kind.KEYS, mm.Keys(peer, sealed), seq))
+        self._enter(MaskedPhase.KEYS, now, self.timeouts.keys_s)
+        step.extend(self._maybe_publish_masked(now))
+        return step
+
+    def _on_keys(self, header: Header, body: mm.Keys, now: float) -> MaskedStep:
+        if body.recipient != self.ctx.self_id:
+            raise _Drop("wrong_recipient")
+        if header.sender in self._held:
+            raise _Drop("duplicate_keys")
+        if self.phase is not MaskedPhase.KEYS:
+            raise _Drop("unexpected_kind")
+        try:
+            view, eph, seed = mm.decode_keys(self._open_box(header, body.sealed))
+        except ValueError as exc:
+            raise _Drop("bad_keys_payload") from exc
+        if view != self._view:  # the initiator told the sender another group, keys or K
+            return self.abort("inconsistent_view")
+        self._held[header.sender] = _Held(eph, seed)
+        return self._maybe_publish_masked(now)
+
+    def _maybe_publish_masked(self, now: float) -> MaskedStep:
+        if self.phase is not MaskedPhase.KEYS or len(self._held) < len(self.members):
+            return MaskedStep()
+        assert self._own_encoded is not None and self._key and self._self_seed
+        try:
+            masked = masking.mask_vector(
+                self._own_encoded, me=self.ctx.self_id, members=self.members, key=self._key,
+                publics=self.publics, self_seed=self._self_seed, session_id=self.session_id)
+        except CryptoError:
+            return self.abort("bad_ephemeral_keys")
+        self._key = self._self_seed = None  # shared and used: only the shares remain
+        self._masked[self.ctx.self_id] = masked
+        step = MaskedStep([self._sealed_out(Kind.MASKED, field_to_bytes(masked))])
+        if self.role is Role.INITIATOR:
+            self._enter(MaskedPhase.MASKED, now, self.timeouts.masked_s)
+            step.extend(self._maybe_send_survivors(now))
+            return step
+        self._enter(MaskedPhase.MASKED, now, self.timeouts.survivors_s)
+        if self._pending_survivors is not None:
+            step.extend(self._adopt(self._pending_survivors, now))
+        return step
+
+    def _on_masked(self, header: Header, body: mm.Masked, now: float) -> MaskedStep:
+        sender = header.sender
+        if sender in self._masked:
+            raise _Drop("duplicate_masked")
+        if self.survivors is not None and sender not in self.survivors:
+            raise _Drop("late_masked")
+        plain = self._open_session(header, body.sealed)
+        try:
+            values = field_from_bytes(plain)
+        except ValueError as exc:
+            raise _Drop("bad_field_elements") from exc
+        if values.shape != (self.coordinates.size + 1,):
+            raise _Drop("bad_length")
+        self._masked[sender] = values
+        if self.role is Role.INITIATOR:
+            return self._maybe_send_survivors(now)
+        return self._maybe_finish(now)
+
+    # SURVIVORS and CONFIRM --------------------------------------------------
+    def _maybe_send_survivors(self, now: float) -> MaskedStep:
+        if self.phase is MaskedPhase.MASKED and len(self._masked) == len(self.members):
+            return self._send_survivors(now)
+        return MaskedStep()
+
+    def _send_survivors(self, now: float) -> MaskedStep:
+        survivors = tuple(p for p in self.members if p in self._masked)
+        if len(survivors) < self.threshold:
+            return self.abort("below_threshold")  # rule 3: nothing is revealed
+        body = mm.Survivors(survivors)
+        step = MaskedStep([self._out(p, Kind.SURVIVORS, body) for p in self.participants()])
+        step.extend(self._adopt(survivors, now))
+        return step
+
+    def _check_list(self, survivors: tuple[str, ...]) -> tuple[str, ...]:
+        listed = tuple(survivors)
+        if tuple(p for p in self.members if p in set(listed)) != listed:
+            raise _Drop("bad_survivors")  # not distinct members in member order
+        return listed
+
+    def _on_survivors(self, header: Header, body: mm.Survivors, now: float) -> MaskedStep:
+        if header.sender != self.initiator:
+            raise _Drop("not_from_initiator")
+        listed = self._check_list(body.survivors)
+        known = self.survivors if self.survivors is not None else self._pending_survivors
+        if known is not None:
+            if known == listed:
+                raise _Drop("duplicate_survivors")
+            return self.abort("initiator_equivocated")
+        if len(listed) < self.threshold:
+            return self.abort("below_threshold")
+        if self.phase is MaskedPhase.KEYS:  # our KEYS are not all in yet: adopt it after
+            self._pending_survivors = listed
+            return MaskedStep()
+        return self._adopt(listed, now)
+
+    def _adopt(self, survivors: tuple[str, ...], now: float) -> MaskedStep:
+        """Rule 4: publish CONFIRM for the list received, then wait for a quorum on it."""
+        self.survivors = survivors
+        me = self.ctx.self_id
+        self._confirms[me] = survivors
+        for gone in [p for p in self._masked if p not in survivors]:
+            del self._masked[gone]  # a dropped member's vector is never summed
+        step = MaskedStep([self._out(None, Kind.CONFIRM, mm.Confirm(survivors))])
+        self._enter(MaskedPhase.CONFIRMING, now, self.timeouts.confirm_s)
+        if any(lst != survivors for lst in self._confirms.values()):
+            step.extend(self.abort("conflicting_confirm"))
+            return step
+        step.extend(self._maybe_reveal(now))
+        return step
+
+    def _on_confirm(self, header: Header, body: mm.Confirm, now: float) -> MaskedStep:
+        sender = header.sender
+        listed = self._check_list(body.survivors)
+        previous = self._confirms.get(sender)
+        conflict = (previous is not None and previous != listed) or (
+            self.survivors is not None and listed != self.survivors)
+        if conflict:
+            if self.phase in (MaskedPhase.REVEALING, MaskedPhase.DONE):
+                raise _Drop("conflicting_confirm")  # already revealed: nothing left to protect
+            return self.abort("conflicting_confirm")
+        if previous is not None:
+            raise _Drop("duplicate_confirm")
+        self._confirms[sender] = listed
+        return self._maybe_reveal(now)
+
+    # REVEAL and the result --------------------------------------------------
+    def _maybe_reveal(self, now: float) -> MaskedStep:
+        if self.phase is not MaskedPhase.CONFIRMING or self.survivors is None:
+            return MaskedStep()
+        agreeing = sum(1 for lst in self._confirms.values() if lst == self.survivors)
+        if agreeing < mm.confirm_quorum(len(self.members), self.threshold):
+            return MaskedStep()
+        entries = [(mm.RevealKind.SELF_SEED, self._held[v].seed) if v in self.survivors
+                   else (mm.RevealKind.EPHEMERAL_KEY, self._held[v].ephemeral)
+                   for v in self.members]
+        self._held.clear()  # rule 5: having revealed one kind, we can never reveal the other
+        self._reveals[self.ctx.self_id] = entries
+        step = MaskedStep([self._sealed_out(Kind.REVEAL, mm.encode_reveal(entries))])
+        self._enter(MaskedPhase.REVEALING, now, self.timeouts.reveal_s)
+        early, self._early = self._early, []
+        for h, b in early:
+            step.extend(self.handle(h, b, now))
+        step.extend(self._maybe_finish(now))
+        return step
+
+    def _on_reveal(self, header: Header, body: mm.Reveal, now: float) -> MaskedStep:
+        sender = header.sender
+        if sender in self._reveals:
+            raise _Drop("duplicate_reveal")
+        confirmed = self._confirms.get(sender)
+        if confirmed is None or (self.survivors is not None and confirmed != self.survivors):
+            # A member publishes its CONFIRM before its REVEAL on the same topic, and MQTT
+            # keeps one publisher's order on one topic: a REVEAL without one is forged.
+            raise _Drop("reveal_before_confirm")
+        if self.phase is not MaskedPhase.REVEALING:  # we have not reached quorum ourselves
+            if len(self._early) >= _MAX_EARLY:
+                raise _Drop("too_many_early_messages")
+            self._early.append((header, body))
+            return MaskedStep()
+        try:
+            entries = mm.decode_reveal(self._open_session(header, body.sealed), len(self.members))
+        except ValueError as exc:
+            raise _Drop("bad_reveal_payload") from exc
+        expected = [mm.RevealKind.SELF_SEED if v in self.survivors
+                    else mm.RevealKind.EPHEMERAL_KEY for v in self.members]
+        if [kind for kind, _ in entries] != expected:
+            raise _Drop("reveal_mismatch")
+        self._reveals[sender] = entries
+        return self._maybe_finish(now)
+
+    def _maybe_finish(self, now: float) -> MaskedStep:
+        survivors = self.survivors
+        if (self.phase is not MaskedPhase.REVEALING or survivors is None
+                or len(self._reveals) < self.threshold
+                or any(p not in self._masked for p in survivors)):
+            return MaskedStep()
+        me = self.ctx.self_id
+        revealers = [me, *[p for p in self._reveals if p != me]][: self.threshold]
+        try:
+            seeds, dropped = mm.recover_secrets(
+                self.members, survivors, self.publics, self.threshold,
+                {self.members.index(r) + 1: self._reveals[r] for r in revealers})
+            total = np.zeros(self.coordinates.size + 1, dtype=np.uint64)
+            for p in survivors:
+                total = (total + self._masked[p]) % PRIME
+            field_sum = masking.unmask_sum(
+                total.astype(np.uint32), members=self.members, survivors=survivors,
+                publics=self.publics, self_seeds=seeds, dropped_keys=dropped,
+                session_id=self.session_id)
+        except (CryptoError, ValueError):  # forged shares: wrong key, or not a 32-byte secret
+            return self.abort("bad_reveal")
+        fp = self.ctx.params.fixed_point
+        decoded = fp.decode(field_sum)
+        if abs(float(decoded[-1]) - len(survivors)) > 0.5:
+            return self.abort("inconsistent_sum")
+        assert self._own_encoded is not None
+        self.result = GroupResult(
+            session_id=self.session_id, role=self.role, members=self.members,
+            contributors=survivors, threshold=self.threshold, coordinates=self.coordinates,
+            group_sum=decoded[:-1], own_values=fp.decode(self._own_encoded)[:-1],
+            own_round=self.contribution.round, filled_indices=self._filled[0],
+            filled_values=self._filled[1])
+        self._enter(MaskedPhase.DONE)
+        return MaskedStep()
+
+    # ABORT and opening ------------------------------------------------------
+    def _on_abort(self, sender: str, reason: str, now: float) -> MaskedStep:
+        if sender == self.initiator:
+            released = self.phase is MaskedPhase.ACCEPTED and reason == "not_selected"
+            self._enter(MaskedPhase.ABORTED)
+            self.abort_reason = "not_selected" if released else "aborted_by_initiator"
+            return MaskedStep()
+        if self.phase is MaskedPhase.INVITING:
+            if sender not in self.invited or sender in self.declined:
+                raise _Drop("not_invited")
+            self.accepted.pop(sender, None)
+            self.declined.add(sender)
+            if len(self.accepted) + len(self.declined) >= len(self.invited):
+                return self._fix_members(now)
+            return MaskedStep()
+        if sender not in self.members:
+            raise _Drop("not_a_member")
+        if self.phase is MaskedPhase.KEYS and sender not in self._held:
+            # Its KEYS will never come: nobody could recover its masks, so nobody may mask.
+            self._enter(MaskedPhase.ABORTED)
+            self.abort_reason = f"member_aborted:{sender}"
+        return MaskedStep()  # after KEYS a member that leaves is a dropout (rules 3-6)
+
+    def _open_box(self, header: Header, sealed: bytes) -> bytes:
+        key = self.ctx.box_key_of(header.sender)
+        if key is None:
+            raise _Drop("unknown_member")
+        try:
+            return open_sealed(self.ctx.identity, key,
+                               self._box_context(header.sender, self.ctx.self_id, header.seq),
+                               sealed)
+        except (SealError, ValueError) as exc:
+            raise _Drop("bad_seal") from exc
+
+    def _open_session(self, header: Header, sealed: bytes) -> bytes:
+        ctx = mm.SessionSealContext(self.ctx.params.network_id, self.session_id, header.sender,
+                                    header.kind, header.seq)
+        try:
+            return mm.session_open(self._session_key, ctx, sealed)
+        except SealError as exc:
+            raise _Drop("bad_seal") from exc
+
