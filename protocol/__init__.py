@@ -5,7 +5,7 @@ Pure: depends only on msgpack, numpy and the standard library (never on crypto, 
 torch or asyncio). docs/protocol.md is the normative specification.
 """
 
-from protocol.codec import decode_message, encode_message
+from protocol.codec import check_survivor_list, decode_message, encode_message
 from protocol.errors import (
     DecodeError,
     FieldError,
@@ -20,16 +20,23 @@ from protocol.messages import (
     Accept,
     Announce,
     Body,
+    Confirm,
     Decline,
     Header,
     Invite,
+    Keys,
     Kind,
     Leave,
+    Masked,
+    MaskedAccept,
+    MaskedStart,
     Partial,
+    Reveal,
     SequenceCounter,
     Share,
     SignedMessage,
     Start,
+    Survivors,
 )
 from protocol.sparse import decode_f32, decode_indices, encode_f32, encode_indices
 from protocol.topics import (
@@ -41,6 +48,8 @@ from protocol.topics import (
     inbox_filter,
     own_topics_filter,
     parse_topic,
+    session_filter,
+    session_topic,
 )
 
 __all__ = [
@@ -49,25 +58,33 @@ __all__ = [
     "Accept",
     "Announce",
     "Body",
+    "Confirm",
     "Decline",
     "DecodeError",
     "FieldError",
     "Header",
     "Invite",
+    "Keys",
     "Kind",
     "Leave",
+    "Masked",
+    "MaskedAccept",
+    "MaskedStart",
     "ParsedTopic",
     "Partial",
     "ProtocolError",
+    "Reveal",
     "SequenceCounter",
     "Share",
     "SignedMessage",
     "SizeLimitError",
     "Start",
+    "Survivors",
     "UnknownKindError",
     "VersionError",
     "announce_filter",
     "announce_topic",
+    "check_survivor_list",
     "check_topic_binding",
     "decode_f32",
     "decode_indices",
@@ -79,4 +96,6 @@ __all__ = [
     "inbox_filter",
     "own_topics_filter",
     "parse_topic",
+    "session_filter",
+    "session_topic",
 ]

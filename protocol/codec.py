@@ -17,12 +17,17 @@ Security properties:
 * :func:`encode_message` runs the same validation on what it is about to send, so a correct
   peer never emits a message another correct peer must reject.
 
+* Masked-session kinds (10-16) are decoded as strictly as the others: fixed-size keys and
+  sealed blobs have exact lengths, variable ones their bounds and whole-entry sizes
+  (:mod:`protocol.limits`), so a receiver never opens a blob of an impossible size. What needs
+  session state (a survivor list against START's members) is :func:`check_survivor_list`.
+
 This module never imports crypto: signing is the caller's ``sign`` callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields as dataclass_fields
 from typing import Final, NoReturn
 
@@ -40,6 +45,8 @@ from protocol.errors import (
 from protocol.limits import (
     CONNECTION_ID_BYTES,
     CONTROL_CHARS_RE,
+    EPHEMERAL_PUBLIC_BYTES,
+    FIELD_ELEMENT_BYTES,
     MAX_CERTIFICATE_BYTES,
     MAX_FRAC_BITS,
     MAX_MEMBERS,
@@ -47,14 +54,22 @@ from protocol.limits import (
     MAX_PARAM_COUNT,
     MAX_PAYLOAD_BYTES,
     MAX_SEALED_BYTES,
+    MAX_SEALED_MASKED_BYTES,
+    MAX_SEALED_REVEAL_BYTES,
     MAX_SEQ_EXCLUSIVE,
     MAX_STR,
     MAX_STR_BYTES,
     MAX_WIRE_ARRAY_LEN,
     MIN_GROUP_SIZE,
     MIN_SEALED_BYTES,
+    MIN_SEALED_MASKED_BYTES,
+    MIN_SEALED_REVEAL_BYTES,
     MIN_THRESHOLD,
     PEER_ID_RE,
+    REVEAL_ENTRY_BYTES,
+    SEAL_OVERHEAD_BYTES,
+    SEALED_KEYS_BYTES,
+    SEALED_SESSION_KEY_BYTES,
     SESSION_ID_BYTES,
     SIGNATURE_BYTES,
 )
@@ -66,15 +81,22 @@ from protocol.messages import (
     Accept,
     Announce,
     Body,
+    Confirm,
     Decline,
     Header,
     Invite,
+    Keys,
     Kind,
     Leave,
+    Masked,
+    MaskedAccept,
+    MaskedStart,
     Partial,
+    Reveal,
     Share,
     SignedMessage,
     Start,
+    Survivors,
 )
 from protocol.sparse import decode_indices, encode_indices
 
@@ -177,6 +199,56 @@ def _id_list(value: object, field: str, lo: int, hi: int) -> tuple[str, ...]:
     return ids
 
 
+def _members(value: object, field: str, sender: str) -> tuple[str, ...]:
+    """A session's ordered member list; ``members[0]`` is the initiator, i.e. the sender."""
+    members = _id_list(value, field, MIN_GROUP_SIZE, MAX_MEMBERS)
+    if members[0] != sender:
+        raise FieldError("members[0] must be the initiator (the sender)", field)
+    return members
+
+
+def _key_list(value: object, field: str, count: int) -> tuple[bytes, ...]:
+    """Exactly ``count`` distinct X25519 public keys (one per member, in member order)."""
+    if type(value) is not list:
+        raise FieldError(f"expected an array, got {type(value).__name__}", field)
+    if len(value) != count:
+        raise FieldError(f"{len(value)} keys for {count} members", field)
+    keys = tuple(
+        _bytes(item, f"{field}[{i}]", EPHEMERAL_PUBLIC_BYTES, EPHEMERAL_PUBLIC_BYTES)
+        for i, item in enumerate(value)
+    )
+    if len(set(keys)) != len(keys):
+        raise FieldError("keys must be unique (each member draws its own)", field)
+    return keys
+
+
+def _sealed_entries(value: object, field: str, lo: int, hi: int, entry: int) -> bytes:
+    """A sealed blob of lo..hi bytes whose payload is a whole number of ``entry``-byte items."""
+    sealed = _bytes(value, field, lo, hi)
+    if (len(sealed) - SEAL_OVERHEAD_BYTES) % entry:
+        raise FieldError(
+            f"payload of {len(sealed) - SEAL_OVERHEAD_BYTES} bytes is not a whole number of "
+            f"{entry}-byte entries",
+            field,
+        )
+    return sealed
+
+
+def check_survivor_list(
+    members: Sequence[str], survivors: Sequence[str], field: str = "survivors"
+) -> tuple[str, ...]:
+    """SURVIVORS / CONFIRM against the session's START: distinct members, in member order.
+
+    The decoder cannot check this (it holds no session state); the receiver's session does
+    (docs/protocol.md section 7, step 12). FieldError otherwise; returns the list as a tuple.
+    """
+    listed = tuple(survivors)
+    chosen = set(listed)
+    if len(chosen) != len(listed) or tuple(p for p in members if p in chosen) != listed:
+        raise FieldError("not distinct members of the session in member order", field)
+    return listed
+
+
 def _indices(value: object, field: str, min_count: int) -> np.ndarray:
     raw = _bytes(value, field, 0, MAX_PAYLOAD_BYTES)
     idx = decode_indices(raw, max_index=None, field=field)
@@ -229,9 +301,7 @@ def _decode_body(kind: Kind, raw: object, sender: str) -> Body:
     if kind is Kind.DECLINE:
         return Decline(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
     if kind is Kind.START:
-        members = _id_list(v["members"], name("members"), MIN_GROUP_SIZE, MAX_MEMBERS)
-        if members[0] != sender:
-            raise FieldError("members[0] must be the initiator (the sender)", name("members"))
+        members = _members(v["members"], name("members"), sender)
         return Start(
             members=members,
             threshold=_int(v["threshold"], name("threshold"), MIN_THRESHOLD, len(members)),
@@ -250,6 +320,70 @@ def _decode_body(kind: Kind, raw: object, sender: str) -> Body:
         )
     if kind is Kind.ABORT:
         return Abort(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
+    return _decode_masked_body(kind, v, sender, name)
+
+
+def _decode_masked_body(
+    kind: Kind, v: dict[str, object], sender: str, name: Callable[[str], str]
+) -> Body:
+    """Bodies of the masked session (kinds 10-16, docs/protocol.md section 4)."""
+    if kind is Kind.MASKED_ACCEPT:
+        return MaskedAccept(
+            indices=_indices(v["indices"], name("indices"), 0),
+            ephemeral_public=_bytes(
+                v["ephemeral_public"], name("ephemeral_public"), EPHEMERAL_PUBLIC_BYTES,
+                EPHEMERAL_PUBLIC_BYTES,
+            ),
+        )
+    if kind is Kind.MASKED_START:
+        members = _members(v["members"], name("members"), sender)
+        threshold = _int(v["threshold"], name("threshold"), MIN_THRESHOLD, len(members))
+        coordinates = _indices(v["coordinates"], name("coordinates"), 1)
+        publics = _key_list(v["ephemeral_publics"], name("ephemeral_publics"), len(members))
+        recipient = _peer_id(v["recipient"], name("recipient"))
+        if recipient not in members[1:]:
+            raise FieldError("must be a member other than the initiator", name("recipient"))
+        return MaskedStart(
+            members=members,
+            threshold=threshold,
+            coordinates=coordinates,
+            ephemeral_publics=publics,
+            recipient=recipient,
+            session_key=_bytes(
+                v["session_key"], name("session_key"), SEALED_SESSION_KEY_BYTES,
+                SEALED_SESSION_KEY_BYTES,
+            ),
+        )
+    if kind is Kind.KEYS:
+        recipient = _peer_id(v["recipient"], name("recipient"))
+        if recipient == sender:
+            raise FieldError("a member sends KEYS only to the other members", name("recipient"))
+        return Keys(
+            recipient=recipient,
+            sealed=_bytes(v["sealed"], name("sealed"), SEALED_KEYS_BYTES, SEALED_KEYS_BYTES),
+        )
+    if kind is Kind.MASKED:
+        return Masked(
+            sealed=_sealed_entries(
+                v["sealed"], name("sealed"), MIN_SEALED_MASKED_BYTES, MAX_SEALED_MASKED_BYTES,
+                FIELD_ELEMENT_BYTES,
+            )
+        )
+    if kind is Kind.SURVIVORS:
+        return Survivors(
+            survivors=_id_list(v["survivors"], name("survivors"), MIN_THRESHOLD, MAX_MEMBERS)
+        )
+    if kind is Kind.CONFIRM:
+        return Confirm(
+            survivors=_id_list(v["survivors"], name("survivors"), MIN_THRESHOLD, MAX_MEMBERS)
+        )
+    if kind is Kind.REVEAL:
+        return Reveal(
+            sealed=_sealed_entries(
+                v["sealed"], name("sealed"), MIN_SEALED_REVEAL_BYTES, MAX_SEALED_REVEAL_BYTES,
+                REVEAL_ENTRY_BYTES,
+            )
+        )
     raise UnknownKindError(f"no body decoder for kind {int(kind)}", "header.kind")
 
 
@@ -327,7 +461,7 @@ def _to_wire(value: object) -> object:
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
     if isinstance(value, tuple | list):
-        return list(value)
+        return [_to_wire(item) for item in value]
     return value
 
 

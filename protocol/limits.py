@@ -47,6 +47,47 @@ MAX_CERTIFICATE_BYTES: Final = 2048
 MIN_SEALED_BYTES: Final = 40
 MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
 
+# Masked session (issue 13). Both sealings it uses, Box for one recipient (crypto.sealing:
+# SHARE, KEYS, MASKED_START.session_key) and SecretBox under the session key K (MASKED, REVEAL),
+# encrypt ``BLAKE2b-256(context) || payload`` and prepend a 24-byte nonce and a 16-byte
+# Poly1305 tag, so every such blob is exactly SEAL_OVERHEAD_BYTES longer than its payload.
+# The payloads below have fixed layouts (docs/protocol.md section 5.5), which lets the decoder
+# check exact sizes before anything is opened. tests/test_protocol_codec.py pins each constant
+# to the crypto and session code that produces the bytes.
+
+#: Bytes a sealed blob adds to its payload: nonce (24) + Poly1305 tag (16) + context digest (32).
+SEAL_OVERHEAD_BYTES: Final = 72
+
+#: A field element on the wire (crypto/field.py: little-endian uint32, < 2**31 - 1).
+FIELD_ELEMENT_BYTES: Final = 4
+
+#: MASKED_ACCEPT.ephemeral_public and each MASKED_START.ephemeral_publics entry (X25519).
+EPHEMERAL_PUBLIC_BYTES: Final = 32
+
+#: The session key K (a nacl.secret.SecretBox key).
+SESSION_KEY_BYTES: Final = 32
+
+#: MASKED_START.session_key: K sealed for the recipient.
+SEALED_SESSION_KEY_BYTES: Final = SEAL_OVERHEAD_BYTES + SESSION_KEY_BYTES
+
+#: One Shamir share of a 32-byte secret (crypto.masking.share_secret): 16 field elements.
+SECRET_SHARE_BYTES: Final = 16 * FIELD_ELEMENT_BYTES
+
+#: KEYS.sealed: START-view digest (32) + share of the ephemeral key + share of the self seed.
+SEALED_KEYS_BYTES: Final = SEAL_OVERHEAD_BYTES + 32 + 2 * SECRET_SHARE_BYTES
+
+#: MASKED.sealed: at least one coordinate plus the count slot, whole field elements, and no
+#: more than a payload can carry.
+MIN_SEALED_MASKED_BYTES: Final = SEAL_OVERHEAD_BYTES + 2 * FIELD_ELEMENT_BYTES
+MAX_SEALED_MASKED_BYTES: Final = MAX_SEALED_BYTES
+
+#: One REVEAL entry: a kind byte (1 = self seed, 2 = ephemeral key) and a secret share.
+REVEAL_ENTRY_BYTES: Final = 1 + SECRET_SHARE_BYTES
+
+#: REVEAL.sealed: one entry per member, MIN_GROUP_SIZE..MAX_MEMBERS members.
+MIN_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MIN_GROUP_SIZE * REVEAL_ENTRY_BYTES
+MAX_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MAX_MEMBERS * REVEAL_ENTRY_BYTES
+
 #: Exact sizes of fixed-width fields.
 SESSION_ID_BYTES: Final = 16
 #: ANNOUNCE.connection / LEAVE.connection: a fresh random id per broker connection.

@@ -4,6 +4,11 @@ decoding (:class:`SignedMessage`).
 The dataclasses are plain data; all validation lives in :mod:`protocol.codec`, which checks
 every field both when encoding (so a peer never emits what another peer must reject) and when
 decoding untrusted bytes. docs/protocol.md gives each body's fields in wire order.
+
+Kinds 1-9 are the Shamir session the Python peer runs today. Kinds 10-16 are the masked
+session of issue 13 (docs/design/masked-sessions.md), added within wire version 2: specified
+and decodable, not yet sent by the node. A receiver that does not speak them drops them as an
+unknown kind, so adding them breaks no peer.
 """
 
 from __future__ import annotations
@@ -34,10 +39,22 @@ class Kind(IntEnum):
     SHARE = 7
     PARTIAL = 8
     ABORT = 9
+    # masked session (issue 13): specified, not yet sent by the Python peer
+    MASKED_ACCEPT = 10
+    MASKED_START = 11
+    KEYS = 12
+    MASKED = 13
+    SURVIVORS = 14
+    CONFIRM = 15
+    REVEAL = 16
 
 
 #: Kinds that belong to no aggregation session: their header carries an empty session id.
 SESSIONLESS_KINDS: Final = frozenset({Kind.ANNOUNCE, Kind.LEAVE})
+
+#: Kinds published on the sender's session topic (every member reads them); every other
+#: session kind is a direct message to one peer.
+SESSION_TOPIC_KINDS: Final = frozenset({Kind.MASKED, Kind.CONFIRM, Kind.REVEAL})
 
 
 @dataclass(frozen=True)
@@ -166,7 +183,102 @@ class Abort:
     reason: str
 
 
-Body = Announce | Leave | Invite | Accept | Decline | Start | Share | Partial | Abort
+# --------------------------------------------------------------------------------------------
+# masked session (issue 13). INVITE, DECLINE and ABORT keep the bodies above.
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedAccept:
+    """An invitee joins a masked session: its index set (as ACCEPT) and a fresh X25519 public
+    key drawn for this session only; long-term keys never key a mask."""
+
+    indices: np.ndarray
+    ephemeral_public: bytes
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, MaskedAccept)
+            and _arrays_equal(self.indices, other.indices)
+            and self.ephemeral_public == other.ephemeral_public
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds a mutable array
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedStart:
+    """The initiator fixes a masked group (one START per member, direct).
+
+    ``members``, ``threshold`` and ``coordinates`` as in :class:`Start`; ``ephemeral_publics``
+    holds one 32-byte X25519 key per member, in member order. ``session_key`` is the session
+    key K sealed (crypto.sealing, Box) for ``recipient`` alone, so only members hold K. The
+    keys are relayed unsigned by their owners: each member compares its view through KEYS.
+    """
+
+    members: tuple[str, ...]
+    threshold: int
+    coordinates: np.ndarray
+    ephemeral_publics: tuple[bytes, ...]
+    recipient: str
+    session_key: bytes
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, MaskedStart)
+            and self.members == other.members
+            and self.threshold == other.threshold
+            and _arrays_equal(self.coordinates, other.coordinates)
+            and tuple(self.ephemeral_publics) == tuple(other.ephemeral_publics)
+            and self.recipient == other.recipient
+            and self.session_key == other.session_key
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # holds a mutable array
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Sealed (Box) for ``recipient``: the sender's START-view digest and its Shamir shares,
+    at the recipient's x, of its ephemeral secret key and of its self-mask seed."""
+
+    recipient: str
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Masked:
+    """On the session topic: the sender's masked vector, session-sealed under K."""
+
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Survivors:
+    """Initiator to each member: whose MASKED arrived before the deadline, in member order."""
+
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Confirm:
+    """On the session topic: the survivor list the sender received; the envelope signature
+    covers (session, list), so a member cannot deny the list it confirmed."""
+
+    survivors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """On the session topic, session-sealed: per member, a share of its self seed (survivor)
+    or of its ephemeral key (dropped), never both for one member."""
+
+    sealed: bytes
+
+
+Body = (
+    Announce | Leave | Invite | Accept | Decline | Start | Share | Partial | Abort
+    | MaskedAccept | MaskedStart | Keys | Masked | Survivors | Confirm | Reveal
+)
 
 #: The body class of each kind (the codec refuses a body that does not match its header kind).
 BODY_TYPES: Final[dict[Kind, type]] = {
@@ -179,6 +291,13 @@ BODY_TYPES: Final[dict[Kind, type]] = {
     Kind.SHARE: Share,
     Kind.PARTIAL: Partial,
     Kind.ABORT: Abort,
+    Kind.MASKED_ACCEPT: MaskedAccept,
+    Kind.MASKED_START: MaskedStart,
+    Kind.KEYS: Keys,
+    Kind.MASKED: Masked,
+    Kind.SURVIVORS: Survivors,
+    Kind.CONFIRM: Confirm,
+    Kind.REVEAL: Reveal,
 }
 
 

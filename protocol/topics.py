@@ -4,6 +4,8 @@
 
     murmur/{network}/{peer}/announce          retained, signed ANNOUNCE / LEAVE; empty = gone
     murmur/{network}/{sender}/to/{recipient}  direct messages from sender to recipient
+    murmur/{network}/{sender}/session/{hex}   MASKED / CONFIRM / REVEAL of one masked session
+                                              (32 lower-case hex digits of the session id)
 
 Every topic a peer publishes to starts with ``murmur/{network}/{peer}/``, so a plain broker
 ACL such as Mosquitto's ``pattern write murmur/NET/%u/#`` confines each peer to its own topics.
@@ -13,24 +15,41 @@ Security property: the topic is *routing*, not authentication. :func:`parse_topi
 layout and ids strictly, and :func:`check_topic_binding` checks that the signed header agrees
 with the topic (same sender; a direct message is for the subscriber; the kind belongs on that
 topic), so a message cannot be replayed under another peer's topic or redirected to another
-recipient without the receiver noticing.
+recipient without the receiver noticing. A session topic names its session, and only the
+three masked-session broadcast kinds of that very session belong on it, so a MASKED or REVEAL
+cannot be moved into another session's stream, and no direct message is ever broadcast there.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from protocol.errors import FieldError
-from protocol.limits import is_valid_id
-from protocol.messages import SESSIONLESS_KINDS, Kind, Partial, Share, SignedMessage
+from protocol.limits import SESSION_ID_BYTES, is_valid_id
+from protocol.messages import (
+    SESSION_TOPIC_KINDS,
+    SESSIONLESS_KINDS,
+    Keys,
+    Kind,
+    MaskedStart,
+    Partial,
+    Share,
+    SignedMessage,
+)
 
 TOPIC_ROOT: Final = "murmur"
 ANNOUNCE_LEVEL: Final = "announce"
 DIRECT_LEVEL: Final = "to"
+SESSION_LEVEL: Final = "session"
 
-#: Kinds that travel on a peer's announce topic; every other kind travels on direct topics.
+#: Kinds that travel on a peer's announce topic. SESSION_TOPIC_KINDS (MASKED, CONFIRM,
+#: REVEAL) travel on its session topics; every other kind travels on direct topics.
 ANNOUNCE_TOPIC_KINDS: Final = SESSIONLESS_KINDS
+
+#: The session level: exactly the session id in lower-case hex (one topic per session).
+_SESSION_HEX_RE: Final = re.compile(rf"[0-9a-f]{{{2 * SESSION_ID_BYTES}}}")
 
 
 def _checked_id(value: object, what: str) -> str:
@@ -53,6 +72,28 @@ def direct_topic(network: str, sender: str, recipient: str) -> str:
     )
 
 
+def _session_hex(session_id: object) -> str:
+    if type(session_id) is not bytes or len(session_id) != SESSION_ID_BYTES:
+        raise FieldError(f"expected {SESSION_ID_BYTES} bytes", "session_id")
+    return session_id.hex()
+
+
+def session_topic(network: str, sender: str, session_id: bytes) -> str:
+    """The topic ``sender`` publishes its MASKED, CONFIRM and REVEAL of one session on."""
+    return (
+        f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/{_checked_id(sender, 'sender')}"
+        f"/{SESSION_LEVEL}/{_session_hex(session_id)}"
+    )
+
+
+def session_filter(network: str, session_id: bytes) -> str:
+    """Subscription filter matching every member's session topic of one session."""
+    return (
+        f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{SESSION_LEVEL}"
+        f"/{_session_hex(session_id)}"
+    )
+
+
 def announce_filter(network: str) -> str:
     """Subscription filter matching every peer's announce topic in ``network``."""
     return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{ANNOUNCE_LEVEL}"
@@ -71,18 +112,23 @@ def own_topics_filter(network: str, peer: str) -> str:
 
 @dataclass(frozen=True)
 class ParsedTopic:
-    """A topic that matched the layout. ``recipient`` is None for announce topics."""
+    """A topic that matched the layout.
 
-    kind: Literal["announce", "direct"]
+    ``recipient`` is set for direct topics only, ``session`` (16 bytes) for session topics only.
+    """
+
+    kind: Literal["announce", "direct", "session"]
     sender: str
     recipient: str | None
+    session: bytes | None = None
 
 
 def parse_topic(network: str, topic: str) -> ParsedTopic:
     """Parse a topic of ``network``; FieldError (field ``"topic"``) for anything else.
 
-    Rejects other networks, wrong roots, extra or missing levels, empty levels, wildcards and
-    ids that do not match the id rule.
+    Rejects other networks, wrong roots, extra or missing levels, empty levels, wildcards,
+    ids that do not match the id rule and session levels that are not exactly 32 lower-case
+    hex digits (so one session has exactly one topic per sender).
     """
     if not isinstance(topic, str):
         raise FieldError(f"expected a str, got {type(topic).__name__}", "topic")
@@ -101,6 +147,12 @@ def parse_topic(network: str, topic: str) -> ParsedTopic:
         if not is_valid_id(recipient):
             raise FieldError(f"invalid recipient id in topic {topic[:200]!r}", "topic")
         return ParsedTopic(kind="direct", sender=sender, recipient=recipient)
+    if len(levels) == 5 and levels[3] == SESSION_LEVEL:
+        if _SESSION_HEX_RE.fullmatch(levels[4]) is None:
+            raise FieldError(f"invalid session level in topic {topic[:200]!r}", "topic")
+        return ParsedTopic(
+            kind="session", sender=sender, recipient=None, session=bytes.fromhex(levels[4])
+        )
     raise FieldError(f"not a murmur topic: {topic[:200]!r}", "topic")
 
 
@@ -108,8 +160,9 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
     """Raise FieldError (field ``"topic"``) unless the signed message belongs on this topic.
 
     * the header sender equals the topic's sender level;
-    * ANNOUNCE / LEAVE arrive on announce topics, every other kind on direct topics;
-    * a SHARE or PARTIAL names the topic's recipient as its recipient.
+    * ANNOUNCE / LEAVE arrive on announce topics; MASKED / CONFIRM / REVEAL on session topics,
+      with the header session equal to the topic's; every other kind on direct topics;
+    * a SHARE, PARTIAL, KEYS or MASKED_START names the topic's recipient as its recipient.
 
     The caller must additionally check that ``parsed.recipient`` is itself for direct topics
     (its subscription filter normally guarantees that) and that ``header.network`` is its
@@ -121,12 +174,20 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
             f"header sender {header.sender!r} differs from topic sender {parsed.sender!r}",
             "topic",
         )
-    on_announce = parsed.kind == "announce"
-    if (header.kind in ANNOUNCE_TOPIC_KINDS) != on_announce:
+    if header.kind in ANNOUNCE_TOPIC_KINDS:
+        expected = "announce"
+    elif header.kind in SESSION_TOPIC_KINDS:
+        expected = "session"
+    else:
+        expected = "direct"
+    if parsed.kind != expected:
         kind_name = Kind(header.kind).name
         raise FieldError(f"{kind_name} does not belong on a {parsed.kind} topic", "topic")
+    if parsed.kind == "session" and header.session != parsed.session:
+        raise FieldError("header session differs from the topic's session", "topic")
     body = message.body
-    if isinstance(body, Share | Partial) and body.recipient != parsed.recipient:
+    addressed = Share | Partial | Keys | MaskedStart
+    if isinstance(body, addressed) and body.recipient != parsed.recipient:
         raise FieldError(
             f"body recipient {body.recipient!r} differs from topic recipient {parsed.recipient!r}",
             "topic",

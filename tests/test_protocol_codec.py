@@ -18,22 +18,30 @@ from protocol import (
     Abort,
     Accept,
     Announce,
+    Confirm,
     Decline,
     DecodeError,
     FieldError,
     Header,
     Invite,
+    Keys,
     Kind,
     Leave,
+    Masked,
+    MaskedAccept,
+    MaskedStart,
     Partial,
     ProtocolError,
+    Reveal,
     SequenceCounter,
     Share,
     SignedMessage,
     SizeLimitError,
     Start,
+    Survivors,
     UnknownKindError,
     VersionError,
+    check_survivor_list,
     decode_message,
     encode_message,
 )
@@ -42,8 +50,15 @@ from protocol.limits import (
     MAX_MEMBERS,
     MAX_MODEL_ID_LEN,
     MAX_PAYLOAD_BYTES,
+    MAX_SEALED_REVEAL_BYTES,
     MAX_STR,
     MIN_SEALED_BYTES,
+    MIN_SEALED_MASKED_BYTES,
+    MIN_SEALED_REVEAL_BYTES,
+    REVEAL_ENTRY_BYTES,
+    SEAL_OVERHEAD_BYTES,
+    SEALED_KEYS_BYTES,
+    SEALED_SESSION_KEY_BYTES,
 )
 
 SIGNING_KEY = SigningKey.generate()
@@ -71,6 +86,17 @@ index_arrays = st.sets(st.integers(0, (1 << 32) - 1), max_size=200).map(
     lambda s: np.array(sorted(s), dtype=np.uint32)
 )
 sealed_blobs = st.binary(min_size=MIN_SEALED_BYTES, max_size=600)
+ephemeral_keys = st.binary(min_size=32, max_size=32)
+masked_blobs = st.integers(2, 150).flatmap(
+    lambda n: st.binary(min_size=SEAL_OVERHEAD_BYTES + 4 * n, max_size=SEAL_OVERHEAD_BYTES + 4 * n)
+)
+reveal_blobs = st.integers(3, MAX_MEMBERS).flatmap(
+    lambda n: st.binary(
+        min_size=SEAL_OVERHEAD_BYTES + REVEAL_ENTRY_BYTES * n,
+        max_size=SEAL_OVERHEAD_BYTES + REVEAL_ENTRY_BYTES * n,
+    )
+)
+survivor_lists = st.lists(ids, min_size=2, max_size=MAX_MEMBERS, unique=True).map(tuple)
 
 
 @st.composite
@@ -139,9 +165,44 @@ def messages(draw: st.DrawFn, kind: Kind) -> tuple[Header, object]:
             contributors=tuple(draw(st.lists(ids, min_size=1, max_size=MAX_MEMBERS, unique=True))),
             sealed=draw(sealed_blobs),
         )
-    else:
+    elif kind is Kind.ABORT:
         body = Abort(reason=draw(texts))
+    else:
+        body = draw(masked_bodies(kind, sender))
     return header, body
+
+
+@st.composite
+def masked_bodies(draw: st.DrawFn, kind: Kind, sender: str) -> object:
+    """A valid body of one of the masked-session kinds (10-16)."""
+    if kind is Kind.MASKED_ACCEPT:
+        return MaskedAccept(indices=draw(index_arrays), ephemeral_public=draw(ephemeral_keys))
+    if kind is Kind.MASKED_START:
+        members = draw(members_for(sender))
+        publics = draw(
+            st.lists(ephemeral_keys, min_size=len(members), max_size=len(members), unique=True)
+        )
+        return MaskedStart(
+            members=members,
+            threshold=draw(st.integers(2, len(members))),
+            coordinates=draw(index_arrays.filter(lambda a: a.size > 0)),
+            ephemeral_publics=tuple(publics),
+            recipient=draw(st.sampled_from(members[1:])),
+            session_key=draw(st.binary(min_size=104, max_size=104)),
+        )
+    if kind is Kind.KEYS:
+        return Keys(
+            recipient=draw(ids.filter(lambda x: x != sender)),
+            sealed=draw(st.binary(min_size=232, max_size=232)),
+        )
+    if kind is Kind.MASKED:
+        return Masked(sealed=draw(masked_blobs))
+    if kind is Kind.SURVIVORS:
+        return Survivors(survivors=draw(survivor_lists))
+    if kind is Kind.CONFIRM:
+        return Confirm(survivors=draw(survivor_lists))
+    assert kind is Kind.REVEAL
+    return Reveal(sealed=draw(reveal_blobs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +275,22 @@ VALID_SIGNED: dict[Kind, list[object]] = {
     Kind.SHARE: [V, "net", 7, "alice", SESSION, 7, ["bob", b"s" * 40]],
     Kind.PARTIAL: [V, "net", 8, "bob", SESSION, 7, ["alice", ["alice", "bob"], b"p" * 40]],
     Kind.ABORT: [V, "net", 9, "alice", SESSION, 7, ["timeout"]],
-}
+    Kind.MASKED_ACCEPT: [
+        V, "net", 10, "bob", SESSION, 7, [np.array([1, 2], "<u4").tobytes(), b"e" * 32]
+    ],
+    Kind.MASKED_START: [
+        V, "net", 11, "alice", SESSION, 7,
+        [
+            ["alice", "bob", "carol"], 2, np.array([1, 2, 3], "<u4").tobytes(),
+            [b"a" * 32, b"b" * 32, b"c" * 32], "bob", b"k" * SEALED_SESSION_KEY_BYTES,
+        ],
+    ],
+    Kind.KEYS: [V, "net", 12, "alice", SESSION, 7, ["bob", b"k" * SEALED_KEYS_BYTES]],
+    Kind.MASKED: [V, "net", 13, "alice", SESSION, 7, [b"m" * MIN_SEALED_MASKED_BYTES]],
+    Kind.SURVIVORS: [V, "net", 14, "alice", SESSION, 7, [["alice", "bob"]]],
+    Kind.CONFIRM: [V, "net", 15, "bob", SESSION, 7, [["alice", "bob"]]],
+    Kind.REVEAL: [V, "net", 16, "bob", SESSION, 7, [b"r" * MIN_SEALED_REVEAL_BYTES]],
+}  # fmt: skip
 
 
 def raw_wire(signed: object, signature: object = None) -> bytes:
@@ -265,7 +341,8 @@ HEADER_CASES = [
     ("network-newline", INV, 1, "net\n", None, FieldError, "header.network"),
     ("network-bin", INV, 1, b"net", None, FieldError, "header.network"),
     ("kind-zero", INV, 2, 0, None, UnknownKindError, "header.kind"),
-    ("kind-ten", INV, 2, 10, None, UnknownKindError, "header.kind"),
+    ("kind-seventeen", INV, 2, 17, None, UnknownKindError, "header.kind"),
+    ("kind-2^32", INV, 2, 1 << 32, None, UnknownKindError, "header.kind"),
     ("kind-bool", INV, 2, True, None, FieldError, "header.kind"),
     ("kind-str", INV, 2, "3", None, FieldError, "header.kind"),
     ("sender-dash-first", INV, 3, "-alice", None, FieldError, "header.sender"),
@@ -354,6 +431,83 @@ BODY_CASES = [
     ("decline-del", Kind.DECLINE, 6, "busy\x7f", 0, FieldError, "decline.reason"),
     ("leave-bin", Kind.LEAVE, 6, b"bye", 0, FieldError, "leave.reason"),
 ]
+
+MAC, MST, KEY, MSK, SUR, CON, REV = (
+    Kind.MASKED_ACCEPT,
+    Kind.MASKED_START,
+    Kind.KEYS,
+    Kind.MASKED,
+    Kind.SURVIVORS,
+    Kind.CONFIRM,
+    Kind.REVEAL,
+)
+KEYS3 = [b"a" * 32, b"b" * 32, b"c" * 32]
+
+# One case per rule of the masked-session bodies (docs/protocol.md section 4, kinds 10-16).
+MASKED_CASES = [
+    ("masked-session-empty", MSK, 4, b"", None, FieldError, "header.session"),
+    ("macc-indices-unsorted", MAC, 6, np.array([2, 1], U4).tobytes(), 0, FieldError,
+     "masked_accept.indices"),
+    ("macc-key-31", MAC, 6, b"e" * 31, 1, FieldError, "masked_accept.ephemeral_public"),
+    ("macc-key-33", MAC, 6, b"e" * 33, 1, SizeLimitError, "masked_accept.ephemeral_public"),
+    ("macc-key-str", MAC, 6, "e" * 32, 1, FieldError, "masked_accept.ephemeral_public"),
+    ("mstart-members-two", MST, 6, ["alice", "bob"], 0, FieldError, "masked_start.members"),
+    ("mstart-members-dup", MST, 6, ["alice", "bob", "bob"], 0, FieldError,
+     "masked_start.members"),
+    ("mstart-members-bad-id", MST, 6, ["alice", "bob", "Carol"], 0, FieldError,
+     "masked_start.members[2]"),
+    ("mstart-not-sender-first", MST, 6, ["bob", "alice", "carol"], 0, FieldError,
+     "masked_start.members"),
+    ("mstart-threshold-4", MST, 6, 4, 1, FieldError, "masked_start.threshold"),
+    ("mstart-threshold-1", MST, 6, 1, 1, FieldError, "masked_start.threshold"),
+    ("mstart-coordinates-empty", MST, 6, b"", 2, FieldError, "masked_start.coordinates"),
+    ("mstart-keys-too-few", MST, 6, KEYS3[:2], 3, FieldError, "masked_start.ephemeral_publics"),
+    ("mstart-keys-too-many", MST, 6, [*KEYS3, b"d" * 32], 3, FieldError,
+     "masked_start.ephemeral_publics"),
+    ("mstart-keys-dup", MST, 6, [b"a" * 32, b"b" * 32, b"a" * 32], 3, FieldError,
+     "masked_start.ephemeral_publics"),
+    ("mstart-key-short", MST, 6, [b"a" * 32, b"b" * 31, b"c" * 32], 3, FieldError,
+     "masked_start.ephemeral_publics[1]"),
+    ("mstart-key-str", MST, 6, [b"a" * 32, b"b" * 32, "c" * 32], 3, FieldError,
+     "masked_start.ephemeral_publics[2]"),
+    ("mstart-keys-bin", MST, 6, b"a" * 96, 3, FieldError, "masked_start.ephemeral_publics"),
+    ("mstart-recipient-stranger", MST, 6, "dave", 4, FieldError, "masked_start.recipient"),
+    ("mstart-recipient-initiator", MST, 6, "alice", 4, FieldError, "masked_start.recipient"),
+    ("mstart-recipient-bad-id", MST, 6, "Bob", 4, FieldError, "masked_start.recipient"),
+    ("mstart-session-key-short", MST, 6, b"k" * (SEALED_SESSION_KEY_BYTES - 1), 5, FieldError,
+     "masked_start.session_key"),
+    ("mstart-session-key-long", MST, 6, b"k" * (SEALED_SESSION_KEY_BYTES + 1), 5,
+     SizeLimitError, "masked_start.session_key"),
+    ("keys-to-self", KEY, 6, "alice", 0, FieldError, "keys.recipient"),
+    ("keys-recipient-bad-id", KEY, 6, "", 0, FieldError, "keys.recipient"),
+    ("keys-sealed-short", KEY, 6, b"k" * (SEALED_KEYS_BYTES - 1), 1, FieldError, "keys.sealed"),
+    ("keys-sealed-long", KEY, 6, b"k" * (SEALED_KEYS_BYTES + 1), 1, SizeLimitError,
+     "keys.sealed"),
+    ("masked-sealed-short", MSK, 6, b"m" * (MIN_SEALED_MASKED_BYTES - 4), 0, FieldError,
+     "masked.sealed"),
+    ("masked-sealed-partial-element", MSK, 6, b"m" * (MIN_SEALED_MASKED_BYTES + 1), 0,
+     FieldError, "masked.sealed"),
+    ("masked-sealed-str", MSK, 6, "m" * MIN_SEALED_MASKED_BYTES, 0, FieldError,
+     "masked.sealed"),
+    ("survivors-one", SUR, 6, ["alice"], 0, FieldError, "survivors.survivors"),
+    ("survivors-dup", SUR, 6, ["alice", "alice"], 0, FieldError, "survivors.survivors"),
+    ("survivors-bad-id", SUR, 6, ["alice", "b/c"], 0, FieldError, "survivors.survivors[1]"),
+    ("survivors-17", SUR, 6, [f"p{i}" for i in range(MAX_MEMBERS + 1)], 0, FieldError,
+     "survivors.survivors"),
+    ("survivors-bin", SUR, 6, b"alice", 0, FieldError, "survivors.survivors"),
+    ("confirm-one", CON, 6, ["bob"], 0, FieldError, "confirm.survivors"),
+    ("confirm-dup", CON, 6, ["bob", "bob"], 0, FieldError, "confirm.survivors"),
+    ("confirm-bad-id", CON, 6, ["bob", 7], 0, FieldError, "confirm.survivors[1]"),
+    ("reveal-two-members", REV, 6, b"r" * (MIN_SEALED_REVEAL_BYTES - REVEAL_ENTRY_BYTES), 0,
+     FieldError, "reveal.sealed"),
+    ("reveal-17-members", REV, 6, b"r" * (MAX_SEALED_REVEAL_BYTES + REVEAL_ENTRY_BYTES), 0,
+     SizeLimitError, "reveal.sealed"),
+    ("reveal-partial-entry", REV, 6, b"r" * (MIN_SEALED_REVEAL_BYTES + 1), 0, FieldError,
+     "reveal.sealed"),
+    ("reveal-body-too-many", REV, 6, [b"r" * MIN_SEALED_REVEAL_BYTES, b""], None, FieldError,
+     "reveal"),
+]  # fmt: skip
+BODY_CASES += MASKED_CASES
 
 
 @pytest.mark.parametrize(
@@ -525,6 +679,81 @@ def test_encode_refuses_what_decode_would_reject(header: Header, body: object, f
     with pytest.raises(ProtocolError) as info:
         encode_message(header, body, sign)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def masked_header(kind: Kind) -> Header:
+    return Header(PROTOCOL_VERSION, "net", kind, "alice", SESSION, 1)
+
+
+def masked_start(**change: object) -> MaskedStart:
+    fields = {
+        "members": ("alice", "bob", "carol"),
+        "threshold": 2,
+        "coordinates": np.array([1, 2, 3], np.uint32),
+        "ephemeral_publics": tuple(KEYS3),
+        "recipient": "bob",
+        "session_key": bytes(SEALED_SESSION_KEY_BYTES),
+    } | change
+    return MaskedStart(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "field"),
+    [
+        (MAC, MaskedAccept(np.array([1, 2]), b"e" * 31), "masked_accept.ephemeral_public"),
+        (MAC, MaskedAccept(np.array([2, 1]), b"e" * 32), "masked_accept.indices"),
+        (MST, masked_start(ephemeral_publics=tuple(KEYS3[:2])), "masked_start.ephemeral_publics"),
+        (MST, masked_start(recipient="alice"), "masked_start.recipient"),
+        (MST, masked_start(session_key=b"k"), "masked_start.session_key"),
+        (MST, masked_start(members=("bob", "alice", "carol")), "masked_start.members"),
+        (KEY, Keys("alice", bytes(SEALED_KEYS_BYTES)), "keys.recipient"),
+        (KEY, Keys("bob", bytes(SEALED_KEYS_BYTES - 1)), "keys.sealed"),
+        (MSK, Masked(bytes(MIN_SEALED_MASKED_BYTES + 2)), "masked.sealed"),
+        (SUR, Survivors(("alice",)), "survivors.survivors"),
+        (CON, Confirm(("alice", "alice")), "confirm.survivors"),
+        (REV, Reveal(bytes(MIN_SEALED_REVEAL_BYTES - 1)), "reveal.sealed"),
+        (REV, Masked(bytes(MIN_SEALED_REVEAL_BYTES)), "body"),
+        (Kind.START, masked_start(), "body"),
+        (MST, Start(("alice", "bob", "carol"), 2, np.arange(3)), "body"),
+    ],
+)
+def test_encode_refuses_bad_masked_bodies(kind: Kind, body: object, field: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        encode_message(masked_header(kind), body, sign)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_encode_accepts_bytearray_keys_and_lists_in_masked_start() -> None:
+    body = masked_start(
+        members=["alice", "bob", "carol"],
+        coordinates=[1, 2, 3],
+        ephemeral_publics=[bytearray(k) for k in KEYS3],
+        session_key=bytearray(SEALED_SESSION_KEY_BYTES),
+    )
+    msg = decode_message(encode_message(masked_header(MST), body, sign))
+    assert msg.body == masked_start()
+    assert isinstance(msg.body, MaskedStart)
+    assert all(type(key) is bytes for key in msg.body.ephemeral_publics)
+
+
+def test_masked_bodies_compare_arrays_by_value() -> None:
+    assert MaskedAccept(np.array([1, 2], np.uint32), b"e" * 32) == MaskedAccept(
+        np.array([1, 2], np.uint64), b"e" * 32
+    )
+    assert MaskedAccept(np.array([1, 2]), b"e" * 32) != MaskedAccept(np.array([1, 2]), b"f" * 32)
+    assert masked_start() == masked_start()
+    assert masked_start() != masked_start(recipient="carol")
+    assert masked_start() != masked_start(coordinates=np.array([1, 2, 4]))
+
+
+def test_survivor_list_must_be_members_in_member_order() -> None:
+    members = ("alice", "bob", "carol", "dave")
+    assert check_survivor_list(members, ["alice", "carol", "dave"]) == ("alice", "carol", "dave")
+    assert check_survivor_list(members, members) == members
+    for bad in (["carol", "alice"], ["alice", "erin"], ["alice", "alice", "bob"]):
+        with pytest.raises(FieldError) as info:
+            check_survivor_list(members, bad)
+        assert info.value.field == "survivors"
 
 
 def test_encode_accepts_numpy_integers_and_lists() -> None:

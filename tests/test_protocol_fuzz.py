@@ -25,19 +25,27 @@ from protocol import (
     Abort,
     Accept,
     Announce,
+    Confirm,
     Decline,
     Header,
     Invite,
+    Keys,
     Kind,
     Leave,
+    Masked,
+    MaskedAccept,
+    MaskedStart,
     Partial,
     ProtocolError,
+    Reveal,
     Share,
     SignedMessage,
     Start,
+    Survivors,
     decode_message,
     encode_message,
 )
+from protocol.limits import SEAL_OVERHEAD_BYTES, SEALED_KEYS_BYTES, SEALED_SESSION_KEY_BYTES
 
 KEY = SigningKey.generate()
 FUZZ_SEED = 0x6D75726D  # picks inputs only; never used for keys or shares
@@ -54,7 +62,7 @@ def sign(data: bytes) -> bytes:
 
 
 def valid_corpus() -> list[bytes]:
-    """Small valid messages of every kind."""
+    """Small valid messages of every kind (the masked-session kinds 10-16 included)."""
     session = os.urandom(16)
     members = ("alice", "bob", "carol", "dave")
     bodies: list[tuple[Kind, str, object]] = [
@@ -68,6 +76,17 @@ def valid_corpus() -> list[bytes]:
         (Kind.SHARE, "alice", Share("bob", os.urandom(120))),
         (Kind.PARTIAL, "bob", Partial("alice", members[:3], os.urandom(64))),
         (Kind.ABORT, "alice", Abort("timeout in phase share")),
+        (Kind.MASKED_ACCEPT, "bob", MaskedAccept(np.array([3, 9, 4000], np.uint32),
+                                                 os.urandom(32))),
+        (Kind.MASKED_START, "alice", MaskedStart(
+            members, 3, np.arange(0, 400, 7, dtype=np.uint32),
+            tuple(os.urandom(32) for _ in members), "carol",
+            os.urandom(SEALED_SESSION_KEY_BYTES))),
+        (Kind.KEYS, "bob", Keys("alice", os.urandom(SEALED_KEYS_BYTES))),
+        (Kind.MASKED, "carol", Masked(os.urandom(SEAL_OVERHEAD_BYTES + 4 * 58))),
+        (Kind.SURVIVORS, "alice", Survivors(members[:3])),
+        (Kind.CONFIRM, "dave", Confirm(members[:3])),
+        (Kind.REVEAL, "dave", Reveal(os.urandom(SEAL_OVERHEAD_BYTES + 65 * len(members)))),
     ]
     corpus = []
     for seq, (kind, sender, body) in enumerate(bodies, start=1_700_000_000_000_000):
@@ -202,6 +221,11 @@ def test_fuzz_case_count_meets_target() -> None:
     assert TOTAL_CASES >= 100_000
 
 
+def test_corpus_covers_every_kind() -> None:
+    """random_header and the mutations start from a valid body of each kind, new ones too."""
+    assert set(VALID_BODIES) == set(Kind)
+
+
 def test_fuzz_random_bytes_and_objects() -> None:
     def random_bytes(rng: random.Random) -> bytes:
         return rng.randbytes(rng.choice([0, 1, 2, rng.randrange(3, 80), rng.randrange(80, 600)]))
@@ -239,6 +263,10 @@ def test_fuzz_mutated_valid_messages() -> None:
     )  # some mutations stay well-formed (only a signature check catches them)
     assert {"envelope", "signed_bytes", "header.seq"} <= fields, outcomes
     assert len(fields) >= 15, outcomes
+    # ... and into the masked-session validators (kinds 10-16)
+    masked_fields = {"masked_accept.indices", "masked_start.recipient", "keys.recipient",
+                     "masked.sealed", "survivors.survivors", "confirm.survivors", "reveal.sealed"}
+    assert masked_fields <= fields, sorted(fields)
 
 
 msgpack_values = st.recursive(

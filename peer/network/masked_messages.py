@@ -1,11 +1,12 @@
 """Messages and session sealing of the masked aggregation session (issue 13), not yet on the wire.
 
-docs/design/masked-sessions.md is the specification. The bodies here are frozen dataclasses
-with the design's field names; the lead moves them into ``protocol/`` (wire version 3) later.
-Until then the envelope is out of scope: :class:`MaskedHeader` carries what a signed envelope
-header would (kind, sender, session, seq), and "signed by member m" is modelled by
-``sender == m`` because the node's inbound checks verify envelope signatures before a session
-ever sees a message. INVITE and ABORT keep today's bodies (``protocol.messages``).
+docs/design/masked-sessions.md is the specification. The bodies are frozen dataclasses with
+the design's field names, defined in ``protocol.messages`` (kinds 10-16 of wire version 2,
+docs/protocol.md) and imported here. The envelope is still out of scope: :class:`MaskedHeader`
+carries what a signed envelope header would (kind, sender, session, seq), and "signed by
+member m" is modelled by ``sender == m`` because the node's inbound checks verify envelope
+signatures before a session ever sees a message. INVITE and ABORT keep today's bodies
+(``protocol.messages``).
 
 Session sealing (MASKED, REVEAL): ``nacl.secret.SecretBox`` under the session key K, the
 plaintext being ``BLAKE2b-256(context) || payload`` as ``crypto.sealing.seal`` does for Box.
@@ -35,6 +36,9 @@ from crypto.masking import EphemeralKey, MaskError, recover_secret
 from crypto.shamir import Share
 from peer.network.session import Contribution
 from protocol import messages as m
+from protocol.messages import Confirm, Keys, Masked, Reveal, Survivors
+from protocol.messages import MaskedAccept as Accept
+from protocol.messages import MaskedStart as Start
 
 log = logging.getLogger(__name__)
 
@@ -69,62 +73,6 @@ class MaskedHeader:
     sender: str
     session: bytes
     seq: int
-
-
-@dataclass(frozen=True, eq=False)
-class Accept:
-    """An invitee joins: its index set and a fresh X25519 public key for this session only."""
-
-    indices: np.ndarray
-    ephemeral_public: bytes
-
-
-@dataclass(frozen=True, eq=False)
-class Start:
-    """The initiator fixes the group; ``session_key`` is K sealed (Box) for ``recipient``."""
-
-    members: tuple[str, ...]
-    threshold: int
-    coordinates: np.ndarray
-    ephemeral_publics: tuple[bytes, ...]  # one per member, in member order
-    recipient: str
-    session_key: bytes
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Sealed (Box) for ``recipient``: the view digest and its shares of the sender's secrets."""
-
-    recipient: str
-    sealed: bytes
-
-
-@dataclass(frozen=True)
-class Masked:
-    """Session-sealed masked vector over the coordinates (plus the count slot)."""
-
-    sealed: bytes
-
-
-@dataclass(frozen=True)
-class Survivors:
-    """The members whose MASKED reached the initiator before its deadline, in member order."""
-
-    survivors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Confirm:
-    """The survivor list the sender received; the envelope signature covers (session, list)."""
-
-    survivors: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Reveal:
-    """Session-sealed: one share per member, of its self seed or of its ephemeral key."""
-
-    sealed: bytes
 
 
 MaskedBody = m.Invite | Accept | Start | Keys | Masked | Survivors | Confirm | Reveal | m.Abort
