@@ -5,7 +5,7 @@ Pure: depends only on msgpack, numpy and the standard library (never on crypto, 
 torch or asyncio). docs/protocol.md is the normative specification.
 """
 
-from protocol.codec import check_survivor_list, decode_message, encode_message
+from protocol.codec import decode_message, encode_message
 from protocol.errors import (
     DecodeError,
     FieldError,
@@ -14,6 +14,7 @@ from protocol.errors import (
     UnknownKindError,
     VersionError,
 )
+from protocol.fields import check_survivor_list
 from protocol.messages import (
     PROTOCOL_VERSION,
     Abort,

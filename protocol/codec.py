@@ -20,14 +20,15 @@ Security properties:
 * Masked-session kinds (10-16) are decoded as strictly as the others: fixed-size keys and
   sealed blobs have exact lengths, variable ones their bounds and whole-entry sizes
   (:mod:`protocol.limits`), so a receiver never opens a blob of an impossible size. What needs
-  session state (a survivor list against START's members) is :func:`check_survivor_list`.
+  session state (a survivor list against START's members) is
+  :func:`protocol.fields.check_survivor_list`.
 
 This module never imports crypto: signing is the caller's ``sign`` callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import fields as dataclass_fields
 from typing import Final, NoReturn
 
@@ -42,9 +43,19 @@ from protocol.errors import (
     UnknownKindError,
     VersionError,
 )
+from protocol.fields import (
+    _bytes,
+    _id_list,
+    _indices,
+    _int,
+    _key_list,
+    _members,
+    _peer_id,
+    _sealed_entries,
+    _text,
+)
 from protocol.limits import (
     CONNECTION_ID_BYTES,
-    CONTROL_CHARS_RE,
     EPHEMERAL_PUBLIC_BYTES,
     FIELD_ELEMENT_BYTES,
     MAX_CERTIFICATE_BYTES,
@@ -65,9 +76,7 @@ from protocol.limits import (
     MIN_SEALED_MASKED_BYTES,
     MIN_SEALED_REVEAL_BYTES,
     MIN_THRESHOLD,
-    PEER_ID_RE,
     REVEAL_ENTRY_BYTES,
-    SEAL_OVERHEAD_BYTES,
     SEALED_KEYS_BYTES,
     SEALED_SESSION_KEY_BYTES,
     SESSION_ID_BYTES,
@@ -98,7 +107,7 @@ from protocol.messages import (
     Start,
     Survivors,
 )
-from protocol.sparse import decode_indices, encode_indices
+from protocol.sparse import encode_indices
 
 #: Field names of each kind's body, in wire order (the dataclass field order).
 BODY_FIELDS: Final[dict[Kind, tuple[str, ...]]] = {
@@ -141,120 +150,6 @@ def _unpack(data: bytes, field: str) -> object:
     ) as exc:
         detail = str(exc) or type(exc).__name__
         raise DecodeError(f"not a valid msgpack object ({detail})", field) from None
-
-
-# --------------------------------------------------------------------------------------------
-# field validators (wire values -> checked Python values)
-
-
-def _int(value: object, field: str, lo: int, hi: int) -> int:
-    """An integer with lo <= value <= hi; bool is rejected although it subclasses int."""
-    if type(value) is not int:
-        raise FieldError(f"expected an integer, got {type(value).__name__}", field)
-    if not lo <= value <= hi:
-        raise FieldError(f"{value} out of range [{lo}, {hi}]", field)
-    return value
-
-
-def _bytes(value: object, field: str, lo: int, hi: int) -> bytes:
-    if type(value) is not bytes:
-        raise FieldError(f"expected bin, got {type(value).__name__}", field)
-    if not lo <= len(value) <= hi:
-        error = SizeLimitError if len(value) > hi else FieldError
-        raise error(f"length {len(value)} out of range [{lo}, {hi}]", field)
-    return value
-
-
-def _peer_id(value: object, field: str) -> str:
-    if type(value) is not str:
-        raise FieldError(f"expected a str id, got {type(value).__name__}", field)
-    if PEER_ID_RE.fullmatch(value) is None:
-        raise FieldError(f"{value[:80]!r} is not a valid id ([a-z0-9][a-z0-9_-]{{0,63}})", field)
-    return value
-
-
-def _text(value: object, field: str, lo: int, hi: int) -> str:
-    """Free text: lo..hi characters, valid UTF-8, no control characters."""
-    if type(value) is not str:
-        raise FieldError(f"expected a str, got {type(value).__name__}", field)
-    if not lo <= len(value) <= hi:
-        raise FieldError(f"length {len(value)} out of range [{lo}, {hi}]", field)
-    if CONTROL_CHARS_RE.search(value):
-        raise FieldError("control characters are not allowed", field)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates can exist in a Python str, never on the wire
-        raise FieldError("not encodable as UTF-8", field) from None
-    return value
-
-
-def _id_list(value: object, field: str, lo: int, hi: int) -> tuple[str, ...]:
-    if type(value) is not list:
-        raise FieldError(f"expected an array, got {type(value).__name__}", field)
-    if not lo <= len(value) <= hi:
-        raise FieldError(f"{len(value)} entries out of range [{lo}, {hi}]", field)
-    ids = tuple(_peer_id(item, f"{field}[{i}]") for i, item in enumerate(value))
-    if len(set(ids)) != len(ids):
-        raise FieldError("entries must be unique", field)
-    return ids
-
-
-def _members(value: object, field: str, sender: str) -> tuple[str, ...]:
-    """A session's ordered member list; ``members[0]`` is the initiator, i.e. the sender."""
-    members = _id_list(value, field, MIN_GROUP_SIZE, MAX_MEMBERS)
-    if members[0] != sender:
-        raise FieldError("members[0] must be the initiator (the sender)", field)
-    return members
-
-
-def _key_list(value: object, field: str, count: int) -> tuple[bytes, ...]:
-    """Exactly ``count`` distinct X25519 public keys (one per member, in member order)."""
-    if type(value) is not list:
-        raise FieldError(f"expected an array, got {type(value).__name__}", field)
-    if len(value) != count:
-        raise FieldError(f"{len(value)} keys for {count} members", field)
-    keys = tuple(
-        _bytes(item, f"{field}[{i}]", EPHEMERAL_PUBLIC_BYTES, EPHEMERAL_PUBLIC_BYTES)
-        for i, item in enumerate(value)
-    )
-    if len(set(keys)) != len(keys):
-        raise FieldError("keys must be unique (each member draws its own)", field)
-    return keys
-
-
-def _sealed_entries(value: object, field: str, lo: int, hi: int, entry: int) -> bytes:
-    """A sealed blob of lo..hi bytes whose payload is a whole number of ``entry``-byte items."""
-    sealed = _bytes(value, field, lo, hi)
-    if (len(sealed) - SEAL_OVERHEAD_BYTES) % entry:
-        raise FieldError(
-            f"payload of {len(sealed) - SEAL_OVERHEAD_BYTES} bytes is not a whole number of "
-            f"{entry}-byte entries",
-            field,
-        )
-    return sealed
-
-
-def check_survivor_list(
-    members: Sequence[str], survivors: Sequence[str], field: str = "survivors"
-) -> tuple[str, ...]:
-    """SURVIVORS / CONFIRM against the session's START: distinct members, in member order.
-
-    The decoder cannot check this (it holds no session state); the receiver's session does
-    (docs/protocol.md section 7, step 12). FieldError otherwise; returns the list as a tuple.
-    """
-    listed = tuple(survivors)
-    chosen = set(listed)
-    if len(chosen) != len(listed) or tuple(p for p in members if p in chosen) != listed:
-        raise FieldError("not distinct members of the session in member order", field)
-    return listed
-
-
-def _indices(value: object, field: str, min_count: int) -> np.ndarray:
-    raw = _bytes(value, field, 0, MAX_PAYLOAD_BYTES)
-    idx = decode_indices(raw, max_index=None, field=field)
-    if idx.size < min_count:
-        raise FieldError(f"at least {min_count} indices required", field)
-    return idx
 
 
 # --------------------------------------------------------------------------------------------
