@@ -13,9 +13,12 @@ Reported per configuration:
 
 Index sets are drawn independently per member (worst case: nearly disjoint, so the coordinate
 union is ~g*k); ``--overlap`` makes a fraction of each set common to the group, as real top-k
-sets of peers training the same model partly are.
+sets of peers training the same model partly are. ``--session-kind masked`` runs the masked
+session (one masked vector per member, docs/design/masked-sessions.md) instead of the default
+Shamir session; each row names its ``session_kind``.
 
     python bench/session_bench.py [--quick] [--out FILE] [--sessions N] [--overlap F]
+                                  [--session-kind {shamir,masked}]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from peer.network.node import NodeConfig, Peer, PeerEvent
 from peer.network.session import SessionTimeouts
+from peer.network.session_driver import SESSION_DRIVERS
 from peer.network.transport import BrokerSettings
 from sim.broker import MosquittoBroker
 
@@ -93,7 +97,8 @@ def synthetic_indices(rng: np.random.Generator, n: int, k: int, common: np.ndarr
 
 
 async def run_config(url: str, g: int, fraction: float, sessions: int, warmup: int,
-                     overlap: float, param_count: int) -> dict[str, float | int | str]:
+                     overlap: float, param_count: int,
+                     session_kind: str = "shamir") -> dict[str, float | int | str]:
     admission = AdmissionKey.generate(NETWORK)
     done: dict[bytes, dict[str, float]] = {}
     started: dict[bytes, float] = {}
@@ -118,6 +123,8 @@ async def run_config(url: str, g: int, fraction: float, sessions: int, warmup: i
         timeouts=SessionTimeouts(invite_s=5.0, start_s=8.0, share_s=8.0, partial_s=8.0),
         train=False,
         auto_start=False,
+        cooldown_s=0.0,  # sessions back to back: the benchmark starts each one itself
+        session_kind=session_kind,
     )
     peers = []
     now = time.time()
@@ -196,6 +203,7 @@ async def run_config(url: str, g: int, fraction: float, sessions: int, warmup: i
         "dense_bytes": dense,
         "ratio_vs_dense_once": median_bytes / dense,
         "ratio_vs_dense_to_each": median_bytes / (dense * (g - 1)),
+        "session_kind": session_kind,
     }
 
 
@@ -212,9 +220,10 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, float | int | s
         for g in sizes:
             for fraction in (0.01, 0.10):
                 rows.append(await run_config(broker.url, g, fraction, sessions, 2, args.overlap,
-                                             param_count))
+                                             param_count, args.session_kind))
                 r = rows[-1]
-                print(f"g={g} top-k={fraction:.0%}: median {r['median_ms']:.1f} ms, "
+                print(f"[{args.session_kind}] g={g} top-k={fraction:.0%}: "
+                      f"median {r['median_ms']:.1f} ms, "
                       f"p95 {r['p95_ms']:.1f} ms, {r['bytes_per_member']:.0f} B/member "
                       f"({r['ratio_vs_dense_once']:.2f}x dense, "
                       f"{r['ratio_vs_dense_to_each']:.3f}x dense to each), "
@@ -231,6 +240,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=0, help="measured sessions per config")
     parser.add_argument("--overlap", type=float, default=0.0,
                         help="fraction of each index set common to the group (0..1)")
+    parser.add_argument("--session-kind", choices=sorted(SESSION_DRIVERS), default="shamir",
+                        help="which aggregation session the peers run (default: shamir)")
     args = parser.parse_args()
     if not 0.0 <= args.overlap <= 1.0:
         parser.error("--overlap must be in [0, 1]")

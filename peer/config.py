@@ -27,6 +27,7 @@ from peer.files import FileReadError, read_small_file
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
+from peer.network.session_driver import SESSION_DRIVERS
 from peer.network.transport import BrokerSettings
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
@@ -49,7 +50,9 @@ class SessionConfig:
     """Aggregation sessions (peer/network/session.py): group size g, threshold t, timeouts.
 
     ``cooldown_s`` is the pause after a session (done or aborted) before this peer initiates
-    another, so that a peer does not flood the network with invitations.
+    another, so that a peer does not flood the network with invitations. ``kind`` is the
+    session a peer runs: "shamir" (default) or "masked" (peer/network/masked_session.py);
+    peers of different kinds never group.
     """
 
     group_size: int = NodeConfig.group_size
@@ -60,8 +63,12 @@ class SessionConfig:
     partial_timeout_s: float = SessionTimeouts.partial_s
     cooldown_s: float = NodeConfig.cooldown_s
     frac_bits: int = FixedPoint.frac_bits
+    kind: str = NodeConfig.session_kind  # "shamir" or "masked" (peer/network/session_driver.py)
 
     def __post_init__(self) -> None:
+        if self.kind not in SESSION_DRIVERS:
+            raise ValueError(f"kind must be one of {', '.join(SESSION_DRIVERS)} "
+                             f"(got {self.kind!r})")
         if not 3 <= self.group_size <= 16:
             raise ValueError(f"group_size must be in 3..16 (got {self.group_size}); with two "
                              "members each would learn the other's update")

@@ -161,6 +161,7 @@ def node_config(session: SessionConfig, **changes: Any) -> NodeConfig:
         timeouts=timeouts,
         fixed_point=FixedPoint(frac_bits=session.frac_bits),
         cooldown_s=session.cooldown_s,
+        session_kind=session.kind,
     )
     return dataclasses.replace(base, **changes)
 

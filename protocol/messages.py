@@ -7,7 +7,8 @@ decoding untrusted bytes. docs/protocol.md gives each body's fields in wire orde
 
 Kinds 1-9 are the Shamir session the Python peer runs today. Kinds 10-16 are the masked
 session of issue 13 (docs/design/masked-sessions.md), added within wire version 2: specified
-and decodable, not yet sent by the node. A receiver that does not speak them drops them as an
+and decodable, sent by the node only in masked mode
+(``[session] kind = "masked"``). A receiver that does not speak them drops them as an
 unknown kind, so adding them breaks no peer.
 """
 
@@ -39,7 +40,7 @@ class Kind(IntEnum):
     SHARE = 7
     PARTIAL = 8
     ABORT = 9
-    # masked session (issue 13): specified, not yet sent by the Python peer
+    # masked session (issue 13): sent only with [session] kind = "masked"
     MASKED_ACCEPT = 10
     MASKED_START = 11
     KEYS = 12

@@ -280,9 +280,10 @@ class SecuredMosquitto:
                     await self.stop()
                     raise BrokerStartError(f"{exc}; log: {self.log_text()[-1500:]}") from exc
         # The shipped configuration and the guide's file modes must load without complaint,
-        # except for the one warning the ACL explains (an all-peers read rule has no %u).
+        # except for the warnings the ACL explains (all-peers read rules have no %u).
         # The readiness probe (a bare TCP connect, no TLS handshake) leaves two expected lines.
         expected = (f"'murmur/{self.network}/+/announce' does not contain",
+                    f"'murmur/{self.network}/+/session/+' does not contain",
                     "unexpected eof while reading", "Client <unknown> disconnected")
         problems = [line for line in self.log_text().splitlines()
                     if ("warning" in line.lower() or "error" in line.lower())
@@ -580,6 +581,7 @@ def test_provisioned_acl_has_exactly_the_shipped_rules() -> None:
         f"pattern write murmur/{NETWORK}/%u/#",
         f"pattern read murmur/{NETWORK}/+/announce",
         f"pattern read murmur/{NETWORK}/+/to/%u",
+        f"pattern read murmur/{NETWORK}/+/session/+",
     }
 
 

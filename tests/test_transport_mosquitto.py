@@ -277,6 +277,54 @@ async def test_reconnects_and_resubscribes_after_broker_restart(
     assert len(connects) == 2
 
 
+async def test_dynamic_subscriptions_last_for_one_connection(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """subscribe()/unsubscribe() on the live client: False when not connected; a granted
+    subscription delivers until it is dropped, and a reconnect does not restore it."""
+    session = "murmur/t/+/session/" + "ab" * 16
+    on_session = "murmur/t/tx/session/" + "ab" * 16
+    inbox = Inbox()
+    receiver = _transport(mosquitto.url, "rx", ["murmur/t/+/to/rx3"])
+    assert await receiver.subscribe(session) is False  # not connected: nothing happens
+    assert await receiver.unsubscribe(session) is False
+
+    async def marker(sender: Transport, text: bytes) -> None:
+        # One publisher's messages reach a subscriber in order: once this marker on the static
+        # subscription has arrived, any earlier session message would have arrived too.
+        await sender.publish("murmur/t/tx/to/rx3", text)
+        await inbox.wait_for(lambda m: m.payload == text, f"marker {text!r}")
+
+    def on_session_topic() -> list[bytes]:
+        return [m.payload for m in inbox.items if m.topic == on_session]
+
+    sender = _transport(mosquitto.url, "tx", [])
+    async with running(receiver, inbox.handle), running(sender, Inbox().handle):
+        await _connected(receiver)
+        await _connected(sender)
+        await sender.publish(on_session, b"before")  # nobody subscribed yet: not delivered
+        assert await receiver.subscribe(session) is True
+        await sender.publish(on_session, b"during")
+        await marker(sender, b"m1")
+        assert on_session_topic() == [b"during"]
+        assert await receiver.unsubscribe(session) is True
+        await sender.publish(on_session, b"after unsubscribe")
+        await marker(sender, b"m2")
+        assert on_session_topic() == [b"during"]
+        assert await receiver.subscribe(session) is True
+        await mosquitto.stop()
+        await wait_until(lambda: not receiver.connected.is_set(), WAIT_S,
+                         "the receiver to notice the broker is gone")
+        assert await receiver.subscribe(session) is False
+        await mosquitto.start()
+        await _connected(receiver)
+        await _connected(sender)
+        await sender.publish(on_session, b"after reconnect")
+        await marker(sender, b"m3")
+        assert on_session_topic() == [b"during"]  # the static subscription came back, not it
+    assert receiver.subscribe_failures == 0
+
+
 async def test_handler_exception_is_counted_and_the_loop_goes_on(
     mosquitto: MosquittoBroker,
 ) -> None:

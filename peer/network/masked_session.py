@@ -104,6 +104,7 @@ class MaskedSession:
         self.ctx, self.session_id, self.role = ctx, session_id, role
         self.contribution, self.initiator = contribution, initiator
         self.threshold, self.group_size, self.timeouts = threshold, group_size, timeouts
+        self.started_at = now
         initiating = role is Role.INITIATOR
         self.phase = MaskedPhase.INVITING if initiating else MaskedPhase.ACCEPTED
         self.deadline = now + (timeouts.invite_s if initiating else timeouts.start_s)
@@ -253,6 +254,8 @@ class MaskedSession:
                 self._early.append((header, body))
                 return MaskedStep()
             raise _Drop("unexpected_kind")
+        if kind is Kind.ACCEPT and self._late_answer(sender):
+            return MaskedStep()
         if sender not in self.members:
             raise _Drop("not_a_member")
         handlers = {Kind.KEYS: self._on_keys, Kind.MASKED: self._on_masked,
@@ -596,6 +599,8 @@ class MaskedSession:
             if len(self.accepted) + len(self.declined) >= len(self.invited):
                 return self._fix_members(now)
             return MaskedStep()
+        if self._late_answer(sender):  # a decline (the node maps DECLINE to ABORT) after it
+            return MaskedStep()
         if sender not in self.members:
             raise _Drop("not_a_member")
         if self.phase is MaskedPhase.KEYS and sender not in self._held:
@@ -603,6 +608,12 @@ class MaskedSession:
             self._enter(MaskedPhase.ABORTED)
             self.abort_reason = f"member_aborted:{sender}"
         return MaskedStep()  # after KEYS a member that leaves is a dropout (rules 3-6)
+
+    def _late_answer(self, sender: str) -> bool:
+        """An invitee's answer after the group was fixed without it: it was released with an
+        ABORT already, so its ACCEPT or decline is expected traffic, not a drop."""
+        return (self.role is Role.INITIATOR and sender in self.invited
+                and sender not in self.members)
 
     def _open_box(self, header: Header, sealed: bytes) -> bytes:
         key = self.ctx.box_key_of(header.sender)

@@ -21,8 +21,12 @@ Every inbound message passes the checks of peer/network/inbound.py (topic, size,
 topic binding, network, certificate or known sender, signature, recipient, replay window)
 before it reaches a session. Each failure is a counted drop with a reason
 (``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer. The
-session itself (peer/network/session.py) checks seals, sizes and contributor sets; the merge
-rule (peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
+session itself checks seals, sizes and contributor sets; the merge rule
+(peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
+
+``NodeConfig.session_kind`` picks the session (peer/network/session_driver.py): "shamir"
+(peer/network/session.py, the default) or "masked" (peer/network/masked_session.py, whose
+members also subscribe to the session's topics for its duration, before its first message).
 
 A peer takes part in at most one session at a time; nobody waits for a global round.
 """
@@ -37,6 +41,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +63,8 @@ from peer.network.inbound import InboundChecks
 from peer.network.membership import MembershipView
 from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
-from peer.network.session import (
-    Contribution,
-    GroupResult,
-    Outgoing,
-    Phase,
-    Role,
-    Session,
-    SessionContext,
-    SessionParams,
-    Step,
-)
+from peer.network.session import Contribution, GroupResult, Role, SessionContext, SessionParams
+from peer.network.session_driver import AnySession, DriverStep, WireOut, build_driver
 from peer.network.settings import EventCallback, NodeConfig, PeerEvent, Trainer
 from peer.network.transport import (
     BrokerSettings,
@@ -89,6 +85,7 @@ from protocol.topics import (
     announce_topic,
     direct_topic,
     inbox_filter,
+    session_topic,
 )
 
 __all__ = ["EventCallback", "NodeConfig", "Peer", "PeerEvent", "Trainer"]
@@ -99,6 +96,18 @@ log = logging.getLogger(__name__)
 #: told apart from messages of sessions this peer never joined.
 _RECENT_SESSIONS = 64
 
+
+@dataclass(frozen=True)
+class _Subscription:
+    """An outbox entry: (un)subscribe ``topic_filter`` for session ``session_id``, in order
+    with the publishes around it."""
+
+    topic_filter: str
+    subscribe: bool
+    session_id: bytes
+
+
+_Publish = tuple[str, bytes, bool]  # topic, payload, retain
 
 
 class Peer:
@@ -130,8 +139,12 @@ class Peer:
         self.config = config or NodeConfig()
         self.on_event = on_event
         cfg = self.config
+        # The session kind (peer/network/session_driver.py) is part of the model id peers
+        # group by, so peers of different kinds never meet in a session.
+        self.driver = build_driver(cfg)
         self.params = SessionParams(
-            network_id=network_id, model_id=trainer.model_id, param_count=trainer.param_count,
+            network_id=network_id, model_id=self.driver.model_id(trainer.model_id),
+            param_count=trainer.param_count,
             group_size=cfg.group_size, threshold=cfg.threshold, fixed_point=cfg.fixed_point,
             timeouts=cfg.timeouts,
         )
@@ -154,14 +167,14 @@ class Peer:
             box_key_of=self._box_key_of,
             next_seq=self.seq.next,
         )
-        self.session: Session | None = None
+        self.session: AnySession | None = None
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
         # Residual fill (docs/sessions.md, "Sparse supports"): the strategy lends this peer's
         # values outside its top-k and settles what a session shared. None: zeros there.
         self.sharing = sharing
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
-        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[_Publish | _Subscription] = asyncio.Queue()
         self._stopping = False
         self._sending = False
         self._next_expiry = 0.0
@@ -289,7 +302,7 @@ class Peer:
         transport_stop: asyncio.Event,
     ) -> None:
         if self.session is not None:
-            self._process(self.session.abort("peer_stopping"))
+            self._process(self.driver.abort(self.session, "peer_stopping"))
         # Let the aborts and the leave go out while still connected (bounded wait).
         if self.transport.connected.is_set():
             with contextlib.suppress(ProtocolError, ValueError):
@@ -337,9 +350,12 @@ class Peer:
         )
         return encode_message(header, body, self.identity.sign)
 
-    def _queue(self, out: Outgoing, session_id: bytes) -> None:
+    def _queue(self, out: WireOut, session_id: bytes) -> None:
         payload = self._encode(out.kind, session_id, out.body, out.seq)
-        topic = direct_topic(self.network_id, self.peer_id, out.recipient)
+        if out.recipient is None:  # for every member: on our topic of this session
+            topic = session_topic(self.network_id, self.peer_id, session_id)
+        else:
+            topic = direct_topic(self.network_id, self.peer_id, out.recipient)
         self._outbox.put_nowait((topic, payload, False))
 
     async def _sender_loop(self) -> None:
@@ -351,20 +367,44 @@ class Peer:
                 batch.append(self._outbox.get_nowait())
             self._sending = True
             try:
-                # Tasks start in creation order, so paho queues the packets in batch order.
-                results = await asyncio.gather(
-                    *(self.transport.publish(t, p, retain=r) for t, p, r in batch),
-                    return_exceptions=True,
-                )
+                await self._send_batch(batch)
             finally:
                 self._sending = False
-            for (topic, _p, _r), res in zip(batch, results, strict=True):
-                if isinstance(res, NotConnectedError | PayloadTooLargeError):
-                    self.counters.send_failures += 1
-                    log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
-                elif isinstance(res, BaseException):
-                    self.counters.send_failures += 1
-                    log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
+
+    async def _send_batch(self, batch: list[_Publish | _Subscription]) -> None:
+        """Publishes between two (un)subscriptions go out pipelined; a subscription waits
+        for its SUBACK before anything queued after it is sent, so a session's members are
+        subscribed to its topics before any of them can publish there."""
+        publishes: list[_Publish] = []
+        for item in [*batch, None]:
+            if isinstance(item, tuple):
+                publishes.append(item)
+                continue
+            if publishes:
+                await self._publish_all(publishes)
+                publishes = []
+            if item is None:
+                return
+            change = self.transport.subscribe if item.subscribe else self.transport.unsubscribe
+            if not await change(item.topic_filter) and item.subscribe:
+                session = self.session
+                self.counters.send_failures += 1
+                if session is not None and session.session_id == item.session_id:
+                    self._process(self.driver.abort(session, "subscribe_failed"))
+
+    async def _publish_all(self, batch: list[_Publish]) -> None:
+        # Tasks start in creation order, so paho queues the packets in batch order.
+        results = await asyncio.gather(
+            *(self.transport.publish(t, p, retain=r) for t, p, r in batch),
+            return_exceptions=True,
+        )
+        for (topic, _p, _r), res in zip(batch, results, strict=True):
+            if isinstance(res, NotConnectedError | PayloadTooLargeError):
+                self.counters.send_failures += 1
+                log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
+            elif isinstance(res, BaseException):
+                self.counters.send_failures += 1
+                log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
 
     async def _on_connected(self) -> None:
         await self._publish_announce()
@@ -406,7 +446,7 @@ class Peer:
             else:
                 self.drops.drop("unknown_session")
             return
-        self._process(session.handle(header, body, now))
+        self._process(self.driver.handle(session, header, body, now))
 
     def _yields_to(self, header: m.Header) -> bool:
         """Whether our own session, still only inviting, gives way to this invite.
@@ -421,7 +461,7 @@ class Peer:
         return (
             session is not None
             and session.role is Role.INITIATOR
-            and session.phase is Phase.INVITING
+            and self.driver.inviting(session)
             and header.session < session.session_id
         )
 
@@ -437,32 +477,38 @@ class Peer:
             # A member contributing nothing would let the two others learn each other's vector.
             reason = "no_update"
         else:
-            reason = Session.check_invite(self.params, invite)
+            reason = self.driver.check_invite(self.params, invite)
         if reason is not None:
             self.counters.count_decline(reason)
-            out = Outgoing(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
+            out = WireOut(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
             self._queue(out, header.session)
             self._remember_session(header.session)  # its ABORT may still come: not a drop
             return
         assert self._fresh is not None
         if self.session is not None:
-            self._process(self.session.abort("yielded"))
+            self._process(self.driver.abort(self.session, "yielded"))
         contribution = self._fresh
-        session, step = Session.join(self._session_ctx, header, invite, contribution, now)
+        session, step = self.driver.join(self._session_ctx, header, invite, contribution, now)
         self._set_session(session, contribution)
         self._process(step)
 
-    def _set_session(self, session: Session, contribution: Contribution) -> None:
+    def _set_session(self, session: AnySession, contribution: Contribution) -> None:
         self.session = session
         self._session_contribution = contribution
         self._remember_session(session.session_id)
+        self._subscription(session, subscribe=True)  # queued before the session's first message
+
+    def _subscription(self, session: AnySession, *, subscribe: bool) -> None:
+        topic_filter = self.driver.session_filter(self.network_id, session)
+        if topic_filter is not None:
+            self._outbox.put_nowait(_Subscription(topic_filter, subscribe, session.session_id))
 
     def _remember_session(self, session_id: bytes) -> None:
         self._recent_sessions[session_id] = None
         while len(self._recent_sessions) > _RECENT_SESSIONS:
             self._recent_sessions.popitem(last=False)
 
-    def _process(self, step: Step) -> None:
+    def _process(self, step: DriverStep) -> None:
         """Send what a session step produced, count its drops, and settle a finished session."""
         session = self.session
         for reason in step.drops:
@@ -473,11 +519,12 @@ class Peer:
         if session is None or not session.finished:
             return
         self.session = None
+        self._subscription(session, subscribe=False)
         self._last_session_end = time.monotonic()
         contribution = self._session_contribution
         self._session_contribution = None
         duration = time.time() - session.started_at
-        if session.phase is Phase.DONE and session.result is not None:
+        if session.result is not None:  # set exactly when a session is done
             self.counters.sessions_done += 1
             self._save_totals_soon()
             self._initiator_failures = 0
@@ -604,8 +651,8 @@ class Peer:
         if len(invitees) < 2:
             return False
         contribution = self._fresh
-        session, step = Session.initiate(self._session_ctx, os.urandom(16), contribution,
-                                         invitees[:k], now)
+        session, step = self.driver.initiate(self._session_ctx, os.urandom(16), contribution,
+                                             invitees[:k], now)
         self._set_session(session, contribution)
         self._process(step)
         return True
@@ -655,7 +702,7 @@ class Peer:
                 log.info("%s: %s went silent", self.peer_id, gone)
         session = self.session
         if session is not None and now >= session.deadline:
-            self._process(session.on_timeout(now))
+            self._process(self.driver.on_timeout(session, now))
 
     async def _announce_loop(self) -> None:
         while True:

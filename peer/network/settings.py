@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from crypto.field import FixedPoint
+from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
@@ -71,6 +72,14 @@ class NodeConfig:
     evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
     train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
     auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
+    # Which session a peer runs (peer/network/session_driver.py): "shamir" (Shamir shares,
+    # peer/network/session.py) or "masked" (one masked vector per member,
+    # peer/network/masked_session.py). Peers of different kinds never group: the kind is part
+    # of the model id a peer announces and samples by.
+    session_kind: str = "shamir"
+    # The masked session's per-phase timeouts; None: derived from ``timeouts``
+    # (session_driver.masked_timeouts_from).
+    masked_timeouts: MaskedTimeouts | None = None
 
 
 @dataclass(frozen=True)

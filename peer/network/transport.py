@@ -423,6 +423,55 @@ class Transport:
         self.messages_sent += 1
         self.bytes_sent += len(payload)
 
+    # ------------------------------------------------------------------ dynamic subscriptions
+    async def subscribe(self, topic_filter: str) -> bool:
+        """Subscribe the live connection to ``topic_filter`` (QoS 1); wait for the SUBACK.
+
+        True once the broker granted it. False, and nothing else happens, when not connected;
+        False too when the broker refused it (counted in ``subscribe_failures``) or the
+        connection broke before it answered. Once this returns True, every message the broker
+        accepts afterwards on a matching topic is delivered to the handler, which is what a
+        caller needs before it lets others publish there (MQTT does not deliver earlier
+        non-retained messages to a late subscriber).
+
+        Such a subscription lasts for the current connection only: every connection starts a
+        clean MQTT session and ``run()`` restores only the ``subscriptions`` given at
+        construction. The node subscribes this way to one aggregation session's topics; a
+        session does not survive a lost connection anyway (what was published meanwhile is
+        lost, and the session times out).
+        """
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        try:
+            granted = await client.subscribe(topic_filter, qos=1, timeout=self.publish_timeout_s)
+        except aiomqtt.MqttError as exc:
+            _log.info("%s: subscribe to %s failed: %s", self.client_id, topic_filter, exc)
+            return False
+        if any(_is_failure(code) for code in granted):
+            self.subscribe_failures += 1
+            _log.error("%s: broker refused the subscription to %s", self.client_id,
+                       topic_filter)
+            return False
+        return True
+
+    async def unsubscribe(self, topic_filter: str) -> bool:
+        """Drop a subscription made with :meth:`subscribe`; wait for the UNSUBACK.
+
+        True once the broker acknowledged it; False when not connected (nothing to do: the
+        subscription died with its connection) or when the connection broke meanwhile.
+        Messages the broker had already queued for this client may still arrive after it.
+        """
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return False
+        try:
+            await client.unsubscribe(topic_filter, timeout=self.publish_timeout_s)
+        except aiomqtt.MqttError as exc:
+            _log.info("%s: unsubscribe from %s failed: %s", self.client_id, topic_filter, exc)
+            return False
+        return True
+
     # ------------------------------------------------------------------------------ inspection
     def socket_option(self, level: int, option: int) -> int | None:
         """Read an integer option of the live client socket (None when not connected).

@@ -1,0 +1,339 @@
+"""Masked sessions in the node (``session_kind = "masked"``) over a real Mosquitto broker.
+
+Issue 13, step 4: peers run peer/network/masked_session.py through the node: session topics
+subscribed before the first message, every inbound message through the inbound checks,
+merging and events as with the Shamir session. Scenarios: five training peers complete
+sessions and agree on the plain sum; a sniffer on ``#`` sees no member's vector and exactly
+one vector-sized payload per member per session; a member killed (SIGKILL, separate process)
+right after publishing its MASKED is tolerated when the CONFIRM quorum survives and aborts
+the session cleanly (nothing revealed) otherwise; Shamir and masked peers never group.
+The harness is tests/test_node_mosquitto.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crypto.field import FixedPoint
+from crypto.identity import Identity
+from peer.network import masked_messages as mm
+from peer.network.node import NodeConfig
+from peer.network.session_driver import MASKED_MODEL_SUFFIX
+from protocol import messages as m
+from protocol.codec import decode_message
+from protocol.topics import parse_topic
+from tests.conftest import wait_until
+from tests.test_node_mosquitto import (  # noqa: F401  (make_trainer is a fixture)
+    FAST,
+    NET,
+    RESOLUTION,
+    ROOT,
+    Network,
+    ResidualTrainer,
+    Sniffer,
+    check_group_sums,
+    make_trainer,
+    start_network,
+)
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
+
+MASKED = dataclasses.replace(FAST, session_kind="masked")
+#: Bodies that may travel in a masked network: no SHARE, PARTIAL or Shamir ACCEPT/START.
+MASKED_NETWORK_BODIES = (m.Announce, m.Leave, m.Invite, m.Decline, m.Abort, m.MaskedAccept,
+                         m.MaskedStart, m.Keys, m.Masked, m.Survivors, m.Confirm, m.Reveal)
+
+
+def decoded(records: list[tuple[str, bytes]]) -> list[tuple[str, m.SignedMessage]]:
+    """Every non-empty payload the sniffer saw, decoded (each must decode)."""
+    return [(topic, decode_message(payload)) for topic, payload in records if payload]
+
+
+def session_messages(records: list[tuple[str, bytes]], sid: bytes) -> list[m.SignedMessage]:
+    return [msg for _t, msg in decoded(records) if msg.header.session == sid]
+
+
+def vector_bytes(coordinates: int) -> int:
+    """Sealed size of one masked vector: the coordinates and the count slot as field
+    elements, the context digest, the nonce and the Poly1305 tag."""
+    return 4 * (coordinates + 1) + 32 + 24 + 16
+
+
+# ---------------------------------------------------------------------------- scenarios
+async def test_five_masked_peers_agree_and_send_one_vector_each(
+        mosquitto, make_trainer) -> None:  # noqa: F811  (the imported fixture)
+    async with Sniffer(mosquitto.url) as sniffer:
+        net = await start_network(mosquitto.url, 5, make_trainer, MASKED)
+        try:
+            await wait_until(lambda: all(p.counters.sessions_done >= 2 for p in net.peers), 60,
+                             "two masked sessions per peer")
+            running = [p.status() for p in net.peers]
+        finally:
+            await net.close()
+    assert all(p.params.model_id.endswith(MASKED_MODEL_SUFFIX) for p in net.peers)
+    complete = check_group_sums(net, min_complete=3)
+    for st in running:
+        assert st.merges_applied >= 1 or st.merges_rejected, st
+        assert st.drops == {}, st.drops  # an honest run drops nothing
+    for p in net.peers:
+        assert not p.status().in_session
+    # Every contributor of every session is a member, and every member's event says so.
+    for events in net.done_events().values():
+        for e in events:
+            assert e.data["contributors"] == tuple(e.data["members"])
+
+    # The wire: only masked-session kinds, no member's values in the clear...
+    messages = decoded(sniffer.records)
+    for topic, msg in messages:
+        assert isinstance(msg.body, MASKED_NETWORK_BODIES), (topic, type(msg.body).__name__)
+        if isinstance(msg.body, m.Masked | m.Confirm | m.Reveal):
+            assert parse_topic(NET, topic).kind == "session"
+    fp = FixedPoint()
+    needles = []
+    for events in net.done_events().values():
+        for e in events:
+            values = e.data["own_values"]
+            nonzero = values[values != 0][:4]
+            assert nonzero.size == 4
+            needles += [nonzero.astype("<f4").tobytes(),
+                        fp.encode(nonzero.astype(np.float64)).astype("<u4").tobytes()]
+    for topic, payload in sniffer.records:
+        for needle in needles:
+            assert needle not in payload, f"a member's vector bytes on {topic}"
+    # ...and exactly one vector-sized payload per member per completed session: its MASKED
+    # (START and ACCEPT carry index sets, as with the Shamir session).
+    checked = 0
+    for sid, events in net.done_events().items():
+        members = events[0].data["members"]
+        if {e.peer_id for e in events} != set(members):
+            continue
+        size = vector_bytes(events[0].data["coordinates"].size)
+        in_session = session_messages(sniffer.records, sid)
+        for member in members:
+            sent = [msg for msg in in_session if msg.header.sender == member
+                    and not isinstance(msg.body, m.MaskedStart | m.MaskedAccept)]
+            big = [msg for msg in sent if len(msg.signed_bytes) >= size]
+            assert [type(msg.body) for msg in big] == [m.Masked], (member, sid.hex())
+            assert len(big[0].body.sealed) == size
+        checked += 1
+    assert checked == complete
+
+
+_VICTIM = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    import numpy as np
+    from crypto.admission import Certificate
+    from crypto.identity import Identity
+    from peer.network.node import NodeConfig, Peer
+    from peer.network.session import SessionTimeouts
+    from peer.network.transport import BrokerSettings
+    from protocol.codec import decode_message
+    from protocol import messages as m
+
+    url, net, ident_path, cert_path, adm_hex, model_id, param_count, g, t, seed = sys.argv[1:11]
+    param_count = int(param_count)
+
+    class Vectors:
+        def __init__(self):
+            self.param_count = param_count
+            self.model_id = model_id
+        def train_round(self):
+            raise RuntimeError("unused")
+        def apply_update(self, i, v):
+            pass
+        def evaluate(self):
+            return 0.0
+        def save_checkpoint(self):
+            pass
+
+    async def main():
+        config = NodeConfig(group_size=int(g), threshold=int(t), session_kind="masked",
+                            timeouts=SessionTimeouts(1.0, 2.0, 2.0, 2.0),
+                            announce_interval_s=2.0, train=False, auto_start=False,
+                            tick_s=0.02)
+        peer = Peer(identity=Identity.load(ident_path),
+                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
+                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
+                    trainer=Vectors(), broker=BrokerSettings(url=url), config=config)
+        publish = peer.transport.publish
+
+        async def publish_then_die(topic, payload, retain=False):
+            await publish(topic, payload, retain=retain)
+            if payload and decode_message(payload).header.kind is m.Kind.MASKED:
+                print("KILLED", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # its MASKED is out, nothing after it
+
+        peer.transport.publish = publish_then_die
+        rng = np.random.default_rng(int(seed))
+        idx = np.sort(rng.choice(param_count, size=40, replace=False)).astype(np.uint32)
+        peer.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32))
+        await peer.run(asyncio.Event())
+
+    asyncio.run(main())
+    """
+)
+VICTIM_SEED = 5
+
+
+def victim_vector(param_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The victim's update, drawn as the victim script draws it."""
+    rng = np.random.default_rng(VICTIM_SEED)
+    idx = np.sort(rng.choice(param_count, size=40, replace=False)).astype(np.uint32)
+    return idx, rng.normal(0, 0.05, idx.size).astype(np.float32)
+
+
+def start_victim(net: Network, tmp_path: Path, config: NodeConfig) -> subprocess.Popen[bytes]:
+    ident = Identity.generate("victim")
+    ident.save(tmp_path / "victim.key")
+    cert = net.admission.issue(ident.public, valid_for_s=3600, now=time.time())
+    (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
+    script = tmp_path / "victim.py"
+    script.write_text(_VICTIM)
+    trainer = net.peers[0].trainer
+    return subprocess.Popen(
+        [sys.executable, str(script), net.url, NET, str(tmp_path / "victim.key"),
+         str(tmp_path / "victim.cert"), net.admission.public_key.hex(), trainer.model_id,
+         str(trainer.param_count), str(config.group_size), str(config.threshold),
+         str(VICTIM_SEED)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize(("group_size", "threshold", "peers", "tolerated"),
+                         [(5, 3, 4, True), (3, 2, 2, False)])
+async def test_member_killed_after_masked(mosquitto, tmp_path: Path, group_size: int,
+                                          threshold: int, peers: int, tolerated: bool) -> None:
+    """g = 5, t = 3: four survivors reach the CONFIRM quorum of 4 and rebuild the sum with the
+    victim's vector in it (its self seed from their shares). g = 3: the quorum is all three,
+    so the survivors time out in CONFIRMING and abort having revealed nothing."""
+    config = dataclasses.replace(MASKED, group_size=group_size, threshold=threshold,
+                                 train=False, auto_start=False)
+    assert (group_size - 1 >= mm.confirm_quorum(group_size, threshold)) is tolerated
+    async with Sniffer(mosquitto.url) as sniffer:
+        net = await start_network(mosquitto.url, peers, ResidualTrainer, config)
+        proc = start_victim(net, tmp_path, config)
+        try:
+            await wait_until(lambda: all(p.status().peers_live == peers for p in net.peers), 20,
+                             "every peer to see the victim")
+            rng = np.random.default_rng(1)
+            for p in net.peers:
+                idx = np.sort(rng.choice(400, 40, replace=False)).astype(np.uint32)
+                p.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32), 1)
+            initiator = net.peers[0]
+            assert initiator.try_start_session()
+            assert initiator.session is not None
+            sid = initiator.session.session_id
+            await wait_until(lambda: proc.poll() is not None, 20,
+                             "the victim to publish its MASKED and be killed")
+            out, err = proc.communicate(timeout=5)
+            assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+            assert b"KILLED" in out
+
+            def ended(peer_id: str) -> bool:
+                return any(e.peer_id == peer_id and e.data.get("session_id") == sid
+                           and e.kind in ("session_done", "session_aborted")
+                           for e in net.events)
+
+            timeouts = initiator.driver.timeouts  # type: ignore[attr-defined]
+            await wait_until(lambda: all(ended(p.peer_id) for p in net.peers),
+                             timeouts.masked_s + timeouts.confirm_s + timeouts.reveal_s,
+                             "every survivor to end the session with the victim")
+            await wait_until(lambda: all(p.membership.get("victim") is None for p in net.peers),
+                             10, "the victim's last will to remove it from every view")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            await net.close()
+    assert all(p.session is None for p in net.peers)
+    ends = [e for e in net.events if e.data.get("session_id") == sid
+            and e.kind in ("session_done", "session_aborted")]
+    assert len(ends) == peers and all(e.data["members"][0] == initiator.peer_id for e in ends)
+    assert all(len(e.data["members"]) == group_size and "victim" in e.data["members"]
+               for e in ends)
+    in_session = session_messages(sniffer.records, sid)
+    sent_by_victim = {type(msg.body) for msg in in_session if msg.header.sender == "victim"}
+    assert m.Masked in sent_by_victim and m.Confirm not in sent_by_victim
+    if not tolerated:
+        assert {e.kind for e in ends} == {"session_aborted"}
+        assert all(e.data["formed"] for e in ends)
+        # The initiator times out waiting for the victim's CONFIRM; the member does too, or
+        # hears the initiator's ABORT first (both deadlines are about equal).
+        reasons = {e.peer_id: e.data["reason"] for e in ends}
+        assert reasons.pop(initiator.peer_id) == "timeout_confirming"
+        assert set(reasons.values()) <= {"timeout_confirming", "aborted_by_initiator"}
+        assert not any(isinstance(msg.body, m.Reveal) for msg in in_session)  # nothing revealed
+        return
+    assert {e.kind for e in ends} == {"session_done"}
+    first = ends[0].data
+    assert set(first["contributors"]) == set(first["members"])  # the victim counts
+    coords = first["coordinates"]
+    plain = np.zeros(coords.size)
+    for e in ends:
+        np.testing.assert_array_equal(e.data["group_sum"], first["group_sum"])
+        plain[np.searchsorted(coords, e.data["own_indices"])] += e.data["own_values"]
+        plain[np.searchsorted(coords, e.data["filled_indices"])] += e.data["filled_values"]
+    idx, values = victim_vector(400)
+    plain[np.searchsorted(coords, idx)] += values  # no sharing strategy: no fill
+    np.testing.assert_allclose(first["group_sum"], plain, atol=group_size * RESOLUTION, rtol=0)
+
+
+async def test_shamir_and_masked_peers_never_group(mosquitto) -> None:
+    shamir_cfg = dataclasses.replace(FAST, train=True)
+    net = await start_network(mosquitto.url, 0, ResidualTrainer)
+    kinds = {}
+    for i in range(6):
+        config = MASKED if i % 2 else shamir_cfg
+        peer = net.add(f"{config.session_kind}{i}", ResidualTrainer(i, 6), config)
+        kinds[peer.peer_id] = config.session_kind
+    try:
+        await wait_until(lambda: all(len(p.membership.live(time.time())) == 5 for p in net.peers),
+                         20, "every peer to see the five others")
+        await wait_until(lambda: all(p.counters.sessions_done >= 2 for p in net.peers), 40,
+                         "two sessions per peer, within its kind")
+        # Each peer sees all five as live, but only the two of its own kind as eligible.
+        assert all(p.status().peers_live == 2 for p in net.peers)
+    finally:
+        await net.close()
+    ended = [e for e in net.events if e.kind in ("session_done", "session_aborted")]
+    assert ended
+    for e in ended:
+        members = e.data["members"] or (e.peer_id,)
+        assert {kinds[p] for p in members} == {kinds[e.peer_id]}, e.data["members"]
+    for p in net.peers:
+        # Nobody even invited a peer of the other kind (it would decline: model_mismatch).
+        assert "model_mismatch" not in p.counters.declines_sent
+        assert p.params.model_id.endswith(MASKED_MODEL_SUFFIX) is (kinds[p.peer_id] == "masked")
+    check_group_sums(net, min_complete=4)
+
+
+def test_session_kind_setting_reaches_the_node_config() -> None:
+    from peer.config import SessionConfig
+    from peer.daemon import node_config
+    from peer.network.session_driver import MaskedDriver, ShamirDriver, build_driver
+
+    assert SessionConfig().kind == NodeConfig().session_kind == "shamir"
+    assert isinstance(build_driver(node_config(SessionConfig())), ShamirDriver)
+    masked = node_config(SessionConfig(kind="masked", share_timeout_s=3.0, partial_timeout_s=4.0))
+    assert masked.session_kind == "masked"
+    driver = build_driver(masked)
+    assert isinstance(driver, MaskedDriver)
+    assert (driver.timeouts.keys_s, driver.timeouts.reveal_s, driver.timeouts.survivors_s) == (
+        3.0, 4.0, 7.0)
+    assert driver.model_id("mlp-4810") == "mlp-4810-masked"
+    with pytest.raises(ValueError, match="shamir"):
+        SessionConfig(kind="paillier")
+    with pytest.raises(ValueError, match="masked"):
+        build_driver(NodeConfig(session_kind="paillier"))
