@@ -41,7 +41,6 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from peer.network.counters import (
 )
 from peer.network.inbound import InboundChecks
 from peer.network.membership import MembershipView
+from peer.network.outbox import Outbox, Subscription
 from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
 from peer.network.session import Contribution, GroupResult, Role, SessionContext, SessionParams
@@ -95,19 +95,6 @@ log = logging.getLogger(__name__)
 #: How many finished session ids to remember, so late messages of a finished session are
 #: told apart from messages of sessions this peer never joined.
 _RECENT_SESSIONS = 64
-
-
-@dataclass(frozen=True)
-class _Subscription:
-    """An outbox entry: (un)subscribe ``topic_filter`` for session ``session_id``, in order
-    with the publishes around it."""
-
-    topic_filter: str
-    subscribe: bool
-    session_id: bytes
-
-
-_Publish = tuple[str, bytes, bool]  # topic, payload, retain
 
 
 class Peer:
@@ -174,9 +161,7 @@ class Peer:
         # values outside its top-k and settles what a session shared. None: zeros there.
         self.sharing = sharing
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
-        self._outbox: asyncio.Queue[_Publish | _Subscription] = asyncio.Queue()
         self._stopping = False
-        self._sending = False
         self._next_expiry = 0.0
         self._last_session_end = -1e18
         self._initiator_failures = 0  # consecutive aborted sessions we started: backoff
@@ -184,6 +169,8 @@ class Peer:
         self._round_wake = asyncio.Event()  # the training loop's: a session ended, a link changed
         # figures for status()
         self.counters = SessionCounters()
+        # Our messages, in order; (un)subscriptions to session topics go through it too.
+        self.outbox = Outbox(self.transport, self.counters, self.peer_id, self._subscribe_failed)
         self._latest_round = -1
         self._was_connected = False
         self._ever_connected = False
@@ -280,7 +267,7 @@ class Peer:
         transport_stop = asyncio.Event()
         transport_task = asyncio.create_task(self.transport.run(self._on_message, transport_stop))
         tasks = [
-            asyncio.create_task(self._sender_loop()),
+            asyncio.create_task(self.outbox.run()),
             asyncio.create_task(self._ticker_loop()),
             asyncio.create_task(self._announce_loop()),
             asyncio.create_task(self._checkpoint_loop()),
@@ -309,10 +296,10 @@ class Peer:
                 # Retained: it replaces our announcement, so newcomers do not invite us.
                 leave = self._encode(m.Kind.LEAVE, b"", m.Leave("stopping", self._connection_id),
                                      self.seq.next())
-                self._outbox.put_nowait((announce_topic(self.network_id, self.peer_id), leave,
+                self.outbox.put((announce_topic(self.network_id, self.peer_id), leave,
                                          True))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_drained(), timeout=2.0)
+                await asyncio.wait_for(self.outbox.drained(), timeout=2.0)
         for task in tasks:
             task.cancel()
         if training is not None:
@@ -334,10 +321,6 @@ class Peer:
         except TimeoutError:
             log.warning("%s: broker disconnect did not finish in time", self.peer_id)
 
-    async def _outbox_drained(self) -> None:
-        while not self._outbox.empty() or self._sending:
-            await asyncio.sleep(0.01)
-
     # ------------------------------------------------------------------ sending
     def _encode(self, kind: m.Kind, session_id: bytes, body: m.Body, seq: int) -> bytes:
         header = m.Header(
@@ -356,55 +339,13 @@ class Peer:
             topic = session_topic(self.network_id, self.peer_id, session_id)
         else:
             topic = direct_topic(self.network_id, self.peer_id, out.recipient)
-        self._outbox.put_nowait((topic, payload, False))
+        self.outbox.put((topic, payload, False))
 
-    async def _sender_loop(self) -> None:
-        """Publish queued messages in order; a batch goes out pipelined (QoS 1 acks overlap)."""
-        while True:
-            first = await self._outbox.get()
-            batch = [first]
-            while not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
-            self._sending = True
-            try:
-                await self._send_batch(batch)
-            finally:
-                self._sending = False
-
-    async def _send_batch(self, batch: list[_Publish | _Subscription]) -> None:
-        """Publishes between two (un)subscriptions go out pipelined; a subscription waits
-        for its SUBACK before anything queued after it is sent, so a session's members are
-        subscribed to its topics before any of them can publish there."""
-        publishes: list[_Publish] = []
-        for item in [*batch, None]:
-            if isinstance(item, tuple):
-                publishes.append(item)
-                continue
-            if publishes:
-                await self._publish_all(publishes)
-                publishes = []
-            if item is None:
-                return
-            change = self.transport.subscribe if item.subscribe else self.transport.unsubscribe
-            if not await change(item.topic_filter) and item.subscribe:
-                session = self.session
-                self.counters.send_failures += 1
-                if session is not None and session.session_id == item.session_id:
-                    self._process(self.driver.abort(session, "subscribe_failed"))
-
-    async def _publish_all(self, batch: list[_Publish]) -> None:
-        # Tasks start in creation order, so paho queues the packets in batch order.
-        results = await asyncio.gather(
-            *(self.transport.publish(t, p, retain=r) for t, p, r in batch),
-            return_exceptions=True,
-        )
-        for (topic, _p, _r), res in zip(batch, results, strict=True):
-            if isinstance(res, NotConnectedError | PayloadTooLargeError):
-                self.counters.send_failures += 1
-                log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
-            elif isinstance(res, BaseException):
-                self.counters.send_failures += 1
-                log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
+    def _subscribe_failed(self, session_id: bytes) -> None:
+        """The broker refused a session topic: that session cannot work, abort it."""
+        session = self.session
+        if session is not None and session.session_id == session_id:
+            self._process(self.driver.abort(session, "subscribe_failed"))
 
     async def _on_connected(self) -> None:
         await self._publish_announce()
@@ -501,7 +442,7 @@ class Peer:
     def _subscription(self, session: AnySession, *, subscribe: bool) -> None:
         topic_filter = self.driver.session_filter(self.network_id, session)
         if topic_filter is not None:
-            self._outbox.put_nowait(_Subscription(topic_filter, subscribe, session.session_id))
+            self.outbox.put(Subscription(topic_filter, subscribe, session.session_id))
 
     def _remember_session(self, session_id: bytes) -> None:
         self._recent_sessions[session_id] = None
