@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of update entries shared (0.001-1)")
     parser.add_argument("--group-size", type=int, dest="group_size")
     parser.add_argument("--threshold", type=int)
+    parser.add_argument("--session-kind", dest="session_kind",
+                        help="shamir (default) | masked: one masked vector per member")
     parser.add_argument("--rounds", type=int, help="local rounds per peer")
     parser.add_argument("--duration", type=float, dest="duration_s",
                         help="wall-clock cap in seconds")
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OPTION_KEYS = ("peers", "dataset", "model", "partition", "alpha", "dp", "target_epsilon",
-                "noise_multiplier", "topk_fraction", "group_size", "threshold", "rounds",
+                "noise_multiplier", "topk_fraction", "group_size", "threshold",
+                "session_kind", "rounds",
                 "duration_s", "churn_rate", "delay_ms", "loss_rate", "hostile_peers", "broker",
                 "mode", "seed", "out_dir")
 

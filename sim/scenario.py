@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from peer import tomlcheck
+from peer.network.session_driver import DEFAULT_SESSION_KIND, SESSION_DRIVERS
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
 from sim.partition import PARTITION_SCHEMES
@@ -99,6 +100,8 @@ class Scenario:
     # 8 peers (docs/results.md) ---------------------------------------------------------------
     group_size: int = 5
     threshold: int = 3
+    # "shamir" (the library default) or "masked" (one masked vector per member; issue 13)
+    session_kind: str = DEFAULT_SESSION_KIND
     # -- faults ------------------------------------------------------------------------------
     churn_rate: float = 0.0  # expected leave events per peer per minute
     churn_downtime_s: float = 5.0  # how long a churned peer stays away before rejoining
@@ -268,6 +271,8 @@ def _check_aggregation(s: Scenario) -> None:
         "threshold",
         f"must be in 2..group_size ({s.group_size}), got {s.threshold}",
     )
+    _require(s.session_kind in SESSION_DRIVERS, "session_kind",
+             f"must be one of {', '.join(SESSION_DRIVERS)}, got {s.session_kind!r}")
 
 
 def _check_faults(s: Scenario) -> None:
@@ -502,7 +507,8 @@ def scenario_summary(s: Scenario) -> list[tuple[str, str]]:
         ),
         (
             "Aggregation",
-            f"groups of {s.group_size}, threshold {s.threshold}, top-k {s.topk_fraction:.1%}",
+            f"groups of {s.group_size}, threshold {s.threshold}, top-k {s.topk_fraction:.1%}, "
+            f"{s.session_kind} sessions",
         ),
         ("Faults", "; ".join(faults) or "none"),
         ("Broker", broker),

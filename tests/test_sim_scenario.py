@@ -179,3 +179,17 @@ def test_resolve_model_picks_cnn_for_28x28_images_only() -> None:
     assert resolve_model("auto", (8, 8)) == "mlp"
     assert resolve_model("auto", (784,)) == "mlp"
     assert resolve_model("mlp", (28, 28)) == "mlp"
+
+
+def test_session_kind_reaches_the_simulated_nodes() -> None:
+    from sim.cli import build_parser, scenario_from_args
+    from sim.setup import node_config
+
+    masked = scenario_from_args(build_parser().parse_args(["--session-kind", "masked"]))
+    assert masked.session_kind == "masked"
+    assert node_config(masked).session_kind == "masked"
+    assert node_config(scenario_from_args(build_parser().parse_args([]))).session_kind == (
+        "shamir")
+    with pytest.raises(ScenarioError) as info:
+        scenario_from_args(build_parser().parse_args(["--session-kind", "plain"]))
+    assert info.value.key == "session_kind"
