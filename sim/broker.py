@@ -181,6 +181,69 @@ class EmbeddedBroker:
         await self.stop()
 
 
+def mosquitto_bridge_config(
+    name: str,
+    host: str,
+    port: int,
+    *,
+    topic: str = "murmur/#",
+    qos: int = 1,
+    restart_timeout_s: int = 1,
+) -> str:
+    """The mosquitto.conf(5) stanza that bridges the broker it is appended to (the *local*
+    broker) to the broker at host:port (the *remote* one), for ``topic`` in both directions.
+
+    This is the stanza tests/test_bridge_mosquitto.py runs Murmur over and the one
+    docs/deploy/scaling.md ships. The bridge is a plain MQTT client of the remote broker, so it
+    adds no trust: every Murmur payload is signed and every share sealed end to end, and a
+    bridge can only drop, delay or duplicate messages, which the protocol already survives.
+    No credentials here (loopback test brokers are anonymous); a deployment adds
+    ``remote_username``/``remote_password`` and TLS options to the same stanza.
+    """
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"bridge name must be one word, got {name!r}")
+    if not 0 < port <= 65535:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    if qos not in (0, 1, 2):
+        raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+    if restart_timeout_s < 1:
+        raise ValueError(f"restart_timeout_s must be >= 1, got {restart_timeout_s}")
+    if not topic or any(c.isspace() for c in topic):
+        raise ValueError(f"topic must be one non-empty pattern, got {topic!r}")
+    lines = [
+        # Starts the bridge section; the name also becomes the remote client id
+        # (name.hostname), so two bridges into one broker need two names.
+        f"connection {name}",
+        f"address {host}:{port}",
+        # Both directions, and QoS written out: a bridged topic's QoS defaults to 0, which
+        # would let the bridge lose shares and the retained LEAVE of a will. Murmur publishes
+        # and subscribes with QoS 1 only (docs/protocol.md section 2); QoS 1 may duplicate,
+        # and the replay window drops the copy.
+        f"topic {topic} both {qos}",
+        # Murmur needs only MQTT 3.1.1, which every broker a bridge may point at speaks.
+        "bridge_protocol_version mqttv311",
+        # Tell the remote Mosquitto that this client is a bridge: it then keeps the retain
+        # flag on what it forwards (so retained announcements and wills are retained on both
+        # brokers, and a newcomer on either learns every live peer at once) and does not
+        # echo the bridge's own messages back (loop detection).
+        "try_private true",
+        # A clean session on every bridge (re)connect: QoS 1 messages queued for a bridge
+        # that was down belong to aggregation sessions that have timed out by then (peers use
+        # clean sessions for the same reason), and re-subscribing brings the remote's retained
+        # announcements across again - one per live peer, a burst that stays small.
+        "cleansession true",
+        # No $SYS/broker/connection/... state messages: they are not under murmur/, Murmur
+        # never reads them, and they would need their own ACL lines on both brokers.
+        "notifications false",
+        # Connect when the broker starts and reconnect by itself after a failure...
+        "start_type automatic",
+        # ... after a short constant delay instead of the default backoff (5 s growing to
+        # 30 s, with jitter), so a restarted broker rejoins the network within seconds.
+        f"restart_timeout {restart_timeout_s}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 class MosquittoBroker:
     """A Mosquitto process on a loopback port, with a generated minimal configuration.
 
@@ -189,6 +252,10 @@ class MosquittoBroker:
     which is what broker-restart tests need; with persistence=True retained messages survive
     the restart. Anonymous access on loopback only (see the module docstring for why that is
     acceptable for a simulation).
+
+    ``extra_config`` is appended verbatim after the generated lines, e.g. a bridge stanza from
+    `mosquitto_bridge_config` so that this broker bridges to another one. It goes last
+    because Mosquitto reads every option after a ``connection`` line as part of that bridge.
     """
 
     def __init__(
@@ -198,6 +265,7 @@ class MosquittoBroker:
         binary: Path = DEFAULT_MOSQUITTO_BINARY,
         persistence: bool = False,
         start_timeout_s: float = 10.0,
+        extra_config: str = "",
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {port}")
@@ -206,6 +274,7 @@ class MosquittoBroker:
         self.binary = Path(binary)
         self.persistence = persistence
         self.start_timeout_s = start_timeout_s
+        self.extra_config = extra_config
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
@@ -259,7 +328,11 @@ class MosquittoBroker:
             lines += ["persistence true", f"persistence_location {directory}/"]
         else:
             lines.append("persistence false")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if self.extra_config:
+            text += self.extra_config if self.extra_config.endswith("\n") else (
+                self.extra_config + "\n")
+        return text
 
     async def start(self) -> None:
         if self.running:
