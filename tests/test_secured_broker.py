@@ -288,6 +288,8 @@ class SecuredMosquitto:
         problems = [line for line in self.log_text().splitlines()
                     if ("warning" in line.lower() or "error" in line.lower())
                     and not any(known in line for known in expected)]
+        if problems:
+            await self.stop()  # a failed start must not leave a broker running
         assert not problems, problems
 
     async def stop(self) -> None:
