@@ -24,11 +24,11 @@ from crypto.field import FixedPoint
 from peer import tomlcheck
 from peer.errors import PeerError
 from peer.files import FileReadError, read_small_file
+from peer.network.broker_settings import BrokerSettings
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
 from peer.network.session_driver import SESSION_DRIVERS
-from peer.network.transport import BrokerSettings
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
 

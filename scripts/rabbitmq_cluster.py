@@ -61,6 +61,7 @@ from peer.network.node import NodeConfig, Peer, PeerEvent
 from peer.network.session import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim.broker import LOOPBACK, free_loopback_port
+from sim.idle_peer import spawn_idle_peer, write_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's rabbitmq-server package
@@ -380,44 +381,14 @@ async def times_until(predicates: dict[str, Callable[[], bool]], timeout_s: floa
         await asyncio.sleep(0.05)
 
 
-# An idle peer in its own process (no training, another model id so nobody groups with it):
-# the scenario SIGKILLs it, and the node it was connected to publishes its signed will.
-_VICTIM = textwrap.dedent("""
-    import asyncio, sys
-    from crypto.admission import Certificate
-    from crypto.identity import Identity
-    from peer.network.node import NodeConfig, Peer
-    from peer.network.transport import BrokerSettings
-    url, net, ident_path, cert_path, adm_hex = sys.argv[1:6]
-    class Idle:
-        model_id, param_count = "idle-victim", 1
-        def train_round(self): raise RuntimeError("unused")
-        def apply_update(self, i, v): pass
-        def evaluate(self): return 0.0
-        def save_checkpoint(self): pass
-    async def main():
-        peer = Peer(identity=Identity.load(ident_path),
-                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
-                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
-                    trainer=Idle(), broker=BrokerSettings(url=url),
-                    config=NodeConfig(announce_interval_s=float(sys.argv[6]),
-                                      silence_expiry_s=600.0, train=False, auto_start=False))
-        await peer.run(asyncio.Event())
-    asyncio.run(main())
-""")
-
-
 def start_victim(swarm: Swarm, url: str, workdir: Path) -> subprocess.Popen[bytes]:
-    ident = Identity.generate("victim")
-    ident.save(workdir / "victim.key")
-    cert = swarm.admission.issue(ident.public, valid_for_s=3600, now=time.time())
-    (workdir / "victim.cert").write_bytes(cert.to_bytes())
-    return subprocess.Popen(
-        [sys.executable, "-c", _VICTIM, url, NET, str(workdir / "victim.key"),
-         str(workdir / "victim.cert"), swarm.admission.public_key.hex(),
-         str(swarm.config.announce_interval_s)],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+    # An idle peer in its own process, under another model id so nobody groups with it: the
+    # scenario SIGKILLs it, and the node it was connected to publishes its signed will.
+    key_file, cert_file = write_identity(swarm.admission, "victim", workdir)
+    return spawn_idle_peer(url, NET, key_file, cert_file, swarm.admission.public_key.hex(),
+                           model_id="idle-victim", param_count=1,
+                           announce_interval_s=swarm.config.announce_interval_s,
+                           silence_expiry_s=600.0, stderr=subprocess.DEVNULL, new_session=True)
 
 
 async def run_murmur(cluster: RabbitCluster, args: argparse.Namespace, rows: list[Row]) -> None:

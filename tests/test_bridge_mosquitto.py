@@ -24,8 +24,6 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -34,17 +32,16 @@ import aiomqtt
 import pytest
 
 from crypto.admission import AdmissionKey
-from crypto.identity import Identity
 from peer.network.node import Peer
 from protocol import messages as m
 from protocol.codec import decode_message
 from protocol.topics import announce_filter, announce_topic
 from sim.broker import LOOPBACK, MosquittoBroker, mosquitto_bridge_config
+from sim.idle_peer import spawn_idle_peer, write_identity
 from tests.conftest import require_mosquitto, wait_until
 from tests.test_node_mosquitto import (
     FAST,
     NET,
-    ROOT,
     Network,
     Sniffer,
     check_group_sums,
@@ -186,40 +183,6 @@ async def _close(*nets: Network, timeout_s: float = 30.0) -> None:
         task.result()  # a peer that crashed fails the test
 
 
-# A peer in its own process on broker B, idle (no training): the test SIGKILLs it, so B
-# publishes the last will it signed for that connection.
-_VICTIM = textwrap.dedent(
-    """
-    import asyncio, sys
-    from crypto.admission import Certificate
-    from crypto.identity import Identity
-    from peer.network.node import NodeConfig, Peer
-    from peer.network.transport import BrokerSettings
-
-    url, net, ident_path, cert_path, adm_hex, model_id, param_count = sys.argv[1:8]
-
-    class Idle:
-        model_id = sys.argv[6]
-        param_count = int(sys.argv[7])
-        def train_round(self): raise RuntimeError("unused")
-        def apply_update(self, i, v): pass
-        def evaluate(self): return 0.0
-        def save_checkpoint(self): pass
-
-    async def main():
-        peer = Peer(identity=Identity.load(ident_path),
-                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
-                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
-                    trainer=Idle(), broker=BrokerSettings(url=url),
-                    config=NodeConfig(announce_interval_s=600.0, silence_expiry_s=1800.0,
-                                      train=False))
-        await peer.run(asyncio.Event())
-
-    asyncio.run(main())
-    """
-)
-
-
 # ---------------------------------------------------------------------------- the bridge
 def test_bridge_stanza_is_checked() -> None:
     stanza = mosquitto_bridge_config("x", LOOPBACK, 1883).splitlines()
@@ -284,18 +247,12 @@ async def test_murmur_across_two_bridged_brokers(bridged, make_trainer, tmp_path
                              "two completed sessions with members on both brokers")
 
             # --- (c) a peer on B killed: its signed will crosses the bridge ---------------
-            victim = Identity.generate("victim")
-            victim.save(tmp_path / "victim.key")
-            cert = admission.issue(victim.public, valid_for_s=3600, now=time.time())
-            (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
+            # An idle peer in its own process on B; SIGKILLed, B publishes its signed will.
+            key_file, cert_file = write_identity(admission, "victim", tmp_path)
             trainer = on_a.peers[0].trainer
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _VICTIM, b.url, NET, str(tmp_path / "victim.key"),
-                 str(tmp_path / "victim.cert"), admission.public_key.hex(), trainer.model_id,
-                 str(trainer.param_count)],
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
+            proc = spawn_idle_peer(b.url, NET, key_file, cert_file, admission.public_key.hex(),
+                                   model_id=trainer.model_id, param_count=trainer.param_count,
+                                   announce_interval_s=600.0, silence_expiry_s=1800.0)
             await wait_until(lambda: all(p.membership.get("victim") is not None
                                          for p in everyone), 30,
                              "every peer to see the victim on B")

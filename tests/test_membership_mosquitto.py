@@ -10,62 +10,27 @@ genuine will of the current connection still removes a peer that died.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import aiomqtt
 import pytest
 
+from crypto.admission import Certificate
 from crypto.identity import Identity
 from peer.daemon import build_peer
 from peer.network.transport import BrokerSettings
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message
 from protocol.topics import announce_topic
+from sim.idle_peer import spawn_idle_peer, write_identity
 from tests.conftest import wait_until
-from tests.test_node_mosquitto import FAST, NET, ROOT, Sniffer, make_trainer, start_network
+from tests.test_node_mosquitto import FAST, NET, Sniffer, make_trainer, start_network
 
 __all__ = ["make_trainer"]  # the fixture, imported for pytest
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(150)]
-
-# A first incarnation of the victim: connects, announces, and is SIGKILLed by the test, so the
-# broker publishes the will it signed for that connection.
-_FIRST_LIFE = textwrap.dedent(
-    """
-    import asyncio, sys
-    from crypto.admission import Certificate
-    from crypto.identity import Identity
-    from peer.network.node import NodeConfig, Peer
-    from peer.network.transport import BrokerSettings
-
-    url, net, ident_path, cert_path, adm_hex, model_id, param_count = sys.argv[1:8]
-
-    class Idle:
-        model_id = sys.argv[6]
-        param_count = int(sys.argv[7])
-        def train_round(self): raise RuntimeError("unused")
-        def apply_update(self, i, v): pass
-        def evaluate(self): return 0.0
-        def save_checkpoint(self): pass
-
-    async def main():
-        peer = Peer(identity=Identity.load(ident_path),
-                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
-                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
-                    trainer=Idle(), broker=BrokerSettings(url=url),
-                    config=NodeConfig(announce_interval_s=2.0, train=False))
-        await peer.run(asyncio.Event())
-
-    asyncio.run(main())
-    """
-)
-
 
 def _is_leave_of(payload: bytes, peer_id: str) -> bool:
     if not payload:
@@ -76,22 +41,18 @@ def _is_leave_of(payload: bytes, peer_id: str) -> bool:
 
 async def test_only_the_peer_itself_can_leave(mosquitto, make_trainer, tmp_path: Path) -> None:
     net = await start_network(mosquitto.url, 3, make_trainer)
-    victim = Identity.generate("victim")
-    victim.save(tmp_path / "victim.key")
-    cert = net.admission.issue(victim.public, valid_for_s=3600, now=time.time())
-    (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
+    # A first incarnation of the victim (an idle peer process) is SIGKILLed by the test, so
+    # the broker publishes the will it signed for that connection.
+    key_file, cert_file = write_identity(net.admission, "victim", tmp_path)
+    victim, cert = Identity.load(key_file), Certificate.from_bytes(cert_file.read_bytes())
     topic = announce_topic(NET, victim.peer_id)
     trainer = net.peers[0].trainer
     async with Sniffer(mosquitto.url) as sniffer:
         try:
             # --- first life: the will of the connection that died removes the victim ----------
-            proc = subprocess.Popen(
-                [sys.executable, "-c", _FIRST_LIFE, mosquitto.url, NET,
-                 str(tmp_path / "victim.key"), str(tmp_path / "victim.cert"),
-                 net.admission.public_key.hex(), trainer.model_id, str(trainer.param_count)],
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
+            proc = spawn_idle_peer(mosquitto.url, NET, key_file, cert_file,
+                                   net.admission.public_key.hex(), model_id=trainer.model_id,
+                                   param_count=trainer.param_count, announce_interval_s=2.0)
             try:
                 await wait_until(lambda: all(p.membership.get("victim") is not None
                                              for p in net.peers), 30, "the victim's first life")
