@@ -45,7 +45,6 @@ from crypto import masking
 from crypto.errors import CryptoError, SealError
 from crypto.field import PRIME, field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
-from peer.errors import DroppedError
 from peer.network import masked_messages as mm
 from peer.network.masked_messages import MaskedHeader as Header
 from peer.network.masked_messages import MaskedKind as Kind
@@ -56,6 +55,10 @@ from peer.network.session import (
     Role,
     Session,
     SessionContext,
+    SessionDrop,
+    answer_indices,
+    check_answer,
+    group_decided,
     validate_indices,
 )
 from protocol import messages as m
@@ -78,8 +81,7 @@ class MaskedPhase(Enum):
     ABORTED = "aborted"
 
 
-class _Drop(DroppedError):
-    """Internal: refuse one inbound message with a counted reason."""
+_Drop = SessionDrop
 
 
 @dataclass
@@ -267,22 +269,16 @@ class MaskedSession:
 
     # initiator: group formation -------------------------------------------
     def _on_accept(self, sender: str, body: mm.Accept, now: float) -> MaskedStep:
-        if sender not in self.invited:
-            raise _Drop("not_invited")
-        if sender in self.accepted or sender in self.declined:
-            raise _Drop("duplicate_answer")
-        try:
-            idx = validate_indices(body.indices, self.ctx.params.param_count)
-        except ValueError as exc:
-            raise _Drop("bad_indices") from exc
+        check_answer(sender, self.invited, self.accepted, self.declined)
+        idx = answer_indices(body.indices, self.ctx.params.param_count)
         public = bytes(body.ephemeral_public)
         assert self._key is not None
         known = {self._key.public} | {pub for _, pub in self.accepted.values()}
         if len(public) != mm.EPHEMERAL_PUBLIC_BYTES or public in known:
             raise _Drop("bad_ephemeral_key")
         self.accepted[sender] = (idx, public)
-        if len(self.accepted) >= self.group_size - 1 or (
-                len(self.accepted) + len(self.declined) >= len(self.invited)):
+        if group_decided(len(self.accepted), len(self.declined), len(self.invited),
+                         self.group_size):
             return self._fix_members(now)
         return MaskedStep()
 

@@ -32,7 +32,7 @@ Security properties (docs/sessions.md gives the full threat model):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -179,8 +179,11 @@ class GroupResult:
     filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
 
 
-class _Drop(DroppedError):
-    """Internal: refuse one inbound message with a counted reason."""
+class SessionDrop(DroppedError):
+    """Refuse one inbound message of a session with a counted reason (both session kinds)."""
+
+
+_Drop = SessionDrop
 
 
 def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
@@ -193,6 +196,29 @@ def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
     if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):
         raise ValueError("index set must be sorted and unique")
     return idx
+
+
+def check_answer(sender: str, invited: Sequence[str], accepted: Mapping[str, object],
+                 declined: Set[str]) -> None:
+    """An initiator's check of an invitee's ACCEPT or DECLINE: SessionDrop unless ``sender``
+    was invited and has not answered yet (both session kinds)."""
+    if sender not in invited:
+        raise SessionDrop("not_invited")
+    if sender in accepted or sender in declined:
+        raise SessionDrop("duplicate_answer")
+
+
+def answer_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
+    """An ACCEPT's index set, checked (:func:`validate_indices`); SessionDrop ``bad_indices``."""
+    try:
+        return validate_indices(indices, param_count)
+    except ValueError as exc:
+        raise SessionDrop("bad_indices") from exc
+
+
+def group_decided(accepted: int, declined: int, invited: int, group_size: int) -> bool:
+    """Whether an initiator can fix its group: g − 1 accepted, or every invitee answered."""
+    return accepted >= group_size - 1 or accepted + declined >= invited
 
 
 class Session:
@@ -415,28 +441,18 @@ class Session:
 
     # initiator ---------------------------------------------------------
     def _on_accept(self, sender: str, body: m.Accept, now: float) -> Step:
-        if sender not in self.invited:
-            raise _Drop("not_invited")
-        if sender in self.accepted or sender in self.declined:
-            raise _Drop("duplicate_answer")
-        try:
-            idx = validate_indices(body.indices, self.ctx.params.param_count)
-        except ValueError as exc:
-            raise _Drop("bad_indices") from exc
-        self.accepted[sender] = idx
+        check_answer(sender, self.invited, self.accepted, self.declined)
+        self.accepted[sender] = answer_indices(body.indices, self.ctx.params.param_count)
         return self._maybe_fix_members(now)
 
     def _on_decline(self, sender: str, now: float) -> Step:
-        if sender not in self.invited:
-            raise _Drop("not_invited")
-        if sender in self.accepted or sender in self.declined:
-            raise _Drop("duplicate_answer")
+        check_answer(sender, self.invited, self.accepted, self.declined)
         self.declined.add(sender)
         return self._maybe_fix_members(now)
 
     def _maybe_fix_members(self, now: float) -> Step:
-        full = len(self.accepted) >= self.group_size - 1
-        if not full and len(self.accepted) + len(self.declined) < len(self.invited):
+        if not group_decided(len(self.accepted), len(self.declined), len(self.invited),
+                             self.group_size):
             return Step()
         return self._fix_members(now)
 
