@@ -31,8 +31,8 @@ Rules, and why:
   deviation and remaps labels per file; for blocks that would give every block a different
   input distribution and label mapping, and it would reveal each block's statistics outside
   the DP guarantee. The device should scale features by fixed constants (as pixels / 255).
-  This is also why blocks use their own small reader instead of ``data._load_npz`` (which
-  reads a path, not the bytes that were hashed).
+  This is also why blocks have their own checks (:func:`parse_block_file`) around the shared
+  archive reader ``data.read_npz_arrays``, fed with the bytes that were hashed, not the path.
 * **Bounded memory**: examining a pending file holds that one file; loading a block holds the
   block plus one file. The source keeps only names, stat keys and digests.
 """
@@ -44,14 +44,13 @@ import io
 import logging
 import os
 import stat
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from peer.training.block_ledger import BlockFile, BlockLedgers
-from peer.training.data import DataError, Dataset
+from peer.training.data import DataError, Dataset, read_npz_arrays
 
 __all__ = [
     "BlockChangedError",
@@ -131,19 +130,7 @@ def _file_sha256(path: Path) -> str:
 def parse_block_file(where: str, data: bytes, input_shape: tuple[int, ...] | None,
                      num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(x float32, y int64) from the bytes of one ``.npz``; DataError naming ``where``."""
-    try:
-        archive = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{where}: cannot read .npz ({exc})") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{where}: not an .npz archive (a single .npy array?)")
-    with archive:
-        if "x" not in archive.files or "y" not in archive.files:
-            raise DataError(f"{where}: .npz must hold arrays 'x' (features) and 'y' (labels)")
-        try:
-            x, y = archive["x"], archive["y"]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{where}: cannot read arrays from .npz ({exc})") from exc
+    x, y, _declared = read_npz_arrays(io.BytesIO(data), where)
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise DataError(f"{where}: need x [N, features...] and y [N], N >= 1; got {x.shape} "
                         f"and {y.shape}")

@@ -19,6 +19,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -263,24 +264,31 @@ def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarr
     return features, labels
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(x, y, declared num_classes or None); see :func:`load_table` for ``num_classes``."""
+def read_npz_arrays(source: Path | BinaryIO, where: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(x, y, the ``num_classes`` array or None) of an ``.npz`` file or open byte stream,
+    unchecked beyond being there; DataError naming ``where`` for anything unreadable."""
     try:
-        archive = np.load(path, allow_pickle=False)
+        archive = np.load(source, allow_pickle=False)
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
+        raise DataError(f"{where}: file not found") from exc
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: cannot read .npz ({exc})") from exc
+        raise DataError(f"{where}: cannot read .npz ({exc})") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+        raise DataError(f"{where}: not an .npz archive (a single .npy array?)")
     with archive:
         if "x" not in archive.files or "y" not in archive.files:
-            raise DataError(f"{path}: .npz must hold arrays 'x' (features) and 'y' (labels)")
+            raise DataError(f"{where}: .npz must hold arrays 'x' (features) and 'y' (labels)")
         try:
-            x, y = archive["x"], archive["y"]
             declared = archive["num_classes"] if "num_classes" in archive.files else None
+            return archive["x"], archive["y"], declared
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path}: cannot read arrays from .npz ({exc})") from exc
+            raise DataError(f"{where}: cannot read arrays from .npz ({exc})") from exc
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(x, y, declared num_classes or None); see :func:`load_table` for ``num_classes``."""
+    x, y, declared = read_npz_arrays(path, str(path))
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{path}: need x [N, features...] and y [N], got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number):
