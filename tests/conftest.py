@@ -16,11 +16,14 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
 from sim.broker import EmbeddedBroker, MosquittoBroker
+
+REPO = Path(__file__).resolve().parent.parent
 
 if TYPE_CHECKING:
     from peer.training.data import Dataset
@@ -55,6 +58,41 @@ def wait_until_sync(predicate: Callable[[], bool], timeout_s: float, what: str,
 
 
 # ------------------------------------------------------------------------------ brokers
+def run_child_and_kill(script: str, args: list[str], min_lines: int,
+                       timeout_s: float = 120.0) -> list[dict]:
+    """Run ``python -c script args`` (one torch thread, the repo on the path), read the JSON
+    lines it prints until ``min_lines`` arrived, SIGKILL it at once (so the kill lands inside
+    whatever it does next), and return every line it printed."""
+    import json
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(lines) < min_lines:
+            assert time.monotonic() < deadline, "child produced too few lines in time"
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                text = proc.stdout.readline()
+                assert text, f"child exited early: {proc.stderr.read()}"
+                lines.append(json.loads(text))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    lines.extend(json.loads(t) for t in proc.stdout.read().splitlines() if t.strip())
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return lines
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 

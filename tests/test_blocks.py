@@ -10,11 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +34,10 @@ from peer.training.checkpoint import load_checkpoint
 from peer.training.data import DataError, Dataset
 from peer.training.ledger import LedgerError, PrivacyLedger
 from peer.training.trainer import LocalTrainer, TrainerConfig
+from tests.conftest import run_child_and_kill
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
-REPO = Path(__file__).resolve().parent.parent
 MIN_RECORDS = 300
 BUDGET = 7.0
 # sigma 1, q = 64/404, 10 steps a round: epsilon 4.2, 5.4, 6.4 after rounds 1-3 and 7.3 after
@@ -337,29 +332,7 @@ while True:
 
 def run_and_kill(blocks_dir: Path, state_dir: Path, min_rounds: int) -> list[dict]:
     """Start a training child, SIGKILL it mid-run after ``min_rounds`` rounds."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(blocks_dir), str(state_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO)
-    lines: list[dict] = []
-    deadline = time.monotonic() + 120
-    try:
-        while len(lines) < min_rounds:
-            assert time.monotonic() < deadline, "child produced no rounds in time"
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                text = proc.stdout.readline()
-                assert text, f"child exited early: {proc.stderr.read()}"
-                lines.append(json.loads(text))
-        # No pause: the kill lands inside the next round (before or after its ledger write).
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    lines.extend(json.loads(t) for t in proc.stdout.read().splitlines() if t.strip())
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return lines
+    return run_child_and_kill(CHILD, [str(blocks_dir), str(state_dir)], min_rounds)
 
 
 def test_block_ledgers_restore_exactly_after_sigkill(tmp_path: Path, digits) -> None:

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.training.privacy.accountant import epsilon
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import run_child_and_kill
 
 CHILD = """
 import json, sys
@@ -38,35 +31,7 @@ while True:
 
 def run_and_kill(state_dir: Path, min_rounds: int) -> list[dict]:
     """Start a training child, SIGKILL it mid-run after ``min_rounds`` rounds, return its lines."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(state_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    lines: list[dict] = []
-    deadline = time.monotonic() + 120
-    try:
-        while len(lines) < min_rounds:
-            assert time.monotonic() < deadline, "child produced no rounds in time"
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                text = proc.stdout.readline()
-                assert text, f"child exited early: {proc.stderr.read()}"
-                lines.append(json.loads(text))
-        # No pause: the child starts its next round as soon as it has printed a line, so the
-        # kill lands inside that round (before or after its ledger write, as it happens).
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    lines.extend(json.loads(t) for t in proc.stdout.read().splitlines() if t.strip())
-    proc.stdout.close()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return lines
+    return run_child_and_kill(CHILD, [str(state_dir)], min_rounds)
 
 
 def test_ledger_survives_sigkill_and_resumes_exactly(tmp_path: Path, digits) -> None:
