@@ -30,7 +30,7 @@ from peer.network.transport import BrokerSettings
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-class _Idle:
+class IdleTrainer:
     """A trainer stand-in that is never asked to train (``NodeConfig(train=False)``)."""
 
     def __init__(self, model_id: str, param_count: int) -> None:
@@ -76,10 +76,11 @@ def spawn_idle_peer(url: str, network: str, key: Path, cert: Path, admission_hex
 
 
 async def _run(args: argparse.Namespace) -> None:
-    peer = Peer(identity=Identity.load(args.key), certificate=Certificate.from_bytes(
-                    Path(args.cert).read_bytes()),
+    peer = Peer(identity=Identity.load(args.key),
+                certificate=Certificate.from_bytes(Path(args.cert).read_bytes()),
                 admission_public_key=bytes.fromhex(args.admission_hex), network_id=args.network,
-                trainer=_Idle(args.model_id, args.param_count), broker=BrokerSettings(args.url),
+                trainer=IdleTrainer(args.model_id, args.param_count),
+                broker=BrokerSettings(args.url),
                 config=NodeConfig(announce_interval_s=args.announce_interval,
                                   silence_expiry_s=args.silence_expiry, train=False,
                                   auto_start=False))

@@ -13,11 +13,8 @@ The harness is tests/test_node_mosquitto.py's.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,14 +22,15 @@ import numpy as np
 import pytest
 
 from crypto.field import FixedPoint
-from crypto.identity import Identity
 from peer.network import masked_messages as mm
 from peer.network.node import NodeConfig
 from peer.network.session_driver import MASKED_MODEL_SUFFIX
 from protocol import messages as m
 from protocol.codec import decode_message
 from protocol.topics import parse_topic
+from sim.idle_peer import write_identity
 from tests.conftest import wait_until
+from tests.dying_peer import spawn_dying_peer, victim_update
 from tests.test_node_mosquitto import (  # noqa: F401  (make_trainer is a fixture)
     FAST,
     NET,
@@ -129,86 +127,23 @@ async def test_five_masked_peers_agree_and_send_one_vector_each(
     assert checked == complete
 
 
-_VICTIM = textwrap.dedent(
-    """
-    import asyncio, os, signal, sys
-    import numpy as np
-    from crypto.admission import Certificate
-    from crypto.identity import Identity
-    from peer.network.node import NodeConfig, Peer
-    from peer.network.session import SessionTimeouts
-    from peer.network.transport import BrokerSettings
-    from protocol.codec import decode_message
-    from protocol import messages as m
-
-    url, net, ident_path, cert_path, adm_hex, model_id, param_count, g, t, seed = sys.argv[1:11]
-    param_count = int(param_count)
-
-    class Vectors:
-        def __init__(self):
-            self.param_count = param_count
-            self.model_id = model_id
-        def train_round(self):
-            raise RuntimeError("unused")
-        def apply_update(self, i, v):
-            pass
-        def evaluate(self):
-            return 0.0
-        def save_checkpoint(self):
-            pass
-
-    async def main():
-        config = NodeConfig(group_size=int(g), threshold=int(t), session_kind="masked",
-                            timeouts=SessionTimeouts(1.0, 2.0, 2.0, 2.0),
-                            announce_interval_s=2.0, train=False, auto_start=False,
-                            tick_s=0.02)
-        peer = Peer(identity=Identity.load(ident_path),
-                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
-                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
-                    trainer=Vectors(), broker=BrokerSettings(url=url), config=config)
-        publish = peer.transport.publish
-
-        async def publish_then_die(topic, payload, retain=False):
-            await publish(topic, payload, retain=retain)
-            if payload and decode_message(payload).header.kind is m.Kind.MASKED:
-                print("KILLED", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)  # its MASKED is out, nothing after it
-
-        peer.transport.publish = publish_then_die
-        rng = np.random.default_rng(int(seed))
-        idx = np.sort(rng.choice(param_count, size=40, replace=False)).astype(np.uint32)
-        peer.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32))
-        await peer.run(asyncio.Event())
-
-    asyncio.run(main())
-    """
-)
 VICTIM_SEED = 5
 
 
 def victim_vector(param_count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The victim's update, drawn as the victim script draws it."""
-    rng = np.random.default_rng(VICTIM_SEED)
-    idx = np.sort(rng.choice(param_count, size=40, replace=False)).astype(np.uint32)
-    return idx, rng.normal(0, 0.05, idx.size).astype(np.float32)
+    """The victim's update (tests/dying_peer.py draws it the same way)."""
+    return victim_update(param_count, VICTIM_SEED, 40, 0.05)
 
 
 def start_victim(net: Network, tmp_path: Path, config: NodeConfig) -> subprocess.Popen[bytes]:
-    ident = Identity.generate("victim")
-    ident.save(tmp_path / "victim.key")
-    cert = net.admission.issue(ident.public, valid_for_s=3600, now=time.time())
-    (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
-    script = tmp_path / "victim.py"
-    script.write_text(_VICTIM)
+    """A masked peer in its own process that SIGKILLs itself once its MASKED is out."""
+    key_file, cert_file = write_identity(net.admission, "victim", tmp_path)
     trainer = net.peers[0].trainer
-    return subprocess.Popen(
-        [sys.executable, str(script), net.url, NET, str(tmp_path / "victim.key"),
-         str(tmp_path / "victim.cert"), net.admission.public_key.hex(), trainer.model_id,
-         str(trainer.param_count), str(config.group_size), str(config.threshold),
-         str(VICTIM_SEED)],
-        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    return spawn_dying_peer(
+        net.url, NET, key_file, cert_file, net.admission.public_key.hex(), trainer.model_id,
+        trainer.param_count, "--die-after", "MASKED", "--session-kind", "masked",
+        "--group", str(config.group_size), "--threshold", str(config.threshold),
+        "--seed", str(VICTIM_SEED), "--coords", "40", "--scale", "0.05")
 
 
 @pytest.mark.parametrize(("group_size", "threshold", "peers", "tolerated"),

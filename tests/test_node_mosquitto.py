@@ -13,9 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +33,9 @@ from peer.sharing import DeltaSharing
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message
 from protocol.topics import announce_topic, direct_topic
+from sim.idle_peer import write_identity
 from tests.conftest import wait_until
+from tests.dying_peer import spawn_dying_peer
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
 
@@ -279,79 +278,16 @@ async def test_broker_restart_mid_run(mosquitto, make_trainer) -> None:
     check_group_sums(net, min_complete=1)
 
 
-_VICTIM = textwrap.dedent(
-    """
-    import asyncio, os, signal, sys, time
-    import numpy as np
-    from crypto.admission import Certificate
-    from crypto.identity import Identity
-    from peer.network.node import NodeConfig, Peer
-    from peer.network.session import SessionTimeouts
-    from peer.network.transport import BrokerSettings
-    from protocol.codec import decode_message
-    from protocol import messages as m
-
-    url, net, ident_path, cert_path, adm_hex, model_id, param_count = sys.argv[1:8]
-    param_count = int(param_count)
-
-    class Vectors:
-        def __init__(self):
-            self.param_count = param_count
-            self.model_id = model_id
-        def train_round(self):
-            raise RuntimeError("unused")
-        def apply_update(self, i, v):
-            pass
-        def evaluate(self):
-            return 0.0
-        def save_checkpoint(self):
-            pass
-
-    async def main():
-        peer = Peer(identity=Identity.load(ident_path),
-                    certificate=Certificate.from_bytes(open(cert_path, "rb").read()),
-                    admission_public_key=bytes.fromhex(adm_hex), network_id=net,
-                    trainer=Vectors(), broker=BrokerSettings(url=url),
-                    config=NodeConfig(timeouts=SessionTimeouts(1.0, 2.0, 2.0, 2.0),
-                                      announce_interval_s=2.0, train=False,
-                                      start_jitter_s=0.2, tick_s=0.02))
-        publish = peer.transport.publish
-
-        async def publish_then_die(topic, payload, retain=False):
-            if payload and decode_message(payload).header.kind is m.Kind.PARTIAL:
-                print("KILLED", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)  # shares are out, partial never leaves
-            await publish(topic, payload, retain=retain)
-
-        peer.transport.publish = publish_then_die
-        rng = np.random.default_rng(3)
-        idx = np.sort(rng.choice(param_count, size=max(4, param_count // 10), replace=False))
-        peer.offer_update(idx.astype(np.uint32), rng.normal(0, 0.01, idx.size).astype(np.float32))
-        await peer.run(asyncio.Event())
-
-    asyncio.run(main())
-    """
-)
-
-
 async def test_member_killed_after_its_shares_are_out(mosquitto, make_trainer,
                                                       tmp_path: Path) -> None:
     net = await start_network(mosquitto.url, 4, make_trainer)
     victim_id = "victim"
-    ident = Identity.generate(victim_id)
-    ident.save(tmp_path / "victim.key")
-    cert = net.admission.issue(ident.public, valid_for_s=3600, now=time.time())
-    (tmp_path / "victim.cert").write_bytes(cert.to_bytes())
-    script = tmp_path / "victim.py"
-    script.write_text(_VICTIM)
+    key_file, cert_file = write_identity(net.admission, victim_id, tmp_path)
     trainer = net.peers[0].trainer
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
-        [sys.executable, str(script), mosquitto.url, NET, str(tmp_path / "victim.key"),
-         str(tmp_path / "victim.cert"), net.admission.public_key.hex(), trainer.model_id,
-         str(trainer.param_count)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    proc = spawn_dying_peer(
+        mosquitto.url, NET, key_file, cert_file, net.admission.public_key.hex(),
+        trainer.model_id, trainer.param_count, "--die-before", "PARTIAL", "--auto-start",
+        "--coords", str(max(4, trainer.param_count // 10)), "--scale", "0.01")
     try:
         await wait_until(lambda: proc.poll() is not None, 60,
                          "the victim to join a session and be killed")
