@@ -51,11 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peer.training.data import load_fashion_mnist
 from peer.training.dpsgd import DPSGDStep, poisson_batch
-from peer.training.models import build_model, param_count
+from peer.training.models import build_model, param_count, seeded_init
 from peer.training.optim import SGD
 from peer.training.privacy.accountant import DEFAULT_ACCOUNTANT, sigma_for
 from peer.training.privacy.accountant import epsilon as dp_epsilon
-from peer.training.trainer import _seeded_init
 
 DELTA = 1e-5
 CLIP = 0.1
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for lr in [float(v) for v in args.linear_lrs.split(",")]:
         head = nn.Linear(dim, 10)
-        _seeded_init(head, 0)
+        seeded_init(head, 0)
         stats = train_dp(head, f_train, y_train, target_epsilon=args.epsilon,
                          batch_size=args.linear_batch, epochs=args.linear_epochs, lr=lr,
                          accountant=args.accountant)
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_row(rows[-1])
 
     cnn = build_model("cnn", (1, 28, 28), 10)
-    _seeded_init(cnn, 0)
+    seeded_init(cnn, 0)
     stats = train_dp(cnn, x_train, y_train, target_epsilon=args.epsilon,
                      batch_size=args.cnn_batch, epochs=args.cnn_epochs, lr=args.cnn_lr,
                      accountant=args.accountant)

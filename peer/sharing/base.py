@@ -30,6 +30,26 @@ from peer.sharing.topk import TopK
 SparseVector = tuple[np.ndarray, np.ndarray]  # (uint32 sorted unique indices, float32 values)
 
 
+def checked_sparse(indices: np.ndarray, values: np.ndarray, size: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, float32 values) of a sparse vector over ``size`` coordinates, checked.
+
+    ValueError on arrays that are not 1-D and of equal length, non-integer or out-of-range
+    indices, or non-finite values (what a merge must never add to a model).
+    """
+    index_array = np.asarray(indices)
+    value_array = np.asarray(values, dtype=np.float32)
+    if index_array.ndim != 1 or value_array.ndim != 1 or len(index_array) != len(value_array):
+        raise ValueError("indices and values must be 1-D and of equal length")
+    if not np.issubdtype(index_array.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got {index_array.dtype}")
+    if len(index_array) and (int(index_array.min()) < 0 or int(index_array.max()) >= size):
+        raise ValueError(f"index out of range 0..{size - 1}")
+    if not np.all(np.isfinite(value_array)):
+        raise ValueError("update values must be finite")
+    return index_array, value_array
+
+
 class SharingStrategy(ABC):
     """One way of sharing; subclasses are registered by name in :mod:`peer.sharing`."""
 

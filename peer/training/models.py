@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 from torch import nn
 
 from peer.errors import PeerError
@@ -143,3 +144,26 @@ def split_frozen(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
 def param_count(model: nn.Module) -> int:
     """Number of trainable scalar parameters (the length of the flat update vector)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def seeded_init(model: nn.Module, seed: int) -> None:
+    """Deterministic PyTorch-default-style init from a local generator (no global RNG): every
+    peer of a network starts from the same weights for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                module.weight.uniform_(-bound, bound, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-bound, bound, generator=generator)
+
+
+def configure_torch_threads(threads: int) -> None:
+    """Set torch's intra-op thread count (process-wide: call once, from the main thread).
+
+    Several peers in one process should use 1 each, or the cores thrash.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)

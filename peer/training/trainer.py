@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from peer.sharing import SharingStrategy, build_strategy
+from peer.sharing.base import checked_sparse
 from peer.training.block_ledger import BlockLedgers, newest_ledgers
 from peer.training.block_schedule import BlockSchedule
 from peer.training.blocks import BlockSource, BlockStatus, open_block_source
@@ -53,7 +52,13 @@ from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
 from peer.training.dpsgd import DPSGDStep, poisson_batch
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
-from peer.training.models import build_model, param_count, split_frozen
+from peer.training.models import (
+    build_model,
+    configure_torch_threads,
+    param_count,
+    seeded_init,
+    split_frozen,
+)
 from peer.training.optim import SGD, Adam, Optimizer
 from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
 
@@ -74,16 +79,6 @@ LEDGER_FILE = "ledger.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def configure_torch_threads(threads: int) -> None:
-    """Set torch's intra-op thread count (process-wide: call once, from the main thread).
-
-    Several peers in one process should use 1 each, or the cores thrash.
-    """
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-
-
 @dataclass(frozen=True)
 class LocalUpdate:
     """One round's sparse update: what may leave the peer (post-processing of DP outputs)."""
@@ -94,18 +89,6 @@ class LocalUpdate:
     epsilon: float  # the worst block's epsilon after this round (inf when dp is off)
     round: int  # 1-based round number
     block: int | None = None  # the block this round trained on (None: averaging round)
-
-
-def _seeded_init(model: nn.Module, seed: int) -> None:
-    """Deterministic PyTorch-default-style init from a local generator (no global RNG)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                bound = 1.0 / math.sqrt(module.weight[0].numel())
-                module.weight.uniform_(-bound, bound, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-bound, bound, generator=generator)
 
 
 class LocalTrainer:
@@ -128,7 +111,7 @@ class LocalTrainer:
         self.train_data = train
         self.holdout = holdout
         self.model = build_model(config.model, train.input_shape, train.num_classes)
-        _seeded_init(self.model, config.seed)
+        seeded_init(self.model, config.seed)
         #: Frozen feature prefix (None for mlp/cnn) and the trainable rest (the whole model
         #: when there is no prefix); they share the model's modules.
         self._frozen, self._trainable = split_frozen(self.model)
@@ -406,20 +389,7 @@ class LocalTrainer:
 
         Raises ValueError on out-of-range indices, mismatched lengths or non-finite values.
         """
-        index_array = np.asarray(indices)
-        value_array = np.asarray(values, dtype=np.float32)
-        if index_array.ndim != 1 or value_array.ndim != 1 or len(index_array) != len(
-            value_array
-        ):
-            raise ValueError("indices and values must be 1-D and of equal length")
-        if not np.issubdtype(index_array.dtype, np.integer):
-            raise ValueError(f"indices must be integers, got {index_array.dtype}")
-        if len(index_array) and (
-            int(index_array.min()) < 0 or int(index_array.max()) >= self.param_count
-        ):
-            raise ValueError(f"index out of range 0..{self.param_count - 1}")
-        if not np.all(np.isfinite(value_array)):
-            raise ValueError("update values must be finite")
+        index_array, value_array = checked_sparse(indices, values, self.param_count)
         entry = (
             torch.from_numpy(index_array.astype(np.int64)),
             torch.from_numpy(value_array.copy()),
