@@ -36,3 +36,19 @@ def test_sessions_total_survives_a_restart_and_a_bad_file_only_resets_it(
     for bad in (b"{", b'{"format": 1, "sessions_done": -3}', b'{"format": 2}', b"[]"):
         path.write_bytes(bad)
         assert load_sessions_total(path) == 0
+
+
+def test_state_word_names_the_most_urgent_state() -> None:
+    from peer.network.counters import state_word
+
+    calm = {"stopping": False, "connected": True, "ever_connected": True, "in_session": False,
+            "training": False, "training_failed": False, "budget_spent": False,
+            "can_average": True, "grouped": True}
+    assert state_word(**calm) == "idle"
+    assert state_word(**{**calm, "grouped": False}) == "waiting for peers"
+    assert state_word(**{**calm, "connected": False}) == "offline"
+    assert state_word(**{**calm, "connected": False, "ever_connected": False}) == "connecting"
+    assert state_word(**{**calm, "in_session": True, "training": True}) == "sharing"
+    assert state_word(**{**calm, "budget_spent": True}) == "budget spent: averaging only"
+    assert state_word(**{**calm, "budget_spent": True, "can_average": False}) == "serving only"
+    assert state_word(**{**calm, "stopping": True, "in_session": True}) == "stopped"

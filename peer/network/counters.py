@@ -89,6 +89,25 @@ STATES = (STATE_CONNECTING, STATE_OFFLINE, STATE_WAITING, STATE_TRAINING, STATE_
           STATE_IDLE, STATE_AVERAGING_ONLY, STATE_SERVING_ONLY, STATE_STOPPED)
 
 
+def state_word(*, stopping: bool, connected: bool, ever_connected: bool, in_session: bool,
+               training: bool, training_failed: bool, budget_spent: bool, can_average: bool,
+               grouped: bool) -> str:
+    """The peer's state word (one of :data:`STATES`), the most urgent first."""
+    if stopping:
+        return STATE_STOPPED
+    if not connected:
+        return STATE_OFFLINE if ever_connected else STATE_CONNECTING
+    if in_session:
+        return STATE_SHARING
+    if training:
+        return STATE_TRAINING
+    if training_failed:
+        return STATE_SERVING_ONLY
+    if budget_spent:
+        return STATE_AVERAGING_ONLY if can_average else STATE_SERVING_ONLY
+    return STATE_IDLE if grouped else STATE_WAITING
+
+
 @dataclass(frozen=True)
 class PeerStatus:
     """One peer sampled at one moment: what the status line, the simulation's metrics and its

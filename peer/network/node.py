@@ -50,13 +50,13 @@ from crypto.admission import Certificate
 from crypto.identity import Identity
 from crypto.replay import ReplayWindow
 from peer.errors import DroppedError
-from peer.network import counters as st
 from peer.network.counters import (
     DropCounter,
     PeerStatus,
     SessionCounters,
     load_sessions_total,
     save_sessions_total,
+    state_word,
 )
 from peer.network.inbound import InboundChecks
 from peer.network.membership import MembershipView
@@ -65,7 +65,13 @@ from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
 from peer.network.session import Contribution, GroupResult, Role, SessionContext, SessionParams
 from peer.network.session_driver import AnySession, DriverStep, WireOut, build_driver
-from peer.network.settings import EventCallback, NodeConfig, PeerEvent, Trainer
+from peer.network.settings import (
+    EventCallback,
+    NodeConfig,
+    PeerEvent,
+    Trainer,
+    session_done_data,
+)
 from peer.network.transport import (
     BrokerSettings,
     Incoming,
@@ -207,23 +213,13 @@ class Peer:
         return announce_topic(self.network_id, self.peer_id), payload, True
 
     def _state(self, connected: bool, eligible: int) -> str:
-        if self._stopping:
-            return st.STATE_STOPPED
-        if not connected:
-            return st.STATE_OFFLINE if self._ever_connected else st.STATE_CONNECTING
-        if self.session is not None:
-            return st.STATE_SHARING
         gauges = self.gauges
-        if gauges.training_now:
-            return st.STATE_TRAINING
-        if gauges.training_error is not None:
-            return st.STATE_SERVING_ONLY
-        if gauges.budget_exhausted:
-            return (st.STATE_AVERAGING_ONLY if self.rounds.can_average
-                    else st.STATE_SERVING_ONLY)
-        if not can_form_group(connected, eligible):
-            return st.STATE_WAITING
-        return st.STATE_IDLE
+        return state_word(
+            stopping=self._stopping, connected=connected, ever_connected=self._ever_connected,
+            in_session=self.session is not None, training=gauges.training_now,
+            training_failed=gauges.training_error is not None,
+            budget_spent=gauges.budget_exhausted, can_average=self.rounds.can_average,
+            grouped=can_form_group(connected, eligible))
 
     def status(self) -> PeerStatus:
         """This peer's counters and gauges now (the one snapshot every reader uses)."""
@@ -503,26 +499,8 @@ class Peer:
             log.warning("%s: merge rejected: %s", self.peer_id, exc)
             self._emit("merge_rejected", session_id=result.session_id, reason=exc.reason)
             merged = None
-        self._emit(
-            "session_done",
-            session_id=result.session_id,
-            role=result.role.value,
-            members=result.members,
-            contributors=result.contributors,
-            threshold=result.threshold,
-            coordinates=result.coordinates,
-            group_sum=result.group_sum,
-            own_indices=None if contribution is None else contribution.indices,
-            own_values=None if contribution is None else contribution.values,
-            contributed=result.own_values,  # dense on the coordinates, incl. residual fill
-            filled_indices=result.filled_indices,
-            filled_values=result.filled_values,
-            staleness=staleness,
-            merged_norm=None if merged is None else float(np.linalg.norm(merged.values)),
-            clipped=None if merged is None else merged.clipped,
-            started_at=started_at,
-            duration_s=duration,
-        )
+        self._emit("session_done", **session_done_data(result, contribution, staleness, merged,
+                                                       started_at, duration))
         if merged is not None or result.filled_indices.size:
             asyncio.get_running_loop().create_task(self._apply(
                 None if merged is None else merged.indices,

@@ -15,7 +15,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
-from peer.network.session import SessionTimeouts
+from peer.network.session import Contribution, GroupResult, SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
 
 
@@ -95,3 +95,31 @@ class PeerEvent:
 
 
 EventCallback = Callable[[PeerEvent], None]
+
+
+def session_done_data(result: GroupResult, contribution: Contribution | None, staleness: int,
+                      merged: Any, started_at: float, duration: float) -> dict[str, Any]:
+    """The data of a ``session_done`` event (what the simulation and the tests record).
+
+    ``merged`` is the merge rule's result (``indices``, ``values``, ``clipped``) or None when
+    the merge was rejected.
+    """
+    return {
+        "session_id": result.session_id,
+        "role": result.role.value,
+        "members": result.members,
+        "contributors": result.contributors,
+        "threshold": result.threshold,
+        "coordinates": result.coordinates,
+        "group_sum": result.group_sum,
+        "own_indices": None if contribution is None else contribution.indices,
+        "own_values": None if contribution is None else contribution.values,
+        "contributed": result.own_values,  # dense on the coordinates, incl. residual fill
+        "filled_indices": result.filled_indices,
+        "filled_values": result.filled_values,
+        "staleness": staleness,
+        "merged_norm": None if merged is None else float(np.linalg.norm(merged.values)),
+        "clipped": None if merged is None else merged.clipped,
+        "started_at": started_at,
+        "duration_s": duration,
+    }
