@@ -34,7 +34,7 @@ from crypto.errors import SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.masking import EphemeralKey, MaskError, recover_secret
 from crypto.shamir import Share
-from peer.network.session import Contribution
+from peer.network.session_common import Contribution
 from protocol import messages as m
 from protocol.messages import Confirm, Keys, Masked, Reveal, Survivors
 from protocol.messages import MaskedAccept as Accept

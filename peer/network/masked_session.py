@@ -49,11 +49,11 @@ from peer.network import masked_messages as mm
 from peer.network.masked_messages import MaskedHeader as Header
 from peer.network.masked_messages import MaskedKind as Kind
 from peer.network.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
-from peer.network.session import (
+from peer.network.session import Session
+from peer.network.session_common import (
     Contribution,
     GroupResult,
     Role,
-    Session,
     SessionContext,
     SessionDrop,
     answer_indices,

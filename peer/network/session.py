@@ -32,7 +32,7 @@ Security properties (docs/sessions.md gives the full threat model):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,14 +40,33 @@ import numpy as np
 
 from crypto import shamir
 from crypto.errors import CryptoError, SealError
-from crypto.field import FixedPoint, field_from_bytes, field_to_bytes
-from crypto.identity import Identity
+from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
-from peer.errors import DroppedError
+from peer.network.session_common import (
+    Contribution,
+    GroupResult,
+    Role,
+    SessionContext,
+    SessionDrop,
+    SessionParams,
+    SessionTimeouts,
+    answer_indices,
+    check_answer,
+    group_decided,
+    validate_indices,
+)
 from protocol import messages as m
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
 
+__all__ = [
+    "Contribution", "GroupResult", "Outgoing", "Phase", "Role", "Session", "SessionContext",
+    "SessionDrop", "SessionParams", "SessionTimeouts", "Step", "answer_indices",
+    "check_answer", "group_decided", "validate_indices",
+]
+
 log = logging.getLogger(__name__)
+
+_Drop = SessionDrop
 
 _NO_INDICES = np.zeros(0, dtype=np.uint32)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
@@ -64,80 +83,6 @@ class Phase(Enum):
     PARTIALS = "partials"
     DONE = "done"
     ABORTED = "aborted"
-
-
-class Role(Enum):
-    INITIATOR = "initiator"
-    MEMBER = "member"
-
-
-@dataclass(frozen=True)
-class SessionTimeouts:
-    """Per-phase timeouts in seconds."""
-
-    invite_s: float = 2.0  # initiator: waiting for Accept/Decline
-    start_s: float = 4.0  # invitee: waiting for Start after accepting
-    share_s: float = 5.0  # waiting for every member's share after Start
-    partial_s: float = 5.0  # waiting for t partials after sending ours
-
-
-@dataclass(frozen=True)
-class SessionParams:
-    """What this peer requires of any session it joins or starts."""
-
-    network_id: str
-    model_id: str
-    param_count: int
-    group_size: int
-    threshold: int
-    fixed_point: FixedPoint = field(default_factory=FixedPoint)
-    timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
-
-    def __post_init__(self) -> None:
-        if not MIN_GROUP_SIZE <= self.group_size <= min(MAX_MEMBERS, self.fixed_point.max_summands):
-            raise ValueError(
-                f"group_size must be in [{MIN_GROUP_SIZE}, "
-                f"{min(MAX_MEMBERS, self.fixed_point.max_summands)}]"
-            )
-        if not MIN_THRESHOLD <= self.threshold <= self.group_size:
-            raise ValueError(f"threshold must be in [{MIN_THRESHOLD}, group_size]")
-
-
-@dataclass(frozen=True)
-class SessionContext:
-    """What a session needs from its peer: keys, peer lookup and the message counter.
-
-    ``box_key_of`` returns the X25519 public key of an admitted peer (None if unknown);
-    ``next_seq`` hands out the sender's sequence numbers (they are bound into each seal).
-    """
-
-    identity: Identity
-    params: SessionParams
-    box_key_of: Callable[[str], bytes | None]
-    next_seq: Callable[[], int]
-
-    @property
-    def self_id(self) -> str:
-        return self.identity.peer_id
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """A peer's update for one session: sorted unique uint32 indices and float32 values.
-
-    ``fill``, when given, returns this peer's values on coordinates *outside* its own index set
-    (its sharing strategy's :meth:`peer.sharing.SharingStrategy.fill`). Without it the peer
-    contributes zeros there, and at a coordinate only one member selected the group sum is that
-    member's value
-    (docs/sessions.md, "Sparse supports"); with it every member contributes on every
-    coordinate. The values used are reported in ``GroupResult.filled_*`` so the peer can
-    remove them from its residual once the session is done.
-    """
-
-    indices: np.ndarray
-    values: np.ndarray
-    round: int = 0
-    fill: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,65 +105,6 @@ class Step:
     def extend(self, other: Step) -> None:
         self.out.extend(other.out)
         self.drops.extend(other.drops)
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    """What a member holds after a successful session (the only thing it ever learns)."""
-
-    session_id: bytes
-    role: Role
-    members: tuple[str, ...]
-    contributors: tuple[str, ...]
-    threshold: int
-    coordinates: np.ndarray  # uint32 sorted unique
-    group_sum: np.ndarray  # float64, sum of every contributor's vector on the coordinates
-    own_values: np.ndarray  # float64, this member's contribution as encoded (fixed-point exact)
-    own_round: int
-    filled_indices: np.ndarray  # uint32: coordinates outside our index set we contributed on
-    filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
-
-
-class SessionDrop(DroppedError):
-    """Refuse one inbound message of a session with a counted reason (both session kinds)."""
-
-
-_Drop = SessionDrop
-
-
-def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
-    """Check an index set is a non-empty sorted unique uint32 array below ``param_count``."""
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.size == 0 or idx.dtype != np.uint32:
-        raise ValueError("index set must be a non-empty 1-D uint32 array")
-    if int(idx[-1]) >= param_count:
-        raise ValueError("index out of range")
-    if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):
-        raise ValueError("index set must be sorted and unique")
-    return idx
-
-
-def check_answer(sender: str, invited: Sequence[str], accepted: Mapping[str, object],
-                 declined: Set[str]) -> None:
-    """An initiator's check of an invitee's ACCEPT or DECLINE: SessionDrop unless ``sender``
-    was invited and has not answered yet (both session kinds)."""
-    if sender not in invited:
-        raise SessionDrop("not_invited")
-    if sender in accepted or sender in declined:
-        raise SessionDrop("duplicate_answer")
-
-
-def answer_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
-    """An ACCEPT's index set, checked (:func:`validate_indices`); SessionDrop ``bad_indices``."""
-    try:
-        return validate_indices(indices, param_count)
-    except ValueError as exc:
-        raise SessionDrop("bad_indices") from exc
-
-
-def group_decided(accepted: int, declined: int, invited: int, group_size: int) -> bool:
-    """Whether an initiator can fix its group: g − 1 accepted, or every invitee answered."""
-    return accepted >= group_size - 1 or accepted + declined >= invited
 
 
 class Session:

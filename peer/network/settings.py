@@ -15,7 +15,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
-from peer.network.session import Contribution, GroupResult, SessionTimeouts
+from peer.network.session_common import Contribution, GroupResult, SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
 
 
