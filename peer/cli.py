@@ -44,6 +44,7 @@ from peer.provision import (
     write_file_atomic,
 )
 from peer.status import PlainReport, format_status
+from peer.waiting import wait_event
 
 PROG = "murmur-peer"
 EXIT_USAGE = 2
@@ -214,8 +215,7 @@ async def _plain_loop(peer: Any, printer: StatusPrinter, wake: _EventWake,
         now = time.monotonic()
         for note in wake.report.due(now, status.connected):
             printer.show(format_status(status, uptime_s=now - started, note=note))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.event.wait(), _PLAIN_TICK_S)
+        await wait_event(wake.event, _PLAIN_TICK_S)
         wake.event.clear()
 
 

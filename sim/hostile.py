@@ -43,6 +43,7 @@ from crypto.admission import AdmissionKey
 from crypto.field import FixedPoint
 from crypto.identity import Identity
 from peer.network.transport import BrokerSettings
+from peer.waiting import wait_event
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.topics import announce_topic, direct_topic
@@ -244,8 +245,7 @@ async def collect_raw_clients(tasks: list[asyncio.Task[Any]]) -> list[dict[str, 
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    await wait_event(stop, seconds)
 
 
 class HugeNormTrainer:

@@ -8,7 +8,6 @@ and ends the run when every peer is done, the time is up, or a stop was requeste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from peer.waiting import wait_event
 from sim.scenario import Scenario
 
 #: After every peer finished its rounds, wait at most this long for sessions in flight.
@@ -67,8 +67,7 @@ async def watch(s: Scenario, started: float, stop_requested: asyncio.Event,
     """
     drain_until: float | None = None
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop_requested.wait(), timeout=0.5)
+        await wait_event(stop_requested, 0.5)
         snap = snapshot()
         progress.update(snap["rounds"], alive=snap["alive"], sessions=snap["sessions"],
                         accuracy=snap["accuracy"], epsilon=snap["epsilon"])

@@ -82,6 +82,7 @@ from peer.network.transport import (
 )
 from peer.sharing import SharingStrategy
 from peer.sharing.merge import MergeRejected, merge_group_sum
+from peer.waiting import wait_event
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
@@ -95,6 +96,10 @@ from protocol.topics import (
 )
 
 __all__ = ["EventCallback", "NodeConfig", "Peer", "PeerEvent", "Trainer"]
+
+#: Shutdown bounds: background tasks to end after cancellation, the clean disconnect.
+_TASK_STOP_S = 5.0
+_DISCONNECT_S = 15.0
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +300,8 @@ class Peer:
                 self.outbox.put((announce_topic(self.network_id, self.peer_id), leave,
                                          True))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.outbox.drained(), timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    await self.outbox.drained()
         for task in tasks:
             task.cancel()
         if training is not None:
@@ -303,17 +309,20 @@ class Peer:
             # its ledger entry is already on disk, so nothing is forgotten.
             training.cancel()
             tasks = [*tasks, training]
+        # Bounded: a task that ignored its cancellation must not keep the peer from leaving.
+        _done, stuck = await asyncio.wait(tasks, timeout=_TASK_STOP_S)
         for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("%s: a background task had failed", self.peer_id)
+            if task in stuck:
+                log.error("%s: background task %s did not stop in %.0f s", self.peer_id,
+                          task.get_coro(), _TASK_STOP_S)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("%s: a background task had failed", self.peer_id,
+                          exc_info=task.exception())
         await self._checkpoint()
         transport_stop.set()
         try:
-            await asyncio.wait_for(transport_task, timeout=15.0)
+            async with asyncio.timeout(_DISCONNECT_S):
+                await transport_task
         except TimeoutError:
             log.warning("%s: broker disconnect did not finish in time", self.peer_id)
 
@@ -578,7 +587,7 @@ class Peer:
 
     async def _starter_loop(self) -> None:
         rng = secrets.SystemRandom()
-        while True:
+        while not self._stopping:
             self._wake.clear()
             if self.session is None and self._fresh is not None:
                 # Random delay, growing with consecutive failed invitations (collisions): a
@@ -593,8 +602,7 @@ class Peer:
                     log.exception("%s: could not start a session", self.peer_id)
                 await asyncio.sleep(self.config.start_jitter_s)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            await wait_event(self._wake, 1.0)
 
     async def _ticker_loop(self) -> None:
         while True:

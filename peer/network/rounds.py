@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from peer.errors import BudgetExhaustedError
 from peer.network.pacing import PacingConfig, PacingState, RoundKind, next_round
+from peer.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,7 @@ class RoundLoop:
                                   pacing)
             if decision.kind in (RoundKind.WAIT, RoundKind.WAIT_FOR_PEERS):
                 self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=max(0.05, decision.wait_s))
+                await wait_event(self.wake, max(0.05, decision.wait_s))
                 continue
             if decision.kind is RoundKind.PRIVATE:
                 retry = pacing.retry_private_s if host.gauges.budget_exhausted else 0.0

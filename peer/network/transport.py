@@ -240,8 +240,8 @@ class Transport:
                 attempt = 0 if was_connected else attempt + 1
                 delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s,
                                       self._rng)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stop_waiter), timeout=delay)
+                # asyncio.wait neither cancels stop_waiter nor can swallow our cancellation.
+                await asyncio.wait({stop_waiter}, timeout=delay)
         finally:
             stop_waiter.cancel()
             if connection is not None and not connection.done():
