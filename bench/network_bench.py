@@ -97,8 +97,10 @@ def _dense_model_bytes(scenario: Scenario, model_name: str, train: Any) -> int:
 
 
 async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True,
-                   model: str = "scatter") -> list[dict[str, Any]]:
+                   model: str = "scatter", session_kind: str = "shamir",
+                   baselines: bool = True) -> list[dict[str, Any]]:
     shared, gossip_rows, pause = grid(quick, model)
+    shared["session_kind"] = session_kind
     rows: list[dict[str, Any]] = []
     dense: int | None = None
     for label, options in gossip_rows:
@@ -117,6 +119,7 @@ async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True,
                                                                tuple(train.x.shape[1:])), train)
         rows.append({
             "method": label,
+            "session_kind": session_kind,
             "dataset": scenario.dataset,
             "model": scenario.model,
             "peers": scenario.peers,
@@ -131,6 +134,8 @@ async def run_grid(quick: bool, out_dir: Path, dp_baselines: bool = True,
             "bytes_vs_dense": None if per_session is None else round(per_session / dense, 3),
             "stopped_by": result.stopped_by,
         })
+    if not baselines:
+        return rows
     # Baselines on the same split, with the same per-peer compute.
     from sim.baselines import compute_baselines, compute_dp_baselines
 
@@ -196,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dp-baselines", action="store_true",
                         help="skip the DP baseline rows (on the full grid they add about "
                              "32,000 CNN DP-SGD steps, ~12 min on 2 cores)")
+    parser.add_argument("--session-kind", choices=("shamir", "masked"), default="shamir",
+                        help="the aggregation session the gossip rows run (default shamir)")
+    parser.add_argument("--gossip-only", action="store_true",
+                        help="only the gossip rows (the baselines do not depend on the "
+                             "session kind)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     import logging
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.runs_dir or Path(tmp)
         rows = asyncio.run(run_grid(args.quick, runs_dir, not args.no_dp_baselines,
-                                    args.model))
+                                    args.model, args.session_kind, not args.gossip_only))
     print_table(rows)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

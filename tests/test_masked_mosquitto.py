@@ -4,9 +4,11 @@ Issue 13, step 4: peers run peer/network/masked_session.py through the node: ses
 subscribed before the first message, every inbound message through the inbound checks,
 merging and events as with the Shamir session. Scenarios: five training peers complete
 sessions and agree on the plain sum; a sniffer on ``#`` sees no member's vector and exactly
-one vector-sized payload per member per session; a member killed (SIGKILL, separate process)
-right after publishing its MASKED is tolerated when the CONFIRM quorum survives and aborts
-the session cleanly (nothing revealed) otherwise; Shamir and masked peers never group.
+one vector-sized payload per member per session; groups of 3, 5 and 8 rebuild the exact sum
+while no sealed payload opens under any key the broker can derive; a member killed (SIGKILL,
+separate process) right before or right after publishing its MASKED is tolerated when the
+CONFIRM quorum survives and aborts the session cleanly (nothing revealed) otherwise; Shamir
+and masked peers never group.
 The harness is tests/test_node_mosquitto.py's.
 """
 
@@ -18,8 +20,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import nacl.exceptions
+import nacl.hash
+import nacl.secret
 import numpy as np
 import pytest
+from nacl.encoding import RawEncoder
 
 from crypto.field import FixedPoint
 from peer.network import masked_messages as mm
@@ -127,6 +133,19 @@ async def test_five_masked_peers_agree_and_send_one_vector_each(
     assert checked == complete
 
 
+def members_plain_sum(ends: list) -> np.ndarray:
+    """The plain sum of what the members that logged ``ends`` contributed (own update plus
+    residual fill), on the session's coordinates; every member must report the same sum."""
+    first = ends[0].data
+    coords = first["coordinates"]
+    plain = np.zeros(coords.size)
+    for e in ends:
+        np.testing.assert_array_equal(e.data["group_sum"], first["group_sum"])
+        plain[np.searchsorted(coords, e.data["own_indices"])] += e.data["own_values"]
+        plain[np.searchsorted(coords, e.data["filled_indices"])] += e.data["filled_values"]
+    return plain
+
+
 VICTIM_SEED = 5
 
 
@@ -135,30 +154,35 @@ def victim_vector(param_count: int) -> tuple[np.ndarray, np.ndarray]:
     return victim_update(param_count, VICTIM_SEED, 40, 0.05)
 
 
-def start_victim(net: Network, tmp_path: Path, config: NodeConfig) -> subprocess.Popen[bytes]:
-    """A masked peer in its own process that SIGKILLs itself once its MASKED is out."""
+def start_victim(net: Network, tmp_path: Path, config: NodeConfig,
+                 when: str = "after") -> subprocess.Popen[bytes]:
+    """A masked peer in its own process that SIGKILLs itself right ``when`` ("before" or
+    "after") it publishes its MASKED."""
     key_file, cert_file = write_identity(net.admission, "victim", tmp_path)
     trainer = net.peers[0].trainer
     return spawn_dying_peer(
         net.url, NET, key_file, cert_file, net.admission.public_key.hex(), trainer.model_id,
-        trainer.param_count, "--die-after", "MASKED", "--session-kind", "masked",
+        trainer.param_count, f"--die-{when}", "MASKED", "--session-kind", "masked",
         "--group", str(config.group_size), "--threshold", str(config.threshold),
         "--seed", str(VICTIM_SEED), "--coords", "40", "--scale", "0.05")
 
 
-@pytest.mark.parametrize(("group_size", "threshold", "peers", "tolerated"),
-                         [(5, 3, 4, True), (3, 2, 2, False)])
-async def test_member_killed_after_masked(mosquitto, tmp_path: Path, group_size: int,
-                                          threshold: int, peers: int, tolerated: bool) -> None:
-    """g = 5, t = 3: four survivors reach the CONFIRM quorum of 4 and rebuild the sum with the
-    victim's vector in it (its self seed from their shares). g = 3: the quorum is all three,
-    so the survivors time out in CONFIRMING and abort having revealed nothing."""
+@pytest.mark.parametrize(("group_size", "threshold", "peers", "tolerated", "when"),
+                         [(5, 3, 4, True, "after"), (5, 3, 4, True, "before"),
+                          (3, 2, 2, False, "after")])
+async def test_member_killed_around_its_masked(mosquitto, tmp_path: Path, group_size: int,
+                                               threshold: int, peers: int, tolerated: bool,
+                                               when: str) -> None:
+    """g = 5, t = 3: four survivors reach the CONFIRM quorum of 4. Killed after its MASKED,
+    the victim's vector is in the sum (its self seed rebuilt from their shares); killed before,
+    it is not (its ephemeral key rebuilt, its pairwise masks removed). g = 3: the quorum is
+    all three, so the survivors time out in CONFIRMING and abort having revealed nothing."""
     config = dataclasses.replace(MASKED, group_size=group_size, threshold=threshold,
                                  train=False, auto_start=False)
     assert (group_size - 1 >= mm.confirm_quorum(group_size, threshold)) is tolerated
     async with Sniffer(mosquitto.url) as sniffer:
         net = await start_network(mosquitto.url, peers, ResidualTrainer, config)
-        proc = start_victim(net, tmp_path, config)
+        proc = start_victim(net, tmp_path, config, when)
         try:
             await wait_until(lambda: all(p.status().peers_live == peers for p in net.peers), 20,
                              "every peer to see the victim")
@@ -171,7 +195,7 @@ async def test_member_killed_after_masked(mosquitto, tmp_path: Path, group_size:
             assert initiator.session is not None
             sid = initiator.session.session_id
             await wait_until(lambda: proc.poll() is not None, 20,
-                             "the victim to publish its MASKED and be killed")
+                             "the victim to reach its MASKED and be killed")
             out, err = proc.communicate(timeout=5)
             assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
             assert b"KILLED" in out
@@ -200,7 +224,8 @@ async def test_member_killed_after_masked(mosquitto, tmp_path: Path, group_size:
                for e in ends)
     in_session = session_messages(sniffer.records, sid)
     sent_by_victim = {type(msg.body) for msg in in_session if msg.header.sender == "victim"}
-    assert m.Masked in sent_by_victim and m.Confirm not in sent_by_victim
+    assert m.Keys in sent_by_victim and m.Confirm not in sent_by_victim
+    assert (m.Masked in sent_by_victim) is (when == "after")
     if not tolerated:
         assert {e.kind for e in ends} == {"session_aborted"}
         assert all(e.data["formed"] for e in ends)
@@ -213,16 +238,92 @@ async def test_member_killed_after_masked(mosquitto, tmp_path: Path, group_size:
         return
     assert {e.kind for e in ends} == {"session_done"}
     first = ends[0].data
-    assert set(first["contributors"]) == set(first["members"])  # the victim counts
     coords = first["coordinates"]
-    plain = np.zeros(coords.size)
-    for e in ends:
-        np.testing.assert_array_equal(e.data["group_sum"], first["group_sum"])
-        plain[np.searchsorted(coords, e.data["own_indices"])] += e.data["own_values"]
-        plain[np.searchsorted(coords, e.data["filled_indices"])] += e.data["filled_values"]
-    idx, values = victim_vector(400)
-    plain[np.searchsorted(coords, idx)] += values  # no sharing strategy: no fill
+    plain = members_plain_sum(ends)
+    if when == "before":
+        assert set(first["contributors"]) == set(first["members"]) - {"victim"}
+    else:
+        assert set(first["contributors"]) == set(first["members"])  # the victim counts
+        idx, values = victim_vector(400)
+        plain[np.searchsorted(coords, idx)] += values  # no sharing strategy: no fill
     np.testing.assert_allclose(first["group_sum"], plain, atol=group_size * RESOLUTION, rtol=0)
+
+
+def keys_the_broker_can_derive(in_session: list[m.SignedMessage],
+                               records: list[tuple[str, bytes]], sid: bytes) -> list[bytes]:
+    """Every 32-byte value a broker holds or can compute without a member's secret: the
+    ephemeral public keys (clear in ACCEPT and START), the peers' certificates and signatures,
+    the session id and digests of it, and the all-zero key."""
+    found: list[bytes] = [bytes(32), nacl.hash.blake2b(sid, digest_size=32, encoder=RawEncoder)]
+    for msg in in_session:
+        body = msg.body
+        if isinstance(body, m.MaskedAccept):
+            found.append(body.ephemeral_public)
+        if isinstance(body, m.MaskedStart):
+            found.extend(body.ephemeral_publics)
+    for _topic, payload in records:
+        for start in range(0, len(payload) - 32, 32):  # every aligned 32-byte window
+            found.append(payload[start:start + 32])
+    return list(dict.fromkeys(found))
+
+
+@pytest.mark.parametrize(("group_size", "threshold"), [(3, 2), (5, 3), (8, 5)])
+async def test_every_member_rebuilds_the_exact_sum_and_the_broker_learns_nothing(
+        mosquitto, group_size: int, threshold: int) -> None:
+    """One masked session of g = 3, 5, 8 over Mosquitto: every member merges the same sum,
+    equal to the plain sum of the members' contributions to the fixed-point resolution. A
+    sniffer on '#' holds every payload; with every key it can derive from them no sealed
+    payload opens, and no member's values nor the sum appear in any payload."""
+    config = dataclasses.replace(MASKED, group_size=group_size, threshold=threshold,
+                                 train=False, auto_start=False)
+    async with Sniffer(mosquitto.url) as sniffer:
+        net = await start_network(mosquitto.url, group_size, ResidualTrainer, config)
+        try:
+            rng = np.random.default_rng(group_size)
+            for p in net.peers:
+                idx = np.sort(rng.choice(400, 40, replace=False)).astype(np.uint32)
+                p.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32), 1)
+            initiator = net.peers[0]
+            assert initiator.try_start_session()
+            assert initiator.session is not None
+            sid = initiator.session.session_id
+
+            def ends() -> list:
+                return [e for e in net.events if e.data.get("session_id") == sid
+                        and e.kind in ("session_done", "session_aborted")]
+
+            await wait_until(lambda: len(ends()) == group_size, 30,
+                             "every member to end the session")
+        finally:
+            await net.close()
+    done = ends()
+    assert {e.kind for e in done} == {"session_done"}, [e.data.get("reason") for e in done]
+    first = done[0].data
+    assert len(first["members"]) == group_size
+    assert set(first["contributors"]) == set(first["members"])
+    plain = members_plain_sum(done)
+    np.testing.assert_allclose(first["group_sum"], plain, atol=group_size * RESOLUTION, rtol=0)
+
+    in_session = session_messages(sniffer.records, sid)
+    masked = [msg for msg in in_session if isinstance(msg.body, m.Masked)]
+    assert sorted(msg.header.sender for msg in masked) == sorted(first["members"])
+    sealed = [msg.body.sealed for msg in masked] + [
+        msg.body.sealed for msg in in_session if isinstance(msg.body, m.Reveal | m.Keys)]
+    candidates = keys_the_broker_can_derive(in_session, sniffer.records, sid)
+    assert len(candidates) > 100
+    for blob in sealed:
+        for key in candidates:
+            with pytest.raises(nacl.exceptions.CryptoError):
+                nacl.secret.SecretBox(key).decrypt(blob)
+    fp = FixedPoint()
+    total = np.asarray(first["group_sum"], dtype=np.float64)
+    needles = [total[:4].astype("<f4").tobytes(), fp.encode(total[:4]).astype("<u4").tobytes()]
+    for e in done:
+        values = e.data["own_values"][:4].astype(np.float64)
+        needles += [values.astype("<f4").tobytes(), fp.encode(values).astype("<u4").tobytes()]
+    for topic, payload in sniffer.records:
+        for needle in needles:
+            assert needle not in payload, f"a vector or the sum in the clear on {topic}"
 
 
 async def test_shamir_and_masked_peers_never_group(mosquitto) -> None:
