@@ -264,7 +264,9 @@ def test_a_member_whose_keys_never_arrive_aborts_before_anyone_masks() -> None:
 # ---------------------------------------------------------------------------- (c)
 def split_view(r: Router, views: dict[str, tuple[str, ...]], partition: bool) -> None:
     """p0 sends each honest member its own SURVIVORS list and confirms each list to its
-    holders only; with ``partition`` the broker also keeps CONFIRMs and REVEALs within a view."""
+    holders only; the broker (colluding) withholds from each member the MASKED of those its
+    list leaves out, so no member holds them all and adopts the full list itself; with
+    ``partition`` the broker also keeps CONFIRMs and REVEALs within a view."""
 
     def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
         if sender == "p0" and out.kind is MaskedKind.SURVIVORS:
@@ -276,6 +278,8 @@ def split_view(r: Router, views: dict[str, tuple[str, ...]], partition: bool) ->
     def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
         if sender == "p0" and out.kind is MaskedKind.ABORT:
             return False  # the adversary never gives up
+        if out.kind is MaskedKind.MASKED and rcpt != "p0" and sender not in views[rcpt]:
+            return False
         if partition and rcpt != "p0" and sender != "p0" and out.kind in (
                 MaskedKind.CONFIRM, MaskedKind.REVEAL, MaskedKind.ABORT):
             return views[sender] == views[rcpt]
@@ -535,3 +539,43 @@ def test_messages_that_overtake_start_are_held_until_it_arrives() -> None:
     assert held and len(r.sessions["p2"].members) == 3
     assert_same_correct_sum(r, r.members, r.members)
     assert set(r.drops["p2"]) <= {"session_finished"}, r.drops  # surplus REVEALs only
+
+
+def test_a_member_holding_every_masked_confirms_without_waiting_for_survivors() -> None:
+    """The happy path saves a broker hop: each member confirms the full list as soon as it
+    holds every MASKED; the initiator's SURVIVORS, naming the same list, is no drop."""
+    r = Router(5, 3)
+    adopted_first: dict[str, bool] = {}
+
+    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
+        if out.kind is MaskedKind.SURVIVORS:
+            adopted_first[rcpt] = r.sessions[rcpt].survivors == tuple(r.members)
+        return True
+
+    r.link = link
+    r.start()
+    r.settle()
+    assert adopted_first == {p: True for p in r.members[1:]}
+    assert_same_correct_sum(r, r.members, r.members)
+    # surplus REVEALs (only t are needed) are the only leftovers: no duplicate_survivors
+    assert all(set(drops) <= {"session_finished"} for drops in r.drops.values()), r.drops
+    assert all(len([o for o in r.sent_by(p) if o.kind is MaskedKind.CONFIRM]) == 1
+               for p in r.members)
+
+
+def test_a_shorter_survivors_list_after_adopting_the_full_one_is_equivocation() -> None:
+    r = Router(5, 3)
+    shorter = ("p0", "p1", "p2", "p3")
+
+    def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
+        if sender == "p0" and out.kind is MaskedKind.SURVIVORS and rcpt == "p1":
+            return MaskedOutgoing(rcpt, out.kind, mm.Survivors(shorter), out.seq)
+        return out
+
+    r.tamper = tamper
+    r.start()
+    r.settle()
+    s = r.sessions["p1"]
+    assert s.phase is MaskedPhase.ABORTED and s.abort_reason == "initiator_equivocated"
+    assert not [o for o in r.sent_by("p1") if o.kind is MaskedKind.REVEAL]
+    assert adversary_can_unmask(r, captured_key(r), ["p1", "p2", "p3", "p4"]) == []

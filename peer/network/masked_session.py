@@ -131,6 +131,7 @@ class MaskedSession:
         self._confirms: dict[str, tuple[str, ...]] = {}
         self._reveals: dict[str, list[tuple[mm.RevealKind, np.ndarray]]] = {}
         self._pending_survivors: tuple[str, ...] | None = None
+        self._heard_survivors = False  # the initiator's SURVIVORS has arrived
         self._early: list[tuple[Header, mm.MaskedBody]] = []
 
     # ------------------------------------------------------------------ construction
@@ -413,6 +414,8 @@ class MaskedSession:
         self._enter(MaskedPhase.MASKED, now, self.timeouts.survivors_s)
         if self._pending_survivors is not None:
             step.extend(self._adopt(self._pending_survivors, now))
+        else:
+            step.extend(self._maybe_adopt_everyone(now))
         return step
 
     def _on_masked(self, header: Header, body: mm.Masked, now: float) -> MaskedStep:
@@ -431,7 +434,20 @@ class MaskedSession:
         self._masked[sender] = values
         if self.role is Role.INITIATOR:
             return self._maybe_send_survivors(now)
-        return self._maybe_finish(now)
+        step = self._maybe_adopt_everyone(now)
+        step.extend(self._maybe_finish(now))
+        return step
+
+    def _maybe_adopt_everyone(self, now: float) -> MaskedStep:
+        """Holding every member's MASKED, a member confirms the full list at once instead of
+        waiting one more broker hop for the initiator's SURVIVORS, which can only name the
+        same list. Safe because rule 4 is unchanged: an honest member still confirms one list
+        per session and reveals only on a quorum of matching CONFIRMs; an initiator that then
+        sends a shorter list is caught equivocating."""
+        if (self.phase is MaskedPhase.MASKED and self.survivors is None
+                and len(self._masked) == len(self.members)):
+            return self._adopt(self.members, now)
+        return MaskedStep()
 
     # SURVIVORS and CONFIRM --------------------------------------------------
     def _maybe_send_survivors(self, now: float) -> MaskedStep:
@@ -458,10 +474,13 @@ class MaskedSession:
         if header.sender != self.initiator:
             raise _Drop("not_from_initiator")
         listed = self._check_list(body.survivors)
+        if self._heard_survivors and listed == (self.survivors or self._pending_survivors):
+            raise _Drop("duplicate_survivors")
+        self._heard_survivors = True
         known = self.survivors if self.survivors is not None else self._pending_survivors
         if known is not None:
             if known == listed:
-                raise _Drop("duplicate_survivors")
+                return MaskedStep()  # we had adopted the full list already: it agrees
             return self.abort("initiator_equivocated")
         if len(listed) < self.threshold:
             return self.abort("below_threshold")
