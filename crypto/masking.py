@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import nacl.bindings
 import nacl.exceptions
@@ -137,21 +138,49 @@ def expand_field(seed: bytes, count: int) -> np.ndarray:
     words = count
     while True:
         stream = nacl.bindings.randombytes_buf_deterministic(4 * words, seed)
-        values = np.frombuffer(stream, dtype="<u4").astype(FIELD_DTYPE) & _P32
-        kept = values[values != _P32]
+        values = np.bitwise_and(np.frombuffer(stream, dtype="<u4"), _P32, dtype=FIELD_DTYPE)
+        rejected = values == _P32
+        if words == count and not rejected.any():
+            return values  # the usual case: no word to skip, no copy to compact
+        kept = values[~rejected]
         if kept.size >= count:
             return np.ascontiguousarray(kept[:count])
         words += count - kept.size + 8  # p itself appears with probability 2**-31 per word
 
 
-def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    total = a.astype(np.uint64) + b
-    return (total % PRIME).astype(FIELD_DTYPE)
+#: At most this many field vectors go into one 64-bit accumulation: each is < 2**31, and
+#: the subtracted ones are offset by a multiple of p, so the total stays far below 2**64.
+_MAX_TERMS = 1 << 24
 
 
-def _sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    total = a.astype(np.uint64) + (PRIME - b.astype(np.uint64))
-    return (total % PRIME).astype(FIELD_DTYPE)
+def combine(base: np.ndarray, added: Iterable[np.ndarray] = (),
+            subtracted: Iterable[np.ndarray] = ()) -> np.ndarray:
+    """``base + Σ added − Σ subtracted`` over the field, element-wise.
+
+    Why not one modular add per vector: the reduction (an integer division per element)
+    costs several times the addition, so the terms are summed in 64 bits and reduced once.
+    Subtracted vectors are summed apart and taken from ``count × p`` added to the total,
+    which keeps every intermediate non-negative.
+    """
+    total = base.astype(np.uint64)
+    minus: np.ndarray | None = None
+    terms = 0
+    for vector in added:
+        np.add(total, vector, out=total)
+        terms += 1
+    for vector in subtracted:
+        if minus is None:
+            minus = vector.astype(np.uint64)
+        else:
+            np.add(minus, vector, out=minus)
+        terms += 1
+    if terms > _MAX_TERMS:
+        raise MaskError(f"at most {_MAX_TERMS} vectors can be combined at once")
+    if minus is not None:
+        np.add(total, np.uint64(terms * PRIME), out=total)
+        np.subtract(total, minus, out=total)
+    np.remainder(total, np.uint64(PRIME), out=total)
+    return total.astype(FIELD_DTYPE)
 
 
 def _position(members: Sequence[str], member: str) -> int:
@@ -168,15 +197,18 @@ def mask_vector(values: np.ndarray, *, me: str, members: Sequence[str], key: Eph
     check_field(values, "values")
     mine = _position(members, me)
     count = values.shape[0]
-    out = _add(values, expand_field(self_seed_key(self_seed, session_id), count))
-    for index, other in enumerate(members):
-        if other == me:
-            continue
-        if other not in publics:
+    for other in members:
+        if other != me and other not in publics:
             raise MaskError(f"no ephemeral public key of {other!r}")
-        mask = expand_field(pair_seed(key, me, publics[other], other, session_id), count)
-        out = _add(out, mask) if mine < index else _sub(out, mask)
-    return out
+
+    def pair_masks(after_me: bool) -> Iterator[np.ndarray]:
+        # one mask in memory at a time
+        for index, other in enumerate(members):
+            if other != me and (mine < index) is after_me:
+                yield expand_field(pair_seed(key, me, publics[other], other, session_id), count)
+
+    self_mask = expand_field(self_seed_key(self_seed, session_id), count)
+    return combine(values, chain([self_mask], pair_masks(True)), pair_masks(False))
 
 
 def unmask_sum(masked_sum: np.ndarray, *, members: Sequence[str], survivors: Sequence[str],
@@ -197,19 +229,23 @@ def unmask_sum(masked_sum: np.ndarray, *, members: Sequence[str], survivors: Seq
     if set(dropped_keys) != set(dropped):
         raise MaskError("need exactly the dropped members' ephemeral keys")
     count = masked_sum.shape[0]
-    out = masked_sum
     for member in survivors:
-        out = _sub(out, expand_field(self_seed_key(self_seeds[member], session_id), count))
-    for gone in dropped:
-        gone_at = _position(members, gone)
-        for member in survivors:
-            if member not in publics:
-                raise MaskError(f"no ephemeral public key of {member!r}")
-            mask = expand_field(pair_seed(dropped_keys[gone], gone, publics[member], member,
-                                          session_id), count)
-            # the survivor added the mask if it comes first, else subtracted it: undo that
-            out = _sub(out, mask) if _position(members, member) < gone_at else _add(out, mask)
-    return out
+        if dropped and member not in publics:
+            raise MaskError(f"no ephemeral public key of {member!r}")
+
+    def dropped_pair_masks(survivor_first: bool) -> Iterator[np.ndarray]:
+        # the survivor added the mask if it comes first, else subtracted it: undo that
+        for gone in dropped:
+            gone_at = _position(members, gone)
+            for member in survivors:
+                if (_position(members, member) < gone_at) is survivor_first:
+                    yield expand_field(pair_seed(dropped_keys[gone], gone, publics[member],
+                                                 member, session_id), count)
+
+    self_masks = (expand_field(self_seed_key(self_seeds[member], session_id), count)
+                  for member in survivors)
+    return combine(masked_sum, dropped_pair_masks(False),
+                   chain(self_masks, dropped_pair_masks(True)))
 
 
 def encode_secret(secret: bytes) -> np.ndarray:

@@ -140,3 +140,25 @@ def test_worked_example_in_docs_matches() -> None:
     assert self_key.hex() == (
         "b057b49dffce3f39c5737f73a044a6e42463d65d8ac3c8575996fbf1fa02ad92")
     assert expand_field(self_key, 2).tolist() == [1867816156, 310979912]
+
+
+def test_combine_matches_modular_arithmetic_term_by_term() -> None:
+    """The one-reduction sum equals adding and subtracting each vector mod p in turn,
+    including at the edges of the field (0 and p - 1) and with more subtractions than adds."""
+    from crypto.field import PRIME
+    from crypto.masking import combine
+
+    rng = np.random.default_rng(3)
+    edges = np.array([0, 1, PRIME - 1, PRIME - 2], dtype=np.uint32)
+    vectors = [np.concatenate([edges, rng.integers(0, PRIME, 60, dtype=np.uint32)])
+               for _ in range(9)]
+    base, added, subtracted = vectors[0], vectors[1:3], vectors[3:]
+    expected = [int(x) for x in base]
+    for v in added:
+        expected = [(e + int(x)) % PRIME for e, x in zip(expected, v, strict=True)]
+    for v in subtracted:
+        expected = [(e - int(x)) % PRIME for e, x in zip(expected, v, strict=True)]
+    got = combine(base, added, subtracted)
+    assert got.dtype == np.uint32
+    assert got.tolist() == expected
+    assert combine(base).tolist() == base.tolist()

@@ -43,7 +43,7 @@ import numpy as np
 
 from crypto import masking
 from crypto.errors import CryptoError, SealError
-from crypto.field import PRIME, field_from_bytes, field_to_bytes
+from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
 from peer.network import masked_messages as mm
 from peer.network.masked_messages import MaskedHeader as Header
@@ -576,11 +576,10 @@ class MaskedSession:
             seeds, dropped = mm.recover_secrets(
                 self.members, survivors, self.publics, self.threshold,
                 {self.members.index(r) + 1: self._reveals[r] for r in revealers})
-            total = np.zeros(self.coordinates.size + 1, dtype=np.uint64)
-            for p in survivors:
-                total = (total + self._masked[p]) % PRIME
+            total = masking.combine(self._masked[survivors[0]],
+                                    (self._masked[p] for p in survivors[1:]))
             field_sum = masking.unmask_sum(
-                total.astype(np.uint32), members=self.members, survivors=survivors,
+                total, members=self.members, survivors=survivors,
                 publics=self.publics, self_seeds=seeds, dropped_keys=dropped,
                 session_id=self.session_id)
         except (CryptoError, ValueError):  # forged shares: wrong key, or not a 32-byte secret
