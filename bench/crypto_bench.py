@@ -1,4 +1,4 @@
-"""Throughput of Murmur's secret-sharing pipeline, in MB/s of float32 input.
+"""Throughput of Murmur's secure-aggregation crypto (Shamir and masked), in MB/s of float32 input.
 
 For a vector of ``n`` float32 values (4n bytes of "input") and a group of ``g`` members with
 threshold ``t = g // 2 + 1``, it times the work ONE member does:
@@ -11,12 +11,33 @@ open_add     receive g - 1 sealed shares (one per other member), open each, pars
 reconstruct  from t partial sums (field vectors), Lagrange-rebuild the group sum at 0 and
              fixed-point decode it to float64.
 
+The masked session (issue 13, crypto/masking.py, peer/network/masked_session.py) at the same g,
+with the 4n-byte vector taken as the member's vector over the session's union coordinates:
+
+mask+seal    fixed-point encode the vector plus the count slot (as float64, as the session
+             does), mask it with crypto.masking.mask_vector (self mask, and g - 1 pair masks from
+             X25519 of the ephemeral keys, each expanded and added or subtracted), and seal the
+             result once under the session key (SecretBox, masked_messages.session_seal). The
+             member sits at position g // 2 (half its pair masks added, half subtracted). Not
+             included: the KEYS messages (two 32-byte secrets Shamir-shared, g - 1 small Boxes).
+             Extra field ``ms_excl_pair_expand``: its ms minus the pair_expand row's ms.
+pair_expand  only the pairwise stream expansion inside mask+seal: g - 1 pair seeds (X25519 +
+             BLAKE2b) each expanded to n + 1 field elements (expand_field). Extra field
+             ``ms_per_pair``. If mask+seal grows with g only through the expansion,
+             ``ms_excl_pair_expand`` stays flat across g.
+unmask       the receiving side once every masked vector is in: open the g - 1 session-sealed
+             vectors (with the context check) and parse them, sum the g vectors mod p (the
+             session's loop), remove the g self masks (crypto.masking.unmask_sum, no dropouts),
+             and fixed-point decode. Checked once before timing: the result is g times the
+             input, so the masks cancel.
+
 Reference rows measured in the same run (the machine may be shared, so compare against these):
 box_ref       one Box seal of 4n bytes (libsodium crypto_box_easy_afternm) -> MB/s of plaintext
 keystream_ref ChaCha20 keystream (randombytes_buf_deterministic, 32 KiB calls) -> MB/s
 
 Each figure is the best of ``--reps`` repetitions, by wall clock (``mb_per_s``) and by this
 process's CPU time (``mb_per_s_cpu``, less sensitive to other processes on a busy machine).
+Every row carries ``load_1m``, the 1-minute load average when its group started.
 
 ``--tune-malloc`` raises glibc's mmap and trim thresholds (mallopt) first. Why: every sealed
 share is a fresh multi-megabyte ``bytes`` object; by default glibc maps each one fresh from the
@@ -42,10 +63,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crypto.field import FixedPoint, field_from_bytes, field_view, mod_add_into
+from crypto import masking
+from crypto.field import (
+    PRIME,
+    FixedPoint,
+    field_from_bytes,
+    field_to_bytes,
+    field_view,
+    mod_add_into,
+)
 from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed, seal
 from crypto.shamir import Share, reconstruct, split
+from peer.network import masked_messages as mm
 
 GROUP_SIZES = (3, 5, 8)
 
@@ -123,6 +153,76 @@ def bench_group(g: int, n: int, reps: int, vector: np.ndarray) -> list[dict]:
     ]
 
 
+def bench_masked_group(g: int, n: int, reps: int, vector: np.ndarray) -> list[dict]:
+    """The masked session's member work at group size ``g`` (see the module docstring).
+
+    Every member masks the same ``vector`` (the cost does not depend on the values); before
+    timing, the rebuilt sum is checked against ``g * vector``, so a bench that measured masks
+    which do not cancel would fail instead of printing a figure.
+    """
+    t = g // 2 + 1
+    code = FixedPoint(frac_bits=16, max_summands=16)
+    ids = tuple(f"m{i}" for i in range(g))
+    keys = {member: masking.EphemeralKey.generate() for member in ids}
+    publics = {member: key.public for member, key in keys.items()}
+    self_seeds = {member: masking.new_self_seed() for member in ids}
+    session_id, session_key = os.urandom(16), os.urandom(mm.SESSION_KEY_BYTES)
+    me = ids[g // 2]  # half its pair masks are added, half subtracted
+    count = n + 1  # the count slot the session appends
+
+    def seal_context(sender: str) -> mm.SessionSealContext:
+        return mm.SessionSealContext("bench", session_id, sender, mm.MaskedKind.MASKED, 7)
+
+    def masked_of(member: str, encoded: np.ndarray) -> np.ndarray:
+        return masking.mask_vector(encoded, me=member, members=ids, key=keys[member],
+                                   publics=publics, self_seed=self_seeds[member],
+                                   session_id=session_id)
+
+    def mask_seal() -> bytes:
+        # as MaskedSession._begin_keys + _maybe_publish_masked: float64 union vector + count
+        encoded = code.encode(np.concatenate([vector, np.ones(1)]))
+        return mm.session_seal(session_key, seal_context(me),
+                               field_to_bytes(masked_of(me, encoded)))
+
+    def pair_expand() -> None:
+        for other in ids:
+            if other != me:
+                seed = masking.pair_seed(keys[me], me, publics[other], other, session_id)
+                masking.expand_field(seed, count)
+
+    encoded = code.encode(np.concatenate([vector, np.ones(1)]))
+    own_masked = masked_of(me, encoded)
+    incoming = [(other, mm.session_seal(session_key, seal_context(other),
+                                        field_to_bytes(masked_of(other, encoded))))
+                for other in ids if other != me]
+
+    def unmask() -> np.ndarray:
+        # as MaskedSession._on_masked (open, parse) and _maybe_finish (sum, unmask, decode)
+        masked = {me: own_masked}
+        for sender, sealed in incoming:
+            masked[sender] = field_from_bytes(mm.session_open(session_key, seal_context(sender),
+                                                              sealed))
+        total = np.zeros(count, dtype=np.uint64)
+        for member in ids:
+            total = (total + masked[member]) % PRIME
+        field_sum = masking.unmask_sum(total.astype(np.uint32), members=ids, survivors=ids,
+                                       publics=publics, self_seeds=self_seeds,
+                                       dropped_keys={}, session_id=session_id)
+        return code.decode(field_sum)
+
+    rebuilt = unmask()
+    expected = g * code.decode(encoded)
+    if not np.array_equal(rebuilt, expected):
+        raise AssertionError(f"masks did not cancel at g = {g}")
+
+    input_bytes = 4 * n
+    mask_row = row("mask+seal", g, t, n, input_bytes, best_of(reps, mask_seal))
+    expand_row = row("pair_expand", g, t, n, input_bytes, best_of(reps, pair_expand))
+    expand_row["ms_per_pair"] = round(expand_row["ms"] / (g - 1), 2)
+    mask_row["ms_excl_pair_expand"] = round(mask_row["ms"] - expand_row["ms"], 2)
+    return [mask_row, expand_row, row("unmask", g, t, n, input_bytes, best_of(reps, unmask))]
+
+
 def bench_references(n: int, reps: int) -> list[dict]:
     key, nonce = os.urandom(32), os.urandom(24)
     plaintext = os.urandom(4 * n)
@@ -141,6 +241,14 @@ def bench_references(n: int, reps: int) -> list[dict]:
         row("box_ref", 0, 0, n, 4 * n, best_of(reps, box)),
         row("keystream_ref", 0, 0, n, 4 * n // (32 * 1024) * 32 * 1024, best_of(reps, keystream)),
     ]
+
+
+def load_1m() -> float:
+    """The 1-minute load average when a group of rows starts (the 2-core VM is shared)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
 
 
 def tune_malloc() -> bool:
@@ -172,17 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     # The values a DP update has: small, and well inside the fixed-point range.
     vector = (np.random.default_rng(0).standard_normal(args.n) * 0.05).astype(np.float32)
 
-    rows = bench_references(args.n, reps)
-    for g in GROUP_SIZES:
-        rows.extend(bench_group(g, args.n, reps, vector))
+    runs: list[Callable[[], list[dict]]] = [lambda: bench_references(args.n, reps)]
+    runs += [lambda g=g: bench_group(g, args.n, reps, vector) for g in GROUP_SIZES]
+    runs += [lambda g=g: bench_masked_group(g, args.n, reps, vector) for g in GROUP_SIZES]
+    rows = []
+    for run in runs:
+        load = load_1m()
+        for r in run():
+            r["load_1m"] = load
+            rows.append(r)
 
     for r in rows:
         r["malloc"] = malloc
     print(f"malloc: {malloc}")
-    print(f"{'op':<14}{'g':>3}{'t':>3}{'n':>10}{'ms':>9}{'MB/s':>9}{'MB/s cpu':>10}")
+    print(f"{'op':<14}{'g':>3}{'t':>3}{'n':>10}{'ms':>9}{'MB/s':>9}{'MB/s cpu':>10}  extra")
     for r in rows:
+        extra = "  ".join(f"{k} {r[k]}" for k in ("ms_excl_pair_expand", "ms_per_pair") if k in r)
         print(f"{r['op']:<14}{r['g']:>3}{r['t']:>3}{r['n']:>10}{r['ms']:>9.1f}"
-              f"{r['mb_per_s']:>9.1f}{r['mb_per_s_cpu']:>10.1f}")
+              f"{r['mb_per_s']:>9.1f}{r['mb_per_s_cpu']:>10.1f}  {extra}")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
