@@ -30,6 +30,7 @@ from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
 from peer.network.session_driver import SESSION_DRIVERS
 from peer.training.config import TrainerConfig
+from protocol.chunks import check_max_message_bytes
 from protocol.limits import ID_PATTERN, is_valid_id
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -52,7 +53,8 @@ class SessionConfig:
     ``cooldown_s`` is the pause after a session (done or aborted) before this peer initiates
     another, so that a peer does not flood the network with invitations. ``kind`` is the
     session a peer runs: "shamir" (default) or "masked" (peer/network/masked_session.py);
-    peers of different kinds never group.
+    peers of different kinds never group. ``max_message_bytes`` is the largest payload the peer
+    publishes; a larger session message goes out as signed chunks (protocol/chunks.py).
     """
 
     group_size: int = NodeConfig.group_size
@@ -64,6 +66,7 @@ class SessionConfig:
     cooldown_s: float = NodeConfig.cooldown_s
     frac_bits: int = FixedPoint.frac_bits
     kind: str = NodeConfig.session_kind  # "shamir" or "masked" (peer/network/session_driver.py)
+    max_message_bytes: int = NodeConfig.max_message_bytes  # 16 KiB..8 MiB; larger: chunked
 
     def __post_init__(self) -> None:
         if self.kind not in SESSION_DRIVERS:
@@ -86,6 +89,7 @@ class SessionConfig:
         # already tight for model updates (crypto.field.FixedPoint.max_abs).
         if not 8 <= self.frac_bits <= 24:
             raise ValueError(f"frac_bits must be in 8..24 (got {self.frac_bits})")
+        check_max_message_bytes(self.max_message_bytes)
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ def node_config(session: SessionConfig, **changes: Any) -> NodeConfig:
         fixed_point=FixedPoint(frac_bits=session.frac_bits),
         cooldown_s=session.cooldown_s,
         session_kind=session.kind,
+        max_message_bytes=session.max_message_bytes,
     )
     return dataclasses.replace(base, **changes)
 

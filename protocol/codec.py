@@ -22,6 +22,8 @@ Security properties:
   (:mod:`protocol.limits`), so a receiver never opens a blob of an impossible size. What needs
   session state (a survivor list against START's members) is
   :func:`protocol.fields.check_survivor_list`.
+* CHUNK (kind 17) is checked field against field (count, index, total_bytes and the exact
+  length of ``data``); reassembling and checking the digest is :mod:`protocol.chunks`.
 
 This module never imports crypto: signing is the caller's ``sign`` callback.
 """
@@ -45,6 +47,7 @@ from protocol.errors import (
 )
 from protocol.fields import (
     _bytes,
+    _chunk_fields,
     _id_list,
     _indices,
     _int,
@@ -90,6 +93,7 @@ from protocol.messages import (
     Accept,
     Announce,
     Body,
+    Chunk,
     Confirm,
     Decline,
     Header,
@@ -215,6 +219,9 @@ def _decode_body(kind: Kind, raw: object, sender: str) -> Body:
         )
     if kind is Kind.ABORT:
         return Abort(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
+    if kind is Kind.CHUNK:
+        return Chunk(*_chunk_fields(v["digest"], v["index"], v["count"], v["total_bytes"],
+                                    v["data"], name))
     return _decode_masked_body(kind, v, sender, name)
 
 

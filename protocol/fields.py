@@ -3,21 +3,25 @@
 Each raises :class:`protocol.errors.FieldError` (or ``SizeLimitError``) naming the field, so a
 receiver can count and log a drop by its exact cause. Used by :mod:`protocol.codec` for the
 header and every body; :func:`check_survivor_list` is for the session, which knows the
-members a SURVIVORS or CONFIRM list must be drawn from.
+members a SURVIVORS or CONFIRM list must be drawn from. :func:`chunk_span` is the one rule
+for which bytes of a message a CHUNK carries (sender, decoder and reassembler share it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from protocol.errors import FieldError, SizeLimitError
 from protocol.limits import (
+    CHUNK_DIGEST_BYTES,
     CONTROL_CHARS_RE,
     EPHEMERAL_PUBLIC_BYTES,
+    MAX_CHUNKS,
     MAX_MEMBERS,
     MAX_PAYLOAD_BYTES,
+    MIN_CHUNK_DATA_BYTES,
     MIN_GROUP_SIZE,
     PEER_ID_RE,
     SEAL_OVERHEAD_BYTES,
@@ -133,3 +137,35 @@ def _indices(value: object, field: str, min_count: int) -> np.ndarray:
     if idx.size < min_count:
         raise FieldError(f"at least {min_count} indices required", field)
     return idx
+
+
+def chunk_span(index: int, count: int, total_bytes: int) -> tuple[int, int]:
+    """The byte range ``[start, end)`` of a ``total_bytes`` message that chunk ``index`` of
+    ``count`` carries: an even split, the first ``total_bytes % count`` chunks one byte longer.
+
+    Every chunk is non-empty when ``count <= total_bytes``, and no chunk is longer than
+    ``ceil(total_bytes / count)``, so a receiver can check each chunk's length exactly.
+    """
+    base, extra = divmod(total_bytes, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def _chunk_fields(
+    digest: object, index: object, count: object, total_bytes: object, data: object,
+    name: Callable[[str], str],
+) -> tuple[bytes, int, int, int, bytes]:
+    """CHUNK's fields, each against the others: 2 <= count <= ceil(total / MIN_CHUNK_DATA_BYTES)
+    (so also <= MAX_CHUNKS), index < count, len(data) exactly its :func:`chunk_span`."""
+    total = _int(total_bytes, name("total_bytes"), MIN_CHUNK_DATA_BYTES + 1, MAX_PAYLOAD_BYTES)
+    most = min(MAX_CHUNKS, -(-total // MIN_CHUNK_DATA_BYTES))
+    chunks = _int(count, name("count"), 2, most)
+    position = _int(index, name("index"), 0, chunks - 1)
+    start, end = chunk_span(position, chunks, total)
+    return (
+        _bytes(digest, name("digest"), CHUNK_DIGEST_BYTES, CHUNK_DIGEST_BYTES),
+        position,
+        chunks,
+        total,
+        _bytes(data, name("data"), end - start, end - start),
+    )

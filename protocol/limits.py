@@ -88,6 +88,33 @@ REVEAL_ENTRY_BYTES: Final = 1 + SECRET_SHARE_BYTES
 MIN_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MIN_GROUP_SIZE * REVEAL_ENTRY_BYTES
 MAX_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MAX_MEMBERS * REVEAL_ENTRY_BYTES
 
+# Chunked messages (issue 14, docs/protocol.md section 11). A message larger than a peer's
+# configured maximum travels as CHUNK messages, each a signed envelope of its own.
+
+#: Smallest maximum message size a peer may be configured with (``max_message_bytes``).
+MIN_MESSAGE_BYTES_LIMIT: Final = 16 * 1024
+
+#: Default maximum message size: at most 256 KB, which EMQX, RabbitMQ and most cloud brokers
+#: accept (Mosquitto's default is far larger).
+DEFAULT_MAX_MESSAGE_BYTES: Final = 256 * 1024
+
+#: An upper bound on what a CHUNK envelope adds to its data: header with 64-character ids, the
+#: digest, three integers, the bin headers and the signature come to 281 bytes at most
+#: (tests/test_chunks.py pins it); the rest is margin. A sender puts at most
+#: ``max_message_bytes - CHUNK_OVERHEAD_BYTES`` data bytes in one chunk.
+CHUNK_OVERHEAD_BYTES: Final = 512
+
+#: Fewest data bytes per chunk a conforming sender can be configured down to. Chunks of one
+#: message are split evenly, so a receiver requires ``count <= ceil(total_bytes /
+#: MIN_CHUNK_DATA_BYTES)``: no flood of tiny chunks.
+MIN_CHUNK_DATA_BYTES: Final = MIN_MESSAGE_BYTES_LIMIT - CHUNK_OVERHEAD_BYTES
+
+#: CHUNK.digest: BLAKE2b-256 of the whole inner wire message.
+CHUNK_DIGEST_BYTES: Final = 32
+
+#: Most chunks one message can be split into (8 MiB in chunks of MIN_CHUNK_DATA_BYTES): 529.
+MAX_CHUNKS: Final = -(-MAX_PAYLOAD_BYTES // MIN_CHUNK_DATA_BYTES)
+
 #: Exact sizes of fixed-width fields.
 SESSION_ID_BYTES: Final = 16
 #: ANNOUNCE.connection / LEAVE.connection: a fresh random id per broker connection.

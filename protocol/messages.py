@@ -10,6 +10,9 @@ session of issue 13 (docs/design/masked-sessions.md), added within wire version 
 and decodable, sent by the node only in masked mode
 (``[session] kind = "masked"``). A receiver that does not speak them drops them as an
 unknown kind, so adding them breaks no peer.
+
+Kind 17, CHUNK (issue 14), carries one numbered piece of a larger signed wire message, so that
+every payload fits a broker's packet limit (protocol/chunks.py; docs/protocol.md section 11).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Kind(IntEnum):
     SURVIVORS = 14
     CONFIRM = 15
     REVEAL = 16
+    # chunked messages (issue 14): a piece of a message larger than the sender's maximum
+    CHUNK = 17
 
 
 #: Kinds that belong to no aggregation session: their header carries an empty session id.
@@ -276,9 +281,27 @@ class Reveal:
     sealed: bytes
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Piece ``index`` of ``count`` of one complete signed wire message (the *inner* message).
+
+    ``digest`` is BLAKE2b-256 of the whole inner message, ``total_bytes`` its length; ``data``
+    is bytes ``chunk_span(index, count, total_bytes)`` of it (an even split,
+    protocol.fields.chunk_span). The inner message is signed (and sealed where private) on its
+    own, so a chunk exposes nothing the whole message would not; the chunk's own envelope is
+    signed too, so a forged or replayed chunk is dropped before it is buffered.
+    """
+
+    digest: bytes
+    index: int
+    count: int
+    total_bytes: int
+    data: bytes
+
+
 Body = (
     Announce | Leave | Invite | Accept | Decline | Start | Share | Partial | Abort
-    | MaskedAccept | MaskedStart | Keys | Masked | Survivors | Confirm | Reveal
+    | MaskedAccept | MaskedStart | Keys | Masked | Survivors | Confirm | Reveal | Chunk
 )
 
 #: The body class of each kind (the codec refuses a body that does not match its header kind).
@@ -299,6 +322,7 @@ BODY_TYPES: Final[dict[Kind, type]] = {
     Kind.SURVIVORS: Survivors,
     Kind.CONFIRM: Confirm,
     Kind.REVEAL: Reveal,
+    Kind.CHUNK: Chunk,
 }
 
 

@@ -1,8 +1,9 @@
 """Byte encodings of sparse vectors: index arrays and float32 value arrays.
 
-Index arrays are sorted, strictly increasing (hence unique) unsigned 32-bit integers stored
-as raw little-endian bytes (4 bytes per index, no header: the count is ``len(bytes) // 4``).
-Value arrays are finite IEEE-754 float32 stored as raw little-endian bytes.
+Index arrays are sorted, strictly increasing (hence unique) unsigned 32-bit integers, stored
+in the shortest of three tagged layouts (raw uint32, LEB128 gaps, bitmap: protocol/index_codec.py
+and docs/protocol.md section 5.1); an empty array is zero bytes. Value arrays are finite
+IEEE-754 float32 stored as raw little-endian bytes.
 
 Security property: the decoders never trust the bytes. They check the length is a multiple of
 the element size, the count against :data:`protocol.limits.MAX_VECTOR_LEN` (before any
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from protocol.errors import FieldError, SizeLimitError
+from protocol.index_codec import decode_layouts, encode_layouts
 from protocol.limits import MAX_VECTOR_LEN
 
 INDEX_BYTES = 4
@@ -76,20 +78,24 @@ def encode_indices(idx: np.ndarray) -> bytes:
     if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
         raise FieldError(f"expected an integer array, got dtype {arr.dtype}", "indices")
     check_indices(arr)
-    return arr.astype(_INDEX_WIRE_DTYPE, copy=False).tobytes()
+    if arr.size == 0:
+        return b""
+    return encode_layouts(arr)
 
 
 def decode_indices(b: bytes, *, max_index: int | None = None, field: str = "indices") -> np.ndarray:
-    """Decode raw little-endian uint32 bytes into a sorted unique ``np.uint32`` array.
+    """Decode a tagged index array (or zero bytes: empty) into a sorted unique ``np.uint32``
+    array.
 
     ``max_index`` is an exclusive upper bound (pass the parameter count); ``None`` checks only
     the uint32 range. Raises FieldError / SizeLimitError naming ``field``; nothing else.
     """
     buf = _as_buffer(b, field)
-    _check_count(len(buf), INDEX_BYTES, field)
-    idx = np.frombuffer(buf, dtype=_INDEX_WIRE_DTYPE).astype(np.uint32)
+    if len(buf) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    idx = decode_layouts(buf, field)
     check_indices(idx, max_index=max_index, field=field)
-    return idx
+    return idx.astype(np.uint32)
 
 
 def encode_f32(values: np.ndarray) -> bytes:

@@ -161,7 +161,9 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
 
     * the header sender equals the topic's sender level;
     * ANNOUNCE / LEAVE arrive on announce topics; MASKED / CONFIRM / REVEAL on session topics,
-      with the header session equal to the topic's; every other kind on direct topics;
+      with the header session equal to the topic's; CHUNK on the direct or session topic of
+      the message it carries (which is checked against the same topic once reassembled);
+      every other kind on direct topics;
     * a SHARE, PARTIAL, KEYS or MASKED_START names the topic's recipient as its recipient.
 
     The caller must additionally check that ``parsed.recipient`` is itself for direct topics
@@ -178,6 +180,8 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
         expected = "announce"
     elif header.kind in SESSION_TOPIC_KINDS:
         expected = "session"
+    elif header.kind is Kind.CHUNK and parsed.kind == "session":
+        expected = "session"  # a piece of a MASKED / CONFIRM / REVEAL
     else:
         expected = "direct"
     if parsed.kind != expected:

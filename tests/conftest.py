@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -106,17 +107,25 @@ def require_mosquitto() -> None:
     pytest.skip("mosquitto binary not installed")
 
 
-@pytest.fixture
-async def mosquitto() -> AsyncIterator[MosquittoBroker]:
-    """A running Mosquitto on a free loopback port; `await m.stop()` / `await m.start()`
-    restart it on the same port."""
+@contextlib.asynccontextmanager
+async def running_mosquitto(extra_config: str = "") -> AsyncIterator[MosquittoBroker]:
+    """A Mosquitto started on a free loopback port for the block, closed after it (lines in
+    ``extra_config`` come after the generated ones, so they override them)."""
     require_mosquitto()
-    broker = MosquittoBroker()
+    broker = MosquittoBroker(extra_config=extra_config)
     await broker.start()
     try:
         yield broker
     finally:
         await broker.close()
+
+
+@pytest.fixture
+async def mosquitto() -> AsyncIterator[MosquittoBroker]:
+    """A running Mosquitto on a free loopback port; `await m.stop()` / `await m.start()`
+    restart it on the same port."""
+    async with running_mosquitto() as broker:
+        yield broker
 
 
 @pytest.fixture

@@ -64,6 +64,12 @@ FAST = NodeConfig(
 def make_trainer(digits_source, one_torch_thread) -> Callable[[int, int], object]:
     """make(index, n): a real LocalTrainer, MLP on a 1/n shard of digits, DP-SGD, top-10 %,
     tiny rounds. Many peers in one process: one intra-op torch thread (tests/conftest.py)."""
+    return shard_trainer_factory(digits_source, topk_fraction=0.1)
+
+
+def shard_trainer_factory(digits_source, *, topk_fraction: float
+                          ) -> Callable[[int, int], object]:
+    """make(index, n) for a 1/n shard of digits: MLP, DP-SGD, tiny rounds, top-k as given."""
     from peer.training.data import split_holdout
     from peer.training.trainer import LocalTrainer, TrainerConfig
 
@@ -74,9 +80,8 @@ def make_trainer(digits_source, one_torch_thread) -> Callable[[int, int], object
         local, holdout = split_holdout(shard, 0.2, index)
         config = TrainerConfig(
             model="mlp", lr=0.1, batch_size=32, local_steps=FAST_STEPS, dp=True,
-            noise_multiplier=1.0,
-            delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6, topk_fraction=0.1, seed=7,
-            share="delta",
+            noise_multiplier=1.0, delta=1e-5, max_grad_norm=1.0, budget_epsilon=1e6,
+            topk_fraction=topk_fraction, seed=7, share="delta",
         )
         return LocalTrainer(config, local, holdout, None)
 
@@ -106,6 +111,15 @@ class Network:
         self.stops.append(stop)
         self.tasks.append(asyncio.create_task(peer.run(stop)))
         return peer
+
+    async def wait_for_more_sessions(self, timeout_s: float, when: str) -> None:
+        """Wait until every peer has completed one more session than it has now."""
+        done_before = [p.counters.sessions_done for p in self.peers]
+        await wait_until(
+            lambda: all(p.counters.sessions_done > b
+                        for p, b in zip(self.peers, done_before, strict=True)),
+            timeout_s, f"peers to keep completing sessions {when}",
+        )
 
     async def close(self) -> None:
         for stop in self.stops:
@@ -412,12 +426,7 @@ async def test_hostile_client_is_dropped_and_counted(mosquitto, make_trainer) ->
             for reason, count in with_marker.items():  # each attack counted once, no more
                 assert after.get(reason, 0) - before.get(reason, 0) == count, (reason, after)
             assert all(p.membership.get("mallory") is None for p in net.peers)
-            done_before = [p.counters.sessions_done for p in net.peers]
-            await wait_until(
-                lambda: all(p.counters.sessions_done > b
-                            for p, b in zip(net.peers, done_before, strict=True)),
-                40, "peers to keep completing sessions after the attack",
-            )
+            await net.wait_for_more_sessions(40, "after the attack")
         finally:
             await net.close()
 

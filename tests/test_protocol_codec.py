@@ -45,6 +45,7 @@ from protocol import (
     decode_message,
     encode_message,
 )
+from protocol.fields import chunk_span
 from protocol.limits import (
     MAX_CERTIFICATE_BYTES,
     MAX_MEMBERS,
@@ -52,6 +53,7 @@ from protocol.limits import (
     MAX_PAYLOAD_BYTES,
     MAX_SEALED_REVEAL_BYTES,
     MAX_STR,
+    MIN_CHUNK_DATA_BYTES,
     MIN_SEALED_BYTES,
     MIN_SEALED_MASKED_BYTES,
     MIN_SEALED_REVEAL_BYTES,
@@ -60,6 +62,7 @@ from protocol.limits import (
     SEALED_KEYS_BYTES,
     SEALED_SESSION_KEY_BYTES,
 )
+from protocol.messages import Chunk
 
 SIGNING_KEY = SigningKey.generate()
 VERIFY_KEY = SIGNING_KEY.verify_key
@@ -167,9 +170,23 @@ def messages(draw: st.DrawFn, kind: Kind) -> tuple[Header, object]:
         )
     elif kind is Kind.ABORT:
         body = Abort(reason=draw(texts))
+    elif kind is Kind.CHUNK:
+        body = draw(chunks())
     else:
         body = draw(masked_bodies(kind, sender))
     return header, body
+
+
+@st.composite
+def chunks(draw: st.DrawFn) -> Chunk:
+    """A valid CHUNK body (protocol/chunks.py): an even split of total_bytes."""
+    total = draw(st.integers(MIN_CHUNK_DATA_BYTES + 1, 3 * MIN_CHUNK_DATA_BYTES))
+    count = draw(st.integers(2, -(-total // MIN_CHUNK_DATA_BYTES)))
+    index = draw(st.integers(0, count - 1))
+    start, end = chunk_span(index, count, total)
+    fill = draw(st.binary(min_size=1, max_size=8))
+    return Chunk(draw(st.binary(min_size=32, max_size=32)), index, count, total,
+                 (fill * (end - start))[: end - start])
 
 
 @st.composite
@@ -257,11 +274,18 @@ def test_sequence_counter_is_strictly_increasing_from_clock() -> None:
 # validation rules: raw wire builder that bypasses encode-side validation
 
 V = PROTOCOL_VERSION
+U4 = "<u4"
+
+def raw_idx(values: list[int]) -> bytes:
+    """An index array in the raw layout (docs/protocol.md section 5.1): tag 00, then uint32s."""
+    return b"\x00" + np.array(values, U4).tobytes()
+
+
 VALID_SIGNED: dict[Kind, list[object]] = {
     Kind.ANNOUNCE: [V, "net", 1, "alice", b"", 7, [b"certificate", "mlp-v1", 1000, bytes(16)]],
     Kind.LEAVE: [V, "net", 2, "alice", b"", 7, ["shutdown", bytes(16)]],
     Kind.INVITE: [V, "net", 3, "alice", SESSION, 7, [5, 3, "mlp-v1", 1000, 16]],
-    Kind.ACCEPT: [V, "net", 4, "bob", SESSION, 7, [np.array([1, 2], "<u4").tobytes()]],
+    Kind.ACCEPT: [V, "net", 4, "bob", SESSION, 7, [raw_idx([1, 2])]],
     Kind.DECLINE: [V, "net", 5, "bob", SESSION, 7, ["busy"]],
     Kind.START: [
         PROTOCOL_VERSION,
@@ -270,18 +294,18 @@ VALID_SIGNED: dict[Kind, list[object]] = {
         "alice",
         SESSION,
         7,
-        [["alice", "bob", "carol"], 2, np.array([1, 2, 3], "<u4").tobytes()],
+        [["alice", "bob", "carol"], 2, raw_idx([1, 2, 3])],
     ],
     Kind.SHARE: [V, "net", 7, "alice", SESSION, 7, ["bob", b"s" * 40]],
     Kind.PARTIAL: [V, "net", 8, "bob", SESSION, 7, ["alice", ["alice", "bob"], b"p" * 40]],
     Kind.ABORT: [V, "net", 9, "alice", SESSION, 7, ["timeout"]],
     Kind.MASKED_ACCEPT: [
-        V, "net", 10, "bob", SESSION, 7, [np.array([1, 2], "<u4").tobytes(), b"e" * 32]
+        V, "net", 10, "bob", SESSION, 7, [raw_idx([1, 2]), b"e" * 32]
     ],
     Kind.MASKED_START: [
         V, "net", 11, "alice", SESSION, 7,
         [
-            ["alice", "bob", "carol"], 2, np.array([1, 2, 3], "<u4").tobytes(),
+            ["alice", "bob", "carol"], 2, raw_idx([1, 2, 3]),
             [b"a" * 32, b"b" * 32, b"c" * 32], "bob", b"k" * SEALED_SESSION_KEY_BYTES,
         ],
     ],
@@ -290,6 +314,7 @@ VALID_SIGNED: dict[Kind, list[object]] = {
     Kind.SURVIVORS: [V, "net", 14, "alice", SESSION, 7, [["alice", "bob"]]],
     Kind.CONFIRM: [V, "net", 15, "bob", SESSION, 7, [["alice", "bob"]]],
     Kind.REVEAL: [V, "net", 16, "bob", SESSION, 7, [b"r" * MIN_SEALED_REVEAL_BYTES]],
+    Kind.CHUNK: [V, "net", 17, "bob", SESSION, 7, [b"d" * 32, 1, 2, 20_001, b"c" * 10_000]],
 }  # fmt: skip
 
 
@@ -318,7 +343,6 @@ def test_valid_raw_examples_decode() -> None:
         assert msg.header.kind is kind
 
 
-U4 = "<u4"
 ANN, INV, ACC, STA, SHA, PAR = (
     Kind.ANNOUNCE,
     Kind.INVITE,
@@ -341,7 +365,7 @@ HEADER_CASES = [
     ("network-newline", INV, 1, "net\n", None, FieldError, "header.network"),
     ("network-bin", INV, 1, b"net", None, FieldError, "header.network"),
     ("kind-zero", INV, 2, 0, None, UnknownKindError, "header.kind"),
-    ("kind-seventeen", INV, 2, 17, None, UnknownKindError, "header.kind"),
+    ("kind-eighteen", INV, 2, 18, None, UnknownKindError, "header.kind"),
     ("kind-2^32", INV, 2, 1 << 32, None, UnknownKindError, "header.kind"),
     ("kind-bool", INV, 2, True, None, FieldError, "header.kind"),
     ("kind-str", INV, 2, "3", None, FieldError, "header.kind"),
@@ -386,8 +410,8 @@ BODY_CASES = [
     ("frac-negative", INV, 6, -1, 4, FieldError, "invite.frac_bits"),
     ("frac-61", INV, 6, 61, 4, FieldError, "invite.frac_bits"),
     ("indices-odd-length", ACC, 6, b"\x01\x00\x00\x00\x02", 0, FieldError, "accept.indices"),
-    ("indices-unsorted", ACC, 6, np.array([2, 1], U4).tobytes(), 0, FieldError, "accept.indices"),
-    ("indices-dup", ACC, 6, np.array([2, 2], U4).tobytes(), 0, FieldError, "accept.indices"),
+    ("indices-unsorted", ACC, 6, raw_idx([2, 1]), 0, FieldError, "accept.indices"),
+    ("indices-dup", ACC, 6, raw_idx([2, 2]), 0, FieldError, "accept.indices"),
     ("indices-array", ACC, 6, [1, 2], 0, FieldError, "accept.indices"),
     ("members-two", STA, 6, ["alice", "bob"], 0, FieldError, "start.members"),
     (
@@ -407,7 +431,7 @@ BODY_CASES = [
     ("start-threshold-4", STA, 6, 4, 1, FieldError, "start.threshold"),
     ("start-threshold-1", STA, 6, 1, 1, FieldError, "start.threshold"),
     ("coordinates-empty", STA, 6, b"", 2, FieldError, "start.coordinates"),
-    ("coordinates-dup", STA, 6, np.array([3, 3], U4).tobytes(), 2, FieldError, "start.coordinates"),
+    ("coordinates-dup", STA, 6, raw_idx([3, 3]), 2, FieldError, "start.coordinates"),
     ("share-recipient", SHA, 6, "Bob", 0, FieldError, "share.recipient"),
     ("share-sealed-short", SHA, 6, b"s" * (MIN_SEALED_BYTES - 1), 1, FieldError, "share.sealed"),
     ("share-sealed-str", SHA, 6, "s" * 40, 1, FieldError, "share.sealed"),
@@ -446,7 +470,7 @@ KEYS3 = [b"a" * 32, b"b" * 32, b"c" * 32]
 # One case per rule of the masked-session bodies (docs/protocol.md section 4, kinds 10-16).
 MASKED_CASES = [
     ("masked-session-empty", MSK, 4, b"", None, FieldError, "header.session"),
-    ("macc-indices-unsorted", MAC, 6, np.array([2, 1], U4).tobytes(), 0, FieldError,
+    ("macc-indices-unsorted", MAC, 6, raw_idx([2, 1]), 0, FieldError,
      "masked_accept.indices"),
     ("macc-key-31", MAC, 6, b"e" * 31, 1, FieldError, "masked_accept.ephemeral_public"),
     ("macc-key-33", MAC, 6, b"e" * 33, 1, SizeLimitError, "masked_accept.ephemeral_public"),

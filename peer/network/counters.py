@@ -31,8 +31,8 @@ class DropCounter:
     counts: Counter[str] = field(default_factory=Counter)
     _last_logged: dict[str, float] = field(default_factory=dict)
 
-    def drop(self, reason: str, detail: str = "") -> None:
-        self.counts[reason] += 1
+    def drop(self, reason: str, detail: str = "", count: int = 1) -> None:
+        self.counts[reason] += count
         now = time.monotonic()
         if now - self._last_logged.get(reason, -1e18) >= self.log_per_reason_s:
             self._last_logged[reason] = now
@@ -64,6 +64,7 @@ class SessionCounters:
     declines_sent: dict[str, int] = field(default_factory=dict)
     late_messages: int = 0  # messages of a session we just finished (surplus partials)
     send_failures: int = 0
+    chunked_sent: int = 0  # messages sent as CHUNKs (larger than max_message_bytes)
 
     def count_abort(self, reason: str) -> None:
         _bump(self.aborts_by_reason, reason)
@@ -141,6 +142,8 @@ class PeerStatus:
     declines_sent: dict[str, int] = field(default_factory=dict)
     late_messages: int = 0
     send_failures: int = 0
+    chunked_sent: int = 0  # messages sent as CHUNKs
+    chunked_received: int = 0  # messages reassembled from CHUNKs (InboundChecks.reassembled)
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0

@@ -5,11 +5,21 @@ certificate (announce, in the membership view) or known sender -> signature -> r
 replay window. The first check that fails raises :class:`peer.network.membership.DropError`
 naming it; the node counts it (``status().drops``). Nothing a broker or a stranger publishes
 gets past these checks into the session state machine, and none of them can crash the peer.
+
+A CHUNK (docs/protocol.md section 11) passes all of them itself before the reassembler
+(protocol/chunks.py) holds it. The message it completes is then checked as if it had arrived
+whole on the same topic (decode, network, topic binding, its own signature, recipient) with
+two differences: its sender and session must be the chunk's (``chunk_inconsistent``), and its
+replay check is skipped. That is sound because every chunk that carried it passed the replay
+window and a signature of that very sender, so a replay of the chunks is already dropped and
+nobody but the sender can make new ones; and it is needed because the inner seq was drawn
+before the chunks' seqs and may lie below the replay window by the time the last chunk lands.
+A sender re-sending its own message gains nothing it could not get by signing a new one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.identity import verify_signature
@@ -17,10 +27,11 @@ from crypto.replay import ReplayWindow
 from peer.network.membership import DropError, MembershipView
 from peer.network.transport import Incoming
 from protocol import messages as m
+from protocol.chunks import ChunkError, ChunkReassembler
 from protocol.codec import SignedMessage, decode_message
 from protocol.errors import ProtocolError, SizeLimitError
 from protocol.limits import MAX_PAYLOAD_BYTES
-from protocol.topics import check_topic_binding, parse_topic
+from protocol.topics import ParsedTopic, check_topic_binding, parse_topic
 
 
 @dataclass
@@ -31,11 +42,14 @@ class InboundChecks:
     peer_id: str
     membership: MembershipView
     replay: ReplayWindow
+    chunks: ChunkReassembler = field(default_factory=ChunkReassembler)
+    reassembled: int = 0  # messages completed from chunks and admitted
 
     def admit(self, incoming: Incoming, now: float) -> SignedMessage | None:
         """The checks of the module docstring, in order; DropError names the first that fails.
 
-        None: the message was fully handled here (our own echo, membership traffic).
+        None: the message was fully handled here (our own echo, membership traffic, a chunk
+        held until its message is complete).
         """
         try:
             parsed = parse_topic(self.network_id, incoming.topic)
@@ -47,21 +61,8 @@ class InboundChecks:
             # MQTT's way to clear a retained message. Unsigned, so anyone on the broker could
             # send it: it removes nobody (only a peer's own signed LEAVE does).
             raise DropError("unsigned_clear", parsed.sender)
-        if len(incoming.payload) > MAX_PAYLOAD_BYTES:
-            raise DropError("oversize")
-        try:
-            msg = decode_message(incoming.payload)
-        except SizeLimitError as exc:
-            raise DropError("oversize", str(exc)) from None
-        except ProtocolError as exc:
-            raise DropError("malformed", str(exc)) from None
+        msg = self._decode_bound(parsed, incoming.payload)
         header = msg.header
-        if header.network != self.network_id:
-            raise DropError("foreign_network", header.network)
-        try:
-            check_topic_binding(parsed, msg)
-        except ProtocolError as exc:
-            raise DropError("topic_mismatch", str(exc)) from None
         if header.kind in (m.Kind.ANNOUNCE, m.Kind.LEAVE):
             # Membership checks certificate, signature and announce ordering itself.
             if header.kind is m.Kind.ANNOUNCE:
@@ -73,19 +74,68 @@ class InboundChecks:
             else:
                 self.membership.on_leave(msg)
             return None
-        member = self.membership.get(header.sender)
-        if member is None:
-            raise DropError("unknown_sender", header.sender)
-        try:
-            verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
-        except SignatureError:
-            raise DropError("bad_signature", header.sender) from None
-        if parsed.recipient is not None and parsed.recipient != self.peer_id:
-            raise DropError("wrong_recipient")
+        self._authenticate(parsed, msg)
         try:
             self.replay.check(header.sender, header.seq)
         except StaleMessageError:
             raise DropError("stale", header.sender) from None
         except ReplayError:
             raise DropError("replay", header.sender) from None
+        if header.kind is m.Kind.CHUNK:
+            return self._on_chunk(parsed, incoming.topic, msg, now)
         return msg
+
+    def expire_chunks(self, now: float) -> int:
+        """Forget unfinished chunked messages past their age; returns how many (drops)."""
+        return self.chunks.expire(now)
+
+    def _decode_bound(self, parsed: ParsedTopic, payload: bytes) -> SignedMessage:
+        """Size, strict decode, network and topic binding."""
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise DropError("oversize")
+        try:
+            msg = decode_message(payload)
+        except SizeLimitError as exc:
+            raise DropError("oversize", str(exc)) from None
+        except ProtocolError as exc:
+            raise DropError("malformed", str(exc)) from None
+        if msg.header.network != self.network_id:
+            raise DropError("foreign_network", msg.header.network)
+        try:
+            check_topic_binding(parsed, msg)
+        except ProtocolError as exc:
+            raise DropError("topic_mismatch", str(exc)) from None
+        return msg
+
+    def _authenticate(self, parsed: ParsedTopic, msg: SignedMessage) -> None:
+        """Known sender, its signature, and a direct topic addressed to us."""
+        sender = msg.header.sender
+        member = self.membership.get(sender)
+        if member is None:
+            raise DropError("unknown_sender", sender)
+        try:
+            verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
+        except SignatureError:
+            raise DropError("bad_signature", sender) from None
+        if parsed.recipient is not None and parsed.recipient != self.peer_id:
+            raise DropError("wrong_recipient")
+
+    def _on_chunk(self, parsed: ParsedTopic, topic: str, chunk: SignedMessage,
+                  now: float) -> SignedMessage | None:
+        """Hold an authenticated chunk; the message it completes, checked (module docstring)."""
+        header = chunk.header
+        assert isinstance(chunk.body, m.Chunk)
+        try:
+            wire = self.chunks.add(header.sender, topic, header.session, chunk.body, now)
+        except ChunkError as exc:
+            raise DropError(exc.drop_reason, f"{header.sender}: {exc.reason}") from None
+        if wire is None:
+            return None
+        inner = self._decode_bound(parsed, wire)
+        if inner.header.kind is m.Kind.CHUNK:
+            raise DropError("chunk_inconsistent", "a chunk inside a chunk")
+        if (inner.header.sender, inner.header.session) != (header.sender, header.session):
+            raise DropError("chunk_inconsistent", "inner sender or session differs")
+        self._authenticate(parsed, inner)
+        self.reassembled += 1
+        return inner

@@ -21,7 +21,9 @@ Every inbound message passes the checks of peer/network/inbound.py (topic, size,
 topic binding, network, certificate or known sender, signature, recipient, replay window)
 before it reaches a session. Each failure is a counted drop with a reason
 (``status().drops``) and a rate-limited log line; nothing on the wire can crash a peer. The
-session itself checks seals, sizes and contributor sets; the merge rule
+session itself checks seals, sizes and contributor sets; a session message larger than
+``NodeConfig.max_message_bytes`` travels as signed CHUNKs, reassembled in bounded memory
+(protocol/chunks.py, peer/network/inbound.py); the merge rule
 (peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
 
 ``NodeConfig.session_kind`` picks the session (peer/network/session_driver.py): "shamir"
@@ -84,9 +86,10 @@ from peer.sharing import SharingStrategy
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from peer.waiting import wait_event
 from protocol import messages as m
+from protocol.chunks import check_max_message_bytes, encode_chunked
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
-from protocol.limits import CONNECTION_ID_BYTES, MAX_MEMBERS, MAX_PAYLOAD_BYTES
+from protocol.limits import CONNECTION_ID_BYTES, MAX_MEMBERS
 from protocol.topics import (
     announce_filter,
     announce_topic,
@@ -137,6 +140,7 @@ class Peer:
         self.config = config or NodeConfig()
         self.on_event = on_event
         cfg = self.config
+        check_max_message_bytes(cfg.max_message_bytes)
         # The session kind (peer/network/session_driver.py) is part of the model id peers
         # group by, so peers of different kinds never meet in a session.
         self.driver = build_driver(cfg)
@@ -206,7 +210,8 @@ class Peer:
             subscriptions=[announce_filter(net), inbox_filter(net, self.peer_id)],
             will=self._will_for_new_connection,
             on_connected=self._on_connected,
-            max_payload=MAX_PAYLOAD_BYTES,
+            # Never more than the broker is meant to carry; larger messages are chunked.
+            max_payload=self.config.max_message_bytes,
         )
 
     def _will_for_new_connection(self) -> WillMessage:
@@ -249,6 +254,7 @@ class Peer:
             messages_sent=t.messages_sent,
             messages_received=t.messages_received,
             reconnects=t.reconnects,
+            chunked_received=self.inbound.reassembled,
             drops=self.drops.snapshot(),
             **copy.deepcopy(vars(self.counters)),
         )
@@ -309,8 +315,16 @@ class Peer:
             # its ledger entry is already on disk, so nothing is forgotten.
             training.cancel()
             tasks = [*tasks, training]
-        # Bounded: a task that ignored its cancellation must not keep the peer from leaving.
-        _done, stuck = await asyncio.wait(tasks, timeout=_TASK_STOP_S)
+        # Bounded, and cancelled again: on Python 3.11 a cancellation that arrives as an awaited
+        # reply does (aiomqtt's PUBACK wait is an asyncio.wait_for) is lost; the loops also end
+        # on _stopping, so a second cancellation finds them asleep.
+        stuck: set[asyncio.Task[None]] = set(tasks)
+        for _attempt in range(3):
+            _done, stuck = await asyncio.wait(stuck, timeout=_TASK_STOP_S / 3)
+            if not stuck:
+                break
+            for task in stuck:
+                task.cancel()
         for task in tasks:
             if task in stuck:
                 log.error("%s: background task %s did not stop in %.0f s", self.peer_id,
@@ -344,7 +358,13 @@ class Peer:
             topic = session_topic(self.network_id, self.peer_id, session_id)
         else:
             topic = direct_topic(self.network_id, self.peer_id, out.recipient)
-        self.outbox.put((topic, payload, False))
+        # Too large for max_message_bytes: signed CHUNKs in order, on the same topic.
+        parts = encode_chunked(payload, max_message_bytes=self.config.max_message_bytes,
+                               network=self.network_id, sender=self.peer_id, session=session_id,
+                               sign=self.identity.sign, next_seq=self.seq.next)
+        self.counters.chunked_sent += int(len(parts) > 1)
+        for part in parts:
+            self.outbox.put((topic, part, False))
 
     def _subscribe_failed(self, session_id: bytes) -> None:
         """The broker refused a session topic: that session cannot work, abort it."""
@@ -605,7 +625,7 @@ class Peer:
             await wait_event(self._wake, 1.0)
 
     async def _ticker_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.tick_s)
             try:
                 self._tick()
@@ -627,12 +647,15 @@ class Peer:
             self._next_expiry = now + 1.0
             for gone in self.membership.expire(now):
                 log.info("%s: %s went silent", self.peer_id, gone)
+            expired = self.inbound.expire_chunks(now)
+            if expired:
+                self.drops.drop("chunk_expired", "unfinished chunked message", expired)
         session = self.session
         if session is not None and now >= session.deadline:
             self._process(self.driver.on_timeout(session, now))
 
     async def _announce_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.announce_interval_s)
             if self.transport.connected.is_set():
                 try:
@@ -641,7 +664,7 @@ class Peer:
                     log.info("%s: announce not sent: %s", self.peer_id, exc)
 
     async def _checkpoint_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.checkpoint_interval_s)
             await self._checkpoint()
 

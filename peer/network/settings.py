@@ -17,6 +17,7 @@ from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
 from peer.network.session_common import Contribution, GroupResult, SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
+from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 
 class Trainer(Protocol):
@@ -80,6 +81,10 @@ class NodeConfig:
     # The masked session's per-phase timeouts; None: derived from ``timeouts``
     # (session_driver.masked_timeouts_from).
     masked_timeouts: MaskedTimeouts | None = None
+    # Largest payload this peer publishes (issue 14): a session message above it goes out as
+    # signed CHUNKs that each fit (protocol/chunks.py). 16 KiB..8 MiB; the default 256 KiB
+    # suits EMQX, RabbitMQ and most cloud brokers. Receivers accept either form.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

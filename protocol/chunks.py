@@ -1,0 +1,270 @@
+"""Chunked wire messages (issue 14): split a signed message to fit a size limit, reassemble it
+in bounded memory. docs/protocol.md section 11 is the normative description.
+
+A peer configured with ``max_message_bytes`` (default 256 KiB, so that EMQX, RabbitMQ and most
+cloud brokers carry every payload) sends a larger message as CHUNK messages
+(:class:`protocol.messages.Chunk`). Each chunk is a complete signed envelope of its own, from
+the same sender, on the same topic and with the same session id as the inner message, with a
+fresh sequence number.
+
+Security properties:
+
+* **No new exposure.** The inner message is the complete signed wire message, sealed where its
+  content is private; a chunk carries a slice of those bytes and nothing else.
+* **Nothing unauthenticated is buffered.** The receiver runs a chunk through every inbound
+  check (known sender, signature, replay window) *before* :meth:`ChunkReassembler.add`, so a
+  stranger cannot make a peer hold a byte, and a replayed chunk is dropped like any replay.
+* **Bounded memory.** :class:`ChunkReassembler` holds at most ``max_buffered_bytes`` of chunk
+  data in all, ``max_sender_bytes`` and ``max_partial_per_sender`` unfinished messages per
+  sender, and forgets an unfinished message ``max_age_s`` after its first chunk. A chunk that
+  would exceed a bound is refused; nothing is evicted, so one sender can never push out
+  another sender's message.
+* **Every bad chunk is a counted drop.** :class:`ChunkError` names the reason
+  (:data:`DROP_REASONS`); the first chunk of a message fixes its count, size, digest, topic and
+  session, and the reassembled bytes must hash to the digest.
+
+Pure: no asyncio, no MQTT, no crypto (signing is the caller's ``sign`` callback); time is
+passed in as ``now``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from protocol.codec import encode_message
+from protocol.errors import ProtocolError, SizeLimitError
+from protocol.fields import chunk_span
+from protocol.limits import (
+    CHUNK_DIGEST_BYTES,
+    CHUNK_OVERHEAD_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MIN_MESSAGE_BYTES_LIMIT,
+)
+from protocol.messages import PROTOCOL_VERSION, Chunk, Header, Kind
+
+__all__ = [
+    "DROP_REASONS",
+    "ChunkError",
+    "ChunkReassembler",
+    "ReassemblyLimits",
+    "check_max_message_bytes",
+    "encode_chunked",
+    "split_wire",
+    "wire_digest",
+]
+
+#: Drop reasons, one per way a chunk is refused (the node counts them in status().drops).
+CHUNK_INCONSISTENT: Final = "chunk_inconsistent"  # disagrees with the message's first chunk
+CHUNK_DUPLICATE: Final = "chunk_duplicate"  # this index of this message is already held
+CHUNK_OVERFLOW: Final = "chunk_overflow"  # would exceed a memory bound
+CHUNK_EXPIRED: Final = "chunk_expired"  # an unfinished message outlived max_age_s
+CHUNK_DIGEST: Final = "chunk_digest"  # the reassembled bytes do not hash to the digest
+DROP_REASONS: Final = (CHUNK_INCONSISTENT, CHUNK_DUPLICATE, CHUNK_OVERFLOW, CHUNK_EXPIRED,
+                       CHUNK_DIGEST)
+
+
+class ChunkError(ProtocolError):
+    """A chunk refused by the reassembler; ``drop_reason`` is one of :data:`DROP_REASONS`."""
+
+    code = "chunk"
+
+    def __init__(self, drop_reason: str, message: str) -> None:
+        super().__init__(message, "chunk")
+        self.drop_reason = drop_reason
+
+
+def wire_digest(wire: bytes) -> bytes:
+    """BLAKE2b-256 of a whole wire message: what CHUNK.digest names."""
+    return hashlib.blake2b(wire, digest_size=CHUNK_DIGEST_BYTES).digest()
+
+
+def check_max_message_bytes(value: int) -> int:
+    """``value`` if it is a usable maximum message size, else ValueError.
+
+    At least MIN_MESSAGE_BYTES_LIMIT (so every chunk carries at least MIN_CHUNK_DATA_BYTES, as
+    receivers require) and at most MAX_PAYLOAD_BYTES (what any receiver accepts whole).
+    """
+    if type(value) is not int or not MIN_MESSAGE_BYTES_LIMIT <= value <= MAX_PAYLOAD_BYTES:
+        raise ValueError(f"max_message_bytes must be an integer in {MIN_MESSAGE_BYTES_LIMIT}.."
+                         f"{MAX_PAYLOAD_BYTES} (got {value!r})")
+    return value
+
+
+def split_wire(wire: bytes, max_message_bytes: int) -> list[Chunk]:
+    """The CHUNK bodies of ``wire``, in order, each of whose signed envelope fits
+    ``max_message_bytes`` (at most ``max_message_bytes - CHUNK_OVERHEAD_BYTES`` data bytes,
+    split evenly by :func:`protocol.fields.chunk_span`).
+
+    ValueError if ``wire`` fits whole (send it as it is), is larger than MAX_PAYLOAD_BYTES, or
+    the limit is unusable (:func:`check_max_message_bytes`).
+    """
+    check_max_message_bytes(max_message_bytes)
+    total = len(wire)
+    if total <= max_message_bytes:
+        raise ValueError(f"{total} bytes fit max_message_bytes={max_message_bytes}: no chunks")
+    if total > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"{total} bytes exceed MAX_PAYLOAD_BYTES={MAX_PAYLOAD_BYTES}")
+    per_chunk = max_message_bytes - CHUNK_OVERHEAD_BYTES
+    count = -(-total // per_chunk)
+    digest = wire_digest(wire)
+    view = memoryview(wire)
+    chunks = []
+    for index in range(count):
+        start, end = chunk_span(index, count, total)
+        chunks.append(Chunk(digest, index, count, total, bytes(view[start:end])))
+    return chunks
+
+
+def encode_chunked(
+    wire: bytes,
+    *,
+    max_message_bytes: int,
+    network: str,
+    sender: str,
+    session: bytes,
+    sign: Callable[[bytes], bytes],
+    next_seq: Callable[[], int],
+) -> list[bytes]:
+    """What to publish for the signed message ``wire``: ``[wire]`` when it fits
+    ``max_message_bytes``, else its CHUNK envelopes in order, each signed with ``sign`` under a
+    fresh ``next_seq()`` and the inner message's ``session`` (16 bytes: only session messages
+    are ever chunked). Every returned payload is at most ``max_message_bytes`` long.
+    """
+    if len(wire) <= max_message_bytes:
+        return [wire]
+    payloads = []
+    for body in split_wire(wire, max_message_bytes):
+        header = Header(PROTOCOL_VERSION, network, Kind.CHUNK, sender, session, next_seq())
+        payload = encode_message(header, body, sign)
+        if len(payload) > max_message_bytes:  # CHUNK_OVERHEAD_BYTES is an upper bound
+            raise SizeLimitError(f"chunk of {len(payload)} bytes exceeds {max_message_bytes}",
+                                 "chunk")
+        payloads.append(payload)
+    return payloads
+
+
+# -------------------------------------------------------------------------------- receiving
+@dataclass(frozen=True)
+class ReassemblyLimits:
+    """Memory bounds of a :class:`ChunkReassembler`.
+
+    ``max_buffered_bytes``: chunk data held in all (default two maximal messages);
+    ``max_sender_bytes``: held for one sender (one maximal message), so a single sender never
+    fills the whole buffer; ``max_partial_per_sender``: unfinished messages per sender (an
+    honest sender completes one message per topic before the next, so a few suffice);
+    ``max_age_s``: an unfinished message is forgotten this long after its first chunk (a hard
+    bound: a sender cannot keep a message alive by trickling chunks).
+    """
+
+    max_buffered_bytes: int = 2 * MAX_PAYLOAD_BYTES
+    max_sender_bytes: int = MAX_PAYLOAD_BYTES
+    max_partial_per_sender: int = 4
+    max_age_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_sender_bytes <= self.max_buffered_bytes:
+            raise ValueError("need 0 < max_sender_bytes <= max_buffered_bytes")
+        if self.max_partial_per_sender < 1 or not self.max_age_s > 0:
+            raise ValueError("need max_partial_per_sender >= 1 and max_age_s > 0")
+
+
+@dataclass
+class _Unfinished:
+    """One message being reassembled; its first chunk fixed everything but ``parts``."""
+
+    topic: str
+    session: bytes
+    count: int
+    total_bytes: int
+    started_at: float
+    parts: dict[int, bytes] = field(default_factory=dict)
+    held: int = 0  # data bytes in parts
+
+
+class ChunkReassembler:
+    """Collects authenticated chunks per (sender, digest) and returns each message once it is
+    whole. Owned by one event loop (not thread-safe); see the module docstring for its bounds.
+    """
+
+    def __init__(self, limits: ReassemblyLimits | None = None) -> None:
+        self.limits = limits or ReassemblyLimits()
+        self._unfinished: dict[tuple[str, bytes], _Unfinished] = {}
+        self._sender_bytes: dict[str, int] = {}
+        self._sender_partials: dict[str, int] = {}
+        self.buffered_bytes = 0
+
+    def __len__(self) -> int:
+        """Unfinished messages held."""
+        return len(self._unfinished)
+
+    def held_by(self, sender: str) -> tuple[int, int]:
+        """(unfinished messages, data bytes) held for ``sender``."""
+        return self._sender_partials.get(sender, 0), self._sender_bytes.get(sender, 0)
+
+    def add(self, sender: str, topic: str, session: bytes, chunk: Chunk,
+            now: float) -> bytes | None:
+        """Hold one chunk that already passed the inbound checks (sender known, signature,
+        replay window). Returns the inner wire message when this chunk completes it (its digest
+        verified), else None; ChunkError when the chunk is refused. A refused chunk leaves
+        the rest of its message held, except on overflow and digest mismatch, which drop the
+        whole message (it can no longer complete).
+        """
+        key = (sender, chunk.digest)
+        entry = self._unfinished.get(key)
+        if entry is None:
+            if self._sender_partials.get(sender, 0) >= self.limits.max_partial_per_sender:
+                raise ChunkError(CHUNK_OVERFLOW, f"{sender} already has "
+                                 f"{self.limits.max_partial_per_sender} unfinished messages")
+            entry = _Unfinished(topic, session, chunk.count, chunk.total_bytes, now)
+        elif (topic, session, chunk.count, chunk.total_bytes) != (
+                entry.topic, entry.session, entry.count, entry.total_bytes):
+            raise ChunkError(CHUNK_INCONSISTENT, "count, size, topic or session differ from "
+                             "the message's first chunk")
+        elif chunk.index in entry.parts:
+            raise ChunkError(CHUNK_DUPLICATE, f"index {chunk.index} of {chunk.count} again")
+        size = len(chunk.data)
+        if (self.buffered_bytes + size > self.limits.max_buffered_bytes
+                or self._sender_bytes.get(sender, 0) + size > self.limits.max_sender_bytes):
+            held = self.buffered_bytes
+            self._forget(key)
+            raise ChunkError(CHUNK_OVERFLOW, f"{size} more bytes do not fit ({held} held)")
+        if key not in self._unfinished:
+            self._unfinished[key] = entry
+            self._sender_partials[sender] = self._sender_partials.get(sender, 0) + 1
+        entry.parts[chunk.index] = chunk.data
+        entry.held += size
+        self.buffered_bytes += size
+        self._sender_bytes[sender] = self._sender_bytes.get(sender, 0) + size
+        if len(entry.parts) < entry.count:
+            return None
+        self._forget(key)
+        wire = b"".join(entry.parts[i] for i in range(entry.count))
+        if wire_digest(wire) != chunk.digest:
+            raise ChunkError(CHUNK_DIGEST, "reassembled bytes do not match the digest")
+        return wire
+
+    def expire(self, now: float) -> int:
+        """Forget every unfinished message older than ``max_age_s``; returns how many (each is
+        one ``chunk_expired`` drop)."""
+        old = [key for key, entry in self._unfinished.items()
+               if now - entry.started_at > self.limits.max_age_s]
+        for key in old:
+            self._forget(key)
+        return len(old)
+
+    def _forget(self, key: tuple[str, bytes]) -> None:
+        entry = self._unfinished.pop(key, None)
+        if entry is None:
+            return
+        sender = key[0]
+        self.buffered_bytes -= entry.held
+        left_bytes = self._sender_bytes[sender] - entry.held
+        left_partials = self._sender_partials[sender] - 1
+        if left_partials:
+            self._sender_bytes[sender] = left_bytes
+            self._sender_partials[sender] = left_partials
+        else:
+            del self._sender_bytes[sender], self._sender_partials[sender]
