@@ -2,11 +2,14 @@
 
 Everything the node sends goes through one :class:`Outbox`, so the broker sees a peer's
 messages in the order the sessions produced them (the protocol relies on per-sender order:
-an INVITE before the SHARE that follows it). Publishes between two subscription changes go out
-together (their QoS 1 acknowledgements overlap); a subscription waits for the broker's SUBACK
-before anything queued after it is sent, so a session's members are subscribed to its topic
-before any of them can publish there. Failures are counted (``send_failures``) and logged, never
-raised: a peer that cannot send keeps running, and its sessions time out.
+an INVITE before the SHARE that follows it). A publish is handed to the MQTT client as soon as
+it is dequeued and its QoS 1 acknowledgement is awaited in the background (at most
+``MAX_IN_FLIGHT`` at a time), so a message queued while earlier ones wait for their PUBACK
+does not wait a broker round trip: that wait sat on every step of a session. A subscription
+waits for the broker's SUBACK before anything queued after it is sent, so a session's members
+are subscribed to its topic before any of them can publish there. Failures are counted
+(``send_failures``) and logged, never raised: a peer that cannot send keeps running, and its
+sessions time out.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: topic, payload, retain
 Publish = tuple[str, bytes, bool]
+
+#: Publishes awaiting their PUBACK at once (paho's own default window is 20; more wait there).
+MAX_IN_FLIGHT = 64
 
 
 @dataclass(frozen=True)
@@ -45,55 +51,58 @@ class Outbox:
         self.peer_id = peer_id
         self.on_subscribe_failed = on_subscribe_failed
         self._queue: asyncio.Queue[Publish | Subscription] = asyncio.Queue()
-        self._sending = False
+        self._busy = False
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     def put(self, item: Publish | Subscription) -> None:
         self._queue.put_nowait(item)
 
     async def drained(self) -> None:
-        """Return once everything queued so far has been handed to the broker."""
-        while not self._queue.empty() or self._sending:
+        """Return once everything queued so far has been handed to the broker and
+        acknowledged (or failed)."""
+        while not self._queue.empty() or self._busy or self._in_flight:
             await asyncio.sleep(0.01)
 
     async def run(self) -> None:
-        """Send queued items in order, a batch at a time, until cancelled."""
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._sending = True
-            try:
-                await self._send_batch(batch)
-            finally:
-                self._sending = False
+        """Send queued items in order until cancelled; then cancel what is still in flight."""
+        try:
+            while True:
+                item = await self._queue.get()
+                self._busy = True
+                try:
+                    if isinstance(item, tuple):
+                        await self._start_publish(item)
+                    else:
+                        await self._change_subscription(item)
+                finally:
+                    self._busy = False
+        finally:
+            for task in self._in_flight:
+                task.cancel()
 
-    async def _send_batch(self, batch: list[Publish | Subscription]) -> None:
-        publishes: list[Publish] = []
-        for item in [*batch, None]:
-            if isinstance(item, tuple):
-                publishes.append(item)
-                continue
-            if publishes:
-                await self._publish_all(publishes)
-                publishes = []
-            if item is None:
-                return
-            change = self.transport.subscribe if item.subscribe else self.transport.unsubscribe
-            if not await change(item.topic_filter) and item.subscribe:
-                self.counters.send_failures += 1
-                self.on_subscribe_failed(item.session_id)
+    async def _start_publish(self, item: Publish) -> None:
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        # Tasks take their first step in creation order, and that step hands the packet to
+        # paho, so packets leave in queue order.
+        task = asyncio.create_task(self._publish(item))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
-    async def _publish_all(self, batch: list[Publish]) -> None:
-        # Tasks start in creation order, so paho queues the packets in batch order.
-        results = await asyncio.gather(
-            *(self.transport.publish(t, p, retain=r) for t, p, r in batch),
-            return_exceptions=True,
-        )
-        for (topic, _p, _r), res in zip(batch, results, strict=True):
-            if isinstance(res, NotConnectedError | PayloadTooLargeError):
-                self.counters.send_failures += 1
-                log.info("%s: could not send on %s: %s", self.peer_id, topic, res)
-            elif isinstance(res, BaseException):
-                self.counters.send_failures += 1
-                log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, res)
+    async def _publish(self, item: Publish) -> None:
+        topic, payload, retain = item
+        try:
+            await self.transport.publish(topic, payload, retain=retain)
+        except (NotConnectedError, PayloadTooLargeError) as exc:
+            self.counters.send_failures += 1
+            log.info("%s: could not send on %s: %s", self.peer_id, topic, exc)
+        except Exception as exc:
+            self.counters.send_failures += 1
+            log.error("%s: unexpected send error on %s: %r", self.peer_id, topic, exc)
+
+    async def _change_subscription(self, item: Subscription) -> None:
+        await asyncio.sleep(0)  # publishes queued before it reach the client first
+        change = self.transport.subscribe if item.subscribe else self.transport.unsubscribe
+        if not await change(item.topic_filter) and item.subscribe:
+            self.counters.send_failures += 1
+            self.on_subscribe_failed(item.session_id)
