@@ -35,6 +35,9 @@ from protocol.limits import ID_PATTERN, is_valid_id
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _HEX_KEY_CHARS = 64  # a 32-byte Ed25519 public key in hex
+# Largest partial view (docs/design/partial-view.md): beyond 64 x view_size peers one bucket
+# holds more than a view, so a larger value would only ever mean "every bucket".
+MAX_VIEW_SIZE = 4096
 
 # Largest file read as a small text value (admission public key, broker password).
 _MAX_SMALL_FILE = 4096
@@ -146,6 +149,7 @@ class PeerConfig:
     announce_interval_s: float = 30.0
     silence_expiry_s: float = 120.0
     clock_skew_s: float = 300.0
+    view_size: int = 0  # 0: follow every peer; > 0: a partial view of about that many peers
     status_interval_s: float = 1.0
     checkpoint_interval_s: float = 60.0
     log_level: str = "INFO"
@@ -308,8 +312,8 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
 _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
     "data", "evaluate", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
-    "clock_skew_s", "status_interval_s", "checkpoint_interval_s", "log_level", "broker",
-    "training", "session", "pace",
+    "clock_skew_s", "view_size", "status_interval_s", "checkpoint_interval_s", "log_level",
+    "broker", "training", "session", "pace",
 }
 
 
@@ -354,6 +358,10 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     skew = _take(top, "clock_skew_s", float, "", 300.0)
     if not 0 <= skew <= 86_400:
         raise ConfigError(f"clock_skew_s: must be in [0, 86400] seconds, got {skew:g}")
+    view_size = _take(top, "view_size", int, "", 0)
+    if not 0 <= view_size <= MAX_VIEW_SIZE:
+        raise ConfigError(f"view_size: must be 0 (follow every peer) or a view of 1 to "
+                          f"{MAX_VIEW_SIZE} peers, got {view_size}")
     status_interval = _positive(_take(top, "status_interval_s", float, "", 1.0),
                                 "status_interval_s", 3600.0)
     checkpoint_interval = _positive(_take(top, "checkpoint_interval_s", float, "", 60.0),
@@ -383,6 +391,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         announce_interval_s=announce,
         silence_expiry_s=silence,
         clock_skew_s=skew,
+        view_size=view_size,
         status_interval_s=status_interval,
         checkpoint_interval_s=checkpoint_interval,
         log_level=log_level,

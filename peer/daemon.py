@@ -226,6 +226,7 @@ def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) 
         clock_skew_s=cfg.clock_skew_s,
         checkpoint_interval_s=cfg.checkpoint_interval_s,
         pacing=pacing_config(cfg),
+        view=dataclasses.replace(NodeConfig().view, view_size=cfg.view_size),
     )
     return build_peer(
         identity=identity,

@@ -2,7 +2,8 @@
 
 ::
 
-    murmur/{network}/{peer}/announce          retained, signed ANNOUNCE / LEAVE; empty = gone
+    murmur/{network}/{peer}/announce/{bb}     retained, signed ANNOUNCE / LEAVE; empty = gone
+                                              (bb: the peer's bucket, protocol/buckets.py)
     murmur/{network}/{sender}/to/{recipient}  direct messages from sender to recipient
     murmur/{network}/{sender}/session/{hex}   MASKED / CONFIRM / REVEAL of one masked session
                                               (32 lower-case hex digits of the session id)
@@ -10,12 +11,17 @@
 Every topic a peer publishes to starts with ``murmur/{network}/{peer}/``, so a plain broker
 ACL such as Mosquitto's ``pattern write murmur/NET/%u/#`` confines each peer to its own topics.
 Only standard MQTT 3.1.1 features are used (retained messages, last will, ``+`` wildcards).
+A peer follows every announcement (:func:`announce_filter`), a few buckets of them
+(:func:`bucket_filter`) or one peer's (:func:`announce_topic`, the lookup of a sender it has
+not heard of; docs/design/partial-view.md).
 
 Security property: the topic is *routing*, not authentication. :func:`parse_topic` checks the
 layout and ids strictly, and :func:`check_topic_binding` checks that the signed header agrees
 with the topic (same sender; a direct message is for the subscriber; the kind belongs on that
 topic), so a message cannot be replayed under another peer's topic or redirected to another
-recipient without the receiver noticing. A session topic names its session, and only the
+recipient without the receiver noticing. An announce topic's bucket level must be its
+sender's bucket, so each peer has exactly one announce topic and a lookup of that topic finds
+every announcement the peer made. A session topic names its session, and only the
 three masked-session broadcast kinds of that very session belong on it, so a MASKED or REVEAL
 cannot be moved into another session's stream, and no direct message is ever broadcast there.
 """
@@ -26,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from protocol.buckets import bucket_level, bucket_of, parse_bucket_level
 from protocol.errors import FieldError
 from protocol.limits import SESSION_ID_BYTES, is_valid_id
 from protocol.messages import (
@@ -60,8 +67,11 @@ def _checked_id(value: object, what: str) -> str:
 
 
 def announce_topic(network: str, peer: str) -> str:
-    """The peer's retained announce topic (also its last-will topic)."""
-    return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/{_checked_id(peer, 'peer')}/announce"
+    """The peer's retained announce topic (also its last-will topic), in its bucket."""
+    network = _checked_id(network, "network")
+    peer = _checked_id(peer, "peer")
+    level = bucket_level(bucket_of(network, peer))
+    return f"{TOPIC_ROOT}/{network}/{peer}/{ANNOUNCE_LEVEL}/{level}"
 
 
 def direct_topic(network: str, sender: str, recipient: str) -> str:
@@ -95,8 +105,14 @@ def session_filter(network: str, session_id: bytes) -> str:
 
 
 def announce_filter(network: str) -> str:
-    """Subscription filter matching every peer's announce topic in ``network``."""
-    return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{ANNOUNCE_LEVEL}"
+    """Subscription filter matching every peer's announce topic in ``network`` (every bucket)."""
+    return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{ANNOUNCE_LEVEL}/+"
+
+
+def bucket_filter(network: str, bucket: int) -> str:
+    """Subscription filter matching the announce topics of the peers in one bucket."""
+    network = _checked_id(network, "network")
+    return f"{TOPIC_ROOT}/{network}/+/{ANNOUNCE_LEVEL}/{bucket_level(bucket)}"
 
 
 def inbox_filter(network: str, me: str) -> str:
@@ -127,27 +143,31 @@ def parse_topic(network: str, topic: str) -> ParsedTopic:
     """Parse a topic of ``network``; FieldError (field ``"topic"``) for anything else.
 
     Rejects other networks, wrong roots, extra or missing levels, empty levels, wildcards,
-    ids that do not match the id rule and session levels that are not exactly 32 lower-case
-    hex digits (so one session has exactly one topic per sender).
+    ids that do not match the id rule, session levels that are not exactly 32 lower-case
+    hex digits (so one session has exactly one topic per sender) and announce topics whose
+    bucket level is not the sender's bucket (so one peer has exactly one announce topic).
     """
     if not isinstance(topic, str):
         raise FieldError(f"expected a str, got {type(topic).__name__}", "topic")
     levels = topic.split("/")
-    if len(levels) not in (4, 5) or levels[0] != TOPIC_ROOT:
+    if len(levels) != 5 or levels[0] != TOPIC_ROOT:
         raise FieldError(f"not a murmur topic: {topic[:200]!r}", "topic")
     if levels[1] != network:
         raise FieldError(f"topic of another network: {topic[:200]!r}", "topic")
     sender = levels[2]
     if not is_valid_id(sender):
         raise FieldError(f"invalid sender id in topic {topic[:200]!r}", "topic")
-    if len(levels) == 4 and levels[3] == ANNOUNCE_LEVEL:
+    if levels[3] == ANNOUNCE_LEVEL:
+        bucket = parse_bucket_level(levels[4])
+        if bucket is None or bucket != bucket_of(network, sender):
+            raise FieldError(f"not the sender's announce bucket: {topic[:200]!r}", "topic")
         return ParsedTopic(kind="announce", sender=sender, recipient=None)
-    if len(levels) == 5 and levels[3] == DIRECT_LEVEL:
+    if levels[3] == DIRECT_LEVEL:
         recipient = levels[4]
         if not is_valid_id(recipient):
             raise FieldError(f"invalid recipient id in topic {topic[:200]!r}", "topic")
         return ParsedTopic(kind="direct", sender=sender, recipient=recipient)
-    if len(levels) == 5 and levels[3] == SESSION_LEVEL:
+    if levels[3] == SESSION_LEVEL:
         if _SESSION_HEX_RE.fullmatch(levels[4]) is None:
             raise FieldError(f"invalid session level in topic {topic[:200]!r}", "topic")
         return ParsedTopic(

@@ -223,11 +223,11 @@ async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path
         ):
             await alice.subscribe("murmur/demo/+/to/alice", qos=1)
             await alice.subscribe("murmur/demo/+/to/bob", qos=1)  # not readable by alice
-            await alice.subscribe("murmur/demo/+/announce", qos=1)
+            await alice.subscribe("murmur/demo/+/announce/+", qos=1)  # every bucket
             await bob.publish("murmur/demo/alice/to/alice", b"forged sender", qos=1)
-            await bob.publish("murmur/demo/alice/announce", b"forged announce", qos=1)
+            await bob.publish("murmur/demo/alice/announce/2a", b"forged announce", qos=1)
             await bob.publish("murmur/demo/bob/to/bob", b"bob's own inbox", qos=1)
-            await bob.publish("murmur/demo/bob/announce", b"announce", qos=1)
+            await bob.publish("murmur/demo/bob/announce/20", b"announce", qos=1)
             await bob.publish("murmur/demo/bob/to/alice", b"hello", qos=1)
             received: list[tuple[str, bytes]] = []
             async with asyncio.timeout(10):
@@ -237,7 +237,7 @@ async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path
                     if message.payload == b"hello":
                         break
             # Publishes from one client arrive in order: everything before "hello" was seen.
-            assert received == [("murmur/demo/bob/announce", b"announce"),
+            assert received == [("murmur/demo/bob/announce/20", b"announce"),
                                 ("murmur/demo/bob/to/alice", b"hello")]
     finally:
         broker.terminate()

@@ -85,6 +85,9 @@ def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> 
     assert cfg.broker.endpoint() == ("broker.example", 8883, True)
     assert (cfg.broker.username, cfg.broker.password) == ("alice", "s3cret")
     assert cfg.data == "digits" and cfg.holdout_fraction == 0.2
+    assert cfg.view_size == 0  # the full view unless asked
+    partial = load_config(write(network_dir, MINIMAL + "view_size = 24\n" + TRAINING, "v.toml"))
+    assert partial.view_size == 24
 
 
 @pytest.mark.parametrize(
@@ -96,6 +99,9 @@ def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> 
         ('log_level = "LOUD"\n', "log_level: must be one of"),
         ("silence_expiry_s = 10.0\n", "must exceed announce_interval_s"),
         ("announce_interval_s = -1\n", "announce_interval_s: must be in (0"),
+        ("view_size = -1\n", "view_size: must be 0 (follow every peer) or a view of 1 to"),
+        ("view_size = 5000\n", "view_size: must be 0"),
+        ("view_size = 2.5\n", "view_size: expected an integer"),
         ('data = "parquet:x"\n', "data: 'parquet:x' is not a data source"),
         ('data = "csv:missing.csv"\n', "missing.csv does not exist"),
         ("[session]\nthreshold = 4\n", "session: threshold must be in 2..group_size=3"),

@@ -294,6 +294,14 @@ async def test_every_member_rebuilds_the_exact_sum_and_the_broker_learns_nothing
 
             await wait_until(lambda: len(ends()) == group_size, 30,
                              "every member to end the session")
+
+            def masked_seen() -> int:
+                return sum(isinstance(msg.body, m.Masked)
+                           for msg in session_messages(sniffer.records, sid))
+
+            # The sniffer shares the event loop with g peers and may lag behind them.
+            await wait_until(lambda: masked_seen() == group_size, 20,
+                             "the sniffer to record every MASKED")
         finally:
             await net.close()
     done = ends()

@@ -159,6 +159,24 @@ def test_replayed_older_announce_is_stale_and_same_one_is_idempotent(
     assert view.on_announce(_announce(alice, cert, seq=30), NOW + 7).seq == 30
 
 
+def test_a_forgotten_peer_comes_back_with_its_last_announcement_not_an_older_one(
+    admission: AdmissionKey,
+) -> None:
+    view = _view(admission)
+    alice, cert = _peer(admission, "alice")
+    first = _announce(alice, cert, seq=10)
+    second = _announce(alice, cert, seq=20)
+    view.on_announce(first, NOW)
+    view.on_announce(second, NOW + 1)
+    assert view.forget(["alice", "bob"]) == ["alice"]  # bob was never in the view
+    assert "alice" not in view and view.peer_ids() == []
+    assert _drop_reason(view, first, NOW + 2) == "stale_announce"
+    assert view.on_announce(second, NOW + 3).last_seen == NOW + 3  # the retained copy
+    view.forget(["alice"])  # forgotten again: a newer announcement re-admits it too
+    assert view.on_announce(_announce(alice, cert, seq=30), NOW + 4).seq == 30
+    assert _drop_reason(view, second, NOW + 5) == "stale_announce"
+
+
 def test_signed_leave_removes_and_forged_leave_is_dropped(admission: AdmissionKey) -> None:
     view = _view(admission)
     alice, cert = _peer(admission, "alice")

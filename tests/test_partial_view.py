@@ -108,3 +108,13 @@ def test_view_config_rejects_nonsense() -> None:
         ViewConfig(rotate_s=0)
     with pytest.raises(ValueError):
         ViewConfig(lookup_held=0)
+
+
+def test_empty_buckets_do_not_make_a_network_look_small() -> None:
+    # 20 peers, a view of 4: one empty bucket must not switch to every bucket (20 > 2 x 4).
+    rng = random.Random(0)
+    assert plan_follow(Following(buckets=[5]), {5: 0}, 4, rng) not in (None, ALL_BUCKETS)
+    # ... but eight empty buckets of 64 do (at most about 8 peers expected).
+    assert plan_follow(Following(buckets=list(range(8))), {}, 4, rng) == ALL_BUCKETS
+    following, view = simulate(20, 4, seed=3)
+    assert not following.everything and 4 <= view < 20

@@ -39,6 +39,7 @@ from protocol.topics import (
     ParsedTopic,
     announce_filter,
     announce_topic,
+    bucket_filter,
     check_topic_binding,
     direct_topic,
     inbox_filter,
@@ -59,9 +60,10 @@ def make(kind: Kind, sender: str, body: object, session: bytes = SESSION) -> Sig
 
 
 def test_layout() -> None:
-    assert announce_topic("net", "alice") == "murmur/net/alice/announce"
+    assert announce_topic("net", "alice") == "murmur/net/alice/announce/3c"  # its bucket
     assert direct_topic("net", "alice", "bob") == "murmur/net/alice/to/bob"
-    assert announce_filter("net") == "murmur/net/+/announce"
+    assert announce_filter("net") == "murmur/net/+/announce/+"
+    assert bucket_filter("net", 10) == "murmur/net/+/announce/0a"
     assert inbox_filter("net", "bob") == "murmur/net/+/to/bob"
     assert own_topics_filter("net", "alice") == "murmur/net/alice/#"
     sid, sid_hex = bytes(range(16)), "000102030405060708090a0b0c0d0e0f"
@@ -96,6 +98,7 @@ def test_builders_reject_bad_ids(bad: str) -> None:
         lambda: direct_topic("net", bad, "bob"),
         lambda: direct_topic("net", "alice", bad),
         lambda: announce_filter(bad),
+        lambda: bucket_filter(bad, 0),
         lambda: inbox_filter("net", bad),
         lambda: own_topics_filter("net", bad),
         lambda: session_topic(bad, "alice", SESSION),
@@ -110,19 +113,24 @@ def test_builders_reject_bad_ids(bad: str) -> None:
 @pytest.mark.parametrize(
     "topic",
     [
-        "murmur/other/alice/announce",  # other network
-        "mumur/net/alice/announce",  # wrong root
-        "murmur/net/alice/announce/x",  # extra level
+        "murmur/other/alice/announce/3c",  # other network
+        "mumur/net/alice/announce/3c",  # wrong root
+        "murmur/net/alice/announce",  # no bucket level (the layout before issue 14)
+        "murmur/net/alice/announce/3c/x",  # extra level
+        "murmur/net/alice/announce/3d",  # another bucket than alice's
+        "murmur/net/alice/announce/3C",  # upper case
+        "murmur/net/alice/announce/40",  # past the last bucket
+        "murmur/net/alice/announce/+",  # wildcard is a filter, not a topic
         "murmur/net/alice",  # missing level
-        "murmur/net//announce",  # empty sender
-        "murmur/net/+/announce",  # wildcard is a filter, not a topic
-        "murmur/net/Alice/announce",  # invalid id
+        "murmur/net//announce/3c",  # empty sender
+        "murmur/net/+/announce/3c",  # wildcard is a filter, not a topic
+        "murmur/net/Alice/announce/3c",  # invalid id
         "murmur/net/alice/to",  # direct without recipient
         "murmur/net/alice/to/",  # empty recipient
         "murmur/net/alice/to/Bob",  # invalid recipient
         "murmur/net/alice/from/bob",  # unknown level
         "murmur/net/alice/to/bob/x",  # extra level
-        "/murmur/net/alice/announce",  # leading slash
+        "/murmur/net/alice/announce/3c",  # leading slash
         "",
     ],
 )
@@ -168,16 +176,16 @@ def test_parse_rejects_bad_session_topics(topic: str) -> None:
 
 def test_parse_rejects_non_str() -> None:
     with pytest.raises(FieldError):
-        parse_topic("net", b"murmur/net/alice/announce")  # type: ignore[arg-type]
+        parse_topic("net", b"murmur/net/alice/announce/3c")  # type: ignore[arg-type]
 
 
 def test_binding_accepts_matching_topics() -> None:
     check_topic_binding(
-        parse_topic("net", "murmur/net/alice/announce"),
+        parse_topic("net", "murmur/net/alice/announce/3c"),
         make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10, bytes(16))),
     )
     check_topic_binding(
-        parse_topic("net", "murmur/net/alice/announce"),
+        parse_topic("net", "murmur/net/alice/announce/3c"),
         make(Kind.LEAVE, "alice", Leave("bye", bytes(16))),
     )
     check_topic_binding(
@@ -201,13 +209,13 @@ def test_binding_accepts_matching_topics() -> None:
             lambda: make(Kind.PARTIAL, "bob", Partial("alice", ("alice",), b"p" * 40)),
         ),
         # session traffic on the announce topic, announcements on a direct topic
-        ("murmur/net/alice/announce", lambda: make(Kind.ABORT, "alice", Abort("x"))),
+        ("murmur/net/alice/announce/3c", lambda: make(Kind.ABORT, "alice", Abort("x"))),
         (
             "murmur/net/alice/to/bob",
             lambda: make(Kind.ANNOUNCE, "alice", Announce(b"cert", "m", 10, bytes(16))),
         ),
         (
-            "murmur/net/alice/announce",
+            "murmur/net/alice/announce/3c",
             lambda: make(
                 Kind.START, "alice", Start(("alice", "bob", "carol"), 2, np.array([1], np.uint32))
             ),

@@ -42,6 +42,7 @@ import pytest
 from aiomqtt.exceptions import MqttConnectError
 
 from peer.network.transport import BrokerSettings
+from protocol.topics import announce_filter, announce_topic
 from sim.broker import (
     DEFAULT_MOSQUITTO_BINARY,
     LOOPBACK,
@@ -282,7 +283,7 @@ class SecuredMosquitto:
         # The shipped configuration and the guide's file modes must load without complaint,
         # except for the warnings the ACL explains (all-peers read rules have no %u).
         # The readiness probe (a bare TCP connect, no TLS handshake) leaves two expected lines.
-        expected = (f"'murmur/{self.network}/+/announce' does not contain",
+        expected = (f"'murmur/{self.network}/+/announce/+' does not contain",
                     f"'murmur/{self.network}/+/session/+' does not contain",
                     "unexpected eof while reading", "Client <unknown> disconnected")
         problems = [line for line in self.log_text().splitlines()
@@ -434,32 +435,33 @@ async def test_peer_refuses_broker_outside_the_network_ca(
 
 async def test_peer_with_credentials_connects_and_talks(broker: SecuredMosquitto) -> None:
     async with client_for(broker, "bob") as bob, client_for(broker, "alice") as alice:
-        await bob.subscribe(topic("+", "announce"), qos=1)
+        await bob.subscribe(announce_filter(NETWORK), qos=1)
         await bob.subscribe(topic("+", "to", "bob"), qos=1)
         await alice.publish(topic("alice", "to", "bob"), b"hello bob", qos=1)
-        await alice.publish(topic("alice", "announce"), b"alice here", qos=1)
-        received = await collect_until(bob, topic("alice", "announce"), b"alice here")
+        await alice.publish(announce_topic(NETWORK, "alice"), b"alice here", qos=1)
+        received = await collect_until(bob, announce_topic(NETWORK, "alice"), b"alice here")
     assert (topic("alice", "to", "bob"), b"hello bob") in received
 
 
 async def test_peer_cannot_publish_into_another_peers_topics(broker: SecuredMosquitto) -> None:
     async with client_for(broker, "carol") as carol, client_for(broker, "alice") as alice:
-        await carol.subscribe(topic("+", "announce"), qos=1)
+        await carol.subscribe(announce_filter(NETWORK), qos=1)
         await carol.subscribe(topic("+", "to", "carol"), qos=1)
         # Alice pretends to be Bob: his announcement, a direct message from him, and a topic
         # outside the Murmur tree altogether.
         forged = [
-            (topic("bob", "announce"), b"forged announcement"),
+            (announce_topic(NETWORK, "bob"), b"forged announcement"),
             (topic("bob", "to", "carol"), b"forged share"),
             (f"murmur/{NETWORK}/carol/to/carol", b"forged self-message"),
-            ("murmur/othernet/alice/announce", b"other network"),
+            (announce_topic("othernet", "alice"), b"other network"),
         ]
         for forged_topic, payload in forged:
             # QoS 1 is acknowledged (MQTT 3.1.1 has no way to say "denied") but not delivered.
             await alice.publish(forged_topic, payload, qos=1)
         await alice.publish(topic("alice", "to", "carol"), b"legit share", qos=1)
-        await alice.publish(topic("alice", "announce"), b"legit announcement", qos=0)
-        received = await collect_until(carol, topic("alice", "announce"), b"legit announcement")
+        await alice.publish(announce_topic(NETWORK, "alice"), b"legit announcement", qos=0)
+        received = await collect_until(carol, announce_topic(NETWORK, "alice"),
+                                       b"legit announcement")
 
     assert (topic("alice", "to", "carol"), b"legit share") in received
     delivered_payloads = {payload for _topic, payload in received}
@@ -472,13 +474,13 @@ async def test_forged_retained_announcement_does_not_replace_the_real_one(
     broker: SecuredMosquitto,
 ) -> None:
     async with client_for(broker, "bob") as bob:
-        await bob.publish(topic("bob", "announce"), b"bob real", qos=1, retain=True)
+        await bob.publish(announce_topic(NETWORK, "bob"), b"bob real", qos=1, retain=True)
     async with client_for(broker, "alice") as alice:
-        await alice.publish(topic("bob", "announce"), b"bob forged", qos=1, retain=True)
+        await alice.publish(announce_topic(NETWORK, "bob"), b"bob forged", qos=1, retain=True)
         # An empty retained payload would erase Bob's announcement (it means "peer gone").
-        await alice.publish(topic("bob", "announce"), b"", qos=1, retain=True)
+        await alice.publish(announce_topic(NETWORK, "bob"), b"", qos=1, retain=True)
     async with client_for(broker, "carol") as carol:
-        await carol.subscribe(topic("bob", "announce"), qos=1)
+        await carol.subscribe(announce_topic(NETWORK, "bob"), qos=1)
         message = await asyncio.wait_for(anext(aiter(carol.messages)), DELIVERY_TIMEOUT_S)
         assert bytes(message.payload) == b"bob real"  # type: ignore[arg-type]
         assert message.retain
@@ -501,17 +503,17 @@ async def test_last_will_on_another_peers_topic_is_not_published(
     # it too: Alice's will on Bob's announce topic (an empty payload would tell every peer
     # that Bob left) is dropped, while her will on her own topic is delivered.
     forged = client_for(broker, "alice")
-    forged._client.will_set(topic("bob", "announce"), b"", qos=1, retain=True)
+    forged._client.will_set(announce_topic(NETWORK, "bob"), b"", qos=1, retain=True)
     honest = client_for(broker, "alice")
-    honest._client.will_set(topic("alice", "announce"), b"alice gone", qos=1, retain=False)
+    honest._client.will_set(announce_topic(NETWORK, "alice"), b"alice gone", qos=1, retain=False)
     async with client_for(broker, "carol") as carol:
-        await carol.subscribe(topic("+", "announce"), qos=1)
+        await carol.subscribe(announce_filter(NETWORK), qos=1)
         await forged.__aenter__()
         await abandon_connection(forged)
         await honest.__aenter__()
         await abandon_connection(honest)
-        received = await collect_until(carol, topic("alice", "announce"), b"alice gone")
-    assert received == [(topic("alice", "announce"), b"alice gone")]
+        received = await collect_until(carol, announce_topic(NETWORK, "alice"), b"alice gone")
+    assert received == [(announce_topic(NETWORK, "alice"), b"alice gone")]
 
 
 async def test_peer_cannot_read_another_peers_inbox(broker: SecuredMosquitto) -> None:
@@ -581,7 +583,7 @@ def test_provisioned_acl_has_exactly_the_shipped_rules() -> None:
     assert acl_rules(mosquitto_acl(NETWORK)) == shipped
     assert shipped == {
         f"pattern write murmur/{NETWORK}/%u/#",
-        f"pattern read murmur/{NETWORK}/+/announce",
+        f"pattern read murmur/{NETWORK}/+/announce/+",
         f"pattern read murmur/{NETWORK}/+/to/%u",
         f"pattern read murmur/{NETWORK}/+/session/+",
     }

@@ -130,6 +130,8 @@ class PeerStatus:
     rounds_total: int = 0  # since the peer was created (checkpoint), this run included
     sessions_total: int = 0  # completed sessions since the peer was created, this run included
     peers_live: int = 0
+    view_peers: int = 0  # peers in the membership view (live or not yet expired)
+    view_buckets: int = -1  # announcement buckets followed; -1: every one (the full view)
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------
     round: int = 0
@@ -144,6 +146,7 @@ class PeerStatus:
     send_failures: int = 0
     chunked_sent: int = 0  # messages sent as CHUNKs
     chunked_received: int = 0  # messages reassembled from CHUNKs (InboundChecks.reassembled)
+    lookups: int = 0  # peers outside a partial view looked up (peer/network/view_loop.py)
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0

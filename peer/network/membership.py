@@ -13,6 +13,11 @@ Security properties:
   dropped (``stale_announce``; an exact copy of the current one is accepted as a no-op), and
   that memory outlives the peer's departure: a replayed old announcement can neither roll back
   a peer's model or certificate nor bring a departed peer back.
+* A peer following only part of the network (docs/design/partial-view.md) may
+  :meth:`MembershipView.forget` peers it no longer follows. That is local bookkeeping, not a
+  removal by anyone else: the forgotten peer may come back with the very announcement it was
+  forgotten at (the broker's retained copy, which a lookup or a re-followed bucket delivers),
+  but never with an older one.
 * Only the peer itself can remove itself: a peer is forgotten on a LEAVE signed by its
   certified key that names the connection id of its current announcement (its graceful leave,
   or the last will it signed when it opened that connection), or after ``silence_expiry_s``
@@ -97,6 +102,9 @@ class MembershipView:
         # replayed old announcement cannot bring it back. Only admitted (certified) ids get an
         # entry, so the admission key bounds its size.
         self._highest_seq: dict[str, int] = {}
+        # Peers dropped by forget() -> the seq of the announcement they were dropped at: that
+        # announcement (and nothing older) may re-admit them. Bounded like _highest_seq.
+        self._forgotten: dict[str, int] = {}
         self._random = secrets.SystemRandom()
 
     # --------------------------------------------------------------------------- admission
@@ -151,11 +159,14 @@ class MembershipView:
             # reconnect): it proves nothing new about liveness.
             return current
         highest = self._highest_seq.get(cert.peer_id)
+        if highest is not None and seq == highest and self._forgotten.get(cert.peer_id) == seq:
+            highest = None  # the announcement it was forgotten at, seen again: not a rollback
         if highest is not None and seq <= highest:
             # Older than what this peer already sent (or a copy of an announcement whose peer
             # has since left or gone silent): a replay must not roll the view back.
             raise DropError("stale_announce", f"{cert.peer_id!r} seq {seq} <= {highest}")
         self._highest_seq[cert.peer_id] = seq
+        self._forgotten.pop(cert.peer_id, None)
         member = Member(
             public=cert.public,
             model_id=body.model_id,
@@ -195,6 +206,21 @@ class MembershipView:
         self._highest_seq[member.peer_id] = max(highest, msg.header.seq)
         del self._members[member.peer_id]
         return member.peer_id
+
+    def forget(self, peer_ids: Iterable[str]) -> list[str]:
+        """Drop these peers from the view (no longer followed); returns those that were in it.
+
+        Unlike a LEAVE this says nothing about the peer: it may be re-admitted by the same
+        announcement it was forgotten at, or any later one (a partial view's lookup or a
+        bucket followed again); the seq memory still refuses anything older.
+        """
+        gone = []
+        for peer_id in peer_ids:
+            member = self._members.pop(peer_id, None)
+            if member is not None:
+                self._forgotten[peer_id] = member.seq
+                gone.append(peer_id)
+        return gone
 
     # ------------------------------------------------------------------------------ queries
     def get(self, peer_id: str) -> Member | None:
@@ -247,6 +273,10 @@ class MembershipView:
             and (param_count is None or m.param_count == param_count)
         ]
         return self._random.sample(candidates, min(k, len(candidates)))
+
+    def peer_ids(self) -> list[str]:
+        """Every peer in the view now, live or not yet expired, ordered by id."""
+        return sorted(self._members)
 
     def __len__(self) -> int:
         return len(self._members)

@@ -12,6 +12,10 @@
 * a ticker that advances the current session's timeouts;
 * periodic signed, retained announcements and checkpoints.
 
+Which announcements a peer follows is peer/network/view_loop.py's business: every one (the
+default, ``NodeConfig.view.view_size`` 0) or a few buckets of them, with lookups of senders
+outside the view (docs/design/partial-view.md).
+
 Membership is asserted only by the peer itself: its signed, retained ANNOUNCE names a fresh
 connection id for every broker connection, its last will is a LEAVE it signed for that
 connection when it opened it, and on a clean stop it publishes a signed LEAVE for it. Nobody
@@ -82,6 +86,7 @@ from peer.network.transport import (
     Transport,
     WillMessage,
 )
+from peer.network.view_loop import ViewKeeper, restored_announce_filters
 from peer.sharing import SharingStrategy
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from peer.waiting import wait_event
@@ -91,7 +96,6 @@ from protocol.codec import encode_message
 from protocol.errors import ProtocolError
 from protocol.limits import CONNECTION_ID_BYTES, MAX_MEMBERS
 from protocol.topics import (
-    announce_filter,
     announce_topic,
     direct_topic,
     inbox_filter,
@@ -186,6 +190,13 @@ class Peer:
         self.counters = SessionCounters()
         # Our messages, in order; (un)subscriptions to session topics go through it too.
         self.outbox = Outbox(self.transport, self.counters, self.peer_id, self._subscribe_failed)
+        # Which announcements this peer follows, and lookups of senders outside them.
+        self.view = ViewKeeper(
+            network_id=network_id, peer_id=self.peer_id, config=cfg.view,
+            membership=self.membership, transport=self.transport, drops=self.drops,
+            pinned=lambda: [] if self.session is None else self.session.participants(),
+            current_session=lambda: None if self.session is None else self.session.session_id,
+            redeliver=self._handle, dispatch=self._dispatch)
         self._latest_round = -1
         self._was_connected = False
         self._ever_connected = False
@@ -207,7 +218,8 @@ class Peer:
         return Transport(
             broker,
             client_id=client_id or f"murmur-{net}-{self.peer_id}"[:64],
-            subscriptions=[announce_filter(net), inbox_filter(net, self.peer_id)],
+            subscriptions=[*restored_announce_filters(net, self.config.view),
+                           inbox_filter(net, self.peer_id)],
             will=self._will_for_new_connection,
             on_connected=self._on_connected,
             # Never more than the broker is meant to carry; larger messages are chunked.
@@ -248,6 +260,8 @@ class Peer:
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
             sessions_total=self._sessions_before + self.counters.sessions_done,
             peers_live=eligible,
+            view_peers=len(self.membership),
+            view_buckets=self.view.followed_buckets,
             in_session=self.session is not None,
             bytes_sent=t.bytes_sent,
             bytes_received=t.bytes_received,
@@ -255,6 +269,7 @@ class Peer:
             messages_received=t.messages_received,
             reconnects=t.reconnects,
             chunked_received=self.inbound.reassembled,
+            lookups=self.view.lookups.started_total,
             drops=self.drops.snapshot(),
             **copy.deepcopy(vars(self.counters)),
         )
@@ -278,6 +293,7 @@ class Peer:
             asyncio.create_task(self._ticker_loop()),
             asyncio.create_task(self._announce_loop()),
             asyncio.create_task(self._checkpoint_loop()),
+            asyncio.create_task(self.view.run()),
         ]
         if self.config.auto_start:
             tasks.append(asyncio.create_task(self._starter_loop()))
@@ -373,6 +389,7 @@ class Peer:
             self._process(self.driver.abort(session, "subscribe_failed"))
 
     async def _on_connected(self) -> None:
+        self.view.on_connected()
         await self._publish_announce()
 
     async def _publish_announce(self) -> None:
@@ -390,13 +407,20 @@ class Peer:
     # ------------------------------------------------------------------ inbound
     async def _on_message(self, incoming: Incoming) -> None:
         """Check one inbound message end to end; every refusal is a counted drop."""
-        now = time.time()
+        self._handle(incoming, time.time())
+
+    def _handle(self, incoming: Incoming, now: float) -> None:
+        """The body of _on_message; also what a message held for a lookup goes through again
+        once its sender is known (peer/network/view_loop.py)."""
         try:
             admitted = self.inbound.admit(incoming, now)
         except DroppedError as exc:
-            self.drops.drop(exc.reason, exc.detail)
+            if not self.view.hold_unknown(exc, incoming, now):
+                self.drops.drop(exc.reason, exc.detail)
             return
-        if admitted is not None:
+        if admitted is None:
+            self.view.on_admitted(incoming, now)
+        elif not self.view.hold_admitted(admitted.header, admitted.body, now):
             self._dispatch(admitted.header, admitted.body, now)
 
     def _dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
@@ -647,6 +671,7 @@ class Peer:
             self._next_expiry = now + 1.0
             for gone in self.membership.expire(now):
                 log.info("%s: %s went silent", self.peer_id, gone)
+            self.view.tick(now)
             expired = self.inbound.expire_chunks(now)
             if expired:
                 self.drops.drop("chunk_expired", "unfinished chunked message", expired)

@@ -71,9 +71,13 @@ def plan_follow(following: Following, heard: Mapping[int, int], view_size: int,
         return ALL_BUCKETS
     if not following.buckets:
         return rng.randrange(ANNOUNCE_BUCKETS)
-    if estimate_network(following, heard) <= 2 * view_size:
+    # Followed buckets that are all empty are read as one peer heard: "nobody in 3 of 64
+    # buckets" cannot tell 20 peers from 200 when 2 x view_size is small, and 0 would always
+    # call the network small. (For view_size >= 32 this changes nothing: 64 / k <= 64.)
+    heard_total = sum(heard.get(b, 0) for b in following.buckets)
+    if max(heard_total, 1) * ANNOUNCE_BUCKETS / len(following.buckets) <= 2 * view_size:
         return ALL_BUCKETS  # a small network: its full view is the bounded view
-    if sum(heard.get(b, 0) for b in following.buckets) >= view_size:
+    if heard_total >= view_size:
         return None
     rest = sorted(set(range(ANNOUNCE_BUCKETS)) - set(following.buckets))
     return rng.choice(rest) if rest else None

@@ -15,6 +15,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
+from peer.network.partial_view import ViewConfig
 from peer.network.session_common import Contribution, GroupResult, SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
@@ -85,6 +86,10 @@ class NodeConfig:
     # signed CHUNKs that each fit (protocol/chunks.py). 16 KiB..8 MiB; the default 256 KiB
     # suits EMQX, RabbitMQ and most cloud brokers. Receivers accept either form.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # The membership view (issue 14, docs/design/partial-view.md): view_size 0 follows every
+    # peer's announcement (the full view); > 0 follows a few announcement buckets, aiming at
+    # about view_size peers, and looks up senders outside them (peer/network/view_loop.py).
+    view: ViewConfig = field(default_factory=lambda: ViewConfig(view_size=0))
 
 
 @dataclass(frozen=True)
