@@ -70,6 +70,7 @@ if str(ROOT) not in sys.path:
 from crypto.admission import AdmissionKey, Certificate  # noqa: E402
 from crypto.identity import Identity  # noqa: E402
 from peer.network.node import NodeConfig, Peer  # noqa: E402
+from peer.network.partial_view import ViewConfig  # noqa: E402
 from peer.network.transport import BrokerSettings, Incoming  # noqa: E402
 from protocol.errors import ProtocolError  # noqa: E402
 from protocol.topics import parse_topic  # noqa: E402
@@ -180,12 +181,13 @@ def synthetic_update(param_count: int, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def build_bench_peer(identity: Identity, certificate: Certificate, admission_public_key: bytes,
-                     url: str, param_count: int, seed: int) -> BenchPeer:
-    """A daemon-default node that does not train (its updates come from ``offer_loop``)."""
+                     url: str, param_count: int, seed: int, view_size: int = 0) -> BenchPeer:
+    """A daemon-default node that does not train (its updates come from ``offer_loop``);
+    ``view_size`` > 0 bounds its membership view (docs/design/partial-view.md)."""
     peer = Peer(identity=identity, certificate=certificate,
                 admission_public_key=admission_public_key, network_id=NETWORK,
                 trainer=IdleTrainer(MODEL_ID, param_count), broker=BrokerSettings(url),
-                config=NodeConfig(train=False))
+                config=NodeConfig(train=False, view=ViewConfig(view_size=view_size)))
     tally = AnnounceTally(NETWORK)
     tally.wrap(peer)
     return BenchPeer(peer, tally, *synthetic_update(param_count, seed))
@@ -405,6 +407,7 @@ class Settings:
     # interval, so their periodic announcements are spread over it as in a real network.
     stagger_s: float = 0.12
     stable_s: float = 5.0  # a view that stops growing this long counts as complete (bounded)
+    view_size: int = 0  # 0: the full view (every peer follows every announcement)
 
     def window_s(self, n: int) -> float:
         return self.small_window_s if n < SMALL_N else self.large_window_s
@@ -414,6 +417,7 @@ class Settings:
         return {"peers": n, "mode": mode, "group_size": node.group_size,
                 "announce_interval_s": node.announce_interval_s,
                 "offer_interval_s": self.offer_interval_s, "param_count": param_count,
+                "view_size": self.view_size,
                 "update_values": round(TOPK_FRACTION * param_count),
                 "load_avg_1min": round(os.getloadavg()[0], 2)}
 
@@ -485,6 +489,7 @@ async def run_hosted(mode: str, n: int, hosts: int, broker: MosquittoBroker, par
                 spec = {"url": broker.url, "admission_hex": admission.public_key.hex(),
                         "param_count": param_count, "offer_interval_s": settings.offer_interval_s,
                         "stagger_s": settings.stagger_s * hosts,
+                        "view_size": settings.view_size,
                         "peers": [{"key": str(files[i][0]), "cert": str(files[i][1]), "seed": i}
                                   for i in range(h, n, hosts)]}
                 spec_path = directory / f"host{h}.json"
@@ -579,7 +584,7 @@ async def child_main(spec_path: Path) -> None:
             bp = build_bench_peer(Identity.load(Path(entry["key"])),
                                   Certificate.from_bytes(Path(entry["cert"]).read_bytes()),
                                   admission_public_key, spec["url"], int(spec["param_count"]),
-                                  int(entry["seed"]))
+                                  int(entry["seed"]), int(spec.get("view_size", 0)))
             peers.append(bp)
             runs.append(asyncio.create_task(bp.peer.run(stop)))
             offers.append(asyncio.create_task(bp.offer_loop(float(spec["offer_interval_s"]))))
@@ -623,7 +628,8 @@ PLOT_PANELS = (
 
 
 def plot_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Each per-peer figure against N (log x): in-process as a line, processes as squares."""
+    """Each per-peer figure against N (log x): in-process as a line, processes as squares,
+    a bounded view dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -631,11 +637,17 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.5))
     for ax, (key, title) in zip(axes.flat, PLOT_PANELS, strict=True):
+        views = sorted({int(r.get("view_size", 0)) for r in rows})
         for mode, style in (("in_process", "o-"), ("processes", "s")):
-            chosen = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["peers"])
-            if chosen:
-                ax.plot([r["peers"] for r in chosen], [r[key] for r in chosen], style,
-                        label=mode.replace("_", "-"))
+            for view in views:
+                chosen = sorted((r for r in rows if r["mode"] == mode
+                                 and int(r.get("view_size", 0)) == view),
+                                key=lambda r: r["peers"])
+                if chosen:
+                    name = "full view" if view == 0 else f"view {view}"
+                    ax.plot([r["peers"] for r in chosen], [r[key] for r in chosen],
+                            style if view == 0 else style.replace("-", "--"),
+                            label=f"{mode.replace('_', '-')}, {name}")
         finite = [r[key] for r in rows if math.isfinite(r[key])]
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["peers"] for r in rows}))
@@ -741,7 +753,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "one event loop per core)")
     parser.add_argument("--window", type=float, help="steady window in seconds")
     parser.add_argument("--offer-interval", type=float, help="seconds between a peer's offers")
-    parser.add_argument("--plot", type=Path, help="only plot this JSON file to --img")
+    parser.add_argument("--view-size", type=int, default=0,
+                        help="bound each peer's membership view (0: the full view)")
+    parser.add_argument("--plot", type=Path, action="append",
+                        help="only plot these JSON files (repeatable) to --img")
     parser.add_argument("--img", type=Path, help="where to write the plot (PNG)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -751,7 +766,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(child_main(args.child))
         return
     if args.plot is not None:
-        plot_rows(json.loads(args.plot.read_text()), args.img or ROOT / "docs/img/scale.png")
+        rows = [row for path in args.plot for row in json.loads(path.read_text())]
+        plot_rows(rows, args.img or ROOT / "docs/img/scale.png")
         return
     args.sizes = args.sizes or ([8, 32] if args.quick else [8, 32, 128, 256])
     if args.process_peers is None:
@@ -760,7 +776,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(large_window_s=args.window or quick_window or 60.0,
                         small_window_s=args.window or quick_window or 90.0,
                         settle_s=2.0 if args.quick else 10.0,
-                        offer_interval_s=args.offer_interval or (10.0 if args.quick else 30.0))
+                        offer_interval_s=args.offer_interval or (10.0 if args.quick else 30.0),
+                        view_size=args.view_size)
     rows = asyncio.run(main_async(args, settings))
     print()
     print_table(rows)
