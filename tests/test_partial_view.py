@@ -67,15 +67,16 @@ def simulate(n_peers: int, view_size: int, seed: int = 1) -> tuple[Following, in
     return following, view
 
 
-@pytest.mark.parametrize("n_peers", [8, 32, 60])
+@pytest.mark.parametrize("n_peers", [8, 32])
 def test_small_networks_follow_every_bucket(n_peers: int) -> None:
-    following, view = simulate(n_peers, 32)
-    assert following.everything and view == n_peers
+    for seed in range(20):
+        following, view = simulate(n_peers, 32, seed)
+        assert following.everything and view == n_peers
 
 
-@pytest.mark.parametrize("n_peers", [256, 1024, 2048])
+@pytest.mark.parametrize("n_peers", [96, 128, 256, 1024, 2048])
 def test_large_networks_follow_just_enough_buckets(n_peers: int) -> None:
-    for seed in range(5):
+    for seed in range(20):
         following, view = simulate(n_peers, 32, seed)
         assert not following.everything
         assert 32 <= view <= 32 + 2 * n_peers / ANNOUNCE_BUCKETS, (seed, view)
@@ -114,6 +115,9 @@ def test_empty_buckets_do_not_make_a_network_look_small() -> None:
     # 20 peers, a view of 4: one empty bucket must not switch to every bucket (20 > 2 x 4).
     rng = random.Random(0)
     assert plan_follow(Following(buckets=[5]), {5: 0}, 4, rng) not in (None, ALL_BUCKETS)
+    # ... nor seven with one peer heard (one bucket's count is too noisy an estimate) ...
+    assert plan_follow(Following(buckets=list(range(7))), {3: 1}, 4, rng) not in (
+        None, ALL_BUCKETS)
     # ... but eight empty buckets of 64 do (at most about 8 peers expected).
     assert plan_follow(Following(buckets=list(range(8))), {}, 4, rng) == ALL_BUCKETS
     following, view = simulate(20, 4, seed=3)

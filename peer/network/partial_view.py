@@ -22,6 +22,12 @@ from protocol.buckets import ANNOUNCE_BUCKETS
 #: The plan's answer for "follow every bucket" (the full view of a small network).
 ALL_BUCKETS = -1
 
+#: Buckets a peer follows before it trusts its estimate of the network's size.
+MIN_ESTIMATE_BUCKETS = 8
+
+#: A network estimated at most this many times ``view_size`` is followed whole.
+SMALL_NETWORK_FACTOR = 1.5
+
 
 @dataclass(frozen=True)
 class ViewConfig:
@@ -71,14 +77,15 @@ def plan_follow(following: Following, heard: Mapping[int, int], view_size: int,
         return ALL_BUCKETS
     if not following.buckets:
         return rng.randrange(ANNOUNCE_BUCKETS)
-    # Followed buckets that are all empty are read as one peer heard: "nobody in 3 of 64
-    # buckets" cannot tell 20 peers from 200 when 2 x view_size is small, and 0 would always
-    # call the network small. (For view_size >= 32 this changes nothing: 64 / k <= 64.)
     heard_total = sum(heard.get(b, 0) for b in following.buckets)
-    if max(heard_total, 1) * ANNOUNCE_BUCKETS / len(following.buckets) <= 2 * view_size:
-        return ALL_BUCKETS  # a small network: its full view is the bounded view
     if heard_total >= view_size:
         return None
+    # Only a sample of several buckets tells a small network from a large one: one bucket
+    # holds a Poisson count of mean N / 64, so "one peer in one bucket" fits N = 20 as well
+    # as N = 200. Below MIN_ESTIMATE_BUCKETS keep adding buckets (they are needed anyway).
+    if (len(following.buckets) >= MIN_ESTIMATE_BUCKETS
+            and estimate_network(following, heard) <= SMALL_NETWORK_FACTOR * view_size):
+        return ALL_BUCKETS  # a small network: its full view is the bounded view
     rest = sorted(set(range(ANNOUNCE_BUCKETS)) - set(following.buckets))
     return rng.choice(rest) if rest else None
 
