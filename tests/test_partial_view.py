@@ -15,6 +15,7 @@ from peer.network.partial_view import (
     estimate_network,
     plan_follow,
     plan_rotation,
+    plan_trim,
 )
 from protocol.buckets import ANNOUNCE_BUCKETS, bucket_level, bucket_of, parse_bucket_level
 
@@ -122,3 +123,38 @@ def test_empty_buckets_do_not_make_a_network_look_small() -> None:
     assert plan_follow(Following(buckets=list(range(8))), {}, 4, rng) == ALL_BUCKETS
     following, view = simulate(20, 4, seed=3)
     assert not following.everything and 4 <= view < 20
+
+
+def test_trim_drops_only_buckets_the_view_does_not_need() -> None:
+    rng = random.Random(5)
+    following = Following(buckets=[1, 2, 3])
+    # 10 + 12 + 20 heard, view 30: only bucket 1 or 2 can go (42 - 20 < 30)
+    dropped = {plan_trim(following, {1: 10, 2: 12, 3: 20}, 30, rng) for _ in range(40)}
+    assert dropped == {1, 2}
+    assert plan_trim(following, {1: 10, 2: 12, 3: 9}, 30, rng) is None  # all needed
+    assert plan_trim(Following(buckets=[1]), {1: 99}, 30, rng) is None
+    assert plan_trim(Following(everything=True), {}, 30, rng) is None
+
+
+def test_rotating_and_trimming_keeps_the_followed_set_from_growing() -> None:
+    """Many rotations in a 256-peer network: follow again, trim, and the view stays near
+    view_size instead of ratcheting up a bucket at a time."""
+    rng = random.Random(11)
+    per_bucket = Counter(bucket_of("net", f"p{i}") for i in range(256))
+    following, _view = simulate(256, 32, seed=11)
+    for _ in range(300):
+        new, old = plan_rotation(following, rng)  # type: ignore[misc]
+        following.buckets.remove(old)
+        following.buckets.append(new)
+        for plan in (plan_follow, plan_trim):
+            while True:
+                heard = {b: per_bucket[b] for b in following.buckets}
+                step = plan(following, heard, 32, rng)
+                if step is None:
+                    break
+                if plan is plan_follow:
+                    following.buckets.append(step)
+                else:
+                    following.buckets.remove(step)
+        view = sum(per_bucket[b] for b in following.buckets)
+        assert 32 <= view <= 32 + max(per_bucket.values()), view

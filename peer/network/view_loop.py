@@ -35,7 +35,14 @@ from peer.errors import DroppedError
 from peer.network.counters import DropCounter
 from peer.network.lookup import LookupStep, LookupTable
 from peer.network.membership import MembershipView
-from peer.network.partial_view import ALL_BUCKETS, Following, ViewConfig, plan_follow, plan_rotation
+from peer.network.partial_view import (
+    ALL_BUCKETS,
+    Following,
+    ViewConfig,
+    plan_follow,
+    plan_rotation,
+    plan_trim,
+)
 from peer.network.transport import Incoming, Transport
 from peer.waiting import wait_event
 from protocol import messages as m
@@ -125,6 +132,7 @@ class ViewKeeper:
                         if await self._rotate():
                             await self._pause(self.config.settle_s)
                             await self._follow(restore=False)
+                            await self._trim()
                 except _NewConnection:
                     continue
         finally:
@@ -167,6 +175,14 @@ class ViewKeeper:
             await self._change(bucket_filter(net, bucket), True)
             self.following.buckets.append(bucket)
             await self._pause(self.config.settle_s)
+
+    async def _trim(self) -> None:
+        """Drop followed buckets the view does not need (plan_trim), after a rotation."""
+        while (bucket := plan_trim(self.following, self._heard(), self.config.view_size,
+                                   self._rng)) is not None:
+            await self._change(bucket_filter(self.network_id, bucket), False)
+            self.following.buckets.remove(bucket)
+            self.forget_unfollowed(time.time(), grace_s=0.0)
 
     async def _rotate(self) -> bool:
         """Swap one followed bucket for a new one; True when it did."""
