@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=int)
     parser.add_argument("--session-kind", dest="session_kind",
                         help="shamir (default) | masked: one masked vector per member")
+    parser.add_argument("--view-size", type=int, dest="view_size",
+                        help="bound each peer's membership view to about this many peers "
+                             "(0, the default: every peer)")
     parser.add_argument("--rounds", type=int, help="local rounds per peer")
     parser.add_argument("--duration", type=float, dest="duration_s",
                         help="wall-clock cap in seconds")
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OPTION_KEYS = ("peers", "dataset", "model", "partition", "alpha", "dp", "target_epsilon",
                 "noise_multiplier", "topk_fraction", "group_size", "threshold",
-                "session_kind", "rounds",
+                "session_kind", "view_size", "rounds",
                 "duration_s", "churn_rate", "delay_ms", "loss_rate", "hostile_peers", "broker",
                 "mode", "seed", "out_dir")
 

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from peer import tomlcheck
+from peer.config import MAX_VIEW_SIZE
 from peer.network.session_driver import DEFAULT_SESSION_KIND, SESSION_DRIVERS
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
@@ -102,6 +103,9 @@ class Scenario:
     threshold: int = 3
     # "shamir" (the library default) or "masked" (one masked vector per member; issue 13)
     session_kind: str = DEFAULT_SESSION_KIND
+    # 0: every peer follows every announcement (the library default); > 0: a bounded view of
+    # about that many peers (docs/design/partial-view.md; issue 14)
+    view_size: int = 0
     # -- faults ------------------------------------------------------------------------------
     churn_rate: float = 0.0  # expected leave events per peer per minute
     churn_downtime_s: float = 5.0  # how long a churned peer stays away before rejoining
@@ -273,6 +277,8 @@ def _check_aggregation(s: Scenario) -> None:
     )
     _require(s.session_kind in SESSION_DRIVERS, "session_kind",
              f"must be one of {', '.join(SESSION_DRIVERS)}, got {s.session_kind!r}")
+    _require(0 <= s.view_size <= MAX_VIEW_SIZE, "view_size",
+             f"must be 0 (every peer) or a view of 1 to {MAX_VIEW_SIZE} peers, got {s.view_size}")
 
 
 def _check_faults(s: Scenario) -> None:
@@ -508,7 +514,8 @@ def scenario_summary(s: Scenario) -> list[tuple[str, str]]:
         (
             "Aggregation",
             f"groups of {s.group_size}, threshold {s.threshold}, top-k {s.topk_fraction:.1%}, "
-            f"{s.session_kind} sessions",
+            f"{s.session_kind} sessions"
+            + (f", a view of {s.view_size} peers" if s.view_size else ""),
         ),
         ("Faults", "; ".join(faults) or "none"),
         ("Broker", broker),

@@ -32,6 +32,7 @@ from peer import daemon
 from peer.config import SessionConfig
 from peer.files import atomic_write_bytes
 from peer.network.node import EventCallback, NodeConfig, Peer
+from peer.network.partial_view import ViewConfig
 from peer.network.session import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim import hostile
@@ -82,6 +83,7 @@ def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig
         start_jitter_s=START_JITTER_S,
         cooldown_s=COOLDOWN_S,
         round_pause_s=round_pause_s,
+        view=ViewConfig(view_size=s.view_size),
     )
 
 

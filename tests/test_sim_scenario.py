@@ -193,3 +193,20 @@ def test_session_kind_reaches_the_simulated_nodes() -> None:
     with pytest.raises(ScenarioError) as info:
         scenario_from_args(build_parser().parse_args(["--session-kind", "plain"]))
     assert info.value.key == "session_kind"
+
+
+def test_view_size_reaches_the_simulated_nodes() -> None:
+    from sim.cli import build_parser, scenario_from_args
+    from sim.scenario import scenario_summary
+    from sim.setup import node_config
+
+    bounded = scenario_from_args(build_parser().parse_args(["--view-size", "32"]))
+    assert bounded.view_size == 32
+    assert node_config(bounded).view.view_size == 32
+    assert "a view of 32 peers" in dict(scenario_summary(bounded))["Aggregation"]
+    default = scenario_from_args(build_parser().parse_args([]))
+    assert node_config(default).view.view_size == 0  # every peer follows everyone
+    for bad in ("-1", "100000"):
+        with pytest.raises(ScenarioError) as info:
+            scenario_from_args(build_parser().parse_args(["--view-size", bad]))
+        assert info.value.key == "view_size"
