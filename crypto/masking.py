@@ -148,11 +148,6 @@ def expand_field(seed: bytes, count: int) -> np.ndarray:
         words += count - kept.size + 8  # p itself appears with probability 2**-31 per word
 
 
-#: At most this many field vectors go into one 64-bit accumulation: each is < 2**31, and
-#: the subtracted ones are offset by a multiple of p, so the total stays far below 2**64.
-_MAX_TERMS = 1 << 24
-
-
 def combine(base: np.ndarray, added: Iterable[np.ndarray] = (),
             subtracted: Iterable[np.ndarray] = ()) -> np.ndarray:
     """``base + Σ added − Σ subtracted`` over the field, element-wise.
@@ -160,24 +155,22 @@ def combine(base: np.ndarray, added: Iterable[np.ndarray] = (),
     Why not one modular add per vector: the reduction (an integer division per element)
     costs several times the addition, so the terms are summed in 64 bits and reduced once.
     Subtracted vectors are summed apart and taken from ``count × p`` added to the total,
-    which keeps every intermediate non-negative.
+    which keeps every intermediate non-negative. Every term is below 2**31, so 64 bits hold
+    the sum of 2**32 of them, far more than a session combines (a few hundred at most).
     """
     total = base.astype(np.uint64)
     minus: np.ndarray | None = None
-    terms = 0
     for vector in added:
         np.add(total, vector, out=total)
-        terms += 1
+    count = 0
     for vector in subtracted:
         if minus is None:
             minus = vector.astype(np.uint64)
         else:
             np.add(minus, vector, out=minus)
-        terms += 1
-    if terms > _MAX_TERMS:
-        raise MaskError(f"at most {_MAX_TERMS} vectors can be combined at once")
+        count += 1
     if minus is not None:
-        np.add(total, np.uint64(terms * PRIME), out=total)
+        np.add(total, np.uint64(count * PRIME), out=total)
         np.subtract(total, minus, out=total)
     np.remainder(total, np.uint64(PRIME), out=total)
     return total.astype(FIELD_DTYPE)

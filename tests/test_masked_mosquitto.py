@@ -146,6 +146,24 @@ def members_plain_sum(ends: list) -> np.ndarray:
     return plain
 
 
+def offer_updates_and_start(net: Network, seed: int) -> bytes:
+    """Every peer offers a random 40-of-400 update; the first invites; the session id."""
+    rng = np.random.default_rng(seed)
+    for p in net.peers:
+        idx = np.sort(rng.choice(400, 40, replace=False)).astype(np.uint32)
+        p.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32), 1)
+    initiator = net.peers[0]
+    assert initiator.try_start_session()
+    assert initiator.session is not None
+    return initiator.session.session_id
+
+
+def session_ends(net: Network, sid: bytes) -> list:
+    """The session_done / session_aborted events of session ``sid``."""
+    return [e for e in net.events if e.data.get("session_id") == sid
+            and e.kind in ("session_done", "session_aborted")]
+
+
 VICTIM_SEED = 5
 
 
@@ -186,27 +204,17 @@ async def test_member_killed_around_its_masked(mosquitto, tmp_path: Path, group_
         try:
             await wait_until(lambda: all(p.status().peers_live == peers for p in net.peers), 20,
                              "every peer to see the victim")
-            rng = np.random.default_rng(1)
-            for p in net.peers:
-                idx = np.sort(rng.choice(400, 40, replace=False)).astype(np.uint32)
-                p.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32), 1)
             initiator = net.peers[0]
-            assert initiator.try_start_session()
-            assert initiator.session is not None
-            sid = initiator.session.session_id
+            sid = offer_updates_and_start(net, seed=1)
             await wait_until(lambda: proc.poll() is not None, 20,
                              "the victim to reach its MASKED and be killed")
             out, err = proc.communicate(timeout=5)
             assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
             assert b"KILLED" in out
 
-            def ended(peer_id: str) -> bool:
-                return any(e.peer_id == peer_id and e.data.get("session_id") == sid
-                           and e.kind in ("session_done", "session_aborted")
-                           for e in net.events)
-
             timeouts = initiator.driver.timeouts  # type: ignore[attr-defined]
-            await wait_until(lambda: all(ended(p.peer_id) for p in net.peers),
+            await wait_until(lambda: {e.peer_id for e in session_ends(net, sid)}
+                             >= {p.peer_id for p in net.peers},
                              timeouts.masked_s + timeouts.confirm_s + timeouts.reveal_s,
                              "every survivor to end the session with the victim")
             await wait_until(lambda: all(p.membership.get("victim") is None for p in net.peers),
@@ -217,8 +225,7 @@ async def test_member_killed_around_its_masked(mosquitto, tmp_path: Path, group_
                 proc.wait()
             await net.close()
     assert all(p.session is None for p in net.peers)
-    ends = [e for e in net.events if e.data.get("session_id") == sid
-            and e.kind in ("session_done", "session_aborted")]
+    ends = session_ends(net, sid)
     assert len(ends) == peers and all(e.data["members"][0] == initiator.peer_id for e in ends)
     assert all(len(e.data["members"]) == group_size and "victim" in e.data["members"]
                for e in ends)
@@ -279,20 +286,8 @@ async def test_every_member_rebuilds_the_exact_sum_and_the_broker_learns_nothing
     async with Sniffer(mosquitto.url) as sniffer:
         net = await start_network(mosquitto.url, group_size, ResidualTrainer, config)
         try:
-            rng = np.random.default_rng(group_size)
-            for p in net.peers:
-                idx = np.sort(rng.choice(400, 40, replace=False)).astype(np.uint32)
-                p.offer_update(idx, rng.normal(0, 0.05, idx.size).astype(np.float32), 1)
-            initiator = net.peers[0]
-            assert initiator.try_start_session()
-            assert initiator.session is not None
-            sid = initiator.session.session_id
-
-            def ends() -> list:
-                return [e for e in net.events if e.data.get("session_id") == sid
-                        and e.kind in ("session_done", "session_aborted")]
-
-            await wait_until(lambda: len(ends()) == group_size, 30,
+            sid = offer_updates_and_start(net, seed=group_size)
+            await wait_until(lambda: len(session_ends(net, sid)) == group_size, 30,
                              "every member to end the session")
 
             def masked_seen() -> int:
@@ -304,7 +299,7 @@ async def test_every_member_rebuilds_the_exact_sum_and_the_broker_learns_nothing
                              "the sniffer to record every MASKED")
         finally:
             await net.close()
-    done = ends()
+    done = session_ends(net, sid)
     assert {e.kind for e in done} == {"session_done"}, [e.data.get("reason") for e in done]
     first = done[0].data
     assert len(first["members"]) == group_size
