@@ -28,6 +28,7 @@ from peer.network.broker_settings import BrokerSettings
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
 from peer.network.session import SessionTimeouts
+from peer.network.session_common import check_colluders
 from peer.network.session_driver import SESSION_DRIVERS
 from peer.training.config import TrainerConfig
 from protocol.chunks import check_max_message_bytes
@@ -62,6 +63,7 @@ class SessionConfig:
 
     group_size: int = NodeConfig.group_size
     threshold: int = NodeConfig.threshold
+    max_colluders: int = NodeConfig.max_colluders  # c: see docs/sessions.md section 3.3
     invite_timeout_s: float = SessionTimeouts.invite_s
     start_timeout_s: float = SessionTimeouts.start_s
     share_timeout_s: float = SessionTimeouts.share_s
@@ -81,6 +83,7 @@ class SessionConfig:
         if not 2 <= self.threshold <= self.group_size:
             raise ValueError(f"threshold must be in 2..group_size={self.group_size} "
                              f"(got {self.threshold})")
+        check_colluders(self.max_colluders, self.group_size, self.threshold)
         for name in ("invite_timeout_s", "start_timeout_s", "share_timeout_s",
                      "partial_timeout_s"):
             value = getattr(self, name)

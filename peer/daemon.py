@@ -158,6 +158,7 @@ def node_config(session: SessionConfig, **changes: Any) -> NodeConfig:
     base = NodeConfig(
         group_size=session.group_size,
         threshold=session.threshold,
+        max_colluders=session.max_colluders,
         timeouts=timeouts,
         fixed_point=FixedPoint(frac_bits=session.frac_bits),
         cooldown_s=session.cooldown_s,

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of update entries shared (0.001-1)")
     parser.add_argument("--group-size", type=int, dest="group_size")
     parser.add_argument("--threshold", type=int)
+    parser.add_argument("--max-colluders", type=int, dest="max_colluders",
+                        help="colluding members each peer's privacy must survive: every "
+                             "revealed sum holds >= max(3, c + 2) contributions (default 1)")
     parser.add_argument("--session-kind", dest="session_kind",
                         help="shamir (default) | masked: one masked vector per member")
     parser.add_argument("--view-size", type=int, dest="view_size",
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OPTION_KEYS = ("peers", "dataset", "model", "partition", "alpha", "dp", "target_epsilon",
                 "noise_multiplier", "topk_fraction", "group_size", "threshold",
-                "session_kind", "view_size", "rounds",
+                "max_colluders", "session_kind", "view_size", "rounds",
                 "duration_s", "churn_rate", "delay_ms", "loss_rate", "hostile_peers", "broker",
                 "mode", "seed", "out_dir")
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from peer import tomlcheck
-from peer.config import MAX_VIEW_SIZE
+from peer.config import MAX_VIEW_SIZE, SessionConfig
 from peer.network.session_driver import DEFAULT_SESSION_KIND, SESSION_DRIVERS
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
@@ -101,6 +101,8 @@ class Scenario:
     # 8 peers (docs/results.md) ---------------------------------------------------------------
     group_size: int = 5
     threshold: int = 3
+    # c: colluding members each peer's privacy must survive (docs/sessions.md section 3.3)
+    max_colluders: int = SessionConfig.max_colluders
     # "shamir" (the library default) or "masked" (one masked vector per member; issue 13)
     session_kind: str = DEFAULT_SESSION_KIND
     # 0: every peer follows every announcement (the library default); > 0: a bounded view of
@@ -275,6 +277,10 @@ def _check_aggregation(s: Scenario) -> None:
         "threshold",
         f"must be in 2..group_size ({s.group_size}), got {s.threshold}",
     )
+    _require(s.max_colluders >= 1 and s.group_size >= max(3, s.max_colluders + 2)
+             and s.threshold > s.max_colluders, "max_colluders",
+             f"must be >= 1 with group_size >= max_colluders + 2 and threshold > max_colluders "
+             f"(group_size {s.group_size}, threshold {s.threshold}), got {s.max_colluders}")
     _require(s.session_kind in SESSION_DRIVERS, "session_kind",
              f"must be one of {', '.join(SESSION_DRIVERS)}, got {s.session_kind!r}")
     _require(0 <= s.view_size <= MAX_VIEW_SIZE, "view_size",

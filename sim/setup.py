@@ -75,7 +75,8 @@ def session_timeouts(s: Scenario) -> SessionTimeouts:
 def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig:
     """Node settings for a simulated peer: the scenario's group, the simulation's pacing."""
     return daemon.node_config(
-        SessionConfig(group_size=s.group_size, threshold=s.threshold, kind=s.session_kind),
+        SessionConfig(group_size=s.group_size, threshold=s.threshold,
+                      max_colluders=s.max_colluders, kind=s.session_kind),
         timeouts=session_timeouts(s),
         announce_interval_s=ANNOUNCE_INTERVAL_S,
         silence_expiry_s=SILENCE_EXPIRY_S,

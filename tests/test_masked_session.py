@@ -56,13 +56,18 @@ class Router:
     link: Link = lambda sender, rcpt, out: True
     tamper: Tamper | None = None
     sid: bytes = b""
+    #: max_colluders c of every member, and of some members when ``c_of`` names them
+    c: int = 1
+    c_of: dict[str, int] = field(default_factory=dict)
+    seed: int = 7
 
     def __post_init__(self) -> None:
-        rng = np.random.default_rng(7)
-        params = SessionParams(network_id=NET, model_id="mlp-test", param_count=PARAMS_N,
-                               group_size=self.g, threshold=self.t, fixed_point=FixedPoint())
+        rng = np.random.default_rng(self.seed)
         for i in range(self.g):
             pid = f"p{i}"
+            params = SessionParams(network_id=NET, model_id="mlp-test", param_count=PARAMS_N,
+                                   group_size=self.g, threshold=self.t, fixed_point=FixedPoint(),
+                                   max_colluders=self.c_of.get(pid, self.c))
             self.ids[pid] = Identity.generate(pid)
             self.ctx[pid] = SessionContext(self.ids[pid], params, self._box_key,
                                            m.SequenceCounter().next)
@@ -235,7 +240,7 @@ def test_members_dropping_after_keys_are_recovered(g: int, t: int, dying: list[s
 
 @pytest.mark.parametrize(("g", "t", "dying", "reason"), [
     (5, 3, ["p2", "p4", "p1"], "below_threshold"),  # 2 survivors < t: initiator aborts
-    (3, 2, ["p2"], "timeout_confirming"),  # 2 survivors >= t, but < quorum 3
+    (3, 2, ["p2"], "too_few_contributors"),  # 2 survivors >= t, but a sum of two
     (5, 3, ["p1", "p2"], "timeout_confirming"),  # 3 survivors >= t, but < quorum 4
 ])
 def test_too_few_survivors_abort_and_nothing_is_revealed(g: int, t: int, dying: list[str],
@@ -509,7 +514,7 @@ def test_counting_t_confirms_would_let_a_lone_initiator_unmask(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Why the quorum exceeds t: with the design's first rule (t CONFIRMs, own included) the
     split {p0, p1, p2} / {p0, p3, p4} completes on both sides at g = 5, t = 3."""
-    monkeypatch.setattr(mm, "confirm_quorum", lambda g, t: t)
+    monkeypatch.setattr(mm, "confirm_quorum", lambda g, t, c=1: t)
     r = Router(5, 3)
     views = {"p1": ("p0", "p1", "p2"), "p2": ("p0", "p1", "p2"),
              "p3": ("p0", "p3", "p4"), "p4": ("p0", "p3", "p4")}

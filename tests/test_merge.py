@@ -81,9 +81,10 @@ def test_shape_and_count_checks() -> None:
     with pytest.raises(MergeRejected) as info:
         merge_group_sum(COORDS, np.zeros(3), np.zeros(4), 3, 0, MergeConfig())
     assert info.value.reason == "shape_mismatch"
-    with pytest.raises(MergeRejected) as info:
-        merge_group_sum(COORDS, np.zeros(4), np.zeros(4), 1, 0, MergeConfig())
-    assert info.value.reason == "too_few_contributors"
+    for m in (1, 2):  # a sum of two minus one's own vector is the other's whole vector
+        with pytest.raises(MergeRejected) as info:
+            merge_group_sum(COORDS, np.ones(4), np.zeros(4), m, 0, MergeConfig())
+        assert info.value.reason == "too_few_contributors"
 
 
 def test_config_validation() -> None:
@@ -97,7 +98,7 @@ def test_config_validation() -> None:
 @given(
     st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
     st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
-    st.integers(2, 8),
+    st.integers(3, 8),
     st.integers(0, 5),
 )
 def test_result_is_always_bounded_and_finite(total, own, m, s) -> None:
@@ -136,10 +137,10 @@ def test_group_average_moves_own_value_to_the_group_mean() -> None:
 
 def test_group_average_with_and_without_staleness_decay() -> None:
     own = np.array([1.0, 0.0, 0.0, 0.0])
-    total = own + np.array([0.0, 0.6, 0.0, 0.0])
-    decayed = merge_group_sum(COORDS, total, own, 2, 1, MergeConfig(rule="group_average"))
+    total = own + np.array([0.0, 0.6, 0.0, 0.0]) + np.array([0.0, 0.0, 0.3, 0.0])
+    decayed = merge_group_sum(COORDS, total, own, 3, 1, MergeConfig(rule="group_average"))
     flat = merge_group_sum(
-        COORDS, total, own, 2, 1, MergeConfig(rule="group_average", staleness_decay=False)
+        COORDS, total, own, 3, 1, MergeConfig(rule="group_average", staleness_decay=False)
     )
     np.testing.assert_allclose(decayed.values, flat.values / 2, rtol=1e-6)
     assert flat.weight == 1.0 and decayed.weight == 0.5
@@ -148,11 +149,13 @@ def test_group_average_with_and_without_staleness_decay() -> None:
 def test_group_average_huge_member_is_clipped_or_rejected() -> None:
     own = np.array([0.5, 0.5, 0.0, 0.0])
     config = MergeConfig(rule="group_average", relative_norm=2.0, reject_factor=100.0)
-    clipped = merge_group_sum(COORDS, own + np.array([0.0, 0.0, 20.0, 0.0]), own, 2, 0, config)
+    honest = 2 * own  # ours and one honest member's equal vector
+    clipped = merge_group_sum(COORDS, honest + np.array([0.0, 0.0, 20.0, 0.0]), own, 3, 0,
+                              config)
     assert clipped.clipped
     assert float(np.linalg.norm(clipped.values)) == pytest.approx(clipped.bound, rel=1e-5)
     with pytest.raises(MergeRejected) as info:
-        merge_group_sum(COORDS, own + np.array([0.0, 0.0, 1e6, 0.0]), own, 2, 0, config)
+        merge_group_sum(COORDS, honest + np.array([0.0, 0.0, 1e6, 0.0]), own, 3, 0, config)
     assert info.value.reason == "implausible_norm"
 
 

@@ -61,16 +61,20 @@ class Harness:
     link: Callable[[Envelope], bool] = lambda env: True
     tamper: Callable[[Envelope], Outgoing] | None = None
     sent: list[Envelope] = field(default_factory=list)
+    #: max_colluders c of every peer, and of some peers when ``c_of`` names them
+    c: int = 1
+    c_of: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(1)
-        params = SessionParams(
-            network_id=NET, model_id="mlp-test", param_count=PARAMS_N,
-            group_size=self.group_size, threshold=self.threshold,
-            fixed_point=FixedPoint(), timeouts=SessionTimeouts(1.0, 2.0, 3.0, 3.0),
-        )
         for i in range(self.n):
             pid = f"p{i}"
+            params = SessionParams(
+                network_id=NET, model_id="mlp-test", param_count=PARAMS_N,
+                group_size=self.group_size, threshold=self.threshold,
+                fixed_point=FixedPoint(), timeouts=SessionTimeouts(1.0, 2.0, 3.0, 3.0),
+                max_colluders=self.c_of.get(pid, self.c),
+            )
             ident = Identity.generate(pid)
             self.ids[pid] = ident
             self.ctx[pid] = SessionContext(ident, params, self._box_key, m.SequenceCounter().next)

@@ -128,15 +128,17 @@ class RevealKind(IntEnum):
     EPHEMERAL_KEY = 2
 
 
-def confirm_quorum(group_size: int, threshold: int) -> int:
+def confirm_quorum(group_size: int, threshold: int, max_colluders: int = 1) -> int:
     """CONFIRMs (own included) naming one list that a member needs before it reveals.
 
-    Two confirming sets of a split view share at least the initiator, which signs every list
-    it sends. They cannot both reach q when 2q > g + 1 (c = 0 other colluders), so
-    q = max(t, floor((g + 1) / 2) + 1): 3 at g = 3, 4 at g = 5. Counting t alone, as the design
-    first said, lets an initiator alone split g = 5, t = 3 into {I, A, B} and {I, C, D}.
+    A split view needs two lists that each reach the quorum. The c colluders (the initiator,
+    which signs every list it sends, may be one of them) can confirm both; the g - c honest
+    members confirm one list each. Both lists reach q only if 2q <= g + c, so
+    q = max(t, floor((g + c) / 2) + 1): with c = 1, 3 at g = 3 and 4 at g = 5. Counting t
+    alone lets an initiator alone split g = 5, t = 3 into {I, A, B} and {I, C, D}. With
+    c <= g - 2 this q is at least c + 2, the sum invariant's floor.
     """
-    return max(threshold, (group_size + 1) // 2 + 1)
+    return max(threshold, (group_size + max_colluders) // 2 + 1)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ Security properties:
   START view digest (group, threshold, coordinates, ephemeral keys, K), sealed pairwise under
   long-term keys: an initiator cannot hand two honest members different keys or groups, and
   every survivor holds a share of every dropped member's ephemeral key.
-* A member reveals nothing until it holds ``confirm_quorum(g, t)`` CONFIRMs (its own included)
+* A member reveals nothing until it holds ``confirm_quorum(g, t, c)`` CONFIRMs (its own included)
   naming exactly the list it received; it aborts on a second, different SURVIVORS and on any
   conflicting CONFIRM before it reveals. It reveals once, for each member either a self-seed
   share (on the list) or an ephemeral-key share (not on it), never both, and then discards the
@@ -29,6 +29,8 @@ Security properties:
 * A REVEAL counts only after its sender's CONFIRM of the same list; rebuilt ephemeral keys must
   match their public keys, and a count slot (each survivor adds 1.0) must rebuild to the number
   of survivors, so forged shares abort the session instead of yielding a wrong sum.
+* The sum invariant: a member confirms only a list that names itself and holds at least
+  max(t, c + 2, 3) members (c = ``SessionParams.max_colluders``); otherwise it aborts.
 * Every bad input is a counted drop (``MaskedStep.drops``); aborts discard every share held.
 """
 
@@ -46,6 +48,7 @@ from crypto.errors import CryptoError, SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
 from peer.network import masked_messages as mm
+from peer.network.early import EarlyBudget, EarlyBuffer, held_size
 from peer.network.masked_messages import MaskedHeader as Header
 from peer.network.masked_messages import MaskedKind as Kind
 from peer.network.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
@@ -59,6 +62,7 @@ from peer.network.session_common import (
     answer_indices,
     check_answer,
     group_decided,
+    min_contributors,
     validate_indices,
 )
 from protocol import messages as m
@@ -67,7 +71,6 @@ from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 log = logging.getLogger(__name__)
 
 _EARLY_KINDS = (Kind.KEYS, Kind.MASKED, Kind.CONFIRM, Kind.REVEAL)
-_MAX_EARLY = 4 * MAX_MEMBERS
 
 
 class MaskedPhase(Enum):
@@ -115,6 +118,8 @@ class MaskedSession:
         # Rule 1: fresh secrets per session; forgotten once shared and used.
         self._key: masking.EphemeralKey | None = masking.EphemeralKey.generate()
         self._self_seed: bytes | None = masking.new_self_seed()
+        ctx.tap("ephemeral_private", self._key.private)
+        ctx.tap("self_seed", self._self_seed)
         self.invited: list[str] = []
         self.accepted: dict[str, tuple[np.ndarray, bytes]] = {}
         self.declined: set[str] = set()
@@ -122,6 +127,9 @@ class MaskedSession:
         self.coordinates = np.zeros(0, dtype=np.uint32)
         self.publics: dict[str, bytes] = {}
         self.survivors: tuple[str, ...] | None = None
+        #: The survivors list this member revealed its shares on (None: it revealed nothing).
+        #: An audit read-out: which sum this member's REVEAL helps to unmask.
+        self.revealed_for: tuple[str, ...] | None = None
         self._session_key = b""
         self._view = b""
         self._own_encoded: np.ndarray | None = None
@@ -132,7 +140,10 @@ class MaskedSession:
         self._reveals: dict[str, list[tuple[mm.RevealKind, np.ndarray]]] = {}
         self._pending_survivors: tuple[str, ...] | None = None
         self._heard_survivors = False  # the initiator's SURVIVORS has arrived
-        self._early: list[tuple[Header, mm.MaskedBody]] = []
+        # Messages that overtook START, and REVEALs before our quorum: bounded in bytes.
+        self._early: EarlyBuffer[tuple[Header, mm.MaskedBody]] = EarlyBuffer(
+            EarlyBudget.for_session(ctx.params.param_count, min(group_size,
+                                                                ctx.params.group_size)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -252,9 +263,7 @@ class MaskedSession:
             if kind is Kind.START:
                 return self._on_start(header, body, now)  # type: ignore[arg-type]
             if kind in _EARLY_KINDS:  # direct and topic messages may overtake START
-                if len(self._early) >= _MAX_EARLY:
-                    raise _Drop("too_many_early_messages")
-                self._early.append((header, body))
+                self._early.hold(sender, (header, body), held_size(body))
                 return MaskedStep()
             raise _Drop("unexpected_kind")
         if kind is Kind.ACCEPT and self._late_answer(sender):
@@ -286,8 +295,8 @@ class MaskedSession:
     def _fix_members(self, now: float) -> MaskedStep:
         chosen = list(self.accepted)[: self.group_size - 1]
         members = (self.ctx.self_id, *chosen)
-        if len(members) < max(MIN_GROUP_SIZE, self.threshold):
-            return self.abort("too_few_members")
+        if len(members) < self._fewest_survivors():
+            return self.abort("too_few_members")  # the sum invariant (docs/sessions.md 3.3)
         released = [p for p in self.invited if p not in chosen and p not in self.declined]
         step = MaskedStep([self._out(p, Kind.ABORT, m.Abort("not_selected")) for p in released])
         coords = np.unique(np.concatenate(
@@ -321,6 +330,8 @@ class MaskedSession:
             raise _Drop("bad_members")
         if body.threshold != self.threshold or len(members) < self.threshold:
             raise _Drop("bad_threshold")
+        if len(members) < min_contributors(self.ctx.params.max_colluders):
+            return self.abort("too_few_members")  # our sum invariant: never mask into it
         try:
             coords = validate_indices(body.coordinates, self.ctx.params.param_count)
         except ValueError as exc:
@@ -337,8 +348,7 @@ class MaskedSession:
         if len(key) != mm.SESSION_KEY_BYTES:
             raise _Drop("bad_session_key")
         step = self._begin_keys(members, coords, publics, key, now)
-        early, self._early = self._early, []
-        for h, b in early:
+        for h, b in self._early.take():
             step.extend(self.handle(h, b, now))
         return step
 
@@ -350,6 +360,7 @@ class MaskedSession:
             if peer != me and ctx.box_key_of(peer) is None:
                 return self.abort("unknown_member")
         self.members, self.coordinates, self._session_key = members, coords, session_key
+        ctx.tap("session_key", session_key)
         self.publics = dict(zip(members, publics, strict=True))
         self._view = mm.view_digest(ctx.params.network_id, self.session_id, members,
                                     self.threshold, coords, publics, session_key)
@@ -371,6 +382,7 @@ class MaskedSession:
                 continue
             seq = ctx.next_seq()
             payload = mm.encode_keys(self._view, eph[pos].values, seeds[pos].values)
+            ctx.tap("share_plaintext", payload)
             sealed = seal(ctx.identity, ctx.box_key_of(peer) or b"",
                           self._box_context(me, peer, seq), payload)
             step.out.append(MaskedOutgoing(peer, Kind.KEYS, mm.Keys(peer, sealed), seq))
@@ -406,6 +418,7 @@ class MaskedSession:
             return self.abort("bad_ephemeral_keys")
         self._key = self._self_seed = None  # shared and used: only the shares remain
         self._masked[self.ctx.self_id] = masked
+        self.ctx.tap("own_vector", field_to_bytes(self._own_encoded))
         step = MaskedStep([self._sealed_out(Kind.MASKED, field_to_bytes(masked))])
         if self.role is Role.INITIATOR:
             self._enter(MaskedPhase.MASKED, now, self.timeouts.masked_s)
@@ -455,10 +468,26 @@ class MaskedSession:
             return self._send_survivors(now)
         return MaskedStep()
 
+    def _fewest_survivors(self) -> int:
+        """The sum invariant (docs/sessions.md 3.3): a list shorter than this is never
+        confirmed, so no sum of fewer than max(t, c + 2, 3) contributions is ever revealed."""
+        return max(self.threshold, min_contributors(self.ctx.params.max_colluders))
+
+    def _refuse_list(self, survivors: tuple[str, ...]) -> str | None:
+        """Why this member must abort rather than confirm ``survivors`` (None: it may)."""
+        if self.ctx.self_id not in survivors:
+            return "excluded_from_survivors"  # our vector is out: never a sum without it
+        if len(survivors) < self.threshold:
+            return "below_threshold"
+        if len(survivors) < self._fewest_survivors():
+            return "too_few_contributors"
+        return None
+
     def _send_survivors(self, now: float) -> MaskedStep:
         survivors = tuple(p for p in self.members if p in self._masked)
-        if len(survivors) < self.threshold:
-            return self.abort("below_threshold")  # rule 3: nothing is revealed
+        refusal = self._refuse_list(survivors)
+        if refusal is not None:
+            return self.abort(refusal)  # rule 3: nothing is revealed
         body = mm.Survivors(survivors)
         step = MaskedStep([self._out(p, Kind.SURVIVORS, body) for p in self.participants()])
         step.extend(self._adopt(survivors, now))
@@ -482,8 +511,9 @@ class MaskedSession:
             if known == listed:
                 return MaskedStep()  # we had adopted the full list already: it agrees
             return self.abort("initiator_equivocated")
-        if len(listed) < self.threshold:
-            return self.abort("below_threshold")
+        refusal = self._refuse_list(listed)
+        if refusal is not None:
+            return self.abort(refusal)
         if self.phase is MaskedPhase.KEYS:  # our KEYS are not all in yet: adopt it after
             self._pending_survivors = listed
             return MaskedStep()
@@ -491,6 +521,9 @@ class MaskedSession:
 
     def _adopt(self, survivors: tuple[str, ...], now: float) -> MaskedStep:
         """Rule 4: publish CONFIRM for the list received, then wait for a quorum on it."""
+        refusal = self._refuse_list(survivors)
+        if refusal is not None:  # every caller checked already; kept where the list is adopted
+            return self.abort(refusal)
         self.survivors = survivors
         me = self.ctx.self_id
         self._confirms[me] = survivors
@@ -524,17 +557,20 @@ class MaskedSession:
         if self.phase is not MaskedPhase.CONFIRMING or self.survivors is None:
             return MaskedStep()
         agreeing = sum(1 for lst in self._confirms.values() if lst == self.survivors)
-        if agreeing < mm.confirm_quorum(len(self.members), self.threshold):
+        if agreeing < mm.confirm_quorum(len(self.members), self.threshold,
+                                        self.ctx.params.max_colluders):
             return MaskedStep()
         entries = [(mm.RevealKind.SELF_SEED, self._held[v].seed) if v in self.survivors
                    else (mm.RevealKind.EPHEMERAL_KEY, self._held[v].ephemeral)
                    for v in self.members]
         self._held.clear()  # rule 5: having revealed one kind, we can never reveal the other
+        self.revealed_for = self.survivors
         self._reveals[self.ctx.self_id] = entries
-        step = MaskedStep([self._sealed_out(Kind.REVEAL, mm.encode_reveal(entries))])
+        payload = mm.encode_reveal(entries)
+        self.ctx.tap("share_plaintext", payload)
+        step = MaskedStep([self._sealed_out(Kind.REVEAL, payload)])
         self._enter(MaskedPhase.REVEALING, now, self.timeouts.reveal_s)
-        early, self._early = self._early, []
-        for h, b in early:
+        for h, b in self._early.take():
             step.extend(self.handle(h, b, now))
         step.extend(self._maybe_finish(now))
         return step
@@ -549,9 +585,7 @@ class MaskedSession:
             # keeps one publisher's order on one topic: a REVEAL without one is forged.
             raise _Drop("reveal_before_confirm")
         if self.phase is not MaskedPhase.REVEALING:  # we have not reached quorum ourselves
-            if len(self._early) >= _MAX_EARLY:
-                raise _Drop("too_many_early_messages")
-            self._early.append((header, body))
+            self._early.hold(sender, (header, body), held_size(body))
             return MaskedStep()
         try:
             entries = mm.decode_reveal(self._open_session(header, body.sealed), len(self.members))
@@ -570,6 +604,8 @@ class MaskedSession:
                 or len(self._reveals) < self.threshold
                 or any(p not in self._masked for p in survivors)):
             return MaskedStep()
+        if self._refuse_list(survivors) is not None:  # unreachable past _adopt; never unmask
+            return self.abort("too_few_contributors")
         me = self.ctx.self_id
         revealers = [me, *[p for p in self._reveals if p != me]][: self.threshold]
         try:

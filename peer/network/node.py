@@ -91,7 +91,12 @@ from peer.sharing import SharingStrategy
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from peer.waiting import wait_event
 from protocol import messages as m
-from protocol.chunks import check_max_message_bytes, encode_chunked
+from protocol.chunks import (
+    ChunkReassembler,
+    ReassemblyLimits,
+    check_max_message_bytes,
+    encode_chunked,
+)
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
 from protocol.limits import CONNECTION_ID_BYTES, MAX_MEMBERS
@@ -152,7 +157,7 @@ class Peer:
             network_id=network_id, model_id=self.driver.model_id(trainer.model_id),
             param_count=trainer.param_count,
             group_size=cfg.group_size, threshold=cfg.threshold, fixed_point=cfg.fixed_point,
-            timeouts=cfg.timeouts,
+            timeouts=cfg.timeouts, max_colluders=cfg.max_colluders,
         )
         self.membership = MembershipView(
             network_id,
@@ -161,7 +166,11 @@ class Peer:
             silence_expiry_s=cfg.silence_expiry_s,
             clock_skew_s=cfg.clock_skew_s,
         )
-        self.inbound = InboundChecks(network_id, self.peer_id, self.membership, ReplayWindow())
+        # What this peer holds for others (chunks of unfinished messages, messages waiting
+        # for a lookup) is sized from its own model and group: docs/protocol.md section 11.
+        self.held_limits = ReassemblyLimits.for_sessions(trainer.param_count, cfg.group_size)
+        self.inbound = InboundChecks(network_id, self.peer_id, self.membership, ReplayWindow(),
+                                     chunks=ChunkReassembler(self.held_limits))
         self.seq = m.SequenceCounter()
         self.drops = DropCounter(self.peer_id)
         # Fresh for every broker connection: our announcements and our will name it.
@@ -172,6 +181,7 @@ class Peer:
             params=self.params,
             box_key_of=self._box_key_of,
             next_seq=self.seq.next,
+            secret_tap=cfg.secret_tap,
         )
         self.session: AnySession | None = None
         self._session_contribution: Contribution | None = None
@@ -196,7 +206,8 @@ class Peer:
             membership=self.membership, transport=self.transport, drops=self.drops,
             pinned=lambda: [] if self.session is None else self.session.participants(),
             current_session=lambda: None if self.session is None else self.session.session_id,
-            redeliver=self._handle, dispatch=self._dispatch)
+            redeliver=self._handle, dispatch=self._dispatch,
+            held_bytes=self.held_limits.max_buffered_bytes)
         self._latest_round = -1
         self._was_connected = False
         self._ever_connected = False
@@ -675,6 +686,9 @@ class Peer:
             expired = self.inbound.expire_chunks(now)
             if expired:
                 self.drops.drop("chunk_expired", "unfinished chunked message", expired)
+            evicted = self.inbound.chunks.take_evicted()
+            if evicted:
+                self.drops.drop("chunk_evicted", "the largest sender's oldest message", evicted)
         session = self.session
         if session is not None and now >= session.deadline:
             self._process(self.driver.on_timeout(session, now))

@@ -42,6 +42,7 @@ from crypto import shamir
 from crypto.errors import CryptoError, SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
+from peer.network.early import EarlyBudget, EarlyBuffer, held_size
 from peer.network.session_common import (
     Contribution,
     GroupResult,
@@ -53,6 +54,7 @@ from peer.network.session_common import (
     answer_indices,
     check_answer,
     group_decided,
+    min_contributors,
     validate_indices,
 )
 from protocol import messages as m
@@ -71,9 +73,9 @@ _Drop = SessionDrop
 _NO_INDICES = np.zeros(0, dtype=np.uint32)
 _NO_VALUES = np.zeros(0, dtype=np.float32)
 
-#: Messages held while waiting for Start (shares/partials can overtake the Start from the
-#: initiator because MQTT only orders messages per publisher and topic).
-_MAX_EARLY_MESSAGES = 2 * MAX_MEMBERS
+# Messages held while waiting for Start (shares/partials can overtake the Start from the
+# initiator because MQTT only orders messages per publisher and topic) are bounded in bytes,
+# per sender and in all: peer/network/early.py.
 
 
 class Phase(Enum):
@@ -151,7 +153,9 @@ class Session:
         self._shares: dict[str, shamir.Share] = {}  # sender -> share of sender's vector at my x
         self._partials: dict[str, shamir.Share] = {}  # sender -> partial at sender's x
         self._gone: set[str] = set()
-        self._early: list[tuple[m.Header, m.Body]] = []
+        self._early: EarlyBuffer[tuple[m.Header, m.Body]] = EarlyBuffer(
+            EarlyBudget.for_session(ctx.params.param_count, min(group_size,
+                                                                ctx.params.group_size)))
         self._filled: tuple[np.ndarray, np.ndarray] = (_NO_INDICES, _NO_VALUES)
 
     # ------------------------------------------------------------------ construction
@@ -196,12 +200,14 @@ class Session:
             return "model_mismatch"
         if invite.frac_bits != params.fixed_point.frac_bits:
             return "encoding_mismatch"
-        if not MIN_GROUP_SIZE <= invite.group_size <= min(
+        if not min_contributors(params.max_colluders) <= invite.group_size <= min(
             MAX_MEMBERS, params.fixed_point.max_summands
         ):
             return "bad_group_size"
-        # Our own threshold is our privacy floor: fewer partials may never rebuild our shares.
-        if not max(MIN_THRESHOLD, params.threshold) <= invite.threshold <= invite.group_size:
+        # Our own threshold is our privacy floor: fewer partials may never rebuild our shares,
+        # and our c colluders must hold fewer than t shares of anything.
+        floor = max(MIN_THRESHOLD, params.threshold, params.max_colluders + 1)
+        if not floor <= invite.threshold <= invite.group_size:
             return "bad_threshold"
         return None
 
@@ -311,9 +317,7 @@ class Session:
                 assert isinstance(body, m.Start)
                 return self._on_start(header, body, now)
             if kind in (m.Kind.SHARE, m.Kind.PARTIAL):
-                if len(self._early) >= _MAX_EARLY_MESSAGES:
-                    raise _Drop("too_many_early_messages")
-                self._early.append((header, body))
+                self._early.hold(sender, (header, body), held_size(body))
                 return Step()
             raise _Drop("unexpected_kind")
         # SHARING or PARTIALS
@@ -345,8 +349,8 @@ class Session:
     def _fix_members(self, now: float) -> Step:
         accepted = list(self.accepted)[: self.group_size - 1]  # first to accept, first in
         members = (self.ctx.self_id, *accepted)
-        if len(members) < max(MIN_GROUP_SIZE, self.threshold):
-            return self.abort("too_few_members")
+        if len(members) < max(self.threshold, min_contributors(self.ctx.params.max_colluders)):
+            return self.abort("too_few_members")  # the sum invariant (docs/sessions.md 3.3)
         # Release invitees that are not in the group (not answered yet, or accepted too late).
         released = [p for p in self.invited if p not in accepted and p not in self.declined]
         release = Step([self._out(p, m.Kind.ABORT, m.Abort("not_selected")) for p in released])
@@ -373,6 +377,8 @@ class Session:
             raise _Drop("bad_members")
         if body.threshold != self.threshold or len(members) < self.threshold:
             raise _Drop("bad_threshold")
+        if len(members) < min_contributors(self.ctx.params.max_colluders):
+            return self.abort("too_few_members")  # our sum invariant: never share into it
         try:
             coords = validate_indices(body.coordinates, self.ctx.params.param_count)
         except ValueError as exc:
@@ -385,8 +391,7 @@ class Session:
         step = self._begin_sharing(members, coords, now)
         if self.finished:
             return step
-        early, self._early = self._early, []
-        for h, b in early:
+        for h, b in self._early.take():
             step.extend(self.handle(h, b, now))
         return step
 
@@ -424,6 +429,7 @@ class Session:
             box_key = ctx.box_key_of(peer)
             assert box_key is not None
             payload = field_to_bytes(share.values)
+            ctx.tap("share_plaintext", payload)
             step.out.append(
                 self._seq_out(
                     peer,
@@ -510,6 +516,7 @@ class Session:
         self._partials[me] = partial
         contributors = tuple(sorted(self.members))
         payload = field_to_bytes(partial.values)
+        self.ctx.tap("share_plaintext", payload)
         step = Step()
         for peer in self.members:
             if peer == me:

@@ -45,6 +45,10 @@ class SessionParams:
     threshold: int
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
     timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
+    #: c, the number of colluding members (the initiator may be one of them) this peer's
+    #: privacy must survive: every sum it reveals holds at least ``min_contributors(c)``
+    #: contributions, and its threshold must exceed c (docs/sessions.md section 3.3).
+    max_colluders: int = 1
 
     def __post_init__(self) -> None:
         if not MIN_GROUP_SIZE <= self.group_size <= min(MAX_MEMBERS, self.fixed_point.max_summands):
@@ -54,6 +58,38 @@ class SessionParams:
             )
         if not MIN_THRESHOLD <= self.threshold <= self.group_size:
             raise ValueError(f"threshold must be in [{MIN_THRESHOLD}, group_size]")
+        check_colluders(self.max_colluders, self.group_size, self.threshold)
+
+
+def min_contributors(max_colluders: int) -> int:
+    """Fewest contributions a revealed sum may hold: c + 2, and never fewer than 3.
+
+    A coalition of c members learns the revealed sum minus its own vectors; with c + 2
+    contributions that is still the sum of at least two honest vectors, never one.
+    """
+    return max(MIN_GROUP_SIZE, max_colluders + 2)
+
+
+def check_colluders(max_colluders: int, group_size: int, threshold: int) -> None:
+    """ValueError unless 1 <= c, a group of ``group_size`` can hold ``min_contributors(c)``
+    members, and c < t (c members hold fewer than t Shamir shares of any honest secret)."""
+    if type(max_colluders) is not int or max_colluders < 1:
+        raise ValueError(f"max_colluders must be an integer >= 1 (got {max_colluders!r})")
+    if group_size < min_contributors(max_colluders):
+        raise ValueError(f"max_colluders={max_colluders} needs group_size >= "
+                         f"{min_contributors(max_colluders)} (got {group_size})")
+    if threshold <= max_colluders:
+        raise ValueError(f"max_colluders={max_colluders} needs threshold >= "
+                         f"{max_colluders + 1} (got {threshold})")
+
+
+#: An audit read-out of the secrets a session draws or derives, called as ``tap(label,
+#: secret)``: ``"session_key"`` (masked: K), ``"self_seed"`` and ``"ephemeral_private"``
+#: (masked), ``"share_plaintext"`` (the field-element bytes of each Shamir share or partial
+#: before sealing, and each KEYS payload). Confidentiality audits hand it a list and check that
+#: none of these bytes appear on the wire (tests/test_confidentiality_mosquitto.py). A
+#: production peer leaves it unset.
+SecretTap = Callable[[str, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -61,13 +97,20 @@ class SessionContext:
     """What a session needs from its peer: keys, peer lookup and the message counter.
 
     ``box_key_of`` returns the X25519 public key of an admitted peer (None if unknown);
-    ``next_seq`` hands out the sender's sequence numbers (they are bound into each seal).
+    ``next_seq`` hands out the sender's sequence numbers (they are bound into each seal);
+    ``secret_tap``, for audits only, receives every session secret (:data:`SecretTap`).
     """
 
     identity: Identity
     params: SessionParams
     box_key_of: Callable[[str], bytes | None]
     next_seq: Callable[[], int]
+    secret_tap: SecretTap | None = None
+
+    def tap(self, label: str, secret: bytes) -> None:
+        """Hand a session secret to the audit tap, if one is set (see :data:`SecretTap`)."""
+        if self.secret_tap is not None:
+            self.secret_tap(label, bytes(secret))
 
     @property
     def self_id(self) -> str:

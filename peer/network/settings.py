@@ -16,7 +16,7 @@ from crypto.field import FixedPoint
 from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
 from peer.network.partial_view import ViewConfig
-from peer.network.session_common import Contribution, GroupResult, SessionTimeouts
+from peer.network.session_common import Contribution, GroupResult, SecretTap, SessionTimeouts
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -56,6 +56,9 @@ class NodeConfig:
 
     group_size: int = 3  # at most g members per session (g - 1 invited)
     threshold: int = 2  # Shamir threshold t: t colluding members learn nothing more
+    # c: colluding members (the initiator may be one) this peer's privacy must survive; every
+    # sum it reveals holds >= max(3, c + 2) contributions (docs/sessions.md section 3.3).
+    max_colluders: int = 1
     timeouts: SessionTimeouts = field(default_factory=SessionTimeouts)
     fixed_point: FixedPoint = field(default_factory=FixedPoint)
     merge: MergeConfig = GOSSIP_AVERAGING  # build_peer takes it from the sharing strategy
@@ -90,6 +93,9 @@ class NodeConfig:
     # peer's announcement (the full view); > 0 follows a few announcement buckets, aiming at
     # about view_size peers, and looks up senders outside them (peer/network/view_loop.py).
     view: ViewConfig = field(default_factory=lambda: ViewConfig(view_size=0))
+    # Audit read-out of every session secret this peer draws (session_common.SecretTap): for
+    # confidentiality tests and reviews only; None in every peer the daemon builds.
+    secret_tap: SecretTap | None = None
 
 
 @dataclass(frozen=True)

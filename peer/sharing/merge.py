@@ -52,6 +52,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from peer.errors import DroppedError
+from protocol.limits import MIN_GROUP_SIZE
+
+#: Fewest contributors a merged sum may have: with two, a member's sum minus its own vector is
+#: the other member's vector. The sessions enforce the stricter max(t, c + 2, 3); this is the
+#: floor that holds whatever produced the sum.
+MIN_CONTRIBUTORS = MIN_GROUP_SIZE
 
 
 class MergeRejected(DroppedError):
@@ -170,7 +176,7 @@ def merge_group_sum(
         raise MergeRejected("shape_mismatch", "group sum does not match the coordinates")
     if own_values.shape != coordinates.shape:
         raise MergeRejected("shape_mismatch", "own contribution does not match the coordinates")
-    if contributors < 2:
+    if contributors < MIN_CONTRIBUTORS:  # a sum of two is the other's vector: never merged
         raise MergeRejected("too_few_contributors", f"m={contributors}")
     if not (np.all(np.isfinite(group_sum)) and np.all(np.isfinite(own_values))):
         raise MergeRejected("non_finite")
