@@ -303,7 +303,7 @@ def run_scenario(sc: dict) -> Router:
         hidden = fate == "lost" and rcpt in sc["hidden_from"].get(sender, set())
         if sc["split"] and sender == victim and rcpt in side_b | {"p0"}:
             hidden = True  # the colluding broker keeps the victim's vector from one side
-        if fate == "late" or hidden and fate != "lost":
+        if fate == "late" or (hidden and fate != "lost"):
             held.append((sender, rcpt, out))
             return False
         return not hidden
