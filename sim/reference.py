@@ -35,6 +35,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.errors import BudgetExhaustedError
 from peer.network.counters import PeerStatus, SessionCounters
+from peer.network.session_common import min_contributors
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 from sim.metrics import EVENT_ROUND, EVENT_START, EVENT_STOP, MetricsWriter
@@ -67,16 +68,16 @@ class ReferencePeer:
             bytes_sent=self.payload_bytes, **vars(self.counters))
 
 
-def schedule_groups(peer_ids: list[str], group_size: int,
-                    rng: np.random.Generator) -> list[list[str]]:
+def schedule_groups(peer_ids: list[str], group_size: int, rng: np.random.Generator,
+                    min_size: int = MIN_GROUP_SIZE) -> list[list[str]]:
     """A random split of ``peer_ids`` into groups of ``group_size``; a remainder too small for a
-    session (fewer than 3) is spread over the last groups, as late invitees would join them.
-    Fewer than 3 peers: no group."""
-    if len(peer_ids) < MIN_GROUP_SIZE:
+    session (fewer than ``min_size``: the sum invariant's max(3, c + 2)) is spread over the last
+    groups, as late invitees would join them. Fewer than ``min_size`` peers: no group."""
+    if len(peer_ids) < min_size:
         return []
     order = [peer_ids[i] for i in rng.permutation(len(peer_ids))]
     groups = [order[i:i + group_size] for i in range(0, len(order), group_size)]
-    if len(groups[-1]) < MIN_GROUP_SIZE and len(groups) > 1:
+    if len(groups[-1]) < min_size and len(groups) > 1:
         for k, peer_id in enumerate(groups.pop()):
             groups[-1 - k % len(groups)].append(peer_id)
     return [g[:MAX_MEMBERS] for g in groups]
@@ -161,7 +162,8 @@ class ReferenceNetwork:
             if not peer.budget_exhausted and peer.counters.round < self.scenario.rounds:
                 _train(peer, evaluate)
         ready = {p.plan.peer_id: p for p in self.peers if p.fresh is not None}
-        for group in schedule_groups(sorted(ready), self.scenario.group_size, self.rng):
+        for group in schedule_groups(sorted(ready), self.scenario.group_size, self.rng,
+                                     min_contributors(self.scenario.max_colluders)):
             run_group([ready[peer_id] for peer_id in group], self.fixed_point)
 
     def finished(self) -> bool:

@@ -46,6 +46,11 @@ def test_schedule_covers_every_ready_peer_in_groups_a_session_allows() -> None:
         assert sorted(p for g in groups for p in g) == ids
         assert all(3 <= len(g) <= 7 for g in groups)
     assert schedule_groups(ids[:2], 5, rng) == []
+    for _ in range(20):  # with c = 2 a group holds at least 4 (the sum invariant)
+        groups = schedule_groups(ids[:9], 5, rng, min_size=4)
+        assert sorted(p for g in groups for p in g) == ids[:9]
+        assert all(len(g) >= 4 for g in groups)
+    assert schedule_groups(ids[:3], 5, rng, min_size=4) == []
 
 
 async def test_reference_run_learns_and_spends_the_budget(tmp_path: Path) -> None:
