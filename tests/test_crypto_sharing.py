@@ -220,6 +220,81 @@ def test_shares_lie_on_a_polynomial_of_degree_t_minus_1(n: int, t: int) -> None:
         np.testing.assert_array_equal((predicted % PRIME).astype(np.int64), target.values)
 
 
+def _leading_coefficient(xs: list[int], ys: list[np.ndarray]) -> np.ndarray:
+    """Exact (mod p) coefficient of x^(k-1) in the unique polynomial of degree <= k - 1 through
+    the k points (xs[i], ys[i]), element-wise: the divided difference
+    sum_i y_i / prod_{j != i} (x_i - x_j). Computed here, independently of crypto.shamir."""
+    total = np.zeros(ys[0].shape[0], dtype=np.int64)
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        denominator = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                denominator = denominator * (xi - xj) % PRIME
+        weight = pow(denominator, -1, PRIME)
+        total = (total + yi.astype(np.int64) * weight % PRIME) % PRIME  # < 2^62: no overflow
+    return total
+
+
+def _t_minus_1_subsets(shares: list[Share], t: int) -> list[tuple[Share, ...]]:
+    """The first and last t - 1 shares, and every (t-1)-subset when there are few."""
+    subsets = list(itertools.combinations(shares, t - 1))
+    return subsets if len(subsets) <= 20 else [subsets[0], subsets[-1], subsets[len(subsets) // 2]]
+
+
+EXACT_SIZE = 2000  # elements per secret: a chance coincidence (probability 1/p each) is rare
+
+
+@pytest.mark.parametrize(("n", "t"), [(3, 2), (5, 3), (4, 4), (16, 9), (3, 1)])
+def test_split_polynomial_has_degree_exactly_t_minus_1(n: int, t: int) -> None:
+    """Exact over the field: the secret and any t shares lie on one polynomial of degree
+    <= t - 1 (their t-th divided difference is 0), and its x^(t-1) coefficient is non-zero.
+
+    A split of degree t - 2 (any t - 1 shares then rebuild the secret) fails the second
+    part everywhere; a uniform leading coefficient is zero with probability 1/p per element,
+    so at most one zero in 2 000 is allowed (two happen with probability ~4e-13).
+    """
+    secret = random_field((EXACT_SIZE,))
+    shares = split(secret, n=n, t=t)
+    xs, ys = [0] + [s.x for s in shares], [secret] + [s.values for s in shares]
+    for first in range(len(xs) - t):  # every window of t + 1 consecutive points
+        window = slice(first, first + t + 1)
+        assert not np.any(_leading_coefficient(xs[window], ys[window]))
+    leading = _leading_coefficient(xs[1 : t + 1], ys[1 : t + 1])
+    assert np.count_nonzero(leading == 0) <= 1
+    # The same polynomial from the last t shares: the same leading coefficient.
+    np.testing.assert_array_equal(_leading_coefficient(xs[-t:], ys[-t:]), leading)
+
+
+@pytest.mark.parametrize(("n", "t"), [(3, 2), (5, 3), (4, 4), (16, 9)])
+def test_t_minus_1_shares_fit_every_candidate_secret(n: int, t: int) -> None:
+    """Exact over the field: any t - 1 shares and any candidate secret c lie on a polynomial
+    of degree t - 1, of degree exactly t - 1 unless c is the one value c* the shares
+    extrapolate to with degree t - 2; and c* is not the secret.
+
+    For each candidate exactly one degree-(t-1) polynomial fits, and split draws its higher
+    coefficients uniformly, so t - 1 shares leave every candidate equally likely. With a
+    split of degree t - 2, c* would be the secret in every element.
+    """
+    secret = random_field((EXACT_SIZE,))
+    shares = split(secret, n=n, t=t)
+    candidates = [np.zeros(EXACT_SIZE, dtype=FIELD_DTYPE), np.full(EXACT_SIZE, PRIME - 1,
+                  dtype=FIELD_DTYPE), random_field((EXACT_SIZE,)), secret]
+    for subset in _t_minus_1_subsets(shares, t):
+        xs, ys = [s.x for s in subset], [s.values for s in subset]
+        # c* = the degree-(t-2) polynomial through the t - 1 shares, evaluated at 0.
+        extrapolated = np.zeros(EXACT_SIZE, dtype=np.int64)
+        for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+            weight = 1
+            for j, xj in enumerate(xs):
+                if j != i:
+                    weight = weight * xj % PRIME * pow(xj - xi, -1, PRIME) % PRIME
+            extrapolated = (extrapolated + yi.astype(np.int64) * weight % PRIME) % PRIME
+        assert np.count_nonzero(extrapolated == secret) <= 1
+        for candidate in candidates:
+            leading = _leading_coefficient([0, *xs], [candidate, *ys])
+            np.testing.assert_array_equal(leading == 0, extrapolated == candidate)
+
+
 def test_lagrange_coefficients_sum_to_one() -> None:
     for xs in ([1, 2, 3], [2, 5, 7, 8], [1]):
         assert sum(lagrange_at_zero(xs)) % PRIME == 1

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from peer.training.dpsgd import (
@@ -24,7 +25,17 @@ from peer.training.privacy.accountant import (
     epsilon_of_segments,
     sigma_for,
 )
-from peer.training.privacy.noise import InsecureFastGaussian, SecureGaussian, secure_bernoulli_mask
+from peer.training.privacy.noise import (
+    LARGEST_RADIUS,
+    MAX_UNIFORM_WORDS,
+    SMALLEST_UNIFORM,
+    InsecureFastGaussian,
+    SecureGaussian,
+    box_muller,
+    open_unit_uniforms,
+    os_random_words,
+    secure_bernoulli_mask,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -115,6 +126,90 @@ def test_secure_gaussian_moments_and_freshness() -> None:
     assert abs(float((z.abs() > 2).double().mean()) - 0.0455) < 0.003
     assert not torch.equal(source.sample(100), source.sample(100))  # never repeats
     assert source.sample(0).shape == (0,)
+
+
+class ScriptedWords:
+    """A ``draw_words`` stand-in: returns the given top-53-bit values in turn, logs requests."""
+
+    def __init__(self, tops: list[int]) -> None:
+        self.tops = list(tops)
+        self.requests: list[int] = []
+
+    def __call__(self, count: int) -> torch.Tensor:
+        self.requests.append(count)
+        top = self.tops.pop(0) if self.tops else 0
+        return torch.full((count,), top << 11, dtype=torch.int64)  # top 53 bits = top
+
+
+def _words(*tops: int) -> torch.Tensor:
+    """int64 words whose top 53 bits are ``tops`` (-1: every bit set), low 11 bits zero."""
+    unsigned = [2**64 - 1 if t == -1 else t << 11 for t in tops]
+    return torch.tensor([u - 2**64 if u >= 2**63 else u for u in unsigned], dtype=torch.int64)
+
+
+def test_uniforms_are_refined_below_2_pow_minus_53_not_cut_off() -> None:
+    """Exact: a word whose top 53 bits are zero is refined with fresh words, down to 2^-1007.
+
+    Stopping at 2^-53 (one word per uniform) would cap every noise coordinate at 8.57 sigma
+    and leave a tail of 2^-53 per pair out of the accounted Gaussian (docs/privacy.md).
+    """
+    grid = 2.0**-53
+    all_zero = ScriptedWords([])
+    uniforms = open_unit_uniforms(_words(0, -1, 1, 2**52), all_zero)
+    assert uniforms.tolist() == [SMALLEST_UNIFORM, 1.0, 2 * grid, (2**52 + 1) * grid]
+    assert SMALLEST_UNIFORM == 2.0**-1007 and all_zero.requests == [1] * (MAX_UNIFORM_WORDS - 1)
+    # One refinement deep: the exact uniform is in (2^-53 * 2^-53, 2 * 2^-53 * 2^-53].
+    one_deeper = ScriptedWords([1])
+    assert open_unit_uniforms(_words(0), one_deeper).tolist() == [2 * grid * grid]
+    assert one_deeper.requests == [1]
+    # Nothing is drawn when no word needs refining.
+    untouched = ScriptedWords([])
+    open_unit_uniforms(_words(5, 7), untouched)
+    assert untouched.requests == []
+
+
+def test_box_muller_reaches_far_beyond_nine_sigma_in_both_directions() -> None:
+    deepest = open_unit_uniforms(_words(0, 0), ScriptedWords([]))
+    one_deeper = open_unit_uniforms(_words(0), ScriptedWords([1]))
+    uniforms = torch.cat([deepest, one_deeper])
+    # Angle words: 0 (theta = 0), -2^31 (theta = -pi), 2^30 (theta = pi / 2).
+    angles = torch.tensor([0, -(2**31), 2**30], dtype=torch.int32)
+    values = box_muller(uniforms, angles)
+    assert math.isclose(LARGEST_RADIUS, math.sqrt(2 * 1007 * math.log(2)), rel_tol=1e-12)
+    cosines, sines = values[:3].double(), values[3:].double()
+    assert cosines[0] == pytest.approx(LARGEST_RADIUS, rel=1e-6)  # 37.4 sigma
+    assert cosines[1] == pytest.approx(-LARGEST_RADIUS, rel=1e-6)
+    assert cosines[2] == pytest.approx(0.0, abs=1e-5)
+    assert sines[2] == pytest.approx(math.sqrt(2 * 105 * math.log(2)), rel=1e-6)  # 12.1 sigma
+    assert min(float(cosines[0]), -float(cosines[1]), float(sines[2])) > 9.0
+    assert box_muller(torch.ones(2, dtype=torch.float64),
+                      torch.zeros(2, dtype=torch.int32)).tolist() == [0.0] * 4  # u = 1: r = 0
+
+
+def test_uniform_construction_rejects_malformed_input() -> None:
+    with pytest.raises(ValueError, match="int64"):
+        open_unit_uniforms(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="draw_words"):
+        open_unit_uniforms(_words(0), lambda count: torch.zeros(count + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="equal length"):
+        box_muller(torch.ones(2, dtype=torch.float64), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="float64"):
+        box_muller(torch.ones(2), torch.zeros(2, dtype=torch.int32))
+    assert open_unit_uniforms(torch.zeros(0, dtype=torch.int64)).shape == (0,)
+
+
+def test_secure_gaussian_and_its_uniforms_pass_kolmogorov_smirnov() -> None:
+    z = SecureGaussian().sample(300_000).double().numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-6
+    # Both halves (cosine and sine branches) on their own, and the pair radius r^2 ~ Exp(1/2).
+    cosines, sines = z[:150_000], z[150_000:]
+    assert stats.kstest(cosines, "norm").pvalue > 1e-6
+    assert stats.kstest(sines, "norm").pvalue > 1e-6
+    assert stats.kstest(cosines**2 + sines**2, "expon", args=(0, 2)).pvalue > 1e-6
+    uniforms = open_unit_uniforms(os_random_words(200_000)).numpy()
+    assert stats.kstest(uniforms, "uniform").pvalue > 1e-6
+    # The statistic has the power to see a wrong scale: 2 % too wide fails by far.
+    assert stats.kstest(z * 1.02, "norm").pvalue < 1e-6
 
 
 def test_insecure_source_is_named_and_seeded() -> None:

@@ -1,4 +1,8 @@
-"""Frozen features computed once: the process-wide cache and the scatter trainer built on it."""
+"""Frozen features computed once: the process-wide cache and the scatter trainer built on it.
+
+kymatio is a hard dependency (pyproject.toml): nothing here skips without it, so a broken
+install fails these tests (FeatureError) instead of hiding them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-pytest.importorskip("kymatio")
 
 from peer.training.data import Dataset, load_source
 from peer.training.features import (

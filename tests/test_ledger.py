@@ -11,6 +11,7 @@ import pytest
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.training.privacy.accountant import epsilon
 from tests.conftest import run_child_and_kill
+from tests.test_accountant import dp_accounting_epsilon
 
 CHILD = """
 import json, sys
@@ -57,6 +58,53 @@ def test_ledger_survives_sigkill_and_resumes_exactly(tmp_path: Path, digits) -> 
     update = trainer.train_round()
     assert trainer.ledger.steps == on_disk.steps + 5 and update.epsilon > on_disk.epsilon
     assert PrivacyLedger.load(tmp_path / "ledger.json").steps == on_disk.steps + 5
+
+
+# Reference figures, computed outside Murmur with dp-accounting 0.6.0's own API:
+# SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps) composed into
+# PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE) at the library's default
+# value_discretization_interval (1e-4), and into RdpAccountant(ADD_OR_REMOVE_ONE) with its
+# default orders, then get_epsilon(1e-5). Rows: (q, sigma, steps, PLD epsilon, RDP epsilon).
+# The first is Abadi et al.'s setting (q = 0.01, sigma = 1.1, 1000 steps), the second 60
+# epochs of MNIST at batch 256 (q = 256 / 60000, 14 062 steps).
+PINNED = [
+    (0.01, 1.1, 1000, 1.5153702, 1.7117702),
+    (256 / 60000, 1.1, 14_062, 2.3816860, 2.5965559),
+]
+
+
+@pytest.mark.parametrize(("q", "sigma", "steps", "pld_eps", "rdp_eps"), PINNED)
+def test_ledger_epsilon_matches_pinned_reference_numbers(
+    q: float, sigma: float, steps: int, pld_eps: float, rdp_eps: float
+) -> None:
+    """Both accountants against constants no Murmur code produced (an accountant that
+    returned half, or a different sampling or neighbouring relation, fails here).
+
+    Murmur's PLD discretizes at 1e-3, a pessimistic bound: at or above the 1e-4 figure and
+    within 0.01 of it. Murmur's RDP is Opacus' analysis over more orders: the same figure.
+    """
+    pld = _ledger(sigma=sigma, sample_rate=q, accountant="pld")
+    rdp = _ledger(sigma=sigma, sample_rate=q, accountant="rdp")
+    assert pld_eps - 1e-6 <= pld.record(steps) <= pld_eps + 0.01
+    assert math.isclose(rdp.record(steps), rdp_eps, rel_tol=1e-5)
+
+
+# PLD: Murmur's coarser discretization is a pessimistic bound, at most 0.01 above the
+# library default's. RDP: the two use different order grids, so they agree to 0.1 %.
+@pytest.mark.parametrize(("accountant", "below", "above"),
+                         [("pld", 1e-6, 0.01), ("rdp", 4e-3, 4e-3)])
+def test_ledger_epsilon_matches_dp_accounting_computed_here(
+    accountant: str, below: float, above: float
+) -> None:
+    """The ledger's epsilon over two settings segments against dp-accounting's own
+    accountants, composed here from its public API (not through Murmur's accountant)."""
+    ledger = _ledger(sigma=1.1, sample_rate=0.02, accountant=accountant)
+    ledger.record(300)
+    ledger.update_settings(1.0, 0.04, 1.0)
+    spent = ledger.record(120)
+    expected = dp_accounting_epsilon(accountant, [(1.1, 0.02, 300), (1.0, 0.04, 120)])
+    assert expected > 3.0  # large enough that half of it, or 0.9 of it, fails below
+    assert expected - below <= spent <= expected + above
 
 
 def _ledger(**overrides: object) -> PrivacyLedger:

@@ -1,9 +1,14 @@
-"""Model registry: shapes, parameter counts, no BatchNorm, clear errors."""
+"""Model registry: shapes, parameter counts, no BatchNorm, clear errors.
+
+kymatio (the scatter model) is a hard dependency (pyproject.toml): it is imported plainly and its
+tests never skip, so a broken install fails here instead of hiding.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 from torch import nn
 
 from peer.training.models import MODEL_NAMES, ModelError, build_model, param_count, split_frozen
@@ -29,8 +34,13 @@ def test_models_without_frozen_prefix_are_not_split(name: str, shape: tuple[int,
     assert prefix is None and rest is model
 
 
+def test_scatter_prefix_runs_kymatios_scattering_transform() -> None:
+    prefix, _ = split_frozen(build_model("scatter", (28, 28), 10))
+    assert prefix is not None
+    assert any(isinstance(module, ScatteringTorch2D) for module in prefix.modules())
+
+
 def test_scatter_splits_into_frozen_features_and_linear_head() -> None:
-    pytest.importorskip("kymatio")
     model = build_model("scatter", (28, 28), 10)
     prefix, rest = split_frozen(model)
     assert prefix is not None and len(prefix) == 3 and len(rest) == 1
@@ -61,7 +71,6 @@ def test_registry_errors() -> None:
 
 
 def test_scatter_model_has_only_linear_parameters() -> None:
-    pytest.importorskip("kymatio")
     for shape in ((1, 28, 28), (28, 28)):
         model = build_model("scatter", shape, 10)
         assert param_count(model) == 81 * 7 * 7 * 10 + 10  # 3969 frozen features -> 10
@@ -73,7 +82,6 @@ def test_scatter_model_has_only_linear_parameters() -> None:
 
 
 def test_scatter_features_are_per_example() -> None:
-    pytest.importorskip("kymatio")
     model = build_model("scatter", (1, 28, 28), 10)
     x = torch.rand(5, 1, 28, 28)
     with torch.no_grad():
@@ -90,7 +98,6 @@ def test_scatter_dp_gradients_match_references() -> None:
     model's, so the head on precomputed features is the vmap reference; a plain loop of
     single-example backward passes through the whole model checks the same sum independently.
     """
-    pytest.importorskip("kymatio")
     from peer.training.dpsgd import GhostClipEngine, VmapEngine, clip_factors
 
     torch.manual_seed(0)

@@ -101,9 +101,13 @@ class LocalTrainer:
         holdout: Dataset,
         state_dir: Path | None = None,
         source: BlockSource | None = None,
+        noise: GaussianSource | None = None,
     ) -> None:
         """``train``: the static records (block 0). With a ``source`` it may be record-less
-        (``blocks.template_dataset``): it then only gives the input shape and class count."""
+        (``blocks.template_dataset``): it then only gives the input shape and class count.
+        ``noise``: the DP steps' N(0, 1) source; None (every peer) uses the configured one.
+        Tests and audits only: another source voids the ledger's epsilon (a zero source makes
+        a noise-free twin whose update differs from a normal trainer's by exactly the noise)."""
         config.validate()
         if len(train) == 0 and source is None:
             raise ValueError("training set is empty")
@@ -142,7 +146,7 @@ class LocalTrainer:
         # Insecure mode seeds batch sampling too (experiments only: NOT private).
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
-        self._dp_step = self._make_dp_step() if config.dp else None
+        self._dp_step = self._make_dp_step(noise) if config.dp else None
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -163,11 +167,14 @@ class LocalTrainer:
 
         return cached_features(self._frozen, x)
 
-    def _make_dp_step(self) -> DPSGDStep:
+    def _make_dp_step(self, noise: GaussianSource | None) -> DPSGDStep:
         cfg = self.config
-        if cfg.insecure_fast_noise:
+        if noise is not None:
+            if not noise.secure:
+                log.warning("noise source %s is not secure: NO privacy", type(noise).__name__)
+        elif cfg.insecure_fast_noise:
             log.warning("insecure_fast_noise is on: seeded noise and sampling, NO privacy")
-            noise: GaussianSource = InsecureFastGaussian(cfg.seed + 1)
+            noise = InsecureFastGaussian(cfg.seed + 1)
         else:
             noise = SecureGaussian()
         # One step object for every block, retuned each round (DPSGDStep.retune).

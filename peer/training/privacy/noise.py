@@ -1,4 +1,4 @@
-"""Gaussian noise for DP-SGD from a cryptographically secure source.
+"""Gaussian noise for DP-SGD from a cryptographically secure source, with no cut-off tail.
 
 Security property: the default sampler, :class:`SecureGaussian`, takes a fresh 32-byte key
 from ``os.urandom`` (the kernel CSPRNG) for every call and expands it with libsodium's
@@ -6,11 +6,15 @@ ChaCha20 stream (``randombytes_buf_deterministic``, via PyNaCl) into the uniform
 needs; Box-Muller turns pairs of uniforms into Gaussians (radius in float64, angle in
 float32). ChaCha20 keyed with 256 fresh secret bits is a CSPRNG (the Linux kernel's own
 generator is ChaCha20 too), and is measured about 2x faster here than reading the same bytes
-from os.urandom. Nothing about the
-noise is predictable from a seed, the process state or earlier samples, so a recipient of the
-noised update cannot subtract the noise. The radius uses 53-bit uniforms, keeping the sampled
-tail out to about 8.6 sigma; the angle uses 32-bit uniforms (2^-32 of a turn).
-The floating-point caveat is discussed in docs/privacy.md.
+from os.urandom. Nothing about the noise is predictable from a seed, the process state or
+earlier samples, so a recipient of the noised update cannot subtract the noise.
+
+The radius has no cut-off that matters: :func:`open_unit_uniforms` refines a uniform whose
+top 53 bits are all zero with fresh words instead of stopping at 2^-53 (which would cap every
+coordinate at about 8.57 sigma). It can return uniforms down to 2^-1007, so the radius
+reaches about 37.4 sigma, and the tail mass it cannot produce is 2^-1007 per pair.
+docs/privacy.md ("Noise source") gives the argument that this adds nothing visible to delta,
+and the floating-point caveat.
 
 :class:`InsecureFastGaussian` exists only for experiments that need reproducible runs; it is
 seeded and therefore offers *no* privacy. It is never the default and its name says so.
@@ -20,13 +24,24 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from nacl.bindings import randombytes_buf_deterministic
 
 _MANTISSA_BITS = 53
+_GRID = 2.0**-_MANTISSA_BITS  # one word's resolution: u = (h + 1) * 2^-53
 _TWO_PI = 2.0 * math.pi
+
+#: Words one uniform may use: the first, plus a fresh one each time the top 53 bits are zero.
+#: 19 words of 53 bits reach 2^-1007, still a normal float64 (the smallest is 2^-1022).
+MAX_UNIFORM_WORDS = 19
+#: The smallest uniform :func:`open_unit_uniforms` returns (all 19 words zero in their top
+#: 53 bits); the probability an exact uniform falls below it is this same number.
+SMALLEST_UNIFORM = 2.0 ** -(_MANTISSA_BITS * MAX_UNIFORM_WORDS)
+#: The largest pair radius, sqrt(-2 ln SMALLEST_UNIFORM), about 37.4: the cut-off in sigmas.
+LARGEST_RADIUS = math.sqrt(-2.0 * math.log(SMALLEST_UNIFORM))
 
 
 class GaussianSource(Protocol):
@@ -37,6 +52,72 @@ class GaussianSource(Protocol):
     def sample(self, n: int) -> torch.Tensor:
         """Return a float32 tensor of ``n`` independent N(0, 1) samples."""
         ...
+
+
+def _top_bits(words: torch.Tensor) -> torch.Tensor:
+    """The top 53 bits of each 64-bit word as a non-negative int64 (exact in a float64)."""
+    top = torch.bitwise_right_shift(words, 64 - _MANTISSA_BITS)  # arithmetic shift on int64
+    return top.bitwise_and_((1 << _MANTISSA_BITS) - 1)
+
+
+def os_random_words(count: int) -> torch.Tensor:
+    """``count`` uniform 64-bit words (as int64) straight from ``os.urandom``."""
+    return torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64)
+
+
+def open_unit_uniforms(
+    words: torch.Tensor, draw_words: Callable[[int], torch.Tensor] = os_random_words
+) -> torch.Tensor:
+    """Uniforms in (0, 1] (float64), one per int64 word, refined in the low tail.
+
+    With ``h`` a word's top 53 bits, ``u = (h + 1) * 2^-53``: the exact uniform rounded up to
+    a 2^-53 grid. When ``h == 0`` (probability 2^-53) the exact uniform lies in (0, 2^-53]
+    and is refined with a fresh word from ``draw_words(k)`` (``k`` uniform int64 words):
+    ``u = 2^-53 * u'``, for up to :data:`MAX_UNIFORM_WORDS` words in all, so ``u`` reaches
+    :data:`SMALLEST_UNIFORM` (2^-1007) instead of stopping at 2^-53. Pure apart from
+    ``draw_words``, so the tests can feed it extreme words.
+    """
+    if words.dtype != torch.int64 or words.dim() != 1:
+        raise ValueError(f"words must be a 1-D int64 tensor, got {words.dtype} {words.dim()}-D")
+    top = _top_bits(words)
+    uniforms = top.to(torch.float64).add_(1.0).mul_(_GRID)
+    if top.numel() == 0 or int(top.min()) > 0:
+        return uniforms  # the usual case: nothing to refine (min() is cheaper than == 0)
+    pending = (top == 0).nonzero().flatten()
+    scale = _GRID
+    for _ in range(MAX_UNIFORM_WORDS - 1):
+        fresh = draw_words(pending.numel())
+        if fresh.dtype != torch.int64 or fresh.shape != pending.shape:
+            raise ValueError(f"draw_words({pending.numel()}) returned {fresh.dtype} "
+                             f"{tuple(fresh.shape)}")
+        fresh_top = _top_bits(fresh)
+        uniforms[pending] = fresh_top.to(torch.float64).add_(1.0).mul_(_GRID * scale)
+        pending = pending[fresh_top == 0]
+        scale *= _GRID
+        if pending.numel() == 0:
+            break
+    return uniforms
+
+
+def box_muller(uniforms: torch.Tensor, angle_words: torch.Tensor) -> torch.Tensor:
+    """Standard normal pairs from radius uniforms in (0, 1] and 32-bit angle words.
+
+    Returns ``2 * len(uniforms)`` float32 values: all ``r cos(theta)``, then all
+    ``r sin(theta)``, with ``r = sqrt(-2 ln u)`` in float64 and ``theta`` the signed word
+    times ``2 pi / 2^32``, uniform on [-pi, pi). The angle only sets the direction, so
+    float32 trigonometry (2x faster than float64) loses nothing visible in a float32 result.
+    """
+    if uniforms.dtype != torch.float64 or angle_words.dtype != torch.int32:
+        raise ValueError("box_muller needs float64 uniforms and int32 angle words")
+    if uniforms.shape != angle_words.shape or uniforms.dim() != 1:
+        raise ValueError("box_muller needs 1-D uniforms and angle words of equal length")
+    pairs = uniforms.shape[0]
+    radius = uniforms.log().mul_(-2.0).sqrt_().to(torch.float32)
+    angle = angle_words.to(torch.float32).mul_(_TWO_PI * 2.0**-32)
+    out = torch.empty(2 * pairs, dtype=torch.float32)
+    torch.mul(radius, torch.cos(angle), out=out[:pairs])
+    torch.mul(radius, angle.sin_(), out=out[pairs:])
+    return out
 
 
 class SecureGaussian:
@@ -53,25 +134,10 @@ class SecureGaussian:
         pairs = (n + 1) // 2
         if pairs == 0:
             return torch.empty(0, dtype=torch.float32)
-        key = os.urandom(32)
-        stream = randombytes_buf_deterministic(12 * pairs, key)
+        stream = randombytes_buf_deterministic(12 * pairs, os.urandom(32))
         raw = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
-        radius_words = raw[: 8 * pairs].view(torch.int64)
-        angle_words = raw[8 * pairs :].view(torch.int32)
-        # Top 53 bits of each 64-bit word: exactly representable in a float64.
-        mantissas = torch.bitwise_right_shift(radius_words, 64 - _MANTISSA_BITS)
-        mantissas.bitwise_and_((1 << _MANTISSA_BITS) - 1)
-        # u1 in (0, 1]: the +1 keeps log() finite. float64 keeps the tail exact.
-        radius_64 = mantissas.to(torch.float64).add_(1.0).mul_(2.0**-_MANTISSA_BITS)
-        radius = radius_64.log_().mul_(-2.0).sqrt_().to(torch.float32)
-        # Signed 32-bit words map onto the angle range [-pi, pi) uniformly; the angle only
-        # sets the direction, so float32 trig (2x faster than float64) loses nothing visible
-        # in a float32 result.
-        angle = angle_words.to(torch.float32).mul_(_TWO_PI * 2.0**-32)
-        out = torch.empty(2 * pairs, dtype=torch.float32)
-        torch.mul(radius, torch.cos(angle), out=out[:pairs])
-        torch.mul(radius, angle.sin_(), out=out[pairs:])
-        return out[:n]
+        uniforms = open_unit_uniforms(raw[: 8 * pairs].view(torch.int64))
+        return box_muller(uniforms, raw[8 * pairs :].view(torch.int32))[:n]
 
 
 class InsecureFastGaussian:
