@@ -4,7 +4,9 @@
   fixed time and hoping; a timeout is an AssertionError naming what was awaited.
 * `mosquitto`: the real Mosquitto binary on a free loopback port for one test. Outside CI a
   machine without Mosquitto skips those tests; in CI (`CI=true`) a missing binary is an error,
-  because a test that needs Mosquitto must run there, not skip (`require_mosquitto`).
+  because a test that needs Mosquitto must run there, not skip (`require_mosquitto`). The same
+  rule holds for every other program or data set a test needs (`require_installed`:
+  `mosquitto_passwd`, `openssl`, Fashion-MNIST).
 * `embedded_broker`: the simulation's embedded amqtt broker on a kernel-chosen port.
 * `digits_source` / `digits`: the bundled digits data set, and its (train, holdout, test) split.
 * `one_torch_thread`: one intra-op torch thread for the test, restored afterwards.
@@ -98,13 +100,19 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def require_mosquitto() -> None:
-    """Skip (locally) or fail (in CI) when the Mosquitto binary is missing."""
-    if MosquittoBroker.available():
+def require_installed(available: bool, what: str, package: str) -> None:
+    """Skip (locally) or fail (in CI) when a program or data set a test needs is missing: in
+    CI every test must run, and .ci/run installs the Debian ``package`` that provides it."""
+    if available:
         return
     if _in_ci():
-        pytest.fail("mosquitto is required in CI (apt-get install -y mosquitto)")
-    pytest.skip("mosquitto binary not installed")
+        pytest.fail(f"{what} is required in CI (apt-get install -y {package})")
+    pytest.skip(f"{what} not installed")
+
+
+def require_mosquitto() -> None:
+    """Skip (locally) or fail (in CI) when the Mosquitto binary is missing."""
+    require_installed(MosquittoBroker.available(), "mosquitto", "mosquitto")
 
 
 @contextlib.asynccontextmanager

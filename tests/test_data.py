@@ -20,6 +20,7 @@ from peer.training.data import (
     load_train_source,
     split_holdout,
 )
+from tests.conftest import require_installed
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int, compress: bool) -> Path:
@@ -85,8 +86,8 @@ def test_idx_files_gz_and_raw(tmp_path: Path, compress: bool) -> None:
 
 def test_real_fashion_mnist_if_installed() -> None:
     root = Path("/usr/share/datasets/fashion-mnist")
-    if not (root / "t10k-labels-idx1-ubyte.gz").exists():
-        pytest.skip("dataset-fashion-mnist not installed")
+    require_installed((root / "t10k-labels-idx1-ubyte.gz").exists(), "Fashion-MNIST",
+                      "dataset-fashion-mnist")
     test = load_fashion_mnist(root, train=False)
     assert test.x.shape == (10000, 1, 28, 28) and set(np.unique(test.y)) == set(range(10))
 

@@ -4,7 +4,8 @@ Scenarios of issue 4: peers complete sessions and agree on the group sum; a memb
 (SIGKILL, separate process) after its shares are out; the broker stopped and restarted; a raw
 MQTT client sending garbage, replays, forged senders and foreign certificates; a subscriber on
 ``#`` proving no payload carries a member's vector. Peers train the MLP on the digits data set
-with tiny local rounds.
+with tiny local rounds (the real LocalTrainer, DP-SGD included), except in the residual-fill
+test, whose hand-written ResidualTrainer says why it stands in for one.
 """
 
 from __future__ import annotations
@@ -445,7 +446,31 @@ class RecordingSharing(DeltaSharing):
 
 class ResidualTrainer:
     """A vector-only trainer whose sharing strategy holds an error-feedback residual
-    (the node's residual fill, docs/sessions.md "Sparse supports")."""
+    (the node's residual fill, docs/sessions.md "Sparse supports").
+
+    It stands for :class:`peer.training.trainer.LocalTrainer` on the node's side of the
+    interface only: ``train_round`` returns a 40-of-400 sparse update, the real delta sharing
+    strategy fills and settles a residual that is non-zero on every coordinate (so every
+    session exercises the fill), and nothing is trained. The tests that use it check the
+    session protocol itself, so they need what a real trainer cannot give them: vectors known
+    in advance (a killed victim process redraws its update from a seed, the masked exact-sum
+    and confidentiality tests compare against the plain sum or the tapped secrets), sessions
+    started by hand on updates offered by the test, and many peers in one process (the
+    partial-view tests run 20) at 20 ms per round. A LocalTrainer's update
+    carries DP noise from the kernel CSPRNG, which no seed reproduces, and costs a torch
+    model and DP-SGD steps per peer per round on a shared 2-core machine.
+
+    The real trainer runs end to end over Mosquitto in the tests built on ``make_trainer``
+    or ``shard_trainer_factory``: for Shamir sessions
+    ``test_five_peers_complete_sessions_and_agree``, ``test_broker_restart_mid_run``,
+    ``test_member_killed_after_its_shares_are_out`` and
+    ``test_hostile_client_is_dropped_and_counted`` here; for masked sessions
+    ``test_five_masked_peers_agree_and_send_one_vector_each`` (tests/test_masked_mosquitto.py);
+    for both kinds, sharing the whole model in CHUNKs,
+    tests/test_chunks_mosquitto.py; and the provisioned TLS peers of
+    tests/test_secured_broker.py, the bridged brokers of tests/test_bridge_mosquitto.py and
+    the budget tests of tests/test_budget_mosquitto.py.
+    """
 
     def __init__(self, index: int, n: int) -> None:
         self.param_count = 400

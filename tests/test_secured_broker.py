@@ -50,7 +50,7 @@ from sim.broker import (
     free_loopback_port,
     wait_until_accepting,
 )
-from tests.conftest import require_mosquitto, wait_until
+from tests.conftest import require_installed, require_mosquitto, wait_until
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
 
@@ -322,8 +322,7 @@ def secrets_dir() -> Iterator[Path]:
 @pytest.fixture
 async def broker(secrets_dir: Path) -> AsyncIterator[SecuredMosquitto]:
     require_mosquitto()
-    if not MOSQUITTO_PASSWD.is_file():
-        pytest.skip("mosquitto_passwd not installed")
+    require_installed(MOSQUITTO_PASSWD.is_file(), "mosquitto_passwd", "mosquitto")
     secured = SecuredMosquitto(secrets_dir, NETWORK, PASSWORDS)
     await secured.start()
     try:
@@ -542,8 +541,7 @@ async def test_certificates_from_the_shipped_script_work(secrets_dir: Path) -> N
     # The guide tells operators to make the broker's TLS files with make-broker-certs.sh; the
     # peer's TLS context (host name + chain verification) must accept what it makes.
     require_mosquitto()
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    require_installed(shutil.which("openssl") is not None, "openssl", "openssl")
     subprocess.run(["sh", str(DEPLOY_DIR / "make-broker-certs.sh"), str(secrets_dir),
                     "localhost", LOOPBACK], check=True, capture_output=True, timeout=60)
     (secrets_dir / "ca.key").unlink()  # the broker never holds the CA key
@@ -622,7 +620,6 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(
     configuration with that password file and ACL; three real peers built from their
     provisioned configs find each other and complete aggregation sessions."""
     require_mosquitto()
-    pytest.importorskip("peer.training.trainer")
     # three peers in one process: one intra-op torch thread each (the one_torch_thread fixture)
     from peer.daemon import peer_from_config
     from peer.provision import provision

@@ -186,14 +186,24 @@ def test_happy_path(g: int, t: int) -> None:
 
 
 def test_share_plaintext_never_travels() -> None:
+    """Every share and partial plaintext and every member's encoded vector, read from the
+    sessions' audit tap before sealing, is absent from the wire bytes of every message sent."""
     h = Harness(n=3)
+    tapped: list[tuple[str, bytes]] = []
+    for pid, ctx in h.ctx.items():
+        h.ctx[pid] = SessionContext(ctx.identity, ctx.params, ctx.box_key_of, ctx.next_seq,
+                                    secret_tap=lambda label, secret: tapped.append((label, secret)))
     h.start("p0", ["p1", "p2"])
     h.run()
-    for env in h.sent:
-        body = env.out.body
-        if isinstance(body, m.Share | m.Partial):
-            own = h.contrib[env.sender].values.tobytes()
-            assert own[:16] not in body.sealed
+    assert_done_and_consistent(h, ["p0", "p1", "p2"])
+    labels = [label for label, _ in tapped]
+    # each member: two shares and one partial, and its own vector
+    assert (labels.count("share_plaintext"), labels.count("own_vector")) == (9, 3)
+    wires = [encode_message(h.header(env), env.out.body, h.ids[env.sender].sign)
+             for env in h.sent]
+    assert sum(isinstance(env.out.body, m.Share | m.Partial) for env in h.sent) == 12
+    for label, secret in tapped:
+        assert all(wire.find(secret) == -1 for wire in wires), label
 
 
 def test_early_shares_are_buffered_until_start() -> None:

@@ -86,9 +86,11 @@ def check_colluders(max_colluders: int, group_size: int, threshold: int) -> None
 #: An audit read-out of the secrets a session draws or derives, called as ``tap(label,
 #: secret)``: ``"session_key"`` (masked: K), ``"self_seed"`` and ``"ephemeral_private"``
 #: (masked), ``"share_plaintext"`` (the field-element bytes of each Shamir share or partial
-#: before sealing, and each KEYS payload). Confidentiality audits hand it a list and check that
-#: none of these bytes appear on the wire (tests/test_confidentiality_mosquitto.py). A
-#: production peer leaves it unset.
+#: before sealing, and each KEYS and REVEAL payload), ``"own_vector"`` (the member's own
+#: encoded vector, both kinds) and ``"masked_plaintext"`` (each masked vector before it is
+#: sealed under K: the broker must not be able to add them up). Confidentiality audits hand
+#: it a list and check that none of these bytes appear on the wire
+#: (tests/test_confidentiality_mosquitto.py). A production peer leaves it unset.
 SecretTap = Callable[[str, bytes], None]
 
 
