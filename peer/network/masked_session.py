@@ -418,7 +418,8 @@ class MaskedSession:
             return self.abort("bad_ephemeral_keys")
         self._key = self._self_seed = None  # shared and used: only the shares remain
         self._masked[self.ctx.self_id] = masked
-        self.ctx.tap("own_vector", field_to_bytes(self._own_encoded))
+        self.ctx.tap("own_vector", self._own_encoded)
+        self.ctx.tap("masked_plaintext", masked)  # sealed under K: hidden from the broker
         step = MaskedStep([self._sealed_out(Kind.MASKED, field_to_bytes(masked))])
         if self.role is Role.INITIATOR:
             self._enter(MaskedPhase.MASKED, now, self.timeouts.masked_s)

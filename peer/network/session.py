@@ -419,6 +419,7 @@ class Session:
             log.warning("session %s: cannot encode own update: %s", self.session_id.hex()[:8], exc)
             return self.abort("encode_failed")
         self._own_encoded = encoded
+        ctx.tap("own_vector", encoded)
         shares = shamir.split(encoded, n=len(members), t=self.threshold)
         step = Step()
         for position, peer in enumerate(members):

@@ -13,7 +13,7 @@ from enum import Enum
 
 import numpy as np
 
-from crypto.field import FixedPoint
+from crypto.field import FixedPoint, field_to_bytes
 from crypto.identity import Identity
 from peer.errors import DroppedError
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
@@ -109,10 +109,12 @@ class SessionContext:
     next_seq: Callable[[], int]
     secret_tap: SecretTap | None = None
 
-    def tap(self, label: str, secret: bytes) -> None:
-        """Hand a session secret to the audit tap, if one is set (see :data:`SecretTap`)."""
+    def tap(self, label: str, secret: bytes | np.ndarray) -> None:
+        """Hand a session secret to the audit tap, if one is set (see :data:`SecretTap`); a
+        field-element array is converted to its wire bytes only then."""
         if self.secret_tap is not None:
-            self.secret_tap(label, bytes(secret))
+            as_bytes = field_to_bytes(secret) if isinstance(secret, np.ndarray) else secret
+            self.secret_tap(label, bytes(as_bytes))
 
     @property
     def self_id(self) -> str:
