@@ -14,11 +14,16 @@ Security properties:
 * **Nothing unauthenticated is buffered.** The receiver runs a chunk through every inbound
   check (known sender, signature, replay window) *before* :meth:`ChunkReassembler.add`, so a
   stranger cannot make a peer hold a byte, and a replayed chunk is dropped like any replay.
-* **Bounded memory.** :class:`ChunkReassembler` holds at most ``max_buffered_bytes`` of chunk
-  data in all, ``max_sender_bytes`` and ``max_partial_per_sender`` unfinished messages per
-  sender, and forgets an unfinished message ``max_age_s`` after its first chunk. A chunk that
-  would exceed a bound is refused; nothing is evicted, so one sender can never push out
-  another sender's message.
+* **Bounded memory, shared fairly.** :class:`ChunkReassembler` holds at most
+  ``max_buffered_bytes`` (T) of chunk data in all, ``max_sender_bytes`` (S) and
+  ``max_partial_per_sender`` unfinished messages per sender, refuses at once a message longer
+  than S (it could never complete), and forgets an unfinished message ``max_age_s`` after its
+  first chunk. When a chunk does not fit T, the sender holding the most bytes among the others
+  loses its oldest unfinished message (``chunk_evicted``), but only while it holds more than
+  the newcomer would; otherwise the chunk is refused (``chunk_overflow``). With n senders
+  holding chunks, a sender is therefore never refused room, nor evicted, for what it holds
+  within T / n: k flooding senders cannot crowd out the others as long as
+  T >= (k + others) x S (:meth:`ReassemblyLimits.for_sessions`, docs/protocol.md section 11).
 * **Every bad chunk is a counted drop.** :class:`ChunkError` names the reason
   (:data:`DROP_REASONS`); the first chunk of a message fixes its count, size, digest, topic and
   session, and the reassembled bytes must hash to the digest.
@@ -40,8 +45,10 @@ from protocol.fields import chunk_span
 from protocol.limits import (
     CHUNK_DIGEST_BYTES,
     CHUNK_OVERHEAD_BYTES,
+    FLOOD_SENDERS,
     MAX_PAYLOAD_BYTES,
     MIN_MESSAGE_BYTES_LIMIT,
+    session_message_bound,
 )
 from protocol.messages import PROTOCOL_VERSION, Chunk, Header, Kind
 
@@ -60,10 +67,11 @@ __all__ = [
 CHUNK_INCONSISTENT: Final = "chunk_inconsistent"  # disagrees with the message's first chunk
 CHUNK_DUPLICATE: Final = "chunk_duplicate"  # this index of this message is already held
 CHUNK_OVERFLOW: Final = "chunk_overflow"  # would exceed a memory bound
+CHUNK_EVICTED: Final = "chunk_evicted"  # the largest sender's oldest message made room
 CHUNK_EXPIRED: Final = "chunk_expired"  # an unfinished message outlived max_age_s
 CHUNK_DIGEST: Final = "chunk_digest"  # the reassembled bytes do not hash to the digest
-DROP_REASONS: Final = (CHUNK_INCONSISTENT, CHUNK_DUPLICATE, CHUNK_OVERFLOW, CHUNK_EXPIRED,
-                       CHUNK_DIGEST)
+DROP_REASONS: Final = (CHUNK_INCONSISTENT, CHUNK_DUPLICATE, CHUNK_OVERFLOW, CHUNK_EVICTED,
+                       CHUNK_EXPIRED, CHUNK_DIGEST)
 
 
 class ChunkError(ProtocolError):
@@ -151,12 +159,14 @@ def encode_chunked(
 class ReassemblyLimits:
     """Memory bounds of a :class:`ChunkReassembler`.
 
-    ``max_buffered_bytes``: chunk data held in all (default two maximal messages);
-    ``max_sender_bytes``: held for one sender (one maximal message), so a single sender never
-    fills the whole buffer; ``max_partial_per_sender``: unfinished messages per sender (an
-    honest sender completes one message per topic before the next, so a few suffice);
-    ``max_age_s``: an unfinished message is forgotten this long after its first chunk (a hard
-    bound: a sender cannot keep a message alive by trickling chunks).
+    ``max_buffered_bytes`` (T): chunk data held in all; ``max_sender_bytes`` (S): held for one
+    sender, which is also the longest message accepted; ``max_partial_per_sender``: unfinished
+    messages per sender (an honest sender completes one message per topic before the next, so
+    a few suffice); ``max_age_s``: an unfinished message is forgotten this long after its first
+    chunk (a hard bound: a sender cannot keep a message alive by trickling chunks).
+
+    The defaults suit a receiver that does not know its model (S one maximal message, T two);
+    a peer uses :meth:`for_sessions`.
     """
 
     max_buffered_bytes: int = 2 * MAX_PAYLOAD_BYTES
@@ -169,6 +179,19 @@ class ReassemblyLimits:
             raise ValueError("need 0 < max_sender_bytes <= max_buffered_bytes")
         if self.max_partial_per_sender < 1 or not self.max_age_s > 0:
             raise ValueError("need max_partial_per_sender >= 1 and max_age_s > 0")
+
+    @classmethod
+    def for_sessions(cls, param_count: int, group_size: int,
+                     flood_senders: int = FLOOD_SENDERS) -> ReassemblyLimits:
+        """What a peer of a ``param_count``-parameter model in groups of ``group_size`` needs:
+        S = the largest honest session message (:func:`protocol.limits.session_message_bound`)
+        and T = (g - 1 + flood_senders) x S, so the g - 1 other members of its session each
+        complete one message while ``flood_senders`` more senders hold all they can."""
+        if group_size < 2 or flood_senders < 0:
+            raise ValueError("need group_size >= 2 and flood_senders >= 0")
+        per_sender = session_message_bound(param_count)
+        return cls(max_buffered_bytes=(group_size - 1 + flood_senders) * per_sender,
+                   max_sender_bytes=per_sender)
 
 
 @dataclass
@@ -195,6 +218,8 @@ class ChunkReassembler:
         self._sender_bytes: dict[str, int] = {}
         self._sender_partials: dict[str, int] = {}
         self.buffered_bytes = 0
+        self.evicted_total = 0  # unfinished messages evicted to make room (chunk_evicted)
+        self._evicted_untaken = 0
 
     def __len__(self) -> int:
         """Unfinished messages held."""
@@ -204,20 +229,30 @@ class ChunkReassembler:
         """(unfinished messages, data bytes) held for ``sender``."""
         return self._sender_partials.get(sender, 0), self._sender_bytes.get(sender, 0)
 
+    def take_evicted(self) -> int:
+        """Messages evicted since the last call (each is one ``chunk_evicted`` drop)."""
+        taken, self._evicted_untaken = self._evicted_untaken, 0
+        return taken
+
     def add(self, sender: str, topic: str, session: bytes, chunk: Chunk,
             now: float) -> bytes | None:
         """Hold one chunk that already passed the inbound checks (sender known, signature,
         replay window). Returns the inner wire message when this chunk completes it (its digest
         verified), else None; ChunkError when the chunk is refused. A refused chunk leaves
         the rest of its message held, except on overflow and digest mismatch, which drop the
-        whole message (it can no longer complete).
+        whole message (it can no longer complete). Room for the chunk may cost another
+        sender its oldest unfinished message (module docstring; :meth:`take_evicted`).
         """
         key = (sender, chunk.digest)
         entry = self._unfinished.get(key)
+        limits = self.limits
         if entry is None:
-            if self._sender_partials.get(sender, 0) >= self.limits.max_partial_per_sender:
+            if chunk.total_bytes > limits.max_sender_bytes:
+                raise ChunkError(CHUNK_OVERFLOW, f"a message of {chunk.total_bytes} bytes "
+                                 f"exceeds the {limits.max_sender_bytes} one sender may hold")
+            if self._sender_partials.get(sender, 0) >= limits.max_partial_per_sender:
                 raise ChunkError(CHUNK_OVERFLOW, f"{sender} already has "
-                                 f"{self.limits.max_partial_per_sender} unfinished messages")
+                                 f"{limits.max_partial_per_sender} unfinished messages")
             entry = _Unfinished(topic, session, chunk.count, chunk.total_bytes, now)
         elif (topic, session, chunk.count, chunk.total_bytes) != (
                 entry.topic, entry.session, entry.count, entry.total_bytes):
@@ -226,8 +261,8 @@ class ChunkReassembler:
         elif chunk.index in entry.parts:
             raise ChunkError(CHUNK_DUPLICATE, f"index {chunk.index} of {chunk.count} again")
         size = len(chunk.data)
-        if (self.buffered_bytes + size > self.limits.max_buffered_bytes
-                or self._sender_bytes.get(sender, 0) + size > self.limits.max_sender_bytes):
+        if (self._sender_bytes.get(sender, 0) + size > limits.max_sender_bytes
+                or not self._make_room(sender, size)):
             held = self.buffered_bytes
             self._forget(key)
             raise ChunkError(CHUNK_OVERFLOW, f"{size} more bytes do not fit ({held} held)")
@@ -254,6 +289,28 @@ class ChunkReassembler:
         for key in old:
             self._forget(key)
         return len(old)
+
+    def _make_room(self, sender: str, size: int) -> bool:
+        """Evict until ``size`` more bytes of ``sender`` fit the total: each time the oldest
+        unfinished message of the other sender holding the most, as long as that one holds
+        more than ``sender`` would with the chunk. False when the chunk cannot fit.
+
+        Why this is fair: if every other sender held at most what ``sender`` would, the n
+        senders would hold at most n times that, so a sender staying within T / n always
+        finds a larger one to evict, and is itself never the one evicted.
+        """
+        while self.buffered_bytes + size > self.limits.max_buffered_bytes:
+            mine = self._sender_bytes.get(sender, 0) + size
+            others = [s for s in self._sender_bytes if s != sender]
+            largest = max(others, key=self._sender_bytes.__getitem__, default=None)
+            if largest is None or self._sender_bytes[largest] <= mine:
+                return False
+            oldest = min((k for k in self._unfinished if k[0] == largest),
+                         key=lambda k: self._unfinished[k].started_at)
+            self._forget(oldest)
+            self.evicted_total += 1
+            self._evicted_untaken += 1
+        return True
 
     def _forget(self, key: tuple[str, bytes]) -> None:
         entry = self._unfinished.pop(key, None)

@@ -115,6 +115,38 @@ CHUNK_DIGEST_BYTES: Final = 32
 #: Most chunks one message can be split into (8 MiB in chunks of MIN_CHUNK_DATA_BYTES): 529.
 MAX_CHUNKS: Final = -(-MAX_PAYLOAD_BYTES // MIN_CHUNK_DATA_BYTES)
 
+# Memory a receiver holds for others (docs/protocol.md sections 6 and 11). What a peer holds
+# before it can use it (chunks of unfinished messages, messages that overtook START, messages
+# waiting for a lookup) is sized from the largest message an honest peer of its own model can
+# send, not from MAX_PAYLOAD_BYTES: a peer of another model never sends it session messages.
+
+#: An upper bound on what a session message adds to the field elements or indices it carries:
+#: the header with 64-character ids and the largest seq, the signature, msgpack headers, a
+#: seal, a list of MAX_MEMBERS 64-character ids (START, PARTIAL.contributors, CONFIRM) and, in
+#: MASKED_START, MAX_MEMBERS ephemeral keys and the sealed session key: about 2.2 KB at most
+#: (tests/test_held_memory.py encodes the largest of each kind); the rest is margin.
+SESSION_ENVELOPE_BYTES: Final = 4096
+
+#: Senders beyond its own group's g - 1 other members that a peer's buffers for others are
+#: sized to absorb at once: with this many admitted peers flooding, each honest member still
+#: gets its message through (protocol/chunks.py, peer/network/early.py).
+FLOOD_SENDERS: Final = 2
+
+
+def session_message_bound(param_count: int) -> int:
+    """The largest wire size of a session message an honest peer sends for a model of
+    ``param_count`` parameters, capped at MAX_PAYLOAD_BYTES.
+
+    The largest bodies carry one 4-byte field element per coordinate plus the count slot
+    (SHARE, PARTIAL, MASKED) or at most 4 bytes and a layout byte per index (ACCEPT, START),
+    and a session's coordinates are distinct indices below ``param_count``.
+    """
+    if type(param_count) is not int or not 0 < param_count <= MAX_PARAM_COUNT:
+        raise ValueError(f"param_count must be an integer in 1..{MAX_PARAM_COUNT}")
+    vector = FIELD_ELEMENT_BYTES * (param_count + 1) + SEAL_OVERHEAD_BYTES
+    return min(MAX_PAYLOAD_BYTES, vector + SESSION_ENVELOPE_BYTES)
+
+
 #: Exact sizes of fixed-width fields.
 SESSION_ID_BYTES: Final = 16
 #: ANNOUNCE.connection / LEAVE.connection: a fresh random id per broker connection.

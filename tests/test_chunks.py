@@ -305,7 +305,7 @@ def refused(reassembler: ChunkReassembler, reason: str, *args: object) -> ChunkE
 
 def test_every_drop_reason() -> None:
     assert set(DROP_REASONS) == {"chunk_inconsistent", "chunk_duplicate", "chunk_overflow",
-                                 "chunk_expired", "chunk_digest"}
+                                 "chunk_evicted", "chunk_expired", "chunk_digest"}
     wire, parts = bodies()
     first, second, third = parts
     r = ChunkReassembler()
@@ -338,7 +338,7 @@ def test_every_drop_reason() -> None:
     assert len(r) == 0 and r.buffered_bytes == 0
 
 
-def test_overflow_drops_the_whole_message_and_never_evicts_another_sender() -> None:
+def test_a_full_buffer_evicts_only_a_sender_holding_more_than_the_newcomer() -> None:
     wire, parts = bodies(60_000)  # four chunks of 15 000 bytes
     _other, other_parts = bodies(60_001)
     size = len(parts[0].data)
@@ -350,14 +350,22 @@ def test_overflow_drops_the_whole_message_and_never_evicts_another_sender() -> N
     # alice's second message would pass her own bound: that message goes, her first stays
     refused(r, "chunk_overflow", "alice", "t", SESSION, other_parts[1], 0.0)
     assert len(r) == 1 and r.buffered_bytes == 3 * size
-    # the global bound: bob fills it, then carol is refused; nobody is evicted for her
     for chunk in parts[:3]:
-        assert r.add("bob", "t", SESSION, chunk, 0.0) is None
-    refused(r, "chunk_overflow", "carol", "t", SESSION, parts[0], 0.0)
-    assert len(r) == 2 and r.buffered_bytes == 6 * size
-    # alice's last chunk no longer fits: her whole message is dropped, which makes room
-    refused(r, "chunk_overflow", "alice", "t", SESSION, parts[3], 0.0)
-    assert r.add("bob", "t", SESSION, parts[3], 0.0) == wire
+        assert r.add("bob", "t", SESSION, chunk, 1.0) is None
+    assert r.buffered_bytes == 6 * size  # full
+    # carol needs room: alice and bob each hold more than carol would, the first of the two
+    # largest (alice) loses her oldest unfinished message
+    assert r.add("carol", "t", SESSION, parts[0], 2.0) is None
+    assert r.held_by("alice") == (0, 0) and r.held_by("bob") == (1, 3 * size)
+    assert r.take_evicted() == 1 and r.take_evicted() == 0 and r.evicted_total == 1
+    for chunk in parts[1:3]:
+        assert r.add("carol", "t", SESSION, chunk, 2.0) is None
+    # full again, and bob would hold more than anybody else: refused (his whole message
+    # goes), nobody is evicted for him
+    refused(r, "chunk_overflow", "bob", "t", SESSION, parts[3], 3.0)
+    assert r.held_by("bob") == (0, 0) and r.held_by("carol") == (1, 3 * size)
+    assert r.take_evicted() == 0
+    assert r.add("carol", "t", SESSION, parts[3], 3.0) == wire
     assert len(r) == 0 and r.buffered_bytes == 0
 
 
@@ -376,7 +384,8 @@ def test_expired_message_does_not_complete_late() -> None:
 def test_memory_stays_bounded_under_a_flood_of_distinct_digests() -> None:
     """60 admitted senders each start many large messages and never finish one: what the
     reassembler holds stays within its bound (measured by tracemalloc, not only by its own
-    count), every refused chunk is a counted drop, and expiry frees everything."""
+    count), every refused chunk and every evicted message is a counted drop, and expiry
+    frees everything."""
     limits = ReassemblyLimits()
     r = ChunkReassembler(limits)
     total = MAX_PAYLOAD_BYTES
@@ -395,6 +404,7 @@ def test_memory_stays_bounded_under_a_flood_of_distinct_digests() -> None:
                     assert r.add(sender, "t", SESSION, chunk, 0.0) is None
                 except ChunkError as exc:
                     drops[exc.drop_reason] += 1
+                drops["chunk_evicted"] += r.take_evicted()
                 del chunk
                 assert r.buffered_bytes <= limits.max_buffered_bytes
         held = tracemalloc.get_traced_memory()[0] - baseline
@@ -402,8 +412,10 @@ def test_memory_stays_bounded_under_a_flood_of_distinct_digests() -> None:
         tracemalloc.stop()
     assert held <= limits.max_buffered_bytes + 1024 * 1024, held
     assert r.buffered_bytes > limits.max_buffered_bytes - 2 * size  # the buffer did fill
-    # (a message refused half-way frees its first chunk, so the next one gets a chunk in)
-    assert set(drops) == {"chunk_overflow"} and drops["chunk_overflow"] >= 500
+    # 1200 chunks, at most 64 held at the end: the rest were refused or evicted (a message
+    # evicted or refused half-way frees its first chunk)
+    assert set(drops) == {"chunk_overflow", "chunk_evicted"}
+    assert drops["chunk_overflow"] + drops["chunk_evicted"] >= 500
     unfinished = len(r)
     assert unfinished > 0 and r.expire(31.0) == unfinished
     assert r.buffered_bytes == 0 and len(r) == 0

@@ -19,7 +19,9 @@ here runs. With ``view_size`` > 0 (docs/design/partial-view.md):
 Security property: nothing changes about what is accepted. Every announcement, looked up or
 followed, passes MembershipView's certificate and signature checks; every held message is
 re-checked in full once its sender is known; lookups are bounded (lookup.py) and fail as
-counted ``unknown_sender`` drops, as an unknown sender always did.
+counted ``unknown_sender`` drops, as an unknown sender always did. What is held waiting is
+bounded in bytes too (``held_bytes``, sized by the node from its model and group); a message
+given up for that budget is a counted ``lookup_over_budget`` drop.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from collections.abc import Callable, Collection
 
 from peer.errors import DroppedError
 from peer.network.counters import DropCounter
-from peer.network.lookup import LookupStep, LookupTable
+from peer.network.early import ITEM_OVERHEAD_BYTES, held_size
+from peer.network.lookup import DEFAULT_HELD_BYTES, LookupStep, LookupTable
 from peer.network.membership import MembershipView
 from peer.network.partial_view import (
     ALL_BUCKETS,
@@ -55,6 +58,17 @@ log = logging.getLogger(__name__)
 #: A message held until its sender is known (checked again in full), or an admitted message
 #: of a session whose START waits for members (dispatched as is).
 HeldItem = Incoming | tuple[m.Header, m.Body]
+
+#: The drop reason of a held message given up for the byte budget of held lookups.
+LOOKUP_OVER_BUDGET = "lookup_over_budget"
+
+
+def held_item_size(item: HeldItem) -> int:
+    """A conservative estimate of the memory a held item keeps: a raw message's payload and
+    topic, or a decoded body's bytes (peer.network.early.held_size), plus the object overhead."""
+    if isinstance(item, Incoming):
+        return len(item.payload) + len(item.topic) + ITEM_OVERHEAD_BYTES
+    return held_size(item[1])
 
 
 def restored_announce_filters(network_id: str, config: ViewConfig) -> list[str]:
@@ -83,6 +97,7 @@ class ViewKeeper:
         current_session: Callable[[], bytes | None],
         redeliver: Callable[[Incoming, float], None],
         dispatch: Callable[[m.Header, m.Body, float], None],
+        held_bytes: int = DEFAULT_HELD_BYTES,
     ) -> None:
         self.network_id = network_id
         self.peer_id = peer_id
@@ -97,8 +112,8 @@ class ViewKeeper:
         #: Partial view (view_size > 0): buckets followed and lookups; else the full view.
         self.partial = config.view_size > 0
         self.following = Following(everything=not self.partial)
-        self.lookups: LookupTable[HeldItem] = LookupTable(lookup_s=config.lookup_s,
-                                                          held_limit=config.lookup_held)
+        self.lookups: LookupTable[HeldItem] = LookupTable(
+            lookup_s=config.lookup_s, held_limit=config.lookup_held, held_bytes=held_bytes)
         self.rotations = 0
         self._rng = secrets.SystemRandom()
         self._connected = asyncio.Event()  # set by the node's on_connected hook
@@ -241,7 +256,8 @@ class ViewKeeper:
             return False
         if parsed.kind == "announce" or parsed.recipient not in (None, self.peer_id):
             return False
-        self._apply(self.lookups.hold(incoming, [parsed.sender], now), now)
+        self._apply(self.lookups.hold(incoming, [parsed.sender], now,
+                                      size=held_item_size(incoming)), now)
         return True
 
     def hold_admitted(self, header: m.Header, body: m.Body, now: float) -> bool:
@@ -249,9 +265,11 @@ class ViewKeeper:
         held (a START of our session naming members outside the view holds itself)."""
         if not self.partial:
             return False
+        item = (header, body)
         if self.lookups.holds_key(header.session):
             waiting = self.lookups.waiting_for(header.session)
-            self._apply(self.lookups.hold((header, body), waiting, now, header.session), now)
+            self._apply(self.lookups.hold(item, waiting, now, header.session,
+                                          held_item_size(item)), now)
             return True
         if not isinstance(body, m.Start | m.MaskedStart) \
                 or header.session != self._current_session():
@@ -259,7 +277,8 @@ class ViewKeeper:
         unknown = [p for p in body.members if p != self.peer_id and p not in self.membership]
         if not unknown:
             return False
-        self._apply(self.lookups.hold((header, body), unknown, now, header.session), now)
+        self._apply(self.lookups.hold(item, unknown, now, header.session,
+                                      held_item_size(item)), now)
         return True
 
     def on_admitted(self, incoming: Incoming, now: float) -> None:
@@ -291,6 +310,9 @@ class ViewKeeper:
                 self.drops.drop("unknown_sender", f"lookup failed: {item.topic}")
             else:
                 self._dispatch(item[0], item[1], now)  # its session aborts: unknown_member
+        for item in step.over_budget:
+            self.drops.drop(LOOKUP_OVER_BUDGET, item.topic if isinstance(item, Incoming)
+                            else f"{item[0].kind.name} from {item[0].sender}")
         for item in step.ready:
             if isinstance(item, Incoming):
                 self._redeliver(item, now)
