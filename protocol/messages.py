@@ -28,7 +28,7 @@ import numpy as np
 
 # 2: ANNOUNCE and LEAVE carry the connection id that binds a leave (or a last will) to the
 # connection it announced (docs/protocol.md, "Leaving"). Version 1 peers are not understood.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 
 
 class Kind(IntEnum):

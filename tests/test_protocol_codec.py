@@ -357,7 +357,8 @@ HEADER_CASES = [
     ("version-str", INV, 0, "1", None, FieldError, "header.version"),
     ("version-bool", INV, 0, True, None, FieldError, "header.version"),
     ("version-1", INV, 0, 1, None, VersionError, "header.version"),
-    ("version-3", INV, 0, 3, None, VersionError, "header.version"),
+    ("version-2", INV, 0, 2, None, VersionError, "header.version"),
+    ("version-4", INV, 0, 4, None, VersionError, "header.version"),
     ("network-upper", INV, 1, "Net", None, FieldError, "header.network"),
     ("network-empty", INV, 1, "", None, FieldError, "header.network"),
     ("network-long", INV, 1, "n" * 65, None, FieldError, "header.network"),
@@ -842,7 +843,7 @@ def test_worked_example_in_docs_matches_encoder() -> None:
     wire = encode_message(header, Abort("timeout"), sign)
     signed = decode_message(wire).signed_bytes
     expected = (
-        "97 02 a4 64 65 6d 6f 09 a5 61 6c 69 63 65 c4 10"
+        "97 03 a4 64 65 6d 6f 09 a5 61 6c 69 63 65 c4 10"
         " 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f"
         " cf 00 06 0a 24 18 1e 40 00 91 a7 74 69 6d 65 6f 75 74"
     )

@@ -128,17 +128,20 @@ class RevealKind(IntEnum):
     EPHEMERAL_KEY = 2
 
 
-def confirm_quorum(group_size: int, threshold: int, max_colluders: int = 1) -> int:
+def confirm_quorum(group_size: int, threshold: int) -> int:
     """CONFIRMs (own included) naming one list that a member needs before it reveals.
 
-    A split view needs two lists that each reach the quorum. The c colluders (the initiator,
-    which signs every list it sends, may be one of them) can confirm both; the g - c honest
-    members confirm one list each. Both lists reach q only if 2q <= g + c, so
-    q = max(t, floor((g + c) / 2) + 1): with c = 1, 3 at g = 3 and 4 at g = 5. Counting t
-    alone lets an initiator alone split g = 5, t = 3 into {I, A, B} and {I, C, D}. With
-    c <= g - 2 this q is at least c + 2, the sum invariant's floor.
+    A split view needs two lists that each reach the quorum. The colluders (the initiator,
+    which signs every list it sends, may be one of them) can confirm both; each honest member
+    confirms one. With c colluders both lists reach q only if 2q <= g + c. Every member of a
+    group runs with some c < t (SessionParams refuses c >= t), so the quorum assumes the most
+    any of them may: c = t - 1, and q = max(t, floor((g + t - 1) / 2) + 1) is one number for
+    the whole session, bound by g and t in every member's view. A quorum computed from each
+    member's own c would let a member with a small c be split away from those with a larger
+    one (tests/test_sum_invariant.py). q is at least c + 2 for every c <= g - 2 a member may
+    run with: 3 at g = 3, 4 at g = 5, 7 at g = 8 with t = 5.
     """
-    return max(threshold, (group_size + max_colluders) // 2 + 1)
+    return max(threshold, (group_size + threshold - 1) // 2 + 1)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ Security properties:
   START view digest (group, threshold, coordinates, ephemeral keys, K), sealed pairwise under
   long-term keys: an initiator cannot hand two honest members different keys or groups, and
   every survivor holds a share of every dropped member's ephemeral key.
-* A member reveals nothing until it holds ``confirm_quorum(g, t, c)`` CONFIRMs (its own included)
+* A member reveals nothing until it holds ``confirm_quorum(g, t)`` CONFIRMs (its own included)
   naming exactly the list it received; it aborts on a second, different SURVIVORS and on any
   conflicting CONFIRM before it reveals. It reveals once, for each member either a self-seed
   share (on the list) or an ephemeral-key share (not on it), never both, and then discards the
@@ -558,8 +558,7 @@ class MaskedSession:
         if self.phase is not MaskedPhase.CONFIRMING or self.survivors is None:
             return MaskedStep()
         agreeing = sum(1 for lst in self._confirms.values() if lst == self.survivors)
-        if agreeing < mm.confirm_quorum(len(self.members), self.threshold,
-                                        self.ctx.params.max_colluders):
+        if agreeing < mm.confirm_quorum(len(self.members), self.threshold):
             return MaskedStep()
         entries = [(mm.RevealKind.SELF_SEED, self._held[v].seed) if v in self.survivors
                    else (mm.RevealKind.EPHEMERAL_KEY, self._held[v].ephemeral)

@@ -23,8 +23,12 @@ Security properties (docs/sessions.md gives the full threat model):
   one that vanishes afterwards is tolerated down to t partials.
 * Nothing is reconstructed unless t partials over the same (full) contributor set arrive; on
   abort the member discards every share it holds, so an abort reveals nothing.
-* A group has at least 3 contributors and every member contributes a real update (a peer with
-  nothing fresh declines), so no member can learn another's vector as "sum minus own".
+* Every SHARE carries, sealed, the sender's digest of its START (member order, t, coordinates);
+  a member sends its partial only once every share names its own view, so an initiator that
+  tells members different orders or groups aborts the session before any partial exists.
+* A group has at least max(3, c + 2) contributors (c = ``SessionParams.max_colluders``) and
+  every member contributes a real update (a peer with nothing fresh declines), so c colluders
+  learn at least the sum of two honest vectors, never one (docs/sessions.md section 3.3).
 * The weight slot (each member adds 1.0) is rebuilt with the sum; a rebuilt count that differs
   from the contributor count exposes a corrupted partial and the session aborts.
 """
@@ -44,6 +48,7 @@ from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
 from peer.network.early import EarlyBudget, EarlyBuffer, held_size
 from peer.network.session_common import (
+    VIEW_DIGEST_BYTES,
     Contribution,
     GroupResult,
     Role,
@@ -55,6 +60,7 @@ from peer.network.session_common import (
     check_answer,
     group_decided,
     min_contributors,
+    start_view_digest,
     validate_indices,
 )
 from protocol import messages as m
@@ -150,6 +156,7 @@ class Session:
         self.members: tuple[str, ...] = ()
         self.coordinates: np.ndarray = np.zeros(0, dtype=np.uint32)
         self._own_encoded: np.ndarray | None = None
+        self._view = b""  # START-view digest (session_common.start_view_digest)
         self._shares: dict[str, shamir.Share] = {}  # sender -> share of sender's vector at my x
         self._partials: dict[str, shamir.Share] = {}  # sender -> partial at sender's x
         self._gone: set[str] = set()
@@ -419,6 +426,8 @@ class Session:
             log.warning("session %s: cannot encode own update: %s", self.session_id.hex()[:8], exc)
             return self.abort("encode_failed")
         self._own_encoded = encoded
+        self._view = start_view_digest(ctx.params.network_id, self.session_id, members,
+                                       self.threshold, coords)
         ctx.tap("own_vector", encoded)
         shares = shamir.split(encoded, n=len(members), t=self.threshold)
         step = Step()
@@ -429,7 +438,7 @@ class Session:
                 continue
             box_key = ctx.box_key_of(peer)
             assert box_key is not None
-            payload = field_to_bytes(share.values)
+            payload = self._view + field_to_bytes(share.values)
             ctx.tap("share_plaintext", payload)
             step.out.append(
                 self._seq_out(
@@ -474,7 +483,9 @@ class Session:
             seq=seq,
         )
 
-    def _open(self, header: m.Header, recipient: str, sealed: bytes) -> np.ndarray:
+    def _open(self, header: m.Header, recipient: str, sealed: bytes) -> bytes:
+        """The plaintext of a SHARE or PARTIAL addressed to us; SessionDrop if it does not open
+        under the context bound to this message."""
         me = self.ctx.self_id
         if recipient != me:
             raise _Drop("wrong_recipient")
@@ -482,12 +493,16 @@ class Session:
         if key is None:
             raise _Drop("unknown_member")
         try:
-            plain = open_sealed(
+            return open_sealed(
                 self.ctx.identity, key, self._context(header.sender, me, header.seq), sealed
             )
-            values = field_from_bytes(plain)
         except SealError as exc:
             raise _Drop("bad_seal") from exc
+
+    def _field_values(self, plain: bytes) -> np.ndarray:
+        """One field element per coordinate plus the weight slot; SessionDrop otherwise."""
+        try:
+            values = field_from_bytes(plain)
         except ValueError as exc:
             raise _Drop("bad_field_elements") from exc
         if values.shape != (self.coordinates.size + 1,):
@@ -505,7 +520,10 @@ class Session:
             raise _Drop("duplicate_share")
         if self.phase is not Phase.SHARING:
             raise _Drop("unexpected_kind")
-        values = self._open(header, body.recipient, body.sealed)
+        plain = self._open(header, body.recipient, body.sealed)
+        if plain[:VIEW_DIGEST_BYTES] != self._view:  # the initiator told us different STARTs
+            return self.abort("inconsistent_view")
+        values = self._field_values(plain[VIEW_DIGEST_BYTES:])
         self._shares[sender] = shamir.Share(x=self._x_of(self.ctx.self_id), values=values)
         return self._maybe_send_partial(now)
 
@@ -551,7 +569,7 @@ class Session:
             raise _Drop("wrong_contributors")
         if sender in self._partials:
             raise _Drop("duplicate_partial")
-        values = self._open(header, body.recipient, body.sealed)
+        values = self._field_values(self._open(header, body.recipient, body.sealed))
         self._partials[sender] = shamir.Share(x=self._x_of(sender), values=values)
         return self._maybe_rebuild()
 

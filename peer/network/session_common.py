@@ -7,6 +7,8 @@ on these; ``peer.network.session`` re-exports them.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import Enum
@@ -59,6 +61,31 @@ class SessionParams:
         if not MIN_THRESHOLD <= self.threshold <= self.group_size:
             raise ValueError(f"threshold must be in [{MIN_THRESHOLD}, group_size]")
         check_colluders(self.max_colluders, self.group_size, self.threshold)
+
+
+#: Bytes of a START-view digest (BLAKE2b-256).
+VIEW_DIGEST_BYTES = 32
+_START_VIEW_DOMAIN = b"murmur/shamir-start-view/v1\x00"
+
+
+def start_view_digest(network_id: str, session_id: bytes, members: Sequence[str],
+                      threshold: int, coordinates: np.ndarray) -> bytes:
+    """BLAKE2b-256 of everything a Shamir START tells a member: who holds which Shamir point
+    (the member order), t and the coordinates.
+
+    Every SHARE carries its sender's digest inside the seal, and a member sends its partial
+    only once every member's share names the view it holds itself. An initiator that tells
+    two members different orders or groups (their shares would then be evaluated at points
+    the partials mix up, and two partials could be solved for both vectors) makes the session
+    abort before any partial exists.
+    """
+    h = hashlib.blake2b(digest_size=VIEW_DIGEST_BYTES)
+    h.update(_START_VIEW_DOMAIN + network_id.encode() + b"\x00" + session_id)
+    for member in members:
+        h.update(struct.pack(">H", len(member)) + member.encode())
+    h.update(struct.pack(">I", threshold))
+    h.update(np.ascontiguousarray(coordinates, dtype="<u4").tobytes())
+    return h.digest()
 
 
 def min_contributors(max_colluders: int) -> int:
