@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from peer.network.transport import (
     BrokerSettings,
     Incoming,
+    IncomingQueue,
     NotConnectedError,
     PayloadTooLargeError,
     Transport,
@@ -418,3 +420,55 @@ async def test_cancelling_run_leaves_no_task_behind(
     assert not transport.connected.is_set()
     with pytest.raises(NotConnectedError):
         await transport.publish("murmur/t/cancel/x", b"x")
+
+
+async def test_inbound_backlog_is_bounded_in_bytes_and_refusals_are_counted(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """A handler that stalls while a sender floods: the queue refuses what would take it past
+    its byte budget, reports each refusal, and hands over the rest once the handler goes on."""
+    refused: list[tuple[str, int]] = []
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def stalled(incoming: Incoming) -> None:
+        await release.wait()
+        seen.append(len(incoming.payload))
+
+    receiver = _transport(mosquitto.url, "slow", ["murmur/t/+/to/slow"],
+                          max_queued_incoming_bytes=300_000,
+                          on_refused=lambda reason, size: refused.append((reason, size)))
+    sender = _transport(mosquitto.url, "tx", [], max_payload=1 << 20)
+    async with running(receiver, stalled), running(sender, Inbox().handle):
+        await _connected(receiver)
+        await _connected(sender)
+        for _ in range(12):  # 12 x 100 kB against a 300 kB budget (one more is in the handler)
+            await sender.publish("murmur/t/tx/to/slow", os.urandom(100_000))
+        await wait_until(lambda: receiver.incoming_refused >= 8, WAIT_S, "refusals")
+        assert refused and {reason for reason, _ in refused} == {"inbound_over_budget"}
+        assert all(size == 100_000 for _, size in refused)
+        release.set()
+        await wait_until(lambda: len(seen) + receiver.incoming_refused == 12, WAIT_S,
+                         "every message handled or refused")
+    assert 1 <= len(seen) <= 4  # the budget's three plus the one the handler held
+
+
+def test_incoming_queue_refuses_oversized_and_over_budget_messages() -> None:
+    """The queue alone: its byte count follows puts and gets, and refusals are reported."""
+    refused: list[int] = []
+    queue = IncomingQueue(0, max_bytes=250, max_message_bytes=200, on_refused=refused.append)
+
+    def message(size: int) -> aiomqtt.Message:
+        return aiomqtt.Message("t", bytes(size), qos=1, retain=False, mid=1, properties=None)
+
+    queue.put_nowait(message(100))
+    queue.put_nowait(message(100))
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(100))  # 300 > 250
+    with pytest.raises(asyncio.QueueFull):
+        queue.put_nowait(message(201))  # larger than any receiver accepts
+    assert refused == [100, 201] and queue.queued_bytes == 200
+    assert len(queue.get_nowait().payload) == 100
+    assert queue.queued_bytes == 100
+    queue.put_nowait(message(150))
+    assert queue.queued_bytes == 250 and queue.qsize() == 2

@@ -235,6 +235,7 @@ class Peer:
             on_connected=self._on_connected,
             # Never more than the broker is meant to carry; larger messages are chunked.
             max_payload=self.config.max_message_bytes,
+            on_refused=lambda reason, size: self.drops.drop(reason, f"{size} bytes"),
         )
 
     def _will_for_new_connection(self) -> WillMessage:

@@ -41,6 +41,7 @@ import aiomqtt
 
 from peer.errors import PeerError
 from peer.network.broker_settings import MQTT_VERSIONS, BrokerSettings
+from protocol.limits import MAX_PAYLOAD_BYTES
 
 __all__ = ["MQTT_VERSIONS", "BrokerSettings", "Incoming", "NotConnectedError",
            "PayloadTooLargeError", "Transport", "TransportError", "WillMessage", "backoff_delay"]
@@ -48,9 +49,50 @@ __all__ = ["MQTT_VERSIONS", "BrokerSettings", "Incoming", "NotConnectedError",
 _log = logging.getLogger(__name__)
 
 
-# Messages waiting for the handler. Bounded so that a flood cannot exhaust memory; each message
-# is at most max_payload bytes, so this is the worst-case backlog the peer holds.
+# Messages waiting for the handler. Bounded in count and in bytes so that a flood cannot
+# exhaust memory: a broker may deliver packets far larger than any Murmur message (Mosquitto's
+# default packet limit is 256 MB), so the count alone bounds nothing.
 DEFAULT_MAX_QUEUED_INCOMING = 256
+#: Bytes of payload waiting for the handler, at most (four of the largest legal messages).
+DEFAULT_MAX_QUEUED_INCOMING_BYTES = 4 * MAX_PAYLOAD_BYTES
+#: The reason a message refused by the inbound queue is counted under.
+INBOUND_OVER_BUDGET = "inbound_over_budget"
+
+
+class IncomingQueue(asyncio.Queue["aiomqtt.Message"]):
+    """aiomqtt's incoming queue, bounded in payload bytes as well as in messages.
+
+    A message larger than ``max_message_bytes`` (no receiver would accept it) or one that
+    would take the queued payload past ``max_bytes`` is refused (``asyncio.QueueFull``, which
+    aiomqtt turns into a discard) and reported to ``on_refused``; the memory this peer holds
+    for messages it has not looked at yet stays below ``max_bytes`` plus one packet.
+    """
+
+    def __init__(self, maxsize: int = 0, *, max_bytes: int, max_message_bytes: int,
+                 on_refused: Callable[[int], None]) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.max_message_bytes = max_message_bytes
+        self.queued_bytes = 0
+        self._on_refused = on_refused
+
+    @staticmethod
+    def _size(message: aiomqtt.Message) -> int:
+        payload = message.payload
+        return len(payload) if isinstance(payload, bytes | bytearray) else 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        size = self._size(item)
+        if size > self.max_message_bytes or self.queued_bytes + size > self.max_bytes:
+            self._on_refused(size)
+            raise asyncio.QueueFull
+        super().put_nowait(item)
+        self.queued_bytes += size
+
+    def get_nowait(self) -> aiomqtt.Message:
+        item = super().get_nowait()
+        self.queued_bytes -= self._size(item)
+        return item
 
 # Seconds to wait for the broker to acknowledge a QoS 1 publish before calling it lost.
 DEFAULT_PUBLISH_TIMEOUT_S = 10.0
@@ -124,6 +166,8 @@ class Transport:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         max_queued_incoming: int = DEFAULT_MAX_QUEUED_INCOMING,
+        max_queued_incoming_bytes: int = DEFAULT_MAX_QUEUED_INCOMING_BYTES,
+        on_refused: Callable[[str, int], None] | None = None,
         publish_timeout_s: float = DEFAULT_PUBLISH_TIMEOUT_S,
         tcp_nodelay: bool = True,
     ) -> None:
@@ -142,6 +186,9 @@ class Transport:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.max_queued_incoming = max_queued_incoming
+        self.max_queued_incoming_bytes = max_queued_incoming_bytes
+        self.on_refused = on_refused  # (reason, payload bytes) of each message refused inbound
+        self.incoming_refused = 0
         self.publish_timeout_s = publish_timeout_s
         self.tcp_nodelay = tcp_nodelay  # False only to measure what Nagle's algorithm costs
 
@@ -196,12 +243,24 @@ class Transport:
             keepalive=self.settings.keepalive_s,
             tls_context=tls_context,
             max_queued_incoming_messages=self.max_queued_incoming,
+            queue_type=self._incoming_queue,  # type: ignore[arg-type]  (a factory, not a class)
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.tcp_nodelay))],
         )
         # A session sends a burst of QoS 1 messages whose acks overlap; aiomqtt warns above
         # 10 pending calls, which is normal here.
         client.pending_calls_threshold = 1000
         return client
+
+    def _incoming_queue(self, maxsize: int = 0) -> IncomingQueue:
+        """A fresh inbound queue for each connection (aiomqtt calls it with ``maxsize``)."""
+        return IncomingQueue(maxsize, max_bytes=self.max_queued_incoming_bytes,
+                             max_message_bytes=MAX_PAYLOAD_BYTES,
+                             on_refused=self._refused_inbound)
+
+    def _refused_inbound(self, size: int) -> None:
+        self.incoming_refused += 1
+        if self.on_refused is not None:
+            self.on_refused(INBOUND_OVER_BUDGET, size)
 
     async def run(self, handler: Handler, stop: asyncio.Event) -> None:
         """Stay connected and feed every incoming message to ``handler`` until ``stop`` is set.
