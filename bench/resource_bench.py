@@ -366,7 +366,8 @@ def write_shard(directory: Path, out: Path) -> None:
     train = load_train_source(f"fashion-mnist:{directory}")
     chosen = np.random.default_rng(0).choice(len(train.y), SHARD_EXAMPLES, replace=False)
     # Images keep their [N, 1, 28, 28] shape: the CNN needs it, and the table loader keeps it.
-    np.savez(out, x=train.x[chosen], y=train.y[chosen])
+    # num_classes: classes 0..9 and features as stored (pixels / 255), public constants.
+    np.savez(out, x=train.x[chosen], y=train.y[chosen], num_classes=np.int64(train.num_classes))
 
 
 # --quick keeps the rows that carry the budget (< 60 s on a loaded 2-core machine).

@@ -31,6 +31,7 @@ from peer.network.session import SessionTimeouts
 from peer.network.session_common import check_colluders
 from peer.network.session_driver import SESSION_DRIVERS
 from peer.training.config import TrainerConfig
+from peer.training.tables import TableConfig
 from protocol.chunks import check_max_message_bytes
 from protocol.limits import ID_PATTERN, is_valid_id
 
@@ -134,6 +135,8 @@ class PeerConfig:
     the hold-out (the whole training part of ``data`` trains): a peer on a skewed shard of a
     public data set is measured on that set's common test split instead of its own skew. The
     test split is public data, so evaluating on it spends no privacy. ``training``: TrainerConfig.
+    ``table`` (``[table]``): the public constants of a CSV / .npz source (class list, feature
+    mean and scale, clip bound; peer/training/tables.py), over the file's own metadata.
     """
 
     peer_id: str
@@ -149,6 +152,7 @@ class PeerConfig:
     holdout_fraction: float = 0.2
     session: SessionConfig = field(default_factory=SessionConfig)
     pace: PaceConfig = field(default_factory=PaceConfig)
+    table: TableConfig | None = None
     announce_interval_s: float = 30.0
     silence_expiry_s: float = 120.0
     clock_skew_s: float = 300.0
@@ -265,6 +269,18 @@ def _data_spec(value: str, base: Path) -> str:
                       "'blocks:DIR'")
 
 
+def _table(document: dict[str, Any], label: str, data: str, evaluate: str | None
+           ) -> TableConfig | None:
+    """``[table]``: only meaningful when ``data`` or ``evaluate`` is a CSV / .npz table."""
+    if "table" not in document:
+        return None
+    if not any(spec is not None and spec.partition(":")[0] in ("csv", "npz")
+               for spec in (data, evaluate)):
+        raise ConfigError("table: [table] applies to csv: and npz: sources only, and neither "
+                          "data nor evaluate is one")
+    return build_dataclass(TableConfig, _section(document, "table", label), "table")
+
+
 def _positive(value: float, key: str, upper: float = 86_400.0) -> float:
     if not 0 < value <= upper:
         raise ConfigError(f"{key}: must be in (0, {upper:g}] seconds, got {value:g}")
@@ -316,7 +332,7 @@ _TOP_LEVEL_KEYS = {
     "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
     "data", "evaluate", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
     "clock_skew_s", "view_size", "status_interval_s", "checkpoint_interval_s", "log_level",
-    "broker", "training", "session", "pace",
+    "broker", "training", "session", "pace", "table",
 }
 
 
@@ -327,7 +343,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         raise ConfigError(f"unknown key {unknown[0]!r} "
                           f"(known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
     top = dict(document)
-    for table in ("broker", "training", "session", "pace"):
+    for table in ("broker", "training", "session", "pace", "table"):
         top.pop(table, None)
     label = str(source) if source is not None else "config"
     peer_id = _check_id(_take(top, "peer_id", str, "", dataclasses.MISSING), "peer_id")
@@ -377,6 +393,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
     training = build_dataclass(TrainerConfig, _section(document, "training", label), "training")
     pace = build_dataclass(PaceConfig, _section(document, "pace", label), "pace")
+    table = _table(document, label, data, evaluate)
     return PeerConfig(
         peer_id=peer_id,
         network_id=network_id,
@@ -391,6 +408,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         holdout_fraction=holdout,
         session=session,
         pace=pace,
+        table=table,
         announce_interval_s=announce,
         silence_expiry_s=silence,
         clock_skew_s=skew,

@@ -93,14 +93,14 @@ def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
     try:
         # Only the training part: a device never evaluates on the source's test split, so
         # loading it would only cost memory (and, for IDX data, reading the test files).
-        source = load_train_source(cfg.data)
+        source = load_train_source(cfg.data, cfg.table)
         if cfg.evaluate is None:
             return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
     except Exception as exc:
         # DataError, OSError, ValueError...: all mean the configured data is unusable.
         raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
     try:
-        _train, holdout = load_source(cfg.evaluate)
+        _train, holdout = load_source(cfg.evaluate, cfg.table)
     except Exception as exc:
         raise ConfigError(f"evaluate: cannot load {cfg.evaluate!r}: {exc}") from None
     if (holdout.num_classes, holdout.input_shape) != (source.num_classes, source.input_shape):
@@ -137,7 +137,7 @@ def load_block_data(cfg: PeerConfig) -> tuple[Dataset, Dataset, BlockSource]:
         raise ConfigError("data: 'blocks:DIR' needs evaluate = SOURCE (its test split is the "
                           "hold-out and fixes the input shape and classes)")
     try:
-        _train, holdout = load_source(cfg.evaluate)
+        _train, holdout = load_source(cfg.evaluate, cfg.table)
     except Exception as exc:
         raise ConfigError(f"evaluate: cannot load {cfg.evaluate!r}: {exc}") from None
     try:

@@ -114,22 +114,33 @@ def test_idx_errors_name_path_and_problem(tmp_path: Path) -> None:
         load_idx(images, short)
 
 
+# Public constants of a two-feature table, as CSV metadata lines (peer/training/tables.py).
+META = ("# murmur: classes = lo, hi\n# murmur: feature_mean = 10, 2\n"
+        "# murmur: feature_scale = 5, 0.5\n")
+
+
 def test_csv_with_header_and_named_label(tmp_path: Path) -> None:
     path = tmp_path / "sensor.csv"
     rows = ["a,b,label"] + [f"{i},{i * 2 % 5},{'hi' if i % 2 else 'lo'}" for i in range(20)]
-    path.write_text("\n".join(rows) + "\n")
+    path.write_text(META + "\n".join(rows) + "\n")
     ds = load_table(path, "label")
     assert ds.x.shape == (20, 2) and ds.num_classes == 2
-    assert abs(float(ds.x[:, 0].mean())) < 1e-5  # standardised
+    # Standardised with the file's public mean and scale, labels by their place in the list.
+    raw = np.array([[i, i * 2 % 5] for i in range(20)], dtype=np.float32)
+    np.testing.assert_allclose(ds.x, (raw - [10, 2]) / [5, 0.5], rtol=1e-6)
+    assert ds.y.tolist() == [i % 2 for i in range(20)]
     train, test = load_source(f"csv:{path}#label")
     assert len(train) == 16 and len(test) == 4
 
 
 def test_csv_without_header_uses_column_number(tmp_path: Path) -> None:
     path = tmp_path / "plain.csv"
-    path.write_text("".join(f"{i % 3},{i}.5,{i}\n" for i in range(9)))
+    path.write_text("# murmur: classes = 2, 1, 0, 5\n# murmur: standardise = false\n"
+                    + "".join(f"{i % 3},{i}.5,{i}\n" for i in range(9)))
     ds = load_table(path, 0)
-    assert ds.x.shape == (9, 2) and ds.num_classes == 3
+    assert ds.x.shape == (9, 2) and ds.num_classes == 4  # class 5 has no record: still there
+    assert ds.y.tolist() == [[2, 1, 0][i % 3] for i in range(9)]
+    np.testing.assert_array_equal(ds.x[:, 1], np.arange(9, dtype=np.float32))
 
 
 @pytest.mark.parametrize(
@@ -139,8 +150,9 @@ def test_csv_without_header_uses_column_number(tmp_path: Path) -> None:
         ("a,label\nx,0\ny,1\n", "label", "non-numeric"),
         ("a,b\n1,0\n2,1\n", "label", "no column named 'label'"),
         ("", "label", "empty CSV"),
-        ("a,label\n1,0\n2,0\n", "label", "at least 2 distinct labels"),
-        ("a,label\nnan,0\n2,1\n", "label", "NaN"),
+        (META + "a,b,label\n1,2,lo\n2,3,mid\n", "label", "label 'mid'"),
+        (META + "a,b,label\n1,2,lo\nnan,3,hi\n", "label", "record 2 has a NaN"),
+        ("# murmur: classes = a\na,label\n1,a\n2,a\n", "label", "need 2"),
     ],
 )
 def test_csv_errors(tmp_path: Path, content: str, label: str, message: str) -> None:
@@ -153,7 +165,8 @@ def test_csv_errors(tmp_path: Path, content: str, label: str, message: str) -> N
 
 def test_npz_tables_and_errors(tmp_path: Path) -> None:
     good = tmp_path / "good.npz"
-    np.savez(good, x=np.random.default_rng(0).normal(size=(10, 4, 3)), y=np.arange(10) % 2)
+    np.savez(good, x=np.random.default_rng(0).normal(size=(10, 4, 3)), y=np.arange(10) % 2,
+             classes=np.array([0, 1]), standardise=np.array(False))
     train, test = load_source(f"npz:{good}")
     assert train.x.shape[1:] == (4, 3) and len(train) + len(test) == 10
     missing = tmp_path / "missing.npz"
@@ -185,9 +198,12 @@ def _same(a: Dataset, b: Dataset) -> bool:
 def test_train_only_loader_matches_load_source(tmp_path: Path) -> None:
     """What a device loads (load_train_source) is exactly load_source's training part."""
     table = tmp_path / "t.npz"
-    np.savez(table, x=np.random.default_rng(2).normal(size=(30, 5)), y=np.arange(30) % 3)
+    np.savez(table, x=np.random.default_rng(2).normal(size=(30, 5)), y=np.arange(30) % 3,
+             num_classes=np.int64(3))
     csv_file = tmp_path / "t.csv"
-    csv_file.write_text("a,b,label\n" + "".join(f"{i},{i * 7 % 5}.5,{i % 2}\n" for i in range(25)))
+    csv_file.write_text("# murmur: classes = 0, 1\n# murmur: feature_mean = 12, 2\n"
+                        "# murmur: feature_scale = 7, 1.5\na,b,label\n"
+                        + "".join(f"{i},{i * 7 % 5}.5,{i % 2}\n" for i in range(25)))
     _idx_pair(tmp_path, "train", 9, True)
     _idx_pair(tmp_path, "t10k", 4, True)
     for spec in ("digits", f"npz:{table}", f"csv:{csv_file}#label", f"mnist:{tmp_path}"):

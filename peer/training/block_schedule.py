@@ -14,6 +14,12 @@ Security properties:
   by its own block's steps, which that block's ledger accounts: by parallel composition over
   disjoint records its epsilon is its block's. Adaptivity is fine: a later block's steps see
   earlier records only through released (accounted) outputs.
+* **Record counts are public.** q, sigma calibrated at q, and where one block ends and the
+  next begins depend on per-file record counts (never on record contents); each block's
+  epsilon is the add/remove guarantee at those parameters held fixed. One record more or
+  fewer can move a boundary and later blocks' rates: that counterfactual, and the counts
+  themselves, are outside the guarantee (docs/privacy.md, "What is assumed public: record
+  counts").
 * **Refuse before spending.** The chosen block's budget is checked before the round. With a
   source, a block that cannot afford a round *retires* for good (persisted), so its epsilon
   never grows; without a source the static set keeps today's rule (checked before each

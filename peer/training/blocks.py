@@ -27,10 +27,10 @@ Rules, and why:
   records in two blocks) never join a block; each is logged once and counted. A refused file
   that is replaced (a new inode, size or mtime) is examined again.
 * **No standardisation.** Features are used exactly as stored and labels must already be the
-  class numbers 0..K-1. ``load_table`` standardises each file with its own mean and standard
-  deviation and remaps labels per file; for blocks that would give every block a different
-  input distribution and label mapping, and it would reveal each block's statistics outside
-  the DP guarantee. The device should scale features by fixed constants (as pixels / 255).
+  class numbers 0..K-1, K fixed by the public ``evaluate`` source. Each record's input then
+  depends on that record alone, as the privacy argument needs (docs/privacy.md,
+  "Preprocessing: public constants only"). The device should scale features by fixed public
+  constants (as pixels / 255).
   This is also why blocks have their own checks (:func:`parse_block_file`) around the shared
   archive reader ``data.read_npz_arrays``, fed with the bytes that were hashed, not the path.
 * **Bounded memory**: examining a pending file holds that one file; loading a block holds the

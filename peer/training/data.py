@@ -5,9 +5,13 @@ A peer's data never leaves it; this module only reads local files. Every loader 
 file (missing, truncated, wrong format, bad labels) raises :class:`DataError` naming the path
 and the problem instead of crashing deep inside numpy or torch.
 
-Normalisation is data-independent where the format allows (pixels / 255, digits / 16), so it
-reveals nothing about the records. Tables are standardised with their own column mean and
-standard deviation; those statistics are not privatised (see docs/privacy.md).
+Security property: every record's model input and class number depend on that record and
+on public constants only, never on the other records, so the ledger's epsilon covers the
+pipeline that ran (docs/privacy.md, "Preprocessing: public constants only"). Images are
+scaled by fixed constants (pixels / 255, digits / 16). Tables (CSV, .npz) are standardised
+with a public mean and scale, clipped to a public bound, and their labels mapped through a
+public class list, all from the peer config's ``[table]`` or the file's metadata
+(peer/training/tables.py); a table without them is refused with TableMetadataError.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
+import itertools
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -23,7 +28,16 @@ from typing import BinaryIO
 
 import numpy as np
 
-from peer.errors import PeerError
+# DataError is defined in tables.py (which needs nothing from here) and used from here.
+from peer.training.tables import (
+    NPZ_META_KEYS,
+    DataError,
+    TableConfig,
+    TablePreprocessing,
+    csv_metadata,
+    npz_metadata,
+    resolve,
+)
 
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IDX_IMAGE_MAGIC = 0x00000803
@@ -31,10 +45,6 @@ IDX_LABEL_MAGIC = 0x00000801
 TABLE_TEST_FRACTION = 0.2
 DIGITS_TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # fixed so every run (and every peer) sees the same train/test split
-
-
-class DataError(PeerError):
-    """A data file is missing or malformed; the message names the path and the problem."""
 
 
 @dataclass
@@ -196,35 +206,18 @@ def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = Tr
     )
 
 
-def _labels_to_classes(path: Path, raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """Map arbitrary label values onto 0..K-1 in sorted order (deterministic)."""
-    classes, y = np.unique(raw, return_inverse=True)
-    if len(classes) < 2:
-        raise DataError(f"{path}: needs at least 2 distinct labels, found {len(classes)}")
-    return y.astype(np.int64), len(classes)
-
-
-def _standardise(path: Path, x: np.ndarray) -> np.ndarray:
-    """Standardise the float32 array ``x`` (owned by the caller) in place and return it.
-
-    In place because a device's table may be most of its memory: ``(x - mean) / std`` would
-    hold two more copies of it at once.
-    """
-    if not np.all(np.isfinite(x)):
-        raise DataError(f"{path}: features contain NaN or infinite values")
-    flat = x.reshape(len(x), -1)
-    mean = flat.mean(axis=0)
-    std = flat.std(axis=0)
-    std[std == 0] = 1.0  # constant columns stay constant (zero) instead of dividing by 0
-    flat -= mean
-    flat /= std
-    return x
-
-
-def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarray]:
+def _read_csv(path: Path, label_column: str | int
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(raw features, raw labels, the leading ``#`` comment lines) of a CSV with an optional
+    header row."""
     try:
         with path.open(newline="") as handle:
-            rows = [row for row in csv.reader(handle) if row]
+            comments: list[str] = []
+            line = handle.readline()
+            while line.startswith("#"):
+                comments.append(line.rstrip("\r\n"))
+                line = handle.readline()
+            rows = [row for row in csv.reader(itertools.chain([line], handle)) if row]
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -241,18 +234,11 @@ def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarr
     width = len(rows[0])
     if width < 2:
         raise DataError(f"{path}: need at least one feature column and a label column")
-    for number, row in enumerate(rows, start=2 if header else 1):
+    first_line = len(comments) + (2 if header else 1)
+    for number, row in enumerate(rows, start=first_line):
         if len(row) != width:
             raise DataError(f"{path}: line {number} has {len(row)} columns, expected {width}")
-    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
-        if header is None or label_column not in header:
-            raise DataError(f"{path}: no column named {label_column!r} in the header")
-        label_index = header.index(label_column)
-    else:
-        label_index = int(label_column)
-        if not -width <= label_index < width:
-            raise DataError(f"{path}: label column {label_index} out of range (width {width})")
-        label_index %= width
+    label_index = _label_index(path, label_column, header, width)
     labels = np.array([row[label_index] for row in rows])
     try:
         features = np.array(
@@ -261,13 +247,24 @@ def _load_csv(path: Path, label_column: str | int) -> tuple[np.ndarray, np.ndarr
         )
     except ValueError as exc:
         raise DataError(f"{path}: non-numeric feature value ({exc})") from exc
-    return features, labels
+    return features, labels, comments
 
 
-def read_npz_arrays(source: Path | BinaryIO, where: str
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(x, y, the ``num_classes`` array or None) of an ``.npz`` file or open byte stream,
-    unchecked beyond being there; DataError naming ``where`` for anything unreadable."""
+def _label_index(path: Path, label_column: str | int, header: list[str] | None,
+                 width: int) -> int:
+    if isinstance(label_column, str) and not label_column.lstrip("-").isdigit():
+        if header is None or label_column not in header:
+            raise DataError(f"{path}: no column named {label_column!r} in the header")
+        return header.index(label_column)
+    label_index = int(label_column)
+    if not -width <= label_index < width:
+        raise DataError(f"{path}: label column {label_index} out of range (width {width})")
+    return label_index % width
+
+
+def _npz_arrays(source: Path | BinaryIO, where: str, names: tuple[str, ...]
+                ) -> dict[str, np.ndarray]:
+    """The arrays among ``names`` that an ``.npz`` holds (``x`` and ``y`` required)."""
     try:
         archive = np.load(source, allow_pickle=False)
     except FileNotFoundError as exc:
@@ -280,58 +277,77 @@ def read_npz_arrays(source: Path | BinaryIO, where: str
         if "x" not in archive.files or "y" not in archive.files:
             raise DataError(f"{where}: .npz must hold arrays 'x' (features) and 'y' (labels)")
         try:
-            declared = archive["num_classes"] if "num_classes" in archive.files else None
-            return archive["x"], archive["y"], declared
+            return {name: archive[name] for name in names if name in archive.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"{where}: cannot read arrays from .npz ({exc})") from exc
 
 
-def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """(x, y, declared num_classes or None); see :func:`load_table` for ``num_classes``."""
-    x, y, declared = read_npz_arrays(path, str(path))
+def read_npz_arrays(source: Path | BinaryIO, where: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(x, y, the ``num_classes`` array or None) of an ``.npz`` file or open byte stream,
+    unchecked beyond being there; DataError naming ``where`` for anything unreadable."""
+    arrays = _npz_arrays(source, where, ("x", "y", "num_classes"))
+    return arrays["x"], arrays["y"], arrays.get("num_classes")
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, TableConfig]:
+    """(x as a fresh float32 copy, raw labels, the file's metadata)."""
+    arrays = _npz_arrays(path, str(path), ("x", "y", *NPZ_META_KEYS))
+    x, y = arrays["x"], arrays["y"]
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise DataError(f"{path}: need x [N, features...] and y [N], got {x.shape} and {y.shape}")
     if not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: x has non-numeric dtype {x.dtype}")
-    num_classes = None
-    if declared is not None:
-        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or not (
-                2 <= int(declared) <= 100_000):
-            raise DataError(f"{path}: num_classes must be one integer >= 2, got {declared!r}")
-        num_classes = int(declared)
-        if not np.issubdtype(y.dtype, np.integer) or (
-                y.size and (y.min() < 0 or y.max() >= num_classes)):
-            raise DataError(f"{path}: with num_classes={num_classes}, y must hold class "
-                            f"indices 0..{num_classes - 1}")
-    return x.astype(np.float32), y, num_classes  # always a fresh copy: scaled in place
+    meta = npz_metadata({k: arrays[k] for k in NPZ_META_KEYS if k in arrays}, str(path))
+    return x.astype(np.float32), y, meta  # always a fresh copy: scaled in place
 
 
-def load_table(path: Path, label_column: str | int = "label") -> Dataset:
-    """A user's own CSV (features + one label column) or .npz (arrays ``x`` and ``y``).
-
-    CSV: an optional header row; ``label_column`` is a header name or a column number
-    (negative counts from the end). Labels of any kind are mapped to 0..K-1 in sorted order.
-
-    An .npz that also holds a scalar ``num_classes`` is a prepared split of a known source
-    (``murmur-peer provision --demo`` writes them): ``y`` is taken as class indices and ``x``
-    as already scaled, so every split of that source keeps all classes and the same feature
-    scale (and no statistic of the records is estimated here).
-    """
+def _read_table(path: Path, label_column: str | int, table: TableConfig | None
+                ) -> tuple[np.ndarray, np.ndarray, TablePreprocessing]:
+    """(raw float32 features, raw labels, the resolved public constants). The constants come
+    from ``table`` over the file's metadata and the record shape, never from record values."""
     path = Path(path)
     if path.suffix == ".npz":
-        x, raw_labels, num_classes = _load_npz(path)
-        if num_classes is not None:
-            if len(x) < 2 or not np.all(np.isfinite(x)):
-                raise DataError(f"{path}: needs >= 2 records and finite features")
-            return Dataset(x=x, y=raw_labels, num_classes=num_classes, name=path.stem)
+        x, raw_labels, meta = _read_npz(path)
     elif path.suffix == ".csv":
-        x, raw_labels = _load_csv(path, label_column)
+        x, raw_labels, comments = _read_csv(path, label_column)
+        meta = csv_metadata(comments, str(path))
     else:
         raise DataError(f"{path}: unsupported table format {path.suffix!r} (use .csv or .npz)")
+    given = table.over(meta) if table is not None else meta
+    num_features = int(np.prod(x.shape[1:]))
+    return x, raw_labels, resolve(given, num_features, str(path))
+
+
+def table_preprocessing(path: Path, label_column: str | int = "label",
+                        table: TableConfig | None = None) -> TablePreprocessing:
+    """The public constants :func:`load_table` uses for this file and ``table``: class list,
+    per-feature mean and scale, clip bound. A read-out: the same for any records of the same
+    shape, which is the property the privacy argument rests on."""
+    return _read_table(path, label_column, table)[2]
+
+
+def load_table(path: Path, label_column: str | int = "label",
+               table: TableConfig | None = None) -> Dataset:
+    """A user's own CSV (features + one label column) or .npz (arrays ``x`` and ``y``).
+
+    CSV: leading ``# murmur: KEY = VALUE`` metadata lines, an optional header row;
+    ``label_column`` is a header name or a column number (negative counts from the end).
+    .npz: arrays ``x``, ``y`` and the metadata arrays (``num_classes`` alone: classes
+    0..K-1, features as stored; what ``murmur-peer provision --demo`` writes).
+
+    Each record is mapped on its own with public constants (``table``, a ``[table]`` config,
+    over the file's metadata; peer/training/tables.py): features standardised and clipped,
+    label to its position in the class list. TableMetadataError when a constant is missing,
+    UnknownLabelError for a label outside the list.
+    """
+    path = Path(path)
+    x, raw_labels, prep = _read_table(path, label_column, table)
     if len(x) < 2:
         raise DataError(f"{path}: {len(x)} records are too few")
-    y, num_classes = _labels_to_classes(path, raw_labels)
-    return Dataset(x=_standardise(path, x), y=y, num_classes=num_classes, name=path.stem)
+    y = prep.labels(raw_labels, str(path))
+    return Dataset(x=prep.features(x, str(path)), y=y, num_classes=prep.num_classes,
+                   name=path.stem)
 
 
 def _parse_spec(spec: str) -> tuple[str, str]:
@@ -349,7 +365,7 @@ def _parse_spec(spec: str) -> tuple[str, str]:
     )
 
 
-def _load_whole(kind: str, rest: str) -> Dataset:
+def _load_whole(kind: str, rest: str, table: TableConfig | None) -> Dataset:
     """The digits or table source before its fixed test split."""
     if kind == "digits":
         return load_digits()
@@ -357,30 +373,32 @@ def _load_whole(kind: str, rest: str) -> Dataset:
     path = Path(path_text)
     if path.suffix != f".{kind}":
         raise DataError(f"{path}: expected a .{kind} file for source {kind!r}")
-    return load_table(path, label or "label") if kind == "csv" else load_table(path)
+    return load_table(path, label or "label", table)
 
 
 def _test_fraction(kind: str) -> float:
     return DIGITS_TEST_FRACTION if kind == "digits" else TABLE_TEST_FRACTION
 
 
-def load_source(spec: str) -> tuple[Dataset, Dataset]:
+def load_source(spec: str, table: TableConfig | None = None) -> tuple[Dataset, Dataset]:
     """(train, test) for a source spec.
 
     ``digits`` | ``fashion-mnist[:ROOT]`` | ``mnist:ROOT`` | ``csv:PATH[#LABEL]`` |
-    ``npz:PATH``. Digits and tables get a fixed deterministic test split.
+    ``npz:PATH``. Digits and tables get a fixed deterministic test split. ``table``: the
+    public constants of a table source (the config's ``[table]``; see :func:`load_table`).
     """
     kind, rest = _parse_spec(spec)
     if kind in ("fashion-mnist", "mnist"):
         root = Path(rest) if rest else DEFAULT_FASHION_MNIST_ROOT
         train, test = load_fashion_mnist(root, train=True), load_fashion_mnist(root, train=False)
     else:
-        train, test = _split(_load_whole(kind, rest), _test_fraction(kind), SPLIT_SEED)
+        train, test = _split(_load_whole(kind, rest, table), _test_fraction(kind),
+                             SPLIT_SEED)
     train.name, test.name = f"{train.name}/train", f"{test.name}/test"
     return train, test
 
 
-def load_train_source(spec: str) -> Dataset:
+def load_train_source(spec: str, table: TableConfig | None = None) -> Dataset:
     """Only the training part of ``load_source(spec)``: the same records, order and name.
 
     What a device loads: it never evaluates on the shared test split, so it neither reads
@@ -390,7 +408,7 @@ def load_train_source(spec: str) -> Dataset:
     if kind in ("fashion-mnist", "mnist"):
         train = load_fashion_mnist(Path(rest) if rest else DEFAULT_FASHION_MNIST_ROOT, True)
     else:
-        whole = _load_whole(kind, rest)
+        whole = _load_whole(kind, rest, table)
         if len(whole) < 2:
             raise DataError(f"{whole.name}: {len(whole)} records are too few to split")
         kept, _test = _split_indices(len(whole), _test_fraction(kind), SPLIT_SEED)
