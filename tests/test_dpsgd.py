@@ -208,8 +208,9 @@ def test_secure_gaussian_and_its_uniforms_pass_kolmogorov_smirnov() -> None:
     assert stats.kstest(cosines**2 + sines**2, "expon", args=(0, 2)).pvalue > 1e-6
     uniforms = open_unit_uniforms(os_random_words(200_000)).numpy()
     assert stats.kstest(uniforms, "uniform").pvalue > 1e-6
-    # The statistic has the power to see a wrong scale: 2 % too wide fails by far.
-    assert stats.kstest(z * 1.02, "norm").pvalue < 1e-6
+    # The statistic has the power to see a wrong scale: 5 % too wide moves the KS distance to
+    # about 0.012, against 0.0049 at p = 1e-6 for n = 300 000 (2 % sat on that line).
+    assert stats.kstest(z * 1.05, "norm").pvalue < 1e-12
 
 
 def test_insecure_source_is_named_and_seeded() -> None:
