@@ -1,7 +1,7 @@
 """Which accountant: epsilon, noise, run time and memory of RDP, PLD and PRV on Murmur's runs.
 
 For each case (sample rate q, steps, target epsilon; delta = 1e-5) and accountant:
-- ``epsilon`` at a fixed sigma: the sigma today's RDP accountant picks for the target;
+- ``epsilon`` at a fixed sigma: the sigma the RDP accountant picks for the target;
 - ``sigma`` from ``sigma_for(target)`` and the noise saving against RDP's sigma;
 - ``ms_per_epsilon`` (one epsilon computation, no cache) and ``s_per_sigma_for``;
 and per accountant, in fresh processes, the resident memory its import adds to a bare

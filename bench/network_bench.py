@@ -1,6 +1,6 @@
 """Network benchmark: gossip learning against its baselines on one fixed split.
 
-Full grid (issue 5): 16 peers on Fashion-MNIST, Dirichlet alpha = 0.5, each row on the same
+Full grid: 16 peers on Fashion-MNIST, Dirichlet alpha = 0.5, each row on the same
 split (same seed):
 
   (a) gossip without DP        (b) gossip with DP at epsilon = 3 and at epsilon = 8

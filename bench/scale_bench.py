@@ -1,4 +1,4 @@
-"""Measured scale (issue 14): what one peer pays as the network grows, N = 8 ... 256.
+"""Measured scale: what one peer pays as the network grows, N = 8 ... 256.
 
 Every peer is a real ``peer.network.node.Peer`` (real crypto, real sessions, a real Mosquitto on
 loopback) with ``NodeConfig(train=False)`` and the daemon's other defaults (groups of 3, one

@@ -1,4 +1,4 @@
-"""Pairwise and self masks for one-vector secure aggregation (session protocol v2, issue 13).
+"""Pairwise and self masks for one-vector secure aggregation (the masked session).
 
 The construction is that of Bonawitz et al., "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning" (CCS 2017), over Murmur's field (``crypto.field``):

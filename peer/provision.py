@@ -13,12 +13,19 @@ Security properties:
   announcements and its own inbox; this is the broker-side wall behind the certificate checks,
   never a replacement for them.
 * Public files (``.pub``, ``.cert``, the ACL) hold nothing secret and are written 0644.
+* Directories it creates: ``peers/`` (identity keys, broker passwords) and ``data/`` (the
+  demo's shards) are 0700. The output directory and ``mosquitto/`` are 0711: other users may
+  pass through them but not list them, so a broker running as its own user reaches the ACL
+  and, once the operator hands it the file (``chown mosquitto``), the password file. Every
+  secret in them (``admission.key``, ``mosquitto/passwd``) is a 0600 file; a directory that
+  exists already keeps its mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -41,6 +48,11 @@ DEFAULT_CERT_DAYS = 365
 MOSQUITTO_PASSWD = "mosquitto_passwd"
 _MAX_PUBLIC_FILE = 64 * 1024
 _DAY_S = 86_400.0
+#: Mode of a directory that holds secrets only its owner reads (peer keys, demo shards).
+PRIVATE_DIR_MODE = 0o700
+#: Mode of a directory the broker, running as another user, must pass through to reach its
+#: files: traversable by others but not listable; what is secret in it is a 0600 file.
+TRAVERSABLE_DIR_MODE = 0o711
 
 
 class ProvisionError(PeerError):
@@ -297,6 +309,9 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
         out/mosquitto/murmur.conf    0644  the Mosquitto settings that use the two above
         out/data/NAME.npz            0600  with ``demo``: the peer's shard (:func:`demo_shards`)
 
+    Directories it creates: ``out`` and ``out/mosquitto`` 0711 (the broker's user passes
+    through them), ``out/peers`` and ``out/data`` 0700; an existing directory keeps its mode.
+
     With ``demo`` each config trains on its peer's shard, is evaluated on the digits test
     split and paces its budget over :data:`DEMO_BUDGET_HOURS` (``[pace]``).
     """
@@ -334,8 +349,9 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     passwd_text = hash_mosquitto_passwords(passwords)
     shards = _demo_data(len(plan)) if demo else []  # fails before anything is written
 
-    for directory in (out, peers_dir, mosq_dir, *([data_dir] if demo else [])):
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_dirs([(out, TRAVERSABLE_DIR_MODE), (peers_dir, PRIVATE_DIR_MODE),
+                (mosq_dir, TRAVERSABLE_DIR_MODE),
+                *([(data_dir, PRIVATE_DIR_MODE)] if demo else [])])
     for path, shard in zip([f.data for f in plan if f.data], shards, strict=True):
         write_file_atomic(path, shard, mode=0o600)
     admission = AdmissionKey.generate(network_id)
@@ -360,6 +376,19 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
         mode=0o644,
     )
     return dataclasses.replace(result, admission_public_hex=public_hex)
+
+
+def _make_dirs(directories: Sequence[tuple[Path, int]]) -> None:
+    """Create each directory that does not exist yet with exactly its mode (the umask does
+    not apply); one that exists is left as it is, since it may be the operator's."""
+    for directory, mode in directories:
+        try:
+            directory.mkdir(parents=True, mode=mode)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise ProvisionError(f"{directory}: exists and is not a directory") from None
+            continue
+        os.chmod(directory, mode)
 
 
 def _demo_data(n_peers: int) -> list[bytes]:

@@ -1,5 +1,5 @@
-"""Chunked wire messages (issue 14): split a signed message to fit a size limit, reassemble it
-in bounded memory. docs/protocol.md section 11 is the normative description.
+"""Chunked wire messages: split a signed message to fit a size limit, reassemble it in
+bounded memory. docs/protocol.md section 11 is the normative description.
 
 A peer configured with ``max_message_bytes`` (default 256 KiB, so that EMQX, RabbitMQ and most
 cloud brokers carry every payload) sends a larger message as CHUNK messages

@@ -47,13 +47,14 @@ MAX_CERTIFICATE_BYTES: Final = 2048
 MIN_SEALED_BYTES: Final = 40
 MAX_SEALED_BYTES: Final = MAX_PAYLOAD_BYTES
 
-# Masked session (issue 13). Both sealings it uses, Box for one recipient (crypto.sealing:
-# SHARE, KEYS, MASKED_START.session_key) and SecretBox under the session key K (MASKED, REVEAL),
-# encrypt ``BLAKE2b-256(context) || payload`` and prepend a 24-byte nonce and a 16-byte
-# Poly1305 tag, so every such blob is exactly SEAL_OVERHEAD_BYTES longer than its payload.
-# The payloads below have fixed layouts (docs/protocol.md section 5.5), which lets the decoder
-# check exact sizes before anything is opened. tests/test_protocol_codec.py pins each constant
-# to the crypto and session code that produces the bytes.
+# Masked session (docs/design/masked-sessions.md). Both sealings it uses, Box for one
+# recipient (crypto.sealing: SHARE, KEYS, MASKED_START.session_key) and SecretBox under the
+# session key K (MASKED, REVEAL), encrypt ``BLAKE2b-256(context) || payload`` and prepend a
+# 24-byte nonce and a 16-byte Poly1305 tag, so every such blob is exactly SEAL_OVERHEAD_BYTES
+# longer than its payload. The payloads below have fixed layouts (docs/protocol.md section
+# 5.5), which lets the decoder check exact sizes before anything is opened.
+# tests/test_protocol_codec.py pins each constant to the crypto and session code that
+# produces the bytes.
 
 #: Bytes a sealed blob adds to its payload: nonce (24) + Poly1305 tag (16) + context digest (32).
 SEAL_OVERHEAD_BYTES: Final = 72
@@ -88,7 +89,7 @@ REVEAL_ENTRY_BYTES: Final = 1 + SECRET_SHARE_BYTES
 MIN_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MIN_GROUP_SIZE * REVEAL_ENTRY_BYTES
 MAX_SEALED_REVEAL_BYTES: Final = SEAL_OVERHEAD_BYTES + MAX_MEMBERS * REVEAL_ENTRY_BYTES
 
-# Chunked messages (issue 14, docs/protocol.md section 11). A message larger than a peer's
+# Chunked messages (docs/protocol.md section 11). A message larger than a peer's
 # configured maximum travels as CHUNK messages, each a signed envelope of its own.
 
 #: Smallest maximum message size a peer may be configured with (``max_message_bytes``).

@@ -5,13 +5,12 @@ The dataclasses are plain data; all validation lives in :mod:`protocol.codec`, w
 every field both when encoding (so a peer never emits what another peer must reject) and when
 decoding untrusted bytes. docs/protocol.md gives each body's fields in wire order.
 
-Kinds 1-9 are the Shamir session the Python peer runs today. Kinds 10-16 are the masked
-session of issue 13 (docs/design/masked-sessions.md), added within wire version 2: specified
-and decodable, sent by the node only in masked mode
-(``[session] kind = "masked"``). A receiver that does not speak them drops them as an
-unknown kind, so adding them breaks no peer.
+Kinds 1-9 are the Shamir session, the Python peer's default. Kinds 10-16 are the masked
+session (docs/design/masked-sessions.md), added within wire version 2: specified and
+decodable, sent by the node only in masked mode (``[session] kind = "masked"``). A receiver
+that does not speak them drops them as an unknown kind, so adding them breaks no peer.
 
-Kind 17, CHUNK (issue 14), carries one numbered piece of a larger signed wire message, so that
+Kind 17, CHUNK, carries one numbered piece of a larger signed wire message, so that
 every payload fits a broker's packet limit (protocol/chunks.py; docs/protocol.md section 11).
 """
 
@@ -43,7 +42,7 @@ class Kind(IntEnum):
     SHARE = 7
     PARTIAL = 8
     ABORT = 9
-    # masked session (issue 13): sent only with [session] kind = "masked"
+    # masked session: sent only with [session] kind = "masked"
     MASKED_ACCEPT = 10
     MASKED_START = 11
     KEYS = 12
@@ -51,7 +50,7 @@ class Kind(IntEnum):
     SURVIVORS = 14
     CONFIRM = 15
     REVEAL = 16
-    # chunked messages (issue 14): a piece of a message larger than the sender's maximum
+    # chunked messages: a piece of a message larger than the sender's maximum
     CHUNK = 17
 
 
@@ -190,7 +189,7 @@ class Abort:
 
 
 # --------------------------------------------------------------------------------------------
-# masked session (issue 13). INVITE, DECLINE and ABORT keep the bodies above.
+# masked session. INVITE, DECLINE and ABORT keep the bodies above.
 
 
 @dataclass(frozen=True, eq=False)

@@ -103,10 +103,10 @@ class Scenario:
     threshold: int = 3
     # c: colluding members each peer's privacy must survive (docs/sessions.md section 3.3)
     max_colluders: int = SessionConfig.max_colluders
-    # "shamir" (the library default) or "masked" (one masked vector per member; issue 13)
+    # "shamir" (the library default) or "masked" (one masked vector per member)
     session_kind: str = DEFAULT_SESSION_KIND
     # 0: every peer follows every announcement (the library default); > 0: a bounded view of
-    # about that many peers (docs/design/partial-view.md; issue 14)
+    # about that many peers (docs/design/partial-view.md)
     view_size: int = 0
     # -- faults ------------------------------------------------------------------------------
     churn_rate: float = 0.0  # expected leave events per peer per minute

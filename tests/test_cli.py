@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -54,6 +57,15 @@ def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def broker_user_exists() -> bool:
+    """Whether a Mosquitto started as root has the user `mosquitto` to drop to."""
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return False
+    return True
 
 
 def test_network_identity_enroll_round_trip(tmp_path: Path) -> None:
@@ -178,6 +190,31 @@ def test_provision_writes_everything_once_and_never_overwrites(tmp_path: Path) -
             parse_peer_list(bad)
 
 
+def test_provision_directories_let_the_broker_through_and_keep_keys_private(
+        tmp_path: Path) -> None:
+    """The output and mosquitto/ directories are 0711 (the broker's user passes through,
+    nobody else lists them), peers/ and data/ 0700, whatever the umask; every secret file is
+    0600; an output directory that exists keeps its mode."""
+    previous = os.umask(0o077)  # the modes must not depend on the operator's umask
+    try:
+        result = provision("demo", ["alice", "bob", "carol"], tmp_path / "net", demo=True)
+    finally:
+        os.umask(previous)
+    out = tmp_path / "net"
+    assert mode(out) == 0o711 and mode(out / "mosquitto") == 0o711
+    assert mode(out / "peers") == 0o700 and mode(out / "data") == 0o700
+    assert mode(result.admission_key) == 0o600 and mode(result.mosquitto_passwd) == 0o600
+    assert mode(result.mosquitto_acl) == 0o644 and mode(result.mosquitto_conf) == 0o644
+    for files in result.peers:
+        assert files.data is not None and mode(files.data) == 0o600
+        assert mode(files.identity) == 0o600 and mode(files.broker_password) == 0o600
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o750)
+    os.chmod(mine, 0o750)
+    provision("demo", ["alice"], mine)
+    assert mode(mine) == 0o750 and mode(mine / "mosquitto") == 0o711
+
+
 def test_provision_cli_and_generated_config_load(tmp_path: Path) -> None:
     run = murmur_peer("provision", "--network", "demo", "--peers", "a,b,c", "--out", "net",
                       "--broker-url", "mqtts://broker.example:8883", cwd=tmp_path)
@@ -191,17 +228,33 @@ def test_provision_cli_and_generated_config_load(tmp_path: Path) -> None:
         "never overwrites")
 
 
+@pytest.fixture
+def broker_reachable_dir() -> Iterator[Path]:
+    """A directory every user can pass through (pytest's tmp_path sits under a 0700 one), so
+    a Mosquitto that dropped to its own user reaches what is provisioned inside it."""
+    with tempfile.TemporaryDirectory(prefix="murmur-provision-") as name:
+        os.chmod(name, 0o711)
+        yield Path(name)
+
+
 @pytest.mark.mosquitto
-async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(tmp_path: Path) -> None:
+async def test_provisioned_credentials_and_acl_hold_on_a_real_mosquitto(
+        broker_reachable_dir: Path) -> None:
     """The generated passwd + ACL: wrong passwords are refused, a peer cannot publish under
-    another peer's topics, nor read another peer's inbox."""
+    another peer's topics, nor read another peer's inbox. Started as root, Mosquitto drops to
+    user `mosquitto`; the test then takes docs/peer.md's one step, `chown mosquitto passwd`,
+    and nothing else, so the provisioned directory modes are what lets the broker in."""
     require_mosquitto()
-    result = provision("demo", ["alice", "bob"], tmp_path / "net")
+    base = broker_reachable_dir
+    result = provision("demo", ["alice", "bob"], base / "net")
     port = free_loopback_port()
-    conf = tmp_path / "mosquitto.conf"
+    conf = base / "mosquitto.conf"
     lines = [f"listener {port} {LOOPBACK}"]
     if os.geteuid() == 0:
-        lines.append("user root")  # else Mosquitto drops to `mosquitto`, which cannot read 0600
+        if broker_user_exists():
+            subprocess.run(["chown", "mosquitto", str(result.mosquitto_passwd)], check=True)
+        else:
+            lines.append("user root")  # no `mosquitto` user to drop to
     lines += result.mosquitto_conf.read_text().splitlines()
     conf.write_text("\n".join(lines) + "\n")
     broker = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(conf)],

@@ -1,11 +1,11 @@
-"""Messages and session sealing of the masked aggregation session (issue 13), not yet on the wire.
+"""Messages and session sealing of the masked aggregation session (``[session] kind = "masked"``).
 
 docs/design/masked-sessions.md is the specification. The bodies are frozen dataclasses with
-the design's field names, defined in ``protocol.messages`` (kinds 10-16 of wire version 2,
-docs/protocol.md) and imported here. The envelope is still out of scope: :class:`MaskedHeader`
-carries what a signed envelope header would (kind, sender, session, seq), and "signed by
-member m" is modelled by ``sender == m`` because the node's inbound checks verify envelope
-signatures before a session ever sees a message. INVITE and ABORT keep today's bodies
+the design's field names, defined in ``protocol.messages`` (kinds 10-16, docs/protocol.md)
+and imported here. The session never sees the envelope: :class:`MaskedHeader` carries what
+the signed envelope header holds (kind, sender, session, seq), and "signed by member m" is
+``sender == m`` because the node's inbound checks verify envelope signatures before a session
+ever sees a message. INVITE and ABORT keep the Shamir session's bodies
 (``protocol.messages``).
 
 Session sealing (MASKED, REVEAL): ``nacl.secret.SecretBox`` under the session key K, the

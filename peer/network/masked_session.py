@@ -1,4 +1,4 @@
-"""One masked aggregation session (issue 13) as a sans-IO state machine, not yet on the wire.
+"""One masked aggregation session as a sans-IO state machine (``[session] kind = "masked"``).
 
 The design is docs/design/masked-sessions.md (rules 1-7); the arithmetic is crypto/masking.py;
 the messages are peer/network/masked_messages.py. Like peer/network/session.py, a

@@ -126,7 +126,7 @@ class SessionDriver(ABC):
 
 
 class ShamirDriver(SessionDriver):
-    """Today's session (peer/network/session.py); its messages are wire messages already."""
+    """The Shamir session (peer/network/session.py); its messages are wire messages already."""
 
     name = "shamir"
 

@@ -85,11 +85,11 @@ class NodeConfig:
     # The masked session's per-phase timeouts; None: derived from ``timeouts``
     # (session_driver.masked_timeouts_from).
     masked_timeouts: MaskedTimeouts | None = None
-    # Largest payload this peer publishes (issue 14): a session message above it goes out as
+    # Largest payload this peer publishes: a session message above it goes out as
     # signed CHUNKs that each fit (protocol/chunks.py). 16 KiB..8 MiB; the default 256 KiB
     # suits EMQX, RabbitMQ and most cloud brokers. Receivers accept either form.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    # The membership view (issue 14, docs/design/partial-view.md): view_size 0 follows every
+    # The membership view (docs/design/partial-view.md): view_size 0 follows every
     # peer's announcement (the full view); > 0 follows a few announcement buckets, aiming at
     # about view_size peers, and looks up senders outside them (peer/network/view_loop.py).
     view: ViewConfig = field(default_factory=lambda: ViewConfig(view_size=0))

@@ -1,7 +1,7 @@
 """A peer's bounded membership view in the node: which buckets it follows, whom it looks up.
 
-With ``ViewConfig.view_size`` 0 (the default) a peer follows every announcement, as before
-issue 14: the all-buckets filter is one of the transport's restored subscriptions and nothing
+With ``ViewConfig.view_size`` 0 (the default) a peer follows every announcement (the full
+view): the all-buckets filter is one of the transport's restored subscriptions and nothing
 here runs. With ``view_size`` > 0 (docs/design/partial-view.md):
 
 * on every connection the :class:`ViewKeeper` task (re)subscribes what it followed, then asks

@@ -15,8 +15,8 @@ Security properties:
   (``retired``) stays stopped: it is never offered for training again, so its epsilon never
   grows.
 * File formats: a peer with one static training set and nothing retired writes format 1,
-  byte for byte today's single :class:`PrivacyLedger`; anything else writes format 2. Both
-  load; a format-1 file becomes the static block (id 0).
+  byte for byte the file a single :class:`PrivacyLedger` writes; anything else writes
+  format 2. Both load; a format-1 file becomes the static block (id 0).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class BlockLedgers:
         return {f.sha256 for e in self.entries for f in e.files}
 
     def is_single_static(self) -> bool:
-        """Whether format 1 (today's single ledger) says everything there is to say."""
+        """Whether format 1 (one :class:`PrivacyLedger`) says everything there is to say."""
         return (len(self.entries) == 1 and self.entries[0].block_id == STATIC_BLOCK
                 and not self.entries[0].files and self.entries[0].retired is None)
 

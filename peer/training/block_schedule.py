@@ -22,8 +22,8 @@ Security properties:
   counts").
 * **Refuse before spending.** The chosen block's budget is checked before the round. With a
   source, a block that cannot afford a round *retires* for good (persisted), so its epsilon
-  never grows; without a source the static set keeps today's rule (checked before each
-  round, nothing persisted), and the ledger's own BudgetExhaustedError is raised.
+  never grows; without a source the static set follows its one ledger's rule (checked before
+  each round, nothing persisted), and the ledger's own BudgetExhaustedError is raised.
 * **Changed data is never trained on.** A live block whose file changed or vanished (seen by
   the poll, or by the digest check when the block is loaded) is retired as refused.
 * **Fair choice**: the live block with the least epsilon spent (then fewest steps, then the
@@ -155,7 +155,7 @@ class BlockSchedule:
         entry.ledger.update_settings(sigma, rate, self.config.max_grad_norm)
 
     def adopt(self, stored: BlockLedgers, where: str = "ledger") -> None:
-        """Continue from ledgers read back at start-up (today's rules, for every block)."""
+        """Continue from ledgers read back at start-up (a single ledger's checks, per block)."""
         cfg = self.config
         for entry in stored:
             if entry.ledger.delta != cfg.delta:
@@ -163,7 +163,7 @@ class BlockSchedule:
                     f"ledger in {where} was kept at delta={entry.ledger.delta}, config asks "
                     f"delta={cfg.delta}; epsilons at different deltas do not compose")
             if entry.block_id == STATIC_BLOCK:
-                entry.records = len(self._static)  # as today: the static set may change
+                entry.records = len(self._static)  # counted afresh: the static set may change
                 if entry.records:
                     self._adopt_settings(entry)
             if entry.ledger.steps > 0 and (entry.ledger.sigma > 0) != cfg.dp:
@@ -206,7 +206,7 @@ class BlockSchedule:
                     entry.ledger.check_budget(steps)
                 except BudgetExhaustedError:
                     if self.source is None:
-                        raise  # today's rule for the static set: checked again next round
+                        raise  # the static set never retires: checked again next round
                     self._retire(entry, RETIRED_BUDGET)
                     continue
             try:
