@@ -150,7 +150,7 @@ class MaskedSession:
     def initiate(cls, ctx: SessionContext, session_id: bytes, contribution: Contribution,
                  invitees: list[str], now: float,
                  timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, MaskedStep]:
-        """Invite ``invitees``; the first g - 1 to accept form the group (as today)."""
+        """Invite ``invitees``; the first g - 1 to accept form the group."""
         p = ctx.params
         if not MIN_GROUP_SIZE - 1 <= len(invitees) <= MAX_MEMBERS - 1:
             raise ValueError(f"need between 2 and {MAX_MEMBERS - 1} invitees")
