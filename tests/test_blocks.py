@@ -27,6 +27,7 @@ from peer.training.block_schedule import NoBlockReadyError
 from peer.training.blocks import (
     BlockChangedError,
     BlockSource,
+    SourceNotBoundError,
     open_block_source,
     template_dataset,
 )
@@ -122,6 +123,33 @@ def test_bad_files_are_refused_once_and_never_join_a_block(tmp_path: Path, digit
     assert source.poll(ledgers).new_blocks == [] and source.refusals == 6  # not re-counted
     with pytest.raises(DataError, match="not found"):
         open_block_source(tmp_path / "missing", 10)
+
+
+def test_block_features_are_clipped_and_classes_come_from_the_binding(tmp_path: Path,
+                                                                        digits) -> None:
+    """A record with huge finite features is clipped to +-10 like a table's (no input can
+    overflow a per-example norm), and the class count is the bound one, never read from the
+    labels: loading before :meth:`BlockSource.bind` is a typed error."""
+    train, _, _ = digits
+    x, y = chunk(train, 0, 20)
+    x = x.copy()
+    x[3] = 1e20
+    x[4, :2] = (-3e38, 25.0)
+    write_npz(tmp_path, "a.npz", x, y)
+    unbound = BlockSource(tmp_path, min_block_records=10)
+    (block,) = unbound.poll(BlockLedgers()).new_blocks
+    with pytest.raises(SourceNotBoundError, match="before the source was bound"):
+        unbound.load(block.block_id, block.files, block.records)
+    source = BlockSource(tmp_path, min_block_records=10)
+    source.bind(train.input_shape, 12)  # more classes than any label holds
+    (block,) = source.poll(BlockLedgers()).new_blocks
+    data = source.load(block.block_id, block.files, block.records)
+    assert data.num_classes == 12 and data.y.max() < 10
+    assert data.x[3].tolist() == [10.0] * x.shape[1]
+    assert data.x[4, :2].tolist() == [-10.0, 10.0]
+    np.testing.assert_array_equal(data.x[5:], x[5:])  # the other records as stored
+    with pytest.raises(ValueError, match="feature_clip"):
+        BlockSource(tmp_path, 10, feature_clip=1e5)
 
 
 def test_changed_bytes_are_caught_when_a_block_is_loaded(tmp_path: Path, digits) -> None:

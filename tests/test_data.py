@@ -143,6 +143,29 @@ def test_csv_without_header_uses_column_number(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.x[:, 1], np.arange(9, dtype=np.float32))
 
 
+def test_csv_first_row_is_a_header_only_when_none_of_its_cells_is_a_number(
+        tmp_path: Path) -> None:
+    """A headerless CSV whose first record starts with a text label keeps every record: the
+    record count (and so the sampling rate) never depends on what the first record holds."""
+    meta = "# murmur: classes = walk, run\n# murmur: standardise = false\n"
+    headerless = tmp_path / "headerless.csv"
+    headerless.write_text(meta + "walk,0.5,1.5\nrun,2.5,3.5\nwalk,4.5,5.5\n")
+    ds = load_table(headerless, 0)
+    assert len(ds) == 3 and ds.y.tolist() == [0, 1, 0]
+    np.testing.assert_array_equal(ds.x[:, 0], np.float32([0.5, 2.5, 4.5]))
+    # The same records under a header row: the header is taken off, the records stay.
+    with_header = tmp_path / "with_header.csv"
+    with_header.write_text(meta + "activity,a,b\nwalk,0.5,1.5\nrun,2.5,3.5\nwalk,4.5,5.5\n")
+    named = load_table(with_header, "activity")
+    assert len(named) == 3 and np.array_equal(named.x, ds.x) and np.array_equal(named.y, ds.y)
+    # A header with one numeric cell is a record, so it is never dropped silently: here its
+    # label is not a class, which stops the load with the typed error.
+    numeric_name = tmp_path / "numeric_name.csv"
+    numeric_name.write_text(meta + "activity,2024,2025\nwalk,0.5,1.5\nrun,2.5,3.5\n")
+    with pytest.raises(DataError, match="label 'activity'"):
+        load_table(numeric_name, 0)
+
+
 @pytest.mark.parametrize(
     ("content", "label", "message"),
     [

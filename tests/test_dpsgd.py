@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 from torch import nn
 
+from peer.training.data import Dataset
 from peer.training.dpsgd import (
     DPSGDStep,
     GhostClipEngine,
@@ -31,11 +34,13 @@ from peer.training.privacy.noise import (
     SMALLEST_UNIFORM,
     InsecureFastGaussian,
     SecureGaussian,
+    bernoulli_threshold,
     box_muller,
     open_unit_uniforms,
     os_random_words,
     secure_bernoulli_mask,
 )
+from peer.training.trainer import LocalTrainer, TrainerConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -84,6 +89,62 @@ def test_every_clipped_example_norm_is_at_most_c() -> None:
         small = norms < c
         torch.testing.assert_close(clipped[small], per_example[small], rtol=1e-5, atol=1e-6)
     assert float(norms.min()) > 0.01  # the smallest C above really clipped everything
+
+
+def test_a_gradient_whose_norm_is_not_finite_gets_factor_zero() -> None:
+    norms = torch.tensor([float("nan"), float("inf"), 0.5, 4.0, 0.0])
+    factors = clip_factors(norms, 2.0)
+    assert factors[:2].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(factors[2:], torch.tensor([1.0, 0.5, 1.0]), rtol=1e-5, atol=0)
+
+
+def test_a_record_with_huge_finite_features_never_makes_the_step_nan() -> None:
+    """Features of 1e20 overflow the float32 sum of squared inputs (||a||^2 = inf) behind the
+    MLP's first-layer norm; the saturated tanh makes that layer's gradient exactly 0. The fast
+    engine gives the exact, finite clipped sum of the reference engine (inf * 0 was NaN)."""
+    model = build_model("mlp", (64,), 10)
+    x, y = _batch((64,), n=12)
+    x[5] = 1e20
+    fast = GhostClipEngine(model).clipped_sum(x, y, 1.0)
+    reference = VmapEngine(model).clipped_sum(x, y, 1.0)
+    assert bool(torch.isfinite(fast.flat_sum).all()) and math.isfinite(fast.per_example_norms[5])
+    torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.per_example_norms, reference.per_example_norms, rtol=1e-4,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap"])
+def test_an_example_whose_norm_is_not_finite_contributes_exactly_nothing(engine: str) -> None:
+    """An input the loaders would refuse (NaN) reaches the engine anyway: its norm is NaN, its
+    factor 0, its rows are zeroed (0 * NaN would be NaN), and the clipped sum is exactly the
+    other examples' sum: each example still contributes a vector of norm <= C."""
+    model = build_model("mlp", (64,), 10)
+    x, y = _batch((64,), n=12)
+    poisoned = x.clone()
+    poisoned[5, 3] = float("nan")
+    step = make_engine(model, engine)
+    with_bad = step.clipped_sum(poisoned, y, 1.0)
+    keep = torch.arange(12) != 5
+    without = step.clipped_sum(x[keep], y[keep], 1.0)
+    assert not math.isfinite(float(with_bad.per_example_norms[5]))
+    assert bool(torch.isfinite(with_bad.flat_sum).all())
+    torch.testing.assert_close(with_bad.flat_sum, without.flat_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_a_huge_record_no_longer_stops_a_real_trainer() -> None:
+    """The reviewer's case: one MLP record of finite 1e20 features, in every batch (q = 1),
+    made the step NaN, and the trainer refused the update after 20 steps. Now it trains on."""
+    x, y = _batch((64,), n=40, seed=1)
+    x[7] = 1e20
+    train = Dataset(x.numpy(), y.numpy(), 10, "huge")
+    cfg = TrainerConfig(model="mlp", local_steps=10, noise_multiplier=1.0, batch_size=40,
+                        share="delta")
+    trainer = LocalTrainer(cfg, train, train.subset([0, 1]))
+    for _ in range(3):
+        update = trainer.train_round()
+        assert np.isfinite(update.values).all() and update.values.size > 0
+    params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
+    assert bool(torch.isfinite(params).all()) and trainer.ledger.steps == 30
 
 
 def test_clipped_sum_bounded_by_batch_times_c() -> None:
@@ -217,6 +278,46 @@ def test_insecure_source_is_named_and_seeded() -> None:
     a, b = InsecureFastGaussian(5), InsecureFastGaussian(5)
     assert not a.secure
     assert torch.equal(a.sample(10), b.sample(10))
+
+
+def test_sampling_rate_is_rounded_down_never_above_the_accounted_q() -> None:
+    """Each draw is True with probability threshold / 2^32 <= q (epsilon grows with q);
+    0.0475 * 2^32 = 204 010 946.56 would round up to nearest."""
+    assert bernoulli_threshold(0.0475) == 204_010_946
+    rng = np.random.default_rng(0)
+    for q in [*rng.random(1000).tolist(), 64 / 1078, 0.5, 2.0**-33, 1 - 2.0**-40]:
+        threshold = bernoulli_threshold(q)
+        assert threshold / 2**32 <= q < (threshold + 1) / 2**32
+    assert bernoulli_threshold(1.0) == 2**32 and bernoulli_threshold(0.0) == 0
+    assert bool(secure_bernoulli_mask(1000, 1.0).all())
+    assert not bool(secure_bernoulli_mask(100_000, 0.9 * 2.0**-32).any())  # threshold 0
+    with pytest.raises(ValueError, match="probability"):
+        secure_bernoulli_mask(10, 1.5)
+
+
+def test_a_replaced_noise_source_voids_the_reported_epsilon(caplog) -> None:
+    """A trainer built with ``noise=`` reports epsilon inf (status and updates), though its
+    ledger still counts the steps; with insecure_fast_noise the seeded sampling is named."""
+
+    class ZeroNoise:
+        secure = False
+
+        def sample(self, n: int) -> torch.Tensor:
+            return torch.zeros(n)
+
+    x, y = _batch((64,), n=40, seed=2)
+    train = Dataset(x.numpy(), y.numpy(), 10, "t")
+    cfg = TrainerConfig(model="mlp", local_steps=2, noise_multiplier=1.0, batch_size=8,
+                        share="delta", insecure_fast_noise=True)
+    with caplog.at_level(logging.WARNING, logger="peer.training.trainer"):
+        twin = LocalTrainer(cfg, train, train.subset([0, 1]), noise=ZeroNoise())
+    warnings = " | ".join(r.getMessage() for r in caplog.records)
+    assert "seeded batch sampling" in warnings and "ZeroNoise is not secure" in warnings
+    update = twin.train_round()
+    assert twin.epsilon == math.inf and update.epsilon == math.inf
+    assert 0 < twin.ledger.epsilon < math.inf and twin.ledger.steps == 2
+    normal = LocalTrainer(cfg, train, train.subset([0, 1]))
+    assert 0 < normal.train_round().epsilon == normal.epsilon < math.inf
 
 
 def test_poisson_sampling_rate() -> None:

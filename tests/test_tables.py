@@ -28,6 +28,7 @@ from peer.training.data import (
 )
 from peer.training.tables import (
     DEFAULT_FEATURE_CLIP,
+    MAX_FEATURE_CLIP,
     TableConfig,
     TableMetadataError,
     UnknownLabelError,
@@ -190,6 +191,25 @@ def test_clip_keeps_every_input_finite_and_non_finite_raw_values_stop(tmp_path: 
                     "a,b,label\n1,2,0\n3,inf,1\n")
     with pytest.raises(DataError, match="record 2 has a NaN or infinite"):
         load_table(path)
+
+
+def test_clip_bound_is_capped_so_no_input_can_overflow_a_norm(tmp_path: Path) -> None:
+    """B <= 1e4: a record of the largest finite float32 values loads as +-B, and the squared
+    norm of even a million such features stays far inside float32 (docs/privacy.md)."""
+    assert MAX_FEATURE_CLIP == 1e4
+    assert np.isfinite(np.float32(1e6) * np.float32(MAX_FEATURE_CLIP) ** 2)
+    with pytest.raises(ValueError, match="feature_clip: must be in"):
+        TableConfig(feature_clip=MAX_FEATURE_CLIP * 1.5)
+    path = tmp_path / "t.csv"
+    path.write_text("# murmur: classes = 0, 1\n# murmur: standardise = false\n"
+                    "# murmur: feature_clip = 1e30\na,b,label\n1,2,0\n3,4,1\n")
+    with pytest.raises(TableMetadataError, match="feature_clip: must be in"):
+        load_table(path)
+    path.write_text("# murmur: classes = 0, 1\n# murmur: standardise = false\n"
+                    "# murmur: feature_clip = 1e4\na,b,label\n3e38,-1e20,0\n3,4,1\n")
+    ds = load_table(path)
+    assert ds.x.tolist() == [[1e4, -1e4], [3.0, 4.0]]
+    assert np.isfinite(np.square(ds.x).sum(axis=1)).all()
 
 
 def test_table_config_checks_its_values() -> None:

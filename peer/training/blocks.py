@@ -25,12 +25,18 @@ Rules, and why:
 * **Refused files** (unreadable, malformed, wrong shape, labels outside 0..K-1, non-finite
   features, or a byte-for-byte duplicate of a file already seen, which would put the same
   records in two blocks) never join a block; each is logged once and counted. A refused file
-  that is replaced (a new inode, size or mtime) is examined again.
-* **No standardisation.** Features are used exactly as stored and labels must already be the
-  class numbers 0..K-1, K fixed by the public ``evaluate`` source. Each record's input then
-  depends on that record alone, as the privacy argument needs (docs/privacy.md,
-  "Preprocessing: public constants only"). The device should scale features by fixed public
-  constants (as pixels / 255).
+  that is replaced (a new inode, size or mtime) is examined again. One record can cause a
+  refusal, which moves every later block boundary and rate: the privacy claim holds over
+  directories whose files are all valid and distinct (docs/privacy.md, "What is assumed
+  public: record counts").
+* **No standardisation.** Features are used as stored, apart from a clip to
+  [-``feature_clip``, ``feature_clip``] (10 by default, as a table's; at most
+  ``tables.MAX_FEATURE_CLIP``), and labels must already be the class numbers 0..K-1, K fixed
+  by the public ``evaluate`` source. Each record's input then depends on that record and
+  public constants alone, as the privacy argument needs, and no input can overflow a
+  per-example norm (docs/privacy.md, "Preprocessing: public constants only", "Why clip").
+  The device should scale features by fixed public constants (as pixels / 255); with a
+  table as ``evaluate``, by the same ``[table]`` constants, which are not applied here.
   This is also why blocks have their own checks (:func:`parse_block_file`) around the shared
   archive reader ``data.read_npz_arrays``, fed with the bytes that were hashed, not the path.
 * **Bounded memory**: examining a pending file holds that one file; loading a block holds the
@@ -51,12 +57,14 @@ import numpy as np
 
 from peer.training.block_ledger import BlockFile, BlockLedgers
 from peer.training.data import DataError, Dataset, read_npz_arrays
+from peer.training.tables import DEFAULT_FEATURE_CLIP, MAX_FEATURE_CLIP, clip_in_place
 
 __all__ = [
     "BlockChangedError",
     "BlockSource",
     "BlockStatus",
     "FormedBlock",
+    "SourceNotBoundError",
     "SourcePoll",
     "open_block_source",
     "template_dataset",
@@ -73,6 +81,11 @@ _StatKey = tuple[int, int, int]
 
 class BlockChangedError(DataError):
     """A file of a formed block changed or vanished: the block is refused for training."""
+
+
+class SourceNotBoundError(DataError):
+    """A block was loaded before :meth:`BlockSource.bind` fixed the record shape and the
+    class count: K must come from the public ``evaluate`` source, never from the labels."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +141,10 @@ def _file_sha256(path: Path) -> str:
 
 
 def parse_block_file(where: str, data: bytes, input_shape: tuple[int, ...] | None,
-                     num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(x float32, y int64) from the bytes of one ``.npz``; DataError naming ``where``."""
+                     num_classes: int | None, feature_clip: float = DEFAULT_FEATURE_CLIP
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x float32 clipped to +-``feature_clip``, y int64, how many values the clip changed)
+    from the bytes of one ``.npz``; DataError naming ``where``."""
     x, y, _declared = read_npz_arrays(io.BytesIO(data), where)
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise DataError(f"{where}: need x [N, features...] and y [N], N >= 1; got {x.shape} "
@@ -147,7 +162,8 @@ def parse_block_file(where: str, data: bytes, input_shape: tuple[int, ...] | Non
     features = x.astype(np.float32)
     if not np.all(np.isfinite(features)):
         raise DataError(f"{where}: features contain NaN or infinite values")
-    return features, y.astype(np.int64)
+    clipped = clip_in_place(features, feature_clip)
+    return features, y.astype(np.int64), clipped
 
 
 def template_dataset(input_shape: tuple[int, ...], num_classes: int, name: str = "blocks"
@@ -164,11 +180,16 @@ class BlockSource:
     Not thread-safe: the trainer polls and loads under its own lock.
     """
 
-    def __init__(self, directory: Path, min_block_records: int) -> None:
+    def __init__(self, directory: Path, min_block_records: int,
+                 feature_clip: float = DEFAULT_FEATURE_CLIP) -> None:
         if min_block_records < 1:
             raise ValueError(f"min_block_records must be >= 1, got {min_block_records}")
+        if not 0 < feature_clip <= MAX_FEATURE_CLIP:
+            raise ValueError(f"feature_clip must be in (0, {MAX_FEATURE_CLIP:g}], got "
+                             f"{feature_clip}")
         self.directory = Path(directory)
         self.min_block_records = min_block_records
+        self.feature_clip = float(feature_clip)
         self.input_shape: tuple[int, ...] | None = None
         self.num_classes: int | None = None
         #: Refused file name -> why (each logged once); ``refusals`` counts every refusal.
@@ -194,9 +215,9 @@ class BlockSource:
         for name, _st in sorted(self._visible().items()):
             if name.endswith(DATA_SUFFIX):
                 try:
-                    x, _y = parse_block_file(str(self.directory / name),
-                                             (self.directory / name).read_bytes(), None,
-                                             num_classes)
+                    x, _y, _clipped = parse_block_file(
+                        str(self.directory / name), (self.directory / name).read_bytes(), None,
+                        num_classes, self.feature_clip)
                 except (OSError, DataError):
                     continue
                 return template_dataset(tuple(x.shape[1:]), num_classes, self.directory.name)
@@ -305,9 +326,13 @@ class BlockSource:
         path = self.directory / name
         try:
             data = path.read_bytes()
-            x, _y = parse_block_file(str(path), data, self.input_shape, self.num_classes)
+            x, _y, clipped = parse_block_file(str(path), data, self.input_shape,
+                                              self.num_classes, self.feature_clip)
         except (OSError, DataError) as exc:
             return _Examined(key, error=str(exc))
+        if clipped:  # local log only, once per examined file
+            log.warning("%s: %d feature value(s) clipped to +-%g; write features scaled near "
+                        "+-1", path, clipped, self.feature_clip)
         return _Examined(key, len(data), len(x), hashlib.sha256(data).hexdigest())
 
     def _refuse(self, name: str, reason: str) -> None:
@@ -320,8 +345,12 @@ class BlockSource:
     def load(self, block_id: int, files: tuple[BlockFile, ...], records: int) -> Dataset:
         """The block's records, read from bytes whose SHA-256 matches the recorded identity.
 
-        Raises BlockChangedError if any file vanished, changed, or no longer parses.
+        Raises BlockChangedError if any file vanished, changed, or no longer parses, and
+        SourceNotBoundError before :meth:`bind`.
         """
+        if self.input_shape is None or self.num_classes is None:
+            raise SourceNotBoundError(f"{self.directory}: block {block_id} loaded before the "
+                                      "source was bound to the model's input shape and classes")
         x: np.ndarray | None = None
         y = np.empty(records, np.int64)
         offset = 0
@@ -335,7 +364,8 @@ class BlockSource:
                     hashlib.sha256(data).hexdigest() != block_file.sha256):
                 raise BlockChangedError(f"{path}: changed since block {block_id} was formed")
             try:
-                fx, fy = parse_block_file(str(path), data, self.input_shape, self.num_classes)
+                fx, fy, _clipped = parse_block_file(str(path), data, self.input_shape,
+                                                    self.num_classes, self.feature_clip)
             except DataError as exc:
                 raise BlockChangedError(str(exc)) from exc
             if offset + len(fy) > records:
@@ -348,13 +378,14 @@ class BlockSource:
             offset += len(fy)
         if x is None or offset != records:
             raise BlockChangedError(f"block {block_id}: {offset} records, {records} recorded")
-        return Dataset(x=x, y=y, num_classes=self.num_classes or int(y.max()) + 1,
+        return Dataset(x=x, y=y, num_classes=self.num_classes,
                        name=f"{self.directory.name}/block-{block_id}")
 
 
-def open_block_source(directory: Path, min_block_records: int) -> BlockSource:
+def open_block_source(directory: Path, min_block_records: int,
+                      feature_clip: float = DEFAULT_FEATURE_CLIP) -> BlockSource:
     """A :class:`BlockSource` over an existing directory (DataError if it is not one)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: block directory not found (or not a directory)")
-    return BlockSource(directory, min_block_records)
+    return BlockSource(directory, min_block_records, feature_clip)

@@ -209,7 +209,7 @@ def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = Tr
 def _read_csv(path: Path, label_column: str | int
               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(raw features, raw labels, the leading ``#`` comment lines) of a CSV with an optional
-    header row."""
+    header row (the first row, when none of its cells is a number)."""
     try:
         with path.open(newline="") as handle:
             comments: list[str] = []
@@ -225,9 +225,7 @@ def _read_csv(path: Path, label_column: str | int
     if not rows:
         raise DataError(f"{path}: empty CSV")
     header: list[str] | None = None
-    try:
-        float(rows[0][0])
-    except ValueError:
+    if _is_header(rows[0]):
         header, rows = rows[0], rows[1:]
     if not rows:
         raise DataError(f"{path}: CSV has a header but no records")
@@ -248,6 +246,24 @@ def _read_csv(path: Path, label_column: str | int
     except ValueError as exc:
         raise DataError(f"{path}: non-numeric feature value ({exc})") from exc
     return features, labels, comments
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_header(row: list[str]) -> bool:
+    """Whether a CSV's first row is a header: none of its cells is a number.
+
+    A record's features are numbers, so a record is never taken for a header, whatever its
+    label: the record count N, and so the sampling rate, does not depend on what the first
+    record holds (docs/privacy.md, "What the ledger's epsilon covers").
+    """
+    return not any(_is_number(cell) for cell in row)
 
 
 def _label_index(path: Path, label_column: str | int, header: list[str] | None,
@@ -331,7 +347,8 @@ def load_table(path: Path, label_column: str | int = "label",
                table: TableConfig | None = None) -> Dataset:
     """A user's own CSV (features + one label column) or .npz (arrays ``x`` and ``y``).
 
-    CSV: leading ``# murmur: KEY = VALUE`` metadata lines, an optional header row;
+    CSV: leading ``# murmur: KEY = VALUE`` metadata lines, an optional header row (the first
+    row is one exactly when none of its cells is a number);
     ``label_column`` is a header name or a column number (negative counts from the end).
     .npz: arrays ``x``, ``y`` and the metadata arrays (``num_classes`` alone: classes
     0..K-1, features as stored; what ``murmur-peer provision --demo`` writes).

@@ -24,7 +24,10 @@ Two engines compute ``sum_i clip_C(grad_i)``:
   fallback and as the reference the fast engine is tested against.
 
 Security property: the clipped sum has L2 sensitivity C with respect to adding or removing
-one record, and the noise comes from
+one record. An example whose gradient norm is not finite (an overflow: inf or NaN) cannot be
+scaled to norm C, so it gets clip factor 0 and contributes nothing; that choice depends on
+the example's own gradient only, so every example still contributes a vector of norm <= C,
+and one NaN can never spread into the step. The noise comes from
 :class:`peer.training.privacy.noise.SecureGaussian` (os.urandom)
 unless the caller explicitly passes the insecure experiment source.
 """
@@ -55,7 +58,7 @@ class ClippedGradient:
     """Sum of clipped per-example gradients as one flat vector, plus diagnostics."""
 
     flat_sum: torch.Tensor  # [param_count] float32, in model.parameters() order
-    per_example_norms: torch.Tensor  # [batch] norms *before* clipping
+    per_example_norms: torch.Tensor  # [batch] norms *before* clipping (inf/NaN: dropped)
     batch_size: int
 
 
@@ -64,8 +67,22 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-example scale ``min(1, C / (norm + eps))``: a clipped norm is always <= C."""
-    return (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
+    """Per-example scale ``min(1, C / (norm + eps))``, and 0 where the norm is inf or NaN.
+
+    A clipped norm is always <= C: a gradient whose norm overflowed cannot be scaled to C
+    (C / NaN is NaN), so it is dropped instead. Each factor depends on that example's norm
+    alone, which keeps the clipped sum's sensitivity to one record at C (docs/privacy.md,
+    "Why clip, and what keeps a gradient finite").
+    """
+    factors = (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
+    return factors.masked_fill_(~torch.isfinite(norms), 0.0)
+
+
+def _zero_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` with every example row (dim 0) not in ``keep`` set to 0: a dropped
+    example's inf or NaN would otherwise survive its zero factor (0 * inf = NaN)."""
+    mask = keep.view(-1, *([1] * (values.dim() - 1)))
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype))
 
 
 def _row_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
@@ -188,9 +205,12 @@ class GhostClipEngine:
             has_bias = layer.bias is not None and layer.bias.requires_grad
             if isinstance(layer, nn.Linear):
                 if a.dim() == 2:
-                    sq_norms.add_(a.pow(2).sum(1) * b.pow(2).sum(1))
+                    b_sq = b.pow(2).sum(1)
+                    # b_i = 0 means a zero gradient whatever a_i is: keep inf * 0 from
+                    # turning an exact 0 into NaN (a huge input behind a saturated unit).
+                    sq_norms.add_(a.pow(2).sum(1).mul_(b_sq).masked_fill_(b_sq == 0, 0.0))
                     if has_bias:
-                        sq_norms.add_(b.pow(2).sum(1))
+                        sq_norms.add_(b_sq)
                     saved.append(("linear", a, b))
                 else:
                     # Sequence-shaped input: materialise the per-example weight gradient.
@@ -213,6 +233,11 @@ class GhostClipEngine:
                 saved.append(("dense", per_w.reshape(batch, -1), bias_sum))
         norms = sq_norms.sqrt_()
         factors = clip_factors(norms, max_grad_norm)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):  # rare: drop the overflowed examples' rows entirely
+            saved = [(kind, _zero_rows(first, finite),
+                      None if second is None else _zero_rows(second, finite))
+                     for kind, first, second in saved]
 
         # Pass 2: weighted sums straight into the flat output vector.
         offset = 0
@@ -265,6 +290,9 @@ class VmapEngine:
         per_example = self.per_example_flat(x, y)
         norms = per_example.norm(dim=1)
         factors = clip_factors(norms, max_grad_norm)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            per_example = _zero_rows(per_example, finite)
         return ClippedGradient(per_example.t().mv(factors), norms, x.shape[0])
 
 

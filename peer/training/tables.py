@@ -7,8 +7,10 @@ covers the pipeline that ran (docs/privacy.md, "Preprocessing: public constants 
 
 The constants are the class list ``classes`` (label -> its position; the model's output
 size), per-feature ``feature_mean`` and ``feature_scale`` (or ``standardise = false``: mean 0,
-scale 1) and ``feature_clip`` (each standardised value is clipped to [-clip, clip], so no
-record can make an input, and so a gradient, infinite or NaN). They come from the peer
+scale 1) and ``feature_clip`` (each standardised value is clipped to [-clip, clip], at most
+:data:`MAX_FEATURE_CLIP`, so no record's input can overflow a float32 norm; the DP step
+also gives a gradient whose norm is not finite no weight, peer/training/dpsgd.py). They come
+from the peer
 config's ``[table]`` section, or from the file's metadata: ``# murmur: KEY = VALUE`` lines at
 the top of a CSV, arrays of those names in an ``.npz``. A config key wins over the file's.
 They are never estimated from the records: :func:`resolve` raises
@@ -32,6 +34,11 @@ from peer.errors import PeerError
 log = logging.getLogger(__name__)
 
 DEFAULT_FEATURE_CLIP = 10.0
+#: The largest clip bound B allowed. With |x| <= B a record's squared input norm is at most
+#: F * B^2 = F * 1e8, 1e14 for a million features: 24 orders of magnitude below float32's
+#: largest value (3.4e38), so no input alone can overflow the per-example norms that the
+#: DP step computes from sums of squares (docs/privacy.md, "Why clip").
+MAX_FEATURE_CLIP = 1e4
 MAX_CLASSES = 100_000
 #: A CSV metadata line: "# murmur: classes = walk, run, sit".
 CSV_META_PREFIX = "# murmur:"
@@ -112,8 +119,10 @@ class TableConfig:
         if self.feature_scale is not None and min(self.feature_scale) < _FLOAT32_TINY:
             raise ValueError(f"feature_scale: every scale must be > 0, got "
                              f"{min(self.feature_scale)}")
-        if self.feature_clip is not None and not 0 < self.feature_clip <= 1e30:
-            raise ValueError(f"feature_clip: must be in (0, 1e30], got {self.feature_clip}")
+        if self.feature_clip is not None and not 0 < self.feature_clip <= MAX_FEATURE_CLIP:
+            raise ValueError(f"feature_clip: must be in (0, {MAX_FEATURE_CLIP:g}], got "
+                             f"{self.feature_clip} (for features in a wider range, give a "
+                             "feature_scale that brings them near +-1)")
         if self.standardise is False and (self.feature_mean or self.feature_scale):
             raise ValueError("give standardise = false or feature_mean and feature_scale, "
                              "not both")
@@ -190,14 +199,23 @@ class TablePreprocessing:
                 with np.errstate(over="ignore"):  # overflow gives +-inf, clipped just below
                     rows -= mean
                     rows /= scale
-            clipped += int(np.count_nonzero(np.abs(rows) > self.feature_clip))
-            np.clip(rows, -self.feature_clip, self.feature_clip, out=rows)
+            clipped += clip_in_place(rows, self.feature_clip)
         if clipped:
             # Local log only: nothing of it leaves the peer.
             log.warning("%s: %d feature value(s) clipped to +-%g; if the features are not "
                         "standardised, set feature_clip to cover their range", where, clipped,
                         self.feature_clip)
         return flat.reshape(x.shape)
+
+
+def clip_in_place(values: np.ndarray, bound: float) -> int:
+    """Clip ``values`` (float32, no NaN) to [-bound, bound] in place; returns how many
+    changed. A function of each value and the public bound only."""
+    if not 0 < bound <= MAX_FEATURE_CLIP:
+        raise ValueError(f"clip bound must be in (0, {MAX_FEATURE_CLIP:g}], got {bound}")
+    changed = int(np.count_nonzero(np.abs(values) > bound))
+    np.clip(values, -bound, bound, out=values)
+    return changed
 
 
 def _shown(classes: tuple[str, ...], limit: int = 12) -> str:

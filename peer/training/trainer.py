@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,9 @@ class LocalTrainer:
         """``train``: the static records (block 0). With a ``source`` it may be record-less
         (``blocks.template_dataset``): it then only gives the input shape and class count.
         ``noise``: the DP steps' N(0, 1) source; None (every peer) uses the configured one.
-        Tests and audits only: another source voids the ledger's epsilon (a zero source makes
-        a noise-free twin whose update differs from a normal trainer's by exactly the noise)."""
+        Tests and audits only: another source voids the ledger's epsilon, so :attr:`epsilon`
+        reports inf (a zero source makes a noise-free twin; at q = 1 its update differs from a
+        normal trainer's by exactly the noise)."""
         config.validate()
         if len(train) == 0 and source is None:
             raise ValueError("training set is empty")
@@ -147,6 +149,8 @@ class LocalTrainer:
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
         self._dp_step = self._make_dp_step(noise) if config.dp else None
+        #: A caller's noise source: the ledger's epsilon no longer describes the steps.
+        self._noise_replaced = noise is not None and type(noise) is not SecureGaussian
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -169,11 +173,13 @@ class LocalTrainer:
 
     def _make_dp_step(self, noise: GaussianSource | None) -> DPSGDStep:
         cfg = self.config
+        if cfg.insecure_fast_noise:  # seeds the sampling whatever the noise source
+            log.warning("insecure_fast_noise is on: seeded %s, NO privacy",
+                        "batch sampling" if noise is not None else "noise and sampling")
         if noise is not None:
             if not noise.secure:
                 log.warning("noise source %s is not secure: NO privacy", type(noise).__name__)
         elif cfg.insecure_fast_noise:
-            log.warning("insecure_fast_noise is on: seeded noise and sampling, NO privacy")
             noise = InsecureFastGaussian(cfg.seed + 1)
         else:
             noise = SecureGaussian()
@@ -212,8 +218,12 @@ class LocalTrainer:
 
     @property
     def epsilon(self) -> float | None:
-        """The worst record's epsilon: the largest of any block's (None when dp is off)."""
-        return self._blocks.ledgers.epsilon if self.config.dp else None
+        """The worst record's epsilon: the largest of any block's (None when dp is off; inf
+        when a ``noise`` source passed to the constructor voids the ledger's figure)."""
+        return self._shown_epsilon() if self.config.dp else None
+
+    def _shown_epsilon(self) -> float:
+        return math.inf if self._noise_replaced else self._blocks.ledgers.epsilon
 
     @property
     def budget_epsilon(self) -> float | None:
@@ -344,7 +354,7 @@ class LocalTrainer:
                 indices=indices,
                 values=values,
                 steps=cfg.local_steps,
-                epsilon=self._blocks.ledgers.epsilon,
+                epsilon=self._shown_epsilon(),
                 round=self._round,
                 block=block.entry.block_id,
             )
@@ -378,7 +388,7 @@ class LocalTrainer:
                 indices=indices,
                 values=values,
                 steps=0,
-                epsilon=self._blocks.ledgers.epsilon,
+                epsilon=self._shown_epsilon(),
                 round=self._round,
             )
 

@@ -9,6 +9,11 @@ generator is ChaCha20 too), and is measured about 2x faster here than reading th
 from os.urandom. Nothing about the noise is predictable from a seed, the process state or
 earlier samples, so a recipient of the noised update cannot subtract the noise.
 
+The samples are floating-point values close to, not exactly, Gaussian: the radius uniform is
+on a 2^-53k grid, the angle on a float32 grid, and the results are rounded to float32 (a
+relative error of about 2^-22 per value). The privacy guarantee is for the idealised
+real-valued mechanism; docs/privacy.md ("Floating-point caveat") says what that leaves out.
+
 The radius has no cut-off that matters: :func:`open_unit_uniforms` refines a uniform whose
 top 53 bits are all zero with fresh words instead of stopping at 2^-53 (which would cap every
 coordinate at about 8.57 sigma). It can return uniforms down to 2^-1007, so the radius
@@ -103,9 +108,12 @@ def box_muller(uniforms: torch.Tensor, angle_words: torch.Tensor) -> torch.Tenso
     """Standard normal pairs from radius uniforms in (0, 1] and 32-bit angle words.
 
     Returns ``2 * len(uniforms)`` float32 values: all ``r cos(theta)``, then all
-    ``r sin(theta)``, with ``r = sqrt(-2 ln u)`` in float64 and ``theta`` the signed word
-    times ``2 pi / 2^32``, uniform on [-pi, pi). The angle only sets the direction, so
-    float32 trigonometry (2x faster than float64) loses nothing visible in a float32 result.
+    ``r sin(theta)``, with ``r = sqrt(-2 ln u)`` in float64, rounded to float32, and ``theta``
+    the signed word converted to float32 (24 significant bits) times ``2 pi / 2^32``: on a grid
+    of about 2 pi 2^-25 near +-pi, both ends reachable. The trigonometry is float32 (2x faster
+    than float64). Each value is within about 2^-22 relative of the exact ``r cos(theta)``;
+    the angle scales a coordinate as much as the radius does, so this is part of the
+    floating-point caveat (docs/privacy.md), not of delta.
     """
     if uniforms.dtype != torch.float64 or angle_words.dtype != torch.int32:
         raise ValueError("box_muller needs float64 uniforms and int32 angle words")
@@ -152,19 +160,31 @@ class InsecureFastGaussian:
         return torch.randn(n, generator=self._generator, dtype=torch.float32)
 
 
-def secure_bernoulli_mask(n: int, probability: float) -> torch.Tensor:
-    """``n`` independent Bernoulli(probability) draws from a freshly keyed ChaCha20 stream.
+def bernoulli_threshold(probability: float) -> int:
+    """``floor(probability * 2^32)``: a draw of 32 uniform bits below it has probability
+    ``threshold / 2^32``, at most ``probability`` and less than 2^-32 below it.
 
-    Used for Poisson sampling of DP-SGD batches: privacy amplification by subsampling needs
-    the batch membership to be secret, so it must not come from a guessable seed.
-    Resolution 2^-32 in ``probability``.
+    Rounded down because epsilon only grows with the sample rate: the rate that runs must
+    never exceed the rate the ledger accounts for (rounding to nearest could by 2^-33).
+    ``probability * 2^32`` is exact in float64 (a power-of-two scaling), so the floor is too.
     """
     if not 0 <= probability <= 1:
         raise ValueError(f"probability must be in [0, 1], got {probability}")
+    return math.floor(probability * 2**32)
+
+
+def secure_bernoulli_mask(n: int, probability: float) -> torch.Tensor:
+    """``n`` independent Bernoulli draws from a freshly keyed ChaCha20 stream, each True with
+    probability ``bernoulli_threshold(probability) / 2^32`` (<= ``probability``).
+
+    Used for Poisson sampling of DP-SGD batches: privacy amplification by subsampling needs
+    the batch membership to be secret, so it must not come from a guessable seed.
+    """
+    threshold = bernoulli_threshold(probability)
     if n <= 0:
         return torch.zeros(max(n, 0), dtype=torch.bool)
     stream = randombytes_buf_deterministic(8 * n, os.urandom(32))
     # 64-bit words: int64 view is signed, so compare the top 32 bits as a non-negative int.
     words = torch.frombuffer(bytearray(stream), dtype=torch.int64)
     top = torch.bitwise_right_shift(words, 32).bitwise_and_(0xFFFFFFFF)
-    return top < round(probability * 2**32)
+    return top < threshold
