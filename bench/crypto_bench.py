@@ -11,7 +11,7 @@ open_add     receive g - 1 sealed shares (one per other member), open each, pars
 reconstruct  from t partial sums (field vectors), Lagrange-rebuild the group sum at 0 and
              fixed-point decode it to float64.
 
-The masked session (crypto/masking.py, peer/network/masked_session.py) at the same g,
+The masked session (crypto/masking.py, peer/network/session/masked.py) at the same g,
 with the 4n-byte vector taken as the member's vector over the session's union coordinates:
 
 mask+seal    fixed-point encode the vector plus the count slot (as float64, as the session
@@ -75,7 +75,7 @@ from crypto.field import (
 from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed, seal
 from crypto.shamir import Share, reconstruct, split
-from peer.network import masked_messages as mm
+from peer.network.session import masked_messages as mm
 
 GROUP_SIZES = (3, 5, 8)
 

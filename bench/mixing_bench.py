@@ -2,7 +2,7 @@
 
 A peer with a bounded view (docs/design/partial-view.md) invites only peers in the buckets it
 follows. This bench measures what that does to mixing with the node's own planning code
-(protocol.buckets.bucket_of, peer.network.partial_view.plan_follow / plan_rotation), in a
+(protocol.buckets.bucket_of, peer.network.view.partial.plan_follow / plan_rotation), in a
 model of the network's group draws rather than real peers, so that N can reach thousands:
 
 * N peers with the ids a real network would give them; each follows buckets by plan_follow
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from peer.network.partial_view import (  # noqa: E402
+from peer.network.view.partial import (  # noqa: E402
     ALL_BUCKETS,
     Following,
     plan_follow,

@@ -70,8 +70,8 @@ if str(ROOT) not in sys.path:
 from crypto.admission import AdmissionKey, Certificate  # noqa: E402
 from crypto.identity import Identity  # noqa: E402
 from peer.network.node import NodeConfig, Peer  # noqa: E402
-from peer.network.partial_view import ViewConfig  # noqa: E402
 from peer.network.transport import BrokerSettings, Incoming  # noqa: E402
+from peer.network.view.partial import ViewConfig  # noqa: E402
 from protocol.errors import ProtocolError  # noqa: E402
 from protocol.topics import parse_topic  # noqa: E402
 from sim.broker import MosquittoBroker  # noqa: E402

@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from peer.network.node import NodeConfig, Peer, PeerEvent
-from peer.network.session import SessionTimeouts
-from peer.network.session_driver import SESSION_DRIVERS
+from peer.network.session.kinds import SESSION_DRIVERS
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim.broker import MosquittoBroker
 

@@ -27,9 +27,9 @@ from peer.files import FileReadError, read_small_file
 from peer.network.broker_settings import BrokerSettings
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
-from peer.network.session import SessionTimeouts
-from peer.network.session_common import check_colluders
-from peer.network.session_driver import SESSION_DRIVERS
+from peer.network.session.common import check_colluders
+from peer.network.session.kinds import SESSION_DRIVERS
+from peer.network.session.shamir import SessionTimeouts
 from peer.training.config import TrainerConfig
 from peer.training.tables import TableConfig
 from protocol.chunks import check_max_message_bytes
@@ -53,11 +53,11 @@ class ConfigError(PeerError):
 
 @dataclass(frozen=True)
 class SessionConfig:
-    """Aggregation sessions (peer/network/session.py): group size g, threshold t, timeouts.
+    """Aggregation sessions (peer/network/session/shamir.py): group size g, threshold t, timeouts.
 
     ``cooldown_s`` is the pause after a session (done or aborted) before this peer initiates
     another, so that a peer does not flood the network with invitations. ``kind`` is the
-    session a peer runs: "shamir" (default) or "masked" (peer/network/masked_session.py);
+    session a peer runs: "shamir" (default) or "masked" (peer/network/session/masked.py);
     peers of different kinds never group. ``max_message_bytes`` is the largest payload the peer
     publishes; a larger session message goes out as signed chunks (protocol/chunks.py).
     """
@@ -71,7 +71,7 @@ class SessionConfig:
     partial_timeout_s: float = SessionTimeouts.partial_s
     cooldown_s: float = NodeConfig.cooldown_s
     frac_bits: int = FixedPoint.frac_bits
-    kind: str = NodeConfig.session_kind  # "shamir" or "masked" (peer/network/session_driver.py)
+    kind: str = NodeConfig.session_kind  # "shamir" or "masked" (peer/network/session/kinds.py)
     max_message_bytes: int = NodeConfig.max_message_bytes  # 16 KiB..8 MiB; larger: chunked
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ from peer.config import ConfigError, PeerConfig, SessionConfig
 from peer.files import FileTooLargeError, read_bounded
 from peer.network.node import EventCallback, NodeConfig, Peer
 from peer.network.pacing import PacingConfig, private_round_interval
-from peer.network.session import SessionTimeouts
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 
 if TYPE_CHECKING:

@@ -130,7 +130,7 @@ SESSION_ENVELOPE_BYTES: Final = 4096
 
 #: Senders beyond its own group's g - 1 other members that a peer's buffers for others are
 #: sized to absorb at once: with this many admitted peers flooding, each honest member still
-#: gets its message through (protocol/chunks.py, peer/network/early.py).
+#: gets its message through (protocol/chunks.py, peer/network/session/early.py).
 FLOOD_SENDERS: Final = 2
 
 

@@ -58,7 +58,7 @@ from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from peer.daemon import build_peer
 from peer.network.node import NodeConfig, Peer, PeerEvent
-from peer.network.session import SessionTimeouts
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim.broker import LOOPBACK, free_loopback_port
 from sim.idle_peer import spawn_idle_peer, write_identity

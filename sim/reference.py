@@ -35,7 +35,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.errors import BudgetExhaustedError
 from peer.network.counters import PeerStatus, SessionCounters
-from peer.network.session_common import min_contributors
+from peer.network.session.common import min_contributors
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 from sim.metrics import EVENT_ROUND, EVENT_START, EVENT_STOP, MetricsWriter

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from peer import tomlcheck
 from peer.config import MAX_VIEW_SIZE, SessionConfig
-from peer.network.session_driver import DEFAULT_SESSION_KIND, SESSION_DRIVERS
+from peer.network.session.kinds import DEFAULT_SESSION_KIND, SESSION_DRIVERS
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, is_valid_id
 from sim.partition import PARTITION_SCHEMES

@@ -32,9 +32,9 @@ from peer import daemon
 from peer.config import SessionConfig
 from peer.files import atomic_write_bytes
 from peer.network.node import EventCallback, NodeConfig, Peer
-from peer.network.partial_view import ViewConfig
-from peer.network.session import SessionTimeouts
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
+from peer.network.view.partial import ViewConfig
 from sim import hostile
 from sim.faults import FaultStats, install_send_faults
 from sim.partition import partition

@@ -46,7 +46,7 @@ async def _run(args: argparse.Namespace) -> None:
     from crypto.admission import Certificate
     from crypto.identity import Identity
     from peer.network.node import NodeConfig, Peer
-    from peer.network.session import SessionTimeouts
+    from peer.network.session.shamir import SessionTimeouts
     from peer.network.transport import BrokerSettings
     from protocol import messages as m
     from protocol.codec import decode_message

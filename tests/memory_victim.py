@@ -22,7 +22,7 @@ import numpy as np
 from crypto.admission import Certificate
 from crypto.identity import Identity
 from peer.network.node import NodeConfig, Peer
-from peer.network.session import SessionTimeouts
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim.idle_peer import IdleTrainer
 

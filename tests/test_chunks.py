@@ -22,8 +22,8 @@ from crypto.replay import ReplayWindow
 from peer.config import ConfigError, SessionConfig, build_dataclass
 from peer.daemon import node_config
 from peer.network.inbound import InboundChecks
-from peer.network.membership import DropError, MembershipView
 from peer.network.transport import Incoming
+from peer.network.view.membership import DropError, MembershipView
 from protocol.chunks import (
     DROP_REASONS,
     ChunkError,

@@ -2,8 +2,8 @@
 
 * ``protocol.limits.session_message_bound``: the largest honest session message of a model,
   pinned against the real encoder with the longest ids and every coordinate;
-* ``peer.network.early``: messages that overtake START (both session kinds) are held within a
-  byte budget per sender and in total; what honest members send for a whole model fits it;
+* ``peer.network.session.early``: messages that overtake START (both session kinds) are held
+  within a byte budget per sender and in total; what honest members send for a whole model fits it;
 * ``protocol.chunks``: reassembly shares its budget fairly, so two flooding senders never
   crowd out the members of the peer's session.
 
@@ -23,17 +23,17 @@ from hypothesis import strategies as st
 
 from crypto.identity import Identity
 from peer.errors import DroppedError
-from peer.network import masked_messages as mm
-from peer.network.early import (
+from peer.network.session import masked_messages as mm
+from peer.network.session.early import (
     EARLY_OVER_BUDGET,
     SMALL_MESSAGES_BYTES,
     EarlyBudget,
     EarlyBuffer,
     held_size,
 )
-from peer.network.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
-from peer.network.masked_session import MaskedPhase
-from peer.network.session import Contribution, Phase
+from peer.network.session.masked import MaskedPhase
+from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
+from peer.network.session.shamir import Contribution, Phase
 from protocol import messages as m
 from protocol.chunks import ChunkError, ChunkReassembler, ReassemblyLimits, split_wire
 from protocol.codec import decode_message, encode_message

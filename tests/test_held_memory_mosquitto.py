@@ -14,7 +14,7 @@ victim's MQTT client hold no backlog:
   messages, for made-up session ids, never completed.
 
 The victim's RSS, read from /proc/<pid>/status every 5 ms, must rise by at most its budget
-for early messages and chunks (peer/network/early.py, protocol/chunks.py: about 16 MiB here)
+for early messages and chunks (peer/network/session/early.py, protocol/chunks.py: about 16 MiB here)
 plus what handling one message in flight takes (4 x 2 MiB + 8 MiB), and everything refused
 must be a counted drop. Measured on a 2-core machine: a rise of about 21 MiB; with the count
 caps this replaced (32 or 64 early messages of any size per session, 16 MiB of chunks) the
@@ -39,8 +39,8 @@ import pytest
 from crypto.admission import AdmissionKey
 from crypto.field import FixedPoint
 from crypto.identity import Identity
-from peer.network.early import EarlyBudget
-from peer.network.session_driver import MASKED_MODEL_SUFFIX
+from peer.network.session.early import EarlyBudget
+from peer.network.session.kinds import MASKED_MODEL_SUFFIX
 from peer.network.transport import BrokerSettings
 from protocol import messages as m
 from protocol.chunks import ReassemblyLimits

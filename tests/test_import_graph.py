@@ -109,7 +109,7 @@ def test_the_graph_is_the_real_project() -> None:
     # Guards the checks below against an empty or mis-parsed graph.
     assert {"peer.network.node", "peer.training.trainer", "peer.daemon", "crypto.shamir",
             "protocol.codec", "sim.runner"} <= set(GRAPH)
-    assert "peer.network.session" in GRAPH["peer.network.node"].internal
+    assert "peer.network.session.shamir" in GRAPH["peer.network.node"].internal
     assert "torch" in GRAPH["peer.training.trainer"].external
 
 

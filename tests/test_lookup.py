@@ -1,4 +1,4 @@
-"""Lookups of peers outside a partial view (peer/network/lookup.py): pure bookkeeping."""
+"""Lookups of peers outside a partial view (peer/network/view/lookup.py): pure bookkeeping."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 
 from peer.errors import DroppedError
 from peer.network.counters import DropCounter
-from peer.network.lookup import DEFAULT_HELD_BYTES, LookupTable
-from peer.network.membership import MembershipView
-from peer.network.partial_view import ViewConfig
 from peer.network.transport import Incoming
-from peer.network.view_loop import ViewKeeper
+from peer.network.view.lookup import DEFAULT_HELD_BYTES, LookupTable
+from peer.network.view.loop import ViewKeeper
+from peer.network.view.membership import MembershipView
+from peer.network.view.partial import ViewConfig
 from protocol.topics import direct_topic
 
 

@@ -1,6 +1,6 @@
 """Masked sessions in the node (``session_kind = "masked"``) over a real Mosquitto broker.
 
-Issue 13, step 4: peers run peer/network/masked_session.py through the node: session topics
+Issue 13, step 4: peers run peer/network/session/masked.py through the node: session topics
 subscribed before the first message, every inbound message through the inbound checks,
 merging and events as with the Shamir session. Scenarios: five training peers complete
 sessions and agree on the plain sum; a sniffer on ``#`` sees no member's vector and exactly
@@ -28,9 +28,9 @@ import pytest
 from nacl.encoding import RawEncoder
 
 from crypto.field import FixedPoint
-from peer.network import masked_messages as mm
 from peer.network.node import NodeConfig
-from peer.network.session_driver import MASKED_MODEL_SUFFIX
+from peer.network.session import masked_messages as mm
+from peer.network.session.kinds import MASKED_MODEL_SUFFIX
 from protocol import messages as m
 from protocol.codec import decode_message
 from protocol.topics import parse_topic
@@ -361,7 +361,7 @@ async def test_shamir_and_masked_peers_never_group(mosquitto) -> None:
 def test_session_kind_setting_reaches_the_node_config() -> None:
     from peer.config import SessionConfig
     from peer.daemon import node_config
-    from peer.network.session_driver import MaskedDriver, ShamirDriver, build_driver
+    from peer.network.session.kinds import MaskedDriver, ShamirDriver, build_driver
 
     assert SessionConfig().kind == NodeConfig().session_kind == "shamir"
     assert isinstance(build_driver(node_config(SessionConfig())), ShamirDriver)

@@ -1,4 +1,4 @@
-"""The masked session state machine (peer/network/masked_session.py), sans IO, in memory.
+"""The masked session state machine (peer/network/session/masked.py), sans IO, in memory.
 
 A tiny router hands each member's outgoing messages to their recipients (direct) or to every
 other member of the session (session topic); every seal, share and mask is the real crypto.
@@ -18,10 +18,10 @@ import pytest
 from crypto.field import FixedPoint, field_to_bytes
 from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed
-from peer.network import masked_messages as mm
-from peer.network.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
-from peer.network.masked_session import MaskedPhase, MaskedSession
-from peer.network.session import Contribution, SessionContext, SessionParams
+from peer.network.session import masked_messages as mm
+from peer.network.session.masked import MaskedPhase, MaskedSession
+from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
+from peer.network.session.shamir import Contribution, SessionContext, SessionParams
 from protocol import messages as m
 
 NET = "testnet"

@@ -1,4 +1,5 @@
-"""peer.network.membership: admission checks on real signed announcements, expiry and sampling."""
+"""peer.network.view.membership: admission checks on real signed announcements, expiry and
+sampling."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
-from peer.network.membership import DropError, MembershipView
+from peer.network.view.membership import DropError, MembershipView
 from protocol.codec import decode_message, encode_message
 from protocol.messages import PROTOCOL_VERSION, Announce, Header, Kind, Leave, SignedMessage
 

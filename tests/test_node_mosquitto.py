@@ -28,7 +28,7 @@ from crypto.field import FixedPoint
 from crypto.identity import Identity
 from peer.daemon import build_peer
 from peer.network.node import NodeConfig, Peer, PeerEvent
-from peer.network.session import SessionTimeouts
+from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from peer.sharing import DeltaSharing
 from protocol import messages as m

@@ -1,5 +1,5 @@
 """Announcement buckets (protocol/buckets.py) and the bucket-following plan
-(peer/network/partial_view.py): pure parts of the bounded membership view."""
+(peer/network/view/partial.py): pure parts of the bounded membership view."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from peer.network.partial_view import (
+from peer.network.view.partial import (
     ALL_BUCKETS,
     Following,
     ViewConfig,

@@ -19,10 +19,10 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
-from peer.network.lookup import DEFAULT_MAX_IN_FLIGHT
 from peer.network.node import NodeConfig, Peer
-from peer.network.partial_view import ViewConfig
 from peer.network.transport import BrokerSettings
+from peer.network.view.lookup import DEFAULT_MAX_IN_FLIGHT
+from peer.network.view.partial import ViewConfig
 from protocol import messages as m
 from protocol.codec import encode_message
 from protocol.topics import direct_topic

@@ -15,7 +15,7 @@ import nacl.secret
 import numpy as np
 
 from crypto.identity import Identity
-from peer.network import masked_messages as mm
+from peer.network.session import masked_messages as mm
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message
 from protocol.limits import SEAL_OVERHEAD_BYTES

@@ -4,7 +4,7 @@ protocol/ must stay pure, so its exact sealed sizes (protocol.limits) are writte
 than imported from crypto/ and peer/. These tests pin each one to the real sealing and payload
 code, and run real masked sessions whose every message is signed, encoded, decoded, parsed
 from its topic and bound to it before it reaches the receiving state machine: what
-peer/network/masked_session.py sends is exactly what the codec accepts.
+peer/network/session/masked.py sends is exactly what the codec accepts.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from crypto.field import FIELD_BYTES, FixedPoint
 from crypto.identity import Identity, verify_signature
 from crypto.masking import EphemeralKey
 from crypto.sealing import SEAL_OVERHEAD, SealContext, seal
-from peer.network import masked_messages as mm
-from peer.network.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
-from peer.network.masked_session import MaskedPhase, MaskedSession
-from peer.network.session import Contribution, SessionContext, SessionParams
+from peer.network.session import masked_messages as mm
+from peer.network.session.masked import MaskedPhase, MaskedSession
+from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
+from peer.network.session.shamir import Contribution, SessionContext, SessionParams
 from protocol import limits
 from protocol.codec import decode_message, encode_message
 from protocol.messages import BODY_TYPES, PROTOCOL_VERSION, Header, Kind, SequenceCounter

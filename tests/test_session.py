@@ -1,4 +1,4 @@
-"""The aggregation session state machine (peer/network/session.py), sans IO.
+"""The aggregation session state machine (peer/network/session/shamir.py), sans IO.
 
 Simulated members exchange the sessions' outgoing messages in memory, each one encoded,
 signed and decoded with the real codec and sealed with the real crypto. This is the protocol
@@ -19,7 +19,7 @@ import pytest
 from crypto.field import FixedPoint
 from crypto.identity import Identity
 from crypto.sealing import SealContext, seal
-from peer.network.session import (
+from peer.network.session.shamir import (
     Contribution,
     Outgoing,
     Phase,

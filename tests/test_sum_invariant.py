@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.network import masked_messages as mm
-from peer.network.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
-from peer.network.masked_session import MaskedPhase
-from peer.network.session import Outgoing, Phase, Session, SessionParams
-from peer.network.session_common import min_contributors
+from peer.network.session import masked_messages as mm
+from peer.network.session.common import min_contributors
+from peer.network.session.masked import MaskedPhase
+from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
+from peer.network.session.shamir import Outgoing, Phase, Session, SessionParams
 from protocol import messages as m
 from tests.test_masked_session import Router, assert_same_correct_sum
 from tests.test_session import Envelope, Harness, assert_done_and_consistent

@@ -146,7 +146,7 @@ class PeerStatus:
     send_failures: int = 0
     chunked_sent: int = 0  # messages sent as CHUNKs
     chunked_received: int = 0  # messages reassembled from CHUNKs (InboundChecks.reassembled)
-    lookups: int = 0  # peers outside a partial view looked up (peer/network/view_loop.py)
+    lookups: int = 0  # peers outside a partial view looked up (peer/network/view/loop.py)
     bytes_sent: int = 0
     bytes_received: int = 0
     messages_sent: int = 0

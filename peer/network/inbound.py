@@ -2,7 +2,7 @@
 
 topic -> size -> decode -> topic binding (the signed sender must own the topic) -> network ->
 certificate (announce, in the membership view) or known sender -> signature -> recipient ->
-replay window. The first check that fails raises :class:`peer.network.membership.DropError`
+replay window. The first check that fails raises :class:`peer.network.view.membership.DropError`
 naming it; the node counts it (``status().drops``). Nothing a broker or a stranger publishes
 gets past these checks into the session state machine, and none of them can crash the peer.
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.identity import verify_signature
 from crypto.replay import ReplayWindow
-from peer.network.membership import DropError, MembershipView
 from peer.network.transport import Incoming
+from peer.network.view.membership import DropError, MembershipView
 from protocol import messages as m
 from protocol.chunks import ChunkError, ChunkReassembler
 from protocol.codec import SignedMessage, decode_message

@@ -12,14 +12,14 @@
 * a ticker that advances the current session's timeouts;
 * periodic signed, retained announcements and checkpoints.
 
-Which announcements a peer follows is peer/network/view_loop.py's business: every one (the
+Which announcements a peer follows is peer/network/view/loop.py's business: every one (the
 default, ``NodeConfig.view.view_size`` 0) or a few buckets of them, with lookups of senders
 outside the view (docs/design/partial-view.md).
 
 Membership is asserted only by the peer itself: its signed, retained ANNOUNCE names a fresh
 connection id for every broker connection, its last will is a LEAVE it signed for that
 connection when it opened it, and on a clean stop it publishes a signed LEAVE for it. Nobody
-else can remove it from other peers' views (peer/network/membership.py).
+else can remove it from other peers' views (peer/network/view/membership.py).
 
 Every inbound message passes the checks of peer/network/inbound.py (topic, size, decoding,
 topic binding, network, certificate or known sender, signature, recipient, replay window)
@@ -30,8 +30,8 @@ session itself checks seals, sizes and contributor sets; a session message large
 (protocol/chunks.py, peer/network/inbound.py); the merge rule
 (peer/sharing/merge.py) checks finiteness and the norm bound before the model is touched.
 
-``NodeConfig.session_kind`` picks the session (peer/network/session_driver.py): "shamir"
-(peer/network/session.py, the default) or "masked" (peer/network/masked_session.py, whose
+``NodeConfig.session_kind`` picks the session (peer/network/session/kinds.py): "shamir"
+(peer/network/session/shamir.py, the default) or "masked" (peer/network/session/masked.py, whose
 members also subscribe to the session's topics for its duration, before its first message).
 
 A peer takes part in at most one session at a time; nobody waits for a global round.
@@ -65,12 +65,17 @@ from peer.network.counters import (
     state_word,
 )
 from peer.network.inbound import InboundChecks
-from peer.network.membership import MembershipView
 from peer.network.outbox import Outbox, Subscription
 from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
-from peer.network.session import Contribution, GroupResult, Role, SessionContext, SessionParams
-from peer.network.session_driver import AnySession, DriverStep, WireOut, build_driver
+from peer.network.session.kinds import AnySession, DriverStep, WireOut, build_driver
+from peer.network.session.shamir import (
+    Contribution,
+    GroupResult,
+    Role,
+    SessionContext,
+    SessionParams,
+)
 from peer.network.settings import (
     EventCallback,
     NodeConfig,
@@ -86,7 +91,8 @@ from peer.network.transport import (
     Transport,
     WillMessage,
 )
-from peer.network.view_loop import ViewKeeper, restored_announce_filters
+from peer.network.view.loop import ViewKeeper, restored_announce_filters
+from peer.network.view.membership import MembershipView
 from peer.sharing import SharingStrategy
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from peer.waiting import wait_event
@@ -150,7 +156,7 @@ class Peer:
         self.on_event = on_event
         cfg = self.config
         check_max_message_bytes(cfg.max_message_bytes)
-        # The session kind (peer/network/session_driver.py) is part of the model id peers
+        # The session kind (peer/network/session/kinds.py) is part of the model id peers
         # group by, so peers of different kinds never meet in a session.
         self.driver = build_driver(cfg)
         self.params = SessionParams(
@@ -423,7 +429,7 @@ class Peer:
 
     def _handle(self, incoming: Incoming, now: float) -> None:
         """The body of _on_message; also what a message held for a lookup goes through again
-        once its sender is known (peer/network/view_loop.py)."""
+        once its sender is known (peer/network/view/loop.py)."""
         try:
             admitted = self.inbound.admit(incoming, now)
         except DroppedError as exc:

@@ -13,10 +13,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from crypto.field import FixedPoint
-from peer.network.masked_messages import MaskedTimeouts
 from peer.network.pacing import PacingConfig
-from peer.network.partial_view import ViewConfig
-from peer.network.session_common import Contribution, GroupResult, SecretTap, SessionTimeouts
+from peer.network.session.common import Contribution, GroupResult, SecretTap, SessionTimeouts
+from peer.network.session.masked_messages import MaskedTimeouts
+from peer.network.view.partial import ViewConfig
 from peer.sharing.merge import GOSSIP_AVERAGING, MergeConfig
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -77,9 +77,9 @@ class NodeConfig:
     evaluate_every: int = 1  # evaluate on the hold-out every N rounds (0: never)
     train: bool = True  # False: serve sessions with externally supplied updates (benchmarks)
     auto_start: bool = True  # False: only try_start_session() starts sessions (benchmarks)
-    # Which session a peer runs (peer/network/session_driver.py): "shamir" (Shamir shares,
-    # peer/network/session.py) or "masked" (one masked vector per member,
-    # peer/network/masked_session.py). Peers of different kinds never group: the kind is part
+    # Which session a peer runs (peer/network/session/kinds.py): "shamir" (Shamir shares,
+    # peer/network/session/shamir.py) or "masked" (one masked vector per member,
+    # peer/network/session/masked.py). Peers of different kinds never group: the kind is part
     # of the model id a peer announces and samples by.
     session_kind: str = "shamir"
     # The masked session's per-phase timeouts; None: derived from ``timeouts``
@@ -91,7 +91,7 @@ class NodeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # The membership view (docs/design/partial-view.md): view_size 0 follows every
     # peer's announcement (the full view); > 0 follows a few announcement buckets, aiming at
-    # about view_size peers, and looks up senders outside them (peer/network/view_loop.py).
+    # about view_size peers, and looks up senders outside them (peer/network/view/loop.py).
     view: ViewConfig = field(default_factory=lambda: ViewConfig(view_size=0))
     # Audit read-out of every session secret this peer draws (session_common.SecretTap): for
     # confidentiality tests and reviews only; None in every peer the daemon builds.

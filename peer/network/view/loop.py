@@ -12,7 +12,7 @@ here runs. With ``view_size`` > 0 (docs/design/partial-view.md):
   buckets forgotten, except the participants of the session in flight; a peer admitted by a
   lookup is forgotten likewise once no session needs it and ``lookup_s`` has passed;
 * a message from a sender outside the view, or a START naming members outside it, is held
-  (peer/network/lookup.py) while the missing peers' exact announce topics are subscribed;
+  (peer/network/view/lookup.py) while the missing peers' exact announce topics are subscribed;
   their retained announcements pass the ordinary admission, and the held messages are then
   handled again from the first check (or, for an admitted START, dispatched).
 
@@ -35,10 +35,11 @@ from collections.abc import Callable, Collection
 
 from peer.errors import DroppedError
 from peer.network.counters import DropCounter
-from peer.network.early import ITEM_OVERHEAD_BYTES, held_size
-from peer.network.lookup import DEFAULT_HELD_BYTES, LookupStep, LookupTable
-from peer.network.membership import MembershipView
-from peer.network.partial_view import (
+from peer.network.session.early import ITEM_OVERHEAD_BYTES, held_size
+from peer.network.transport import Incoming, Transport
+from peer.network.view.lookup import DEFAULT_HELD_BYTES, LookupStep, LookupTable
+from peer.network.view.membership import MembershipView
+from peer.network.view.partial import (
     ALL_BUCKETS,
     Following,
     ViewConfig,
@@ -46,7 +47,6 @@ from peer.network.partial_view import (
     plan_rotation,
     plan_trim,
 )
-from peer.network.transport import Incoming, Transport
 from peer.waiting import wait_event
 from protocol import messages as m
 from protocol.buckets import bucket_of
@@ -65,7 +65,8 @@ LOOKUP_OVER_BUDGET = "lookup_over_budget"
 
 def held_item_size(item: HeldItem) -> int:
     """A conservative estimate of the memory a held item keeps: a raw message's payload and
-    topic, or a decoded body's bytes (peer.network.early.held_size), plus the object overhead."""
+    topic, or a decoded body's bytes (peer.network.session.early.held_size), plus the object
+    overhead."""
     if isinstance(item, Incoming):
         return len(item.payload) + len(item.topic) + ITEM_OVERHEAD_BYTES
     return held_size(item[1])

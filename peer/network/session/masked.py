@@ -1,7 +1,7 @@
 """One masked aggregation session as a sans-IO state machine (``[session] kind = "masked"``).
 
 The design is docs/design/masked-sessions.md (rules 1-7); the arithmetic is crypto/masking.py;
-the messages are peer/network/masked_messages.py. Like peer/network/session.py, a
+the messages are peer/network/session/masked_messages.py. Like peer/network/session/shamir.py, a
 :class:`MaskedSession` never touches the network or the clock: the node feeds it authenticated
 messages (``handle``) and the time (``on_timeout``) and sends what each call returns.
 
@@ -47,13 +47,8 @@ from crypto import masking
 from crypto.errors import CryptoError, SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
-from peer.network import masked_messages as mm
-from peer.network.early import EarlyBudget, EarlyBuffer, held_size
-from peer.network.masked_messages import MaskedHeader as Header
-from peer.network.masked_messages import MaskedKind as Kind
-from peer.network.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
-from peer.network.session import Session
-from peer.network.session_common import (
+from peer.network.session import masked_messages as mm
+from peer.network.session.common import (
     Contribution,
     GroupResult,
     Role,
@@ -65,6 +60,11 @@ from peer.network.session_common import (
     min_contributors,
     validate_indices,
 )
+from peer.network.session.early import EarlyBudget, EarlyBuffer, held_size
+from peer.network.session.masked_messages import MaskedHeader as Header
+from peer.network.session.masked_messages import MaskedKind as Kind
+from peer.network.session.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
+from peer.network.session.shamir import Session
 from protocol import messages as m
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 

@@ -34,7 +34,7 @@ from crypto.errors import SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.masking import EphemeralKey, MaskError, recover_secret
 from crypto.shamir import Share
-from peer.network.session_common import Contribution
+from peer.network.session.common import Contribution
 from protocol import messages as m
 from protocol.messages import Confirm, Keys, Masked, Reveal, Survivors
 from protocol.messages import MaskedAccept as Accept
@@ -247,7 +247,7 @@ def recover_secrets(members: Sequence[str], survivors: Sequence[str],
 def dense_contribution(contribution: Contribution, coords: np.ndarray, max_abs: float,
                        ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """A member's values over the union, with its residual fill outside its own index set
-    (as peer/network/session.py does), and the (indices, values) it filled."""
+    (as peer/network/session/shamir.py does), and the (indices, values) it filled."""
     dense = np.zeros(coords.size, dtype=np.float64)
     dense[np.searchsorted(coords, contribution.indices)] = np.clip(
         contribution.values.astype(np.float64), -max_abs, max_abs)

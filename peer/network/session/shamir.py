@@ -46,8 +46,7 @@ from crypto import shamir
 from crypto.errors import CryptoError, SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.sealing import SealContext, open_sealed, seal
-from peer.network.early import EarlyBudget, EarlyBuffer, held_size
-from peer.network.session_common import (
+from peer.network.session.common import (
     VIEW_DIGEST_BYTES,
     Contribution,
     GroupResult,
@@ -63,6 +62,7 @@ from peer.network.session_common import (
     start_view_digest,
     validate_indices,
 )
+from peer.network.session.early import EarlyBudget, EarlyBuffer, held_size
 from protocol import messages as m
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
 
@@ -81,7 +81,7 @@ _NO_VALUES = np.zeros(0, dtype=np.float32)
 
 # Messages held while waiting for Start (shares/partials can overtake the Start from the
 # initiator because MQTT only orders messages per publisher and topic) are bounded in bytes,
-# per sender and in all: peer/network/early.py.
+# per sender and in all: peer/network/session/early.py.
 
 
 class Phase(Enum):

@@ -12,7 +12,7 @@ Security properties (the lookup must not become a lever for strangers):
 
 * Nothing is trusted by being held: a held message is checked again from the start once its
   sender is known, and a looked-up peer enters the view only through the ordinary admission
-  of its signed, certified announcement (peer/network/membership.py).
+  of its signed, certified announcement (peer/network/view/membership.py).
 * Bounded memory and broker work: at most ``held_limit`` items and ``held_bytes`` bytes (the
   caller's conservative size of each item) are held in all. Beyond the count the oldest item
   is given up (``failed``); beyond the bytes the oldest items are given up, and an item larger

@@ -1,8 +1,8 @@
 """What both session kinds share: roles, parameters, the context a session runs in, a member's
 contribution, the result, and the initiator's checks of invitees' answers.
 
-:mod:`peer.network.session` (Shamir) and :mod:`peer.network.masked_session` (masked) build
-on these; ``peer.network.session`` re-exports them.
+:mod:`peer.network.session.shamir` (Shamir) and :mod:`peer.network.session.masked` (masked) build
+on these; ``peer.network.session.shamir`` re-exports them.
 """
 
 from __future__ import annotations

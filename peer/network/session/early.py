@@ -30,7 +30,7 @@ from typing import Final, Generic, TypeVar
 
 import numpy as np
 
-from peer.network.session_common import SessionDrop
+from peer.network.session.common import SessionDrop
 from protocol.limits import FLOOD_SENDERS, session_message_bound
 
 __all__ = ["EARLY_OVER_BUDGET", "ITEM_OVERHEAD_BYTES", "OBJECT_OVERHEAD_BYTES",

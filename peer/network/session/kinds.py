@@ -7,9 +7,9 @@ messages reach its state machine and what its steps put on the wire; a
 :data:`SESSION_DRIVERS` maps the config name to the class (the registry style of
 peer/sharing/): a new session kind is one class and one line here.
 
-* ``"shamir"`` (default): :class:`peer.network.session.Session`, Shamir shares and partial
+* ``"shamir"`` (default): :class:`peer.network.session.shamir.Session`, Shamir shares and partial
   sums on direct topics (docs/sessions.md).
-* ``"masked"``: :class:`peer.network.masked_session.MaskedSession`, one masked vector per
+* ``"masked"``: :class:`peer.network.session.masked.MaskedSession`, one masked vector per
   member on the session topic (docs/design/masked-sessions.md, "In the node").
 
 Security property of the split: peers of different kinds never form a session together. A
@@ -24,10 +24,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from peer.network import masked_messages as mm
-from peer.network.masked_messages import MaskedHeader, MaskedKind, MaskedStep, MaskedTimeouts
-from peer.network.masked_session import MaskedPhase, MaskedSession
-from peer.network.session import (
+from peer.network.session import masked_messages as mm
+from peer.network.session.masked import MaskedPhase, MaskedSession
+from peer.network.session.masked_messages import (
+    MaskedHeader,
+    MaskedKind,
+    MaskedStep,
+    MaskedTimeouts,
+)
+from peer.network.session.shamir import (
     Contribution,
     Phase,
     Session,
@@ -126,7 +131,8 @@ class SessionDriver(ABC):
 
 
 class ShamirDriver(SessionDriver):
-    """The Shamir session (peer/network/session.py); its messages are wire messages already."""
+    """The Shamir session (peer/network/session/shamir.py); its messages are wire messages
+    already."""
 
     name = "shamir"
 
@@ -174,7 +180,7 @@ def masked_timeouts_from(timeouts: SessionTimeouts) -> MaskedTimeouts:
 
 
 class MaskedDriver(SessionDriver):
-    """Masked sessions (peer/network/masked_session.py) translated to and from the wire.
+    """Masked sessions (peer/network/session/masked.py) translated to and from the wire.
 
     A DECLINE reaches the state machine as the ABORT it is equivalent to there (an invitee's
     ABORT while the initiator is inviting is its decline); a wire kind the masked session does
