@@ -39,8 +39,7 @@ MEAN = (1.0, -2.0, 0.5)
 SCALE = (3.0, 2.5, 4.0)
 HEADER = (f"# murmur: classes = {', '.join(CLASSES)}\n"
           f"# murmur: feature_mean = {', '.join(map(str, MEAN))}\n"
-          f"# murmur: feature_scale = {', '.join(map(str, SCALE))}\n"
-          "# exported by the sensor tool (an ordinary comment, ignored)\n")
+          f"# murmur: feature_scale = {', '.join(map(str, SCALE))}\n")
 
 
 def _records(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -306,3 +305,23 @@ def test_csv_run_ledger_epsilon_is_dp_accountings_for_the_mechanism_that_ran(
     expected = float(reference.get_epsilon(cfg.delta))
     assert expected > 1.0  # large enough that a wrong q, sigma or step count shows
     assert expected - 1e-6 <= trainer.epsilon <= expected + 0.01
+
+
+def test_a_leading_hash_line_that_is_not_metadata_is_refused_not_skipped(tmp_path: Path) -> None:
+    # Headerless, label first: a record whose label starts with '#' must not vanish as a
+    # comment (the record count would then depend on that record's content).
+    x, labels = _records(6, seed=4)
+    cells = [",".join(repr(float(v)) for v in row) for row in x]
+    rows = [f"#zz,{cells[0]}"] + [f"{label},{cell}" for cell, label in zip(cells[1:], labels[1:],
+                                                                           strict=True)]
+    path = tmp_path / "hash_label.csv"
+    path.write_text(HEADER + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="line 4 starts with '#'"):
+        load_table(path, label_column=0)
+    comment = tmp_path / "comment.csv"
+    comment.write_text("# exported by the sensor tool\n" + HEADER + "\n".join(rows[1:]) + "\n")
+    with pytest.raises(DataError, match="line 1 starts with '#'"):
+        load_table(comment, label_column=0)
+    clean = tmp_path / "clean.csv"
+    clean.write_text(HEADER + "\n".join(rows[1:]) + "\n")
+    assert len(load_table(clean, label_column=0)) == 5

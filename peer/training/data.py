@@ -30,6 +30,7 @@ import numpy as np
 
 # DataError is defined in tables.py (which needs nothing from here) and used from here.
 from peer.training.tables import (
+    CSV_META_PREFIX,
     NPZ_META_KEYS,
     DataError,
     TableConfig,
@@ -208,8 +209,14 @@ def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = Tr
 
 def _read_csv(path: Path, label_column: str | int
               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(raw features, raw labels, the leading ``#`` comment lines) of a CSV with an optional
-    header row (the first row, when none of its cells is a number)."""
+    """(raw features, raw labels, the leading ``# murmur:`` metadata lines) of a CSV with an
+    optional header row (the first row, when none of its cells is a number).
+
+    Any other leading line that starts with ``#`` is refused, not skipped: it could be a record
+    whose first cell (its label) starts with ``#``, and skipping it would make the record count,
+    and so the sampling rate, depend on what that record holds (docs/privacy.md, "What the
+    ledger's epsilon covers").
+    """
     try:
         with path.open(newline="") as handle:
             comments: list[str] = []
@@ -222,6 +229,12 @@ def _read_csv(path: Path, label_column: str | int
         raise DataError(f"{path}: file not found") from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read CSV ({exc})") from exc
+    for number, comment in enumerate(comments, start=1):
+        if not comment.startswith(CSV_META_PREFIX):
+            raise DataError(f"{path}: line {number} starts with '#' but is not a "
+                            f"'{CSV_META_PREFIX} KEY = VALUE' line; only metadata lines may "
+                            "precede the records (a record whose label starts with '#' would "
+                            "look the same): remove the line")
     if not rows:
         raise DataError(f"{path}: empty CSV")
     header: list[str] | None = None

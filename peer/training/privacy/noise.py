@@ -10,8 +10,8 @@ from os.urandom. Nothing about the noise is predictable from a seed, the process
 earlier samples, so a recipient of the noised update cannot subtract the noise.
 
 The samples are floating-point values close to, not exactly, Gaussian: the radius uniform is
-on a 2^-53k grid, the angle on a float32 grid, and the results are rounded to float32 (a
-relative error of about 2^-22 per value). The privacy guarantee is for the idealised
+on a 2^-53k grid, the angle on a float32 grid, and the results are rounded to float32 (an
+absolute error of about 2^-23 r per value). The privacy guarantee is for the idealised
 real-valued mechanism; docs/privacy.md ("Floating-point caveat") says what that leaves out.
 
 The radius has no cut-off that matters: :func:`open_unit_uniforms` refines a uniform whose
@@ -111,7 +111,7 @@ def box_muller(uniforms: torch.Tensor, angle_words: torch.Tensor) -> torch.Tenso
     ``r sin(theta)``, with ``r = sqrt(-2 ln u)`` in float64, rounded to float32, and ``theta``
     the signed word converted to float32 (24 significant bits) times ``2 pi / 2^32``: on a grid
     of about 2 pi 2^-25 near +-pi, both ends reachable. The trigonometry is float32 (2x faster
-    than float64). Each value is within about 2^-22 relative of the exact ``r cos(theta)``;
+    than float64). Each value is within about 2^-23 r (absolute) of the exact ``r cos(theta)``;
     the angle scales a coordinate as much as the radius does, so this is part of the
     floating-point caveat (docs/privacy.md), not of delta.
     """
