@@ -76,6 +76,7 @@ from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed, seal
 from crypto.shamir import Share, reconstruct, split
 from peer.network.session import masked_messages as mm
+from protocol import messages as m
 
 GROUP_SIZES = (3, 5, 8)
 
@@ -171,7 +172,7 @@ def bench_masked_group(g: int, n: int, reps: int, vector: np.ndarray) -> list[di
     count = n + 1  # the count slot the session appends
 
     def seal_context(sender: str) -> mm.SessionSealContext:
-        return mm.SessionSealContext("bench", session_id, sender, mm.MaskedKind.MASKED, 7)
+        return mm.SessionSealContext("bench", session_id, sender, m.Kind.MASKED, 7)
 
     def masked_of(member: str, encoded: np.ndarray) -> np.ndarray:
         return masking.mask_vector(encoded, me=member, members=ids, key=keys[member],

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from peer.network.node import NodeConfig, Peer, PeerEvent
-from peer.network.session.kinds import SESSION_DRIVERS
+from peer.network.session.kinds import SESSION_KINDS
 from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 from sim.broker import MosquittoBroker
@@ -279,7 +279,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=0, help="measured sessions per config")
     parser.add_argument("--overlap", type=float, default=0.0,
                         help="fraction of each index set common to the group (0..1)")
-    parser.add_argument("--session-kind", choices=sorted(SESSION_DRIVERS), default="shamir",
+    parser.add_argument("--session-kind", choices=sorted(SESSION_KINDS), default="shamir",
                         help="which aggregation session the peers run (default: shamir)")
     args = parser.parse_args()
     if not 0.0 <= args.overlap <= 1.0:

@@ -28,7 +28,7 @@ from peer.network.broker_settings import BrokerSettings
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
 from peer.network.session.common import check_colluders
-from peer.network.session.kinds import SESSION_DRIVERS
+from peer.network.session.kinds import SESSION_KINDS
 from peer.network.session.shamir import SessionTimeouts
 from peer.training.config import TrainerConfig
 from peer.training.tables import TableConfig
@@ -75,8 +75,8 @@ class SessionConfig:
     max_message_bytes: int = NodeConfig.max_message_bytes  # 16 KiB..8 MiB; larger: chunked
 
     def __post_init__(self) -> None:
-        if self.kind not in SESSION_DRIVERS:
-            raise ValueError(f"kind must be one of {', '.join(SESSION_DRIVERS)} "
+        if self.kind not in SESSION_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(SESSION_KINDS)} "
                              f"(got {self.kind!r})")
         if not 3 <= self.group_size <= 16:
             raise ValueError(f"group_size must be in 3..16 (got {self.group_size}); with two "

@@ -35,7 +35,7 @@ import numpy as np
 from crypto.field import FixedPoint
 from peer.errors import BudgetExhaustedError
 from peer.network.counters import PeerStatus, SessionCounters
-from peer.network.session.common import min_contributors
+from peer.network.session.common import Contribution, dense_contribution, min_contributors
 from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 from sim.metrics import EVENT_ROUND, EVENT_START, EVENT_STOP, MetricsWriter
@@ -85,15 +85,13 @@ def schedule_groups(peer_ids: list[str], group_size: int, rng: np.random.Generat
 
 def _contribution(peer: ReferencePeer, coords: np.ndarray,
                   fixed_point: FixedPoint) -> tuple[np.ndarray, np.ndarray]:
-    """(dense values on ``coords`` as the session would carry them, the fill's coordinates)."""
+    """(dense values on ``coords`` as the session would carry them, the fill's coordinates):
+    the sessions' own dense vector (common.dense_contribution: own values, the strategy's fill
+    elsewhere, both clipped to the encodable range), rounded on the fixed-point grid."""
     update = peer.fresh
-    dense = np.zeros(coords.size, dtype=np.float64)
-    own = np.searchsorted(coords, update.indices)
-    dense[own] = update.values
-    outside = np.setdiff1d(np.arange(coords.size), own, assume_unique=True)
-    filled = coords[outside]
-    if filled.size:
-        dense[outside] = peer.trainer.sharing.fill(filled)
+    contribution = Contribution(update.indices, update.values, fill=peer.trainer.sharing.fill)
+    dense, (filled, _values) = dense_contribution(contribution, coords, fixed_point.max_abs,
+                                                  label="reference")
     # Shamir shares carry fixed-point integers: round the same way.
     scale = float(2**fixed_point.frac_bits)
     return np.round(dense * scale) / scale, filled

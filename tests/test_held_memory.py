@@ -32,8 +32,7 @@ from peer.network.session.early import (
     held_size,
 )
 from peer.network.session.masked import MaskedPhase
-from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
-from peer.network.session.shamir import Contribution, Phase
+from peer.network.session.shamir import Contribution, Outgoing, Phase
 from protocol import messages as m
 from protocol.chunks import ChunkError, ChunkReassembler, ReassemblyLimits, split_wire
 from protocol.codec import decode_message, encode_message
@@ -254,16 +253,16 @@ def test_what_honest_masked_members_send_before_start_fits(g: int, t: int) -> No
     completes."""
     r = masked_whole_model(g, t)
     last = f"p{g - 1}"
-    held: list[MaskedOutgoing] = []
+    held: list[Outgoing] = []
     released = False
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
         nonlocal released
-        if out.kind is MaskedKind.START and rcpt == last and not released:
+        if out.kind is m.Kind.MASKED_START and rcpt == last and not released:
             held.append(out)
             return False
-        if (held and not released and out.kind is MaskedKind.KEYS and rcpt == last
-                and sum(o.kind is MaskedKind.KEYS and o.recipient == last
+        if (held and not released and out.kind is m.Kind.KEYS and rcpt == last
+                and sum(o.kind is m.Kind.KEYS and o.recipient == last
                         for _s, o in r.sent) == g - 1):
             released = True
             r.queue.append(("p0", held[0]))
@@ -279,7 +278,7 @@ def test_what_honest_masked_members_send_before_start_fits(g: int, t: int) -> No
 
 def test_a_masked_member_holds_early_messages_within_its_budget() -> None:
     r = masked_whole_model(3, 2)
-    r.link = lambda sender, rcpt, out: not (out.kind is MaskedKind.START and rcpt == "p2")
+    r.link = lambda sender, rcpt, out: not (out.kind is m.Kind.MASKED_START and rcpt == "p2")
     r.start()
     r.run(0.0)
     victim = r.sessions["p2"]
@@ -288,18 +287,18 @@ def test_a_masked_member_holds_early_messages_within_its_budget() -> None:
     fits = budget.per_sender_bytes - SMALL_MESSAGES_BYTES - held_size(m.Masked(b""))
     seqs = iter(range(10**6, 10**7))
 
-    def send(sender: str, kind: MaskedKind, body: mm.MaskedBody) -> list[str]:
-        header = MaskedHeader(kind, sender, victim.session_id, next(seqs))
+    def send(sender: str, kind: m.Kind, body: mm.MaskedBody) -> list[str]:
+        header = masked_harness.wire_header(kind, sender, victim.session_id, next(seqs))
         return victim.handle(header, body, 0.0).drops
 
-    assert send("mallory", MaskedKind.MASKED, m.Masked(os.urandom(fits))) == []
-    assert send("mallory", MaskedKind.KEYS, m.Keys("p2", os.urandom(SEALED_KEYS_BYTES))) == []
-    assert send("mallory", MaskedKind.MASKED, m.Masked(os.urandom(fits))) == [EARLY_OVER_BUDGET]
+    assert send("mallory", m.Kind.MASKED, m.Masked(os.urandom(fits))) == []
+    assert send("mallory", m.Kind.KEYS, m.Keys("p2", os.urandom(SEALED_KEYS_BYTES))) == []
+    assert send("mallory", m.Kind.MASKED, m.Masked(os.urandom(fits))) == [EARLY_OVER_BUDGET]
     # the members' KEYS (small) and mallory hold less than one share: three more full
     # shares fit the total of g - 1 + FLOOD_SENDERS shares, the rest do not
     # (the count cap this replaced held 64 messages of any size)
     full = budget.per_sender_bytes - held_size(m.Masked(b""))
-    drops = [send(f"x{n}", MaskedKind.MASKED, m.Masked(os.urandom(full))) for n in range(40)]
+    drops = [send(f"x{n}", m.Kind.MASKED, m.Masked(os.urandom(full))) for n in range(40)]
     assert drops == [[]] * 3 + [[EARLY_OVER_BUDGET]] * 37
     assert victim.phase is MaskedPhase.ACCEPTED
 

@@ -212,7 +212,7 @@ async def test_member_killed_around_its_masked(mosquitto, tmp_path: Path, group_
             assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
             assert b"KILLED" in out
 
-            timeouts = initiator.driver.timeouts  # type: ignore[attr-defined]
+            timeouts = initiator.session_kind.timeouts  # type: ignore[attr-defined]
             await wait_until(lambda: {e.peer_id for e in session_ends(net, sid)}
                              >= {p.peer_id for p in net.peers},
                              timeouts.masked_s + timeouts.confirm_s + timeouts.reveal_s,
@@ -361,18 +361,21 @@ async def test_shamir_and_masked_peers_never_group(mosquitto) -> None:
 def test_session_kind_setting_reaches_the_node_config() -> None:
     from peer.config import SessionConfig
     from peer.daemon import node_config
-    from peer.network.session.kinds import MaskedDriver, ShamirDriver, build_driver
+    from peer.network.session.kinds import MaskedSessionKind, ShamirSessionKind, build_kind
+
+    def kind_of(cfg: NodeConfig):  # type: ignore[no-untyped-def]
+        return build_kind(cfg.session_kind, cfg.timeouts, cfg.masked_timeouts)
 
     assert SessionConfig().kind == NodeConfig().session_kind == "shamir"
-    assert isinstance(build_driver(node_config(SessionConfig())), ShamirDriver)
+    assert isinstance(kind_of(node_config(SessionConfig())), ShamirSessionKind)
     masked = node_config(SessionConfig(kind="masked", share_timeout_s=3.0, partial_timeout_s=4.0))
     assert masked.session_kind == "masked"
-    driver = build_driver(masked)
-    assert isinstance(driver, MaskedDriver)
-    assert (driver.timeouts.keys_s, driver.timeouts.reveal_s, driver.timeouts.survivors_s) == (
+    kind = kind_of(masked)
+    assert isinstance(kind, MaskedSessionKind)
+    assert (kind.timeouts.keys_s, kind.timeouts.reveal_s, kind.timeouts.survivors_s) == (
         3.0, 4.0, 7.0)
-    assert driver.model_id("mlp-4810") == "mlp-4810-masked"
+    assert kind.model_id("mlp-4810") == "mlp-4810-masked"
     with pytest.raises(ValueError, match="shamir"):
         SessionConfig(kind="paillier")
     with pytest.raises(ValueError, match="masked"):
-        build_driver(NodeConfig(session_kind="paillier"))
+        kind_of(NodeConfig(session_kind="paillier"))

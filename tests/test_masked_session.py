@@ -19,8 +19,8 @@ from crypto.field import FixedPoint, field_to_bytes
 from crypto.identity import Identity
 from crypto.sealing import SealContext, open_sealed
 from peer.network.session import masked_messages as mm
+from peer.network.session.common import Outgoing
 from peer.network.session.masked import MaskedPhase, MaskedSession
-from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
 from peer.network.session.shamir import Contribution, SessionContext, SessionParams
 from protocol import messages as m
 
@@ -29,8 +29,13 @@ PARAMS_N = 4000
 K = 300
 RESOLUTION = 2.0**-16
 TIMEOUTS = mm.MaskedTimeouts(1.0, 2.0, 3.0, 3.0, 5.0, 3.0, 3.0)
-Link = Callable[[str, str, MaskedOutgoing], bool]
-Tamper = Callable[[str, str, MaskedOutgoing], MaskedOutgoing]
+Link = Callable[[str, str, Outgoing], bool]
+Tamper = Callable[[str, str, Outgoing], Outgoing]
+
+
+def wire_header(kind: m.Kind, sender: str, session: bytes, seq: int) -> m.Header:
+    """The signed envelope's header of a message of this test network."""
+    return m.Header(m.PROTOCOL_VERSION, NET, kind, sender, session, seq)
 
 
 def fill_of(i: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -48,10 +53,10 @@ class Router:
     contrib: dict[str, Contribution] = field(default_factory=dict)
     sessions: dict[str, MaskedSession] = field(default_factory=dict)
     drops: dict[str, list[str]] = field(default_factory=dict)
-    sent: list[tuple[str, MaskedOutgoing]] = field(default_factory=list)
-    queue: deque[tuple[str, MaskedOutgoing]] = field(default_factory=deque)
+    sent: list[tuple[str, Outgoing]] = field(default_factory=list)
+    queue: deque[tuple[str, Outgoing]] = field(default_factory=deque)
     #: a member dies (sends and receives nothing more) when it would send this kind
-    die_on: dict[str, MaskedKind] = field(default_factory=dict)
+    die_on: dict[str, m.Kind] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)
     link: Link = lambda sender, rcpt, out: True
     tamper: Tamper | None = None
@@ -92,13 +97,13 @@ class Router:
         self.queue.extend(("p0", out) for out in step.out)
         return self.sid
 
-    def deliver(self, sender: str, rcpt: str, out: MaskedOutgoing, now: float) -> None:
+    def deliver(self, sender: str, rcpt: str, out: Outgoing, now: float) -> None:
         if rcpt in self.dead or not self.link(sender, rcpt, out):
             return
         if self.tamper is not None:
             out = self.tamper(sender, rcpt, out)
-        header = MaskedHeader(out.kind, sender, self.sid, out.seq)
-        if out.kind is MaskedKind.INVITE:
+        header = wire_header(out.kind, sender, self.sid, out.seq)
+        if out.kind is m.Kind.INVITE:
             assert isinstance(out.body, m.Invite)
             assert MaskedSession.check_invite(self.ctx[rcpt].params, out.body) is None
             s, step = MaskedSession.join(self.ctx[rcpt], header, out.body, self.contrib[rcpt],
@@ -148,14 +153,14 @@ class Router:
         out[np.searchsorted(coords, c.indices)] = c.values.astype(np.float64)
         return out
 
-    def sent_by(self, pid: str) -> list[MaskedOutgoing]:
+    def sent_by(self, pid: str) -> list[Outgoing]:
         return [out for sender, out in self.sent if sender == pid]
 
     def reveals_by(self, pid: str, key: bytes) -> list[list[tuple[mm.RevealKind, np.ndarray]]]:
         """The REVEAL payloads ``pid`` emitted, opened with the session key."""
         opened = []
         for out in self.sent_by(pid):
-            if out.kind is MaskedKind.REVEAL:
+            if out.kind is m.Kind.REVEAL:
                 ctx = mm.SessionSealContext(NET, self.sid, pid, out.kind, out.seq)
                 assert isinstance(out.body, mm.Reveal)
                 opened.append(mm.decode_reveal(mm.session_open(key, ctx, out.body.sealed),
@@ -230,14 +235,14 @@ def test_quorum_counts_the_initiator_in_both_halves_of_a_split() -> None:
 @pytest.mark.parametrize(("g", "t", "dying"), [(5, 3, ["p3"]), (5, 3, ["p1"]),
                                                (7, 4, ["p5"]), (7, 3, ["p1", "p6"])])
 def test_members_dropping_after_keys_are_recovered(g: int, t: int, dying: list[str]) -> None:
-    r = Router(g, t, die_on=dict.fromkeys(dying, MaskedKind.MASKED))
+    r = Router(g, t, die_on=dict.fromkeys(dying, m.Kind.MASKED))
     r.start()
     r.settle()
     alive = [p for p in r.members if p not in dying]
     assert_same_correct_sum(r, alive, alive)
     for p in dying:  # they shared their keys, but no masked vector of theirs ever travelled
         kinds = [o.kind for o in r.sent_by(p)]
-        assert MaskedKind.KEYS in kinds and MaskedKind.MASKED not in kinds
+        assert m.Kind.KEYS in kinds and m.Kind.MASKED not in kinds
 
 
 @pytest.mark.parametrize(("g", "t", "dying", "reason"), [
@@ -247,7 +252,7 @@ def test_members_dropping_after_keys_are_recovered(g: int, t: int, dying: list[s
 ])
 def test_too_few_survivors_abort_and_nothing_is_revealed(g: int, t: int, dying: list[str],
                                                          reason: str) -> None:
-    r = Router(g, t, die_on=dict.fromkeys(dying, MaskedKind.MASKED))
+    r = Router(g, t, die_on=dict.fromkeys(dying, m.Kind.MASKED))
     r.start()
     r.settle()
     alive = [p for p in r.members if p not in dying]
@@ -255,17 +260,18 @@ def test_too_few_survivors_abort_and_nothing_is_revealed(g: int, t: int, dying: 
         assert r.sessions[p].phase is MaskedPhase.ABORTED
         assert r.sessions[p].result is None
     assert r.sessions["p0"].abort_reason == reason
-    assert not [o for _, o in r.sent if o.kind is MaskedKind.REVEAL]
+    assert not [o for _, o in r.sent if o.kind is m.Kind.REVEAL]
     for p in alive:  # an aborted member keeps no share and no masked vector
-        assert not r.sessions[p]._held and not r.sessions[p]._masked
+        held = r.sessions[p].held_counts()
+        assert held["keys"] == held["masked"] == 0
 
 
 def test_a_member_whose_keys_never_arrive_aborts_before_anyone_masks() -> None:
-    r = Router(5, 3, die_on={"p2": MaskedKind.KEYS})
+    r = Router(5, 3, die_on={"p2": m.Kind.KEYS})
     r.start()
     r.settle()
     assert all(r.sessions[p].phase is MaskedPhase.ABORTED for p in r.members if p != "p2")
-    assert not [o for _, o in r.sent if o.kind is MaskedKind.MASKED]
+    assert not [o for _, o in r.sent if o.kind is m.Kind.MASKED]
 
 
 # ---------------------------------------------------------------------------- (c)
@@ -275,20 +281,20 @@ def split_view(r: Router, views: dict[str, tuple[str, ...]], partition: bool) ->
     list leaves out, so no member holds them all and adopts the full list itself; with
     ``partition`` the broker also keeps CONFIRMs and REVEALs within a view."""
 
-    def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
-        if sender == "p0" and out.kind is MaskedKind.SURVIVORS:
-            return MaskedOutgoing(rcpt, out.kind, mm.Survivors(views[rcpt]), out.seq)
-        if sender == "p0" and out.kind is MaskedKind.CONFIRM:
-            return MaskedOutgoing(None, out.kind, mm.Confirm(views[rcpt]), out.seq)
+    def tamper(sender: str, rcpt: str, out: Outgoing) -> Outgoing:
+        if sender == "p0" and out.kind is m.Kind.SURVIVORS:
+            return Outgoing(rcpt, out.kind, mm.Survivors(views[rcpt]), out.seq)
+        if sender == "p0" and out.kind is m.Kind.CONFIRM:
+            return Outgoing(None, out.kind, mm.Confirm(views[rcpt]), out.seq)
         return out
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
-        if sender == "p0" and out.kind is MaskedKind.ABORT:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
+        if sender == "p0" and out.kind is m.Kind.ABORT:
             return False  # the adversary never gives up
-        if out.kind is MaskedKind.MASKED and rcpt != "p0" and sender not in views[rcpt]:
+        if out.kind is m.Kind.MASKED and rcpt != "p0" and sender not in views[rcpt]:
             return False
         if partition and rcpt != "p0" and sender != "p0" and out.kind in (
-                MaskedKind.CONFIRM, MaskedKind.REVEAL, MaskedKind.ABORT):
+                m.Kind.CONFIRM, m.Kind.REVEAL, m.Kind.ABORT):
             return views[sender] == views[rcpt]
         return True
 
@@ -322,7 +328,7 @@ def test_split_view_at_g5_t3_aborts_without_any_reveal(partition: bool) -> None:
         assert s.phase is MaskedPhase.ABORTED and s.result is None
         expected = "timeout_confirming" if partition else "conflicting_confirm"
         assert s.abort_reason == expected, (p, s.abort_reason)
-        assert not [o for o in r.sent_by(p) if o.kind is MaskedKind.REVEAL]
+        assert not [o for o in r.sent_by(p) if o.kind is m.Kind.REVEAL]
 
 
 def test_lopsided_split_reveals_only_one_kind_of_share_per_member() -> None:
@@ -337,7 +343,7 @@ def test_lopsided_split_reveals_only_one_kind_of_share_per_member() -> None:
     assert_same_correct_sum(r, ["p1", "p2", "p3"], list(most))
     # ... p4, alone with p0, never reveals; p4's self seed stays behind t - 1 shares
     assert r.sessions["p4"].phase is MaskedPhase.ABORTED
-    assert not [o for o in r.sent_by("p4") if o.kind is MaskedKind.REVEAL]
+    assert not [o for o in r.sent_by("p4") if o.kind is m.Kind.REVEAL]
     assert adversary_can_unmask(r, captured_key(r), honest) == []
     for p in ["p1", "p2", "p3"]:
         (entries,) = r.reveals_by(p, captured_key(r))
@@ -347,7 +353,7 @@ def test_lopsided_split_reveals_only_one_kind_of_share_per_member() -> None:
 
 def captured_key(r: Router) -> bytes:
     """K as the initiator drew it (the adversary holds it): p1's copy, opened from START."""
-    start = next(o for s, o in r.sent if s == "p0" and o.kind is MaskedKind.START
+    start = next(o for s, o in r.sent if s == "p0" and o.kind is m.Kind.MASKED_START
                  and o.recipient == "p1")
     assert isinstance(start.body, mm.Start)
     ctx = SealContext(NET, r.sid, "p0", "p1", start.seq)
@@ -356,8 +362,7 @@ def captured_key(r: Router) -> bytes:
 
 # ---------------------------------------------------------------------------- (d)
 def snapshot(s: MaskedSession) -> tuple:
-    return (s.phase, s.deadline, s.survivors, len(s._held), len(s._masked), len(s._confirms),
-            len(s._reveals), len(s._early))
+    return (s.phase, s.deadline, s.survivors, s.held_counts())
 
 
 def test_forged_replayed_and_misrouted_messages_are_counted_drops() -> None:
@@ -365,47 +370,47 @@ def test_forged_replayed_and_misrouted_messages_are_counted_drops() -> None:
     outcomes: list[tuple[str, list[str], int]] = []  # (case, drops, messages sent)
     state = {"forged": False, "replayed": False}
 
-    def inject(case: str, header: MaskedHeader, body: mm.MaskedBody) -> None:
+    def inject(case: str, header: m.Header, body: mm.MaskedBody) -> None:
         s = r.sessions["p1"]
         before = snapshot(s)
         step = s.handle(header, body, 0.0)
         assert snapshot(s) == before, case  # a refused message changes nothing
         outcomes.append((case, step.drops, len(step.out)))
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
         s = r.sessions.get("p1")
-        if rcpt == "p1" and sender == "p2" and out.kind is MaskedKind.MASKED and not state[
+        if rcpt == "p1" and sender == "p2" and out.kind is m.Kind.MASKED and not state[
                 "forged"]:
             state["forged"] = True
             assert s is not None and s.phase in (MaskedPhase.KEYS, MaskedPhase.MASKED)
-            h = MaskedHeader(out.kind, "p2", r.sid, out.seq)
-            inject("wrong_session", MaskedHeader(out.kind, "p2", os.urandom(16), out.seq),
+            h = wire_header(out.kind, "p2", r.sid, out.seq)
+            inject("wrong_session", wire_header(out.kind, "p2", os.urandom(16), out.seq),
                    out.body)
-            inject("wrong_sender", MaskedHeader(out.kind, "p3", r.sid, out.seq), out.body)
-            inject("wrong_seq", MaskedHeader(out.kind, "p2", r.sid, out.seq + 1), out.body)
-            inject("as_reveal", MaskedHeader(MaskedKind.REVEAL, "p2", r.sid, out.seq),
+            inject("wrong_sender", wire_header(out.kind, "p3", r.sid, out.seq), out.body)
+            inject("wrong_seq", wire_header(out.kind, "p2", r.sid, out.seq + 1), out.body)
+            inject("as_reveal", wire_header(m.Kind.REVEAL, "p2", r.sid, out.seq),
                    mm.Reveal(out.body.sealed))  # type: ignore[union-attr]
-            inject("non_member", MaskedHeader(out.kind, "p9", r.sid, out.seq), out.body)
+            inject("non_member", wire_header(out.kind, "p9", r.sid, out.seq), out.body)
             inject("garbage", h, mm.Masked(os.urandom(len(out.body.sealed))))  # type: ignore
             inject("kind_body_mismatch", h, mm.Confirm(("p0",)))
-            keys = next(o for snd, o in r.sent if snd == "p2" and o.kind is MaskedKind.KEYS
+            keys = next(o for snd, o in r.sent if snd == "p2" and o.kind is m.Kind.KEYS
                         and o.recipient == "p3")
-            inject("misrouted_keys", MaskedHeader(MaskedKind.KEYS, "p2", r.sid, keys.seq),
+            inject("misrouted_keys", wire_header(m.Kind.KEYS, "p2", r.sid, keys.seq),
                    keys.body)
-            inject("early_reveal", MaskedHeader(MaskedKind.REVEAL, "p2", r.sid, out.seq + 5),
+            inject("early_reveal", wire_header(m.Kind.REVEAL, "p2", r.sid, out.seq + 5),
                    mm.Reveal(os.urandom(400)))
             inject("survivors_not_from_initiator",
-                   MaskedHeader(MaskedKind.SURVIVORS, "p2", r.sid, out.seq + 6),
+                   wire_header(m.Kind.SURVIVORS, "p2", r.sid, out.seq + 6),
                    mm.Survivors(tuple(r.members)))
-            inject("stranger_confirmed", MaskedHeader(MaskedKind.CONFIRM, "p2", r.sid, 1),
+            inject("stranger_confirmed", wire_header(m.Kind.CONFIRM, "p2", r.sid, 1),
                    mm.Confirm(("p0", "p1", "p9")))
-            inject("unordered_confirm", MaskedHeader(MaskedKind.CONFIRM, "p2", r.sid, 1),
+            inject("unordered_confirm", wire_header(m.Kind.CONFIRM, "p2", r.sid, 1),
                    mm.Confirm(("p1", "p0", "p2")))
         elif (rcpt == "p1" and s is not None and not state["replayed"]
-              and "p2" in s._masked and out.kind is MaskedKind.MASKED):
+              and "p2" in s.masked_from and out.kind is m.Kind.MASKED):
             state["replayed"] = True
             genuine = next(o for snd, o in r.sent if snd == "p2" and o.kind is out.kind)
-            inject("replay", MaskedHeader(genuine.kind, "p2", r.sid, genuine.seq), genuine.body)
+            inject("replay", wire_header(genuine.kind, "p2", r.sid, genuine.seq), genuine.body)
         return True
 
     r.link = link
@@ -434,12 +439,12 @@ def test_a_second_different_survivors_list_aborts_before_any_reveal() -> None:
     r = Router(5, 3)
     other = ("p0", "p1", "p2", "p3")
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
         # p0's CONFIRM follows its SURVIVORS: p1 holds the genuine list, and has not revealed
-        if sender == "p0" and out.kind is MaskedKind.CONFIRM and rcpt == "p1":
+        if sender == "p0" and out.kind is m.Kind.CONFIRM and rcpt == "p1":
             s = r.sessions["p1"]
             assert s.phase is MaskedPhase.CONFIRMING and s.survivors == tuple(r.members)
-            step = s.handle(MaskedHeader(MaskedKind.SURVIVORS, "p0", r.sid, out.seq + 100),
+            step = s.handle(wire_header(m.Kind.SURVIVORS, "p0", r.sid, out.seq + 100),
                             mm.Survivors(other), 0.0)
             assert step.drops == [] and s.phase is MaskedPhase.ABORTED
         return True
@@ -448,7 +453,7 @@ def test_a_second_different_survivors_list_aborts_before_any_reveal() -> None:
     r.start()
     r.settle()
     assert r.sessions["p1"].abort_reason == "initiator_equivocated"
-    assert not [o for o in r.sent_by("p1") if o.kind is MaskedKind.REVEAL]
+    assert not [o for o in r.sent_by("p1") if o.kind is m.Kind.REVEAL]
     # the four others still hold a quorum on the genuine list and finish with p1's vector
     assert_same_correct_sum(r, ["p0", "p2", "p3", "p4"], r.members)
 
@@ -457,12 +462,12 @@ def test_an_initiator_cannot_give_members_different_ephemeral_keys() -> None:
     r = Router(3, 2)
     fake = mm.EPHEMERAL_PUBLIC_BYTES * b"\x09"
 
-    def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
-        if out.kind is MaskedKind.START and rcpt == "p1":
+    def tamper(sender: str, rcpt: str, out: Outgoing) -> Outgoing:
+        if out.kind is m.Kind.MASKED_START and rcpt == "p1":
             b = out.body
             assert isinstance(b, mm.Start)
             publics = (b.ephemeral_publics[0], b.ephemeral_publics[1], fake)
-            return MaskedOutgoing(rcpt, out.kind, mm.Start(b.members, b.threshold,
+            return Outgoing(rcpt, out.kind, mm.Start(b.members, b.threshold,
                                   b.coordinates, publics, b.recipient, b.session_key), out.seq)
         return out
 
@@ -471,7 +476,7 @@ def test_an_initiator_cannot_give_members_different_ephemeral_keys() -> None:
     r.settle()
     # p1 and p2 compare START views inside their sealed KEYS and stop before masking
     assert {r.sessions[p].abort_reason for p in ("p1", "p2")} >= {"inconsistent_view"}
-    assert not [o for _, o in r.sent if o.kind is MaskedKind.MASKED and _ != "p0"]
+    assert not [o for _, o in r.sent if o.kind is m.Kind.MASKED and _ != "p0"]
 
 
 # ---------------------------------------------------------------------------- (e), (f)
@@ -501,10 +506,10 @@ def test_a_member_sends_one_vector_sized_payload(g: int, t: int) -> None:
     vector = 4 * (union + 1)  # field elements of the coordinates and the count slot
     for p in r.members:
         sizes = [(o.kind, len(body_bytes(o.body))) for o in r.sent_by(p)
-                 if o.kind not in (MaskedKind.START, MaskedKind.ACCEPT)]  # index sets, as v2
+                 if o.kind not in (m.Kind.MASKED_START, m.Kind.MASKED_ACCEPT)]  # index sets, as v2
         big = [kind for kind, size in sizes if size > vector // 4]
-        assert big == [MaskedKind.MASKED], (p, sizes)
-        masked = next(size for kind, size in sizes if kind is MaskedKind.MASKED)
+        assert big == [m.Kind.MASKED], (p, sizes)
+        masked = next(size for kind, size in sizes if kind is m.Kind.MASKED)
         assert masked == vector + 32 + 40  # context digest, nonce, Poly1305 tag
         small = sum(size for kind, size in sizes) - masked
         assert small < 400 * g, (p, sizes)
@@ -529,13 +534,13 @@ def test_counting_t_confirms_would_let_a_lone_initiator_unmask(
 
 def test_messages_that_overtake_start_are_held_until_it_arrives() -> None:
     r = Router(3, 2)
-    held: list[MaskedOutgoing] = []
+    held: list[Outgoing] = []
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
-        if out.kind is MaskedKind.START and rcpt == "p2" and not held:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
+        if out.kind is m.Kind.MASKED_START and rcpt == "p2" and not held:
             held.append(out)
             return False
-        if held and sender == "p1" and out.kind is MaskedKind.KEYS and rcpt == "p2":
+        if held and sender == "p1" and out.kind is m.Kind.KEYS and rcpt == "p2":
             r.queue.append(("p0", held[0]))  # START reaches p2 only after p0's and p1's KEYS
             assert r.sessions["p2"].phase is MaskedPhase.ACCEPTED
         return True
@@ -554,8 +559,8 @@ def test_a_member_holding_every_masked_confirms_without_waiting_for_survivors() 
     r = Router(5, 3)
     adopted_first: dict[str, bool] = {}
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
-        if out.kind is MaskedKind.SURVIVORS:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
+        if out.kind is m.Kind.SURVIVORS:
             adopted_first[rcpt] = r.sessions[rcpt].survivors == tuple(r.members)
         return True
 
@@ -566,7 +571,7 @@ def test_a_member_holding_every_masked_confirms_without_waiting_for_survivors() 
     assert_same_correct_sum(r, r.members, r.members)
     # surplus REVEALs (only t are needed) are the only leftovers: no duplicate_survivors
     assert all(set(drops) <= {"session_finished"} for drops in r.drops.values()), r.drops
-    assert all(len([o for o in r.sent_by(p) if o.kind is MaskedKind.CONFIRM]) == 1
+    assert all(len([o for o in r.sent_by(p) if o.kind is m.Kind.CONFIRM]) == 1
                for p in r.members)
 
 
@@ -574,9 +579,9 @@ def test_a_shorter_survivors_list_after_adopting_the_full_one_is_equivocation() 
     r = Router(5, 3)
     shorter = ("p0", "p1", "p2", "p3")
 
-    def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
-        if sender == "p0" and out.kind is MaskedKind.SURVIVORS and rcpt == "p1":
-            return MaskedOutgoing(rcpt, out.kind, mm.Survivors(shorter), out.seq)
+    def tamper(sender: str, rcpt: str, out: Outgoing) -> Outgoing:
+        if sender == "p0" and out.kind is m.Kind.SURVIVORS and rcpt == "p1":
+            return Outgoing(rcpt, out.kind, mm.Survivors(shorter), out.seq)
         return out
 
     r.tamper = tamper
@@ -584,5 +589,5 @@ def test_a_shorter_survivors_list_after_adopting_the_full_one_is_equivocation() 
     r.settle()
     s = r.sessions["p1"]
     assert s.phase is MaskedPhase.ABORTED and s.abort_reason == "initiator_equivocated"
-    assert not [o for o in r.sent_by("p1") if o.kind is MaskedKind.REVEAL]
+    assert not [o for o in r.sent_by("p1") if o.kind is m.Kind.REVEAL]
     assert adversary_can_unmask(r, captured_key(r), ["p1", "p2", "p3", "p4"]) == []

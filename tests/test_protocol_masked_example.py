@@ -43,7 +43,7 @@ def test_the_doc_has_the_three_blocks() -> None:
 
 def test_seal_context_and_sealed_blob_match_the_session_code() -> None:
     context_bytes, sealed, _signed = doc_blocks()
-    ctx = mm.SessionSealContext("demo", SESSION, "alice", mm.MaskedKind.MASKED, 5)
+    ctx = mm.SessionSealContext("demo", SESSION, "alice", m.Kind.MASKED, 5)
     assert hashlib.blake2b(context_bytes, digest_size=32).digest() == ctx.digest()
     assert ctx.digest().hex() in DOC.read_text(encoding="utf-8")
     ours = bytes(nacl.secret.SecretBox(KEY).encrypt(ctx.digest() + PAYLOAD, NONCE))

@@ -21,8 +21,8 @@ from crypto.identity import Identity, verify_signature
 from crypto.masking import EphemeralKey
 from crypto.sealing import SEAL_OVERHEAD, SealContext, seal
 from peer.network.session import masked_messages as mm
+from peer.network.session.common import Outgoing, dense_contribution
 from peer.network.session.masked import MaskedPhase, MaskedSession
-from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
 from peer.network.session.shamir import Contribution, SessionContext, SessionParams
 from protocol import limits
 from protocol.codec import decode_message, encode_message
@@ -33,24 +33,9 @@ NET = "wirenet"
 PARAMS_N = 3000
 K = 200
 
-#: The state machine's kinds on the wire (MaskedHeader/MaskedKind stay local to it for now).
-WIRE_KIND = {
-    MaskedKind.INVITE: Kind.INVITE,
-    MaskedKind.ACCEPT: Kind.MASKED_ACCEPT,
-    MaskedKind.START: Kind.MASKED_START,
-    MaskedKind.KEYS: Kind.KEYS,
-    MaskedKind.MASKED: Kind.MASKED,
-    MaskedKind.SURVIVORS: Kind.SURVIVORS,
-    MaskedKind.CONFIRM: Kind.CONFIRM,
-    MaskedKind.REVEAL: Kind.REVEAL,
-    MaskedKind.ABORT: Kind.ABORT,
-}
-LOCAL_KIND = {wire: local for local, wire in WIRE_KIND.items()}
-
-
 def test_the_state_machine_bodies_are_the_protocol_bodies() -> None:
-    for local, wire in WIRE_KIND.items():
-        assert mm.BODY_TYPES[local] is BODY_TYPES[wire]
+    for kind, body_type in mm.BODY_TYPES.items():
+        assert body_type is BODY_TYPES[kind]
 
 
 def test_sizes_match_the_crypto_and_payload_code() -> None:
@@ -72,7 +57,7 @@ def test_sizes_match_the_crypto_and_payload_code() -> None:
     assert len(seal(alice, bob.public.box_key, box, keys_payload)) == limits.SEALED_KEYS_BYTES
 
     key = os.urandom(limits.SESSION_KEY_BYTES)
-    ctx = mm.SessionSealContext(NET, sid, "alice", MaskedKind.REVEAL, 7)
+    ctx = mm.SessionSealContext(NET, sid, "alice", Kind.REVEAL, 7)
     for members in (limits.MIN_GROUP_SIZE, limits.MAX_MEMBERS):
         entries = [(mm.RevealKind.SELF_SEED, share)] * members
         sealed = mm.session_seal(key, ctx, mm.encode_reveal(entries))
@@ -88,7 +73,7 @@ def test_sizes_match_the_crypto_and_payload_code() -> None:
 class WireRouter:
     """g members; every message crosses the real codec, topic parsing and topic binding."""
 
-    def __init__(self, g: int, t: int, die_before: dict[str, MaskedKind] | None = None) -> None:
+    def __init__(self, g: int, t: int, die_before: dict[str, Kind] | None = None) -> None:
         rng = np.random.default_rng(11)
         params = SessionParams(network_id=NET, model_id="mlp-wire", param_count=PARAMS_N,
                                group_size=g, threshold=t, fixed_point=FixedPoint())
@@ -106,7 +91,7 @@ class WireRouter:
         self.sessions: dict[str, MaskedSession] = {}
         self.die_before = die_before or {}
         self.dead: set[str] = set()
-        self.queue: deque[tuple[str, MaskedOutgoing]] = deque()
+        self.queue: deque[tuple[str, Outgoing]] = deque()
         self.sent_kinds: Counter[Kind] = Counter()
         self.drops: list[str] = []
         self.sid = os.urandom(16)
@@ -115,8 +100,8 @@ class WireRouter:
         ident = self.ids.get(peer)
         return None if ident is None else ident.public.box_key
 
-    def _wire(self, sender: str, out: MaskedOutgoing) -> tuple[str, bytes]:
-        kind = WIRE_KIND[out.kind]
+    def _wire(self, sender: str, out: Outgoing) -> tuple[str, bytes]:
+        kind = out.kind
         header = Header(PROTOCOL_VERSION, NET, kind, sender, self.sid, out.seq)
         payload = encode_message(header, out.body, self.ids[sender].sign)
         self.sent_kinds[kind] += 1
@@ -131,9 +116,8 @@ class WireRouter:
         assert parsed.recipient in (None, rcpt)
         verify_signature(self.ids[msg.header.sender].public.verify_key, msg.signed_bytes,
                          msg.signature)
-        h = msg.header
-        header = MaskedHeader(LOCAL_KIND[h.kind], h.sender, h.session, h.seq)
-        if h.kind is Kind.INVITE:
+        header = msg.header
+        if header.kind is Kind.INVITE:
             s, step = MaskedSession.join(self.ctx[rcpt], header, msg.body,  # type: ignore[arg-type]
                                          self.contrib[rcpt], now)
             self.sessions[rcpt] = s
@@ -176,7 +160,7 @@ class WireRouter:
 
 @pytest.mark.parametrize(("g", "t", "dying"), [(3, 2, None), (5, 3, "p4")])
 def test_a_masked_session_runs_over_the_codec(g: int, t: int, dying: str | None) -> None:
-    router = WireRouter(g, t, {dying: MaskedKind.MASKED} if dying else None)
+    router = WireRouter(g, t, {dying: Kind.MASKED} if dying else None)
     router.settle()
     survivors = tuple(p for p in router.members if p != dying)
     results = []
@@ -192,7 +176,7 @@ def test_a_masked_session_runs_over_the_codec(g: int, t: int, dying: str | None)
     coords = router.sessions["p0"].coordinates
     expected = np.zeros(coords.size)
     for p in survivors:
-        dense, _ = mm.dense_contribution(router.contrib[p], coords, FixedPoint().max_abs)
+        dense, _ = dense_contribution(router.contrib[p], coords, FixedPoint().max_abs)
         expected += dense
     np.testing.assert_allclose(results[0], expected, atol=len(survivors) * 2.0**-15)
     # surplus REVEALs reach members that already finished; nothing else is refused

@@ -278,7 +278,8 @@ def test_member_gone_after_shares_below_threshold_aborts_on_timeout() -> None:
         s = h.sessions[p]
         assert s.phase is Phase.ABORTED and s.abort_reason == "timeout_partials"
         assert s.result is None
-        assert not s._partials and not s._shares  # nothing kept after an abort
+        held = s.held_counts()
+        assert held["shares"] == held["partials"] == 0  # nothing kept after an abort
 
 
 def test_member_gone_before_shares_aborts_everyone() -> None:

@@ -20,32 +20,31 @@ from hypothesis import strategies as st
 from peer.network.session import masked_messages as mm
 from peer.network.session.common import min_contributors
 from peer.network.session.masked import MaskedPhase
-from peer.network.session.masked_messages import MaskedHeader, MaskedKind, MaskedOutgoing
 from peer.network.session.shamir import Outgoing, Phase, Session, SessionParams
 from protocol import messages as m
-from tests.test_masked_session import Router, assert_same_correct_sum
+from tests.test_masked_session import Router, assert_same_correct_sum, wire_header
 from tests.test_session import Envelope, Harness, assert_done_and_consistent
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def masked_to_or_from(*peers: str) -> Callable[[str, str, MaskedOutgoing], bool]:
+def masked_to_or_from(*peers: str) -> Callable[[str, str, Outgoing], bool]:
     """A broker that withholds every MASKED sent by or to ``peers``."""
     return lambda sender, rcpt, out: not (
-        out.kind is MaskedKind.MASKED and (sender in peers or rcpt in peers))
+        out.kind is m.Kind.MASKED and (sender in peers or rcpt in peers))
 
 
 def assert_nothing_revealed(r: Router) -> None:
     for p, s in r.sessions.items():
         assert s.result is None and s.revealed_for is None
         assert p in r.dead or s.phase is MaskedPhase.ABORTED, (p, s.phase)
-    assert not [o for _, o in r.sent if o.kind is MaskedKind.REVEAL]
+    assert not [o for _, o in r.sent if o.kind is m.Kind.REVEAL]
 
 
 def survivors_from_initiator(r: Router, rcpt: str, survivors: tuple[str, ...]) -> list[str]:
     """Hand ``rcpt`` a SURVIVORS list signed by the initiator (a lying initiator's); returns
     the kinds ``rcpt`` sends in answer."""
-    header = MaskedHeader(MaskedKind.SURVIVORS, "p0", r.sid, 10**6)
+    header = wire_header(m.Kind.SURVIVORS, "p0", r.sid, 10**6)
     step = r.sessions[rcpt].handle(header, mm.Survivors(survivors), 10.0)
     return [o.kind.name for o in step.out]
 
@@ -61,7 +60,7 @@ def test_finding_1_a_masked_sum_of_two_is_never_revealed() -> None:
     r.settle()
     assert_nothing_revealed(r)
     assert r.sessions["p0"].abort_reason == "too_few_contributors"
-    assert not [o for _, o in r.sent if o.kind in (MaskedKind.SURVIVORS, MaskedKind.CONFIRM)]
+    assert not [o for _, o in r.sent if o.kind in (m.Kind.SURVIVORS, m.Kind.CONFIRM)]
 
 
 def test_finding_1_a_lying_initiator_cannot_make_a_member_confirm_two() -> None:
@@ -76,7 +75,7 @@ def test_finding_1_a_lying_initiator_cannot_make_a_member_confirm_two() -> None:
 
 
 def test_a_member_never_confirms_a_list_without_itself() -> None:
-    r = Router(5, 3, link=lambda sender, rcpt, out: out.kind is not MaskedKind.MASKED)
+    r = Router(5, 3, link=lambda sender, rcpt, out: out.kind is not m.Kind.MASKED)
     r.start()
     r.run(0.0)
     assert r.sessions["p1"].phase is MaskedPhase.MASKED
@@ -91,7 +90,7 @@ def test_finding_2_with_two_colluders_three_survivors_are_refused() -> None:
     colluding survivors the third's vector, so it is refused: the initiator (its own c = 2)
     never sends the list."""
     r = Router(5, 3, c=2, link=lambda s, rcpt, out: not (
-        out.kind is MaskedKind.MASKED and s in ("p3", "p4")))
+        out.kind is m.Kind.MASKED and s in ("p3", "p4")))
     r.start()
     r.settle()
     assert_nothing_revealed(r)
@@ -101,7 +100,7 @@ def test_finding_2_with_two_colluders_three_survivors_are_refused() -> None:
 def test_finding_2_members_with_two_colluders_refuse_an_initiators_short_list() -> None:
     """The initiator allows three (its c = 1); p1 and p2 run with c = 2 and refuse."""
     r = Router(5, 3, c=2, c_of={"p0": 1}, link=lambda s, rcpt, out: not (
-        out.kind is MaskedKind.MASKED and s in ("p3", "p4")))
+        out.kind is m.Kind.MASKED and s in ("p3", "p4")))
     r.start()
     r.settle()
     assert_nothing_revealed(r)
@@ -115,7 +114,7 @@ def test_finding_2_with_one_colluder_three_survivors_miss_the_quorum() -> None:
     outside the trust model), but the excluded members may not confirm it, so the three
     survivors miss the quorum of 4 and nothing is revealed."""
     r = Router(5, 3, link=lambda s, rcpt, out: not (
-        out.kind is MaskedKind.MASKED and s in ("p3", "p4")))
+        out.kind is m.Kind.MASKED and s in ("p3", "p4")))
     r.start()
     r.settle()
     assert_nothing_revealed(r)
@@ -156,13 +155,13 @@ def test_a_member_with_two_colluders_never_shares_into_a_group_of_three(kind: st
         assert not [e for e in h.sent if e.sender == "p1" and e.out.kind is m.Kind.SHARE]
         return
     r = Router(5, 3, c=2, c_of={"p0": 1}, link=lambda s, rcpt, out: not (
-        out.kind is MaskedKind.ACCEPT and s in ("p3", "p4")))
+        out.kind is m.Kind.MASKED_ACCEPT and s in ("p3", "p4")))
     r.start()
     r.run(0.0)
     r.queue.extend(("p0", o) for o in r.sessions["p0"].on_timeout(1.5).out)
     r.run(1.5)
     assert r.sessions["p1"].abort_reason == "too_few_members"
-    assert not [o for s, o in r.sent if s == "p1" and o.kind is MaskedKind.KEYS]
+    assert not [o for s, o in r.sent if s == "p1" and o.kind is m.Kind.KEYS]
 
 
 # ------------------------------------------------------------ the tolerance table rows
@@ -177,7 +176,7 @@ def test_table_masked_quorum_and_dropouts(g: int, t: int, c: int, q: int) -> Non
     tolerated = g - q
     for dropouts, finishes in ((tolerated, True), (tolerated + 1, False)):
         dying = [f"p{g - 1 - i}" for i in range(dropouts)]
-        r = Router(g, t, c=c, die_on=dict.fromkeys(dying, MaskedKind.MASKED))
+        r = Router(g, t, c=c, die_on=dict.fromkeys(dying, m.Kind.MASKED))
         r.start()
         r.settle()
         alive = [p for p in r.members if p not in dying]
@@ -288,21 +287,21 @@ def run_scenario(sc: dict) -> Router:
     """One masked session under the drawn dropouts, delays, losses and (when the initiator
     colludes) a split view with forged CONFIRMs delivered per recipient."""
     g, t, coalition, fates = sc["g"], sc["t"], sc["coalition"], sc["fates"]
-    die_kind = {"die_keys": MaskedKind.KEYS, "die_masked": MaskedKind.MASKED,
-                "die_confirm": MaskedKind.CONFIRM}
+    die_kind = {"die_keys": m.Kind.KEYS, "die_masked": m.Kind.MASKED,
+                "die_confirm": m.Kind.CONFIRM}
     die_on = {p: die_kind[f] for p, f in fates.items() if f in die_kind}
-    held: list[tuple[str, str, MaskedOutgoing]] = []
+    held: list[tuple[str, str, Outgoing]] = []
     released = [False]
     honest = [f"p{i}" for i in range(g) if f"p{i}" not in coalition]
     victim = next((p for p in honest if p != "p0"), None)
     side_b = set(honest[sc.get("split_at", len(honest) // 2):]) - {"p0"}
 
-    def link(sender: str, rcpt: str, out: MaskedOutgoing) -> bool:
-        if sc["split"] and out.kind is MaskedKind.ABORT and sender in coalition:
+    def link(sender: str, rcpt: str, out: Outgoing) -> bool:
+        if sc["split"] and out.kind is m.Kind.ABORT and sender in coalition:
             return False  # a lying initiator never calls its split off
-        if sc["split"] and out.kind is MaskedKind.CONFIRM and sender not in coalition:
+        if sc["split"] and out.kind is m.Kind.CONFIRM and sender not in coalition:
             return (sender in side_b) == (rcpt in side_b)  # the broker keeps the sides apart
-        if out.kind is not MaskedKind.MASKED or released[0]:
+        if out.kind is not m.Kind.MASKED or released[0]:
             return True
         fate = fates.get(sender, "ok")
         hidden = fate == "lost" and rcpt in sc["hidden_from"].get(sender, set())
@@ -319,14 +318,14 @@ def run_scenario(sc: dict) -> Router:
                  if fates.get(p, "ok") in ("ok", "late", "die_confirm"))
     lists = {"a": full, "b": tuple(p for p in full if p != victim)}
 
-    def tamper(sender: str, rcpt: str, out: MaskedOutgoing) -> MaskedOutgoing:
+    def tamper(sender: str, rcpt: str, out: Outgoing) -> Outgoing:
         if not sc["split"] or victim is None:
             return out
         listed = lists["b" if rcpt in side_b else "a"]
-        if sender == "p0" and out.kind is MaskedKind.SURVIVORS:
-            return MaskedOutgoing(out.recipient, out.kind, mm.Survivors(listed), out.seq)
-        if sender in coalition and out.kind is MaskedKind.CONFIRM:
-            return MaskedOutgoing(out.recipient, out.kind, mm.Confirm(listed), out.seq)
+        if sender == "p0" and out.kind is m.Kind.SURVIVORS:
+            return Outgoing(out.recipient, out.kind, mm.Survivors(listed), out.seq)
+        if sender in coalition and out.kind is m.Kind.CONFIRM:
+            return Outgoing(out.recipient, out.kind, mm.Confirm(listed), out.seq)
         return out
 
     r = Router(g, t, c_of=sc["c_of"], die_on=die_on, link=link, tamper=tamper,
@@ -374,7 +373,7 @@ def check_no_protected_vector_solvable(r: Router, sc: dict) -> None:
     for p, s in r.sessions.items():
         if p in honest and s.revealed_for is not None:
             assert p in s.revealed_for and len(s.revealed_for) >= min_contributors(c_of[p])
-    published = {sender for sender, o in r.sent if o.kind is MaskedKind.MASKED}
+    published = {sender for sender, o in r.sent if o.kind is m.Kind.MASKED}
     sets = exposed_sets(g, t, coalition, published, revealed)
     protected = {p for p in honest if c_of[p] >= len(coalition)}
     assert not solvable(r.members, coalition, sets) & protected, (sc, revealed, sets)

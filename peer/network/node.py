@@ -68,7 +68,9 @@ from peer.network.inbound import InboundChecks
 from peer.network.outbox import Outbox, Subscription
 from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
-from peer.network.session.kinds import AnySession, DriverStep, WireOut, build_driver
+from peer.network.session.common import Outgoing, Step
+from peer.network.session.group import GroupSession
+from peer.network.session.kinds import build_kind
 from peer.network.session.shamir import (
     Contribution,
     GroupResult,
@@ -158,9 +160,9 @@ class Peer:
         check_max_message_bytes(cfg.max_message_bytes)
         # The session kind (peer/network/session/kinds.py) is part of the model id peers
         # group by, so peers of different kinds never meet in a session.
-        self.driver = build_driver(cfg)
+        self.session_kind = build_kind(cfg.session_kind, cfg.timeouts, cfg.masked_timeouts)
         self.params = SessionParams(
-            network_id=network_id, model_id=self.driver.model_id(trainer.model_id),
+            network_id=network_id, model_id=self.session_kind.model_id(trainer.model_id),
             param_count=trainer.param_count,
             group_size=cfg.group_size, threshold=cfg.threshold, fixed_point=cfg.fixed_point,
             timeouts=cfg.timeouts, max_colluders=cfg.max_colluders,
@@ -189,7 +191,7 @@ class Peer:
             next_seq=self.seq.next,
             secret_tap=cfg.secret_tap,
         )
-        self.session: AnySession | None = None
+        self.session: GroupSession | None = None
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
         # Residual fill (docs/sessions.md, "Sparse supports"): the strategy lends this peer's
@@ -330,7 +332,7 @@ class Peer:
         transport_stop: asyncio.Event,
     ) -> None:
         if self.session is not None:
-            self._process(self.driver.abort(self.session, "peer_stopping"))
+            self._process(self.session.abort("peer_stopping"))
         # Let the aborts and the leave go out while still connected (bounded wait).
         if self.transport.connected.is_set():
             with contextlib.suppress(ProtocolError, ValueError):
@@ -386,7 +388,7 @@ class Peer:
         )
         return encode_message(header, body, self.identity.sign)
 
-    def _queue(self, out: WireOut, session_id: bytes) -> None:
+    def _queue(self, out: Outgoing, session_id: bytes) -> None:
         payload = self._encode(out.kind, session_id, out.body, out.seq)
         if out.recipient is None:  # for every member: on our topic of this session
             topic = session_topic(self.network_id, self.peer_id, session_id)
@@ -404,7 +406,7 @@ class Peer:
         """The broker refused a session topic: that session cannot work, abort it."""
         session = self.session
         if session is not None and session.session_id == session_id:
-            self._process(self.driver.abort(session, "subscribe_failed"))
+            self._process(session.abort("subscribe_failed"))
 
     async def _on_connected(self) -> None:
         self.view.on_connected()
@@ -454,7 +456,7 @@ class Peer:
             else:
                 self.drops.drop("unknown_session")
             return
-        self._process(self.driver.handle(session, header, body, now))
+        self._process(session.handle(header, body, now))
 
     def _yields_to(self, header: m.Header) -> bool:
         """Whether our own session, still only inviting, gives way to this invite.
@@ -469,7 +471,7 @@ class Peer:
         return (
             session is not None
             and session.role is Role.INITIATOR
-            and self.driver.inviting(session)
+            and session.inviting
             and header.session < session.session_id
         )
 
@@ -485,29 +487,30 @@ class Peer:
             # A member contributing nothing would let the two others learn each other's vector.
             reason = "no_update"
         else:
-            reason = self.driver.check_invite(self.params, invite)
+            reason = self.session_kind.check_invite(self.params, invite)
         if reason is not None:
             self.counters.count_decline(reason)
-            out = WireOut(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
+            out = Outgoing(header.sender, m.Kind.DECLINE, m.Decline(reason), self.seq.next())
             self._queue(out, header.session)
             self._remember_session(header.session)  # its ABORT may still come: not a drop
             return
         assert self._fresh is not None
         if self.session is not None:
-            self._process(self.driver.abort(self.session, "yielded"))
+            self._process(self.session.abort("yielded"))
         contribution = self._fresh
-        session, step = self.driver.join(self._session_ctx, header, invite, contribution, now)
+        session, step = self.session_kind.join(self._session_ctx, header, invite,
+                                               contribution, now)
         self._set_session(session, contribution)
         self._process(step)
 
-    def _set_session(self, session: AnySession, contribution: Contribution) -> None:
+    def _set_session(self, session: GroupSession, contribution: Contribution) -> None:
         self.session = session
         self._session_contribution = contribution
         self._remember_session(session.session_id)
         self._subscription(session, subscribe=True)  # queued before the session's first message
 
-    def _subscription(self, session: AnySession, *, subscribe: bool) -> None:
-        topic_filter = self.driver.session_filter(self.network_id, session)
+    def _subscription(self, session: GroupSession, *, subscribe: bool) -> None:
+        topic_filter = self.session_kind.session_filter(self.network_id, session)
         if topic_filter is not None:
             self.outbox.put(Subscription(topic_filter, subscribe, session.session_id))
 
@@ -516,7 +519,7 @@ class Peer:
         while len(self._recent_sessions) > _RECENT_SESSIONS:
             self._recent_sessions.popitem(last=False)
 
-    def _process(self, step: DriverStep) -> None:
+    def _process(self, step: Step) -> None:
         """Send what a session step produced, count its drops, and settle a finished session."""
         session = self.session
         for reason in step.drops:
@@ -641,8 +644,8 @@ class Peer:
         if len(invitees) < 2:
             return False
         contribution = self._fresh
-        session, step = self.driver.initiate(self._session_ctx, os.urandom(16), contribution,
-                                             invitees[:k], now)
+        session, step = self.session_kind.initiate(self._session_ctx, os.urandom(16),
+                                                   contribution, invitees[:k], now)
         self._set_session(session, contribution)
         self._process(step)
         return True
@@ -698,7 +701,7 @@ class Peer:
                 self.drops.drop("chunk_evicted", "the largest sender's oldest message", evicted)
         session = self.session
         if session is not None and now >= session.deadline:
-            self._process(self.driver.on_timeout(session, now))
+            self._process(session.on_timeout(now))
 
     async def _announce_loop(self) -> None:
         while not self._stopping:

@@ -83,7 +83,7 @@ class NodeConfig:
     # of the model id a peer announces and samples by.
     session_kind: str = "shamir"
     # The masked session's per-phase timeouts; None: derived from ``timeouts``
-    # (session_driver.masked_timeouts_from).
+    # (peer.network.session.kinds.masked_timeouts_from).
     masked_timeouts: MaskedTimeouts | None = None
     # Largest payload this peer publishes: a session message above it goes out as
     # signed CHUNKs that each fit (protocol/chunks.py). 16 KiB..8 MiB; the default 256 KiB

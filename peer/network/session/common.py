@@ -1,13 +1,15 @@
 """What both session kinds share: roles, parameters, the context a session runs in, a member's
-contribution, the result, and the initiator's checks of invitees' answers.
+contribution and its dense form, the result, what a step sends (:class:`Outgoing`,
+:class:`Step`, in the wire's own ``protocol.messages`` kinds) and the checks of group formation.
 
 :mod:`peer.network.session.shamir` (Shamir) and :mod:`peer.network.session.masked` (masked) build
-on these; ``peer.network.session.shamir`` re-exports them.
+on these, and on :class:`peer.network.session.group.GroupSession`; ``shamir`` re-exports them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -18,7 +20,13 @@ import numpy as np
 from crypto.field import FixedPoint, field_to_bytes
 from crypto.identity import Identity
 from peer.errors import DroppedError
+from protocol import messages as m
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD
+
+log = logging.getLogger(__name__)
+
+NO_INDICES = np.zeros(0, dtype=np.uint32)
+NO_VALUES = np.zeros(0, dtype=np.float32)
 
 
 class Role(Enum):
@@ -184,10 +192,6 @@ class GroupResult:
     filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
 
 
-class SessionDrop(DroppedError):
-    """Refuse one inbound message of a session with a counted reason (both session kinds)."""
-
-
 def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
     """Check an index set is a non-empty sorted unique uint32 array below ``param_count``."""
     idx = np.asarray(indices)
@@ -202,22 +206,155 @@ def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
 
 def check_answer(sender: str, invited: Sequence[str], accepted: Mapping[str, object],
                  declined: Set[str]) -> None:
-    """An initiator's check of an invitee's ACCEPT or DECLINE: SessionDrop unless ``sender``
+    """An initiator's check of an invitee's ACCEPT or DECLINE: DroppedError unless ``sender``
     was invited and has not answered yet (both session kinds)."""
     if sender not in invited:
-        raise SessionDrop("not_invited")
+        raise DroppedError("not_invited")
     if sender in accepted or sender in declined:
-        raise SessionDrop("duplicate_answer")
+        raise DroppedError("duplicate_answer")
 
 
 def answer_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
-    """An ACCEPT's index set, checked (:func:`validate_indices`); SessionDrop ``bad_indices``."""
+    """An ACCEPT's index set, checked (:func:`validate_indices`); DroppedError ``bad_indices``."""
     try:
         return validate_indices(indices, param_count)
     except ValueError as exc:
-        raise SessionDrop("bad_indices") from exc
+        raise DroppedError("bad_indices") from exc
 
 
 def group_decided(accepted: int, declined: int, invited: int, group_size: int) -> bool:
     """Whether an initiator can fix its group: g − 1 accepted, or every invitee answered."""
     return accepted >= group_size - 1 or accepted + declined >= invited
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message a session wants signed and published: direct to ``recipient`` on
+    ``direct_topic(network, self, recipient)``, or, when ``recipient`` is None, on the sender's
+    session topic of the session (every member reads it; ``m.SESSION_TOPIC_KINDS``)."""
+
+    recipient: str | None
+    kind: m.Kind
+    body: m.Body
+    seq: int
+
+
+@dataclass
+class Step:
+    """What one event produced: messages to send and reasons of refused inbound messages."""
+
+    out: list[Outgoing] = field(default_factory=list)
+    drops: list[str] = field(default_factory=list)
+
+    def extend(self, other: Step) -> None:
+        self.out.extend(other.out)
+        self.drops.extend(other.drops)
+
+
+def check_contribution(contribution: Contribution, param_count: int) -> None:
+    """ValueError unless ``contribution`` has a valid index set and finite values on it."""
+    validate_indices(contribution.indices, param_count)
+    if contribution.values.shape != contribution.indices.shape:
+        raise ValueError("contribution values must match its indices")
+    if not np.all(np.isfinite(contribution.values)):
+        raise ValueError("contribution has non-finite values")
+
+
+def dense_contribution(contribution: Contribution, coords: np.ndarray, max_abs: float,
+                       label: str = "session",
+                       ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A member's float64 values over the session's ``coords`` (sorted, holding its own
+    indices) and the (indices, float32 values) its residual fill put outside its index set.
+
+    Values are clipped to ``[-max_abs, max_abs]`` (the encodable range) instead of failing: a
+    DP update is far inside it, and the merge bounds the result anyway. Without a fill, or when
+    the fill fails or returns a wrong-shaped or non-finite array, the member contributes zeros
+    outside its index set (a trainer-side failure must not cost the session) and reports no
+    fill. Both session kinds and the reference engine (sim/reference.py) build their vector
+    here; ``label`` names the caller in log lines.
+    """
+    dense = np.zeros(coords.size, dtype=np.float64)
+    dense[np.searchsorted(coords, contribution.indices)] = np.clip(
+        contribution.values.astype(np.float64), -max_abs, max_abs)
+    outside = np.setdiff1d(coords, contribution.indices, assume_unique=True)
+    if contribution.fill is None or outside.size == 0:
+        return dense, (NO_INDICES, NO_VALUES)
+    try:
+        values = np.asarray(contribution.fill(outside), dtype=np.float32)
+    except Exception:
+        log.exception("%s: residual fill failed", label)
+        return dense, (NO_INDICES, NO_VALUES)
+    if values.shape != outside.shape or not np.all(np.isfinite(values)):
+        log.error("%s: residual fill returned a bad array", label)
+        return dense, (NO_INDICES, NO_VALUES)
+    values = np.clip(values, -max_abs, max_abs)
+    dense[np.searchsorted(coords, outside)] = values.astype(np.float64)
+    return dense, (outside.astype(np.uint32), values)
+
+
+def check_invite(params: SessionParams, invite: m.Invite) -> str | None:
+    """Why this peer must decline ``invite`` on protocol grounds (None if acceptable)."""
+    if invite.model_id != params.model_id or invite.param_count != params.param_count:
+        return "model_mismatch"
+    if invite.frac_bits != params.fixed_point.frac_bits:
+        return "encoding_mismatch"
+    if not min_contributors(params.max_colluders) <= invite.group_size <= min(
+        MAX_MEMBERS, params.fixed_point.max_summands
+    ):
+        return "bad_group_size"
+    # Our own threshold is our privacy floor: fewer partials may never rebuild our shares,
+    # and our c colluders must hold fewer than t shares of anything.
+    floor = max(MIN_THRESHOLD, params.threshold, params.max_colluders + 1)
+    if not floor <= invite.threshold <= invite.group_size:
+        return "bad_threshold"
+    return None
+
+
+def invite_group_size(ctx: SessionContext, invitees: Sequence[str]) -> int:
+    """The group size an initiator asks ``invitees`` for; ValueError unless they are 2 to
+    MAX_MEMBERS - 1 distinct peers other than itself.
+
+    More than g - 1 invitees may be asked (over-inviting): the first g - 1 to accept form the
+    group and the rest are released with an ABORT, which raises the chance of a full group
+    when many neighbours are busy or have nothing fresh.
+    """
+    if not MIN_GROUP_SIZE - 1 <= len(invitees) <= MAX_MEMBERS - 1:
+        raise ValueError(f"need between 2 and {MAX_MEMBERS - 1} invitees")
+    if ctx.self_id in invitees or len(set(invitees)) != len(invitees):
+        raise ValueError("invitees must be distinct and exclude self")
+    return min(len(invitees) + 1, ctx.params.group_size)
+
+
+def union_coordinates(index_sets: Sequence[np.ndarray]) -> np.ndarray:
+    """The session's coordinates: the sorted union of the members' index sets."""
+    return np.unique(np.concatenate(list(index_sets))).astype(np.uint32)
+
+
+def check_start(members: Sequence[str], threshold: int, coordinates: np.ndarray, *,
+                initiator: str, me: str, group_size: int, expected_threshold: int,
+                params: SessionParams, own_indices: np.ndarray,
+                ) -> tuple[tuple[str, ...], np.ndarray] | None:
+    """An invitee's check of the group and coordinates a START names (both kinds).
+
+    Returns (members, coordinates), or None when the group is smaller than this peer's sum
+    invariant allows (the caller aborts: it never shares into it). DroppedError
+    ``bad_members``, ``bad_threshold`` or ``bad_coordinates`` for a malformed START.
+    """
+    group = tuple(members)
+    if (not group or group[0] != initiator or me not in group or len(set(group)) != len(group)
+            or not MIN_GROUP_SIZE <= len(group) <= group_size):
+        raise DroppedError("bad_members")
+    if threshold != expected_threshold or len(group) < expected_threshold:
+        raise DroppedError("bad_threshold")
+    if len(group) < min_contributors(params.max_colluders):
+        return None
+    try:
+        coords = validate_indices(coordinates, params.param_count)
+    except ValueError as exc:
+        raise DroppedError("bad_coordinates") from exc
+    pos = np.searchsorted(coords, own_indices)
+    if np.any(pos >= coords.size) or not np.array_equal(
+        coords[np.minimum(pos, coords.size - 1)], own_indices
+    ):
+        raise DroppedError("bad_coordinates")  # our own index set must be inside the union
+    return group, coords

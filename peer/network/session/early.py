@@ -30,7 +30,7 @@ from typing import Final, Generic, TypeVar
 
 import numpy as np
 
-from peer.network.session.common import SessionDrop
+from peer.errors import DroppedError
 from protocol.limits import FLOOD_SENDERS, session_message_bound
 
 __all__ = ["EARLY_OVER_BUDGET", "ITEM_OVERHEAD_BYTES", "OBJECT_OVERHEAD_BYTES",
@@ -118,11 +118,11 @@ class EarlyBuffer(Generic[T]):
         return self._by_sender.get(sender, 0)
 
     def hold(self, sender: str, item: T, size: int) -> None:
-        """Hold ``item`` (``size`` bytes, :func:`held_size`) from ``sender``; SessionDrop
+        """Hold ``item`` (``size`` bytes, :func:`held_size`) from ``sender``; DroppedError
         ``early_over_budget`` when it would exceed the sender's or the total budget."""
         if (self.held_by(sender) + size > self.budget.per_sender_bytes
                 or self.held_bytes + size > self.budget.total_bytes):
-            raise SessionDrop(EARLY_OVER_BUDGET)
+            raise DroppedError(EARLY_OVER_BUDGET)
         self._items.append(item)
         self._by_sender[sender] = self.held_by(sender) + size
         self.held_bytes += size

@@ -1,19 +1,21 @@
 """The session kinds a node can run, behind one small interface (``[session] kind``).
 
 The node (peer/network/node.py) owns the I/O: topics, signing, subscriptions, merging and
-events. What differs between session kinds is only how a session is made, how signed wire
-messages reach its state machine and what its steps put on the wire; a
-:class:`SessionDriver` does exactly that, so node.py holds no per-kind branches.
-:data:`SESSION_DRIVERS` maps the config name to the class (the registry style of
-peer/sharing/): a new session kind is one class and one line here.
+events. What differs between session kinds is how a session is made (``initiate``, ``join``),
+which INVITEs it accepts, the model id it groups by and the topic it reads; a
+:class:`SessionKind` says exactly that. Once made, a session of either kind is driven through
+the same public interface (:class:`peer.network.session.group.GroupSession`: ``handle``,
+``on_timeout``, ``abort``, ``inviting``...) in the wire's own message kinds, so node.py holds no
+per-kind branches. :data:`SESSION_KINDS` maps the config name to the class (the registry style
+of peer/sharing/): a new session kind is one class and one line here.
 
-* ``"shamir"`` (default): :class:`peer.network.session.shamir.Session`, Shamir shares and partial
-  sums on direct topics (docs/sessions.md).
+* ``"shamir"`` (default): :class:`peer.network.session.shamir.Session`, Shamir shares and
+  partial sums on direct topics (docs/sessions.md).
 * ``"masked"``: :class:`peer.network.session.masked.MaskedSession`, one masked vector per
   member on the session topic (docs/design/masked-sessions.md, "In the node").
 
 Security property of the split: peers of different kinds never form a session together. A
-driver's :meth:`SessionDriver.model_id` is the id the peer announces, samples invitees by and
+kind's :meth:`SessionKind.model_id` is the id the peer announces, samples invitees by and
 requires in every INVITE (``check_invite``), and the masked kind's carries a ``-masked``
 suffix, so a Shamir peer neither invites nor accepts a masked peer, and the other way round.
 """
@@ -21,151 +23,77 @@ suffix, so a Shamir peer neither invites nor accepts a masked peer, and the othe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import ClassVar
 
-from peer.network.session import masked_messages as mm
-from peer.network.session.masked import MaskedPhase, MaskedSession
-from peer.network.session.masked_messages import (
-    MaskedHeader,
-    MaskedKind,
-    MaskedStep,
-    MaskedTimeouts,
-)
-from peer.network.session.shamir import (
+from peer.network.session.common import (
     Contribution,
-    Phase,
-    Session,
     SessionContext,
     SessionParams,
     SessionTimeouts,
     Step,
+    check_invite,
 )
-from peer.network.settings import NodeConfig
+from peer.network.session.group import GroupSession
+from peer.network.session.masked import MaskedSession
+from peer.network.session.masked_messages import MaskedTimeouts
+from peer.network.session.shamir import Session
 from protocol import messages as m
 from protocol.topics import session_filter
-
-#: A session of any kind (the node keeps the state machine itself; tests read its members).
-AnySession = Session | MaskedSession
-
-#: The masked state machine's kinds on the wire (MaskedKind stays local to it).
-WIRE_KIND: dict[MaskedKind, m.Kind] = {
-    MaskedKind.INVITE: m.Kind.INVITE,
-    MaskedKind.ACCEPT: m.Kind.MASKED_ACCEPT,
-    MaskedKind.START: m.Kind.MASKED_START,
-    MaskedKind.KEYS: m.Kind.KEYS,
-    MaskedKind.MASKED: m.Kind.MASKED,
-    MaskedKind.SURVIVORS: m.Kind.SURVIVORS,
-    MaskedKind.CONFIRM: m.Kind.CONFIRM,
-    MaskedKind.REVEAL: m.Kind.REVEAL,
-    MaskedKind.ABORT: m.Kind.ABORT,
-}
-_LOCAL_KIND = {wire: local for local, wire in WIRE_KIND.items()}
 
 #: Appended to the model id in masked mode (after the sharing strategy's own suffix).
 MASKED_MODEL_SUFFIX = "-masked"
 
 
-@dataclass(frozen=True)
-class WireOut:
-    """A message to sign and publish: direct to ``recipient``, or on the sender's session
-    topic of the session when ``recipient`` is None."""
-
-    recipient: str | None
-    kind: m.Kind
-    body: m.Body
-    seq: int
-
-
-@dataclass
-class DriverStep:
-    """What one session event produced, in wire terms: messages and refused-input reasons."""
-
-    out: list[WireOut] = field(default_factory=list)
-    drops: list[str] = field(default_factory=list)
-
-
-class SessionDriver(ABC):
-    """Makes and drives sessions of one kind for a node; stateless between calls."""
+class SessionKind(ABC):
+    """Makes sessions of one kind for a node; stateless between calls."""
 
     name: ClassVar[str]
+    #: What :meth:`model_id` appends to the base model id.
+    suffix: ClassVar[str] = ""
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> SessionDriver:
+    def from_timeouts(cls, timeouts: SessionTimeouts,
+                      masked_timeouts: MaskedTimeouts | None = None) -> SessionKind:
+        """This kind set up from the peer's session timeouts (``masked_timeouts``: the masked
+        phases' own, when configured)."""
         return cls()
 
     def model_id(self, base: str) -> str:
         """The model id this peer announces and groups by: ``base`` plus the kind's suffix."""
-        return base
+        return base + self.suffix
 
     def check_invite(self, params: SessionParams, invite: m.Invite) -> str | None:
         """Why an INVITE must be declined on protocol grounds (None if acceptable)."""
-        return Session.check_invite(params, invite)
+        return check_invite(params, invite)
 
-    def session_filter(self, network: str, session: AnySession) -> str | None:
+    def session_filter(self, network: str, session: GroupSession) -> str | None:
         """The subscription a session needs from its first message to its end (None: none)."""
         return None
 
     @abstractmethod
     def initiate(self, ctx: SessionContext, session_id: bytes, contribution: Contribution,
-                 invitees: list[str], now: float) -> tuple[AnySession, DriverStep]: ...
+                 invitees: list[str], now: float) -> tuple[GroupSession, Step]:
+        """A new session inviting ``invitees``, and its INVITEs."""
 
     @abstractmethod
     def join(self, ctx: SessionContext, header: m.Header, invite: m.Invite,
-             contribution: Contribution, now: float) -> tuple[AnySession, DriverStep]: ...
-
-    @abstractmethod
-    def handle(self, session: AnySession, header: m.Header, body: m.Body,
-               now: float) -> DriverStep:
-        """Feed one authenticated message of ``session`` (the inbound checks passed)."""
-
-    @abstractmethod
-    def on_timeout(self, session: AnySession, now: float) -> DriverStep: ...
-
-    @abstractmethod
-    def abort(self, session: AnySession, reason: str) -> DriverStep: ...
-
-    @abstractmethod
-    def inviting(self, session: AnySession) -> bool:
-        """Whether the session is still collecting answers (it may yield to another invite)."""
+             contribution: Contribution, now: float) -> tuple[GroupSession, Step]:
+        """A new session accepting ``invite`` (``check_invite`` passed), and its ACCEPT."""
 
 
-class ShamirDriver(SessionDriver):
-    """The Shamir session (peer/network/session/shamir.py); its messages are wire messages
-    already."""
+class ShamirSessionKind(SessionKind):
+    """The Shamir session (peer/network/session/shamir.py); its timeouts are the session
+    parameters' (``SessionParams.timeouts``)."""
 
     name = "shamir"
 
-    @staticmethod
-    def _wire(step: Step) -> DriverStep:
-        return DriverStep([WireOut(o.recipient, o.kind, o.body, o.seq) for o in step.out],
-                          list(step.drops))
-
     def initiate(self, ctx: SessionContext, session_id: bytes, contribution: Contribution,
-                 invitees: list[str], now: float) -> tuple[AnySession, DriverStep]:
-        session, step = Session.initiate(ctx, session_id, contribution, invitees, now)
-        return session, self._wire(step)
+                 invitees: list[str], now: float) -> tuple[GroupSession, Step]:
+        return Session.initiate(ctx, session_id, contribution, invitees, now)
 
     def join(self, ctx: SessionContext, header: m.Header, invite: m.Invite,
-             contribution: Contribution, now: float) -> tuple[AnySession, DriverStep]:
-        session, step = Session.join(ctx, header, invite, contribution, now)
-        return session, self._wire(step)
-
-    def handle(self, session: AnySession, header: m.Header, body: m.Body,
-               now: float) -> DriverStep:
-        assert isinstance(session, Session)
-        return self._wire(session.handle(header, body, now))
-
-    def on_timeout(self, session: AnySession, now: float) -> DriverStep:
-        assert isinstance(session, Session)
-        return self._wire(session.on_timeout(now))
-
-    def abort(self, session: AnySession, reason: str) -> DriverStep:
-        assert isinstance(session, Session)
-        return self._wire(session.abort(reason))
-
-    def inviting(self, session: AnySession) -> bool:
-        return isinstance(session, Session) and session.phase is Phase.INVITING
+             contribution: Contribution, now: float) -> tuple[GroupSession, Step]:
+        return Session.join(ctx, header, invite, contribution, now)
 
 
 def masked_timeouts_from(timeouts: SessionTimeouts) -> MaskedTimeouts:
@@ -179,93 +107,51 @@ def masked_timeouts_from(timeouts: SessionTimeouts) -> MaskedTimeouts:
     )
 
 
-class MaskedDriver(SessionDriver):
-    """Masked sessions (peer/network/session/masked.py) translated to and from the wire.
-
-    A DECLINE reaches the state machine as the ABORT it is equivalent to there (an invitee's
-    ABORT while the initiator is inviting is its decline); a wire kind the masked session does
-    not speak (SHARE, PARTIAL, the Shamir ACCEPT and START) is a counted ``unexpected_kind``.
-    """
+class MaskedSessionKind(SessionKind):
+    """Masked sessions (peer/network/session/masked.py), on a session topic each member
+    subscribes to for the session's lifetime."""
 
     name = "masked"
+    suffix = MASKED_MODEL_SUFFIX
 
     def __init__(self, timeouts: MaskedTimeouts) -> None:
         self.timeouts = timeouts
 
     @classmethod
-    def from_config(cls, config: NodeConfig) -> SessionDriver:
-        return cls(config.masked_timeouts or masked_timeouts_from(config.timeouts))
+    def from_timeouts(cls, timeouts: SessionTimeouts,
+                      masked_timeouts: MaskedTimeouts | None = None) -> SessionKind:
+        return cls(masked_timeouts or masked_timeouts_from(timeouts))
 
-    def model_id(self, base: str) -> str:
-        return base + MASKED_MODEL_SUFFIX
-
-    def session_filter(self, network: str, session: AnySession) -> str | None:
+    def session_filter(self, network: str, session: GroupSession) -> str | None:
         return session_filter(network, session.session_id)
 
-    @staticmethod
-    def _wire(step: MaskedStep) -> DriverStep:
-        return DriverStep([WireOut(o.recipient, WIRE_KIND[o.kind], o.body, o.seq)
-                           for o in step.out], list(step.drops))
-
-    @staticmethod
-    def _local(header: m.Header, body: m.Body) -> tuple[MaskedHeader, mm.MaskedBody] | None:
-        if header.kind is m.Kind.DECLINE:
-            assert isinstance(body, m.Decline)
-            local, body = MaskedKind.ABORT, m.Abort(body.reason)
-        elif header.kind in _LOCAL_KIND:
-            local = _LOCAL_KIND[header.kind]
-        else:
-            return None
-        return MaskedHeader(local, header.sender, header.session, header.seq), body  # type: ignore[return-value]
-
     def initiate(self, ctx: SessionContext, session_id: bytes, contribution: Contribution,
-                 invitees: list[str], now: float) -> tuple[AnySession, DriverStep]:
-        session, step = MaskedSession.initiate(ctx, session_id, contribution, invitees, now,
-                                               self.timeouts)
-        return session, self._wire(step)
+                 invitees: list[str], now: float) -> tuple[GroupSession, Step]:
+        return MaskedSession.initiate(ctx, session_id, contribution, invitees, now,
+                                      self.timeouts)
 
     def join(self, ctx: SessionContext, header: m.Header, invite: m.Invite,
-             contribution: Contribution, now: float) -> tuple[AnySession, DriverStep]:
-        local = MaskedHeader(MaskedKind.INVITE, header.sender, header.session, header.seq)
-        session, step = MaskedSession.join(ctx, local, invite, contribution, now, self.timeouts)
-        return session, self._wire(step)
-
-    def handle(self, session: AnySession, header: m.Header, body: m.Body,
-               now: float) -> DriverStep:
-        assert isinstance(session, MaskedSession)
-        local = self._local(header, body)
-        if local is None:
-            return DriverStep(drops=["unexpected_kind"])
-        return self._wire(session.handle(local[0], local[1], now))
-
-    def on_timeout(self, session: AnySession, now: float) -> DriverStep:
-        assert isinstance(session, MaskedSession)
-        return self._wire(session.on_timeout(now))
-
-    def abort(self, session: AnySession, reason: str) -> DriverStep:
-        assert isinstance(session, MaskedSession)
-        return self._wire(session.abort(reason))
-
-    def inviting(self, session: AnySession) -> bool:
-        return isinstance(session, MaskedSession) and session.phase is MaskedPhase.INVITING
+             contribution: Contribution, now: float) -> tuple[GroupSession, Step]:
+        return MaskedSession.join(ctx, header, invite, contribution, now, self.timeouts)
 
 
-SESSION_DRIVERS: dict[str, type[SessionDriver]] = {
-    cls.name: cls for cls in (ShamirDriver, MaskedDriver)
+SESSION_KINDS: dict[str, type[SessionKind]] = {
+    cls.name: cls for cls in (ShamirSessionKind, MaskedSessionKind)
 }
 #: What ``[session] kind`` means when a config does not set it.
-DEFAULT_SESSION_KIND = ShamirDriver.name
+DEFAULT_SESSION_KIND = ShamirSessionKind.name
 
 
-def driver_class(kind: str) -> type[SessionDriver]:
-    """The driver registered as ``kind``; ValueError naming the known kinds otherwise."""
+def kind_class(name: str) -> type[SessionKind]:
+    """The session kind registered as ``name``; ValueError naming the known kinds otherwise."""
     try:
-        return SESSION_DRIVERS[kind]
+        return SESSION_KINDS[name]
     except KeyError:
-        raise ValueError(f"session kind must be one of {tuple(SESSION_DRIVERS)}, "
-                         f"got {kind!r}") from None
+        raise ValueError(f"session kind must be one of {tuple(SESSION_KINDS)}, "
+                         f"got {name!r}") from None
 
 
-def build_driver(config: NodeConfig) -> SessionDriver:
-    """The driver for ``config.session_kind``, set up from ``config``."""
-    return driver_class(config.session_kind).from_config(config)
+def build_kind(name: str, timeouts: SessionTimeouts,
+               masked_timeouts: MaskedTimeouts | None = None) -> SessionKind:
+    """The session kind ``name``, set up from the peer's timeouts."""
+    return kind_class(name).from_timeouts(timeouts, masked_timeouts)

@@ -3,7 +3,12 @@
 The design is docs/design/masked-sessions.md (rules 1-7); the arithmetic is crypto/masking.py;
 the messages are peer/network/session/masked_messages.py. Like peer/network/session/shamir.py, a
 :class:`MaskedSession` never touches the network or the clock: the node feeds it authenticated
-messages (``handle``) and the time (``on_timeout``) and sends what each call returns.
+messages (``handle``) and the time (``on_timeout``) and sends what each call returns. Its
+messages are the wire's own kinds (MASKED_ACCEPT, MASKED_START, KEYS, MASKED, SURVIVORS,
+CONFIRM, REVEAL, and INVITE, DECLINE and ABORT as the Shamir session has them); a wire kind it
+does not speak is a counted ``unexpected_kind`` drop. What it shares with the Shamir kind is
+:class:`peer.network.session.group.GroupSession`; its state and agreement stage are
+:class:`peer.network.session.masked_agreement.MaskedAgreement`.
 
 Phases (``MaskedPhase``)::
 
@@ -21,286 +26,149 @@ Security properties:
   START view digest (group, threshold, coordinates, ephemeral keys, K), sealed pairwise under
   long-term keys: an initiator cannot hand two honest members different keys or groups, and
   every survivor holds a share of every dropped member's ephemeral key.
-* A member reveals nothing until it holds ``confirm_quorum(g, t)`` CONFIRMs (its own included)
-  naming exactly the list it received; it aborts on a second, different SURVIVORS and on any
-  conflicting CONFIRM before it reveals. It reveals once, for each member either a self-seed
-  share (on the list) or an ephemeral-key share (not on it), never both, and then discards the
-  shares it held, so it cannot be made to reveal the other kind later.
-* A REVEAL counts only after its sender's CONFIRM of the same list; rebuilt ephemeral keys must
-  match their public keys, and a count slot (each survivor adds 1.0) must rebuild to the number
-  of survivors, so forged shares abort the session instead of yielding a wrong sum.
-* The sum invariant: a member confirms only a list that names itself and holds at least
-  max(t, c + 2, 3) members (c = ``SessionParams.max_colluders``); otherwise it aborts.
-* Every bad input is a counted drop (``MaskedStep.drops``); aborts discard every share held.
+* What happens once the masked vectors are out (SURVIVORS, the CONFIRM quorum, REVEAL and the
+  sum, and the sum invariant) is :class:`peer.network.session.masked_agreement.MaskedAgreement`,
+  this class's base; its properties are listed there.
+* Every bad input is a counted drop (``Step.drops``); aborts discard every share held.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
 from crypto import masking
-from crypto.errors import CryptoError, SealError
+from crypto.errors import CryptoError
 from crypto.field import field_from_bytes, field_to_bytes
-from crypto.sealing import SealContext, open_sealed, seal
+from crypto.sealing import seal
+from peer.errors import DroppedError
 from peer.network.session import masked_messages as mm
 from peer.network.session.common import (
     Contribution,
-    GroupResult,
+    Outgoing,
     Role,
     SessionContext,
-    SessionDrop,
+    Step,
     answer_indices,
     check_answer,
-    group_decided,
-    min_contributors,
-    validate_indices,
+    check_start,
+    invite_group_size,
+    union_coordinates,
 )
-from peer.network.session.early import EarlyBudget, EarlyBuffer, held_size
-from peer.network.session.masked_messages import MaskedHeader as Header
-from peer.network.session.masked_messages import MaskedKind as Kind
-from peer.network.session.masked_messages import MaskedOutgoing, MaskedStep, MaskedTimeouts
-from peer.network.session.shamir import Session
+from peer.network.session.early import held_size
+from peer.network.session.masked_agreement import HeldShares, MaskedAgreement, MaskedPhase
+from peer.network.session.masked_messages import MaskedTimeouts
 from protocol import messages as m
-from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 
-log = logging.getLogger(__name__)
+__all__ = ["MaskedPhase", "MaskedSession"]
 
+Kind = m.Kind
 _EARLY_KINDS = (Kind.KEYS, Kind.MASKED, Kind.CONFIRM, Kind.REVEAL)
 
 
-class MaskedPhase(Enum):
-    INVITING = "inviting"
-    ACCEPTED = "accepted"
-    KEYS = "keys"
-    MASKED = "masked"
-    CONFIRMING = "confirming"
-    REVEALING = "revealing"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
-_Drop = SessionDrop
-
-
-@dataclass
-class _Held:
-    """This member's shares (at its own x) of one member's two secrets, from that one's KEYS."""
-
-    ephemeral: np.ndarray
-    seed: np.ndarray
-
-
-class MaskedSession:
+class MaskedSession(MaskedAgreement):
     """One masked session from this member's point of view; create with ``initiate``/``join``."""
-
-    def __init__(self, ctx: SessionContext, session_id: bytes, role: Role,
-                 contribution: Contribution, initiator: str, threshold: int, group_size: int,
-                 now: float, timeouts: MaskedTimeouts) -> None:
-        validate_indices(contribution.indices, ctx.params.param_count)
-        if contribution.values.shape != contribution.indices.shape:
-            raise ValueError("contribution values must match its indices")
-        if not np.all(np.isfinite(contribution.values)):
-            raise ValueError("contribution has non-finite values")
-        self.ctx, self.session_id, self.role = ctx, session_id, role
-        self.contribution, self.initiator = contribution, initiator
-        self.threshold, self.group_size, self.timeouts = threshold, group_size, timeouts
-        self.started_at = now
-        initiating = role is Role.INITIATOR
-        self.phase = MaskedPhase.INVITING if initiating else MaskedPhase.ACCEPTED
-        self.deadline = now + (timeouts.invite_s if initiating else timeouts.start_s)
-        self.abort_reason: str | None = None
-        self.result: GroupResult | None = None
-        # Rule 1: fresh secrets per session; forgotten once shared and used.
-        self._key: masking.EphemeralKey | None = masking.EphemeralKey.generate()
-        self._self_seed: bytes | None = masking.new_self_seed()
-        ctx.tap("ephemeral_private", self._key.private)
-        ctx.tap("self_seed", self._self_seed)
-        self.invited: list[str] = []
-        self.accepted: dict[str, tuple[np.ndarray, bytes]] = {}
-        self.declined: set[str] = set()
-        self.members: tuple[str, ...] = ()
-        self.coordinates = np.zeros(0, dtype=np.uint32)
-        self.publics: dict[str, bytes] = {}
-        self.survivors: tuple[str, ...] | None = None
-        #: The survivors list this member revealed its shares on (None: it revealed nothing).
-        #: An audit read-out: which sum this member's REVEAL helps to unmask.
-        self.revealed_for: tuple[str, ...] | None = None
-        self._session_key = b""
-        self._view = b""
-        self._own_encoded: np.ndarray | None = None
-        self._filled: tuple[np.ndarray, np.ndarray] = (mm.NO_INDICES, mm.NO_VALUES)
-        self._held: dict[str, _Held] = {}
-        self._masked: dict[str, np.ndarray] = {}
-        self._confirms: dict[str, tuple[str, ...]] = {}
-        self._reveals: dict[str, list[tuple[mm.RevealKind, np.ndarray]]] = {}
-        self._pending_survivors: tuple[str, ...] | None = None
-        self._heard_survivors = False  # the initiator's SURVIVORS has arrived
-        # Messages that overtook START, and REVEALs before our quorum: bounded in bytes.
-        self._early: EarlyBuffer[tuple[Header, mm.MaskedBody]] = EarlyBuffer(
-            EarlyBudget.for_session(ctx.params.param_count, min(group_size,
-                                                                ctx.params.group_size)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def initiate(cls, ctx: SessionContext, session_id: bytes, contribution: Contribution,
                  invitees: list[str], now: float,
-                 timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, MaskedStep]:
+                 timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, Step]:
         """Invite ``invitees``; the first g - 1 to accept form the group."""
-        p = ctx.params
-        if not MIN_GROUP_SIZE - 1 <= len(invitees) <= MAX_MEMBERS - 1:
-            raise ValueError(f"need between 2 and {MAX_MEMBERS - 1} invitees")
-        if ctx.self_id in invitees or len(set(invitees)) != len(invitees):
-            raise ValueError("invitees must be distinct and exclude self")
-        group_size = min(len(invitees) + 1, p.group_size)
-        s = cls(ctx, session_id, Role.INITIATOR, contribution, ctx.self_id, p.threshold,
-                group_size, now, timeouts or MaskedTimeouts())
-        s.invited = list(invitees)
-        invite = m.Invite(group_size=group_size, threshold=p.threshold, model_id=p.model_id,
-                          param_count=p.param_count, frac_bits=p.fixed_point.frac_bits)
-        return s, MaskedStep([s._out(peer, Kind.INVITE, invite) for peer in invitees])
-
-    check_invite = staticmethod(Session.check_invite)
+        group_size = invite_group_size(ctx, invitees)
+        s = cls(ctx, session_id, Role.INITIATOR, contribution, ctx.self_id,
+                ctx.params.threshold, group_size, now, timeouts or MaskedTimeouts())
+        return s, s._invite(invitees)
 
     @classmethod
-    def join(cls, ctx: SessionContext, header: Header, invite: m.Invite,
+    def join(cls, ctx: SessionContext, header: m.Header, invite: m.Invite,
              contribution: Contribution, now: float,
-             timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, MaskedStep]:
+             timeouts: MaskedTimeouts | None = None) -> tuple[MaskedSession, Step]:
         """Accept an invite (the caller ran ``check_invite`` and knows we are free)."""
         s = cls(ctx, header.session, Role.MEMBER, contribution, header.sender, invite.threshold,
                 invite.group_size, now, timeouts or MaskedTimeouts())
         assert s._key is not None
         accept = mm.Accept(contribution.indices, s._key.public)
-        return s, MaskedStep([s._out(header.sender, Kind.ACCEPT, accept)])
+        return s, Step([s._out(header.sender, Kind.MASKED_ACCEPT, accept)])
 
     # ------------------------------------------------------------------ public API
-    @property
-    def finished(self) -> bool:
-        return self.phase in (MaskedPhase.DONE, MaskedPhase.ABORTED)
-
     def participants(self) -> list[str]:
-        if self.members:
-            return [p for p in self.members if p != self.ctx.self_id]
-        if self.role is Role.INITIATOR:
-            return [p for p in self.invited if p not in self.declined]
-        return [self.initiator]
+        """Every other peer this session has involved and not lost: an invitee that declined
+        is not one."""
+        return self._abort_recipients()
 
-    def handle(self, header: Header, body: mm.MaskedBody, now: float) -> MaskedStep:
-        """Process one authenticated message; bad input is a counted drop, never an exception."""
-        if self.finished:
-            return MaskedStep(drops=["session_finished"])
-        try:
-            return self._dispatch(header, body, now)
-        except _Drop as drop:
-            log.debug("masked session %s: drop %s from %s: %s", self.session_id.hex()[:8],
-                      header.kind, header.sender, drop.reason)
-            return MaskedStep(drops=[drop.reason])
+    def handle(self, header: m.Header, body: m.Body, now: float) -> Step:
+        """Process one authenticated message; bad input is a counted drop, never an exception.
+        A wire kind this session does not speak (SHARE, PARTIAL, the Shamir ACCEPT and START)
+        is ``unexpected_kind`` whatever the phase."""
+        if header.kind not in mm.BODY_TYPES:
+            return Step(drops=["unexpected_kind"])
+        return super().handle(header, body, now)
 
-    def on_timeout(self, now: float) -> MaskedStep:
+    def on_timeout(self, now: float) -> Step:
         """Past the current phase's deadline: fix the group, send SURVIVORS, or abort."""
         if self.finished or now < self.deadline:
-            return MaskedStep()
+            return Step()
         if self.phase is MaskedPhase.INVITING:
             return self._fix_members(now)
         if self.phase is MaskedPhase.MASKED and self.role is Role.INITIATOR:
             return self._send_survivors(now)
         return self.abort(f"timeout_{self.phase.value}")
 
-    def abort(self, reason: str) -> MaskedStep:
-        """Abandon the session: discard every secret and share, tell the other participants."""
-        if self.finished:
-            return MaskedStep()
-        recipients = self.participants()
-        self._enter(MaskedPhase.ABORTED)
-        self.abort_reason = reason
-        return MaskedStep([self._out(p, Kind.ABORT, m.Abort(reason[:200])) for p in recipients])
-
     # ------------------------------------------------------------------ internals
-    def _out(self, recipient: str | None, kind: Kind, body: mm.MaskedBody) -> MaskedOutgoing:
-        return MaskedOutgoing(recipient, kind, body, self.ctx.next_seq())
-
-    def _sealed_out(self, kind: Kind, payload: bytes) -> MaskedOutgoing:
-        """A session-sealed topic message bound to its own seq."""
-        seq = self.ctx.next_seq()
-        ctx = mm.SessionSealContext(self.ctx.params.network_id, self.session_id,
-                                    self.ctx.self_id, kind, seq)
-        sealed = mm.session_seal(self._session_key, ctx, payload)
-        body = mm.Masked(sealed) if kind is Kind.MASKED else mm.Reveal(sealed)
-        return MaskedOutgoing(None, kind, body, seq)
-
-    def _box_context(self, sender: str, recipient: str, seq: int) -> SealContext:
-        return SealContext(self.ctx.params.network_id, self.session_id, sender, recipient, seq)
-
-    def _enter(self, phase: MaskedPhase, now: float = 0.0, timeout: float = 0.0) -> None:
-        self.phase = phase
-        self.deadline = now + timeout
-        if self.finished:  # nothing received or drawn in a session outlives it
-            self._key = self._self_seed = self._own_encoded = None
-            self._session_key = b""
-            for store in (self._held, self._masked, self._reveals):
-                store.clear()
-            self._early.clear()
-
-    def _dispatch(self, header: Header, body: mm.MaskedBody, now: float) -> MaskedStep:
+    def _dispatch(self, header: m.Header, body: m.Body, now: float) -> Step:
         kind, sender = header.kind, header.sender
         if header.session != self.session_id:
-            raise _Drop("wrong_session")
+            raise DroppedError("wrong_session")
         if sender == self.ctx.self_id:
-            raise _Drop("own_message")
+            raise DroppedError("own_message")
         if not isinstance(body, mm.BODY_TYPES[kind]):
-            raise _Drop("body_mismatch")
-        if kind is Kind.ABORT:
+            raise DroppedError("body_mismatch")
+        if kind in (Kind.ABORT, Kind.DECLINE):  # a DECLINE is the invitee's ABORT here
             return self._on_abort(sender, body.reason, now)  # type: ignore[union-attr]
         if self.phase is MaskedPhase.INVITING:
-            if kind is Kind.ACCEPT:
+            if kind is Kind.MASKED_ACCEPT:
                 return self._on_accept(sender, body, now)  # type: ignore[arg-type]
-            raise _Drop("unexpected_kind")
+            raise DroppedError("unexpected_kind")
         if self.phase is MaskedPhase.ACCEPTED:
-            if kind is Kind.START:
+            if kind is Kind.MASKED_START:
                 return self._on_start(header, body, now)  # type: ignore[arg-type]
             if kind in _EARLY_KINDS:  # direct and topic messages may overtake START
                 self._early.hold(sender, (header, body), held_size(body))
-                return MaskedStep()
-            raise _Drop("unexpected_kind")
-        if kind is Kind.ACCEPT and self._late_answer(sender):
-            return MaskedStep()
+                return Step()
+            raise DroppedError("unexpected_kind")
+        if kind is Kind.MASKED_ACCEPT and self._late_answer(sender):
+            return Step()
         if sender not in self.members:
-            raise _Drop("not_a_member")
+            raise DroppedError("not_a_member")
         handlers = {Kind.KEYS: self._on_keys, Kind.MASKED: self._on_masked,
                     Kind.SURVIVORS: self._on_survivors, Kind.CONFIRM: self._on_confirm,
                     Kind.REVEAL: self._on_reveal}
         if kind not in handlers:
-            raise _Drop("unexpected_kind")
+            raise DroppedError("unexpected_kind")
         return handlers[kind](header, body, now)  # type: ignore[operator]
 
     # initiator: group formation -------------------------------------------
-    def _on_accept(self, sender: str, body: mm.Accept, now: float) -> MaskedStep:
+    def _on_accept(self, sender: str, body: mm.Accept, now: float) -> Step:
         check_answer(sender, self.invited, self.accepted, self.declined)
         idx = answer_indices(body.indices, self.ctx.params.param_count)
         public = bytes(body.ephemeral_public)
         assert self._key is not None
         known = {self._key.public} | {pub for _, pub in self.accepted.values()}
         if len(public) != mm.EPHEMERAL_PUBLIC_BYTES or public in known:
-            raise _Drop("bad_ephemeral_key")
+            raise DroppedError("bad_ephemeral_key")
         self.accepted[sender] = (idx, public)
-        if group_decided(len(self.accepted), len(self.declined), len(self.invited),
-                         self.group_size):
-            return self._fix_members(now)
-        return MaskedStep()
+        return self._maybe_fix_members(now)
 
-    def _fix_members(self, now: float) -> MaskedStep:
-        chosen = list(self.accepted)[: self.group_size - 1]
-        members = (self.ctx.self_id, *chosen)
-        if len(members) < self._fewest_survivors():
+    def _fix_members(self, now: float) -> Step:
+        group = self._chosen()
+        if group is None:
             return self.abort("too_few_members")  # the sum invariant (docs/sessions.md 3.3)
-        released = [p for p in self.invited if p not in chosen and p not in self.declined]
-        step = MaskedStep([self._out(p, Kind.ABORT, m.Abort("not_selected")) for p in released])
-        coords = np.unique(np.concatenate(
-            [self.contribution.indices, *(self.accepted[p][0] for p in chosen)])).astype(np.uint32)
+        chosen, members = group
+        step = self._release(chosen)
+        coords = union_coordinates([self.contribution.indices,
+                                    *(self.accepted[p][0] for p in chosen)])
         assert self._key is not None
         publics = (self._key.public, *(self.accepted[p][1] for p in chosen))
         session_key = os.urandom(mm.SESSION_KEY_BYTES)
@@ -312,49 +180,40 @@ class MaskedSession:
             sealed = seal(self.ctx.identity, box_key,
                           self._box_context(self.ctx.self_id, peer, seq), session_key)
             start = mm.Start(members, self.threshold, coords, publics, peer, sealed)
-            step.out.append(MaskedOutgoing(peer, Kind.START, start, seq))
+            step.out.append(Outgoing(peer, Kind.MASKED_START, start, seq))
         step.extend(self._begin_keys(members, coords, publics, session_key, now))
         return step
 
     # invitee: START -------------------------------------------------------
-    def _on_start(self, header: Header, body: mm.Start, now: float) -> MaskedStep:
+    def _on_start(self, header: m.Header, body: mm.Start, now: float) -> Step:
         me = self.ctx.self_id
         if header.sender != self.initiator:
-            raise _Drop("not_from_initiator")
+            raise DroppedError("not_from_initiator")
         if body.recipient != me:
-            raise _Drop("wrong_recipient")
-        members = tuple(body.members)
-        if (not members or members[0] != self.initiator or me not in members
-                or len(set(members)) != len(members)
-                or not MIN_GROUP_SIZE <= len(members) <= self.group_size):
-            raise _Drop("bad_members")
-        if body.threshold != self.threshold or len(members) < self.threshold:
-            raise _Drop("bad_threshold")
-        if len(members) < min_contributors(self.ctx.params.max_colluders):
+            raise DroppedError("wrong_recipient")
+        checked = check_start(body.members, body.threshold, body.coordinates,
+                              initiator=self.initiator, me=me, group_size=self.group_size,
+                              expected_threshold=self.threshold, params=self.ctx.params,
+                              own_indices=self.contribution.indices)
+        if checked is None:
             return self.abort("too_few_members")  # our sum invariant: never mask into it
-        try:
-            coords = validate_indices(body.coordinates, self.ctx.params.param_count)
-        except ValueError as exc:
-            raise _Drop("bad_coordinates") from exc
-        if not np.all(np.isin(self.contribution.indices, coords)):
-            raise _Drop("bad_coordinates")  # our own index set must be inside the union
+        members, coords = checked
         publics = tuple(bytes(p) for p in body.ephemeral_publics)
         assert self._key is not None
         if (len(publics) != len(members) or len(set(publics)) != len(publics)
                 or any(len(p) != mm.EPHEMERAL_PUBLIC_BYTES for p in publics)
                 or publics[members.index(me)] != self._key.public):
-            raise _Drop("bad_ephemeral_keys")
+            raise DroppedError("bad_ephemeral_keys")
         key = self._open_box(header, body.session_key)
         if len(key) != mm.SESSION_KEY_BYTES:
-            raise _Drop("bad_session_key")
+            raise DroppedError("bad_session_key")
         step = self._begin_keys(members, coords, publics, key, now)
-        for h, b in self._early.take():
-            step.extend(self.handle(h, b, now))
+        step.extend(self._replay_early(now))
         return step
 
     # both: KEYS and MASKED ------------------------------------------------
     def _begin_keys(self, members: tuple[str, ...], coords: np.ndarray,
-                    publics: tuple[bytes, ...], session_key: bytes, now: float) -> MaskedStep:
+                    publics: tuple[bytes, ...], session_key: bytes, now: float) -> Step:
         ctx, me = self.ctx, self.ctx.self_id
         for peer in members:
             if peer != me and ctx.box_key_of(peer) is None:
@@ -364,51 +223,46 @@ class MaskedSession:
         self.publics = dict(zip(members, publics, strict=True))
         self._view = mm.view_digest(ctx.params.network_id, self.session_id, members,
                                     self.threshold, coords, publics, session_key)
-        fp = ctx.params.fixed_point
-        dense, self._filled = mm.dense_contribution(self.contribution, coords, fp.max_abs)
-        try:  # the count slot: each member adds 1.0, rebuilt as the number of survivors
-            self._own_encoded = fp.encode(np.concatenate([dense, np.ones(1)]))
-        except CryptoError as exc:
-            log.warning("masked session %s: cannot encode: %s", self.session_id.hex()[:8], exc)
+        if not self._encode_own(coords):
             return self.abort("encode_failed")
         assert self._key is not None and self._self_seed is not None
         g = len(members)
         eph = masking.share_secret(self._key.private, n=g, t=self.threshold)
         seeds = masking.share_secret(self._self_seed, n=g, t=self.threshold)
-        step = MaskedStep()
+        step = Step()
         for pos, peer in enumerate(members):
             if peer == me:
-                self._held[me] = _Held(eph[pos].values, seeds[pos].values)
+                self._held[me] = HeldShares(eph[pos].values, seeds[pos].values)
                 continue
             seq = ctx.next_seq()
             payload = mm.encode_keys(self._view, eph[pos].values, seeds[pos].values)
             ctx.tap("share_plaintext", payload)
             sealed = seal(ctx.identity, ctx.box_key_of(peer) or b"",
                           self._box_context(me, peer, seq), payload)
-            step.out.append(MaskedOutgoing(peer, Kind.KEYS, mm.Keys(peer, sealed), seq))
+            step.out.append(Outgoing(peer, Kind.KEYS, mm.Keys(peer, sealed), seq))
         self._enter(MaskedPhase.KEYS, now, self.timeouts.keys_s)
         step.extend(self._maybe_publish_masked(now))
         return step
 
-    def _on_keys(self, header: Header, body: mm.Keys, now: float) -> MaskedStep:
+    def _on_keys(self, header: m.Header, body: mm.Keys, now: float) -> Step:
         if body.recipient != self.ctx.self_id:
-            raise _Drop("wrong_recipient")
+            raise DroppedError("wrong_recipient")
         if header.sender in self._held:
-            raise _Drop("duplicate_keys")
+            raise DroppedError("duplicate_keys")
         if self.phase is not MaskedPhase.KEYS:
-            raise _Drop("unexpected_kind")
+            raise DroppedError("unexpected_kind")
         try:
             view, eph, seed = mm.decode_keys(self._open_box(header, body.sealed))
         except ValueError as exc:
-            raise _Drop("bad_keys_payload") from exc
+            raise DroppedError("bad_keys_payload") from exc
         if view != self._view:  # the initiator told the sender another group, keys or K
             return self.abort("inconsistent_view")
-        self._held[header.sender] = _Held(eph, seed)
+        self._held[header.sender] = HeldShares(eph, seed)
         return self._maybe_publish_masked(now)
 
-    def _maybe_publish_masked(self, now: float) -> MaskedStep:
+    def _maybe_publish_masked(self, now: float) -> Step:
         if self.phase is not MaskedPhase.KEYS or len(self._held) < len(self.members):
-            return MaskedStep()
+            return Step()
         assert self._own_encoded is not None and self._key and self._self_seed
         try:
             masked = masking.mask_vector(
@@ -420,7 +274,7 @@ class MaskedSession:
         self._masked[self.ctx.self_id] = masked
         self.ctx.tap("own_vector", self._own_encoded)
         self.ctx.tap("masked_plaintext", masked)  # sealed under K: hidden from the broker
-        step = MaskedStep([self._sealed_out(Kind.MASKED, field_to_bytes(masked))])
+        step = Step([self._sealed_out(Kind.MASKED, field_to_bytes(masked))])
         if self.role is Role.INITIATOR:
             self._enter(MaskedPhase.MASKED, now, self.timeouts.masked_s)
             step.extend(self._maybe_send_survivors(now))
@@ -432,19 +286,19 @@ class MaskedSession:
             step.extend(self._maybe_adopt_everyone(now))
         return step
 
-    def _on_masked(self, header: Header, body: mm.Masked, now: float) -> MaskedStep:
+    def _on_masked(self, header: m.Header, body: mm.Masked, now: float) -> Step:
         sender = header.sender
         if sender in self._masked:
-            raise _Drop("duplicate_masked")
+            raise DroppedError("duplicate_masked")
         if self.survivors is not None and sender not in self.survivors:
-            raise _Drop("late_masked")
+            raise DroppedError("late_masked")
         plain = self._open_session(header, body.sealed)
         try:
             values = field_from_bytes(plain)
         except ValueError as exc:
-            raise _Drop("bad_field_elements") from exc
+            raise DroppedError("bad_field_elements") from exc
         if values.shape != (self.coordinates.size + 1,):
-            raise _Drop("bad_length")
+            raise DroppedError("bad_length")
         self._masked[sender] = values
         if self.role is Role.INITIATOR:
             return self._maybe_send_survivors(now)
@@ -452,235 +306,26 @@ class MaskedSession:
         step.extend(self._maybe_finish(now))
         return step
 
-    def _maybe_adopt_everyone(self, now: float) -> MaskedStep:
-        """Holding every member's MASKED, a member confirms the full list at once instead of
-        waiting one more broker hop for the initiator's SURVIVORS, which can only name the
-        same list. Safe because rule 4 is unchanged: an honest member still confirms one list
-        per session and reveals only on a quorum of matching CONFIRMs; an initiator that then
-        sends a shorter list is caught equivocating."""
-        if (self.phase is MaskedPhase.MASKED and self.survivors is None
-                and len(self._masked) == len(self.members)):
-            return self._adopt(self.members, now)
-        return MaskedStep()
-
-    # SURVIVORS and CONFIRM --------------------------------------------------
-    def _maybe_send_survivors(self, now: float) -> MaskedStep:
-        if self.phase is MaskedPhase.MASKED and len(self._masked) == len(self.members):
-            return self._send_survivors(now)
-        return MaskedStep()
-
-    def _fewest_survivors(self) -> int:
-        """The sum invariant (docs/sessions.md 3.3): a list shorter than this is never
-        confirmed, so no sum of fewer than max(t, c + 2, 3) contributions is ever revealed."""
-        return max(self.threshold, min_contributors(self.ctx.params.max_colluders))
-
-    def _refuse_list(self, survivors: tuple[str, ...]) -> str | None:
-        """Why this member must abort rather than confirm ``survivors`` (None: it may)."""
-        if self.ctx.self_id not in survivors:
-            return "excluded_from_survivors"  # our vector is out: never a sum without it
-        if len(survivors) < self.threshold:
-            return "below_threshold"
-        if len(survivors) < self._fewest_survivors():
-            return "too_few_contributors"
-        return None
-
-    def _send_survivors(self, now: float) -> MaskedStep:
-        survivors = tuple(p for p in self.members if p in self._masked)
-        refusal = self._refuse_list(survivors)
-        if refusal is not None:
-            return self.abort(refusal)  # rule 3: nothing is revealed
-        body = mm.Survivors(survivors)
-        step = MaskedStep([self._out(p, Kind.SURVIVORS, body) for p in self.participants()])
-        step.extend(self._adopt(survivors, now))
-        return step
-
-    def _check_list(self, survivors: tuple[str, ...]) -> tuple[str, ...]:
-        listed = tuple(survivors)
-        if tuple(p for p in self.members if p in set(listed)) != listed:
-            raise _Drop("bad_survivors")  # not distinct members in member order
-        return listed
-
-    def _on_survivors(self, header: Header, body: mm.Survivors, now: float) -> MaskedStep:
-        if header.sender != self.initiator:
-            raise _Drop("not_from_initiator")
-        listed = self._check_list(body.survivors)
-        if self._heard_survivors and listed == (self.survivors or self._pending_survivors):
-            raise _Drop("duplicate_survivors")
-        self._heard_survivors = True
-        known = self.survivors if self.survivors is not None else self._pending_survivors
-        if known is not None:
-            if known == listed:
-                return MaskedStep()  # we had adopted the full list already: it agrees
-            return self.abort("initiator_equivocated")
-        refusal = self._refuse_list(listed)
-        if refusal is not None:
-            return self.abort(refusal)
-        if self.phase is MaskedPhase.KEYS:  # our KEYS are not all in yet: adopt it after
-            self._pending_survivors = listed
-            return MaskedStep()
-        return self._adopt(listed, now)
-
-    def _adopt(self, survivors: tuple[str, ...], now: float) -> MaskedStep:
-        """Rule 4: publish CONFIRM for the list received, then wait for a quorum on it."""
-        refusal = self._refuse_list(survivors)
-        if refusal is not None:  # every caller checked already; kept where the list is adopted
-            return self.abort(refusal)
-        self.survivors = survivors
-        me = self.ctx.self_id
-        self._confirms[me] = survivors
-        for gone in [p for p in self._masked if p not in survivors]:
-            del self._masked[gone]  # a dropped member's vector is never summed
-        step = MaskedStep([self._out(None, Kind.CONFIRM, mm.Confirm(survivors))])
-        self._enter(MaskedPhase.CONFIRMING, now, self.timeouts.confirm_s)
-        if any(lst != survivors for lst in self._confirms.values()):
-            step.extend(self.abort("conflicting_confirm"))
-            return step
-        step.extend(self._maybe_reveal(now))
-        return step
-
-    def _on_confirm(self, header: Header, body: mm.Confirm, now: float) -> MaskedStep:
-        sender = header.sender
-        listed = self._check_list(body.survivors)
-        previous = self._confirms.get(sender)
-        conflict = (previous is not None and previous != listed) or (
-            self.survivors is not None and listed != self.survivors)
-        if conflict:
-            if self.phase in (MaskedPhase.REVEALING, MaskedPhase.DONE):
-                raise _Drop("conflicting_confirm")  # already revealed: nothing left to protect
-            return self.abort("conflicting_confirm")
-        if previous is not None:
-            raise _Drop("duplicate_confirm")
-        self._confirms[sender] = listed
-        return self._maybe_reveal(now)
-
-    # REVEAL and the result --------------------------------------------------
-    def _maybe_reveal(self, now: float) -> MaskedStep:
-        if self.phase is not MaskedPhase.CONFIRMING or self.survivors is None:
-            return MaskedStep()
-        agreeing = sum(1 for lst in self._confirms.values() if lst == self.survivors)
-        if agreeing < mm.confirm_quorum(len(self.members), self.threshold):
-            return MaskedStep()
-        entries = [(mm.RevealKind.SELF_SEED, self._held[v].seed) if v in self.survivors
-                   else (mm.RevealKind.EPHEMERAL_KEY, self._held[v].ephemeral)
-                   for v in self.members]
-        self._held.clear()  # rule 5: having revealed one kind, we can never reveal the other
-        self.revealed_for = self.survivors
-        self._reveals[self.ctx.self_id] = entries
-        payload = mm.encode_reveal(entries)
-        self.ctx.tap("share_plaintext", payload)
-        step = MaskedStep([self._sealed_out(Kind.REVEAL, payload)])
-        self._enter(MaskedPhase.REVEALING, now, self.timeouts.reveal_s)
-        for h, b in self._early.take():
-            step.extend(self.handle(h, b, now))
-        step.extend(self._maybe_finish(now))
-        return step
-
-    def _on_reveal(self, header: Header, body: mm.Reveal, now: float) -> MaskedStep:
-        sender = header.sender
-        if sender in self._reveals:
-            raise _Drop("duplicate_reveal")
-        confirmed = self._confirms.get(sender)
-        if confirmed is None or (self.survivors is not None and confirmed != self.survivors):
-            # A member publishes its CONFIRM before its REVEAL on the same topic, and MQTT
-            # keeps one publisher's order on one topic: a REVEAL without one is forged.
-            raise _Drop("reveal_before_confirm")
-        if self.phase is not MaskedPhase.REVEALING:  # we have not reached quorum ourselves
-            self._early.hold(sender, (header, body), held_size(body))
-            return MaskedStep()
-        try:
-            entries = mm.decode_reveal(self._open_session(header, body.sealed), len(self.members))
-        except ValueError as exc:
-            raise _Drop("bad_reveal_payload") from exc
-        expected = [mm.RevealKind.SELF_SEED if v in self.survivors
-                    else mm.RevealKind.EPHEMERAL_KEY for v in self.members]
-        if [kind for kind, _ in entries] != expected:
-            raise _Drop("reveal_mismatch")
-        self._reveals[sender] = entries
-        return self._maybe_finish(now)
-
-    def _maybe_finish(self, now: float) -> MaskedStep:
-        survivors = self.survivors
-        if (self.phase is not MaskedPhase.REVEALING or survivors is None
-                or len(self._reveals) < self.threshold
-                or any(p not in self._masked for p in survivors)):
-            return MaskedStep()
-        if self._refuse_list(survivors) is not None:  # unreachable past _adopt; never unmask
-            return self.abort("too_few_contributors")
-        me = self.ctx.self_id
-        revealers = [me, *[p for p in self._reveals if p != me]][: self.threshold]
-        try:
-            seeds, dropped = mm.recover_secrets(
-                self.members, survivors, self.publics, self.threshold,
-                {self.members.index(r) + 1: self._reveals[r] for r in revealers})
-            total = masking.combine(self._masked[survivors[0]],
-                                    (self._masked[p] for p in survivors[1:]))
-            field_sum = masking.unmask_sum(
-                total, members=self.members, survivors=survivors,
-                publics=self.publics, self_seeds=seeds, dropped_keys=dropped,
-                session_id=self.session_id)
-        except (CryptoError, ValueError):  # forged shares: wrong key, or not a 32-byte secret
-            return self.abort("bad_reveal")
-        fp = self.ctx.params.fixed_point
-        decoded = fp.decode(field_sum)
-        if abs(float(decoded[-1]) - len(survivors)) > 0.5:
-            return self.abort("inconsistent_sum")
-        assert self._own_encoded is not None
-        self.result = GroupResult(
-            session_id=self.session_id, role=self.role, members=self.members,
-            contributors=survivors, threshold=self.threshold, coordinates=self.coordinates,
-            group_sum=decoded[:-1], own_values=fp.decode(self._own_encoded)[:-1],
-            own_round=self.contribution.round, filled_indices=self._filled[0],
-            filled_values=self._filled[1])
-        self._enter(MaskedPhase.DONE)
-        return MaskedStep()
-
-    # ABORT and opening ------------------------------------------------------
-    def _on_abort(self, sender: str, reason: str, now: float) -> MaskedStep:
+    def _on_abort(self, sender: str, reason: str, now: float) -> Step:
         if sender == self.initiator:
             released = self.phase is MaskedPhase.ACCEPTED and reason == "not_selected"
-            self._enter(MaskedPhase.ABORTED)
-            self.abort_reason = "not_selected" if released else "aborted_by_initiator"
-            return MaskedStep()
+            self._close("not_selected" if released else "aborted_by_initiator")
+            return Step()
         if self.phase is MaskedPhase.INVITING:
-            if sender not in self.invited or sender in self.declined:
-                raise _Drop("not_invited")
-            self.accepted.pop(sender, None)
-            self.declined.add(sender)
-            if len(self.accepted) + len(self.declined) >= len(self.invited):
-                return self._fix_members(now)
-            return MaskedStep()
-        if self._late_answer(sender):  # a decline (the node maps DECLINE to ABORT) after it
-            return MaskedStep()
+            # Still inviting, the group was not decided on any ACCEPT: fixing it now is
+            # waiting for every answer (GroupSession._maybe_fix_members).
+            return self._invitee_left(sender, now)
+        if self._late_answer(sender):  # a DECLINE (or ABORT) after the group was fixed
+            return Step()
         if sender not in self.members:
-            raise _Drop("not_a_member")
+            raise DroppedError("not_a_member")
         if self.phase is MaskedPhase.KEYS and sender not in self._held:
             # Its KEYS will never come: nobody could recover its masks, so nobody may mask.
-            self._enter(MaskedPhase.ABORTED)
-            self.abort_reason = f"member_aborted:{sender}"
-        return MaskedStep()  # after KEYS a member that leaves is a dropout (rules 3-6)
+            self._close(f"member_aborted:{sender}")
+        return Step()  # after KEYS a member that leaves is a dropout (rules 3-6)
 
     def _late_answer(self, sender: str) -> bool:
         """An invitee's answer after the group was fixed without it: it was released with an
         ABORT already, so its ACCEPT or decline is expected traffic, not a drop."""
         return (self.role is Role.INITIATOR and sender in self.invited
                 and sender not in self.members)
-
-    def _open_box(self, header: Header, sealed: bytes) -> bytes:
-        key = self.ctx.box_key_of(header.sender)
-        if key is None:
-            raise _Drop("unknown_member")
-        try:
-            return open_sealed(self.ctx.identity, key,
-                               self._box_context(header.sender, self.ctx.self_id, header.seq),
-                               sealed)
-        except (SealError, ValueError) as exc:
-            raise _Drop("bad_seal") from exc
-
-    def _open_session(self, header: Header, sealed: bytes) -> bytes:
-        ctx = mm.SessionSealContext(self.ctx.params.network_id, self.session_id, header.sender,
-                                    header.kind, header.seq)
-        try:
-            return mm.session_open(self._session_key, ctx, sealed)
-        except SealError as exc:
-            raise _Drop("bad_seal") from exc
-

@@ -2,11 +2,10 @@
 
 docs/design/masked-sessions.md is the specification. The bodies are frozen dataclasses with
 the design's field names, defined in ``protocol.messages`` (kinds 10-16, docs/protocol.md)
-and imported here. The session never sees the envelope: :class:`MaskedHeader` carries what
-the signed envelope header holds (kind, sender, session, seq), and "signed by member m" is
-``sender == m`` because the node's inbound checks verify envelope signatures before a session
-ever sees a message. INVITE and ABORT keep the Shamir session's bodies
-(``protocol.messages``).
+and imported here; the session reads the signed envelope's ``protocol.messages.Header``
+(kind, sender, session, seq), and "signed by member m" is ``sender == m`` because the node's
+inbound checks verify envelope signatures before a session ever sees a message. INVITE,
+DECLINE and ABORT keep the Shamir session's bodies (``protocol.messages``).
 
 Session sealing (MASKED, REVEAL): ``nacl.secret.SecretBox`` under the session key K, the
 plaintext being ``BLAKE2b-256(context) || payload`` as ``crypto.sealing.seal`` does for Box.
@@ -20,11 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from dataclasses import dataclass
+from enum import IntEnum
 
 import nacl.exceptions
 import nacl.secret
@@ -34,16 +32,11 @@ from crypto.errors import SealError
 from crypto.field import field_from_bytes, field_to_bytes
 from crypto.masking import EphemeralKey, MaskError, recover_secret
 from crypto.shamir import Share
-from peer.network.session.common import Contribution
 from protocol import messages as m
 from protocol.messages import Confirm, Keys, Masked, Reveal, Survivors
 from protocol.messages import MaskedAccept as Accept
 from protocol.messages import MaskedStart as Start
 
-log = logging.getLogger(__name__)
-
-NO_INDICES = np.zeros(0, dtype=np.uint32)
-NO_VALUES = np.zeros(0, dtype=np.float32)
 SESSION_KEY_BYTES = nacl.secret.SecretBox.KEY_SIZE  # 32
 EPHEMERAL_PUBLIC_BYTES = 32
 DIGEST_BYTES = 32
@@ -53,61 +46,17 @@ SESSION_SEAL_DOMAIN = b"murmur/v3/session-seal\x00"
 VIEW_DOMAIN = b"murmur/v3/session-view\x00"
 
 
-class MaskedKind(Enum):
-    INVITE = "invite"
-    ACCEPT = "accept"
-    START = "start"
-    KEYS = "keys"
-    MASKED = "masked"
-    SURVIVORS = "survivors"
-    CONFIRM = "confirm"
-    REVEAL = "reveal"
-    ABORT = "abort"
+MaskedBody = (m.Invite | Accept | Start | Keys | Masked | Survivors | Confirm | Reveal | m.Abort
+              | m.Decline)
 
-
-@dataclass(frozen=True)
-class MaskedHeader:
-    """What the signed envelope header will carry (its signature is the node's business)."""
-
-    kind: MaskedKind
-    sender: str
-    session: bytes
-    seq: int
-
-
-MaskedBody = m.Invite | Accept | Start | Keys | Masked | Survivors | Confirm | Reveal | m.Abort
-
-BODY_TYPES: dict[MaskedKind, type] = {
-    MaskedKind.INVITE: m.Invite, MaskedKind.ACCEPT: Accept, MaskedKind.START: Start,
-    MaskedKind.KEYS: Keys, MaskedKind.MASKED: Masked, MaskedKind.SURVIVORS: Survivors,
-    MaskedKind.CONFIRM: Confirm, MaskedKind.REVEAL: Reveal, MaskedKind.ABORT: m.Abort,
+#: The wire kinds a masked session speaks and the body each carries; any other kind is an
+#: ``unexpected_kind`` drop. A DECLINE is, to the initiator, the invitee's ABORT.
+BODY_TYPES: dict[m.Kind, type] = {
+    m.Kind.INVITE: m.Invite, m.Kind.MASKED_ACCEPT: Accept, m.Kind.MASKED_START: Start,
+    m.Kind.KEYS: Keys, m.Kind.MASKED: Masked, m.Kind.SURVIVORS: Survivors,
+    m.Kind.CONFIRM: Confirm, m.Kind.REVEAL: Reveal, m.Kind.ABORT: m.Abort,
+    m.Kind.DECLINE: m.Decline,
 }
-
-
-@dataclass(frozen=True)
-class MaskedOutgoing:
-    """A message to sign and send: direct to ``recipient``, or on the session topic if None."""
-
-    recipient: str | None
-    kind: MaskedKind
-    body: MaskedBody
-    seq: int
-
-    @property
-    def to_topic(self) -> bool:
-        return self.recipient is None
-
-
-@dataclass
-class MaskedStep:
-    """What one event produced: messages to send and reasons of refused inbound messages."""
-
-    out: list[MaskedOutgoing] = field(default_factory=list)
-    drops: list[str] = field(default_factory=list)
-
-    def extend(self, other: MaskedStep) -> None:
-        self.out.extend(other.out)
-        self.drops.extend(other.drops)
 
 
 @dataclass(frozen=True)
@@ -146,17 +95,20 @@ def confirm_quorum(group_size: int, threshold: int) -> int:
 
 @dataclass(frozen=True)
 class SessionSealContext:
-    """What a session-sealed payload is bound to: network, session, sender, kind, seq."""
+    """What a session-sealed payload is bound to: network, session, sender, kind, seq.
+
+    The kind enters the digest as its lower-case name (``"masked"``, ``"reveal"``: the only
+    session-sealed kinds)."""
 
     network_id: str
     session_id: bytes
     sender: str
-    kind: MaskedKind
+    kind: m.Kind
     seq: int
 
     def digest(self) -> bytes:
         parts = [SESSION_SEAL_DOMAIN]
-        for name in (self.network_id, self.sender, self.kind.value):
+        for name in (self.network_id, self.sender, self.kind.name.lower()):
             raw = name.encode()
             parts.append(struct.pack(">H", len(raw)) + raw)
         parts.append(struct.pack(">H", len(self.session_id)) + self.session_id)
@@ -242,25 +194,3 @@ def recover_secrets(members: Sequence[str], survivors: Sequence[str],
         if dropped[v].public != publics[v]:
             raise MaskError(f"rebuilt ephemeral key of {v!r} does not match its public key")
     return seeds, dropped
-
-
-def dense_contribution(contribution: Contribution, coords: np.ndarray, max_abs: float,
-                       ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """A member's values over the union, with its residual fill outside its own index set
-    (as peer/network/session/shamir.py does), and the (indices, values) it filled."""
-    dense = np.zeros(coords.size, dtype=np.float64)
-    dense[np.searchsorted(coords, contribution.indices)] = np.clip(
-        contribution.values.astype(np.float64), -max_abs, max_abs)
-    outside = np.setdiff1d(coords, contribution.indices, assume_unique=True)
-    if contribution.fill is None or outside.size == 0:
-        return dense, (NO_INDICES, NO_VALUES)
-    try:
-        values = np.asarray(contribution.fill(outside), dtype=np.float32)
-    except Exception:  # a trainer-side failure must not cost the session: contribute zeros
-        log.exception("masked session: residual fill failed")
-        return dense, (NO_INDICES, NO_VALUES)
-    if values.shape != outside.shape or not np.all(np.isfinite(values)):
-        return dense, (NO_INDICES, NO_VALUES)
-    values = np.clip(values, -max_abs, max_abs)
-    dense[np.searchsorted(coords, outside)] = values.astype(np.float64)
-    return dense, (outside.astype(np.uint32), values)
