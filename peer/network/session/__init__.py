@@ -3,5 +3,6 @@
 ``common`` holds what every kind shares (parameters, context, contributions, formation rules),
 ``shamir`` and ``masked`` are the two state machines, ``masked_messages`` the masked kind's
 bodies and encoding, ``early`` the bounded store for messages that arrive before START, and
-``kinds`` the registry the node picks a kind from (``[session] kind``).
+``kinds`` the registry the node picks a kind from (``[session] kind``), and ``seat`` hosts the
+one session a peer takes part in at a time.
 """
