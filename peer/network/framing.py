@@ -9,6 +9,8 @@ signed CHUNKs in order on the same topic (protocol/chunks.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from crypto.identity import Identity
 from peer.network.counters import SessionCounters
 from peer.network.outbox import Outbox
@@ -19,18 +21,20 @@ from protocol.codec import encode_message
 from protocol.topics import direct_topic, session_topic
 
 
+@dataclass
 class Framer:
     """Signs this peer's messages and queues its sessions' messages, chunked when too large."""
 
-    def __init__(self, *, network_id: str, identity: Identity, seq: m.SequenceCounter,
-                 max_message_bytes: int, outbox: Outbox, counters: SessionCounters) -> None:
-        self.network_id = network_id
-        self.identity = identity
-        self.peer_id = identity.peer_id
-        self.seq = seq
-        self.max_message_bytes = max_message_bytes
-        self.outbox = outbox
-        self.counters = counters
+    network_id: str
+    identity: Identity
+    seq: m.SequenceCounter
+    max_message_bytes: int
+    outbox: Outbox
+    counters: SessionCounters
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
 
     def encode(self, kind: m.Kind, session_id: bytes, body: m.Body,
                seq: int | None = None) -> bytes:
