@@ -6,6 +6,8 @@
   transitively;
 * the network half (peer/network) never reaches torch, the training half (peer/training) never
   reaches aiomqtt, following every project module they import;
+* the session seat (peer/network/session/seat.py) sits between the sessions and the node: it
+  never reaches the node, the transport, the outbox or aiomqtt, and no session reaches it;
 * sim/ imports peer/ only through public names (no ``_private`` module or name).
 """
 
@@ -109,7 +111,8 @@ def test_the_graph_is_the_real_project() -> None:
     # Guards the checks below against an empty or mis-parsed graph.
     assert {"peer.network.node", "peer.training.trainer", "peer.daemon", "crypto.shamir",
             "protocol.codec", "sim.runner"} <= set(GRAPH)
-    assert "peer.network.session.shamir" in GRAPH["peer.network.node"].internal
+    assert "peer.network.session.seat" in GRAPH["peer.network.node"].internal
+    assert "peer.network.session.shamir" in GRAPH["peer.network.session.kinds"].internal
     assert "torch" in GRAPH["peer.training.trainer"].external
 
 
@@ -140,6 +143,16 @@ def test_network_half_never_reaches_torch() -> None:
         reach = _external_reach(name)
         assert "torch" not in reach, f"{name} reaches torch through {reach.get('torch')}"
         assert not any(n.startswith("peer.training") for n in _reach(name)), name
+
+
+def test_session_seat_sits_between_the_sessions_and_the_node() -> None:
+    seat = "peer.network.session.seat"
+    assert seat in GRAPH["peer.network.node"].internal
+    above = {"peer.network.node", "peer.network.transport", "peer.network.outbox"}
+    assert not _reach(seat) & above, _reach(seat) & above
+    assert "aiomqtt" not in _external_reach(seat), _external_reach(seat).get("aiomqtt")
+    for name in [n for n in GRAPH if n.startswith("peer.network.session") and n != seat]:
+        assert seat not in _reach(name), f"{name} reaches the seat that hosts it"
 
 
 def test_training_half_never_reaches_mqtt() -> None:

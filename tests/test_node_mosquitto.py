@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import os
 import signal
 import time
@@ -525,3 +527,27 @@ async def test_residual_fill_is_shared_and_settled(mosquitto) -> None:
         assert len(settled) == len(filled)
         for (idx, _values), expected in zip(settled, filled, strict=True):
             np.testing.assert_array_equal(idx, expected)
+
+
+async def test_invitation_nobody_joins_is_logged_as_not_formed(mosquitto, caplog) -> None:
+    """Invitees without an update decline, so the invitation never fixes its members: it is
+    counted and logged as not formed ("aborted" is for formed sessions, as on the status
+    line), and its session_aborted event says formed False."""
+    config = dataclasses.replace(FAST, train=False, auto_start=False)
+    net = await start_network(mosquitto.url, 3, ResidualTrainer, config)
+    caplog.set_level(logging.INFO, logger="peer.network.session.seat")
+    initiator = net.peers[0]
+    try:
+        initiator.offer_update(np.arange(40, dtype=np.uint32), np.full(40, 0.01, np.float32))
+        assert initiator.try_start_session()
+        assert initiator.session is not None
+        sid = initiator.session.session_id
+        await wait_until(lambda: initiator.session is None, 10, "the invitation to end")
+    finally:
+        await net.close()
+    assert (initiator.counters.sessions_not_formed, initiator.counters.sessions_aborted) == (1, 0)
+    lines = [r.getMessage() for r in caplog.records if sid.hex()[:8] in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{initiator.peer_id}: invitation {sid.hex()[:8]} not formed: ")
+    ends = [e for e in net.events if e.kind == "session_aborted" and e.data["session_id"] == sid]
+    assert [(e.peer_id, e.data["formed"]) for e in ends] == [(initiator.peer_id, False)]

@@ -1,4 +1,5 @@
-"""What a peer counts: drops by reason, session and merge counters, and the status snapshot.
+"""What a peer counts: drops by reason, session and merge counters, and the status snapshot;
+the total of completed sessions kept on disk across runs (:class:`SessionTotals`).
 
 Counted, logged drops: every refused inbound message leaves a trace by reason.
 
@@ -8,6 +9,7 @@ per reason (the counter is always exact); the peer goes on either way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -208,3 +210,38 @@ def save_sessions_total(path: Path, total: int) -> None:
         atomic_write_bytes(path, body, mode=0o600)
     except OSError as exc:
         log.error("cannot save %s: %s", path, exc)
+
+
+class SessionTotals:
+    """Completed sessions since the peer was created: earlier runs' total, read from ``path``,
+    plus this run's ``counters.sessions_done``. Saved with each checkpoint and after each
+    session, off the event loop (it fsyncs), so a SIGKILL loses at most the session in flight.
+    Without a path nothing is read or written."""
+
+    def __init__(self, path: Path | None, counters: SessionCounters) -> None:
+        self.path = path
+        self.counters = counters
+        self.before = load_sessions_total(path)
+        self._dirty = False
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def total(self) -> int:
+        return self.before + self.counters.sessions_done
+
+    def save(self) -> None:
+        if self.path is not None:
+            save_sessions_total(self.path, self.total)
+
+    def save_soon(self) -> None:
+        """Save from a worker thread, one writer at a time (must run on the event loop)."""
+        if self.path is None:
+            return
+        self._dirty = True
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(self.save)

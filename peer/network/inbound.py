@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.identity import verify_signature
 from crypto.replay import ReplayWindow
+from peer.network.counters import DropCounter
 from peer.network.transport import Incoming
 from peer.network.view.membership import DropError, MembershipView
 from protocol import messages as m
@@ -85,9 +86,15 @@ class InboundChecks:
             return self._on_chunk(parsed, incoming.topic, msg, now)
         return msg
 
-    def expire_chunks(self, now: float) -> int:
-        """Forget unfinished chunked messages past their age; returns how many (drops)."""
-        return self.chunks.expire(now)
+    def expire_chunks(self, now: float, drops: DropCounter) -> None:
+        """Forget unfinished chunked messages past their age, and count them and those the
+        reassembler evicted for room since the last call as drops."""
+        expired = self.chunks.expire(now)
+        if expired:
+            drops.drop("chunk_expired", "unfinished chunked message", expired)
+        evicted = self.chunks.take_evicted()
+        if evicted:
+            drops.drop("chunk_evicted", "the largest sender's oldest message", evicted)
 
     def _decode_bound(self, parsed: ParsedTopic, payload: bytes) -> SignedMessage:
         """Size, strict decode, network and topic binding."""

@@ -1,12 +1,13 @@
 """The session kinds a node can run, behind one small interface (``[session] kind``).
 
-The node (peer/network/node.py) owns the I/O: topics, signing, subscriptions, merging and
-events. What differs between session kinds is how a session is made (``initiate``, ``join``),
-which INVITEs it accepts, the model id it groups by and the topic it reads; a
-:class:`SessionKind` says exactly that. Once made, a session of either kind is driven through
-the same public interface (:class:`peer.network.session.group.GroupSession`: ``handle``,
-``on_timeout``, ``abort``, ``inviting``...) in the wire's own message kinds, so node.py holds no
-per-kind branches. :data:`SESSION_KINDS` maps the config name to the class (the registry style
+The node (peer/network/node.py) owns the I/O (topics, signing, subscriptions) and its seat
+(peer/network/session/seat.py) hosts the session: invitations, merging, events. What differs
+between session kinds is how a session is made (``initiate``, ``join``), which INVITEs it
+accepts, the model id it groups by and the topic it reads; a :class:`SessionKind` says exactly
+that. Once made, a session of either kind is driven through the same public interface
+(:class:`peer.network.session.group.GroupSession`: ``handle``, ``on_timeout``, ``abort``,
+``inviting``...) in the wire's own message kinds, so neither node.py nor the seat holds a
+per-kind branch. :data:`SESSION_KINDS` maps the config name to the class (the registry style
 of peer/sharing/): a new session kind is one class and one line here.
 
 * ``"shamir"`` (default): :class:`peer.network.session.shamir.Session`, Shamir shares and

@@ -226,6 +226,11 @@ class MembershipView:
     def get(self, peer_id: str) -> Member | None:
         return self._members.get(peer_id)
 
+    def box_key_of(self, peer_id: str) -> bytes | None:
+        """The X25519 public key of a peer in the view (None if unknown)."""
+        member = self._members.get(peer_id)
+        return None if member is None else member.public.box_key
+
     def is_live(self, member: Member, now: float) -> bool:
         """Heard from within silence_expiry_s and certificate not expired (skew allowed)."""
         return (
@@ -264,15 +269,21 @@ class MembershipView:
         """
         if k < 0:
             raise ValueError("k must be >= 0")
-        excluded = set(exclude) | {self.self_id}
-        candidates = [
+        excluded = set(exclude)
+        candidates = [pid for pid in self.eligible(now, model_id=model_id,
+                                                   param_count=param_count)
+                      if pid not in excluded]
+        return self._random.sample(candidates, min(k, len(candidates)))
+
+    def eligible(self, now: float, *, model_id: str, param_count: int | None = None) -> list[str]:
+        """Live peers other than this one that could join its session: training ``model_id``
+        (with ``param_count`` parameters, when given), ordered by peer id."""
+        return [
             m.peer_id
             for m in self.live(now)
-            if m.peer_id not in excluded
-            and m.model_id == model_id
+            if m.model_id == model_id
             and (param_count is None or m.param_count == param_count)
         ]
-        return self._random.sample(candidates, min(k, len(candidates)))
 
     def peer_ids(self) -> list[str]:
         """Every peer in the view now, live or not yet expired, ordered by id."""
