@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from crypto.replay import ReplayWindow
+from peer.assembly import node_config
 from peer.config import ConfigError, SessionConfig, build_dataclass
-from peer.daemon import node_config
 from peer.network.inbound import InboundChecks
 from peer.network.transport import Incoming
 from peer.network.view.membership import DropError, MembershipView
