@@ -84,7 +84,7 @@ def _functions(name: str):
 
     if name == "rdp":
         def rdp_eps(s, q, n):
-            rdp._rdp_per_step.cache_clear()
+            rdp.rdp_per_step.cache_clear()
             return rdp.epsilon_of_segments([(s, q, n)], DELTA)
 
         return rdp_eps, lambda t, q, n: rdp.sigma_for(t, DELTA, q, n)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from peer.assembly import load_local_data, peer_from_config
 from peer.config import PeerConfig, load_config
-from peer.daemon import load_local_data, peer_from_config
 from peer.demo import DEMO_BUDGET_HOURS
 from peer.errors import BudgetExhaustedError
 from peer.provision import provision

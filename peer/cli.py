@@ -265,7 +265,7 @@ async def _run_peer(peer: Any, status_interval_s: float, wake: _EventWake) -> in
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.config))
     _configure_logging(cfg.log_level)
-    from peer.daemon import load_credentials, peer_from_config  # lazy: pulls in the node
+    from peer.assembly import load_credentials, peer_from_config  # lazy: pulls in the node
     from peer.training.checkpoint import CheckpointError
     from peer.training.ledger import LedgerError
 

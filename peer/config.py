@@ -28,12 +28,12 @@ from peer.network.broker_settings import BrokerSettings
 from peer.network.node import NodeConfig
 from peer.network.pacing import PacingConfig
 from peer.network.session.common import check_colluders
-from peer.network.session.kinds import SESSION_KINDS
+from peer.network.session.kinds import kind_class
 from peer.network.session.shamir import SessionTimeouts
 from peer.training.config import TrainerConfig
 from peer.training.tables import TableConfig
 from protocol.chunks import check_max_message_bytes
-from protocol.limits import ID_PATTERN, is_valid_id
+from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD, is_valid_id
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _HEX_KEY_CHARS = 64  # a 32-byte Ed25519 public key in hex
@@ -75,15 +75,14 @@ class SessionConfig:
     max_message_bytes: int = NodeConfig.max_message_bytes  # 16 KiB..8 MiB; larger: chunked
 
     def __post_init__(self) -> None:
-        if self.kind not in SESSION_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(SESSION_KINDS)} "
-                             f"(got {self.kind!r})")
-        if not 3 <= self.group_size <= 16:
-            raise ValueError(f"group_size must be in 3..16 (got {self.group_size}); with two "
-                             "members each would learn the other's update")
-        if not 2 <= self.threshold <= self.group_size:
-            raise ValueError(f"threshold must be in 2..group_size={self.group_size} "
-                             f"(got {self.threshold})")
+        kind_class(self.kind)  # the session registry judges the kind (ValueError)
+        if not MIN_GROUP_SIZE <= self.group_size <= MAX_MEMBERS:
+            raise ValueError(f"group_size must be in {MIN_GROUP_SIZE}..{MAX_MEMBERS} "
+                             f"(got {self.group_size}); with two members each would learn "
+                             "the other's update")
+        if not MIN_THRESHOLD <= self.threshold <= self.group_size:
+            raise ValueError(f"threshold must be in {MIN_THRESHOLD}..group_size="
+                             f"{self.group_size} (got {self.threshold})")
         check_colluders(self.max_colluders, self.group_size, self.threshold)
         for name in ("invite_timeout_s", "start_timeout_s", "share_timeout_s",
                      "partial_timeout_s"):
@@ -153,14 +152,77 @@ class PeerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     pace: PaceConfig = field(default_factory=PaceConfig)
     table: TableConfig | None = None
-    announce_interval_s: float = 30.0
-    silence_expiry_s: float = 120.0
-    clock_skew_s: float = 300.0
+    announce_interval_s: float = NodeConfig.announce_interval_s
+    silence_expiry_s: float = NodeConfig.silence_expiry_s
+    clock_skew_s: float = NodeConfig.clock_skew_s
     view_size: int = 0  # 0: follow every peer; > 0: a partial view of about that many peers
     status_interval_s: float = 1.0
-    checkpoint_interval_s: float = 60.0
+    checkpoint_interval_s: float = NodeConfig.checkpoint_interval_s
     log_level: str = "INFO"
     source_path: Path | None = None
+
+
+def _check_seconds(value: float, key: str, upper: float = 86_400.0) -> None:
+    if not 0 < value <= upper:
+        raise ValueError(f"{key}: must be in (0, {upper:g}] seconds, got {value:g}")
+
+
+def _check_id(value: str, key: str) -> None:
+    if not is_valid_id(value):
+        raise ValueError(f"{key}: {value!r} must match {ID_PATTERN} "
+                         "(lower-case letters, digits, '_' and '-', at most 64)")
+
+
+@dataclass(frozen=True)
+class TopLevelKeys:
+    """The top-level keys of a config file as written, checked for type and range.
+
+    :func:`parse_config` builds it with :func:`build_dataclass`, the same path as every table,
+    then resolves what needs the config's directory (key and certificate files, data paths,
+    the admission key, ``state_dir``) into a :class:`PeerConfig`. Defaults are PeerConfig's.
+    Range errors name the key first (``"holdout_fraction: must be in (0, 1), ..."``).
+    """
+
+    peer_id: str
+    network_id: str
+    identity_file: Path
+    certificate_file: Path
+    admission_public_key: str  # 64 hex characters, or a file that holds them
+    state_dir: Path | None = None  # None: state/<peer_id>
+    data: str = PeerConfig.data
+    evaluate: str | None = PeerConfig.evaluate
+    holdout_fraction: float = PeerConfig.holdout_fraction
+    announce_interval_s: float = PeerConfig.announce_interval_s
+    silence_expiry_s: float = PeerConfig.silence_expiry_s
+    clock_skew_s: float = PeerConfig.clock_skew_s
+    view_size: int = PeerConfig.view_size
+    status_interval_s: float = PeerConfig.status_interval_s
+    checkpoint_interval_s: float = PeerConfig.checkpoint_interval_s
+    log_level: str = PeerConfig.log_level  # any case; PeerConfig holds it upper-case
+
+    def __post_init__(self) -> None:
+        _check_id(self.peer_id, "peer_id")
+        _check_id(self.network_id, "network_id")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction: must be in (0, 1), "
+                             f"got {self.holdout_fraction:g}")
+        _check_seconds(self.announce_interval_s, "announce_interval_s")
+        _check_seconds(self.silence_expiry_s, "silence_expiry_s")
+        if self.silence_expiry_s <= self.announce_interval_s:
+            raise ValueError(f"silence_expiry_s: must exceed announce_interval_s "
+                             f"({self.announce_interval_s:g}), got {self.silence_expiry_s:g}; "
+                             "peers would expire between announcements")
+        if not 0 <= self.clock_skew_s <= 86_400:
+            raise ValueError(f"clock_skew_s: must be in [0, 86400] seconds, "
+                             f"got {self.clock_skew_s:g}")
+        if not 0 <= self.view_size <= MAX_VIEW_SIZE:
+            raise ValueError(f"view_size: must be 0 (follow every peer) or a view of 1 to "
+                             f"{MAX_VIEW_SIZE} peers, got {self.view_size}")
+        _check_seconds(self.status_interval_s, "status_interval_s", 3600.0)
+        _check_seconds(self.checkpoint_interval_s, "checkpoint_interval_s")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, "
+                             f"got {self.log_level.upper()!r}")
 
 
 # ------------------------------------------------------------------------------ type checking
@@ -178,18 +240,6 @@ def _section(document: dict[str, Any], name: str, source: str) -> dict[str, Any]
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: {name!r} must be a table ([{name}])")
     return value
-
-
-def _take(table: dict[str, Any], key: str, annotation: Any, where: str, default: Any) -> Any:
-    if key not in table:
-        if default is dataclasses.MISSING:
-            prefix = f"{where}: " if where else ""
-            raise ConfigError(f"{prefix}missing required key {key!r}")
-        return default
-    try:
-        return tomlcheck.check_value(table.pop(key), annotation, f"{where}.{key}" if where else key)
-    except tomlcheck.TomlValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _existing_file(base: Path, raw: Path, key: str) -> Path:
@@ -233,13 +283,6 @@ def _admission_key(value: str, base: Path) -> bytes:
     return key
 
 
-def _check_id(value: str, key: str) -> str:
-    if not is_valid_id(value):
-        raise ConfigError(f"{key}: {value!r} must match {ID_PATTERN} "
-                          "(lower-case letters, digits, '_' and '-', at most 64)")
-    return value
-
-
 def _data_spec(value: str, base: Path) -> str:
     """Check a data source spec and make its path absolute (peer.training.data)."""
     kind, sep, rest = value.partition(":")
@@ -281,41 +324,39 @@ def _table(document: dict[str, Any], label: str, data: str, evaluate: str | None
     return build_dataclass(TableConfig, _section(document, "table", label), "table")
 
 
-def _positive(value: float, key: str, upper: float = 86_400.0) -> float:
-    if not 0 < value <= upper:
-        raise ConfigError(f"{key}: must be in (0, {upper:g}] seconds, got {value:g}")
-    return value
+@dataclass(frozen=True)
+class BrokerKeys:
+    """``[broker]`` as written: BrokerSettings' keys, paths not yet resolved, and
+    ``password_file`` (read into the password)."""
+
+    url: str = BrokerSettings.url
+    username: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    keepalive_s: int = BrokerSettings.keepalive_s
+    mqtt_version: str = BrokerSettings.mqtt_version
 
 
 def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
-    table = dict(table)
-    where = "broker"
-    password = _take(table, "password", str | None, where, None)
-    password_file = _take(table, "password_file", Path | None, where, None)
-    if password is not None and password_file is not None:
+    keys: BrokerKeys = build_dataclass(BrokerKeys, table, "broker")
+    password = keys.password
+    if password is not None and keys.password_file is not None:
         raise ConfigError("broker: give password or password_file, not both")
-    if password_file is not None:
-        password = _read_small_text(_existing_file(base, password_file, "broker.password_file"),
-                                    "broker.password_file", "password file")
+    if keys.password_file is not None:
+        password = _read_small_text(
+            _existing_file(base, keys.password_file, "broker.password_file"),
+            "broker.password_file", "password file")
     files: dict[str, Path | None] = {}
     for key in ("ca_file", "client_cert", "client_key"):
-        raw = _take(table, key, Path | None, where, None)
+        raw = getattr(keys, key)
         files[key] = None if raw is None else _existing_file(base, raw, f"broker.{key}")
-    known = {"url", "username", "keepalive_s", "mqtt_version"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ConfigError(f"broker: unknown key {unknown[0]!r} (known: ca_file, client_cert, "
-                          "client_key, keepalive_s, mqtt_version, password, password_file, "
-                          "url, username)")
     try:
-        settings = BrokerSettings(
-            url=_take(table, "url", str, where, BrokerSettings.url),
-            username=_take(table, "username", str | None, where, None),
-            password=password,
-            keepalive_s=_take(table, "keepalive_s", int, where, BrokerSettings.keepalive_s),
-            mqtt_version=_take(table, "mqtt_version", str, where, BrokerSettings.mqtt_version),
-            **files,
-        )
+        settings = BrokerSettings(url=keys.url, username=keys.username, password=password,
+                                  keepalive_s=keys.keepalive_s, mqtt_version=keys.mqtt_version,
+                                  **files)
     except ValueError as exc:
         raise ConfigError(f"broker: {exc}") from None
     try:
@@ -328,12 +369,9 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
 
 
 # ------------------------------------------------------------------------------------ loader
-_TOP_LEVEL_KEYS = {
-    "peer_id", "network_id", "identity_file", "certificate_file", "admission_public_key",
-    "data", "evaluate", "holdout_fraction", "state_dir", "announce_interval_s", "silence_expiry_s",
-    "clock_skew_s", "view_size", "status_interval_s", "checkpoint_interval_s", "log_level",
-    "broker", "training", "session", "pace", "table",
-}
+#: The tables of a config file; every other key is a field of TopLevelKeys.
+_TABLES = ("broker", "training", "session", "pace", "table")
+_TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(TopLevelKeys)} | set(_TABLES)
 
 
 def parse_config(document: dict[str, Any], base: Path, source: Path | None = None) -> PeerConfig:
@@ -342,52 +380,23 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} "
                           f"(known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
-    top = dict(document)
-    for table in ("broker", "training", "session", "pace", "table"):
-        top.pop(table, None)
+    top = {key: value for key, value in document.items() if key not in _TABLES}
+    keys: TopLevelKeys = build_dataclass(TopLevelKeys, top, "")
     label = str(source) if source is not None else "config"
-    peer_id = _check_id(_take(top, "peer_id", str, "", dataclasses.MISSING), "peer_id")
-    network_id = _check_id(_take(top, "network_id", str, "", dataclasses.MISSING), "network_id")
-    identity_file = _existing_file(
-        base, _take(top, "identity_file", Path, "", dataclasses.MISSING), "identity_file")
-    certificate_file = _existing_file(
-        base, _take(top, "certificate_file", Path, "", dataclasses.MISSING), "certificate_file")
-    admission = _admission_key(
-        _take(top, "admission_public_key", str, "", dataclasses.MISSING), base)
-    state_raw = _take(top, "state_dir", Path, "", Path("state") / peer_id)
+    identity_file = _existing_file(base, keys.identity_file, "identity_file")
+    certificate_file = _existing_file(base, keys.certificate_file, "certificate_file")
+    admission = _admission_key(keys.admission_public_key, base)
+    state_raw = Path("state") / keys.peer_id if keys.state_dir is None else keys.state_dir
     state_dir = state_raw if state_raw.is_absolute() else base / state_raw
     if state_dir.exists() and not state_dir.is_dir():
         raise ConfigError(f"state_dir: {state_dir} exists and is not a directory")
-    data = _data_spec(_take(top, "data", str, "", "digits"), base)
-    evaluate = _take(top, "evaluate", str | None, "", None)
+    data = _data_spec(keys.data, base)
+    evaluate = keys.evaluate
     if evaluate is not None:
         try:
             evaluate = _data_spec(evaluate, base)
         except ConfigError as exc:
             raise ConfigError(f"evaluate: {str(exc).removeprefix('data: ')}") from None
-    holdout = _take(top, "holdout_fraction", float, "", 0.2)
-    if not 0 < holdout < 1:
-        raise ConfigError(f"holdout_fraction: must be in (0, 1), got {holdout:g}")
-    announce = _positive(_take(top, "announce_interval_s", float, "", 30.0),
-                         "announce_interval_s")
-    silence = _positive(_take(top, "silence_expiry_s", float, "", 120.0), "silence_expiry_s")
-    if silence <= announce:
-        raise ConfigError(f"silence_expiry_s: must exceed announce_interval_s ({announce:g}), "
-                          f"got {silence:g}; peers would expire between announcements")
-    skew = _take(top, "clock_skew_s", float, "", 300.0)
-    if not 0 <= skew <= 86_400:
-        raise ConfigError(f"clock_skew_s: must be in [0, 86400] seconds, got {skew:g}")
-    view_size = _take(top, "view_size", int, "", 0)
-    if not 0 <= view_size <= MAX_VIEW_SIZE:
-        raise ConfigError(f"view_size: must be 0 (follow every peer) or a view of 1 to "
-                          f"{MAX_VIEW_SIZE} peers, got {view_size}")
-    status_interval = _positive(_take(top, "status_interval_s", float, "", 1.0),
-                                "status_interval_s", 3600.0)
-    checkpoint_interval = _positive(_take(top, "checkpoint_interval_s", float, "", 60.0),
-                                    "checkpoint_interval_s")
-    log_level = _take(top, "log_level", str, "", "INFO").upper()
-    if log_level not in LOG_LEVELS:
-        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
 
     broker = _broker(_section(document, "broker", label), base)
     session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
@@ -395,8 +404,8 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     pace = build_dataclass(PaceConfig, _section(document, "pace", label), "pace")
     table = _table(document, label, data, evaluate)
     return PeerConfig(
-        peer_id=peer_id,
-        network_id=network_id,
+        peer_id=keys.peer_id,
+        network_id=keys.network_id,
         identity_file=identity_file,
         certificate_file=certificate_file,
         admission_public_key=admission,
@@ -405,17 +414,17 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         state_dir=state_dir,
         data=data,
         evaluate=evaluate,
-        holdout_fraction=holdout,
+        holdout_fraction=keys.holdout_fraction,
         session=session,
         pace=pace,
         table=table,
-        announce_interval_s=announce,
-        silence_expiry_s=silence,
-        clock_skew_s=skew,
-        view_size=view_size,
-        status_interval_s=status_interval,
-        checkpoint_interval_s=checkpoint_interval,
-        log_level=log_level,
+        announce_interval_s=keys.announce_interval_s,
+        silence_expiry_s=keys.silence_expiry_s,
+        clock_skew_s=keys.clock_skew_s,
+        view_size=keys.view_size,
+        status_interval_s=keys.status_interval_s,
+        checkpoint_interval_s=keys.checkpoint_interval_s,
+        log_level=keys.log_level.upper(),
         source_path=source,
     )
 

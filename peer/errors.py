@@ -5,10 +5,13 @@
   "anything Murmur refused" catches one class. Errors that are also plain bad arguments derive
   from ``ValueError`` too.
 * :class:`DroppedError` means "this input was refused, count it under ``reason``": an inbound
-  message (membership, session) or a rebuilt group sum (merge). It is never fatal; the node
-  counts it by reason and goes on.
+  message (membership, inbound checks, session) or a rebuilt group sum (merge). It is never
+  fatal; the node counts it by reason and goes on. Inbound checks and the membership view
+  raise it directly. Its one subclass is ``peer.sharing.merge.MergeRejected``: the node counts
+  rejected merges apart from dropped messages (``count_rejected_merge``), so it catches that
+  subclass on its own.
 
-This module imports nothing, so both halves and the daemon can share it.
+This module imports nothing, so both halves and the peer's assembly can share it.
 """
 
 from __future__ import annotations

@@ -145,7 +145,8 @@ def build_dataclass(cls: type, table: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, spec in fields.items():
         if name in table:
-            kwargs[name] = check_value(table[name], hints.get(name, Any), f"{where}.{name}")
+            key = f"{where}.{name}" if where else name  # where "": the document's top level
+            kwargs[name] = check_value(table[name], hints.get(name, Any), key)
         elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
             raise TomlValueError(where, f"missing required key {name!r}")
     try:

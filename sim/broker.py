@@ -362,7 +362,7 @@ class MosquittoBroker:
             assert self._process is not None
             if self._process.poll() is not None:
                 raise BrokerStartError(
-                    f"mosquitto exited with code {self._process.returncode}: {self._log_tail()}"
+                    f"mosquitto exited with code {self._process.returncode}: {self.log_tail()}"
                 )
             try:
                 await wait_until_accepting(self.host, self.port, timeout_s=0.25)
@@ -371,10 +371,12 @@ class MosquittoBroker:
             return
         raise BrokerStartError(
             f"mosquitto did not accept connections on port {self.port} within "
-            f"{self.start_timeout_s:.1f} s: {self._log_tail()}"
+            f"{self.start_timeout_s:.1f} s: {self.log_tail()}"
         )
 
-    def _log_tail(self, max_chars: int = 800) -> str:
+    def log_tail(self, max_chars: int = 800) -> str:
+        """The last ``max_chars`` of the broker's log file, for error messages ("(no log)" when
+        it has none yet)."""
         path = self.log_path
         if path is None or not path.exists():
             return "(no log)"

@@ -31,7 +31,7 @@ from peer import tomlcheck
 from peer.config import MAX_VIEW_SIZE, SessionConfig
 from peer.network.session.kinds import DEFAULT_SESSION_KIND, SESSION_KINDS
 from peer.training.config import TrainerConfig
-from protocol.limits import ID_PATTERN, is_valid_id
+from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, is_valid_id
 from sim.partition import PARTITION_SCHEMES
 
 HOSTILE_KINDS = ("garbage", "replay", "huge_norm")
@@ -267,10 +267,10 @@ def _check_aggregation(s: Scenario) -> None:
     _require(tail_topk is None or 0.001 <= tail_topk <= 1.0, "averaging_topk_fraction",
              f"must be in [0.001, 1], got {tail_topk}")
     _require(
-        3 <= s.group_size <= 16,
+        MIN_GROUP_SIZE <= s.group_size <= MAX_MEMBERS,
         "group_size",
-        f"must be in 3..16 (a group of two would reveal each member's vector to the other), "
-        f"got {s.group_size}",
+        f"must be in {MIN_GROUP_SIZE}..{MAX_MEMBERS} (a group of two would reveal each member's "
+        f"vector to the other), got {s.group_size}",
     )
     _require(
         2 <= s.threshold <= s.group_size,

@@ -5,13 +5,13 @@ Everything a simulated peer is made of is decided here, so that the in-process e
 same peer:
 
 * :func:`node_config` and :func:`trainer_config` state only what the simulation changes from
-  the library defaults (``peer.daemon``, ``peer.training.config``): the pacing below, the
+  the library defaults (``peer.assembly``, ``peer.training.config``): the pacing below, the
   session timeouts stretched by the injected delay, and the scenario's training settings;
 * :func:`prepare` loads the data, splits it across the peers, and creates the network's
   admission key and one identity + certificate per peer with the real crypto (keys come from
   the OS CSPRNG, never from the scenario seed);
 * :func:`build_sim_trainer` and :func:`build_sim_peer` assemble a peer through
-  ``peer.daemon`` exactly as ``murmur-peer run`` does, plus the scenario's send faults.
+  ``peer.assembly`` exactly as ``murmur-peer run`` does, plus the scenario's send faults.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from crypto.admission import AdmissionKey, Certificate
 from crypto.identity import Identity
-from peer import daemon
+from peer import assembly
 from peer.config import SessionConfig
 from peer.files import atomic_write_bytes
 from peer.network.node import EventCallback, NodeConfig, Peer
@@ -74,7 +74,7 @@ def session_timeouts(s: Scenario) -> SessionTimeouts:
 
 def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig:
     """Node settings for a simulated peer: the scenario's group, the simulation's pacing."""
-    return daemon.node_config(
+    return assembly.node_config(
         SessionConfig(group_size=s.group_size, threshold=s.threshold,
                       max_colluders=s.max_colluders, kind=s.session_kind),
         timeouts=session_timeouts(s),
@@ -279,7 +279,7 @@ def prepare(s: Scenario, run_dir: Path) -> Prepared:
 def build_sim_trainer(s: Scenario, model_name: str, plan: PeerPlan) -> Any:
     """The peer's real LocalTrainer (resumes from its state_dir when a checkpoint exists),
     wrapped by the hostile behaviour the plan asks for."""
-    trainer = daemon.build_trainer(trainer_config(s, model_name), plan.train, plan.holdout,
+    trainer = assembly.build_trainer(trainer_config(s, model_name), plan.train, plan.holdout,
                                    plan.state_dir)
     if plan.hostile_kind == "huge_norm":
         return hostile.HugeNormTrainer(trainer)
@@ -291,7 +291,7 @@ def build_sim_peer(s: Scenario, plan: PeerPlan, trainer: Any, *, admission_publi
                    fault_stats: FaultStats, on_event: EventCallback | None) -> Peer:
     """One incarnation of a simulated peer: the daemon's node around ``trainer`` with the
     simulation's settings, its outgoing messages passing through the scenario's faults."""
-    peer = daemon.build_peer(
+    peer = assembly.build_peer(
         identity=plan.identity,
         certificate=plan.certificate,
         admission_public_key=admission_public_key,

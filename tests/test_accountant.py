@@ -222,9 +222,9 @@ def _opacus_epsilon_at_orders(sigma: float, q: float, steps: int) -> float:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning this reference reproduces
-        rdp_vec = rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+        rdp_vec = rdp.opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
                                        orders=rdp.ORDERS)
-        eps, _ = rdp._rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
+        eps, _ = rdp.opacus_rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
     return float(eps)
 
 
@@ -237,12 +237,13 @@ def test_rdp_emits_no_library_warning_and_tightens_at_the_grid_ends(
     from peer.training.privacy import rdp
 
     # The library does warn at these points: the test reproduces what the user saw.
-    rdp_vec = rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=rdp.ORDERS)
+    rdp_vec = rdp.opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                         orders=rdp.ORDERS)
     with pytest.warns(UserWarning, match="Optimal order is the"):
-        rdp._rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
+        rdp.opacus_rdp.get_privacy_spent(orders=rdp.ORDERS, rdp=rdp_vec, delta=DELTA)
     before = _opacus_epsilon_at_orders(sigma, q, steps)
 
-    rdp._rdp_per_step.cache_clear()
+    rdp.rdp_per_step.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning escaping the accountant fails the test
         ours = epsilon(steps, sigma, q, DELTA, accountant="rdp")
@@ -269,7 +270,7 @@ def test_rdp_sigma_search_emits_no_library_warning(target: float, q: float, step
 
     from peer.training.privacy import rdp
 
-    rdp._edges_logged.clear()
+    rdp.forget_logged_edges()
     with warnings.catch_warnings(), caplog.at_level("INFO", logger=rdp.__name__):
         warnings.simplefilter("error")
         sigma = sigma_for(target, DELTA, q, steps, accountant="rdp")
@@ -291,15 +292,15 @@ def test_stable_large_order_sum_matches_opacus_where_opacus_is_finite() -> None:
 
     for q, sigma in [(0.01, 1.0), (0.4, 3.0), (64 / 2500, 1.228), (1e-4, 20.0)]:
         for alpha in (2, 64, 512, 1024):
-            ours = rdp._rdp_large_order(sigma, q, alpha)
-            theirs = float(rdp._rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+            ours = rdp.rdp_large_order(sigma, q, alpha)
+            theirs = float(rdp.opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
                                                 orders=[alpha])[0])
             assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
-        beyond = [rdp._rdp_large_order(sigma, q, alpha) for alpha in rdp.LARGE_ORDERS]
+        beyond = [rdp.rdp_large_order(sigma, q, alpha) for alpha in rdp.LARGE_ORDERS]
         assert all(math.isfinite(v) and v >= 0 for v in beyond)
         assert beyond == sorted(beyond)  # RDP never decreases with the order
     # Opacus' own sum overflows above alpha ~ 1030 (why it cannot simply be asked for more).
-    assert math.isnan(float(rdp._rdp.compute_rdp(q=0.01, noise_multiplier=20.0, steps=1,
+    assert math.isnan(float(rdp.opacus_rdp.compute_rdp(q=0.01, noise_multiplier=20.0, steps=1,
                                                  orders=[2048])[0]))
 
 
@@ -308,7 +309,7 @@ def test_rdp_edge_is_logged_once_in_murmurs_words(caplog: pytest.LogCaptureFixtu
 
     from peer.training.privacy import rdp
 
-    rdp._edges_logged.clear()
+    rdp.forget_logged_edges()
     with warnings.catch_warnings(), caplog.at_level("INFO", logger=rdp.__name__):
         warnings.simplefilter("error")
         first = epsilon(100_000, 0.05, 1.0, DELTA, accountant="rdp")  # even 1.001 is optimal
@@ -318,6 +319,7 @@ def test_rdp_edge_is_logged_once_in_murmurs_words(caplog: pytest.LogCaptureFixtu
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1
     assert messages[0].startswith("RDP bound at the smallest order 1.001: epsilon ")
+    assert rdp.edges_logged() == {"smallest"}
     assert "may be loose by up to" in messages[0] and "Optimal order" not in messages[0]
 
 

@@ -86,7 +86,7 @@ async def _crosses(src: MosquittoBroker, dst: MosquittoBroker, timeout_s: float)
                         if str(msg.topic) == topic:
                             return
     raise AssertionError(f"the bridge carried nothing from :{src.port} to :{dst.port} within"
-                         f" {timeout_s:g} s: {dst._log_tail()}")
+                         f" {timeout_s:g} s: {dst.log_tail()}")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def _assert_same_state(a: LocalTrainer, b: LocalTrainer) -> None:
     ):
         assert name_a == name_b
         torch.testing.assert_close(ta, tb, rtol=0, atol=0)
-    opt_a, opt_b = a._optimizer.state_dict(), b._optimizer.state_dict()
+    opt_a, opt_b = a.optimizer_state(), b.optimizer_state()
     assert opt_a["kind"] == opt_b["kind"]
     buffers_a, buffers_b = opt_a["momentum_buffers"], opt_b["momentum_buffers"]
     assert (buffers_a is None) == (buffers_b is None)

@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
 from crypto.replay import ReplayWindow
+from peer.assembly import node_config
 from peer.config import ConfigError, SessionConfig, build_dataclass
-from peer.daemon import node_config
+from peer.errors import DroppedError
 from peer.network.inbound import InboundChecks
 from peer.network.transport import Incoming
-from peer.network.view.membership import DropError, MembershipView
+from peer.network.view.membership import MembershipView
 from protocol.chunks import (
     DROP_REASONS,
     ChunkError,
@@ -450,7 +451,7 @@ class Net:
         return results[-1]
 
     def dropped(self, reason: str, topic: str, payload: bytes) -> None:
-        with pytest.raises(DropError) as caught:
+        with pytest.raises(DroppedError) as caught:
             self.admit(topic, payload)
         assert caught.value.reason == reason, caught.value
 

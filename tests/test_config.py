@@ -10,8 +10,8 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
+from peer.assembly import load_credentials
 from peer.config import ConfigError, PeerConfig, SessionConfig, load_config
-from peer.daemon import load_credentials
 from peer.network.transport import BrokerSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_credentials_must_match_the_config(network_dir: Path) -> None:
 
 
 def test_pace_section_and_its_interval(network_dir: Path) -> None:
-    from peer.daemon import pacing_config
+    from peer.assembly import pacing_config
 
     cfg = load_config(write(network_dir, MINIMAL + TRAINING + "[pace]\nbudget_hours = 2.5\n"))
     assert cfg.pace.budget_hours == 2.5 and cfg.pace.train_only_when_grouped
@@ -200,7 +200,7 @@ def test_pace_section_and_its_interval(network_dir: Path) -> None:
 
 
 def test_blocks_source_needs_a_directory_and_evaluate(network_dir: Path) -> None:
-    from peer.daemon import load_block_data
+    from peer.assembly import load_block_data
 
     missing = write(network_dir, MINIMAL + 'data = "blocks:incoming"\n' + TRAINING)
     assert "block directory" in config_error(missing)

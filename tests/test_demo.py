@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from peer.assembly import load_local_data
 from peer.config import load_config
-from peer.daemon import load_local_data
 from peer.demo import DEMO_BUDGET_HOURS, DEMO_MIN_RECORDS, DEMO_SOURCE, DemoDataError, demo_shards
 from peer.provision import ProvisionError, provision
 from peer.training.data import DataError, load_source, load_table

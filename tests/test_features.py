@@ -177,14 +177,14 @@ def test_scatter_trainer_trains_evaluates_and_resumes(tmp_path: Path) -> None:
                            max_grad_norm=0.1, lr=2.0, momentum=0.5, dp=True)
     clear_feature_caches()
     trainer = LocalTrainer(config, train, holdout, tmp_path)
-    cache = feature_cache(trainer._frozen, (28, 28))
+    cache = feature_cache(trainer.frozen_prefix, (28, 28))
     assert cache.computed == 240  # train + hold-out, once, at construction
     assert trainer.param_count == 3969 * 10 + 10
     assert trainer.model_id.startswith("scatter-39700-")
-    features = trainer._blocks._static_x  # the static block's inputs, featurised once
+    features = trainer.static_inputs  # the static block's inputs, featurised once
     assert features is not None and features.shape == (200, 3969)
     with torch.no_grad():  # the trainable head on cached features is the whole model
-        torch.testing.assert_close(trainer._trainable(features[:5]),
+        torch.testing.assert_close(trainer.trainable(features[:5]),
                                    trainer.model(torch.from_numpy(train.x[:5])),
                                    rtol=1e-4, atol=1e-5)
 

@@ -109,7 +109,7 @@ def _is_ancestor(a: str, b: str) -> bool:
 
 def test_the_graph_is_the_real_project() -> None:
     # Guards the checks below against an empty or mis-parsed graph.
-    assert {"peer.network.node", "peer.training.trainer", "peer.daemon", "crypto.shamir",
+    assert {"peer.network.node", "peer.training.trainer", "peer.assembly", "crypto.shamir",
             "protocol.codec", "sim.runner"} <= set(GRAPH)
     assert "peer.network.session.seat" in GRAPH["peer.network.node"].internal
     assert "peer.network.session.shamir" in GRAPH["peer.network.session.kinds"].internal

@@ -359,8 +359,8 @@ async def test_shamir_and_masked_peers_never_group(mosquitto) -> None:
 
 
 def test_session_kind_setting_reaches_the_node_config() -> None:
+    from peer.assembly import node_config
     from peer.config import SessionConfig
-    from peer.daemon import node_config
     from peer.network.session.kinds import MaskedSessionKind, ShamirSessionKind, build_kind
 
     def kind_of(cfg: NodeConfig):  # type: ignore[no-untyped-def]

@@ -10,7 +10,8 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
-from peer.network.view.membership import DropError, MembershipView
+from peer.errors import DroppedError
+from peer.network.view.membership import MembershipView
 from protocol.codec import decode_message, encode_message
 from protocol.messages import PROTOCOL_VERSION, Announce, Header, Kind, Leave, SignedMessage
 
@@ -68,7 +69,7 @@ def _peer(admission: AdmissionKey, name: str, *, valid_for_s: float = DAY,
 
 
 def _drop_reason(view: MembershipView, msg: SignedMessage, now: float = NOW) -> str:
-    with pytest.raises(DropError) as info:
+    with pytest.raises(DroppedError) as info:
         view.on_announce(msg, now)
     return info.value.reason
 
@@ -183,10 +184,10 @@ def test_signed_leave_removes_and_forged_leave_is_dropped(admission: AdmissionKe
     alice, cert = _peer(admission, "alice")
     view.on_announce(_announce(alice, cert), NOW)
 
-    with pytest.raises(DropError) as info:
+    with pytest.raises(DroppedError) as info:
         view.on_leave(_leave(Identity.generate("alice")))
     assert info.value.reason == "bad_signature"
-    with pytest.raises(DropError) as info:
+    with pytest.raises(DroppedError) as info:
         view.on_leave(_leave(alice, sender="ghost"))
     assert info.value.reason == "unknown_sender"
     assert "alice" in view
@@ -229,7 +230,7 @@ def test_will_or_leave_of_an_earlier_connection_changes_nothing(admission: Admis
     view.on_announce(_announce(alice, cert, seq=6, connection=CONNECTION_A), NOW)
     view.on_announce(_announce(alice, cert, seq=20, connection=CONNECTION_B), NOW + 1)
     for replayed in (old_will, old_leave):
-        with pytest.raises(DropError) as info:
+        with pytest.raises(DroppedError) as info:
             view.on_leave(replayed)
         assert info.value.reason == "stale_leave"
     assert view.get("alice") is not None and view.get("alice").connection == CONNECTION_B

@@ -28,7 +28,7 @@ import pytest
 
 from crypto.admission import AdmissionKey, Certificate
 from crypto.identity import Identity
-from peer.daemon import build_peer
+from peer.assembly import build_peer
 from peer.network.transport import BrokerSettings
 from protocol import messages as m
 from protocol.codec import decode_message, encode_message

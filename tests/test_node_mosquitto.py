@@ -28,7 +28,7 @@ import pytest
 from crypto.admission import AdmissionKey
 from crypto.field import FixedPoint
 from crypto.identity import Identity
-from peer.daemon import build_peer
+from peer.assembly import build_peer
 from peer.network.node import NodeConfig, Peer, PeerEvent
 from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings

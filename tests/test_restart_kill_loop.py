@@ -9,7 +9,7 @@ and then checks the state directory from outside:
 * the checkpoint loads, and it is consistent with the ledger: the ledger is written first, so
   ``ledger steps >= checkpoint round * local_steps`` and the ledger is at most one round ahead
   of the copy embedded in the checkpoint;
-* the daemon's own start-up path (``peer.daemon.peer_from_config``: credentials, data,
+* the daemon's own start-up path (``peer.assembly.peer_from_config``: credentials, data,
   trainer resume)
   resumes exactly that round, step count and epsilon;
 * temp files left by a kill mid-write (and planted stale ones) do not break the restart;
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
+from peer.assembly import peer_from_config
 from peer.config import load_config
-from peer.daemon import peer_from_config
 from peer.provision import provision
 from peer.training.checkpoint import load_checkpoint
 from peer.training.ledger import LedgerError, PrivacyLedger

@@ -621,7 +621,7 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(
     provisioned configs find each other and complete aggregation sessions."""
     require_mosquitto()
     # three peers in one process: one intra-op torch thread each (the one_torch_thread fixture)
-    from peer.daemon import peer_from_config
+    from peer.assembly import peer_from_config
     from peer.provision import provision
 
     port = free_loopback_port()
@@ -664,8 +664,8 @@ async def test_three_provisioned_peers_complete_a_session_over_tls(
 def test_device_config_template_loads(secrets_dir: Path) -> None:
     # docs/deploy/peer.toml must stay in step with peer/config.py: filled in as the guide
     # says (ids, paths), it loads and its credentials check out.
+    from peer.assembly import load_credentials
     from peer.config import load_config
-    from peer.daemon import load_credentials
     from peer.provision import provision
 
     network = provision("farm", ["pi-01"], secrets_dir / "network",

@@ -18,8 +18,8 @@ import pytest
 
 from crypto.admission import AdmissionKey
 from crypto.identity import Identity
+from peer.assembly import load_local_data
 from peer.config import ConfigError, load_config
-from peer.daemon import load_local_data
 from peer.training.data import (
     DataError,
     load_source,

@@ -89,15 +89,17 @@ def test_merge_during_a_round_is_queued_and_not_reshared(digits) -> None:
     train, holdout, _ = digits
     cfg = TrainerConfig(model="mlp", dp=False, local_steps=3, topk_fraction=1.0, share="delta")
     trainer = LocalTrainer(cfg, train, holdout)
-    with trainer._lock:  # as if a round were running in the worker thread
+    with trainer.model_lock:  # as if a round were running in the worker thread
         before = _flat(trainer)
         trainer.apply_update(np.array([0]), np.array([100.0], np.float32))  # must not block
         assert torch.equal(before, _flat(trainer))
-        trainer._drain_pending()  # the round drains between steps
+        assert trainer.pending_merges == 1
+        trainer.apply_pending_merges()  # the round applies them between steps
+        assert trainer.pending_merges == 0
     assert float(_flat(trainer)[0] - before[0]) == 100.0
     # A merge that lands inside a round is excluded from that round's own update.
     result: dict[str, LocalUpdate] = {}
-    with trainer._lock:
+    with trainer.model_lock:
         worker = threading.Thread(target=lambda: result.setdefault("u", trainer.train_round()))
         worker.start()
         trainer.apply_update(np.array([2]), np.array([50.0], np.float32))

@@ -63,7 +63,7 @@ def test_residual_values_does_not_wait_for_a_running_round(digits) -> None:
     train, holdout, _ = digits
     trainer = LocalTrainer(TrainerConfig(model="mlp", dp=False), train, holdout)
     indices = np.arange(10, dtype=np.uint32)
-    with trainer._lock:  # a round in progress holds the training lock
+    with trainer.model_lock:  # a round in progress holds the training lock
         result: list[np.ndarray] = []
         reader = threading.Thread(target=lambda: result.append(trainer.sharing.fill(indices)))
         reader.start()

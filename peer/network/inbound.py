@@ -2,7 +2,7 @@
 
 topic -> size -> decode -> topic binding (the signed sender must own the topic) -> network ->
 certificate (announce, in the membership view) or known sender -> signature -> recipient ->
-replay window. The first check that fails raises :class:`peer.network.view.membership.DropError`
+replay window. The first check that fails raises :class:`peer.errors.DroppedError`
 naming it; the node counts it (``status().drops``). Nothing a broker or a stranger publishes
 gets past these checks into the session state machine, and none of them can crash the peer.
 
@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from crypto.errors import ReplayError, SignatureError, StaleMessageError
 from crypto.identity import verify_signature
 from crypto.replay import ReplayWindow
+from peer.errors import DroppedError
 from peer.network.counters import DropCounter
 from peer.network.transport import Incoming
-from peer.network.view.membership import DropError, MembershipView
+from peer.network.view.membership import MembershipView
 from protocol import messages as m
 from protocol.chunks import ChunkError, ChunkReassembler
 from protocol.codec import SignedMessage, decode_message
@@ -47,7 +48,7 @@ class InboundChecks:
     reassembled: int = 0  # messages completed from chunks and admitted
 
     def admit(self, incoming: Incoming, now: float) -> SignedMessage | None:
-        """The checks of the module docstring, in order; DropError names the first that fails.
+        """The checks of the module docstring, in order; DroppedError names the first that fails.
 
         None: the message was fully handled here (our own echo, membership traffic, a chunk
         held until its message is complete).
@@ -55,13 +56,13 @@ class InboundChecks:
         try:
             parsed = parse_topic(self.network_id, incoming.topic)
         except ProtocolError as exc:
-            raise DropError("bad_topic", str(exc)) from None
+            raise DroppedError("bad_topic", str(exc)) from None
         if parsed.sender == self.peer_id:
             return None  # our own retained announcement / leave echoed back
         if parsed.kind == "announce" and not incoming.payload:
             # MQTT's way to clear a retained message. Unsigned, so anyone on the broker could
             # send it: it removes nobody (only a peer's own signed LEAVE does).
-            raise DropError("unsigned_clear", parsed.sender)
+            raise DroppedError("unsigned_clear", parsed.sender)
         msg = self._decode_bound(parsed, incoming.payload)
         header = msg.header
         if header.kind in (m.Kind.ANNOUNCE, m.Kind.LEAVE):
@@ -79,9 +80,9 @@ class InboundChecks:
         try:
             self.replay.check(header.sender, header.seq)
         except StaleMessageError:
-            raise DropError("stale", header.sender) from None
+            raise DroppedError("stale", header.sender) from None
         except ReplayError:
-            raise DropError("replay", header.sender) from None
+            raise DroppedError("replay", header.sender) from None
         if header.kind is m.Kind.CHUNK:
             return self._on_chunk(parsed, incoming.topic, msg, now)
         return msg
@@ -99,19 +100,19 @@ class InboundChecks:
     def _decode_bound(self, parsed: ParsedTopic, payload: bytes) -> SignedMessage:
         """Size, strict decode, network and topic binding."""
         if len(payload) > MAX_PAYLOAD_BYTES:
-            raise DropError("oversize")
+            raise DroppedError("oversize")
         try:
             msg = decode_message(payload)
         except SizeLimitError as exc:
-            raise DropError("oversize", str(exc)) from None
+            raise DroppedError("oversize", str(exc)) from None
         except ProtocolError as exc:
-            raise DropError("malformed", str(exc)) from None
+            raise DroppedError("malformed", str(exc)) from None
         if msg.header.network != self.network_id:
-            raise DropError("foreign_network", msg.header.network)
+            raise DroppedError("foreign_network", msg.header.network)
         try:
             check_topic_binding(parsed, msg)
         except ProtocolError as exc:
-            raise DropError("topic_mismatch", str(exc)) from None
+            raise DroppedError("topic_mismatch", str(exc)) from None
         return msg
 
     def _authenticate(self, parsed: ParsedTopic, msg: SignedMessage) -> None:
@@ -119,13 +120,13 @@ class InboundChecks:
         sender = msg.header.sender
         member = self.membership.get(sender)
         if member is None:
-            raise DropError("unknown_sender", sender)
+            raise DroppedError("unknown_sender", sender)
         try:
             verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
         except SignatureError:
-            raise DropError("bad_signature", sender) from None
+            raise DroppedError("bad_signature", sender) from None
         if parsed.recipient is not None and parsed.recipient != self.peer_id:
-            raise DropError("wrong_recipient")
+            raise DroppedError("wrong_recipient")
 
     def _on_chunk(self, parsed: ParsedTopic, topic: str, chunk: SignedMessage,
                   now: float) -> SignedMessage | None:
@@ -135,14 +136,14 @@ class InboundChecks:
         try:
             wire = self.chunks.add(header.sender, topic, header.session, chunk.body, now)
         except ChunkError as exc:
-            raise DropError(exc.drop_reason, f"{header.sender}: {exc.reason}") from None
+            raise DroppedError(exc.drop_reason, f"{header.sender}: {exc.reason}") from None
         if wire is None:
             return None
         inner = self._decode_bound(parsed, wire)
         if inner.header.kind is m.Kind.CHUNK:
-            raise DropError("chunk_inconsistent", "a chunk inside a chunk")
+            raise DroppedError("chunk_inconsistent", "a chunk inside a chunk")
         if (inner.header.sender, inner.header.session) != (header.sender, header.session):
-            raise DropError("chunk_inconsistent", "inner sender or session differs")
+            raise DroppedError("chunk_inconsistent", "inner sender or session differs")
         self._authenticate(parsed, inner)
         self.reassembled += 1
         return inner

@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 
 
 class Peer:
-    """One Murmur peer; ``peer.daemon`` builds it (daemon and simulation alike).
+    """One Murmur peer; ``peer.assembly`` builds it (daemon and simulation alike).
 
     ``run(stop)`` until ``stop`` is set; then it leaves cleanly.
     """

@@ -118,6 +118,11 @@ class BlockSchedule:
         #: Whether the ledgers changed outside a round (new block, retirement): persist them.
         self.dirty = False
 
+    @property
+    def static_inputs(self) -> torch.Tensor | None:
+        """The trainable part's inputs of the static set, computed once (None: no records)."""
+        return self._static_x
+
     # ----------------------------------------------------------------------- settings
     @property
     def budget(self) -> float | None:

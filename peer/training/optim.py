@@ -24,7 +24,7 @@ import torch
 
 from peer.errors import PeerError
 
-__all__ = ["SGD", "Adam", "Optimizer", "OptimizerStateError"]
+__all__ = ["SGD", "Adam", "Optimizer", "OptimizerStateError", "build_optimizer"]
 
 
 class OptimizerStateError(PeerError, ValueError):
@@ -145,3 +145,11 @@ class Adam(_Base):
 
 
 Optimizer = SGD | Adam
+
+
+def build_optimizer(name: str, params: Sequence[torch.Tensor], *, lr: float,
+                    momentum: float) -> Optimizer:
+    """The trainer's optimizer: ``"adam"`` (``momentum`` unused), anything else SGD."""
+    if name == "adam":
+        return Adam(params, lr=lr)
+    return SGD(params, lr=lr, momentum=momentum)

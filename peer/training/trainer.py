@@ -13,10 +13,11 @@ Security properties:
   restart resumes them, and the ledger on disk is never replaced by an older one.
 
 Threading: one trainer may be driven from a worker thread (``asyncio.to_thread``) while the
-event loop calls :meth:`LocalTrainer.apply_update`; an internal lock serialises access to the
-model, and merges that arrive mid-round are queued and applied between steps (and excluded
-from the round's own update). The trainer holds no global state; ``torch.set_num_threads`` is
-process-wide, so it is left to the caller (see :func:`configure_torch_threads`).
+event loop calls :meth:`LocalTrainer.apply_update`; the model lock (:attr:`model_lock`,
+peer/training/params.py) serialises access to the model, and merges that arrive mid-round are
+queued and applied between steps (and excluded from the round's own update). The trainer
+holds no global state; ``torch.set_num_threads`` is process-wide, so it is left to the
+caller (see :func:`configure_torch_threads`).
 
 Data that keeps coming: with a ``source`` (blocks.py) the records form disjoint blocks, each
 with its own ledger; a round trains on one (block_schedule.py), ``epsilon`` is the worst
@@ -32,19 +33,18 @@ model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from peer.sharing import SharingStrategy, build_strategy
-from peer.sharing.base import checked_sparse
 from peer.training.block_ledger import BlockLedgers, newest_ledgers
 from peer.training.block_schedule import BlockSchedule
 from peer.training.blocks import BlockSource, BlockStatus, open_block_source
@@ -60,7 +60,8 @@ from peer.training.models import (
     seeded_init,
     split_frozen,
 )
-from peer.training.optim import SGD, Adam, Optimizer
+from peer.training.optim import build_optimizer
+from peer.training.params import FlatParams
 from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
 
 __all__ = [
@@ -122,9 +123,8 @@ class LocalTrainer:
         #: when there is no prefix); they share the model's modules.
         self._frozen, self._trainable = split_frozen(self.model)
         self.param_count = param_count(self.model)
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
-        # The common starting point (same seed on every peer): displacements are x - x0.
-        self._init_params = self._flat_params().clone()
+        # The flat vector, x0 (same seed on every peer), the model lock and queued merges.
+        self._params = FlatParams([p for p in self.model.parameters() if p.requires_grad])
         #: What a round shares, the residual fill and the merge rule (peer.sharing).
         self.sharing: SharingStrategy = build_strategy(
             config.share, config.topk_fraction, self.param_count,
@@ -132,7 +132,7 @@ class LocalTrainer:
         # Peers only group with the same model id, so a network never mixes share modes
         # (a displacement averaged with deltas would be meaningless).
         self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
-                                              self._init_digest())
+                                              self._params.initial_digest())
         self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
         if source is not None:
             source.bind(train.input_shape, train.num_classes)
@@ -140,11 +140,11 @@ class LocalTrainer:
         # The blocks, their ledgers and DP settings; the trainable part's inputs of the
         # static set are computed once here (features, for a frozen prefix).
         self._blocks = BlockSchedule(config, train, source, self._inputs)
-        self._optimizer = self._make_optimizer()
+        # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
+        # torch._dynamo (+70 MB resident), too much for a 1 GB Raspberry Pi.
+        self._optimizer = build_optimizer(config.optimizer, self._params.params, lr=config.lr,
+                                          momentum=config.momentum)
         self._round = 0
-        self._lock = threading.Lock()
-        self._pending_lock = threading.Lock()
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Insecure mode seeds batch sampling too (experiments only: NOT private).
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
@@ -157,7 +157,7 @@ class LocalTrainer:
             self._resume()
         if self.sharing.needs_common_init:
             # The fill lends the displacement as of the last round: after a restart, now.
-            self.sharing.reshare(self._displacement())
+            self.sharing.reshare(self._params.displacement())
         log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
                  "spent %.3f", self.model_id, len(train), len(self._blocks.ledgers),
                  self.sample_rate, self.sigma, config.max_grad_norm, self._blocks.ledgers.epsilon)
@@ -188,14 +188,6 @@ class LocalTrainer:
                                max_grad_norm=cfg.max_grad_norm,
                                expected_batch_size=float(cfg.batch_size), noise=noise,
                                engine=cfg.engine)
-
-    def _make_optimizer(self) -> Optimizer:
-        # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
-        # torch._dynamo (+70 MB resident), too much for a 1 GB Raspberry Pi.
-        cfg = self.config
-        if cfg.optimizer == "adam":
-            return Adam(self._params, lr=cfg.lr)
-        return SGD(self._params, lr=cfg.lr, momentum=cfg.momentum)
 
     @property
     def ledger_path(self) -> Path | None:
@@ -281,31 +273,42 @@ class LocalTrainer:
         log.info("resumed round %d, %d steps, epsilon %.3f", self._round, stored.steps,
                  stored.epsilon)
 
-    # ----------------------------------------------------------------------- params
-    def _flat_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self._params])
+    # ----------------------------------------------------------------------- read-outs
+    @property
+    def model_lock(self) -> threading.Lock:
+        """The lock a round holds while it steps the model (evaluation and checkpointing
+        too). A merge never waits for it: while it is held, merges queue."""
+        return self._params.lock
 
-    def _add_to_params(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Add a sparse vector to the parameters; returns it densified (for bookkeeping)."""
-        dense = torch.zeros(self.param_count, dtype=torch.float32)
-        dense.index_add_(0, indices, values)
-        offset = 0
-        with torch.no_grad():
-            for p in self._params:
-                n = p.numel()
-                p.add_(dense[offset : offset + n].view_as(p))
-                offset += n
-        return dense
+    @property
+    def pending_merges(self) -> int:
+        """Merges queued behind whoever holds :attr:`model_lock`, not yet in the model."""
+        return self._params.pending
 
-    def _drain_pending(self) -> torch.Tensor | None:
-        """Apply queued merges (caller holds the model lock); returns their dense sum."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-        total: torch.Tensor | None = None
-        for indices, values in pending:
-            dense = self._add_to_params(indices, values)
-            total = dense if total is None else total.add_(dense)
-        return total
+    def apply_pending_merges(self) -> None:
+        """Apply the queued merges, as a round does between its steps (caller holds
+        :attr:`model_lock`)."""
+        self._params.apply_pending()
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state as the checkpoint stores it (its kind and buffers)."""
+        return self._optimizer.state_dict()
+
+    @property
+    def frozen_prefix(self) -> torch.nn.Module | None:
+        """The model's frozen, parameter-free feature prefix (None for mlp and cnn)."""
+        return self._frozen
+
+    @property
+    def trainable(self) -> torch.nn.Module:
+        """What trains and is evaluated: the rest after the frozen prefix, else the model."""
+        return self._trainable
+
+    @property
+    def static_inputs(self) -> torch.Tensor | None:
+        """The trainable part's inputs of the static set (features, with a frozen prefix),
+        computed once at construction; None when the static set has no records."""
+        return self._blocks.static_inputs
 
     # ----------------------------------------------------------------------- API
     def train_round(self) -> LocalUpdate:
@@ -319,8 +322,8 @@ class LocalTrainer:
         cfg = self.config
         if self.source is None and self._in_averaging_tail():
             return self.averaging_round()
-        with self._lock:
-            self._drain_pending()
+        with self._params.lock:
+            self._params.apply_pending()
             try:
                 block = self._blocks.start_round(cfg.local_steps)
             finally:
@@ -328,7 +331,7 @@ class LocalTrainer:
                     self._persist(checkpoint=False)
             if self._dp_step is not None:
                 self._dp_step.retune(block.sigma, block.sample_rate * block.records)
-            before = self._flat_params()
+            before = self._params.flat()
             self.model.train()
             for _ in range(cfg.local_steps):
                 batch = poisson_batch(block.records, block.sample_rate, self._sampling)
@@ -341,13 +344,13 @@ class LocalTrainer:
                     self._optimizer.zero_grad(set_to_none=True)
                     F.cross_entropy(self._trainable(x), y).backward()
                 self._optimizer.step()
-                merged = self._drain_pending()
+                merged = self._params.apply_pending()
                 if merged is not None:
                     before.add_(merged)  # merges are not this peer's own update
-            delta = (self._flat_params() - before).numpy()
+            delta = (self._params.flat() - before).numpy()
             block.entry.ledger.record(cfg.local_steps)
             self._round += 1
-            indices, values = self.sharing.after_round(delta, self._displacement())
+            indices, values = self.sharing.after_round(delta, self._params.displacement())
             # Persist before the update can leave: the ledger first, then the checkpoint.
             self._persist(checkpoint=cfg.checkpoint_every_round)
             return LocalUpdate(
@@ -379,10 +382,10 @@ class LocalTrainer:
         """
         if not self.can_average:
             raise ValueError(f"share mode {self.config.share!r} does not average models")
-        with self._lock:
-            self._drain_pending()
+        with self._params.lock:
+            self._params.apply_pending()
             self._round += 1
-            indices, values = self.sharing.reshare(self._displacement())
+            indices, values = self.sharing.reshare(self._params.displacement())
             self._persist(checkpoint=self.config.checkpoint_every_round)
             return LocalUpdate(
                 indices=indices,
@@ -392,41 +395,20 @@ class LocalTrainer:
                 round=self._round,
             )
 
-    def _init_digest(self) -> str:
-        """8 hex digits of BLAKE2b over the initial parameters (float32 bytes)."""
-        raw = self._init_params.numpy().astype("<f4").tobytes()
-        return hashlib.blake2b(raw, digest_size=4).hexdigest()
-
-    def _displacement(self) -> np.ndarray:
-        """x - x0 as float32 (caller holds the model lock or owns the trainer)."""
-        return (self._flat_params() - self._init_params).numpy().astype(np.float32)
-
     def apply_update(self, indices: np.ndarray, values: np.ndarray) -> None:
         """Add a sparse (already bounded) merge to the model; never blocks on training.
 
         Raises ValueError on out-of-range indices, mismatched lengths or non-finite values.
         """
-        index_array, value_array = checked_sparse(indices, values, self.param_count)
-        entry = (
-            torch.from_numpy(index_array.astype(np.int64)),
-            torch.from_numpy(value_array.copy()),
-        )
-        with self._pending_lock:
-            self._pending.append(entry)
-        # Apply now if no round is running; otherwise the round applies it between steps.
-        if self._lock.acquire(blocking=False):
-            try:
-                self._drain_pending()
-            finally:
-                self._lock.release()
+        self._params.merge(indices, values)
 
     def evaluate(self, ds: Dataset | None = None) -> float:
         """Accuracy (0..1) on ``ds``, the local hold-out by default; NaN if it is empty."""
         data = self.holdout if ds is None else ds
         if len(data) == 0:
             return float("nan")
-        with self._lock:
-            self._drain_pending()
+        with self._params.lock:
+            self._params.apply_pending()
             self.model.eval()
             correct = 0
             with torch.no_grad():
@@ -443,8 +425,8 @@ class LocalTrainer:
 
     def save_checkpoint(self) -> None:
         """Persist ledger, then model/optimizer/residual/round (no-op without state_dir)."""
-        with self._lock:
-            self._drain_pending()
+        with self._params.lock:
+            self._params.apply_pending()
             self._persist(checkpoint=True)
 
     def _persist(self, *, checkpoint: bool) -> None:

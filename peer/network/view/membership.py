@@ -5,7 +5,8 @@ Security properties:
 * Only a peer with a certificate signed by this network's admission key, for this network,
   valid now (within ``clock_skew_s``), whose announcement is signed by the key that
   certificate vouches for, and whose certificate names the announcing sender, enters the view.
-  Everything else raises :class:`DropError` with a short reason the caller counts and logs.
+  Everything else raises :class:`peer.errors.DroppedError` with a short reason the caller
+  counts and logs.
   Broker credentials and ACLs are a second wall; this check is the first.
 * The view stores public keys only. A peer's box key and verify key come from its certificate,
   never from anything the peer may change without the admission key.
@@ -45,10 +46,6 @@ from crypto.errors import (
 from crypto.identity import PublicIdentity, verify_signature
 from peer.errors import DroppedError
 from protocol.messages import Announce, Kind, Leave, SignedMessage
-
-
-class DropError(DroppedError):
-    """An inbound message was rejected; ``reason`` labels the drop counter."""
 
 
 @dataclass
@@ -109,12 +106,12 @@ class MembershipView:
 
     # --------------------------------------------------------------------------- admission
     def verify_announce(self, msg: SignedMessage, now: float) -> tuple[Announce, Certificate]:
-        """Every check of :meth:`on_announce` without changing the view; DropError(reason)."""
+        """Every check of :meth:`on_announce` without changing the view; DroppedError(reason)."""
         header = msg.header
         if header.kind != Kind.ANNOUNCE or not isinstance(msg.body, Announce):
-            raise DropError("wrong_kind", f"expected ANNOUNCE, got {Kind(header.kind).name}")
+            raise DroppedError("wrong_kind", f"expected ANNOUNCE, got {Kind(header.kind).name}")
         if header.network != self.network_id:
-            raise DropError("foreign_network", f"header network {header.network!r}")
+            raise DroppedError("foreign_network", f"header network {header.network!r}")
         body = msg.body
         try:
             cert = Certificate.from_bytes(body.certificate)
@@ -126,27 +123,27 @@ class MembershipView:
                 clock_skew_s=self.clock_skew_s,
             )
         except ForeignNetworkError as exc:
-            raise DropError("foreign_network", str(exc)) from None
+            raise DroppedError("foreign_network", str(exc)) from None
         except ExpiredCertificateError as exc:
-            raise DropError("expired_certificate", str(exc)) from None
+            raise DroppedError("expired_certificate", str(exc)) from None
         except BadCertificateSignatureError as exc:
-            raise DropError("bad_certificate", str(exc)) from None
+            raise DroppedError("bad_certificate", str(exc)) from None
         except (CertificateError, ValueError) as exc:
             # MalformedCertificateError and anything structurally wrong with the bytes.
-            raise DropError("bad_certificate", str(exc)) from None
+            raise DroppedError("bad_certificate", str(exc)) from None
         if cert.peer_id != header.sender:
-            raise DropError(
+            raise DroppedError(
                 "sender_mismatch",
                 f"certificate of {cert.peer_id!r} announced by {header.sender!r}",
             )
         try:
             verify_signature(cert.verify_key, msg.signed_bytes, msg.signature)
         except SignatureError as exc:
-            raise DropError("bad_signature", f"announce of {header.sender!r}: {exc}") from None
+            raise DroppedError("bad_signature", f"announce of {header.sender!r}: {exc}") from None
         return body, cert
 
     def on_announce(self, msg: SignedMessage, now: float) -> Member:
-        """Admit or refresh the announcing peer; DropError(reason) when any check fails.
+        """Admit or refresh the announcing peer; DroppedError(reason) when any check fails.
 
         The caller must also check that the MQTT topic's sender level equals
         ``msg.header.sender`` (protocol.topics.check_topic_binding).
@@ -164,7 +161,7 @@ class MembershipView:
         if highest is not None and seq <= highest:
             # Older than what this peer already sent (or a copy of an announcement whose peer
             # has since left or gone silent): a replay must not roll the view back.
-            raise DropError("stale_announce", f"{cert.peer_id!r} seq {seq} <= {highest}")
+            raise DroppedError("stale_announce", f"{cert.peer_id!r} seq {seq} <= {highest}")
         self._highest_seq[cert.peer_id] = seq
         self._forgotten.pop(cert.peer_id, None)
         member = Member(
@@ -182,7 +179,7 @@ class MembershipView:
     def on_leave(self, msg: SignedMessage) -> str:
         """Remove a peer on its own signed LEAVE for its current connection; returns its id.
 
-        DropError: ``unknown_sender`` (not in the view: nothing to remove), ``bad_signature``
+        DroppedError: ``unknown_sender`` (not in the view: nothing to remove), ``bad_signature``
         (not signed by the member's certified key), ``stale_leave`` (names a connection other
         than the one the member's current announcement names: a will or leave of an earlier
         connection, replayed). The connection id, not the sequence number, orders a leave
@@ -190,18 +187,18 @@ class MembershipView:
         below that connection's announcements.
         """
         if msg.header.kind != Kind.LEAVE or not isinstance(msg.body, Leave):
-            raise DropError("wrong_kind", f"expected LEAVE, got {Kind(msg.header.kind).name}")
+            raise DroppedError("wrong_kind", f"expected LEAVE, got {Kind(msg.header.kind).name}")
         if msg.header.network != self.network_id:
-            raise DropError("foreign_network", f"header network {msg.header.network!r}")
+            raise DroppedError("foreign_network", f"header network {msg.header.network!r}")
         member = self._members.get(msg.header.sender)
         if member is None:
-            raise DropError("unknown_sender", f"LEAVE from {msg.header.sender!r}")
+            raise DroppedError("unknown_sender", f"LEAVE from {msg.header.sender!r}")
         try:
             verify_signature(member.public.verify_key, msg.signed_bytes, msg.signature)
         except SignatureError as exc:
-            raise DropError("bad_signature", f"leave of {msg.header.sender!r}: {exc}") from None
+            raise DroppedError("bad_signature", f"leave of {msg.header.sender!r}: {exc}") from None
         if msg.body.connection != member.connection:
-            raise DropError("stale_leave", f"{member.peer_id!r}: leave of another connection")
+            raise DroppedError("stale_leave", f"{member.peer_id!r}: leave of another connection")
         highest = self._highest_seq.get(member.peer_id, -1)
         self._highest_seq[member.peer_id] = max(highest, msg.header.seq)
         del self._members[member.peer_id]

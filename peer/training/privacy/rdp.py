@@ -85,7 +85,10 @@ def _load_rdp_analysis() -> ModuleType:
     return module
 
 
-_rdp = _load_rdp_analysis()
+#: Opacus' own RDP analysis module (``compute_rdp``, ``get_privacy_spent``), loaded without
+#: the ``opacus`` package: the arithmetic this accountant runs, and the reference it is
+#: tested against.
+opacus_rdp = _load_rdp_analysis()
 
 
 def _log_a_int(sample_rate: float, sigma: float, alpha: int) -> float:
@@ -100,34 +103,36 @@ def _log_a_int(sample_rate: float, sigma: float, alpha: int) -> float:
     return float(logsumexp(terms))
 
 
-def _rdp_large_order(sigma: float, sample_rate: float, alpha: int) -> float:
-    """RDP of one sampled-Gaussian step at a (large, integer) order, as Opacus' _compute_rdp."""
+def rdp_large_order(sigma: float, sample_rate: float, alpha: int) -> float:
+    """RDP of one sampled-Gaussian step at a (large, integer) order, as Opacus' _compute_rdp,
+    but finite above alpha ~ 1030 (:func:`_log_a_int`)."""
     if sample_rate == 1.0:
         return alpha / (2 * sigma**2)
     return _log_a_int(sample_rate, sigma, alpha) / (alpha - 1)
 
 
 @functools.lru_cache(maxsize=64)
-def _rdp_per_step(sigma: float, sample_rate: float) -> tuple[float, ...]:
-    """RDP of one sampled-Gaussian step at ``ORDERS`` (cached per setting).
+def rdp_per_step(sigma: float, sample_rate: float) -> tuple[float, ...]:
+    """RDP of one sampled-Gaussian step at ``ORDERS`` (cached per setting; ``cache_clear()``
+    empties the cache).
 
     RDP composes additively, so n steps cost n times this vector; Opacus' own
     ``compute_rdp(q, sigma, steps, orders)`` is exactly ``steps`` times the one-step value.
     """
-    one_step = _rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=ORDERS)
+    one_step = opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=ORDERS)
     return tuple(float(v) for v in one_step)
 
 
 @functools.lru_cache(maxsize=64)
 def _rdp_per_step_large(sigma: float, sample_rate: float) -> tuple[float, ...]:
     """RDP of one step at ``LARGE_ORDERS`` (only computed when the largest order is best)."""
-    return tuple(_rdp_large_order(sigma, sample_rate, alpha) for alpha in LARGE_ORDERS)
+    return tuple(rdp_large_order(sigma, sample_rate, alpha) for alpha in LARGE_ORDERS)
 
 
 @functools.lru_cache(maxsize=64)
 def _rdp_per_step_small(sigma: float, sample_rate: float) -> tuple[float, ...]:
     """RDP of one step at ``SMALL_ORDERS`` (only computed when the smallest order is best)."""
-    one_step = _rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1,
+    one_step = opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1,
                                 orders=SMALL_ORDERS)
     return tuple(float(v) for v in one_step)
 
@@ -142,7 +147,7 @@ def _privacy_spent(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[f
     caller extends the orders instead; nothing else is filtered)."""
     with _warnings_lock, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_OPACUS_EDGE_WARNING, category=UserWarning)
-        eps, best = _rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+        eps, best = opacus_rdp.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps), float(best)
 
 
@@ -171,7 +176,19 @@ def _edge_slack(orders: np.ndarray, rdp: np.ndarray, delta: float, best: float) 
     return 0.0
 
 
+# The grid ends ("largest", "smallest") already logged by this process.
 _edges_logged: set[str] = set()
+
+
+def edges_logged() -> frozenset[str]:
+    """Which ends of the orders ("largest", "smallest") this process has logged a loose bound
+    at; each is logged once per process."""
+    return frozenset(_edges_logged)
+
+
+def forget_logged_edges() -> None:
+    """Log each end again the next time a bound sits on it (tests; a peer never needs it)."""
+    _edges_logged.clear()
 
 
 def _log_edge_once(orders: np.ndarray, rdp: np.ndarray, delta: float, eps: float,
@@ -194,7 +211,7 @@ def _epsilon_from_per_step(active: tuple[Segment, ...], delta: float,
     orders = np.asarray(ORDERS, dtype=np.float64)
     total = np.zeros(len(ORDERS))
     for sigma, sample_rate, steps in active:
-        total += steps * np.asarray(_rdp_per_step(sigma, sample_rate))
+        total += steps * np.asarray(rdp_per_step(sigma, sample_rate))
     eps, best = _privacy_spent(orders, total, delta)
     extension = None
     if best == ORDERS[-1]:
