@@ -42,7 +42,8 @@ if str(ROOT) not in sys.path:
 from sim.broker import MosquittoBroker  # noqa: E402
 from sim.metrics import last_row_per_peer, read_metrics  # noqa: E402
 from sim.runner import RunResult, baseline_inputs, run_simulation  # noqa: E402
-from sim.scenario import Scenario, scenario_from_dict  # noqa: E402
+from sim.scenario import Scenario  # noqa: E402
+from sim.scenario_io import scenario_from_dict  # noqa: E402
 from sim.setup import prepare  # noqa: E402
 
 #: The full grid's model and its recipe; "cnn" is the first version's grid (60 rounds).

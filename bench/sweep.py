@@ -81,7 +81,7 @@ def run_one(options: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     from sim.runner import run_simulation
-    from sim.scenario import scenario_from_dict
+    from sim.scenario_io import scenario_from_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         scenario = scenario_from_dict({**options, "mode": "reference", "out_dir": tmp})

@@ -318,6 +318,31 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     check_name(network_id, "network id")
     names = parse_peer_list(",".join(peer_names))
     out = Path(out)
+    result = _layout(network_id, names, out, demo)
+    _refuse_existing(result)
+    # Hash first: if mosquitto_passwd is missing nothing has been written yet.
+    passwords = {files.peer_id: secrets.token_urlsafe(24) for files in result.peers}
+    passwd_text = hash_mosquitto_passwords(passwords)
+    shards = _demo_data(len(result.peers)) if demo else []  # fails before anything is written
+
+    _make_dirs([(out, TRAVERSABLE_DIR_MODE), (out / "peers", PRIVATE_DIR_MODE),
+                (out / "mosquitto", TRAVERSABLE_DIR_MODE),
+                *([(out / "data", PRIVATE_DIR_MODE)] if demo else [])])
+    for path, shard in zip([f.data for f in result.peers if f.data], shards, strict=True):
+        write_file_atomic(path, shard, mode=0o600)
+    admission = AdmissionKey.generate(network_id)
+    admission.save(result.admission_key)
+    public_hex = admission.public_key.hex()
+    write_file_atomic(result.admission_public, (public_hex + "\n").encode(), mode=0o644)
+    for files in result.peers:
+        _write_peer(files, admission, passwords[files.peer_id], network_id, broker_url,
+                    days=days, now=now)
+    _write_mosquitto(result, passwd_text)
+    return dataclasses.replace(result, admission_public_hex=public_hex)
+
+
+def _layout(network_id: str, names: Sequence[str], out: Path, demo: bool) -> ProvisionResult:
+    """Where every file of the network goes (nothing written; the public key's hex is "")."""
     peers_dir, mosq_dir, data_dir = out / "peers", out / "mosquitto", out / "data"
     plan = [
         PeerFiles(name, peers_dir / f"{name}.key", peers_dir / f"{name}.pub",
@@ -325,7 +350,7 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
                   peers_dir / f"{name}.toml", data_dir / f"{name}.npz" if demo else None)
         for name in names
     ]
-    result = ProvisionResult(
+    return ProvisionResult(
         network_id=network_id,
         admission_key=out / "admission.key",
         admission_public=out / "admission.pub",
@@ -335,47 +360,44 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
         mosquitto_acl=mosq_dir / "acl",
         mosquitto_conf=mosq_dir / "murmur.conf",
     )
+
+
+def _refuse_existing(result: ProvisionResult) -> None:
+    """ProvisionError naming the first output file that already exists: never overwrite."""
     targets = [result.admission_key, result.admission_public, result.mosquitto_passwd,
                result.mosquitto_acl, result.mosquitto_conf]
-    for files in plan:
+    for files in result.peers:
         targets += [files.identity, files.public, files.certificate, files.broker_password,
                     files.config, *([files.data] if files.data else [])]
     existing = [path for path in targets if path.exists()]
     if existing:
         raise ProvisionError(f"{existing[0]}: exists; provisioning never overwrites "
                              f"({len(existing)} existing output file(s))")
-    # Hash first: if mosquitto_passwd is missing nothing has been written yet.
-    passwords = {files.peer_id: secrets.token_urlsafe(24) for files in plan}
-    passwd_text = hash_mosquitto_passwords(passwords)
-    shards = _demo_data(len(plan)) if demo else []  # fails before anything is written
 
-    _make_dirs([(out, TRAVERSABLE_DIR_MODE), (peers_dir, PRIVATE_DIR_MODE),
-                (mosq_dir, TRAVERSABLE_DIR_MODE),
-                *([(data_dir, PRIVATE_DIR_MODE)] if demo else [])])
-    for path, shard in zip([f.data for f in plan if f.data], shards, strict=True):
-        write_file_atomic(path, shard, mode=0o600)
-    admission = AdmissionKey.generate(network_id)
-    admission.save(result.admission_key)
-    public_hex = admission.public_key.hex()
-    write_file_atomic(result.admission_public, (public_hex + "\n").encode(), mode=0o644)
-    for files in plan:
-        identity = Identity.generate(files.peer_id)
-        identity.save(files.identity)
-        save_public_identity(files.public, identity.public)
-        issue_certificate(admission, identity.public, files.certificate, days=days, now=now)
-        write_file_atomic(files.broker_password, (passwords[files.peer_id] + "\n").encode(),
-                          mode=0o600)
-        write_file_atomic(files.config,
-                          _peer_config_text(network_id, files, broker_url).encode(), mode=0o644)
+
+def _write_peer(files: PeerFiles, admission: AdmissionKey, password: str, network_id: str,
+                broker_url: str, *, days: float, now: float | None) -> None:
+    """One peer's identity, public identity, certificate, broker password and config."""
+    identity = Identity.generate(files.peer_id)
+    identity.save(files.identity)
+    save_public_identity(files.public, identity.public)
+    issue_certificate(admission, identity.public, files.certificate, days=days, now=now)
+    write_file_atomic(files.broker_password, (password + "\n").encode(), mode=0o600)
+    write_file_atomic(files.config,
+                      _peer_config_text(network_id, files, broker_url).encode(), mode=0o644)
+
+
+def _write_mosquitto(result: ProvisionResult, passwd_text: str) -> None:
+    """The broker's hashed password file, its per-peer ACL and the settings that use them."""
     write_file_atomic(result.mosquitto_passwd, passwd_text.encode(), mode=0o600)
-    write_file_atomic(result.mosquitto_acl, mosquitto_acl(network_id).encode(), mode=0o644)
+    write_file_atomic(result.mosquitto_acl, mosquitto_acl(result.network_id).encode(),
+                      mode=0o644)
     write_file_atomic(
         result.mosquitto_conf,
         _mosquitto_conf_text(result.mosquitto_passwd.resolve(),
                              result.mosquitto_acl.resolve()).encode(),
         mode=0o644,
     )
-    return dataclasses.replace(result, admission_public_hex=public_hex)
 
 
 def _make_dirs(directories: Sequence[tuple[Path, int]]) -> None:

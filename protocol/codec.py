@@ -24,6 +24,8 @@ Security properties:
   :func:`protocol.fields.check_survivor_list`.
 * CHUNK (kind 17) is checked field against field (count, index, total_bytes and the exact
   length of ``data``); reassembling and checking the digest is :mod:`protocol.chunks`.
+* Each kind's body decoder is in :mod:`protocol.body_codec`; this module checks the envelope
+  and header, and encodes.
 
 This module never imports crypto: signing is the caller's ``sign`` callback.
 """
@@ -31,12 +33,12 @@ This module never imports crypto: signing is the caller's ``sign`` callback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields as dataclass_fields
 from typing import Final, NoReturn
 
 import msgpack
 import numpy as np
 
+from protocol.body_codec import BODY_FIELDS, decode_body
 from protocol.errors import (
     DecodeError,
     FieldError,
@@ -45,43 +47,12 @@ from protocol.errors import (
     UnknownKindError,
     VersionError,
 )
-from protocol.fields import (
-    _bytes,
-    _chunk_fields,
-    _id_list,
-    _indices,
-    _int,
-    _key_list,
-    _members,
-    _peer_id,
-    _sealed_entries,
-    _text,
-)
+from protocol.fields import _bytes, _int, _peer_id
 from protocol.limits import (
-    CONNECTION_ID_BYTES,
-    EPHEMERAL_PUBLIC_BYTES,
-    FIELD_ELEMENT_BYTES,
-    MAX_CERTIFICATE_BYTES,
-    MAX_FRAC_BITS,
-    MAX_MEMBERS,
-    MAX_MODEL_ID_LEN,
-    MAX_PARAM_COUNT,
     MAX_PAYLOAD_BYTES,
-    MAX_SEALED_BYTES,
-    MAX_SEALED_MASKED_BYTES,
-    MAX_SEALED_REVEAL_BYTES,
     MAX_SEQ_EXCLUSIVE,
-    MAX_STR,
     MAX_STR_BYTES,
     MAX_WIRE_ARRAY_LEN,
-    MIN_GROUP_SIZE,
-    MIN_SEALED_BYTES,
-    MIN_SEALED_MASKED_BYTES,
-    MIN_SEALED_REVEAL_BYTES,
-    MIN_THRESHOLD,
-    REVEAL_ENTRY_BYTES,
-    SEALED_KEYS_BYTES,
-    SEALED_SESSION_KEY_BYTES,
     SESSION_ID_BYTES,
     SIGNATURE_BYTES,
 )
@@ -89,34 +60,12 @@ from protocol.messages import (
     BODY_TYPES,
     PROTOCOL_VERSION,
     SESSIONLESS_KINDS,
-    Abort,
-    Accept,
-    Announce,
     Body,
-    Chunk,
-    Confirm,
-    Decline,
     Header,
-    Invite,
-    Keys,
     Kind,
-    Leave,
-    Masked,
-    MaskedAccept,
-    MaskedStart,
-    Partial,
-    Reveal,
-    Share,
     SignedMessage,
-    Start,
-    Survivors,
 )
 from protocol.sparse import encode_indices
-
-#: Field names of each kind's body, in wire order (the dataclass field order).
-BODY_FIELDS: Final[dict[Kind, tuple[str, ...]]] = {
-    kind: tuple(f.name for f in dataclass_fields(cls)) for kind, cls in BODY_TYPES.items()
-}
 
 HEADER_FIELDS: Final = ("version", "network", "kind", "sender", "session", "seq", "body")
 
@@ -157,136 +106,7 @@ def _unpack(data: bytes, field: str) -> object:
 
 
 # --------------------------------------------------------------------------------------------
-# bodies
-
-
-def _decode_body(kind: Kind, raw: object, sender: str) -> Body:
-    prefix = kind.name.lower()
-    names = BODY_FIELDS[kind]
-    if type(raw) is not list:
-        raise FieldError(f"body must be an array, got {type(raw).__name__}", prefix)
-    if len(raw) != len(names):
-        raise FieldError(f"body must have exactly {len(names)} fields, got {len(raw)}", prefix)
-    v = dict(zip(names, raw, strict=True))
-
-    def name(field: str) -> str:
-        return f"{prefix}.{field}"
-
-    if kind is Kind.ANNOUNCE:
-        return Announce(
-            certificate=_bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES),
-            model_id=_text(v["model_id"], name("model_id"), 1, MAX_MODEL_ID_LEN),
-            param_count=_int(v["param_count"], name("param_count"), 1, MAX_PARAM_COUNT),
-            connection=_bytes(v["connection"], name("connection"), CONNECTION_ID_BYTES,
-                              CONNECTION_ID_BYTES),
-        )
-    if kind is Kind.LEAVE:
-        return Leave(
-            reason=_text(v["reason"], name("reason"), 0, MAX_STR),
-            connection=_bytes(v["connection"], name("connection"), CONNECTION_ID_BYTES,
-                              CONNECTION_ID_BYTES),
-        )
-    if kind is Kind.INVITE:
-        group_size = _int(v["group_size"], name("group_size"), MIN_GROUP_SIZE, MAX_MEMBERS)
-        return Invite(
-            group_size=group_size,
-            threshold=_int(v["threshold"], name("threshold"), MIN_THRESHOLD, group_size),
-            model_id=_text(v["model_id"], name("model_id"), 1, MAX_MODEL_ID_LEN),
-            param_count=_int(v["param_count"], name("param_count"), 1, MAX_PARAM_COUNT),
-            frac_bits=_int(v["frac_bits"], name("frac_bits"), 0, MAX_FRAC_BITS),
-        )
-    if kind is Kind.ACCEPT:
-        return Accept(indices=_indices(v["indices"], name("indices"), 0))
-    if kind is Kind.DECLINE:
-        return Decline(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
-    if kind is Kind.START:
-        members = _members(v["members"], name("members"), sender)
-        return Start(
-            members=members,
-            threshold=_int(v["threshold"], name("threshold"), MIN_THRESHOLD, len(members)),
-            coordinates=_indices(v["coordinates"], name("coordinates"), 1),
-        )
-    if kind is Kind.SHARE:
-        return Share(
-            recipient=_peer_id(v["recipient"], name("recipient")),
-            sealed=_bytes(v["sealed"], name("sealed"), MIN_SEALED_BYTES, MAX_SEALED_BYTES),
-        )
-    if kind is Kind.PARTIAL:
-        return Partial(
-            recipient=_peer_id(v["recipient"], name("recipient")),
-            contributors=_id_list(v["contributors"], name("contributors"), 1, MAX_MEMBERS),
-            sealed=_bytes(v["sealed"], name("sealed"), MIN_SEALED_BYTES, MAX_SEALED_BYTES),
-        )
-    if kind is Kind.ABORT:
-        return Abort(reason=_text(v["reason"], name("reason"), 0, MAX_STR))
-    if kind is Kind.CHUNK:
-        return Chunk(*_chunk_fields(v["digest"], v["index"], v["count"], v["total_bytes"],
-                                    v["data"], name))
-    return _decode_masked_body(kind, v, sender, name)
-
-
-def _decode_masked_body(
-    kind: Kind, v: dict[str, object], sender: str, name: Callable[[str], str]
-) -> Body:
-    """Bodies of the masked session (kinds 10-16, docs/protocol.md section 4)."""
-    if kind is Kind.MASKED_ACCEPT:
-        return MaskedAccept(
-            indices=_indices(v["indices"], name("indices"), 0),
-            ephemeral_public=_bytes(
-                v["ephemeral_public"], name("ephemeral_public"), EPHEMERAL_PUBLIC_BYTES,
-                EPHEMERAL_PUBLIC_BYTES,
-            ),
-        )
-    if kind is Kind.MASKED_START:
-        members = _members(v["members"], name("members"), sender)
-        threshold = _int(v["threshold"], name("threshold"), MIN_THRESHOLD, len(members))
-        coordinates = _indices(v["coordinates"], name("coordinates"), 1)
-        publics = _key_list(v["ephemeral_publics"], name("ephemeral_publics"), len(members))
-        recipient = _peer_id(v["recipient"], name("recipient"))
-        if recipient not in members[1:]:
-            raise FieldError("must be a member other than the initiator", name("recipient"))
-        return MaskedStart(
-            members=members,
-            threshold=threshold,
-            coordinates=coordinates,
-            ephemeral_publics=publics,
-            recipient=recipient,
-            session_key=_bytes(
-                v["session_key"], name("session_key"), SEALED_SESSION_KEY_BYTES,
-                SEALED_SESSION_KEY_BYTES,
-            ),
-        )
-    if kind is Kind.KEYS:
-        recipient = _peer_id(v["recipient"], name("recipient"))
-        if recipient == sender:
-            raise FieldError("a member sends KEYS only to the other members", name("recipient"))
-        return Keys(
-            recipient=recipient,
-            sealed=_bytes(v["sealed"], name("sealed"), SEALED_KEYS_BYTES, SEALED_KEYS_BYTES),
-        )
-    if kind is Kind.MASKED:
-        return Masked(
-            sealed=_sealed_entries(
-                v["sealed"], name("sealed"), MIN_SEALED_MASKED_BYTES, MAX_SEALED_MASKED_BYTES,
-                FIELD_ELEMENT_BYTES,
-            )
-        )
-    if kind is Kind.SURVIVORS:
-        return Survivors(
-            survivors=_id_list(v["survivors"], name("survivors"), MIN_THRESHOLD, MAX_MEMBERS)
-        )
-    if kind is Kind.CONFIRM:
-        return Confirm(
-            survivors=_id_list(v["survivors"], name("survivors"), MIN_THRESHOLD, MAX_MEMBERS)
-        )
-    if kind is Kind.REVEAL:
-        return Reveal(
-            sealed=_sealed_entries(
-                v["sealed"], name("sealed"), MIN_SEALED_REVEAL_BYTES, MAX_SEALED_REVEAL_BYTES,
-                REVEAL_ENTRY_BYTES,
-            )
-        )
-    raise UnknownKindError(f"no body decoder for kind {int(kind)}", "header.kind")
+# header and envelope
 
 
 def _decode_kind(value: object) -> Kind:
@@ -322,7 +142,7 @@ def _decode_signed(signed: object) -> tuple[Header, Body]:
     header = Header(
         version=version, network=network, kind=kind, sender=sender, session=session, seq=seq
     )
-    return header, _decode_body(kind, body, sender)
+    return header, decode_body(kind, body, sender)
 
 
 def decode_message(data: bytes) -> SignedMessage:

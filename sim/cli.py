@@ -17,17 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sim.scenario import (
-    HOSTILE_KINDS,
-    MODEL_CHOICES,
-    MODES,
-    Scenario,
-    ScenarioError,
-    apply_overrides,
-    load_scenario,
-    parse_assignment,
-    scenario_summary,
-)
+from sim.scenario import HOSTILE_KINDS, MODEL_CHOICES, MODES, Scenario, ScenarioError
+from sim.scenario_io import apply_overrides, load_scenario, parse_assignment, scenario_summary
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -88,7 +88,8 @@ class _Incarnation:
         from peer.training.data import load_source
         from sim.faults import FaultStats
         from sim.metrics import MetricsWriter
-        from sim.scenario import resolve_model, scenario_from_dict
+        from sim.scenario import resolve_model
+        from sim.scenario_io import scenario_from_dict
         from sim.setup import build_sim_trainer
 
         self.scenario = scenario_from_dict(tomllib.loads(spec["scenario"]), source="peer spec")

@@ -31,7 +31,7 @@ from sim import hostile
 from sim.faults import ChurnDriver, ChurnEvent, scenario_churn
 from sim.metrics import MetricsWriter
 from sim.progress import DRAIN_S, Progress, Snapshot, mean, watch
-from sim.scenario import scenario_to_toml
+from sim.scenario_io import scenario_to_toml
 from sim.setup import PeerPlan, Prepared
 
 log = logging.getLogger(__name__)

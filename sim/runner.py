@@ -48,8 +48,10 @@ from sim.inprocess import run_inprocess
 from sim.metrics import METRICS_FILE, MetricsWriter, read_metrics_file
 from sim.processes import run_processes
 from sim.progress import Progress
-from sim.report import RunSummary, summarize, terminal_summary, write_report
-from sim.scenario import Scenario, scenario_to_toml
+from sim.report import write_report
+from sim.report_summary import RunSummary, summarize, terminal_summary
+from sim.scenario import Scenario
+from sim.scenario_io import scenario_to_toml
 from sim.setup import (
     ROUND_PAUSE_S,
     Prepared,

@@ -22,14 +22,9 @@ from sim.metrics import (
     read_metrics,
     read_metrics_file,
 )
-from sim.report import (
-    PLOT_FILES,
-    REPORT_FILE,
-    mean_curve,
-    summarize,
-    terminal_summary,
-    write_report,
-)
+from sim.report import REPORT_FILE, write_report
+from sim.report_plots import PLOT_FILES, mean_curve
+from sim.report_summary import summarize, terminal_summary
 from sim.scenario import Scenario
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -271,7 +266,8 @@ def test_baselines_on_digits_beat_chance_and_centralized_beats_standalone() -> N
     import torch
     from sklearn.datasets import load_digits
 
-    from sim.baselines import compute_baselines, train_steps
+    from sim.baselines import compute_baselines
+    from sim.baselines_plain import train_steps
     from sim.partition import dirichlet
 
     @dataclass
@@ -377,7 +373,7 @@ def test_legacy_rows_without_the_new_field_still_read(tmp_path: Path) -> None:
 
 
 def test_sessions_plot_draws_not_formed_invitations_as_a_third_series() -> None:
-    from sim.report import build_plots
+    from sim.report_plots import build_plots
 
     rows = [MetricsRow(t=1.0, peer="p1", event="stop", sessions_done=4, sessions_aborted=1,
                        sessions_not_formed=6)]

@@ -14,7 +14,8 @@ import pytest
 from sim.cli import EXIT_USAGE, main
 from sim.metrics import read_metrics
 from sim.runner import RunResult, run_simulation
-from sim.scenario import Scenario, scenario_from_dict
+from sim.scenario import Scenario
+from sim.scenario_io import scenario_from_dict
 from tests.conftest import require_mosquitto
 
 pytestmark = pytest.mark.timeout(150)

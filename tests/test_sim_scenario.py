@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sim.scenario import (
+from sim.scenario import Scenario, ScenarioError
+from sim.scenario_io import (
     REDACTED,
-    Scenario,
-    ScenarioError,
     apply_overrides,
     load_scenario,
     parse_assignment,
@@ -197,7 +196,7 @@ def test_session_kind_reaches_the_simulated_nodes() -> None:
 
 def test_view_size_reaches_the_simulated_nodes() -> None:
     from sim.cli import build_parser, scenario_from_args
-    from sim.scenario import scenario_summary
+    from sim.scenario_io import scenario_summary
     from sim.setup import node_config
 
     bounded = scenario_from_args(build_parser().parse_args(["--view-size", "32"]))

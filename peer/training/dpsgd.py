@@ -111,6 +111,21 @@ def _patch_index(
     return (channel + (out_row + k_row) * width + out_col + k_col).reshape(-1)
 
 
+@dataclass(frozen=True)
+class _LayerTerms:
+    """What pass 2 of GhostClipEngine.clipped_sum needs of one layer.
+
+    "linear" (a Linear on [B, in] inputs): first = the inputs a, second = the output
+    gradients b (the weight gradient of example i is b_i a_i^T, never materialised).
+    "dense": first = the per-example weight gradients as [B, weight numel] rows, second =
+    the per-example bias gradients (None without a trainable bias).
+    """
+
+    kind: str
+    first: torch.Tensor
+    second: torch.Tensor | None
+
+
 class GhostClipEngine:
     """Clipped per-example gradient sums for models of Linear / Conv2d + parameter-free layers.
 
@@ -183,6 +198,28 @@ class GhostClipEngine:
         flat = torch.zeros(self._param_count, dtype=torch.float32)
         if batch == 0:
             return ClippedGradient(flat, torch.zeros(0), 0)
+        inputs, out_grads = self._capture(x, y)
+        # Pass 1: per-example squared norms, layer by layer, without a Python loop per example.
+        sq_norms = torch.zeros(batch, dtype=torch.float32)
+        saved = [self._layer_norms(layer, a, b, sq_norms)
+                 for layer, a, b in zip(self._layers, inputs, out_grads, strict=True)]
+        norms = sq_norms.sqrt_()
+        factors = clip_factors(norms, max_grad_norm)
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):  # rare: drop the overflowed examples' rows entirely
+            saved = [_LayerTerms(terms.kind, _zero_rows(terms.first, finite),
+                                 None if terms.second is None
+                                 else _zero_rows(terms.second, finite))
+                     for terms in saved]
+        # Pass 2: weighted sums straight into the flat output vector.
+        self._weighted_sums(flat, saved, factors)
+        return ClippedGradient(flat, norms, batch)
+
+    def _capture(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, ...]]:
+        """One forward pass with the hooks on: every layer's input, and the gradient of the
+        summed loss with respect to every layer's output (b_i is example i's gradient)."""
         self._capturing = True
         try:
             logits = self.model(x)
@@ -196,68 +233,62 @@ class GhostClipEngine:
         inputs = self._inputs
         self._inputs = [None] * len(self._layers)
         self._outputs = [None] * len(self._layers)
+        return inputs, out_grads
 
-        # Pass 1: per-example squared norms, layer by layer, without a Python loop per example.
-        sq_norms = torch.zeros(batch, dtype=torch.float32)
-        saved: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-        for layer, a, b in zip(self._layers, inputs, out_grads, strict=True):
-            assert a is not None
-            has_bias = layer.bias is not None and layer.bias.requires_grad
-            if isinstance(layer, nn.Linear):
-                if a.dim() == 2:
-                    b_sq = b.pow(2).sum(1)
-                    # b_i = 0 means a zero gradient whatever a_i is: keep inf * 0 from
-                    # turning an exact 0 into NaN (a huge input behind a saturated unit).
-                    sq_norms.add_(a.pow(2).sum(1).mul_(b_sq).masked_fill_(b_sq == 0, 0.0))
-                    if has_bias:
-                        sq_norms.add_(b_sq)
-                    saved.append(("linear", a, b))
-                else:
-                    # Sequence-shaped input: materialise the per-example weight gradient.
-                    a3 = a.reshape(batch, -1, a.shape[-1])
-                    b3 = b.reshape(batch, -1, b.shape[-1])
-                    per_w = torch.bmm(b3.transpose(1, 2), a3)
-                    sq_norms.add_(_row_sq_norms(per_w))
-                    bias_sum = b3.sum(1) if has_bias else None
-                    if bias_sum is not None:
-                        sq_norms.add_(bias_sum.pow(2).sum(1))
-                    saved.append(("dense", per_w.reshape(batch, -1), bias_sum))
-            else:
-                b3 = b.reshape(batch, b.shape[1], -1)  # [B, Cout, T]
-                patches = self._patches(layer, a, b.shape[-2:])  # [B, T, Cin*kh*kw]
-                per_w = torch.bmm(b3, patches)  # [B, Cout, Cin*kh*kw]
-                sq_norms.add_(_row_sq_norms(per_w))
-                bias_sum = b3.sum(2) if has_bias else None
-                if bias_sum is not None:
-                    sq_norms.add_(bias_sum.pow(2).sum(1))
-                saved.append(("dense", per_w.reshape(batch, -1), bias_sum))
-        norms = sq_norms.sqrt_()
-        factors = clip_factors(norms, max_grad_norm)
-        finite = torch.isfinite(norms)
-        if not bool(finite.all()):  # rare: drop the overflowed examples' rows entirely
-            saved = [(kind, _zero_rows(first, finite),
-                      None if second is None else _zero_rows(second, finite))
-                     for kind, first, second in saved]
+    def _layer_norms(
+        self, layer: nn.Module, a: torch.Tensor | None, b: torch.Tensor, sq_norms: torch.Tensor
+    ) -> _LayerTerms:
+        """Add one layer's per-example squared gradient norms to ``sq_norms`` (in place) and
+        return what pass 2 needs of it to form the weighted sum."""
+        assert a is not None
+        batch = sq_norms.shape[0]
+        has_bias = layer.bias is not None and layer.bias.requires_grad
+        if isinstance(layer, nn.Linear) and a.dim() == 2:
+            b_sq = b.pow(2).sum(1)
+            # b_i = 0 means a zero gradient whatever a_i is: keep inf * 0 from
+            # turning an exact 0 into NaN (a huge input behind a saturated unit).
+            sq_norms.add_(a.pow(2).sum(1).mul_(b_sq).masked_fill_(b_sq == 0, 0.0))
+            if has_bias:
+                sq_norms.add_(b_sq)
+            return _LayerTerms("linear", a, b)
+        if isinstance(layer, nn.Linear):
+            # Sequence-shaped input: materialise the per-example weight gradient.
+            a3 = a.reshape(batch, -1, a.shape[-1])
+            b3 = b.reshape(batch, -1, b.shape[-1])
+            per_w = torch.bmm(b3.transpose(1, 2), a3)
+            bias_sum = b3.sum(1) if has_bias else None
+        else:
+            b3 = b.reshape(batch, b.shape[1], -1)  # [B, Cout, T]
+            patches = self._patches(layer, a, b.shape[-2:])  # [B, T, Cin*kh*kw]
+            per_w = torch.bmm(b3, patches)  # [B, Cout, Cin*kh*kw]
+            bias_sum = b3.sum(2) if has_bias else None
+        sq_norms.add_(_row_sq_norms(per_w))
+        if bias_sum is not None:
+            sq_norms.add_(bias_sum.pow(2).sum(1))
+        return _LayerTerms("dense", per_w.reshape(batch, -1), bias_sum)
 
-        # Pass 2: weighted sums straight into the flat output vector.
+    def _weighted_sums(
+        self, flat: torch.Tensor, saved: list[_LayerTerms], factors: torch.Tensor
+    ) -> None:
+        """Write sum_i factor_i * g_i of every layer into its slice of ``flat``."""
         offset = 0
-        for layer, (kind, first, second) in zip(self._layers, saved, strict=True):
+        for layer, terms in zip(self._layers, saved, strict=True):
             w_numel = layer.weight.numel()
             w_out = flat[offset : offset + w_numel]
-            if kind == "linear":
-                scaled_b = second * factors[:, None]  # type: ignore[operator]
-                torch.mm(scaled_b.t(), first, out=w_out.view(layer.weight.shape))
+            if terms.kind == "linear":
+                scaled_b = terms.second * factors[:, None]  # type: ignore[operator]
+                torch.mm(scaled_b.t(), terms.first, out=w_out.view(layer.weight.shape))
                 bias_value = scaled_b.sum(0)
             else:
-                torch.mv(first.t(), factors, out=w_out)
-                bias_value = None if second is None else torch.mv(second.t(), factors)
+                torch.mv(terms.first.t(), factors, out=w_out)
+                bias_value = (None if terms.second is None
+                              else torch.mv(terms.second.t(), factors))
             offset += w_numel
             if layer.bias is not None and layer.bias.requires_grad:
                 b_numel = layer.bias.numel()
                 assert bias_value is not None
                 flat[offset : offset + b_numel].copy_(bias_value)
                 offset += b_numel
-        return ClippedGradient(flat, norms, batch)
 
 
 class VmapEngine:
