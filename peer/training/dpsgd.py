@@ -245,9 +245,11 @@ class GhostClipEngine:
         has_bias = layer.bias is not None and layer.bias.requires_grad
         if isinstance(layer, nn.Linear) and a.dim() == 2:
             b_sq = b.pow(2).sum(1)
-            # b_i = 0 means a zero gradient whatever a_i is: keep inf * 0 from
-            # turning an exact 0 into NaN (a huge input behind a saturated unit).
-            sq_norms.add_(a.pow(2).sum(1).mul_(b_sq).masked_fill_(b_sq == 0, 0.0))
+            # b_i = 0 with a finite a_i is an exact zero gradient: keep a huge a_i's overflowed
+            # square (inf * 0) from making it NaN. An a_i that holds inf itself stays NaN, so
+            # the example is dropped, as the per-example engine drops it (its b_i a_i^T is NaN).
+            exact_zero = (b_sq == 0) & torch.isfinite(a).all(1)
+            sq_norms.add_(a.pow(2).sum(1).mul_(b_sq).masked_fill_(exact_zero, 0.0))
             if has_bias:
                 sq_norms.add_(b_sq)
             return _LayerTerms("linear", a, b)
