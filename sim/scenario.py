@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from peer import tomlcheck
 from peer.config import MAX_VIEW_SIZE, SessionConfig
-from peer.network.session.kinds import DEFAULT_SESSION_KIND, SESSION_KINDS
+from peer.network.session.kinds import DEFAULT_SESSION_KIND, kind_class
 from peer.training.config import TrainerConfig
 from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, is_valid_id
 from sim.partition import PARTITION_SCHEMES
@@ -268,8 +268,10 @@ def _check_aggregation(s: Scenario) -> None:
              and s.threshold > s.max_colluders, "max_colluders",
              f"must be >= 1 with group_size >= max_colluders + 2 and threshold > max_colluders "
              f"(group_size {s.group_size}, threshold {s.threshold}), got {s.max_colluders}")
-    _require(s.session_kind in SESSION_KINDS, "session_kind",
-             f"must be one of {', '.join(SESSION_KINDS)}, got {s.session_kind!r}")
+    try:
+        kind_class(s.session_kind)  # the session registry judges the kind
+    except ValueError as exc:
+        raise ScenarioError(str(exc), key="session_kind") from None
     _require(0 <= s.view_size <= MAX_VIEW_SIZE, "view_size",
              f"must be 0 (every peer) or a view of 1 to {MAX_VIEW_SIZE} peers, got {s.view_size}")
 

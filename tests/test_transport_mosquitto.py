@@ -20,10 +20,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from peer.network.inbound_queue import IncomingQueue
 from peer.network.transport import (
     BrokerSettings,
     Incoming,
-    IncomingQueue,
     NotConnectedError,
     PayloadTooLargeError,
     Transport,

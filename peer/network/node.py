@@ -21,12 +21,9 @@ connection id for every broker connection, its last will is a LEAVE it signed fo
 connection when it opened it, and on a clean stop it publishes a signed LEAVE for it. Nobody
 else can remove it from other peers' views (peer/network/view/membership.py).
 
-Every inbound message passes the checks of peer/network/inbound.py (topic, size, decoding,
-topic binding, network, certificate or known sender, signature, recipient, replay window)
-before it reaches a session; each failure is a counted drop with a reason (``status().drops``)
-and a rate-limited log line, so nothing on the wire can crash a peer. A session message above
-``NodeConfig.max_message_bytes`` travels as signed CHUNKs, reassembled in bounded memory.
-``NodeConfig.session_kind`` picks the session kind (peer/network/session/kinds.py).
+Every inbound message passes the checks of peer/network/inbound.py before it reaches a
+session; each failure is a counted drop with a reason (``status().drops``), so nothing on the
+wire can crash a peer. Large session messages travel as signed CHUNKs (bounded reassembly).
 """
 
 from __future__ import annotations
@@ -169,7 +166,7 @@ class Peer:
             send=self.framer.queue,
             subscription=lambda topic_filter, on, sid: self.outbox.put(
                 Subscription(topic_filter, on, sid)),
-            emit=self._emit,
+            emit=self.emit,
             ended=self._session_ended,
             connected=self.transport.connected.is_set,
             stopping=lambda: self._stopping,
@@ -254,7 +251,8 @@ class Peer:
             **copy.deepcopy(vars(self.counters)),
         )
 
-    def _emit(self, kind: str, **data: Any) -> None:
+    def emit(self, kind: str, **data: Any) -> None:
+        """Hand an event to ``on_event`` (the sim's metrics, RoundHost); never raises."""
         if self.on_event is None:
             return
         try:
@@ -334,12 +332,11 @@ class Peer:
 
     # ------------------------------------------------------------------ inbound
     async def _on_message(self, incoming: Incoming) -> None:
-        """Check one inbound message end to end; every refusal is a counted drop."""
         self._handle(incoming, time.time())
 
     def _handle(self, incoming: Incoming, now: float) -> None:
-        """The body of _on_message; also what a message held for a lookup goes through again
-        once its sender is known (peer/network/view/loop.py)."""
+        """Check one inbound message end to end (every refusal is a counted drop); also what a
+        message held for a lookup goes through again (peer/network/view/loop.py)."""
         try:
             admitted = self.inbound.admit(incoming, now)
         except DroppedError as exc:
@@ -392,7 +389,7 @@ class Peer:
             self._was_connected = connected
             self._ever_connected = self._ever_connected or connected
             self._round_wake.set()
-            self._emit("connected" if connected else "disconnected",
+            self.emit("connected" if connected else "disconnected",
                        reconnects=self.transport.reconnects)
         if now >= self._next_expiry:
             self._next_expiry = now + 1.0
@@ -452,6 +449,3 @@ class Peer:
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more (RoundHost)."""
         self.seat.withdraw_update()
-
-    def emit(self, kind: str, **data: Any) -> None:
-        self._emit(kind, **data)
