@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="target epsilon per peer over the planned rounds")
     privacy.add_argument("--noise-multiplier", type=float, dest="noise_multiplier",
                          help="fixed noise multiplier sigma instead of a target epsilon")
+    parser.add_argument("--noise", choices=("local", "group"),
+                        help="local (default): each peer adds all its noise; group: each group "
+                             "release carries one Gaussian shared by its honest members "
+                             "(--mode reference only)")
+    parser.add_argument("--honest-min", type=int, dest="honest_min",
+                        help="group noise: honest contributors assumed per release (default 3)")
     parser.add_argument("--topk", type=float, dest="topk_fraction",
                         help="fraction of update entries shared (0.001-1)")
     parser.add_argument("--group-size", type=int, dest="group_size")
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OPTION_KEYS = ("peers", "dataset", "model", "partition", "alpha", "dp", "target_epsilon",
-                "noise_multiplier", "topk_fraction", "group_size", "threshold",
+                "noise_multiplier", "noise", "honest_min", "topk_fraction", "group_size",
+                "threshold",
                 "max_colluders", "session_kind", "view_size", "rounds",
                 "duration_s", "churn_rate", "delay_ms", "loss_rate", "hostile_peers", "broker",
                 "mode", "seed", "out_dir")

@@ -40,6 +40,14 @@ from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 from sim.metrics import EVENT_ROUND, EVENT_START, EVENT_STOP, MetricsWriter
 from sim.progress import Progress
+from sim.reference_group import (
+    average_models,
+    build_group_trainer,
+    group_noise_params,
+    group_sigma_eff,
+    private_rounds,
+    run_group_epoch,
+)
 from sim.scenario import Scenario
 from sim.setup import PeerPlan, Prepared, build_sim_trainer, node_config
 
@@ -148,14 +156,26 @@ class ReferenceNetwork:
         s = prep.scenario
         if prep.hostile_plans:
             log.warning("reference engine: hostile peers need a network; ignored")
-        peers = [ReferencePeer(plan, build_sim_trainer(s, prep.model_name, plan))
-                 for plan in prep.plans]
+        if s.noise == "group":
+            sigma_eff = group_sigma_eff(s, prep.plans)
+            log.info("group noise: sigma_eff %.4f for every peer (h = %d, c = %d)", sigma_eff,
+                     s.honest_min, s.max_colluders)
+            peers = [ReferencePeer(plan, build_group_trainer(s, prep.model_name, plan,
+                                                             sigma_eff))
+                     for plan in prep.plans]
+        else:
+            peers = [ReferencePeer(plan, build_sim_trainer(s, prep.model_name, plan))
+                     for plan in prep.plans]
         # The schedule has its own stream: the scenario seed, never the trainers' noise.
         rng = np.random.default_rng([s.seed, 0x5EED])
         return cls(s, peers, rng, node_config(s).fixed_point)
 
     def step(self, evaluate: bool) -> None:
-        """One round: every peer that can trains once, then the groups meet."""
+        """One round: every peer that can trains once, then the groups meet (with group
+        noise: the groups meet and train together, :meth:`group_step`)."""
+        if self.scenario.noise == "group":
+            self.group_step(evaluate)
+            return
         for peer in self.peers:
             if not peer.budget_exhausted and peer.counters.round < self.scenario.rounds:
                 _train(peer, evaluate)
@@ -163,6 +183,27 @@ class ReferenceNetwork:
         for group in schedule_groups(sorted(ready), self.scenario.group_size, self.rng,
                                      min_contributors(self.scenario.max_colluders)):
             run_group([ready[peer_id] for peer_id in group], self.fixed_point)
+
+    def group_step(self, evaluate: bool) -> None:
+        """One round of group noise: each group averages, then runs one lockstep epoch of
+        group releases (only averages in the averaging tail)."""
+        s = self.scenario
+        ready = {p.plan.peer_id: p for p in self.peers
+                 if not p.budget_exhausted and p.counters.round < s.rounds}
+        private = min(ready.values(), key=lambda p: p.counters.round, default=None)
+        in_tail = private is None or private.counters.round >= private_rounds(s)
+        least = max(min_contributors(s.max_colluders), s.honest_min + s.max_colluders)
+        for group in schedule_groups(sorted(ready), s.group_size, self.rng, least):
+            members = [ready[peer_id] for peer_id in group]
+            average_models(members)
+            if not in_tail:
+                run_group_epoch(members, group_noise_params(s, members[0].trainer),
+                                s.local_steps)
+        for peer in ready.values():
+            peer.counters.round += 1
+            peer.epsilon = peer.trainer.epsilon
+            if evaluate:
+                peer.accuracy = float(peer.trainer.evaluate())
 
     def finished(self) -> bool:
         return all(p.budget_exhausted or p.counters.round >= self.scenario.rounds

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from peer import tomlcheck
 from peer.config import MAX_VIEW_SIZE, SessionConfig
 from peer.network.session.kinds import DEFAULT_SESSION_KIND, kind_class
-from peer.training.config import TrainerConfig
+from peer.training.config import NOISE_MODES, TrainerConfig
 from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, is_valid_id
 from sim.partition import PARTITION_SCHEMES
 
@@ -71,6 +71,11 @@ class Scenario:
     noise_multiplier: float | None = None  # set instead of target_epsilon to fix sigma
     delta: float = TrainerConfig.delta
     max_grad_norm: float = TrainerConfig.max_grad_norm
+    # "local": every peer adds all of its noise; "group": each group release carries one
+    # Gaussian whose shares h honest members add (docs/privacy.md, "Group noise"; the
+    # reference engine only)
+    noise: str = TrainerConfig.noise
+    honest_min: int = TrainerConfig.honest_min  # h: honest contributors assumed per release
     # -- training ----------------------------------------------------------------------------
     rounds: int = 30  # local rounds per peer (each: local_steps steps, then share)
     duration_s: float = 150.0  # wall-clock cap; the run ends at rounds or duration, first hit
@@ -228,6 +233,17 @@ def _check_privacy(s: Scenario) -> None:
             f"must be in (0, 100], got {s.noise_multiplier}",
         )
     _require(0 < s.delta < 1, "delta", f"must be strictly between 0 and 1, got {s.delta}")
+    _require(s.noise in NOISE_MODES, "noise", f"expected one of {NOISE_MODES}, got {s.noise!r}")
+    if s.noise == "group":
+        _require(s.dp, "noise", "group noise needs dp = true")
+        _require(s.mode == "reference", "noise",
+                 "group noise runs in the reference engine only (--mode reference): the peers "
+                 "do not run group-noise epochs over real sessions yet")
+        _require(s.honest_min >= 2, "honest_min", f"must be >= 2, got {s.honest_min}")
+        _require(s.group_size >= s.honest_min + s.max_colluders, "honest_min",
+                 f"a release needs honest_min + max_colluders = "
+                 f"{s.honest_min + s.max_colluders} contributors, more than group_size "
+                 f"{s.group_size}")
     _require(s.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {s.max_grad_norm}")
 
 

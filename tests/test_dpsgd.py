@@ -312,7 +312,7 @@ def test_a_replaced_noise_source_voids_the_reported_epsilon(caplog) -> None:
     train = Dataset(x.numpy(), y.numpy(), 10, "t")
     cfg = TrainerConfig(model="mlp", local_steps=2, noise_multiplier=1.0, batch_size=8,
                         share="delta", insecure_fast_noise=True)
-    with caplog.at_level(logging.WARNING, logger="peer.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="peer.training.privacy.noise"):
         twin = LocalTrainer(cfg, train, train.subset([0, 1]), noise=ZeroNoise())
     warnings = " | ".join(r.getMessage() for r in caplog.records)
     assert "seeded batch sampling" in warnings and "ZeroNoise is not secure" in warnings

@@ -16,6 +16,8 @@ from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 #: The models peer.training.models can build ("scatter" needs kymatio, see features.py).
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "scatter")
+#: Who adds a private step's noise: each peer all of it, or the group's honest members a share.
+NOISE_MODES: tuple[str, ...] = ("local", "group")
 
 
 @dataclass
@@ -45,6 +47,12 @@ class TrainerConfig:
     accountant: str = DEFAULT_ACCOUNTANT
     max_grad_norm: float = 1.0
     budget_epsilon: float | None = None
+    # "local": every private step adds the whole noise to this peer's own gradient (trusts no
+    # one). "group": each private step is a group release to which each of at least
+    # ``honest_min`` honest members adds 1/h of one Gaussian (docs/privacy.md, "Group noise");
+    # ``noise_multiplier`` then names the release's sigma_eff.
+    noise: str = "local"
+    honest_min: int = 3
     # Averaging needs many coordinates per session to average the peers' DP noise away
     # (measured, docs/results.md); deltas with error feedback do well with far fewer.
     topk_fraction: float = 0.25
@@ -95,6 +103,13 @@ class TrainerConfig:
                 raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
             if self.target_epsilon is not None and not self.target_epsilon > 0:
                 raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if self.noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
+        if self.noise == "group" and (not self.dp or self.noise_multiplier is None):
+            raise ValueError("noise = 'group' needs dp = true and the network-wide "
+                             "noise_multiplier (sigma_eff): every member must draw at one sigma")
+        if self.honest_min < 2:
+            raise ValueError(f"honest_min must be >= 2, got {self.honest_min}")
         if self.budget_epsilon is not None and not self.budget_epsilon > 0:
             raise ValueError(f"budget_epsilon must be > 0, got {self.budget_epsilon}")
         TopK(self.topk_fraction)  # validates the fraction

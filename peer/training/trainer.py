@@ -29,6 +29,11 @@ cache of :mod:`peer.training.features`, and trains, DP-steps and evaluates only 
 rest on those features. The prefix acts on each example alone and never changes, so the
 per-example gradients, the clipping and the privacy analysis are exactly those of the whole
 model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged.
+
+Size: at about 475 lines this module is past the project's 450-line guide, on purpose:
+``LocalTrainer`` is the one owner of the model, its lock, optimizer, blocks and ledger, and its
+three kinds of step (a local round, an averaging round, a group epoch's start) share that
+state; the step bodies live in dpsgd.py, block_schedule.py and group_epoch.py.
 """
 
 from __future__ import annotations
@@ -46,12 +51,14 @@ import torch.nn.functional as F
 
 from peer.sharing import SharingStrategy, build_strategy
 from peer.training.block_ledger import BlockLedgers, newest_ledgers
-from peer.training.block_schedule import BlockSchedule
+from peer.training.block_schedule import ActiveBlock, BlockSchedule
 from peer.training.blocks import BlockSource, BlockStatus, open_block_source
 from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
 from peer.training.dpsgd import DPSGDStep, poisson_batch
+from peer.training.group_epoch import GroupEpoch
+from peer.training.group_noise import GroupNoise
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.training.models import (
     build_model,
@@ -62,7 +69,7 @@ from peer.training.models import (
 )
 from peer.training.optim import build_optimizer
 from peer.training.params import FlatParams
-from peer.training.privacy.noise import GaussianSource, InsecureFastGaussian, SecureGaussian
+from peer.training.privacy.noise import GaussianSource, SecureGaussian, choose_noise
 
 __all__ = [
     "BlockSource",
@@ -133,6 +140,9 @@ class LocalTrainer:
         # (a displacement averaged with deltas would be meaningless).
         self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
                                               self._params.initial_digest())
+        if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
+            self.model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
+                              f"-C{config.max_grad_norm:g}")
         self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
         if source is not None:
             source.bind(train.input_shape, train.num_classes)
@@ -173,20 +183,11 @@ class LocalTrainer:
 
     def _make_dp_step(self, noise: GaussianSource | None) -> DPSGDStep:
         cfg = self.config
-        if cfg.insecure_fast_noise:  # seeds the sampling whatever the noise source
-            log.warning("insecure_fast_noise is on: seeded %s, NO privacy",
-                        "batch sampling" if noise is not None else "noise and sampling")
-        if noise is not None:
-            if not noise.secure:
-                log.warning("noise source %s is not secure: NO privacy", type(noise).__name__)
-        elif cfg.insecure_fast_noise:
-            noise = InsecureFastGaussian(cfg.seed + 1)
-        else:
-            noise = SecureGaussian()
         # One step object for every block, retuned each round (DPSGDStep.retune).
         return DPSGDStep.build(self._trainable, noise_multiplier=self.sigma,
                                max_grad_norm=cfg.max_grad_norm,
-                               expected_batch_size=float(cfg.batch_size), noise=noise,
+                               expected_batch_size=float(cfg.batch_size),
+                               noise=choose_noise(noise, cfg.insecure_fast_noise, cfg.seed),
                                engine=cfg.engine)
 
     @property
@@ -322,13 +323,11 @@ class LocalTrainer:
         cfg = self.config
         if self.source is None and self._in_averaging_tail():
             return self.averaging_round()
+        if cfg.noise == "group":
+            raise ValueError("noise = 'group': private steps are group releases "
+                             "(begin_group_epoch), never local rounds")
         with self._params.lock:
-            self._params.apply_pending()
-            try:
-                block = self._blocks.start_round(cfg.local_steps)
-            finally:
-                if self._blocks.dirty:  # new or retired blocks: on disk before going on
-                    self._persist(checkpoint=False)
+            block = self._start_block(cfg.local_steps)
             if self._dp_step is not None:
                 self._dp_step.retune(block.sigma, block.sample_rate * block.records)
             before = self._params.flat()
@@ -361,6 +360,40 @@ class LocalTrainer:
                 round=self._round,
                 block=block.entry.block_id,
             )
+
+    def _start_block(self, steps: int) -> ActiveBlock:
+        """Queued merges applied, the block that can afford ``steps`` (new or retired blocks
+        on disk first); the caller holds the model lock."""
+        self._params.apply_pending()
+        try:
+            return self._blocks.start_round(steps)
+        finally:
+            if self._blocks.dirty:
+                self._persist(checkpoint=False)
+
+    def begin_group_epoch(self, params: GroupNoise, steps: int) -> GroupEpoch:
+        """``steps`` group-noise steps on one block, charged to its ledger (on disk) before
+        any share exists; BudgetExhaustedError, before anything, if no block can afford them
+        (docs/privacy.md, "Group noise")."""
+        if self._dp_step is None or self.config.noise != "group":
+            raise ValueError("group epochs need dp = true and noise = 'group'")
+        if params.dim != self.param_count or params.max_grad_norm != self.config.max_grad_norm:
+            raise ValueError("group-noise parameters do not match this model")
+        with self._params.lock:
+            block = self._start_block(steps)
+            block.entry.ledger.record(steps)
+            self._round += 1
+            self._persist(checkpoint=self.config.checkpoint_every_round)
+        self.model.train()
+        return GroupEpoch(params, steps, block.sigma, block.x, block.y, block.sample_rate,
+                          self._dp_step, self._params.params, self._optimizer,
+                          self._params.lock, self._sampling)
+
+    def parameter_vector(self) -> np.ndarray:
+        """The trainable parameters now, as one flat float32 vector (a copy)."""
+        with self._params.lock:
+            self._params.apply_pending()
+            return self._params.flat().numpy().copy()
 
     def _in_averaging_tail(self) -> bool:
         """Whether the plan's private rounds are done and only averaging is left.

@@ -27,6 +27,7 @@ seeded and therefore offers *no* privacy. It is never the default and its name s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from typing import Protocol
 
 import torch
 from nacl.bindings import randombytes_buf_deterministic
+
+log = logging.getLogger(__name__)
 
 _MANTISSA_BITS = 53
 _GRID = 2.0**-_MANTISSA_BITS  # one word's resolution: u = (h + 1) * 2^-53
@@ -188,3 +191,18 @@ def secure_bernoulli_mask(n: int, probability: float) -> torch.Tensor:
     words = torch.frombuffer(bytearray(stream), dtype=torch.int64)
     top = torch.bitwise_right_shift(words, 32).bitwise_and_(0xFFFFFFFF)
     return top < threshold
+
+
+def choose_noise(noise: GaussianSource | None, insecure_fast_noise: bool,
+                 seed: int) -> GaussianSource:
+    """The DP steps' N(0, 1) source: a caller's (tests and audits only), the seeded insecure
+    one when ``insecure_fast_noise`` is on, else :class:`SecureGaussian`. Every source that
+    gives no privacy is logged as such."""
+    if insecure_fast_noise:  # seeds the sampling whatever the noise source
+        log.warning("insecure_fast_noise is on: seeded %s, NO privacy",
+                    "batch sampling" if noise is not None else "noise and sampling")
+    if noise is not None:
+        if not noise.secure:
+            log.warning("noise source %s is not secure: NO privacy", type(noise).__name__)
+        return noise
+    return InsecureFastGaussian(seed + 1) if insecure_fast_noise else SecureGaussian()
