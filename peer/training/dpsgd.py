@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -360,6 +361,22 @@ def poisson_batch(
     return mask.nonzero().flatten()
 
 
+class AuditHook(Protocol):
+    """Audit only: what a privacy audit (sim/audit.py) may do inside a private step.
+
+    No configuration reaches it: only code that constructs a trainer or a step itself can pass
+    one (``LocalTrainer(..., audit=...)``), as tests pass ``noise=``. ``add_canaries`` adds the
+    auditor's canary gradients to the clipped sum in place, before any noise, as if they were
+    sampled examples. ``noise_scale`` multiplies the noise's standard deviation: 1 for a real
+    audit, below 1 only to show the audit can fail (a trainer then reports epsilon = inf).
+    """
+
+    @property
+    def noise_scale(self) -> float: ...
+
+    def add_canaries(self, clipped_sum: torch.Tensor) -> None: ...
+
+
 @dataclass
 class DPSGDStep:
     """Turns a batch into a private gradient written into the model's ``.grad`` fields.
@@ -375,6 +392,7 @@ class DPSGDStep:
     expected_batch_size: float
     noise: GaussianSource
     engine: GhostClipEngine | VmapEngine
+    audit: AuditHook | None = None  #: audit only (see :class:`AuditHook`)
 
     @classmethod
     def build(
@@ -386,6 +404,7 @@ class DPSGDStep:
         expected_batch_size: float,
         noise: GaussianSource | None = None,
         engine: str = "auto",
+        audit: AuditHook | None = None,
     ) -> DPSGDStep:
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
@@ -400,6 +419,7 @@ class DPSGDStep:
             expected_batch_size=expected_batch_size,
             noise=noise if noise is not None else SecureGaussian(),
             engine=make_engine(model, engine),
+            audit=audit,
         )
 
     def retune(self, noise_multiplier: float, expected_batch_size: float) -> None:
@@ -415,11 +435,23 @@ class DPSGDStep:
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
 
+    @property
+    def noise_scale(self) -> float:
+        """The factor on the noise's standard deviation: 1 unless an audit weakens it."""
+        return 1.0 if self.audit is None else float(self.audit.noise_scale)
+
+    def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The flat sum of the batch's clipped per-example gradients (with an audit's canaries
+        added, when one is attached), before noise."""
+        flat = self.engine.clipped_sum(x, y, self.max_grad_norm).flat_sum
+        if self.audit is not None:
+            self.audit.add_canaries(flat)
+        return flat
+
     def private_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The flat private gradient for one batch (already divided by the expected size)."""
-        clipped = self.engine.clipped_sum(x, y, self.max_grad_norm)
-        flat = clipped.flat_sum
-        std = self.noise_multiplier * self.max_grad_norm
+        flat = self.clipped_sum(x, y)
+        std = self.noise_multiplier * self.max_grad_norm * self.noise_scale
         if std > 0:
             flat.add_(self.noise.sample(flat.numel()), alpha=std)
         return flat.mul_(1.0 / self.expected_batch_size)

@@ -57,12 +57,13 @@ class GroupEpoch:
         if self.done >= self.steps:
             raise ValueError(f"the epoch's {self.steps} charged steps are used up")
         self.done += 1  # a share made is a step taken, whether or not its release happens
-        sigma = self.params.sigma_for_effective(self.sigma_eff)
+        # noise_scale is 1 except in an audit's weakened run (dpsgd.AuditHook).
+        sigma = self.params.sigma_for_effective(self.sigma_eff) * self.dp_step.noise_scale
         with self.lock:
             batch = poisson_batch(len(self.y), self.sample_rate, self.sampling)
-            clipped = self.dp_step.engine.clipped_sum(self.x[batch], self.y[batch],
-                                                      self.params.max_grad_norm)
-            return member_share(clipped.flat_sum, sigma, self.params, self.dp_step.noise)
+            # The step's C is the group's: begin_group_epoch checked they are equal.
+            clipped = self.dp_step.clipped_sum(self.x[batch], self.y[batch])
+            return member_share(clipped, sigma, self.params, self.dp_step.noise)
 
     def apply(self, gradient: np.ndarray) -> None:
         """Step the optimizer with the released gradient (the decoded group sum divided by the

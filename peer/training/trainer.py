@@ -56,7 +56,7 @@ from peer.training.blocks import BlockSource, BlockStatus, open_block_source
 from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
-from peer.training.dpsgd import DPSGDStep, poisson_batch
+from peer.training.dpsgd import AuditHook, DPSGDStep, poisson_batch
 from peer.training.group_epoch import GroupEpoch
 from peer.training.group_noise import GroupNoise
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
@@ -111,13 +111,17 @@ class LocalTrainer:
         state_dir: Path | None = None,
         source: BlockSource | None = None,
         noise: GaussianSource | None = None,
+        *,
+        audit: AuditHook | None = None,
     ) -> None:
         """``train``: the static records (block 0). With a ``source`` it may be record-less
         (``blocks.template_dataset``): it then only gives the input shape and class count.
         ``noise``: the DP steps' N(0, 1) source; None (every peer) uses the configured one.
         Tests and audits only: another source voids the ledger's epsilon, so :attr:`epsilon`
         reports inf (a zero source makes a noise-free twin; at q = 1 its update differs from a
-        normal trainer's by exactly the noise)."""
+        normal trainer's by exactly the noise).
+        ``audit``: audit only (sim/audit.py; dpsgd.AuditHook): canaries added to every private
+        step's clipped sum; one that weakens the noise voids the epsilon likewise."""
         config.validate()
         if len(train) == 0 and source is None:
             raise ValueError("training set is empty")
@@ -158,9 +162,11 @@ class LocalTrainer:
         # Insecure mode seeds batch sampling too (experiments only: NOT private).
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
-        self._dp_step = self._make_dp_step(noise) if config.dp else None
-        #: A caller's noise source: the ledger's epsilon no longer describes the steps.
-        self._noise_replaced = noise is not None and type(noise) is not SecureGaussian
+        self._dp_step = self._make_dp_step(noise, audit) if config.dp else None
+        #: A caller's noise source or weakened noise: the ledger's epsilon no longer describes
+        #: the steps.
+        self._noise_replaced = ((noise is not None and type(noise) is not SecureGaussian)
+                                or (audit is not None and audit.noise_scale != 1.0))
         self.state_dir = Path(state_dir) if state_dir is not None else None
         if self.state_dir is not None:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -181,14 +187,15 @@ class LocalTrainer:
 
         return cached_features(self._frozen, x)
 
-    def _make_dp_step(self, noise: GaussianSource | None) -> DPSGDStep:
+    def _make_dp_step(self, noise: GaussianSource | None,
+                      audit: AuditHook | None) -> DPSGDStep:
         cfg = self.config
         # One step object for every block, retuned each round (DPSGDStep.retune).
         return DPSGDStep.build(self._trainable, noise_multiplier=self.sigma,
                                max_grad_norm=cfg.max_grad_norm,
                                expected_batch_size=float(cfg.batch_size),
                                noise=choose_noise(noise, cfg.insecure_fast_noise, cfg.seed),
-                               engine=cfg.engine)
+                               engine=cfg.engine, audit=audit)
 
     @property
     def ledger_path(self) -> Path | None:
