@@ -66,10 +66,12 @@ class InProcessNetwork:
 
     def build(self) -> None:
         for plan in self.prep.plans:
-            trainer = build_sim_trainer(self.s, self.prep.model_name, plan)
+            trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
+                                        self.prep.group_sigma_eff)
             self.peers.append(SimPeer(plan, trainer))
         for plan in self.prep.hostile_plans:
-            trainer = build_sim_trainer(self.s, self.prep.model_name, plan)
+            trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
+                                        self.prep.group_sigma_eff)
             self.hostile_peers.append(SimPeer(plan, trainer))
 
     def _on_event(self, sim_peer: SimPeer) -> Callable[[PeerEvent], None]:

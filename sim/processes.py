@@ -69,6 +69,7 @@ def write_spec(prep: Prepared, plan: PeerPlan, broker: BrokerSettings, start_tim
         "shard_file": str(shard_path),
         "scenario": scenario_to_toml(prep.scenario),
         "round_pause_s": prep.round_pause_s,
+        "group_sigma_eff": prep.group_sigma_eff,  # group noise: one sigma for the network
     }
     spec_path = secrets_dir / f"{plan.peer_id}.json"
     atomic_write_bytes(spec_path, json.dumps(spec, indent=1).encode(), mode=0o600,
