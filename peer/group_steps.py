@@ -66,7 +66,8 @@ class GroupSteps:
         private_rounds = max(1, config.planned_rounds - config.averaging_rounds)
         #: The plan: private steps this peer takes in all (its rounds of local_steps each).
         self.planned_steps = private_rounds * config.local_steps
-        self.steps_made = 0
+        #: Steps charged so far (a restarted peer resumes its count from the ledger).
+        self.steps_made = int(getattr(trainer.ledger, "steps", 0) or 0)
         self.applied = 0
         self._applying: asyncio.Task[None] | None = None
 
@@ -76,7 +77,12 @@ class GroupSteps:
         config = getattr(trainer, "config", None)
         if getattr(config, "noise", "local") != "group":
             return None
-        return cls(trainer, node)
+        steps = cls(trainer, node)
+        log.info("group noise: h = %d, c = %d, sigma_eff %.4g; the epsilon shown holds if at "
+                 "most c members of any group collude and the broker is honest but curious "
+                 "(docs/privacy.md, \"Group noise\")", config.honest_min, node.max_colluders,
+                 config.noise_multiplier)
+        return steps
 
     @property
     def plan_done(self) -> bool:

@@ -30,7 +30,7 @@ from peer.network.transport import BrokerSettings
 from sim import hostile
 from sim.faults import ChurnDriver, ChurnEvent, scenario_churn
 from sim.metrics import MetricsWriter
-from sim.progress import DRAIN_S, Progress, Snapshot, mean, watch
+from sim.progress import DRAIN_S, Progress, Snapshot, mean, peers_finished, watch
 from sim.scenario_io import scenario_to_toml
 from sim.setup import PeerPlan, Prepared
 
@@ -225,9 +225,9 @@ class ProcessNetwork:
             "sessions": sum(int(r.get("sessions_done", 0)) for r in present),
             "accuracy": mean([r["accuracy"] for r in present if r.get("accuracy") is not None]),
             "epsilon": mean([r["epsilon"] for r in present if r.get("epsilon") is not None]),
-            "finished": len(present) == len(self.procs) and all(
+            "finished": len(present) == len(self.procs) and peers_finished(self.s, [
                 int(r.get("round") or 0) >= rounds
-                or bool(r.get("extra", {}).get("budget_exhausted")) for r in present),
+                or bool(r.get("extra", {}).get("budget_exhausted")) for r in present]),
             "in_session": False,
         }
 

@@ -5,8 +5,9 @@ elements; a release needs h + c contributors, checked by every member before it 
 every share is a new batch and a new G, charged first; modes never mix.
 
 * With zero clipped sums, the released sums' per-coordinate variance is m sigma^2 C^2 / h in
-  value units (m the contributors), for groups of 3 and 5; the session's decoded sum equals
-  ``group_noise.decode_sum`` of its field sum; every ledger equals the accountant's figure.
+  value units (m the contributors), for groups of 3 and 5 (Shamir; masked at 5); the
+  session's decoded sum equals ``group_noise.decode_sum`` of its field sum; every ledger
+  equals the accountant's figure.
 * Groups below h + c never form: nothing is encoded, shared or applied.
 * Group-noise and local-noise peers never form a group together.
 """
@@ -82,13 +83,14 @@ def _released(net: Network) -> list[dict[str, Any]]:
     return [e.data for e in net.events if e.kind == "session_done"]
 
 
-@pytest.mark.parametrize(("group_size", "h"), [(3, 2), (5, 3)])
+@pytest.mark.parametrize(("group_size", "h", "kind"),
+                         [(3, 2, "shamir"), (5, 3, "shamir"), (5, 3, "masked")])
 async def test_released_noise_has_the_variance_of_one_gaussian(
-        mosquitto, make_group_trainer, group_size: int, h: int) -> None:
+        mosquitto, make_group_trainer, group_size: int, h: int, kind: str) -> None:
     from crypto.admission import AdmissionKey
 
     config = dataclasses.replace(GROUP_FAST, group_size=group_size,
-                                 threshold=min(3, group_size - 1))
+                                 threshold=min(3, group_size - 1), session_kind=kind)
     net = Network(mosquitto.url, AdmissionKey.generate(NET))
     peers = [net.add(f"p{i}", EmptyBatches(make_group_trainer(i, group_size, h)), config)
              for i in range(group_size)]
@@ -116,7 +118,8 @@ async def test_released_noise_has_the_variance_of_one_gaussian(
     for peer in peers:  # (d) every ledger is the library accountant's figure for its steps
         inner = peer.trainer.inner
         steps = inner.ledger.steps
-        assert steps >= 1
+        # every session that formed used a share of its own: a new batch and a new G
+        assert 1 <= peer.counters.sessions_done + peer.counters.sessions_aborted <= steps
         q = inner.ledger.sample_rate
         assert inner.epsilon == pytest.approx(epsilon(steps, SIGMA_EFF, q, 1e-5), rel=1e-9)
 
@@ -170,3 +173,21 @@ async def test_group_and_local_noise_peers_never_group(mosquitto, make_group_tra
     invite = m.Invite(group_size=3, threshold=2, model_id=local[0].params.model_id,
                       param_count=params.param_count, frac_bits=16)
     assert check_invite(params, invite) == "model_mismatch"
+
+
+def test_a_daemon_refuses_group_noise_its_groups_cannot_release() -> None:
+    from types import SimpleNamespace
+
+    from peer.assembly import check_group_noise
+    from peer.config import ConfigError, SessionConfig
+    from peer.training.config import TrainerConfig
+
+    def cfg(group_size: int, noise: str = "group") -> Any:
+        training = TrainerConfig(noise=noise, honest_min=3, noise_multiplier=1.0)
+        session = SessionConfig(group_size=group_size, threshold=2, max_colluders=1)
+        return SimpleNamespace(training=training, session=session)
+
+    with pytest.raises(ConfigError, match="honest_min"):
+        check_group_noise(cfg(3))
+    check_group_noise(cfg(4))
+    check_group_noise(cfg(3, noise="local"))
