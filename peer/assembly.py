@@ -28,6 +28,7 @@ from crypto.field import FixedPoint
 from crypto.identity import Identity
 from peer.config import ConfigError, PeerConfig, SessionConfig
 from peer.files import FileTooLargeError, read_bounded
+from peer.group_steps import GroupSteps
 from peer.network.node import EventCallback, NodeConfig, Peer
 from peer.network.pacing import PacingConfig, private_round_interval
 from peer.network.session.shamir import SessionTimeouts
@@ -180,9 +181,12 @@ def build_peer(
     on_event: EventCallback | None = None,
     totals_path: Path | None = None,
 ) -> Peer:
-    """A node around ``trainer``, merging with the rule its sharing strategy pairs with."""
+    """A node around ``trainer``, merging with the rule its sharing strategy pairs with; a
+    group-noise trainer (``noise = "group"``) gets its steps driven by the node's sessions
+    (peer/group_steps.py) instead."""
     sharing = trainer.sharing
     return Peer(
+        group_steps=GroupSteps.for_trainer(trainer, node),
         identity=identity,
         certificate=certificate,
         admission_public_key=admission_public_key,
@@ -207,9 +211,23 @@ def pacing_config(cfg: PeerConfig) -> PacingConfig:
     )
 
 
+def check_group_noise(cfg: PeerConfig) -> None:
+    """ConfigError unless a ``noise = "group"`` peer's groups can hold a release: h + c
+    contributors (docs/privacy.md, "Group noise")."""
+    training, session = cfg.training, cfg.session
+    if training.noise != "group":
+        return
+    least = training.honest_min + session.max_colluders
+    if session.group_size < least:
+        raise ConfigError(f"training.noise = 'group' releases only sums of honest_min + "
+                          f"max_colluders = {least} contributors; session.group_size is "
+                          f"{session.group_size}")
+
+
 def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) -> Peer:
     """The daemon's peer: credentials, data, trainer (resumed) and node from one config."""
     identity, certificate = load_credentials(cfg)
+    check_group_noise(cfg)
     source: BlockSource | None = None
     if cfg.data.startswith(BLOCKS_PREFIX):
         train, holdout, source = load_block_data(cfg)

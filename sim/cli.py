@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise", choices=("local", "group"),
                         help="local (default): each peer adds all its noise; group: each group "
                              "release carries one Gaussian shared by its honest members "
-                             "(--mode reference only)")
+                             "(a session per private step; trust: at most max_colluders "
+                             "colluders per group, an honest-but-curious broker)")
     parser.add_argument("--honest-min", type=int, dest="honest_min",
                         help="group noise: honest contributors assumed per release (default 3)")
     parser.add_argument("--topk", type=float, dest="topk_fraction",

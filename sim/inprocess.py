@@ -23,7 +23,7 @@ from sim import hostile
 from sim.carry import RECORDED_EVENTS, add_carry, event_extra
 from sim.faults import ChurnDriver, ChurnEvent, FaultStats, scenario_churn
 from sim.metrics import EVENT_JOIN, EVENT_LEAVE, EVENT_START, EVENT_STOP, MetricsWriter
-from sim.progress import Progress, Snapshot, mean, watch
+from sim.progress import Progress, Snapshot, mean, peers_finished, watch
 from sim.setup import PeerPlan, Prepared, build_sim_peer, build_sim_trainer
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,12 @@ class InProcessNetwork:
 
     def build(self) -> None:
         for plan in self.prep.plans:
-            trainer = build_sim_trainer(self.s, self.prep.model_name, plan)
+            trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
+                                        self.prep.group_sigma_eff)
             self.peers.append(SimPeer(plan, trainer))
         for plan in self.prep.hostile_plans:
-            trainer = build_sim_trainer(self.s, self.prep.model_name, plan)
+            trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
+                                        self.prep.group_sigma_eff)
             self.hostile_peers.append(SimPeer(plan, trainer))
 
     def _on_event(self, sim_peer: SimPeer) -> Callable[[PeerEvent], None]:
@@ -150,8 +152,9 @@ class InProcessNetwork:
             "sessions": sum(st.sessions_done for st in statuses),
             "accuracy": mean([st.accuracy for st in statuses if st.accuracy is not None]),
             "epsilon": mean([st.epsilon for st in statuses if st.epsilon is not None]),
-            "finished": all(st.round >= rounds or st.budget_exhausted
-                            for st in statuses) and len(statuses) == len(self.peers),
+            "finished": peers_finished(self.s, [st.round >= rounds or st.budget_exhausted
+                                                for st in statuses])
+            and len(statuses) == len(self.peers),
             "in_session": any(sp.alive and sp.peer is not None and sp.peer.session is not None
                               for sp in self.peers),
         }

@@ -96,7 +96,8 @@ class _Incarnation:
         train, self.test = load_source(self.scenario.dataset)
         self.plan = _plan(spec, self.scenario, train)
         model_name = resolve_model(self.scenario.model, tuple(train.x.shape[1:]))
-        self.trainer = build_sim_trainer(self.scenario, model_name, self.plan)
+        self.trainer = build_sim_trainer(self.scenario, model_name, self.plan,
+                                         spec.get("group_sigma_eff"))
         self.carry_path = self.plan.state_dir / CARRY_FILE
         self.rejoin = rejoin
         self.carry = (json.loads(self.carry_path.read_text())

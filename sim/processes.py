@@ -30,7 +30,7 @@ from peer.network.transport import BrokerSettings
 from sim import hostile
 from sim.faults import ChurnDriver, ChurnEvent, scenario_churn
 from sim.metrics import MetricsWriter
-from sim.progress import DRAIN_S, Progress, Snapshot, mean, watch
+from sim.progress import DRAIN_S, Progress, Snapshot, mean, peers_finished, watch
 from sim.scenario_io import scenario_to_toml
 from sim.setup import PeerPlan, Prepared
 
@@ -69,6 +69,7 @@ def write_spec(prep: Prepared, plan: PeerPlan, broker: BrokerSettings, start_tim
         "shard_file": str(shard_path),
         "scenario": scenario_to_toml(prep.scenario),
         "round_pause_s": prep.round_pause_s,
+        "group_sigma_eff": prep.group_sigma_eff,  # group noise: one sigma for the network
     }
     spec_path = secrets_dir / f"{plan.peer_id}.json"
     atomic_write_bytes(spec_path, json.dumps(spec, indent=1).encode(), mode=0o600,
@@ -224,9 +225,9 @@ class ProcessNetwork:
             "sessions": sum(int(r.get("sessions_done", 0)) for r in present),
             "accuracy": mean([r["accuracy"] for r in present if r.get("accuracy") is not None]),
             "epsilon": mean([r["epsilon"] for r in present if r.get("epsilon") is not None]),
-            "finished": len(present) == len(self.procs) and all(
+            "finished": len(present) == len(self.procs) and peers_finished(self.s, [
                 int(r.get("round") or 0) >= rounds
-                or bool(r.get("extra", {}).get("budget_exhausted")) for r in present),
+                or bool(r.get("extra", {}).get("budget_exhausted")) for r in present]),
             "in_session": False,
         }
 

@@ -54,6 +54,17 @@ class Progress:
             self.bar.close()
 
 
+def peers_finished(s: Scenario, done: list[bool]) -> bool:
+    """Whether a run's peers are done (``done``: each peer's plan or budget is spent). With
+    group noise, also when those still training are too few ever to hold a release again
+    (fewer than max(3, c + 2, h + c)): they would only wait for the time cap."""
+    left = sum(1 for d in done if not d)
+    if s.noise == "group":
+        floor = max(3, s.max_colluders + 2, s.honest_min + s.max_colluders)
+        return left < floor
+    return left == 0
+
+
 def mean(values: list[float]) -> float | None:
     """The mean of ``values``, or None for none (a snapshot figure nobody reported yet)."""
     return float(np.mean(values)) if values else None

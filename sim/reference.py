@@ -40,16 +40,17 @@ from peer.sharing.merge import MergeRejected, merge_group_sum
 from protocol.limits import MAX_MEMBERS, MIN_GROUP_SIZE
 from sim.metrics import EVENT_ROUND, EVENT_START, EVENT_STOP, MetricsWriter
 from sim.progress import Progress
-from sim.reference_group import (
-    average_models,
-    build_group_trainer,
-    group_noise_params,
-    group_sigma_eff,
-    private_rounds,
-    run_group_epoch,
-)
+from sim.reference_group import average_models, group_noise_params, run_group_epoch
 from sim.scenario import Scenario
-from sim.setup import PeerPlan, Prepared, build_sim_trainer, node_config
+from sim.setup import (
+    PeerPlan,
+    Prepared,
+    build_group_trainer,
+    build_sim_trainer,
+    group_sigma_eff,
+    node_config,
+    private_rounds,
+)
 
 log = logging.getLogger(__name__)
 

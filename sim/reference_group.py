@@ -15,55 +15,25 @@ the session would reveal), keys, sealing and timing.
 
 Every member draws at one sigma: the noise multiplier sigma_eff that keeps the peer with the
 largest sampling rate within ``target_epsilon`` over the planned private steps, computed by the
-accountant (:func:`group_sigma_eff`).
+accountant (:func:`sim.setup.group_sigma_eff`, shared with the network engines).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import numpy as np
 
 from crypto.field import PRIME
-from peer import assembly
 from peer.errors import BudgetExhaustedError
 from peer.training.group_noise import GroupNoise, decode_sum, to_field
-from peer.training.privacy.accountant import sigma_for
 from sim.scenario import Scenario
-from sim.setup import PeerPlan, averaging_rounds, trainer_config
 
 log = logging.getLogger(__name__)
 
 #: The session's fixed point: the grid the shares are rounded on (s = 2^16).
 GROUP_FRAC_BITS = 16
-
-
-def private_rounds(s: Scenario) -> int:
-    """Rounds that take private steps (the rest are the averaging tail)."""
-    return s.rounds - averaging_rounds(s.rounds, s.averaging_fraction)
-
-
-def group_sigma_eff(s: Scenario, plans: list[PeerPlan]) -> float:
-    """The network-wide sigma_eff: ``noise_multiplier`` if the scenario fixes it, else the
-    accountant's sigma for ``target_epsilon`` at the largest sampling rate of any peer."""
-    if s.noise_multiplier is not None:
-        return s.noise_multiplier
-    assert s.target_epsilon is not None
-    q_max = max(min(1.0, s.batch_size / len(plan.train)) for plan in plans)
-    steps = private_rounds(s) * s.local_steps
-    config = trainer_config(s, "mlp")
-    return sigma_for(s.target_epsilon, s.delta, q_max, steps, config.accountant)
-
-
-def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float) -> Any:
-    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff."""
-    config = dataclasses.replace(
-        trainer_config(s, model_name), noise="group", honest_min=s.honest_min,
-        noise_multiplier=sigma_eff, target_epsilon=None, averaging_rounds=0,
-        planned_rounds=max(1, private_rounds(s)))
-    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir)
 
 
 def group_noise_params(s: Scenario, trainer: Any) -> GroupNoise:

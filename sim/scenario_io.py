@@ -166,6 +166,10 @@ def scenario_summary(s: Scenario) -> list[tuple[str, str]]:
         privacy = f"DP-SGD, target ε = {s.target_epsilon:g} per peer, δ = {s.delta:g}"
     else:
         privacy = f"DP-SGD, noise multiplier σ = {s.noise_multiplier:g}, δ = {s.delta:g}"
+    if s.dp and s.noise == "group":
+        privacy += (f"; group noise (h = {s.honest_min}): holds if at most "
+                    f"{s.max_colluders} member(s) per group collude and the broker is honest "
+                    f"but curious")
     if s.partition == "dirichlet":
         split = f"Dirichlet α = {s.alpha:g}"
     elif s.partition == "shards":

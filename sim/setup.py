@@ -49,6 +49,10 @@ from sim.scenario import Scenario, resolve_model
 ROUND_PAUSE_S = 2.0
 START_JITTER_S = 1.5
 COOLDOWN_S = 0.5
+#: Group noise: a session per private step (a local round is local_steps of them), so a peer
+#: with a share ready invites after a shorter delay and cooldown.
+GROUP_START_JITTER_S = 0.3
+GROUP_COOLDOWN_S = 0.05
 #: Announcements and expiry fast enough that churn shows up within seconds.
 ANNOUNCE_INTERVAL_S = 5.0
 SILENCE_EXPIRY_S = 30.0
@@ -73,7 +77,9 @@ def session_timeouts(s: Scenario) -> SessionTimeouts:
 
 
 def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig:
-    """Node settings for a simulated peer: the scenario's group, the simulation's pacing."""
+    """Node settings for a simulated peer: the scenario's group, the simulation's pacing.
+    Group noise takes one session per private step, so its peers invite sooner."""
+    group = s.noise == "group"
     return assembly.node_config(
         SessionConfig(group_size=s.group_size, threshold=s.threshold,
                       max_colluders=s.max_colluders, kind=s.session_kind),
@@ -81,8 +87,8 @@ def node_config(s: Scenario, round_pause_s: float = ROUND_PAUSE_S) -> NodeConfig
         announce_interval_s=ANNOUNCE_INTERVAL_S,
         silence_expiry_s=SILENCE_EXPIRY_S,
         checkpoint_interval_s=CHECKPOINT_INTERVAL_S,
-        start_jitter_s=START_JITTER_S,
-        cooldown_s=COOLDOWN_S,
+        start_jitter_s=GROUP_START_JITTER_S if group else START_JITTER_S,
+        cooldown_s=GROUP_COOLDOWN_S if group else COOLDOWN_S,
         round_pause_s=round_pause_s,
         view=ViewConfig(view_size=s.view_size),
     )
@@ -139,6 +145,35 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
     )
 
 
+# ----------------------------------------------------------------------------- group noise
+def private_rounds(s: Scenario) -> int:
+    """Rounds that take private steps (the rest are the averaging tail)."""
+    return s.rounds - averaging_rounds(s.rounds, s.averaging_fraction)
+
+
+def group_sigma_eff(s: Scenario, plans: list[PeerPlan]) -> float:
+    """The network-wide sigma_eff: ``noise_multiplier`` if the scenario fixes it, else the
+    accountant's sigma for ``target_epsilon`` at the largest sampling rate of any peer."""
+    if s.noise_multiplier is not None:
+        return s.noise_multiplier
+    assert s.target_epsilon is not None
+    from peer.training.privacy.accountant import sigma_for
+
+    q_max = max(min(1.0, s.batch_size / len(plan.train)) for plan in plans)
+    steps = private_rounds(s) * s.local_steps
+    config = trainer_config(s, "mlp")
+    return sigma_for(s.target_epsilon, s.delta, q_max, steps, config.accountant)
+
+
+def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float) -> Any:
+    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff."""
+    config = dataclasses.replace(
+        trainer_config(s, model_name), noise="group", honest_min=s.honest_min,
+        noise_multiplier=sigma_eff, target_epsilon=None, averaging_rounds=0,
+        planned_rounds=max(1, private_rounds(s)))
+    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir)
+
+
 # ----------------------------------------------------------------------------- preparation
 @dataclass
 class PeerPlan:
@@ -166,6 +201,8 @@ class Prepared:
     plans: list[PeerPlan]
     hostile_plans: list[PeerPlan]
     round_pause_s: float = ROUND_PAUSE_S
+    #: Group noise: the network-wide sigma_eff every peer draws its shares for (None: local).
+    group_sigma_eff: float | None = None
 
 
 def make_run_dir(out_dir: Path, network: str) -> Path:
@@ -272,15 +309,24 @@ def prepare(s: Scenario, run_dir: Path) -> Prepared:
                                    now=now))
     for plan in (*plans, *hostile_plans):
         plan.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Prepared(run_dir, s, train, test, model_name, admission, plans, hostile_plans)
+    sigma_eff = group_sigma_eff(s, plans) if s.noise == "group" else None
+    return Prepared(run_dir, s, train, test, model_name, admission, plans, hostile_plans,
+                    group_sigma_eff=sigma_eff)
 
 
 # ----------------------------------------------------------------------------- one peer
-def build_sim_trainer(s: Scenario, model_name: str, plan: PeerPlan) -> Any:
+def build_sim_trainer(s: Scenario, model_name: str, plan: PeerPlan,
+                      group_sigma: float | None = None) -> Any:
     """The peer's real LocalTrainer (resumes from its state_dir when a checkpoint exists),
-    wrapped by the hostile behaviour the plan asks for."""
-    trainer = assembly.build_trainer(trainer_config(s, model_name), plan.train, plan.holdout,
-                                   plan.state_dir)
+    wrapped by the hostile behaviour the plan asks for; with group noise, in group mode at
+    the network's ``group_sigma`` (:func:`group_sigma_eff`)."""
+    if s.noise == "group":
+        if group_sigma is None:
+            raise SimulationError("group noise needs the network's sigma_eff")
+        trainer = build_group_trainer(s, model_name, plan, group_sigma)
+    else:
+        trainer = assembly.build_trainer(trainer_config(s, model_name), plan.train,
+                                         plan.holdout, plan.state_dir)
     if plan.hostile_kind == "huge_norm":
         return hostile.HugeNormTrainer(trainer)
     return trainer

@@ -141,9 +141,10 @@ def test_a_release_below_h_plus_c_contributors_applies_nothing() -> None:
     torch.testing.assert_close(torch.from_numpy(moves[1]), torch.from_numpy(moves[2]))
 
 
-def test_group_noise_is_refused_outside_the_reference_engine() -> None:
-    with pytest.raises(ScenarioError, match="reference engine only"):
-        Scenario(noise="group")
+def test_group_noise_runs_in_every_engine_and_refuses_groups_below_h_plus_c() -> None:
+    for mode in ("inprocess", "processes", "reference"):
+        assert Scenario(noise="group", mode=mode).honest_min == 3
     with pytest.raises(ScenarioError, match="honest_min"):
-        Scenario(noise="group", mode="reference", honest_min=5, group_size=5)
-    assert Scenario(noise="group", mode="reference").honest_min == 3
+        Scenario(noise="group", honest_min=5, group_size=5)
+    with pytest.raises(ScenarioError, match="dp = true"):
+        Scenario(noise="group", dp=False, target_epsilon=None)

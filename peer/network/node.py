@@ -107,6 +107,7 @@ class Peer:
         on_event: EventCallback | None = None,
         client_id: str | None = None,
         totals_path: Path | None = None,
+        group_steps: Any = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -128,7 +129,8 @@ class Peer:
                                          clock_skew_s=cfg.clock_skew_s)
         # What this peer holds for others (chunks of unfinished messages, messages waiting
         # for a lookup) is sized from its own model and group: docs/protocol.md section 11.
-        self.held_limits = ReassemblyLimits.for_sessions(trainer.param_count, cfg.group_size)
+        self.held_limits = ReassemblyLimits.for_sessions(self.params.vector_coordinates,
+                                                          cfg.group_size)
         self.inbound = InboundChecks(network_id, self.peer_id, self.membership, ReplayWindow(),
                                      chunks=ChunkReassembler(self.held_limits))
         self.seq = m.SequenceCounter()
@@ -148,6 +150,8 @@ class Peer:
         self._was_connected = self._ever_connected = False
         self.gauges = TrainingGauges.of(trainer)
         self.seat = self._make_seat()
+        # Group noise (peer/group_steps.py): each private step is one session's release.
+        self.group_steps = self.seat.group_steps = group_steps
         self.view = self._make_view()
         self.rounds = RoundLoop(self, cfg.pacing, self._round_wake,
                                 round_pause_s=cfg.round_pause_s,
@@ -191,9 +195,7 @@ class Peer:
     def _make_transport(self, broker: BrokerSettings, client_id: str | None) -> Transport:
         """The MQTT client: our announcements and our inbox; our will is our signed leave."""
         net = self.network_id
-        return Transport(
-            broker,
-            client_id=client_id or f"murmur-{net}-{self.peer_id}"[:64],
+        return Transport(broker, client_id=client_id or f"murmur-{net}-{self.peer_id}"[:64],
             subscriptions=[*restored_announce_filters(net, self.config.view),
                            inbox_filter(net, self.peer_id)],
             will=self._will_for_new_connection,
@@ -282,13 +284,9 @@ class Peer:
             self._stopping = True
             await self._shutdown(tasks, training, transport_task, transport_stop)
 
-    async def _shutdown(
-        self,
-        tasks: list[asyncio.Task[None]],
-        training: asyncio.Task[None] | None,
-        transport_task: asyncio.Task[None],
-        transport_stop: asyncio.Event,
-    ) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[None]],
+                        training: asyncio.Task[None] | None, transport_task: asyncio.Task[None],
+                        transport_stop: asyncio.Event) -> None:
         self.seat.abort("peer_stopping")
         # Let the aborts and the leave go out while still connected (bounded wait).
         if self.transport.connected.is_set():
@@ -319,16 +317,11 @@ class Peer:
         await self._publish_announce()
 
     async def _publish_announce(self) -> None:
-        body = m.Announce(
-            certificate=self.certificate.to_bytes(),
-            model_id=self.params.model_id,
-            param_count=self.params.param_count,
-            connection=self._connection_id,
-        )
+        body = m.Announce(certificate=self.certificate.to_bytes(), model_id=self.params.model_id,
+                          param_count=self.params.param_count, connection=self._connection_id)
         payload = self.framer.encode(m.Kind.ANNOUNCE, b"", body)
-        await self.transport.publish(
-            announce_topic(self.network_id, self.peer_id), payload, retain=True
-        )
+        await self.transport.publish(announce_topic(self.network_id, self.peer_id), payload,
+                                     retain=True)
 
     # ------------------------------------------------------------------ inbound
     async def _on_message(self, incoming: Incoming) -> None:
@@ -445,6 +438,11 @@ class Peer:
         """A round finished (RoundHost): count it and offer its update to sessions."""
         self.counters.round += 1
         self.offer_update(update.indices, update.values, int(update.round))
+
+    def offer_group_step(self, step: Any, rounds: int) -> None:
+        """A group-noise step's share is ready (RoundHost); ``rounds``: rounds done."""
+        self.counters.round = rounds
+        self.seat.offer_group_step(step)
 
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more (RoundHost)."""

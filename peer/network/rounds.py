@@ -95,6 +95,9 @@ class RoundHost(Protocol):
     def pacing_state(self, now: float, next_private_at: float,
                      next_averaging_at: float) -> PacingState: ...
     def round_done(self, update: Any) -> None: ...  # count it and offer it to sessions
+    def offer_group_step(self, step: Any, rounds: int) -> None: ...  # group noise: a share
+    @property
+    def group_steps(self) -> Any: ...  # peer.group_steps.GroupSteps, or None (local noise)
     def withdraw_update(self) -> None: ...  # nothing fresh to contribute any more
     def emit(self, kind: str, **data: Any) -> None: ...
 
@@ -116,6 +119,9 @@ class RoundLoop:
         return bool(getattr(self.host.trainer, "can_average", False))
 
     async def run(self) -> None:
+        if self.host.group_steps is not None:
+            await self._run_group_steps()
+            return
         host, pacing = self.host, self.pacing
         next_private_at = next_averaging_at = 0.0
         while not host.stopping:
@@ -138,6 +144,77 @@ class RoundLoop:
             if update is not None:
                 await self._after_round(update)
                 await asyncio.sleep(self.round_pause_s)
+
+    async def _run_group_steps(self) -> None:
+        """Group noise: keep at most one share ready, each a new one-step epoch (a new batch
+        and a new G, charged to the ledger first); the seat offers it to one session and the
+        release moves the model (peer/group_steps.py). Never a local round."""
+        host, gauges, steps = self.host, self.host.gauges, self.host.group_steps
+        interval = self.pacing.private_round_interval_s / max(1, steps.trainer.config.local_steps)
+        per_round = max(1, int(steps.trainer.config.local_steps))
+        next_at = 0.0
+        while not host.stopping:
+            now = time.monotonic()
+            state = host.pacing_state(now, next_at, math.inf)  # a share waits: update_pending
+            decision = next_round(state, self.pacing)
+            if (gauges.budget_exhausted or state.update_pending
+                    or decision.kind is not RoundKind.PRIVATE):
+                self.wake.clear()
+                await wait_event(self.wake, max(0.05, min(decision.wait_s or 1.0, 1.0)))
+                continue
+            next_at = now + interval
+            await steps.settled()  # the share is taken at the model after every release
+            step = await self._group_share()
+            if step is False:
+                return
+            if step is None:
+                continue
+            gauges.epsilon = optional_float(getattr(host.trainer, "epsilon", None))
+            done = steps.steps_made // per_round
+            host.offer_group_step(step, done)
+            if steps.steps_made % per_round == 0:
+                await self._group_round_done(done)
+
+    async def _group_share(self) -> Any:
+        """The next share; None when the budget or the plan is spent, False when training
+        failed."""
+        gauges, steps = self.host.gauges, self.host.group_steps
+        if steps.plan_done:
+            self._spent("the planned private steps are done")
+            return None
+        try:
+            gauges.training_now = True
+            return await asyncio.to_thread(steps.make)
+        except BudgetExhaustedError as exc:
+            self._spent(str(exc))
+            return None
+        except Exception as exc:
+            return self._failed(exc)
+        finally:
+            gauges.training_now = False
+
+    def _spent(self, why: str) -> None:
+        """No more private steps: the peer serves others' sessions only."""
+        host, gauges = self.host, self.host.gauges
+        if gauges.budget_exhausted:
+            return
+        gauges.budget_exhausted = True
+        host.withdraw_update()
+        log.warning("%s: no more group-noise steps (%s); serving only", host.peer_id, why)
+        host.emit("budget_exhausted", epsilon=gauges.epsilon)
+
+    async def _group_round_done(self, rounds: int) -> None:
+        """Every ``local_steps`` shares: the round event and, now and then, an evaluation."""
+        host, gauges = self.host, self.host.gauges
+        await host.group_steps.settled()
+        if self.evaluate_every and rounds % self.evaluate_every == 0:
+            accuracy = float(await asyncio.to_thread(host.trainer.evaluate))
+            gauges.accuracy = accuracy if math.isfinite(accuracy) else None
+        host.emit("round", round=rounds, epsilon=gauges.epsilon, accuracy=gauges.accuracy,
+                  steps=int(host.trainer.config.local_steps))
+        for fraction in gauges.new_milestones():
+            host.emit("budget_milestone", fraction=fraction, epsilon=gauges.epsilon,
+                      budget_epsilon=gauges.budget_epsilon)
 
     async def _private_round(self) -> Any:
         """One private round; None when the budget is spent, False when training failed."""

@@ -128,6 +128,7 @@ def session_done_data(result: GroupResult, contribution: Contribution | None, st
         "threshold": result.threshold,
         "coordinates": result.coordinates,
         "group_sum": result.group_sum,
+        "field_sum": result.field_sum,  # group noise: the rebuilt field sum (else None)
         "own_indices": None if contribution is None else contribution.indices,
         "own_values": None if contribution is None else contribution.values,
         "contributed": result.own_values,  # dense on the coordinates, incl. residual fill

@@ -15,20 +15,21 @@ Security property: the released sum of any ``h`` honest members' ``Y`` carries t
 Gaussian of multiplier ``sigma_eff`` for any one record; one member's ``Y`` carries only
 ``sigma_eff / sqrt(h)`` and must never leave the secure aggregation in the clear.
 
-Pure: numpy and torch only, no I/O; the noise comes from the caller's
-:class:`peer.training.privacy.noise.GaussianSource`.
+Pure: numpy only, no I/O, and no torch import (the node's group steps,
+peer/network/group_steps.py, use it without reaching torch); the noise comes from the
+caller's :class:`peer.training.privacy.noise.GaussianSource` and a clipped sum may be a torch
+tensor, both used through their methods only.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
 from crypto.field import HALF_PRIME, PRIME
-from peer.training.privacy.noise import GaussianSource
 
 __all__ = ["GroupNoise", "decode_sum", "member_share", "round_half_up", "to_field"]
 
@@ -103,14 +104,15 @@ class GroupNoise:
         return self.scale * sigma * self.max_grad_norm / math.sqrt(self.honest_min)
 
 
-def member_share(clipped_sum: torch.Tensor | np.ndarray, sigma: float, params: GroupNoise,
-                 noise: GaussianSource) -> np.ndarray:
+def member_share(clipped_sum: Any, sigma: float, params: GroupNoise, noise: Any) -> np.ndarray:
     """One member's contribution ``Y = R(s S) + R(G)`` (int64, one value per coordinate).
 
     ``clipped_sum`` is the sum of the member's clipped per-example gradients (norm <= C each)
-    on its Poisson sample, not divided by anything. G is drawn here, fresh, and not kept.
+    on its Poisson sample, not divided by anything (a torch tensor or an array). ``noise`` is
+    a GaussianSource: ``noise.sample(d)`` gives d N(0, 1) draws as a tensor. G is drawn here,
+    fresh, and not kept.
     """
-    flat = clipped_sum.detach().double().cpu().numpy() if isinstance(clipped_sum, torch.Tensor) \
+    flat = clipped_sum.detach().double().cpu().numpy() if hasattr(clipped_sum, "detach") \
         else np.asarray(clipped_sum, dtype=np.float64)
     flat = flat.reshape(-1)
     if flat.size != params.dim:

@@ -146,7 +146,7 @@ class LocalTrainer:
                                               self._params.initial_digest())
         if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
             self.model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
-                              f"-C{config.max_grad_norm:g}")
+                              f"-C{config.max_grad_norm:g}-b{config.batch_size}")
         self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
         if source is not None:
             source.bind(train.input_shape, train.num_classes)

@@ -17,7 +17,7 @@ from enum import Enum
 
 import numpy as np
 
-from crypto.field import FixedPoint, field_to_bytes
+from crypto.field import PRIME, FixedPoint, field_to_bytes
 from crypto.identity import Identity
 from peer.errors import DroppedError
 from protocol import messages as m
@@ -59,6 +59,15 @@ class SessionParams:
     #: privacy must survive: every sum it reveals holds at least ``min_contributors(c)``
     #: contributions, and its threshold must exceed c (docs/sessions.md section 3.3).
     max_colluders: int = 1
+    #: The fewest contributions any sum this peer helps reveal may hold; 0 (the default)
+    #: means ``min_contributors(max_colluders)``, and a larger value only raises it (group
+    #: noise: honest_min + c, docs/privacy.md "Group noise"). Part of the model id in group
+    #: mode, so peers that disagree about it never group.
+    min_sum: int = 0
+    #: Group-noise sessions: every contribution carries pre-encoded field elements for every
+    #: coordinate plus this member's model (:class:`Contribution`); the session vector is
+    #: (field elements, encoded model, count slot).
+    field_contributions: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_GROUP_SIZE <= self.group_size <= min(MAX_MEMBERS, self.fixed_point.max_summands):
@@ -69,6 +78,18 @@ class SessionParams:
         if not MIN_THRESHOLD <= self.threshold <= self.group_size:
             raise ValueError(f"threshold must be in [{MIN_THRESHOLD}, group_size]")
         check_colluders(self.max_colluders, self.group_size, self.threshold)
+        least = max(self.min_sum, min_contributors(self.max_colluders))
+        if self.group_size < least:
+            raise ValueError(f"a sum needs {least} contributors, more than group_size "
+                             f"{self.group_size}")
+        object.__setattr__(self, "min_sum", least)  # frozen: normalised once, here
+
+    @property
+    def vector_coordinates(self) -> int:
+        """Coordinates a member's session vector can hold (the count slot aside): what the
+        peer's buffers for session messages are sized by. Group noise doubles them (the
+        field elements, then the model)."""
+        return self.param_count * (2 if self.field_contributions else 1)
 
 
 #: Bytes of a START-view digest (BLAKE2b-256).
@@ -103,6 +124,18 @@ def min_contributors(max_colluders: int) -> int:
     contributions that is still the sum of at least two honest vectors, never one.
     """
     return max(MIN_GROUP_SIZE, max_colluders + 2)
+
+
+def group_min_sum(honest_min: int, max_colluders: int) -> int:
+    """The fewest contributions a group-noise release may hold: h + c, so that at least h
+    are honest (docs/privacy.md, "Group noise")."""
+    return honest_min + max_colluders
+
+
+def group_model_suffix(max_colluders: int) -> str:
+    """What a group-noise peer appends to its trainer's model id (which names h, sigma_eff, C
+    and the batch size): c, so peers that disagree about h + c never group."""
+    return f"-c{max_colluders}"
 
 
 def check_colluders(max_colluders: int, group_size: int, threshold: int) -> None:
@@ -173,6 +206,13 @@ class Contribution:
     values: np.ndarray
     round: int = 0
     fill: Callable[[np.ndarray], np.ndarray] | None = None
+    #: Group noise (``SessionParams.field_contributions``): canonical uint32 field elements,
+    #: one per coordinate of the model (``indices`` then holds every coordinate), put on the
+    #: wire as they are: no fixed-point encoding, no clipping (docs/privacy.md, "Group noise").
+    field_values: np.ndarray | None = None
+    #: Group noise: this member's model (float32, every coordinate), fixed-point encoded after
+    #: the field elements, so the session also releases the members' model sum.
+    model: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +230,10 @@ class GroupResult:
     own_round: int
     filled_indices: np.ndarray  # uint32: coordinates outside our index set we contributed on
     filled_values: np.ndarray  # float32: what we contributed there (0 entries if no fill)
+    #: Group noise: the rebuilt field sum of the members' field elements (uint32, before
+    #: decoding) and the sum of their models (float64); None in other sessions.
+    field_sum: np.ndarray | None = None
+    model_sum: np.ndarray | None = None
 
 
 def validate_indices(indices: np.ndarray, param_count: int) -> np.ndarray:
@@ -251,13 +295,26 @@ class Step:
         self.drops.extend(other.drops)
 
 
-def check_contribution(contribution: Contribution, param_count: int) -> None:
-    """ValueError unless ``contribution`` has a valid index set and finite values on it."""
-    validate_indices(contribution.indices, param_count)
+def check_contribution(contribution: Contribution, params: SessionParams) -> None:
+    """ValueError unless ``contribution`` has a valid index set and finite values on it, and,
+    in a group-noise session, field elements and a finite model for every coordinate."""
+    validate_indices(contribution.indices, params.param_count)
     if contribution.values.shape != contribution.indices.shape:
         raise ValueError("contribution values must match its indices")
     if not np.all(np.isfinite(contribution.values)):
         raise ValueError("contribution has non-finite values")
+    if not params.field_contributions:
+        if contribution.field_values is not None or contribution.model is not None:
+            raise ValueError("field elements in a session that does not carry them")
+        return
+    full = (params.param_count,)
+    fv, model = contribution.field_values, contribution.model
+    if contribution.indices.shape != full:
+        raise ValueError("a group-noise contribution covers every coordinate")
+    if fv is None or fv.dtype != np.uint32 or fv.shape != full or bool(np.any(fv >= PRIME)):
+        raise ValueError("a group-noise contribution needs canonical field elements")
+    if model is None or model.shape != full or not np.all(np.isfinite(model)):
+        raise ValueError("a group-noise contribution needs its finite model")
 
 
 def dense_contribution(contribution: Contribution, coords: np.ndarray, max_abs: float,
@@ -298,7 +355,7 @@ def check_invite(params: SessionParams, invite: m.Invite) -> str | None:
         return "model_mismatch"
     if invite.frac_bits != params.fixed_point.frac_bits:
         return "encoding_mismatch"
-    if not min_contributors(params.max_colluders) <= invite.group_size <= min(
+    if not params.min_sum <= invite.group_size <= min(
         MAX_MEMBERS, params.fixed_point.max_summands
     ):
         return "bad_group_size"
@@ -346,7 +403,7 @@ def check_start(members: Sequence[str], threshold: int, coordinates: np.ndarray,
         raise DroppedError("bad_members")
     if threshold != expected_threshold or len(group) < expected_threshold:
         raise DroppedError("bad_threshold")
-    if len(group) < min_contributors(params.max_colluders):
+    if len(group) < params.min_sum:
         return None
     try:
         coords = validate_indices(coordinates, params.param_count)

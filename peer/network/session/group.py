@@ -61,7 +61,7 @@ class GroupSession(ABC, Generic[Offer]):
     def __init__(self, ctx: SessionContext, session_id: bytes, role: Role,
                  contribution: Contribution, initiator: str, threshold: int, group_size: int,
                  now: float, first_timeout: float) -> None:
-        check_contribution(contribution, ctx.params.param_count)
+        check_contribution(contribution, ctx.params)
         self.ctx, self.session_id, self.role = ctx, session_id, role
         self.contribution, self.initiator = contribution, initiator
         self.threshold, self.group_size = threshold, group_size
@@ -82,7 +82,7 @@ class GroupSession(ABC, Generic[Offer]):
         # Messages that overtook START (or, masked, REVEALs before our quorum): bounded in
         # bytes, per sender and in all (peer/network/session/early.py).
         self._early: EarlyBuffer[tuple[m.Header, m.Body]] = EarlyBuffer(
-            EarlyBudget.for_session(ctx.params.param_count, min(group_size,
+            EarlyBudget.for_session(ctx.params.vector_coordinates, min(group_size,
                                                                 ctx.params.group_size)))
 
     # ------------------------------------------------------------------ public API
@@ -169,8 +169,16 @@ class GroupSession(ABC, Generic[Offer]):
 
     def _fewest(self) -> int:
         """The sum invariant (docs/sessions.md 3.3): no group, and no sum, of fewer than
-        max(t, c + 2, 3) contributions."""
-        return max(self.threshold, min_contributors(self.ctx.params.max_colluders))
+        max(t, c + 2, 3) contributions, nor fewer than the peer's ``min_sum`` (group noise:
+        h + c)."""
+        return max(self.threshold, min_contributors(self.ctx.params.max_colluders),
+                   self.ctx.params.min_sum)
+
+    def _vector_size(self) -> int:
+        """Field elements of one member's vector: one per coordinate and the count slot;
+        group noise: the field elements, the encoded model, then the count slot."""
+        blocks = 2 if self.ctx.params.field_contributions else 1
+        return blocks * self.coordinates.size + 1
 
     def _maybe_fix_members(self, now: float) -> Step:
         if not group_decided(len(self.accepted), len(self.declined), len(self.invited),
@@ -212,8 +220,17 @@ class GroupSession(ABC, Generic[Offer]):
         cannot be encoded (the caller aborts with ``encode_failed``)."""
         fp = self.ctx.params.fixed_point
         label = f"session {self.session_id.hex()[:8]}"
-        dense, self._filled = dense_contribution(self.contribution, coords, fp.max_abs, label)
         try:
+            if self.ctx.params.field_contributions:
+                # Group noise: the field elements go out as they are (check_contribution made
+                # sure they cover every coordinate), then the model and the count slot.
+                own = self.contribution
+                assert own.field_values is not None and own.model is not None
+                tail = fp.encode(np.concatenate([own.model.astype(np.float64), np.ones(1)]))
+                self._own_encoded = np.concatenate([own.field_values, tail])
+                return True
+            dense, self._filled = dense_contribution(self.contribution, coords, fp.max_abs,
+                                                     label)
             self._own_encoded = fp.encode(np.concatenate([dense, np.ones(1)]))
         except CryptoError as exc:
             log.warning("%s: cannot encode own update: %s", label, exc)
@@ -243,12 +260,18 @@ class GroupSession(ABC, Generic[Offer]):
         decoded = fp.decode(field_sum)
         if abs(float(decoded[-1]) - len(contributors)) > 0.5:
             return self.abort("inconsistent_sum")
+        if len(contributors) < self._fewest():  # every caller checked; never release below
+            return self.abort("too_few_contributors")
         assert self._own_encoded is not None
+        n = self.coordinates.size
+        field_part = model_sum = None
+        if self.ctx.params.field_contributions:
+            field_part, model_sum = field_sum[:n].copy(), decoded[n:2 * n]
         self.result = GroupResult(
             session_id=self.session_id, role=self.role, members=self.members,
             contributors=contributors, threshold=self.threshold, coordinates=self.coordinates,
-            group_sum=decoded[:-1], own_values=fp.decode(self._own_encoded)[:-1],
+            group_sum=decoded[:n], own_values=fp.decode(self._own_encoded)[:n],
             own_round=self.contribution.round, filled_indices=self._filled[0],
-            filled_values=self._filled[1])
+            filled_values=self._filled[1], field_sum=field_part, model_sum=model_sum)
         self._close(None)
         return Step()

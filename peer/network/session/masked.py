@@ -297,7 +297,7 @@ class MaskedSession(MaskedAgreement):
             values = field_from_bytes(plain)
         except ValueError as exc:
             raise DroppedError("bad_field_elements") from exc
-        if values.shape != (self.coordinates.size + 1,):
+        if values.shape != (self._vector_size(),):
             raise DroppedError("bad_length")
         self._masked[sender] = values
         if self.role is Role.INITIATOR:

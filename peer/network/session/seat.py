@@ -31,6 +31,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,6 +44,8 @@ from peer.network.session.common import (
     SessionContext,
     SessionParams,
     Step,
+    group_min_sum,
+    group_model_suffix,
 )
 from peer.network.session.group import GroupSession
 from peer.network.session.kinds import SessionKind
@@ -86,14 +89,31 @@ class SeatHooks:
 
 def session_params(network_id: str, config: NodeConfig, trainer: Trainer,
                    session_kind: SessionKind) -> SessionParams:
-    """What every session of this peer agrees on with its members (model, group, timeouts)."""
+    """What every session of this peer agrees on with its members (model, group, timeouts).
+
+    A group-noise trainer (``noise = "group"``) makes sessions that carry field elements and
+    release only sums of at least h + c contributions; c joins h in the model id, so peers
+    that disagree about either never group (docs/privacy.md, "Group noise")."""
+    training = getattr(trainer, "config", None)
+    group = getattr(training, "noise", "local") == "group"
+    c = config.max_colluders
+    model_id = session_kind.model_id(trainer.model_id)
     return SessionParams(
-        network_id=network_id, model_id=session_kind.model_id(trainer.model_id),
+        network_id=network_id,
+        model_id=model_id + group_model_suffix(c) if group else model_id,
         param_count=trainer.param_count,
         group_size=config.group_size, threshold=config.threshold,
         fixed_point=config.fixed_point, timeouts=config.timeouts,
-        max_colluders=config.max_colluders,
+        max_colluders=c,
+        min_sum=group_min_sum(getattr(training, "honest_min", 0), c) if group else 0,
+        field_contributions=group,
     )
+
+
+class GroupReleases(Protocol):
+    """What the seat needs of a group-noise peer's steps (peer.group_steps.GroupSteps)."""
+
+    def release(self, step: Any, result: GroupResult) -> None: ...
 
 
 class SessionSeat:
@@ -118,6 +138,11 @@ class SessionSeat:
         self.session: GroupSession | None = None
         self._session_contribution: Contribution | None = None
         self._fresh: Contribution | None = None
+        # Group noise (peer/group_steps.py, set by the node): the charged step behind the
+        # fresh share and the one behind the session's (each has a ``contribution``).
+        self.group_steps: GroupReleases | None = None
+        self._fresh_step: Any = None
+        self._session_step: Any = None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
         self._latest_round = -1
         self._last_session_end = -1e18
@@ -141,9 +166,15 @@ class SessionSeat:
         self._latest_round = max(self._latest_round, round_)
         self.wake.set()
 
+    def offer_group_step(self, step: Any) -> None:
+        """Make a group-noise step's share available for the next session (group mode keeps
+        at most one: the caller offers a new one only once this one is gone)."""
+        self._fresh, self._fresh_step = step.contribution, step
+        self.wake.set()
+
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more."""
-        self._fresh = None
+        self._fresh = self._fresh_step = None
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
@@ -267,6 +298,7 @@ class SessionSeat:
     def _set_session(self, session: GroupSession, contribution: Contribution) -> None:
         self.session = session
         self._session_contribution = contribution
+        self._session_step = self._fresh_step if contribution is self._fresh else None
         self._remember_session(session.session_id)
         self._subscription(session, subscribe=True)  # queued before the session's first message
 
@@ -296,16 +328,24 @@ class SessionSeat:
         self.session = None
         self._subscription(session, subscribe=False)
         self._last_session_end = time.monotonic()
-        contribution = self._session_contribution
-        self._session_contribution = None
+        contribution, step = self._session_contribution, self._session_step
+        self._session_contribution = self._session_step = None
         duration = time.time() - session.started_at
+        if step is not None and session.members and self._fresh is contribution:
+            # A group-noise share whose session formed may have left: never offered again,
+            # whether the session finished or aborted (docs/privacy.md, "Group noise").
+            self._fresh = self._fresh_step = None
         if session.result is not None:  # set exactly when a session is done
             self.counters.sessions_done += 1
             self.hooks.ended(True)
             self._initiator_failures = 0
             if self._fresh is contribution:
                 self._fresh = None  # shared: the next session needs a new update
-            self._merge(session.result, contribution, session.started_at, duration)
+            if step is not None:
+                self._release(session.result, contribution, step, session.started_at,
+                              duration)
+            else:
+                self._merge(session.result, contribution, session.started_at, duration)
         else:
             self._count_abort(session, duration)
             self.hooks.ended(False)
@@ -330,6 +370,15 @@ class SessionSeat:
                         started_at=session.started_at, duration_s=duration)
 
     # ------------------------------------------------------------------ merging
+    def _release(self, result: GroupResult, contribution: Contribution | None,
+                 step: Any, started_at: float, duration: float) -> None:
+        """A group-noise release: every member applies it (instead of the merge rule)."""
+        self.hooks.emit("session_done", **session_done_data(
+            result, contribution, 0, None, started_at, duration))
+        if self.group_steps is not None:
+            self.group_steps.release(step, result)
+            self.counters.merges_applied += 1
+
     def _merge(self, result: GroupResult, contribution: Contribution | None,
                started_at: float, duration: float) -> None:
         staleness = max(0, self._latest_round - result.own_round)

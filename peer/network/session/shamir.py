@@ -289,7 +289,7 @@ class Session(GroupSession[np.ndarray]):
             values = field_from_bytes(plain)
         except ValueError as exc:
             raise DroppedError("bad_field_elements") from exc
-        if values.shape != (self.coordinates.size + 1,):
+        if values.shape != (self._vector_size(),):
             raise DroppedError("bad_length")
         return values
 
@@ -314,6 +314,8 @@ class Session(GroupSession[np.ndarray]):
     def _maybe_send_partial(self, now: float) -> Step:
         if self.phase is not Phase.SHARING or len(self._shares) < len(self.members):
             return Step()
+        if len(self.members) < self._fewest():  # the sum invariant, checked where it counts:
+            return self.abort("too_few_contributors")  # a partial is what lets a sum rebuild
         me = self.ctx.self_id
         partial = shamir.add_shares([self._shares[p] for p in self.members])
         self._partials[me] = partial
