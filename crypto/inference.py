@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crypto.errors import CryptoError, EncodingRangeError
-from crypto.field import FIELD_DTYPE, HALF_PRIME, PRIME, FixedPoint, field_to_bytes, mod_add_into
+from crypto.field import FIELD_DTYPE, HALF_PRIME, PRIME, FixedPoint, field_to_bytes
 from crypto.masking import SEED_BYTES, expand_field
 from crypto.shamir import Share, reconstruct, split
 

@@ -23,6 +23,13 @@ from protocol.fields import (
     _sealed_entries,
     _text,
 )
+from protocol.inference import (
+    INFERENCE_FIELDS,
+    decode_answer,
+    decode_query,
+    decode_serve,
+    decode_snapshot_share,
+)
 from protocol.limits import (
     CONNECTION_ID_BYTES,
     EPHEMERAL_PUBLIC_BYTES,
@@ -68,9 +75,11 @@ from protocol.messages import (
     Survivors,
 )
 
-#: Field names of each kind's body, in wire order (the dataclass field order).
+#: Field names of each kind's body, in wire order (the dataclass field order; an inference
+#: body's ServedModel is flattened in place, protocol.inference.INFERENCE_FIELDS).
 BODY_FIELDS: Final[dict[Kind, tuple[str, ...]]] = {
-    kind: tuple(f.name for f in dataclass_fields(cls)) for kind, cls in BODY_TYPES.items()
+    kind: INFERENCE_FIELDS.get(cls, tuple(f.name for f in dataclass_fields(cls)))
+    for kind, cls in BODY_TYPES.items()
 }
 
 #: A body's fields by name, the header's sender, and the "kind.field" namer for errors.
@@ -259,4 +268,8 @@ _DECODERS: Final[dict[Kind, Callable[[Fields, str, Namer], Body]]] = {
     Kind.SURVIVORS: _survivors,
     Kind.CONFIRM: _confirm,
     Kind.REVEAL: _reveal,
+    Kind.SNAPSHOT_SHARE: decode_snapshot_share,
+    Kind.SERVE: decode_serve,
+    Kind.QUERY: decode_query,
+    Kind.ANSWER: decode_answer,
 }

@@ -48,6 +48,7 @@ from protocol.errors import (
     VersionError,
 )
 from protocol.fields import _bytes, _int, _peer_id
+from protocol.inference import INFERENCE_FIELDS, body_values
 from protocol.limits import (
     MAX_PAYLOAD_BYTES,
     MAX_SEQ_EXCLUSIVE,
@@ -194,6 +195,8 @@ def _body_to_wire(kind: Kind, body: Body) -> list[object]:
             f"kind {kind.name} needs a {expected.__name__} body, got {type(body).__name__}",
             "body",
         )
+    if type(body) in INFERENCE_FIELDS:
+        return [_to_wire(value) for value in body_values(body)]
     wire: list[object] = []
     for field in BODY_FIELDS[kind]:
         value = getattr(body, field)

@@ -12,6 +12,10 @@ that does not speak them drops them as an unknown kind, so adding them breaks no
 
 Kind 17, CHUNK, carries one numbered piece of a larger signed wire message, so that
 every payload fits a broker's packet limit (protocol/chunks.py; docs/protocol.md section 11).
+
+Kinds 18-21 are private predictions (docs/inference.md); their bodies and decoders are in
+protocol/inference.py. A training peer never subscribes to their topics from a client and
+drops them from an unknown sender like any other message.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from enum import IntEnum
 from typing import Final
 
 import numpy as np
+
+from protocol.inference import Answer, Query, Serve, SnapshotShare
 
 # 2: ANNOUNCE and LEAVE carry the connection id that binds a leave (or a last will) to the
 # connection it announced (docs/protocol.md, "Leaving"). Version 1 peers are not understood.
@@ -52,6 +58,11 @@ class Kind(IntEnum):
     REVEAL = 16
     # chunked messages: a piece of a message larger than the sender's maximum
     CHUNK = 17
+    # private predictions (docs/inference.md): header session = the snapshot id
+    SNAPSHOT_SHARE = 18
+    SERVE = 19
+    QUERY = 20
+    ANSWER = 21
 
 
 #: Kinds that belong to no aggregation session: their header carries an empty session id.
@@ -301,6 +312,7 @@ class Chunk:
 Body = (
     Announce | Leave | Invite | Accept | Decline | Start | Share | Partial | Abort
     | MaskedAccept | MaskedStart | Keys | Masked | Survivors | Confirm | Reveal | Chunk
+    | SnapshotShare | Serve | Query | Answer
 )
 
 #: The body class of each kind (the codec refuses a body that does not match its header kind).
@@ -322,6 +334,10 @@ BODY_TYPES: Final[dict[Kind, type]] = {
     Kind.CONFIRM: Confirm,
     Kind.REVEAL: Reveal,
     Kind.CHUNK: Chunk,
+    Kind.SNAPSHOT_SHARE: SnapshotShare,
+    Kind.SERVE: Serve,
+    Kind.QUERY: Query,
+    Kind.ANSWER: Answer,
 }
 
 

@@ -7,6 +7,8 @@
     murmur/{network}/{sender}/to/{recipient}  direct messages from sender to recipient
     murmur/{network}/{sender}/session/{hex}   MASKED / CONFIRM / REVEAL of one masked session
                                               (32 lower-case hex digits of the session id)
+    murmur/{network}/{server}/serve/{hex}     retained SERVE of one snapshot (its id in hex;
+                                              docs/inference.md)
 
 Every topic a peer publishes to starts with ``murmur/{network}/{peer}/``, so a plain broker
 ACL such as Mosquitto's ``pattern write murmur/NET/%u/#`` confines each peer to its own topics.
@@ -38,18 +40,22 @@ from protocol.limits import SESSION_ID_BYTES, is_valid_id
 from protocol.messages import (
     SESSION_TOPIC_KINDS,
     SESSIONLESS_KINDS,
+    Answer,
     Keys,
     Kind,
     MaskedStart,
     Partial,
+    Query,
     Share,
     SignedMessage,
+    SnapshotShare,
 )
 
 TOPIC_ROOT: Final = "murmur"
 ANNOUNCE_LEVEL: Final = "announce"
 DIRECT_LEVEL: Final = "to"
 SESSION_LEVEL: Final = "session"
+SERVE_LEVEL: Final = "serve"
 
 #: Kinds that travel on a peer's announce topic. SESSION_TOPIC_KINDS (MASKED, CONFIRM,
 #: REVEAL) travel on its session topics; every other kind travels on direct topics.
@@ -115,6 +121,19 @@ def bucket_filter(network: str, bucket: int) -> str:
     return f"{TOPIC_ROOT}/{network}/+/{ANNOUNCE_LEVEL}/{bucket_level(bucket)}"
 
 
+def serve_topic(network: str, server: str, snapshot_id: bytes) -> str:
+    """The retained topic a serving peer announces one snapshot on."""
+    return (
+        f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/{_checked_id(server, 'server')}"
+        f"/{SERVE_LEVEL}/{_session_hex(snapshot_id)}"
+    )
+
+
+def serve_filter(network: str) -> str:
+    """Subscription filter matching every serve announcement of ``network``."""
+    return f"{TOPIC_ROOT}/{_checked_id(network, 'network')}/+/{SERVE_LEVEL}/+"
+
+
 def inbox_filter(network: str, me: str) -> str:
     """Subscription filter matching every direct message addressed to ``me``."""
     network_level = _checked_id(network, "network")
@@ -133,7 +152,7 @@ class ParsedTopic:
     ``recipient`` is set for direct topics only, ``session`` (16 bytes) for session topics only.
     """
 
-    kind: Literal["announce", "direct", "session"]
+    kind: Literal["announce", "direct", "session", "serve"]
     sender: str
     recipient: str | None
     session: bytes | None = None
@@ -167,11 +186,13 @@ def parse_topic(network: str, topic: str) -> ParsedTopic:
         if not is_valid_id(recipient):
             raise FieldError(f"invalid recipient id in topic {topic[:200]!r}", "topic")
         return ParsedTopic(kind="direct", sender=sender, recipient=recipient)
-    if levels[3] == SESSION_LEVEL:
+    if levels[3] in (SESSION_LEVEL, SERVE_LEVEL):
         if _SESSION_HEX_RE.fullmatch(levels[4]) is None:
-            raise FieldError(f"invalid session level in topic {topic[:200]!r}", "topic")
+            raise FieldError(f"invalid {levels[3]} level in topic {topic[:200]!r}", "topic")
+        kind: Literal["session", "serve"] = (
+            "session" if levels[3] == SESSION_LEVEL else "serve")
         return ParsedTopic(
-            kind="session", sender=sender, recipient=None, session=bytes.fromhex(levels[4])
+            kind=kind, sender=sender, recipient=None, session=bytes.fromhex(levels[4])
         )
     raise FieldError(f"not a murmur topic: {topic[:200]!r}", "topic")
 
@@ -202,15 +223,17 @@ def check_topic_binding(parsed: ParsedTopic, message: SignedMessage) -> None:
         expected = "session"
     elif header.kind is Kind.CHUNK and parsed.kind == "session":
         expected = "session"  # a piece of a MASKED / CONFIRM / REVEAL
+    elif header.kind is Kind.SERVE:
+        expected = "serve"
     else:
         expected = "direct"
     if parsed.kind != expected:
         kind_name = Kind(header.kind).name
         raise FieldError(f"{kind_name} does not belong on a {parsed.kind} topic", "topic")
-    if parsed.kind == "session" and header.session != parsed.session:
-        raise FieldError("header session differs from the topic's session", "topic")
+    if parsed.kind in ("session", "serve") and header.session != parsed.session:
+        raise FieldError(f"header session differs from the {parsed.kind} topic's", "topic")
     body = message.body
-    addressed = Share | Partial | Keys | MaskedStart
+    addressed = Share | Partial | Keys | MaskedStart | SnapshotShare | Query | Answer
     if isinstance(body, addressed) and body.recipient != parsed.recipient:
         raise FieldError(
             f"body recipient {body.recipient!r} differs from topic recipient {parsed.recipient!r}",

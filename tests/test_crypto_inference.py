@@ -107,7 +107,7 @@ def test_range_checks_refuse_what_could_wrap():
 
 
 def test_fit_snapshot_takes_the_most_bits_that_fit():
-    params, weights, bias, rows = _model()
+    _, weights, bias, rows = _model()
     small = fit_snapshot(weights, bias)
     large = fit_snapshot(weights * 40, bias)
     assert small.params.frac_w == 16

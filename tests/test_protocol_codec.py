@@ -46,6 +46,14 @@ from protocol import (
     encode_message,
 )
 from protocol.fields import chunk_span
+from protocol.inference import (
+    Answer,
+    Query,
+    Serve,
+    ServedModel,
+    SnapshotShare,
+    snapshot_share_bytes,
+)
 from protocol.limits import (
     MAX_CERTIFICATE_BYTES,
     MAX_MEMBERS,
@@ -172,9 +180,43 @@ def messages(draw: st.DrawFn, kind: Kind) -> tuple[Header, object]:
         body = Abort(reason=draw(texts))
     elif kind is Kind.CHUNK:
         body = draw(chunks())
+    elif kind in INFERENCE_KINDS:
+        body = draw(inference_bodies(kind, sender))
     else:
         body = draw(masked_bodies(kind, sender))
     return header, body
+
+
+INFERENCE_KINDS = (Kind.SNAPSHOT_SHARE, Kind.SERVE, Kind.QUERY, Kind.ANSWER)
+
+
+@st.composite
+def inference_bodies(draw: st.DrawFn, kind: Kind, sender: str) -> object:
+    """A valid body of one of the private-prediction kinds (18-21)."""
+    if kind in (Kind.QUERY, Kind.ANSWER):
+        rows = draw(st.integers(1, 8))
+        width = draw(st.integers(1, 40))
+        sealed = draw(st.binary(min_size=72 + 4 * rows * width, max_size=72 + 4 * rows * width))
+        counter = draw(st.integers(0, (1 << 63) - 1))
+        if kind is Kind.ANSWER:
+            return Answer(recipient=draw(ids), counter=counter, rows=rows, sealed=sealed)
+        return Query(recipient=draw(ids), certificate=draw(st.binary(min_size=1, max_size=300)),
+                     counter=counter, rows=rows, sealed=sealed)
+    threshold = draw(st.integers(2, 4))
+    others = draw(st.lists(ids.filter(lambda x: x != sender), min_size=2 * threshold - 2,
+                           max_size=MAX_MEMBERS - 1, unique=True))
+    classes, features = draw(st.integers(2, 12)), draw(st.integers(1, 30))
+    model = ServedModel(
+        servers=(sender, *others), threshold=threshold, classes=classes, features=features,
+        frac_w=draw(st.integers(0, 20)), frac_x=draw(st.integers(0, 20)),
+        feature_norm_bound=draw(st.integers(1, 2**30 - 1)),
+        max_rows_per_client=draw(st.integers(0, 10**6)),
+        content_hash=draw(st.binary(min_size=32, max_size=32)))
+    if kind is Kind.SERVE:
+        return Serve(certificate=draw(st.binary(min_size=1, max_size=300)), model=model)
+    size = snapshot_share_bytes(classes, features)
+    return SnapshotShare(recipient=draw(st.sampled_from(others)), model=model,
+                         sealed=draw(st.binary(min_size=size, max_size=size)))
 
 
 @st.composite
@@ -366,7 +408,7 @@ HEADER_CASES = [
     ("network-newline", INV, 1, "net\n", None, FieldError, "header.network"),
     ("network-bin", INV, 1, b"net", None, FieldError, "header.network"),
     ("kind-zero", INV, 2, 0, None, UnknownKindError, "header.kind"),
-    ("kind-eighteen", INV, 2, 18, None, UnknownKindError, "header.kind"),
+    ("kind-twenty-two", INV, 2, 22, None, UnknownKindError, "header.kind"),
     ("kind-2^32", INV, 2, 1 << 32, None, UnknownKindError, "header.kind"),
     ("kind-bool", INV, 2, True, None, FieldError, "header.kind"),
     ("kind-str", INV, 2, "3", None, FieldError, "header.kind"),

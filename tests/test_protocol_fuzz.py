@@ -45,6 +45,14 @@ from protocol import (
     decode_message,
     encode_message,
 )
+from protocol.inference import (
+    Answer,
+    Query,
+    Serve,
+    ServedModel,
+    SnapshotShare,
+    snapshot_share_bytes,
+)
 from protocol.limits import SEAL_OVERHEAD_BYTES, SEALED_KEYS_BYTES, SEALED_SESSION_KEY_BYTES
 from protocol.messages import Chunk
 
@@ -60,6 +68,9 @@ TOTAL_CASES = RANDOM_BYTES_CASES + RANDOM_OBJECT_CASES + WIRE_MUTATION_CASES + S
 
 def sign(data: bytes) -> bytes:
     return KEY.sign(data).signature
+
+
+SERVED = ServedModel(("bob", "carol", "dave"), 2, 3, 5, 14, 8, 2000, 1000, bytes(32))
 
 
 def valid_corpus() -> list[bytes]:
@@ -88,6 +99,13 @@ def valid_corpus() -> list[bytes]:
         (Kind.SURVIVORS, "alice", Survivors(members[:3])),
         (Kind.CONFIRM, "dave", Confirm(members[:3])),
         (Kind.REVEAL, "dave", Reveal(os.urandom(SEAL_OVERHEAD_BYTES + 65 * len(members)))),
+        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("bob", SERVED, os.urandom(
+            snapshot_share_bytes(SERVED.classes, SERVED.features)))),
+        (Kind.SERVE, "bob", Serve(os.urandom(200), SERVED)),
+        (Kind.QUERY, "erin", Query("bob", os.urandom(200), 7, 2,
+                                   os.urandom(SEAL_OVERHEAD_BYTES + 4 * 2 * SERVED.features))),
+        (Kind.ANSWER, "bob", Answer("erin", 7, 2,
+                                    os.urandom(SEAL_OVERHEAD_BYTES + 4 * 2 * SERVED.classes))),
     ]
     corpus = []
     for seq, (kind, sender, body) in enumerate(bodies, start=1_700_000_000_000_000):

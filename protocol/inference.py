@@ -1,0 +1,201 @@
+"""Wire bodies of private predictions (docs/inference.md, kinds 18-21) and their strict decoders.
+
+Every inference message's header ``session`` is the 16-byte **snapshot id**, so the signature
+binds each message to one snapshot and a receiver compares ids before it opens anything. The
+sealed parts are sealed (crypto.sealing) for the body's recipient, bound to (network, snapshot
+id, sender, recipient, seq).
+
+Size rules, checked before anything is opened:
+
+* SNAPSHOT_SHARE.sealed is exactly ``SEAL_OVERHEAD + 32 + 4 (C D + C)`` (mask seed, then W and
+  b at the recipient's point), from the body's own C and D.
+* QUERY.sealed is ``SEAL_OVERHEAD + 4 rows D`` for some D: whole field elements, whole rows;
+  the serving peer checks D against its snapshot. ANSWER.sealed is ``SEAL_OVERHEAD + 4 rows C``.
+* ``rows`` is at most MAX_QUERY_ROWS and the whole message at most MAX_PAYLOAD_BYTES.
+
+This module imports nothing of protocol.messages (which imports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from protocol.errors import FieldError
+from protocol.fields import _bytes, _id_list, _int, _peer_id
+from protocol.limits import (
+    FIELD_ELEMENT_BYTES,
+    MAX_CERTIFICATE_BYTES,
+    MAX_MEMBERS,
+    MAX_SEALED_BYTES,
+    MAX_SEQ_EXCLUSIVE,
+    MIN_THRESHOLD,
+    SEAL_OVERHEAD_BYTES,
+)
+
+#: Most feature rows in one QUERY (and logit rows in one ANSWER).
+MAX_QUERY_ROWS: Final = 1024
+#: Most features per row and classes per model (crypto.inference.MAX_FEATURES / MAX_CLASSES).
+MAX_FEATURES: Final = 1 << 16
+MAX_CLASSES: Final = 1 << 10
+MAX_FRAC_BITS_INFERENCE: Final = 20
+CONTENT_HASH_BYTES: Final = 32
+MASK_SEED_BYTES: Final = 32
+#: Fewest serving peers: 2t - 1 with the least threshold.
+MIN_SERVERS: Final = 2 * MIN_THRESHOLD - 1
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The public parameters of a snapshot, as SNAPSHOT_SHARE and SERVE carry them."""
+
+    servers: tuple[str, ...]
+    threshold: int
+    classes: int
+    features: int
+    frac_w: int
+    frac_x: int
+    feature_norm_bound: int
+    max_rows_per_client: int
+    content_hash: bytes
+
+
+@dataclass(frozen=True)
+class SnapshotShare:
+    """Owner to one serving peer: the snapshot's public parameters and the sealed share."""
+
+    recipient: str
+    model: ServedModel
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Serve:
+    """A serving peer's retained announcement of the snapshot it serves (id in the header)."""
+
+    certificate: bytes
+    model: ServedModel
+
+
+@dataclass(frozen=True)
+class Query:
+    """Client to one serving peer: ``rows`` feature rows' shares at the recipient's point.
+
+    ``counter`` strictly increases per (client, serving peer, snapshot); ``certificate`` is the
+    client's, so a serving peer needs no membership to check it."""
+
+    recipient: str
+    certificate: bytes
+    counter: int
+    rows: int
+    sealed: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Serving peer to the client: the product shares of the query with this counter."""
+
+    recipient: str
+    counter: int
+    rows: int
+    sealed: bytes
+
+
+#: Field names in wire order; a ServedModel travels as its fields, in place.
+MODEL_FIELDS: Final = ("servers", "threshold", "classes", "features", "frac_w", "frac_x",
+                       "feature_norm_bound", "max_rows_per_client", "content_hash")
+INFERENCE_FIELDS: Final[dict[type, tuple[str, ...]]] = {
+    SnapshotShare: ("recipient", *MODEL_FIELDS, "sealed"),
+    Serve: ("certificate", *MODEL_FIELDS),
+    Query: ("recipient", "certificate", "counter", "rows", "sealed"),
+    Answer: ("recipient", "counter", "rows", "sealed"),
+}
+
+
+def body_values(body: SnapshotShare | Serve | Query | Answer) -> list[object]:
+    """The body's values in wire order (a ServedModel flattened in place)."""
+    values: list[object] = []
+    for field in INFERENCE_FIELDS[type(body)]:
+        source = body.model if field in MODEL_FIELDS else body  # type: ignore[union-attr]
+        values.append(getattr(source, field))
+    return values
+
+
+Fields = dict[str, object]
+Namer = Callable[[str], str]
+
+
+def _model(v: Fields, name: Namer) -> ServedModel:
+    servers = _id_list(v["servers"], name("servers"), MIN_SERVERS, MAX_MEMBERS)
+    threshold = _int(v["threshold"], name("threshold"), MIN_THRESHOLD, MAX_MEMBERS)
+    if len(servers) < 2 * threshold - 1:
+        raise FieldError(f"{len(servers)} servers cannot answer at threshold {threshold}",
+                         name("servers"))
+    return ServedModel(
+        servers=servers,
+        threshold=threshold,
+        classes=_int(v["classes"], name("classes"), 2, MAX_CLASSES),
+        features=_int(v["features"], name("features"), 1, MAX_FEATURES),
+        frac_w=_int(v["frac_w"], name("frac_w"), 0, MAX_FRAC_BITS_INFERENCE),
+        frac_x=_int(v["frac_x"], name("frac_x"), 0, MAX_FRAC_BITS_INFERENCE),
+        feature_norm_bound=_int(v["feature_norm_bound"], name("feature_norm_bound"), 1,
+                                2**30 - 1),
+        max_rows_per_client=_int(v["max_rows_per_client"], name("max_rows_per_client"), 0,
+                                 MAX_SEQ_EXCLUSIVE - 1),
+        content_hash=_bytes(v["content_hash"], name("content_hash"), CONTENT_HASH_BYTES,
+                            CONTENT_HASH_BYTES),
+    )
+
+
+def snapshot_share_bytes(classes: int, features: int) -> int:
+    """The exact length of SNAPSHOT_SHARE.sealed for a C x D layer."""
+    elements = classes * features + classes
+    return SEAL_OVERHEAD_BYTES + MASK_SEED_BYTES + FIELD_ELEMENT_BYTES * elements
+
+
+def _rows_sealed(value: object, field: str, rows: int) -> bytes:
+    sealed = _bytes(value, field, SEAL_OVERHEAD_BYTES + FIELD_ELEMENT_BYTES, MAX_SEALED_BYTES)
+    payload = len(sealed) - SEAL_OVERHEAD_BYTES
+    if payload % (FIELD_ELEMENT_BYTES * rows):
+        raise FieldError(f"{payload} bytes are not {rows} rows of field elements", field)
+    return sealed
+
+
+def decode_snapshot_share(v: Fields, sender: str, name: Namer) -> SnapshotShare:
+    recipient = _peer_id(v["recipient"], name("recipient"))
+    model = _model(v, name)
+    if recipient not in model.servers:
+        raise FieldError("the recipient is not one of the servers", name("recipient"))
+    size = snapshot_share_bytes(model.classes, model.features)
+    return SnapshotShare(recipient=recipient, model=model,
+                         sealed=_bytes(v["sealed"], name("sealed"), size, size))
+
+
+def decode_serve(v: Fields, sender: str, name: Namer) -> Serve:
+    certificate = _bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES)
+    model = _model(v, name)
+    if sender not in model.servers:
+        raise FieldError("a SERVE comes from one of its servers", name("servers"))
+    return Serve(certificate=certificate, model=model)
+
+
+def decode_query(v: Fields, sender: str, name: Namer) -> Query:
+    rows = _int(v["rows"], name("rows"), 1, MAX_QUERY_ROWS)
+    return Query(
+        recipient=_peer_id(v["recipient"], name("recipient")),
+        certificate=_bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES),
+        counter=_int(v["counter"], name("counter"), 0, MAX_SEQ_EXCLUSIVE - 1),
+        rows=rows,
+        sealed=_rows_sealed(v["sealed"], name("sealed"), rows),
+    )
+
+
+def decode_answer(v: Fields, sender: str, name: Namer) -> Answer:
+    rows = _int(v["rows"], name("rows"), 1, MAX_QUERY_ROWS)
+    return Answer(
+        recipient=_peer_id(v["recipient"], name("recipient")),
+        counter=_int(v["counter"], name("counter"), 0, MAX_SEQ_EXCLUSIVE - 1),
+        rows=rows,
+        sealed=_rows_sealed(v["sealed"], name("sealed"), rows),
+    )
