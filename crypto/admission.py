@@ -11,10 +11,18 @@ signature cannot be confused with a signature over any other Murmur structure.
 - unsigned or tampered certificate, or one signed by another key -> BadCertificateSignatureError;
 - expired or not yet valid beyond ``clock_skew_s`` -> ExpiredCertificateError.
 
+Roles: a certificate is of role ``peer`` (trains, aggregates, serves) or ``client`` (may
+only query serving peers for private predictions, docs/inference.md). The role is covered by
+the admission key's signature, so a client cannot turn itself into a peer; training peers drop
+an announcement whose certificate is not of role ``peer``. A peer certificate keeps the
+version-1 layout byte for byte; any other role is version 2, with a role byte after the
+version (one encoding per certificate).
+
 Binary layout of ``Certificate.to_bytes`` (all integers big-endian)::
 
     magic   4 bytes  b"MCRT"
-    version 1 byte   1
+    version 1 byte   1 (role peer) or 2
+    role    1 byte   version 2 only: 2 = client
     peer_id      u8 length + ASCII
     network_id   u8 length + ASCII
     verify_key   32 bytes (Ed25519)
@@ -54,10 +62,15 @@ from protocol.limits import is_valid_id
 
 CERT_MAGIC = b"MCRT"
 CERT_VERSION = 1
+CERT_ROLE_VERSION = 2
+ROLE_PEER = "peer"
+ROLE_CLIENT = "client"
+#: Role byte of a version-2 certificate (role peer is version 1 and has no role byte).
+ROLE_CODES = {ROLE_CLIENT: 2}
 CERT_DOMAIN = b"murmur/v1/certificate\x00"
 ADMISSION_KIND = "admission-key"
 _TIMES = struct.Struct(">dd")
-_MAX_CERT_BYTES = 5 + 2 * 65 + 2 * KEY_BYTES + _TIMES.size + SIGNATURE_BYTES
+_MAX_CERT_BYTES = 6 + 2 * 65 + 2 * KEY_BYTES + _TIMES.size + SIGNATURE_BYTES
 
 
 def _encode_name(name: str) -> bytes:
@@ -67,7 +80,8 @@ def _encode_name(name: str) -> bytes:
 
 @dataclass(frozen=True)
 class Certificate:
-    """A peer certificate. ``signature`` is b"" (or zeros) when unsigned."""
+    """A peer certificate. ``signature`` is b"" (or zeros) when unsigned; ``role`` is
+    ``"peer"`` or ``"client"`` (signed, module docstring)."""
 
     peer_id: str
     network_id: str
@@ -76,6 +90,14 @@ class Certificate:
     issued_at: float
     expires_at: float
     signature: bytes
+    role: str = ROLE_PEER
+
+    def _version_bytes(self) -> bytes:
+        if self.role == ROLE_PEER:
+            return bytes([CERT_VERSION])
+        if self.role not in ROLE_CODES:
+            raise ValueError(f"unknown certificate role {self.role!r}")
+        return bytes([CERT_ROLE_VERSION, ROLE_CODES[self.role]])
 
     def signed_bytes(self) -> bytes:
         """The canonical encoding the admission key signs (without domain tag and signature)."""
@@ -86,7 +108,7 @@ class Certificate:
         return b"".join(
             (
                 CERT_MAGIC,
-                bytes([CERT_VERSION]),
+                self._version_bytes(),
                 _encode_name(self.peer_id),
                 _encode_name(self.network_id),
                 bytes(self.verify_key),
@@ -109,9 +131,14 @@ class Certificate:
             raise MalformedCertificateError(f"certificate too long ({len(data)} bytes)")
         if data[:4] != CERT_MAGIC:
             raise MalformedCertificateError("not a certificate (bad magic)")
-        if len(data) < 5 or data[4] != CERT_VERSION:
+        if len(data) < 5 or data[4] not in (CERT_VERSION, CERT_ROLE_VERSION):
             raise MalformedCertificateError("unsupported certificate version")
-        offset = 5
+        role, offset = ROLE_PEER, 5
+        if data[4] == CERT_ROLE_VERSION:
+            roles = {code: name for name, code in ROLE_CODES.items()}
+            if len(data) < 6 or data[5] not in roles:
+                raise MalformedCertificateError("unknown certificate role")
+            role, offset = roles[data[5]], 6
         names: list[str] = []
         for what in ("peer id", "network id"):
             if offset >= len(data):
@@ -142,7 +169,8 @@ class Certificate:
         if expires_at < issued_at:
             raise MalformedCertificateError("certificate expires before it is issued")
         signature = rest[2 * KEY_BYTES + _TIMES.size :]
-        return cls(names[0], names[1], verify_key, box_key, issued_at, expires_at, signature)
+        return cls(names[0], names[1], verify_key, box_key, issued_at, expires_at, signature,
+                   role)
 
     @property
     def public(self) -> PublicIdentity:
@@ -170,8 +198,9 @@ class AdmissionKey:
         """The 32-byte Ed25519 key peers pin to recognise this network."""
         return bytes(self.signing_key.verify_key)
 
-    def issue(self, public: PublicIdentity, *, valid_for_s: float, now: float) -> Certificate:
-        """Sign a certificate for ``public`` valid over [now, now + valid_for_s]."""
+    def issue(self, public: PublicIdentity, *, valid_for_s: float, now: float,
+              role: str = ROLE_PEER) -> Certificate:
+        """Sign a certificate of ``role`` for ``public`` valid over [now, now + valid_for_s]."""
         if not (math.isfinite(valid_for_s) and valid_for_s > 0 and math.isfinite(now)):
             raise ValueError("valid_for_s must be positive and times finite")
         unsigned = Certificate(
@@ -182,6 +211,7 @@ class AdmissionKey:
             issued_at=float(now),
             expires_at=float(now) + float(valid_for_s),
             signature=b"",
+            role=role,
         )
         signature = self.signing_key.sign(CERT_DOMAIN + unsigned.signed_bytes()).signature
         return dataclasses.replace(unsigned, signature=signature)

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crypto.admission import AdmissionKey, Certificate
+from crypto.admission import ROLE_PEER, AdmissionKey, Certificate
 from crypto.errors import CertificateError
 from crypto.identity import Identity, PublicIdentity, check_name
 from peer.demo import DEMO_BUDGET_HOURS, DEMO_SOURCE, DemoDataError, demo_shard_bytes
@@ -127,12 +127,13 @@ def load_certificate(path: Path) -> Certificate:
 
 def issue_certificate(admission: AdmissionKey, public: PublicIdentity, out: Path, *,
                       days: float = DEFAULT_CERT_DAYS, now: float | None = None,
-                      overwrite: bool = False) -> Certificate:
-    """Sign ``public`` into a certificate valid for ``days`` and write it to ``out`` (0644)."""
+                      overwrite: bool = False, role: str = ROLE_PEER) -> Certificate:
+    """Sign ``public`` into a certificate of ``role`` valid for ``days``; write it to ``out``
+    (0644)."""
     if not 0 < days <= 36_500:
         raise ProvisionError(f"days must be in (0, 36500], got {days:g}")
     now = time.time() if now is None else now
-    cert = admission.issue(public, valid_for_s=days * _DAY_S, now=now)
+    cert = admission.issue(public, valid_for_s=days * _DAY_S, now=now, role=role)
     write_file_atomic(out, cert.to_bytes(), mode=0o644, overwrite=overwrite)
     return cert
 

@@ -186,3 +186,24 @@ def test_admission_key_file(tmp_path: Path) -> None:
         AdmissionKey.load(path)
     with pytest.raises(KeyFileError, match="does not exist"):
         AdmissionKey.load(tmp_path / "missing")
+
+
+def test_client_role_is_signed_and_peer_certificates_keep_their_layout() -> None:
+    key = AdmissionKey.generate("net")
+    who = Identity.generate("erin")
+    peer = key.issue(who.public, valid_for_s=60, now=1000.0)
+    client = key.issue(who.public, valid_for_s=60, now=1000.0, role="client")
+    assert peer.to_bytes()[4] == 1 and client.to_bytes()[4] == 2
+    assert Certificate.from_bytes(client.to_bytes()).role == "client"
+    assert Certificate.from_bytes(peer.to_bytes()).role == "peer"
+    verify_certificate(Certificate.from_bytes(client.to_bytes()), network_id="net",
+                       admission_public_key=key.public_key, now=1000.0)
+    # a client that rewrites its role to "peer" breaks the admission signature
+    forged = dataclasses.replace(client, role="peer")
+    with pytest.raises(BadCertificateSignatureError):
+        verify_certificate(forged, network_id="net", admission_public_key=key.public_key,
+                           now=1000.0)
+    with pytest.raises(MalformedCertificateError, match="role"):
+        raw = bytearray(client.to_bytes())
+        raw[5] = 9
+        Certificate.from_bytes(bytes(raw))

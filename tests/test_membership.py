@@ -263,3 +263,11 @@ def test_sampling_excludes_self_excluded_and_other_models(admission: AdmissionKe
     assert view.sample(0, NOW, model_id="mlp-digits") == []
     with pytest.raises(ValueError):
         view.sample(-1, NOW, model_id="mlp-digits")
+
+
+def test_a_client_certificate_never_joins_the_training_view(admission: AdmissionKey) -> None:
+    erin = Identity.generate("erin")
+    cert = admission.issue(erin.public, valid_for_s=DAY, now=NOW, role="client").to_bytes()
+    view = _view(admission)
+    assert _drop_reason(view, _announce(erin, cert)) == "not_a_peer"
+    assert "erin" not in view

@@ -35,7 +35,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from crypto.admission import Certificate, verify_certificate
+from crypto.admission import ROLE_PEER, Certificate, verify_certificate
 from crypto.errors import (
     BadCertificateSignatureError,
     CertificateError,
@@ -131,6 +131,9 @@ class MembershipView:
         except (CertificateError, ValueError) as exc:
             # MalformedCertificateError and anything structurally wrong with the bytes.
             raise DroppedError("bad_certificate", str(exc)) from None
+        if cert.role != ROLE_PEER:
+            raise DroppedError("not_a_peer", f"certificate of {cert.peer_id!r} has role "
+                               f"{cert.role!r}: it may query serving peers, never train")
         if cert.peer_id != header.sender:
             raise DroppedError(
                 "sender_mismatch",
