@@ -63,9 +63,11 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class SnapshotShare:
-    """Owner to one serving peer: the snapshot's public parameters and the sealed share."""
+    """Owner to one serving peer: the owner's certificate, the snapshot's public parameters
+    and the sealed share."""
 
     recipient: str
+    certificate: bytes
     model: ServedModel
     sealed: bytes
 
@@ -106,7 +108,7 @@ class Answer:
 MODEL_FIELDS: Final = ("servers", "threshold", "classes", "features", "frac_w", "frac_x",
                        "feature_norm_bound", "max_rows_per_client", "content_hash")
 INFERENCE_FIELDS: Final[dict[type, tuple[str, ...]]] = {
-    SnapshotShare: ("recipient", *MODEL_FIELDS, "sealed"),
+    SnapshotShare: ("recipient", "certificate", *MODEL_FIELDS, "sealed"),
     Serve: ("certificate", *MODEL_FIELDS),
     Query: ("recipient", "certificate", "counter", "rows", "sealed"),
     Answer: ("recipient", "counter", "rows", "sealed"),
@@ -168,7 +170,8 @@ def decode_snapshot_share(v: Fields, sender: str, name: Namer) -> SnapshotShare:
     if recipient not in model.servers:
         raise FieldError("the recipient is not one of the servers", name("recipient"))
     size = snapshot_share_bytes(model.classes, model.features)
-    return SnapshotShare(recipient=recipient, model=model,
+    certificate = _bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES)
+    return SnapshotShare(recipient=recipient, certificate=certificate, model=model,
                          sealed=_bytes(v["sealed"], name("sealed"), size, size))
 
 

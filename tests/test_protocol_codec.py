@@ -215,7 +215,7 @@ def inference_bodies(draw: st.DrawFn, kind: Kind, sender: str) -> object:
     if kind is Kind.SERVE:
         return Serve(certificate=draw(st.binary(min_size=1, max_size=300)), model=model)
     size = snapshot_share_bytes(classes, features)
-    return SnapshotShare(recipient=draw(st.sampled_from(others)), model=model,
+    return SnapshotShare(recipient=draw(st.sampled_from(others)), certificate=b"cert", model=model,
                          sealed=draw(st.binary(min_size=size, max_size=size)))
 
 

@@ -99,7 +99,7 @@ def valid_corpus() -> list[bytes]:
         (Kind.SURVIVORS, "alice", Survivors(members[:3])),
         (Kind.CONFIRM, "dave", Confirm(members[:3])),
         (Kind.REVEAL, "dave", Reveal(os.urandom(SEAL_OVERHEAD_BYTES + 65 * len(members)))),
-        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("bob", SERVED, os.urandom(
+        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("bob", os.urandom(200), SERVED, os.urandom(
             snapshot_share_bytes(SERVED.classes, SERVED.features)))),
         (Kind.SERVE, "bob", Serve(os.urandom(200), SERVED)),
         (Kind.QUERY, "erin", Query("bob", os.urandom(200), 7, 2,

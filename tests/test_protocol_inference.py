@@ -35,7 +35,7 @@ def wire(kind: Kind, sender: str, body: object) -> bytes:
 def test_each_kind_round_trips_with_the_snapshot_id_in_the_header():
     sealed_share = os.urandom(snapshot_share_bytes(10, 40))
     bodies = [
-        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", MODEL, sealed_share)),
+        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", MODEL, sealed_share)),
         (Kind.SERVE, "carol", Serve(b"cert", MODEL)),
         (Kind.QUERY, "erin", Query("carol", b"cert", 3, 2, bytes(SEAL_OVERHEAD_BYTES + 320))),
         (Kind.ANSWER, "carol", Answer("erin", 3, 2, bytes(SEAL_OVERHEAD_BYTES + 80))),
@@ -47,9 +47,9 @@ def test_each_kind_round_trips_with_the_snapshot_id_in_the_header():
 
 
 @pytest.mark.parametrize(("kind", "sender", "body", "field"), [
-    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", MODEL, bytes(100)),
+    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", MODEL, bytes(100)),
      "snapshot_share.sealed"),
-    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("zed", MODEL, bytes(
+    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("zed", b"cert", MODEL, bytes(
         snapshot_share_bytes(10, 40))), "snapshot_share.recipient"),
     (Kind.SERVE, "zed", Serve(b"cert", MODEL), "serve.servers"),
     (Kind.SERVE, "carol", Serve(b"cert", ServedModel(("bob", "carol", "dave"), 3, 10, 40, 14, 8,
