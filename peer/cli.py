@@ -12,6 +12,14 @@ Subcommands::
     murmur-peer provision --network NET --peers a,b,c --out DIR [--days N] [--broker-url URL]
                           [--demo]
     murmur-peer run --config peer.toml
+    murmur-peer serve --config peer.toml --owner NAME [--standalone] [--max-clients N]
+                      [--rows-per-minute R]
+    murmur-peer publish-snapshot --config peer.toml --servers a,b,c [--threshold 2]
+                                 [--max-rows-per-client N]
+
+``provision --clients NAMES`` also issues client certificates (role ``client``: they may
+query serving peers, never train). The client itself is ``murmur-query``
+(``python -m peer.query``); private predictions are described in docs/inference.md.
 """
 
 from __future__ import annotations
@@ -122,14 +130,17 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 def _cmd_provision(args: argparse.Namespace) -> int:
     names = parse_peer_list(args.peers)
+    clients = parse_peer_list(args.clients) if args.clients.strip() else []
     result = provision(args.network, names, Path(args.out), days=args.days,
-                       broker_url=args.broker_url, demo=args.demo)
+                       broker_url=args.broker_url, demo=args.demo, clients=clients)
     print(f"network {result.network_id}: admission public key {result.admission_public_hex}")
     print(f"  {result.admission_key} (secret: keep offline after provisioning)")
     for files in result.peers:
         print(f"  {files.peer_id}: {files.identity}, {files.certificate}, {files.config}")
         if files.data is not None:
             print(f"    data: {files.data} ({_shard_summary(files.data)})")
+    for files in result.clients:
+        print(f"  client {files.peer_id}: {files.identity}, {files.certificate}, {files.config}")
     print(f"  mosquitto: {result.mosquitto_conf} (uses {result.mosquitto_passwd}, "
           f"{result.mosquitto_acl})")
     return 0
@@ -283,6 +294,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(_run_peer(peer, cfg.status_interval_s, wake))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from peer.inference.commands import serve
+    from peer.inference.serving import ServeLimits
+
+    cfg = load_config(Path(args.config))
+    _configure_logging(cfg.log_level)
+    limits = ServeLimits(max_clients=args.max_clients, rows_per_minute=args.rows_per_minute)
+    return serve(cfg, owner=args.owner, limits=limits, standalone=args.standalone)
+
+
+def _cmd_publish_snapshot(args: argparse.Namespace) -> int:
+    from peer.inference.commands import publish_snapshot
+
+    cfg = load_config(Path(args.config))
+    _configure_logging(cfg.log_level)
+    return publish_snapshot(cfg, servers=parse_peer_list(args.servers),
+                            threshold=args.threshold,
+                            max_rows_per_client=args.max_rows_per_client)
+
+
+def _add_inference_commands(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="serve private predictions of a model owner's "
+                                              "snapshots until SIGINT/SIGTERM")
+    serve.add_argument("--config", required=True, help="peer TOML config")
+    serve.add_argument("--owner", required=True, help="the peer whose snapshots to accept")
+    serve.add_argument("--standalone", action="store_true",
+                       help="announce this peer itself (when no `murmur-peer run` of it does)")
+    serve.add_argument("--max-clients", type=int, default=1024,
+                       help="client accounts per snapshot (default 1024)")
+    serve.add_argument("--rows-per-minute", type=int, default=60_000,
+                       help="rows answered per client per minute (default 60000)")
+    serve.set_defaults(handler=_cmd_serve)
+    publish = commands.add_parser("publish-snapshot",
+                                  help="share this peer's scatter model to serving peers")
+    publish.add_argument("--config", required=True, help="the model owner's peer TOML config")
+    publish.add_argument("--servers", required=True, help="comma-separated serving peers")
+    publish.add_argument("--threshold", type=int, default=2, help="Shamir threshold t (2)")
+    publish.add_argument("--max-rows-per-client", type=int, default=1000,
+                         help="rows each serving peer answers per client (default 1000)")
+    publish.set_defaults(handler=_cmd_publish_snapshot)
+
+
 # ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -324,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"certificate validity in days (default {DEFAULT_CERT_DAYS})")
     prov.add_argument("--broker-url", default="mqtt://127.0.0.1:1883",
                       help="broker url written into the peer configs")
+    prov.add_argument("--clients", default="",
+                      help="comma-separated client ids: certificates of role client, which may "
+                           "query serving peers but never train (docs/inference.md)")
     prov.add_argument("--demo", action="store_true",
                       help="give each peer its own non-IID shard of the digits training split "
                            "(DIR/data/NAME.npz), evaluate on the digits test split, and pace "
@@ -333,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a peer until SIGINT/SIGTERM")
     run.add_argument("--config", required=True, help="peer TOML config")
     run.set_defaults(handler=_cmd_run)
+    _add_inference_commands(commands)
     return parser
 
 

@@ -35,12 +35,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from crypto.admission import ROLE_PEER, AdmissionKey, Certificate
+from crypto.admission import ROLE_CLIENT, ROLE_PEER, AdmissionKey, Certificate
 from crypto.errors import CertificateError
 from crypto.identity import Identity, PublicIdentity, check_name
 from peer.demo import DEMO_BUDGET_HOURS, DEMO_SOURCE, DemoDataError, demo_shard_bytes
 from peer.errors import PeerError
 from peer.files import FileReadError, atomic_write_bytes, read_small_file
+from peer.provision_clients import client_config_text, mosquitto_acl_with_clients
 
 PUBLIC_IDENTITY_FORMAT = "murmur-public-identity"
 PUBLIC_IDENTITY_VERSION = 1
@@ -213,6 +214,7 @@ class ProvisionResult:
     mosquitto_passwd: Path
     mosquitto_acl: Path
     mosquitto_conf: Path
+    clients: tuple[PeerFiles, ...] = ()  # provision --clients: role client, never training
 
 
 def parse_peer_list(text: str) -> list[str]:
@@ -293,7 +295,8 @@ def _mosquitto_conf_text(passwd: Path, acl: Path) -> str:
 
 def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
               days: float = DEFAULT_CERT_DAYS, broker_url: str = "mqtt://127.0.0.1:1883",
-              now: float | None = None, demo: bool = False) -> ProvisionResult:
+              now: float | None = None, demo: bool = False,
+              clients: Sequence[str] = ()) -> ProvisionResult:
     """Create every file of a new network in ``out`` (created if needed); never overwrite.
 
     Layout::
@@ -314,21 +317,30 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     through them), ``out/peers`` and ``out/data`` 0700; an existing directory keeps its mode.
 
     With ``demo`` each config trains on its peer's shard, is evaluated on the digits test
-    split and paces its budget over :data:`DEMO_BUDGET_HOURS` (``[pace]``).
+    split and paces its budget over :data:`DEMO_BUDGET_HOURS` (``[pace]``). With ``clients``,
+    ``out/clients/NAME.*`` hold each client's files (certificate of role ``client``) and the
+    ACL is written per user (peer/provision_clients.py).
     """
     check_name(network_id, "network id")
-    names = parse_peer_list(",".join(peer_names))
+    names = parse_peer_list(",".join([*peer_names, *clients]))[:len(peer_names)]
     out = Path(out)
     result = _layout(network_id, names, out, demo)
+    client_dir = out / "clients"
+    result = dataclasses.replace(result, clients=tuple(
+        PeerFiles(c, client_dir / f"{c}.key", client_dir / f"{c}.pub", client_dir / f"{c}.cert",
+                  client_dir / f"{c}.broker-password", client_dir / f"{c}.toml")
+        for c in clients))
     _refuse_existing(result)
     # Hash first: if mosquitto_passwd is missing nothing has been written yet.
-    passwords = {files.peer_id: secrets.token_urlsafe(24) for files in result.peers}
+    passwords = {files.peer_id: secrets.token_urlsafe(24)
+                 for files in (*result.peers, *result.clients)}
     passwd_text = hash_mosquitto_passwords(passwords)
     shards = _demo_data(len(result.peers)) if demo else []  # fails before anything is written
 
     _make_dirs([(out, TRAVERSABLE_DIR_MODE), (out / "peers", PRIVATE_DIR_MODE),
                 (out / "mosquitto", TRAVERSABLE_DIR_MODE),
-                *([(out / "data", PRIVATE_DIR_MODE)] if demo else [])])
+                *([(out / "data", PRIVATE_DIR_MODE)] if demo else []),
+                *([(client_dir, PRIVATE_DIR_MODE)] if clients else [])])
     for path, shard in zip([f.data for f in result.peers if f.data], shards, strict=True):
         write_file_atomic(path, shard, mode=0o600)
     admission = AdmissionKey.generate(network_id)
@@ -338,6 +350,9 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     for files in result.peers:
         _write_peer(files, admission, passwords[files.peer_id], network_id, broker_url,
                     days=days, now=now)
+    for files in result.clients:
+        _write_peer(files, admission, passwords[files.peer_id], network_id, broker_url,
+                    days=days, now=now, role=ROLE_CLIENT)
     _write_mosquitto(result, passwd_text)
     return dataclasses.replace(result, admission_public_hex=public_hex)
 
@@ -367,7 +382,7 @@ def _refuse_existing(result: ProvisionResult) -> None:
     """ProvisionError naming the first output file that already exists: never overwrite."""
     targets = [result.admission_key, result.admission_public, result.mosquitto_passwd,
                result.mosquitto_acl, result.mosquitto_conf]
-    for files in result.peers:
+    for files in (*result.peers, *result.clients):
         targets += [files.identity, files.public, files.certificate, files.broker_password,
                     files.config, *([files.data] if files.data else [])]
     existing = [path for path in targets if path.exists()]
@@ -377,22 +392,28 @@ def _refuse_existing(result: ProvisionResult) -> None:
 
 
 def _write_peer(files: PeerFiles, admission: AdmissionKey, password: str, network_id: str,
-                broker_url: str, *, days: float, now: float | None) -> None:
-    """One peer's identity, public identity, certificate, broker password and config."""
+                broker_url: str, *, days: float, now: float | None,
+                role: str = ROLE_PEER) -> None:
+    """One peer's (or client's) identity, public identity, certificate, password and config."""
     identity = Identity.generate(files.peer_id)
     identity.save(files.identity)
     save_public_identity(files.public, identity.public)
-    issue_certificate(admission, identity.public, files.certificate, days=days, now=now)
+    issue_certificate(admission, identity.public, files.certificate, days=days, now=now,
+                      role=role)
     write_file_atomic(files.broker_password, (password + "\n").encode(), mode=0o600)
-    write_file_atomic(files.config,
-                      _peer_config_text(network_id, files, broker_url).encode(), mode=0o644)
+    config = (_peer_config_text(network_id, files, broker_url) if role == ROLE_PEER else
+              client_config_text(network_id, files.peer_id, files.broker_password.name,
+                                 broker_url))
+    write_file_atomic(files.config, config.encode(), mode=0o644)
 
 
 def _write_mosquitto(result: ProvisionResult, passwd_text: str) -> None:
     """The broker's hashed password file, its per-peer ACL and the settings that use them."""
     write_file_atomic(result.mosquitto_passwd, passwd_text.encode(), mode=0o600)
-    write_file_atomic(result.mosquitto_acl, mosquitto_acl(result.network_id).encode(),
-                      mode=0o644)
+    acl = (mosquitto_acl_with_clients(result.network_id, [f.peer_id for f in result.peers],
+                                      [f.peer_id for f in result.clients])
+           if result.clients else mosquitto_acl(result.network_id))
+    write_file_atomic(result.mosquitto_acl, acl.encode(), mode=0o644)
     write_file_atomic(
         result.mosquitto_conf,
         _mosquitto_conf_text(result.mosquitto_passwd.resolve(),

@@ -60,9 +60,8 @@ async def test_private_predictions_match_plaintext_and_the_wire_shows_no_values(
     snapshot = fit_snapshot(weights, bias)
     features = client_features(test_x)
     broker = BrokerSettings(url=mosquitto.url)
-    async with Sniffer(mosquitto.url) as sniffer:
-        async with local_serving(broker, snapshot) as serving:
-            logits = await serving.client.predict(features, serving.snapshot, timeout_s=60)
+    async with Sniffer(mosquitto.url) as sniffer, local_serving(broker, snapshot) as serving:
+        logits = await serving.client.predict(features, serving.snapshot, timeout_s=60)
     assert np.array_equal(logits, fixed_point_logits(snapshot, features))
     plain = features @ weights.T + bias
     assert np.array_equal(logits.argmax(axis=1), plain.argmax(axis=1))  # 100 % agreement

@@ -10,19 +10,24 @@ weights within the field's range.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from peer.training.features import cached_features
+from peer.training.features import cached_features, warm_cache
 from peer.training.models import build_model, split_frozen
 from peer.training.optim import build_optimizer
 
 
-def client_features(images: np.ndarray) -> np.ndarray:
-    """Scatter features (N x D, float64) of images (N x H x W, or N x C x H x W)."""
+def client_features(images: np.ndarray, *, cache_dir: Path | None = None) -> np.ndarray:
+    """Scatter features (N x D, float64) of images (N x H x W, or N x C x H x W); with
+    ``cache_dir``, kept on (and read from) disk like a trainer's (``warm_cache``)."""
     x = np.ascontiguousarray(images, dtype=np.float32)
     prefix, _ = split_frozen(build_model("scatter", tuple(x.shape[1:]), num_classes=2))
     assert prefix is not None
+    if cache_dir is not None:
+        return warm_cache(prefix, x, cache_dir=cache_dir).numpy().astype(np.float64)
     return cached_features(prefix, x).numpy().astype(np.float64)
 
 

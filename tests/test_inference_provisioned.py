@@ -1,0 +1,98 @@
+"""Private predictions on the deployment path: `murmur-peer provision --clients` makes the
+network, Mosquitto runs the shipped TLS configuration with the provisioned password file and
+per-user ACL, and the parties run from their provisioned configs (docs/inference.md).
+
+The ACL must confine the client: it is answered by the serving peers, yet on its own broker
+connection it receives no announcement and no session topic of the training network, only
+the serve announcements and its inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tomllib
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from crypto.inference import SnapshotParams, encode_snapshot, fixed_point_logits
+from peer.config import parse_config
+from peer.inference.client import QueryClient
+from peer.inference.commands import endpoint_of
+from peer.inference.owner import SnapshotPublisher
+from peer.inference.server import ServingPeer
+from peer.provision import provision
+from sim.broker import free_loopback_port
+from tests.conftest import require_mosquitto, wait_until
+from tests.test_secured_broker import LOOPBACK, NETWORK, SecuredMosquitto, secrets_dir
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
+__all__ = ["secrets_dir"]  # the fixture, imported for this module's tests
+
+
+def config_of(files, broker: SecuredMosquitto):
+    document = tomllib.loads(files.config.read_text())
+    document["broker"]["ca_file"] = str(broker.pki.ca_cert)
+    return parse_config(document, files.config.parent, files.config)
+
+
+async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_dir: Path):
+    require_mosquitto()
+    port = free_loopback_port()
+    network = provision(NETWORK, ["s1", "s2", "s3", "owner"], secrets_dir / "network",
+                        broker_url=f"mqtts://{LOOPBACK}:{port}", clients=["erin"])
+    broker_dir = secrets_dir / "broker"
+    broker_dir.mkdir()
+    broker = SecuredMosquitto(broker_dir, NETWORK, port=port,
+                              password_file=network.mosquitto_passwd,
+                              acl_file=network.mosquitto_acl)
+    await broker.start()
+    configs = {f.peer_id: config_of(f, broker) for f in (*network.peers, *network.clients)}
+    rng = np.random.default_rng(5)
+    params = SnapshotParams.for_unit_variance(4, 32)
+    snapshot = encode_snapshot(rng.normal(0, 0.1, (4, 32)), rng.normal(0, 0.1, 4), params)
+    rows = rng.normal(0, 1, (3, 32))
+    rows /= np.sqrt((rows * rows).mean(axis=1, keepdims=True))
+    servers = [ServingPeer(endpoint_of(configs[n]), configs[n].broker, owner="owner",
+                           announce_presence=True) for n in ("s1", "s2", "s3")]
+    owner = SnapshotPublisher(endpoint_of(configs["owner"]), configs["owner"].broker,
+                              ["s1", "s2", "s3"])
+    client = QueryClient(endpoint_of(configs["erin"]), configs["erin"].broker)
+    erin = configs["erin"].broker
+    seen: list[str] = []
+    started = []
+    try:
+        for party in (*servers, owner, client):
+            await party.start()
+            started.append(party)
+        snapshot_id = await owner.publish(snapshot, threshold=2)
+        known = await client.wait_for_snapshot(30, snapshot_id)
+        logits = await client.predict(rows, known)
+        assert np.array_equal(logits, fixed_point_logits(snapshot, rows))
+        # erin's own connection, subscribed to everything of the network
+        tls = aiomqtt.TLSParameters(ca_certs=str(erin.ca_file))
+        async with aiomqtt.Client(LOOPBACK, port, username="erin", password=erin.password,
+                                  identifier="erin-probe", tls_params=tls) as probe:
+            await probe.subscribe(f"murmur/{NETWORK}/#", qos=1)
+
+            async def collect() -> None:
+                async for message in probe.messages:
+                    seen.append(str(message.topic))
+
+            task = asyncio.create_task(collect())
+            try:
+                await wait_until(lambda: sum("/serve/" in t for t in seen) >= 3, 20,
+                                 "the three retained SERVE announcements")
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        for party in reversed(started):
+            await party.stop()
+        await broker.stop()
+    assert not [t for t in seen if "/announce/" in t]  # retained ANNOUNCEs exist, unread
+    assert all("/serve/" in t or t.endswith("/to/erin") for t in seen)
