@@ -152,7 +152,10 @@ class QueryClient(InferenceParty):
             results = await asyncio.wait_for(asyncio.gather(*futures),
                                              max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            raise QueryError(f"too few answers within {timeout_s:g} s") from None
+            late = {c: sorted(p.answers) for c, p in self._pending.items() if p.done in futures}
+            raise QueryError(f"too few answers within {timeout_s:g} s (answered points of "
+                             f"the {len(late)} unanswered queries: {list(late.values())[:4]})"
+                             ) from None
         finally:
             for counter in [c for c, p in self._pending.items() if p.done in futures]:
                 del self._pending[counter]
@@ -207,6 +210,7 @@ class QueryClient(InferenceParty):
         point = snapshot.model.servers.index(msg.header.sender) + 1
         pending.answers[point] = values
         if len(pending.answers) >= 2 * snapshot.model.threshold - 1:
+            del self._pending[body.counter]  # frees the in-flight window
             try:
                 pending.done.set_result(reconstruct_logits(
                     pending.answers, params_of(snapshot.model), t=snapshot.model.threshold))

@@ -57,10 +57,16 @@ class InferenceParty:
             await self.stop()
             raise TransportError(f"no broker at {self.transport.settings.url}") from None
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Disconnect cleanly; a transport that has not returned after ``timeout_s`` is
+        cancelled, so stopping never hangs on a stuck broker."""
         self._stop.set()
         for task in self._tasks[1:]:
             task.cancel()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks[:1], timeout=timeout_s)
+            for task in pending:
+                task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
