@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     user_errors: tuple[type[BaseException], ...] = (
         UserError, ConfigError, CryptoError, ProvisionError, TransportError, FileExistsError)
     if args.command != "run":
-        user_errors += (ValueError,)
+        user_errors += (ValueError, PeerError)
     try:
         try:
             return int(args.handler(args))

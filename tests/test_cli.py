@@ -228,6 +228,24 @@ def test_provision_cli_and_generated_config_load(tmp_path: Path) -> None:
         "never overwrites")
 
 
+def test_provision_clients_and_the_refusal_to_serve_an_mlp(tmp_path: Path) -> None:
+    run = murmur_peer("provision", "--network", "demo", "--peers", "a,b,c", "--clients", "erin",
+                      "--out", "net", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    from peer.provision import load_certificate
+
+    assert load_certificate(tmp_path / "net" / "clients" / "erin.cert").role == "client"
+    assert load_certificate(tmp_path / "net" / "peers" / "a.cert").role == "peer"
+    assert "user erin\ntopic write murmur/demo/erin/to/+\n" in (
+        tmp_path / "net" / "mosquitto" / "acl").read_text()
+    config = tmp_path / "net" / "peers" / "a.toml"
+    config.write_text(config.read_text().replace("[training]\n", '[training]\nmodel = "mlp"\n'))
+    assert_user_error(
+        murmur_peer("publish-snapshot", "--config", str(config), "--servers", "b,c,a",
+                    cwd=tmp_path),
+        "cannot be served privately")
+
+
 @pytest.fixture
 def broker_reachable_dir() -> Iterator[Path]:
     """A directory every user can pass through (pytest's tmp_path sits under a 0700 one), so

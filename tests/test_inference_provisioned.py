@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import tomllib
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sim.broker import free_loopback_port
 from tests.conftest import require_mosquitto, wait_until
 from tests.test_secured_broker import LOOPBACK, NETWORK, SecuredMosquitto, secrets_dir
 
-pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(240)]
 __all__ = ["secrets_dir"]  # the fixture, imported for this module's tests
 
 
@@ -37,6 +38,24 @@ def config_of(files, broker: SecuredMosquitto):
     document = tomllib.loads(files.config.read_text())
     document["broker"]["ca_file"] = str(broker.pki.ca_cert)
     return parse_config(document, files.config.parent, files.config)
+
+
+async def run_query_command(files, broker: SecuredMosquitto, images: np.ndarray,
+                            directory: Path) -> list[str]:
+    """`python -m peer.query` with the client's provisioned config (plus the broker's CA);
+    returns the "INDEX class C" part of each prediction line."""
+    config = files.config.with_name("erin-tls.toml")
+    config.write_text(files.config.read_text().replace(
+        "[broker]\n", f'[broker]\nca_file = "{broker.pki.ca_cert}"\n'))
+    np.savez(directory / "input.npz", x=images)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "peer.query", "--config", str(config),
+        str(directory / "input.npz"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
+    out, err = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, err.decode()[-2000:]
+    return [" ".join(line.split()[:3]) for line in out.decode().splitlines()
+            if " class " in line]
 
 
 async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_dir: Path):
@@ -51,11 +70,14 @@ async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_di
                               acl_file=network.mosquitto_acl)
     await broker.start()
     configs = {f.peer_id: config_of(f, broker) for f in (*network.peers, *network.clients)}
+    from peer.inference.features import client_features
+
     rng = np.random.default_rng(5)
-    params = SnapshotParams.for_unit_variance(4, 32)
-    snapshot = encode_snapshot(rng.normal(0, 0.1, (4, 32)), rng.normal(0, 0.1, 4), params)
-    rows = rng.normal(0, 1, (3, 32))
-    rows /= np.sqrt((rows * rows).mean(axis=1, keepdims=True))
+    images = rng.uniform(0, 1, (3, 28, 28)).astype(np.float32)
+    rows = client_features(images)  # what murmur-query computes from the same images
+    params = SnapshotParams.for_unit_variance(10, rows.shape[1])
+    snapshot = encode_snapshot(rng.normal(0, 0.05, (10, rows.shape[1])),
+                               rng.normal(0, 0.1, 10), params)
     servers = [ServingPeer(endpoint_of(configs[n]), configs[n].broker, owner="owner",
                            announce_presence=True) for n in ("s1", "s2", "s3")]
     owner = SnapshotPublisher(endpoint_of(configs["owner"]), configs["owner"].broker,
@@ -72,6 +94,8 @@ async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_di
         known = await client.wait_for_snapshot(30, snapshot_id)
         logits = await client.predict(rows, known)
         assert np.array_equal(logits, fixed_point_logits(snapshot, rows))
+        printed = await run_query_command(network.clients[0], broker, images, secrets_dir)
+        assert printed == [f"{i} class {int(c)}" for i, c in enumerate(logits.argmax(axis=1))]
         # erin's own connection, subscribed to everything of the network
         tls = aiomqtt.TLSParameters(ca_certs=str(erin.ca_file))
         async with aiomqtt.Client(LOOPBACK, port, username="erin", password=erin.password,
