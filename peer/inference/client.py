@@ -13,6 +13,7 @@ than 2t - 1 answers it checks they agree (``crypto.inference.InconsistentAnswers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -91,24 +92,32 @@ class QueryClient(InferenceParty):
         self.bytes_sent_queries = 0
 
     # ------------------------------------------------------------------------------ snapshots
-    async def wait_for_snapshot(self, timeout_s: float,
-                                snapshot_id: bytes | None = None) -> KnownSnapshot:
-        """The newest snapshot (or ``snapshot_id``) all of whose servers announced it."""
+    async def wait_for_snapshot(self, timeout_s: float, snapshot_id: bytes | None = None, *,
+                                settle_s: float = 0.5) -> KnownSnapshot:
+        """The newest snapshot (or ``snapshot_id``) all of whose servers announced it.
+
+        Retained announcements of several snapshots arrive in no particular order, so once one
+        is complete the client waits until ``settle_s`` pass without a new SERVE before it
+        picks the newest (highest signed sequence number)."""
         deadline = time.monotonic() + timeout_s
+        settled_at: float | None = None
         while True:
             ready = [s for s in self.snapshots.values()
                      if len(s.servers) == len(s.model.servers)
                      and snapshot_id in (None, s.snapshot_id)]
-            if ready:
+            now = time.monotonic()
+            if ready and settled_at is None:
+                settled_at = min(now + settle_s, deadline)
+            if ready and now >= settled_at:
                 return max(ready, key=lambda s: s.newest_seq)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if now >= deadline:
                 raise QueryError("no snapshot is served by all its serving peers")
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                continue
+            wake = settled_at if settled_at is not None else deadline
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
+            if self._changed.is_set() and settled_at is not None:
+                settled_at = min(time.monotonic() + settle_s, deadline)
 
     def _on_serve(self, msg: SignedMessage) -> None:
         body = msg.body

@@ -63,20 +63,40 @@ def serve(cfg: PeerConfig, *, owner: str, limits: ServeLimits, standalone: bool,
     return 0
 
 
+def owner_model(cfg: PeerConfig, out: TextIO) -> object:
+    """The owner's model as its latest checkpoint holds it (the initial weights, with a
+    warning, when it has none), built without featurising its data."""
+    from peer.assembly import load_local_data
+    from peer.training.checkpoint import CheckpointError, load_checkpoint
+    from peer.training.models import build_model, seeded_init
+    from peer.training.trainer import CHECKPOINT_FILE
+
+    train, _ = load_local_data(cfg)
+    model = build_model(cfg.training.model, train.input_shape, train.num_classes)
+    seeded_init(model, cfg.training.seed)
+    path = cfg.state_dir / CHECKPOINT_FILE
+    if not path.exists():
+        print(f"warning: no checkpoint at {path}: sharing the untrained initial weights",
+              file=out)
+        return model
+    try:
+        model.load_state_dict(load_checkpoint(path).model_state)
+    except (CheckpointError, RuntimeError) as exc:
+        raise PeerError(f"{path}: not a checkpoint of this model ({exc})") from None
+    return model
+
+
 def publish_snapshot(cfg: PeerConfig, *, servers: list[str], threshold: int,
                      max_rows_per_client: int, out: TextIO = sys.stdout) -> int:
     """Share the owner's current model (its checkpoint) to ``servers``; prints the id."""
     from crypto.inference import fit_snapshot
-    from peer.assembly import build_trainer, load_local_data
     from peer.inference.owner import SnapshotPublisher, check_servable, linear_layer
 
     check_servable(cfg.training.model)  # before loading data and model
     if len(servers) < 2 * threshold - 1:
         raise PeerError(f"{len(servers)} serving peers cannot answer at threshold {threshold}: "
                         f"need 2t - 1 = {2 * threshold - 1}")
-    train, holdout = load_local_data(cfg)
-    trainer = build_trainer(cfg.training, train, holdout, cfg.state_dir)
-    weights, bias = linear_layer(trainer.model, cfg.training.model)
+    weights, bias = linear_layer(owner_model(cfg, out), cfg.training.model)
     snapshot = fit_snapshot(weights, bias, max_rows_per_client=max_rows_per_client)
 
     async def main() -> bytes:

@@ -11,6 +11,7 @@ share's values.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -66,6 +67,19 @@ class ServingPeer(InferenceParty):
                       ep.frame(Kind.ANNOUNCE, b"", body), retain=True)
         for snapshot_id in self.state.snapshots:
             self._announce(snapshot_id)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Clear this peer's retained SERVE (and ANNOUNCE, when it made one) before leaving:
+        its shares live in memory only, so a client must not find them announced after."""
+        ep = self.endpoint
+        if self.transport.connected.is_set():
+            for snapshot_id in self.state.snapshots:
+                self.send(serve_topic(ep.network_id, ep.peer_id, snapshot_id), b"", retain=True)
+            if self.announce_presence:
+                self.send(announce_topic(ep.network_id, ep.peer_id), b"", retain=True)
+            with contextlib.suppress(TimeoutError):
+                await self.flush(min(timeout_s, 5.0))
+        await super().stop(timeout_s)
 
     def _announce(self, snapshot_id: bytes) -> None:
         model = self.state.snapshots[snapshot_id].model
