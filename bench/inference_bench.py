@@ -91,6 +91,7 @@ async def measure(url: str, snapshot: SnapshotCodes, features: np.ndarray, model
                          "bytes_per_query": used // singles,
                          **scores(np.concatenate(got), snapshot, features[:singles], weights,
                                   bias)})
+            print(f"  g={g} t={t}: {rows[-1]}", flush=True)
         if batch:
             before = traffic(client)
             start = time.perf_counter()
@@ -101,7 +102,7 @@ async def measure(url: str, snapshot: SnapshotCodes, features: np.ndarray, model
                          "rows_per_s": round(batch / wall, 1),
                          "bytes_per_query": (traffic(client) - before) // batch,
                          **scores(logits, snapshot, features[:batch], weights, bias)})
-        print(f"  g={g} t={t}: {rows[-1]}", flush=True)
+            print(f"  g={g} t={t}: {rows[-1]}", flush=True)
     return rows
 
 

@@ -125,3 +125,14 @@ def test_content_hash_names_the_content():
     nudged = weights.copy()
     nudged[0, 0] += 1.0
     assert encode_snapshot(nudged, bias, params).content_hash != first.content_hash
+
+
+def test_each_answer_carries_its_mask_so_the_client_sees_h_plus_z():
+    params, weights, bias, rows = _model()
+    snapshot = encode_snapshot(weights, bias, params)
+    w = share_snapshot(snapshot, n=3, t=2)[0]
+    f = share_features(encode_features(rows, params), n=3, t=2)[0]
+    mask = zero_mask(SEED, SNAPSHOT_ID, "client", 1, rows=7, classes=10, t=2, point=w.x)
+    bare = product_share(w, f, params, mask=np.zeros_like(mask)).values.astype(np.int64)
+    masked = product_share(w, f, params, mask=mask).values.astype(np.int64)
+    assert np.array_equal((masked - bare) % (2**31 - 1), mask.reshape(-1).astype(np.int64))
