@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set any scenario option, e.g. --set local_steps=5 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--serve-check", action="store_true",
+                        help="after the run, serve the first peer's final model privately "
+                             "and answer the test set through it (scatter model only)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the centralized / standalone baselines")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -168,7 +171,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("murmur-sim: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(format_result(result))
+    if args.serve_check and not result.interrupted:
+        return _serve_check(scenario, result.run_dir)
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+def _serve_check(scenario: Scenario, run_dir: Path) -> int:
+    from peer.errors import PeerError
+    from sim.serve_check import serve_check
+
+    try:
+        check = asyncio.run(serve_check(scenario, run_dir))
+    except (PeerError, OSError, ValueError) as exc:
+        print(f"murmur-sim: serve check: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"serve check  {check.rows} test rows answered privately: classes agree with the "
+          f"plaintext model on {check.agreement_pct:.2f} %, logits exact on "
+          f"{check.exact_pct:.2f} %")
+    return EXIT_OK if check.exact_pct == 100.0 else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ fast enough drops (``send_queue_full``) instead of growing without bound.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 
 from peer.errors import DroppedError
 from peer.inference.endpoint import InferenceEndpoint
@@ -33,8 +33,10 @@ class InferenceParty:
     def __init__(self, endpoint: InferenceEndpoint, broker: BrokerSettings,
                  subscriptions: list[str]) -> None:
         self.endpoint = endpoint
+        # A fresh suffix per instance: a lingering earlier instance of the same party (a
+        # restart, a second process) must not take this connection over, nor this one it.
         self.transport = Transport(
-            broker, client_id=f"{endpoint.peer_id}-{self.role_suffix}",
+            broker, client_id=f"{endpoint.peer_id}-{self.role_suffix}-{os.urandom(4).hex()}",
             subscriptions=subscriptions, will=None, on_connected=self.on_connected,
             max_payload=MAX_PAYLOAD_BYTES)
         self._outgoing: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(MAX_QUEUED_SENDS)
@@ -64,12 +66,15 @@ class InferenceParty:
         for task in self._tasks[1:]:
             task.cancel()
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks[:1], timeout=timeout_s)
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            _, stuck = await asyncio.wait(self._tasks, timeout=timeout_s)
+            if stuck:
+                log.warning("%s: %d task(s) did not stop", self.endpoint.peer_id, len(stuck))
+            for task in self._tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.warning("%s: %s", self.endpoint.peer_id, task.exception())
         self._tasks = []
 
     async def on_connected(self) -> None:
