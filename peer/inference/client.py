@@ -6,8 +6,9 @@ Security properties: the client's feature rows leave it only as Shamir shares of
 each sealed for one serving peer, so the broker and fewer than t serving peers learn nothing
 of them. It accepts a SERVE only from a certificate of role ``peer`` named in that snapshot's
 server list, and an ANSWER only from such a server, for a query it sent, under the snapshot id
-it asked (otherwise ``snapshot_mismatch``, a counted drop, never a wrong answer); with more
-than 2t - 1 answers it checks they agree (``crypto.inference.InconsistentAnswersError``).
+it asked (otherwise ``snapshot_mismatch``, a counted drop, never a wrong answer). It rebuilds
+from the first 2t - 1 answers, so a serving peer that answers wrongly is not detected
+(honest-but-curious serving peers, docs/inference.md).
 """
 
 from __future__ import annotations
