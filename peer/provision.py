@@ -324,12 +324,9 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     check_name(network_id, "network id")
     names = parse_peer_list(",".join([*peer_names, *clients]))[:len(peer_names)]
     out = Path(out)
-    result = _layout(network_id, names, out, demo)
     client_dir = out / "clients"
-    result = dataclasses.replace(result, clients=tuple(
-        PeerFiles(c, client_dir / f"{c}.key", client_dir / f"{c}.pub", client_dir / f"{c}.cert",
-                  client_dir / f"{c}.broker-password", client_dir / f"{c}.toml")
-        for c in clients))
+    result = dataclasses.replace(_layout(network_id, names, out, demo),
+                                 clients=_client_layout(client_dir, clients))
     _refuse_existing(result)
     # Hash first: if mosquitto_passwd is missing nothing has been written yet.
     passwords = {files.peer_id: secrets.token_urlsafe(24)
@@ -376,6 +373,12 @@ def _layout(network_id: str, names: Sequence[str], out: Path, demo: bool) -> Pro
         mosquitto_acl=mosq_dir / "acl",
         mosquitto_conf=mosq_dir / "murmur.conf",
     )
+
+
+def _client_layout(client_dir: Path, clients: Sequence[str]) -> tuple[PeerFiles, ...]:
+    return tuple(PeerFiles(c, client_dir / f"{c}.key", client_dir / f"{c}.pub",
+                           client_dir / f"{c}.cert", client_dir / f"{c}.broker-password",
+                           client_dir / f"{c}.toml") for c in clients)
 
 
 def _refuse_existing(result: ProvisionResult) -> None:
