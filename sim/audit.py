@@ -10,7 +10,7 @@ group-noise epochs) carries m canaries, each in the run with an independent fair
   each included canary is Poisson-sampled at the target's rate q, like a record, and a sampled
   one is added to the clipped gradient sum before noise (local noise: the step's sum; group
   noise: the target's share S before rounding). The hook is
-  :class:`peer.training.dpsgd.AuditHook`, which only code that builds a trainer itself can
+  :class:`peer.training.audit_hook.AuditHook`, which only code that builds a trainer itself can
   pass: no configuration reaches it;
 * **input canaries** (black-box): m records of the test split, each with a wrong label drawn
   at random, appended to the target's training set when their coin says in.
@@ -69,7 +69,7 @@ class AuditSpec:
 
 
 class GradientCanaries:
-    """Dirac gradient canaries for one trainer: an :class:`peer.training.dpsgd.AuditHook`."""
+    """Dirac gradient canaries for one trainer: an :class:`peer.training.audit_hook.AuditHook`."""
 
     def __init__(self, coords: np.ndarray, included: np.ndarray, norm: float,
                  noise_scale: float, rng: np.random.Generator) -> None:
