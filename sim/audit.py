@@ -149,6 +149,9 @@ class AuditOutcome:
     results: dict[str, AuditResult]
     sampled_canaries: int
     seconds: float
+    #: the target's ledger segments, (sigma, q, steps) runs: the mechanism its epsilon is for
+    #: (sim/audit_ceiling.py simulates it)
+    segments: tuple[tuple[float, float, int], ...] = ()
 
 
 def quiet_coordinates(trainer: Any, train: Any, m: int, rng: np.random.Generator
@@ -267,8 +270,10 @@ def run_audit(scenario: Scenario, spec: AuditSpec, rng: np.random.Generator | No
             views["other"] = _input_scores(other, cx, cy)
         ledger = inner.ledger
         claimed = float(ledger.epsilon) if ledger is not None else float("inf")
+        segments = tuple((float(sg), float(q), int(n)) for sg, q, n in ledger.segments
+                         ) if ledger is not None else ()
         results = {view: audit_scores(scores, included, scenario.delta, spec.confidence)
                    for view, scores in views.items()}
     return AuditOutcome(claimed, scenario.delta, spec.m, int(included.sum()), results,
                         hook.sampled_total if hook is not None else 0,
-                        time.monotonic() - started)
+                        time.monotonic() - started, segments)
