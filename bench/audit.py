@@ -19,6 +19,8 @@ figure for the real noise.
     python bench/audit.py --quick --out bench/results/audit_quick.json      # < 2 min
     python bench/audit.py --mode local --engine both --out bench/results/audit_local.json
     python bench/audit.py --mode group --engine both --out bench/results/audit_group.json
+    python bench/audit.py --mode group --epsilon 1 --repeat 6 \
+        --out bench/results/audit_group_eps1_repeat.json                    # the spread
 
 Figures: ``epsilon_lower_bound`` at ``confidence`` and the run's ``delta``; ``ratio`` =
 bound / claimed; ``epsilon_ceiling`` = the mean bound of the same procedure (same m, guess
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         default="reference")
     parser.add_argument("--m", type=int, help="canaries per run (default 1000, quick 300)")
     parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--epsilon", type=float, help="only the runs at this target epsilon")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each planned run this many times (rows carry `repeat`)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -167,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     engines = ("reference", "network") if args.engine == "both" else (args.engine,)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
-    for run in plan(args.quick, modes, engines):
-        rows.extend(run_one(run, m, args.confidence))
+    runs = [run for run in plan(args.quick, modes, engines)
+            if args.epsilon is None or run["epsilon"] == args.epsilon]
+    for repeat in range(args.repeat):
+        for run in runs:
+            new = run_one(run, m, args.confidence)
+            rows.extend(dict(row, repeat=repeat) if args.repeat > 1 else row for row in new)
     print_table(rows)
     print(f"{len(rows)} rows, m = {m}, confidence {args.confidence}, "
           f"in {time.monotonic() - started:.0f} s")
