@@ -8,7 +8,7 @@ target peer, scored from one adversary view, and the one-run lower bound on epsi
   trainers, local or group noise; sim/audit.py), views ``released``, ``own``, ``other``;
 * ``engine = "network"``: real peers of an in-process run over the embedded broker, real
   Shamir sessions (sim/audit_network.py), views ``own`` and ``other``, gradient canaries at
-  epsilon 8 only (a run takes about a minute);
+  epsilon 8 and the weakened control at epsilon 1 (a run takes about a minute);
 * ``engine = "ideal"``: no training at all: the one-run bound on the idealised mechanism of the
   ledger (sim/audit_ceiling.py) at other m, to show how the ceiling grows with m.
 
@@ -78,9 +78,10 @@ def plan(quick: bool, modes: tuple[str, ...], engines: tuple[str, ...]
     runs = [dict(run, engine="reference") for run in runs if run["mode"] in modes]
     if "reference" not in engines:
         runs = []
-    if "network" in engines:
-        runs += [dict(engine="network", mode=mode, canary="gradient", epsilon=8.0,
-                      noise_scale=1.0) for mode in modes]
+    if "network" in engines:  # the real noise at epsilon 8, and the weakened control
+        runs += [dict(engine="network", mode=mode, canary="gradient", epsilon=eps,
+                      noise_scale=scale) for mode in modes
+                 for eps, scale in ((8.0, 1.0), (1.0, 0.1))]
     return runs
 
 

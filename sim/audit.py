@@ -45,7 +45,8 @@ from sim.reference import ReferenceNetwork
 from sim.scenario import Scenario
 from sim.setup import prepare
 
-__all__ = ["AuditOutcome", "AuditSpec", "GradientCanaries", "quiet_coordinates", "run_audit"]
+__all__ = ["AuditOutcome", "AuditSpec", "GradientCanaries", "quiet_coordinates", "run_audit",
+           "weakening_hook"]
 
 CANARY_KINDS = ("gradient", "input")
 VIEWS = ("released", "own", "other")
@@ -179,17 +180,23 @@ def quiet_coordinates(trainer: Any, train: Any, m: int, rng: np.random.Generator
     return np.sort(order[:m])
 
 
+def weakening_hook(noise_scale: float) -> GradientCanaries:
+    """A hook with no canaries that only scales the noise: for every peer but the target in a
+    weakened run, since a group release carries every member's share and weakening one member
+    would not show."""
+    return GradientCanaries(np.zeros(0, np.int64), np.zeros(0, bool), 1.0, noise_scale,
+                            np.random.default_rng())
+
+
 def _weaken_others(net: ReferenceNetwork, plans: list[Any], spec: AuditSpec) -> None:
-    """Every other peer's trainer rebuilt with the same weakened noise and no canaries: a
-    group release carries every member's share, so weakening one member would not show."""
+    """Every other peer's trainer rebuilt with :func:`weakening_hook`."""
     from peer.training.trainer import LocalTrainer
 
     for index, peer in enumerate(net.peers):
         if index != spec.target:
-            weak = GradientCanaries(np.zeros(0, np.int64), np.zeros(0, bool), 1.0,
-                                    spec.noise_scale, np.random.default_rng())
             peer.trainer = LocalTrainer(peer.trainer.config, plans[index].train,
-                                        plans[index].holdout, None, audit=weak)
+                                        plans[index].holdout, None,
+                                        audit=weakening_hook(spec.noise_scale))
 
 
 def _with_canary_records(train: Any, x: np.ndarray, y: np.ndarray) -> Any:
