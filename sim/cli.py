@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the centralized / standalone baselines")
+    parser.add_argument("--audit", action="store_true",
+                        help="after the run, audit the scenario's noise: a one-run lower "
+                             "bound on epsilon from canaries (two reference-engine runs), "
+                             "added to the report")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log INFO to stderr too (always in RUN_DIR/sim.log)")
     return parser
@@ -160,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label:<12} {value}")
     try:
         result = asyncio.run(run_simulation(scenario, progress=not args.no_progress,
-                                            baselines=not args.no_baselines))
+                                            baselines=not args.no_baselines,
+                                            audit=args.audit))
     except (SimulationError, OSError) as exc:
         print(f"murmur-sim: {exc}", file=sys.stderr)
         return EXIT_FAILED

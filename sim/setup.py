@@ -165,13 +165,15 @@ def group_sigma_eff(s: Scenario, plans: list[PeerPlan]) -> float:
     return sigma_for(s.target_epsilon, s.delta, q_max, steps, config.accountant)
 
 
-def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float) -> Any:
+def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float,
+                        audit: Any = None) -> Any:
     """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff."""
     config = dataclasses.replace(
         trainer_config(s, model_name), noise="group", honest_min=s.honest_min,
         noise_multiplier=sigma_eff, target_epsilon=None, averaging_rounds=0,
         planned_rounds=max(1, private_rounds(s)))
-    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir)
+    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir,
+                                  audit=audit)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -316,17 +318,18 @@ def prepare(s: Scenario, run_dir: Path) -> Prepared:
 
 # ----------------------------------------------------------------------------- one peer
 def build_sim_trainer(s: Scenario, model_name: str, plan: PeerPlan,
-                      group_sigma: float | None = None) -> Any:
+                      group_sigma: float | None = None, audit: Any = None) -> Any:
     """The peer's real LocalTrainer (resumes from its state_dir when a checkpoint exists),
     wrapped by the hostile behaviour the plan asks for; with group noise, in group mode at
-    the network's ``group_sigma`` (:func:`group_sigma_eff`)."""
+    the network's ``group_sigma`` (:func:`group_sigma_eff`). ``audit``: a privacy audit's
+    hook (sim/audit_network.py), never set by a scenario."""
     if s.noise == "group":
         if group_sigma is None:
             raise SimulationError("group noise needs the network's sigma_eff")
-        trainer = build_group_trainer(s, model_name, plan, group_sigma)
+        trainer = build_group_trainer(s, model_name, plan, group_sigma, audit)
     else:
         trainer = assembly.build_trainer(trainer_config(s, model_name), plan.train,
-                                         plan.holdout, plan.state_dir)
+                                         plan.holdout, plan.state_dir, audit=audit)
     if plan.hostile_kind == "huge_norm":
         return hostile.HugeNormTrainer(trainer)
     return trainer

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from peer.errors import PeerError
+from peer.training.audit_hook import AuditHook, noise_scale_of
 from peer.training.privacy.noise import GaussianSource, SecureGaussian, secure_bernoulli_mask
 
 _CLIP_EPS = 1e-6  # keeps the clip factor finite for a zero gradient; factor stays <= 1
@@ -361,22 +361,6 @@ def poisson_batch(
     return mask.nonzero().flatten()
 
 
-class AuditHook(Protocol):
-    """Audit only: what a privacy audit (sim/audit.py) may do inside a private step.
-
-    No configuration reaches it: only code that constructs a trainer or a step itself can pass
-    one (``LocalTrainer(..., audit=...)``), as tests pass ``noise=``. ``add_canaries`` adds the
-    auditor's canary gradients to the clipped sum in place, before any noise, as if they were
-    sampled examples. ``noise_scale`` multiplies the noise's standard deviation: 1 for a real
-    audit, below 1 only to show the audit can fail (a trainer then reports epsilon = inf).
-    """
-
-    @property
-    def noise_scale(self) -> float: ...
-
-    def add_canaries(self, clipped_sum: torch.Tensor) -> None: ...
-
-
 @dataclass
 class DPSGDStep:
     """Turns a batch into a private gradient written into the model's ``.grad`` fields.
@@ -392,7 +376,7 @@ class DPSGDStep:
     expected_batch_size: float
     noise: GaussianSource
     engine: GhostClipEngine | VmapEngine
-    audit: AuditHook | None = None  #: audit only (see :class:`AuditHook`)
+    audit: AuditHook | None = None  #: audit only (peer/training/audit_hook.py)
 
     @classmethod
     def build(
@@ -438,7 +422,7 @@ class DPSGDStep:
     @property
     def noise_scale(self) -> float:
         """The factor on the noise's standard deviation: 1 unless an audit weakens it."""
-        return 1.0 if self.audit is None else float(self.audit.noise_scale)
+        return noise_scale_of(self.audit)
 
     def clipped_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The flat sum of the batch's clipped per-example gradients (with an audit's canaries
