@@ -108,11 +108,11 @@ class RecordingSecureGaussian(SecureGaussian):
     """The secure source, recording how many normals each call drew."""
 
     def __init__(self) -> None:
-        self.calls: list[int] = []
+        self.draws: list[torch.Tensor] = []
 
     def sample(self, n: int) -> torch.Tensor:
-        self.calls.append(n)
-        return super().sample(n)
+        self.draws.append(super().sample(n))
+        return self.draws[-1].clone()
 
 
 def test_count_noise_comes_from_the_steps_secure_source(digits, one_torch_thread) -> None:
@@ -123,10 +123,17 @@ def test_count_noise_comes_from_the_steps_secure_source(digits, one_torch_thread
                            adaptive=AdaptiveClip(clip_norm=1.0))
     count = sum(p.numel() for p in model.parameters())
     x, y = torch.from_numpy(digits.train.x[:64]), torch.from_numpy(digits.train.y[:64])
-    step.step(x, y)
-    assert source.calls == [count, 1]  # the gradient's noise, then the count's
+    clean = step.clipped_sum(x, y).clone()  # at C_0 = 1, the C of the step below
+    gradient = step.private_gradient(x, y)
+    assert [len(d) for d in source.draws] == [count, 1]  # the gradient's noise, the count's
     assert step.adaptive is not None
     assert step.adaptive.count_stddev == default_count_stddev(1.0, 64.0)
+    # The gradient's noise is drawn at sigma_delta * C_t (above sigma), not at sigma * C_t.
+    noise = gradient * 64.0 - clean
+    drawn = source.draws[0]
+    std = float(noise.dot(drawn) / drawn.dot(drawn))
+    assert std == pytest.approx(value_noise_multiplier(1.0, step.adaptive.count_stddev),
+                                rel=1e-3)
 
 
 def test_clip_norm_converges_toward_the_target_quantile(digits, one_torch_thread) -> None:
