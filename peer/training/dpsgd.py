@@ -447,10 +447,10 @@ class DPSGDStep:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
             raise ValueError(f"expected batch size must be positive, got {expected_batch_size}")
+        if self.adaptive is not None:  # first: a refused split must leave the step unchanged
+            self.adaptive.retune(noise_multiplier, expected_batch_size)
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
-        if self.adaptive is not None:
-            self.adaptive.retune(noise_multiplier, expected_batch_size)
 
     @property
     def clip_norm(self) -> float:
