@@ -401,6 +401,8 @@ class LocalTrainer:
             raise ValueError("group epochs need dp = true and noise = 'group'")
         if params.dim != self.param_count or params.max_grad_norm != self.config.max_grad_norm:
             raise ValueError("group-noise parameters do not match this model")
+        if self._dp_step.adaptive is not None:  # validate() refuses it; never a moving C here
+            raise ValueError("adaptive clipping is refused with group noise")
         with self._params.lock:
             block = self._start_block(steps)
             block.entry.ledger.record(steps)
