@@ -54,6 +54,16 @@ def test_centred_count_gives_each_example_plus_or_minus_a_half() -> None:
     assert centred_unclipped_count(torch.zeros(0), 1.0) == 0.0
 
 
+def test_one_record_added_moves_the_centred_count_by_a_half() -> None:
+    """Add/remove neighbours: the half is subtracted per sampled example, so one record moves
+    the count by exactly +-1/2 whether or not it is clipped (sensitivity 1/2, not 1)."""
+    batch = torch.tensor([0.2, 3.0, 0.7, 5.0])
+    for record in (0.1, 4.0, float("nan")):
+        added = torch.cat([batch, torch.tensor([record])])
+        change = centred_unclipped_count(added, 1.0) - centred_unclipped_count(batch, 1.0)
+        assert abs(change) == 0.5
+
+
 def test_auto_rule_on_for_user_models_only() -> None:
     base = TrainerConfig(target_epsilon=3.0)
     assert not adaptive_clipping_on(base)
@@ -134,6 +144,13 @@ def test_count_noise_comes_from_the_steps_secure_source(digits, one_torch_thread
     std = float(noise.dot(drawn) / drawn.dot(drawn))
     assert std == pytest.approx(value_noise_multiplier(1.0, step.adaptive.count_stddev),
                                 rel=1e-3)
+    # The count's noise is drawn at sigma_b (not 2 sigma_b): recover the released count K from
+    # the move of C (C_1 = C_0 exp(-eta (K / m + 1/2 - gamma))) and subtract the exact count.
+    norms = step.engine.clipped_sum(x, y, 1.0).per_example_norms
+    released_fraction = 0.5 - math.log(step.clip_norm / 1.0) / 0.2
+    count_noise = 64.0 * (released_fraction - 0.5) - centred_unclipped_count(norms, 1.0)
+    assert count_noise == pytest.approx(step.adaptive.count_stddev * float(source.draws[1][0]),
+                                        rel=1e-4, abs=1e-4)
 
 
 def test_clip_norm_converges_toward_the_target_quantile(digits, one_torch_thread) -> None:
@@ -171,6 +188,25 @@ def test_both_engines_clip_to_the_moving_c(digits, one_torch_thread) -> None:
     for ghost, vmap in zip(ghost_grads, vmap_grads, strict=True):
         torch.testing.assert_close(ghost, vmap, rtol=1e-4, atol=1e-6)
         assert float(ghost.norm()) <= 1.0 + 1e-5  # 64 examples, each of norm <= 1, / 64
+
+
+def test_retune_splits_the_noise_for_the_new_sigma(digits, one_torch_thread) -> None:
+    """A block with another sigma (the trainer retunes every round to its ledger's sigma):
+    sigma_delta and sigma_b follow it; a split that is refused leaves the step unchanged."""
+    step = DPSGDStep.build(_mlp(digits.train), noise_multiplier=1.0, max_grad_norm=1.0,
+                           expected_batch_size=64.0, adaptive=AdaptiveClip(clip_norm=1.0))
+    assert step.adaptive is not None
+    step.retune(5.0, 32.0)
+    assert step.adaptive.count_stddev == default_count_stddev(5.0, 32.0) == 10.0
+    assert step.adaptive.value_multiplier == pytest.approx(
+        value_noise_multiplier(5.0, 10.0))
+    fixed = DPSGDStep.build(_mlp(digits.train), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=64.0,
+                            adaptive=AdaptiveClip(clip_norm=1.0, count_stddev_setting=1.0))
+    with pytest.raises(ValueError, match="clip_count_stddev"):
+        fixed.retune(4.0, 64.0)  # 2 sigma_b = 2 <= 4
+    assert fixed.noise_multiplier == 1.0 and fixed.adaptive is not None
+    assert fixed.adaptive.value_multiplier == pytest.approx(value_noise_multiplier(1.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -216,6 +252,18 @@ def test_group_noise_refuses_adaptive_clipping() -> None:
         config.validate()
     with pytest.raises(ScenarioError, match="clip_adaptive"):
         scenario_from_dict({"noise": "group", "clip_adaptive": True})
+
+
+def test_gradient_canaries_refuse_a_moving_c(digits) -> None:
+    """The audit's gradient canaries have norm C_0; under adaptive clipping the step clips to
+    C_t, so they would not be valid examples: the audit refuses rather than mis-measure."""
+    from sim.audit import AuditSpec, run_audit
+
+    scenario = scenario_from_dict({"peers": 3, "group_size": 3, "dataset": "digits",
+                                   "mode": "reference", "seed": 0, "rounds": 1,
+                                   "clip_adaptive": True})
+    with pytest.raises(ValueError, match="fixed C"):
+        run_audit(scenario, AuditSpec(m=10))
 
 
 def test_simulation_takes_the_clip_options() -> None:

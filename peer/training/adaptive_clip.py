@@ -76,7 +76,12 @@ def next_clip_norm(clip_norm: float, unclipped_fraction: float, target_quantile:
 
 def centred_unclipped_count(norms: torch.Tensor, clip_norm: float) -> float:
     """``sum_i (1[norm_i <= C] - 1/2)``: each example adds +-1/2 (sensitivity 1/2). A norm
-    that is not finite counts as clipped, as the clipped sum weights it 0."""
+    that is not finite counts as clipped, as the clipped sum weights it 0.
+
+    The 1/2 is subtracted per sampled example (the actual batch size), not m/2 once: that is
+    what makes one record's contribution +-1/2. ``sum_i 1[...] - m/2`` would move by 0 or 1
+    when a record is added, sensitivity 1, and the split below would no longer hold.
+    """
     unclipped = int((norms <= clip_norm).sum())  # NaN compares False: clipped
     return unclipped - 0.5 * int(norms.numel())
 
