@@ -252,6 +252,9 @@ def run_audit(scenario: Scenario, spec: AuditSpec, rng: np.random.Generator | No
             d = target.trainer.param_count
             if spec.m > d:
                 raise ValueError(f"{spec.m} gradient canaries, but the model has {d} coordinates")
+            if target.trainer.clip_norm is not None:  # canaries of norm C_0, clipped to C_t
+                raise ValueError("gradient canaries need a fixed C: turn clip_adaptive off "
+                                 "(input canaries work with adaptive clipping)")
             hook = GradientCanaries(quiet_coordinates(target.trainer, plan.train, spec.m, rng),
                                     included, scenario.max_grad_norm, spec.noise_scale, rng)
         # The target's trainer again, built like the first but with the audit's hook, no disk.

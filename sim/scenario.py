@@ -70,7 +70,12 @@ class Scenario:
     target_epsilon: float | None = 3.0  # per peer, over the planned rounds * local_steps
     noise_multiplier: float | None = None  # set instead of target_epsilon to fix sigma
     delta: float = TrainerConfig.delta
-    max_grad_norm: float = TrainerConfig.max_grad_norm
+    max_grad_norm: float = TrainerConfig.max_grad_norm  # C (adaptive clipping: the start)
+    # Adaptive clipping (docs/privacy.md): None is the trainer's rule (on for a user model)
+    clip_adaptive: bool | None = TrainerConfig.clip_adaptive
+    clip_target_quantile: float = TrainerConfig.clip_target_quantile
+    clip_learning_rate: float = TrainerConfig.clip_learning_rate
+    clip_count_stddev: float | None = TrainerConfig.clip_count_stddev
     # "local": every peer adds all of its noise; "group": each group release carries one
     # Gaussian whose shares h honest members add (docs/privacy.md, "Group noise"; every
     # engine: a network peer's private step is then one session's release)
@@ -242,6 +247,14 @@ def _check_privacy(s: Scenario) -> None:
                  f"{s.honest_min + s.max_colluders} contributors, more than group_size "
                  f"{s.group_size}")
     _require(s.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {s.max_grad_norm}")
+    _require(not (s.clip_adaptive and s.noise == "group"), "clip_adaptive",
+             "adaptive clipping is refused with group noise (docs/privacy.md)")
+    _require(0 < s.clip_target_quantile < 1, "clip_target_quantile",
+             f"must be in (0, 1), got {s.clip_target_quantile}")
+    _require(s.clip_learning_rate > 0, "clip_learning_rate",
+             f"must be > 0, got {s.clip_learning_rate}")
+    _require(s.clip_count_stddev is None or s.clip_count_stddev > 0, "clip_count_stddev",
+             f"must be > 0, got {s.clip_count_stddev}")
 
 
 def _check_training(s: Scenario) -> None:

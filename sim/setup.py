@@ -136,6 +136,10 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
         planned_rounds=s.rounds,
         delta=s.delta,
         max_grad_norm=s.max_grad_norm,
+        clip_adaptive=s.clip_adaptive,
+        clip_target_quantile=s.clip_target_quantile,
+        clip_learning_rate=s.clip_learning_rate,
+        clip_count_stddev=s.clip_count_stddev,
         # The budget is the target: a peer stops sharing once it spent what was planned.
         budget_epsilon=s.target_epsilon if s.dp else None,
         topk_fraction=s.topk_fraction,

@@ -129,6 +129,7 @@ class PeerStatus:
     epsilon: float | None = None  # spent, from the ledger (also right after a restart)
     budget_epsilon: float | None = None  # the ledger's budget (None: unlimited)
     budget_exhausted: bool = False
+    clip_norm: float | None = None  # adaptive clipping's current C (None: C is fixed)
     rounds_total: int = 0  # since the peer was created (checkpoint), this run included
     sessions_total: int = 0  # completed sessions since the peer was created, this run included
     peers_live: int = 0

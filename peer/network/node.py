@@ -236,6 +236,7 @@ class Peer:
             epsilon=self.gauges.epsilon,
             budget_epsilon=self.gauges.budget_epsilon,
             budget_exhausted=self.gauges.budget_exhausted,
+            clip_norm=getattr(self.trainer, "clip_norm", None),
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
             sessions_total=self.totals.total,
             peers_live=eligible,

@@ -93,6 +93,11 @@ def _build_scatter(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     )
 
 
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` names a user's model factory ("package.module:factory")."""
+    return ":" in name
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build a registered model for inputs of ``input_shape`` (without the batch dimension)."""
     if num_classes < 2:
