@@ -237,6 +237,7 @@ class Peer:
             budget_epsilon=self.gauges.budget_epsilon,
             budget_exhausted=self.gauges.budget_exhausted,
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
+            engine=str(getattr(self.trainer, "engine", "")),
             sessions_total=self.totals.total,
             peers_live=eligible,
             view_peers=len(self.membership),
