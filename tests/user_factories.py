@@ -96,6 +96,13 @@ def windows() -> Dataset:
     return Dataset(features=x, labels=y, classes=_CLASSES, feature_mean=0.0, feature_scale=2.0)
 
 
+def windows_one_extreme() -> Dataset:
+    """``windows`` with record 0 changed to extreme values (a neighbouring data set)."""
+    x, y = _records()
+    x[0] = 1e6
+    return Dataset(features=x, labels=y, classes=_CLASSES, feature_mean=0.0, feature_scale=2.0)
+
+
 def bare_arrays() -> tuple[np.ndarray, np.ndarray]:
     """Arrays only: the class list must come from the peer config's [table]."""
     x, y = _records()
@@ -114,6 +121,7 @@ def non_finite() -> Dataset:
 
 def unknown_label() -> Dataset:
     x, y = _records()
+    y = y.astype("<U8")
     y[9] = "medium"
     return Dataset(features=x, labels=y, classes=_CLASSES)
 
