@@ -17,16 +17,24 @@ __all__ = ["Dataset", "PeerConfig", "build_peer", "load_config", "run_peer"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("build_peer", "run_peer"):
-        from peer import api
+    if name == "build_peer":
+        from peer.api import build_peer
 
-        return getattr(api, name)
-    if name in ("PeerConfig", "load_config"):
-        from peer import config
+        return build_peer
+    if name == "run_peer":
+        from peer.api import run_peer
 
-        return getattr(config, name)
+        return run_peer
+    if name == "PeerConfig":
+        from peer.config import PeerConfig
+
+        return PeerConfig
+    if name == "load_config":
+        from peer.config import load_config
+
+        return load_config
     if name == "Dataset":
-        from peer.training import user_data
+        from peer.training.user_data import Dataset
 
-        return user_data.Dataset
+        return Dataset
     raise AttributeError(f"module 'peer' has no attribute {name!r}")
