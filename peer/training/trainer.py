@@ -180,8 +180,9 @@ class LocalTrainer:
             # The fill lends the displacement as of the last round: after a restart, now.
             self.sharing.reshare(self._params.displacement())
         log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
-                 "spent %.3f", self.model_id, len(train), len(self._blocks.ledgers),
-                 self.sample_rate, self.sigma, config.max_grad_norm, self._blocks.ledgers.epsilon)
+                 "spent %.3f, engine %s", self.model_id, len(train), len(self._blocks.ledgers),
+                 self.sample_rate, self.sigma, config.max_grad_norm,
+                 self._blocks.ledgers.epsilon, self.engine)
 
     # ----------------------------------------------------------------------- set-up
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
