@@ -16,10 +16,13 @@ telling the states apart takes the shape of the signal, not one number.
 The loader declares the class list and the standardisation (the generator's known signal
 scale), as the public-constants rule asks (docs/privacy.md): nothing is computed from the
 windows. ``python -m sim --model examples.sensor.model:build
---dataset python:examples.sensor.data:load`` trains on it.
+--dataset python:examples.sensor.data:load`` trains on it (the simulation splits it among its
+peers); a daemon uses :func:`load_device`, its own machine's recordings.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -34,6 +37,10 @@ NOISE_STD = 0.8
 #: The declared standardisation: the signals are zero-mean and of about this scale.
 SIGNAL_SCALE = 1.5
 SEED = 20240601
+#: Records one device has recorded (``load_device``).
+DEVICE_RECORDS = 600
+#: Which device this is, for ``load_device``: the environment variable's value, 0, 1, 2...
+DEVICE_VARIABLE = "SENSOR_DEVICE"
 
 
 def _window(kind: int, rng: np.random.Generator) -> np.ndarray:
@@ -70,5 +77,14 @@ def generate(records: int = RECORDS, seed: int = SEED) -> tuple[np.ndarray, np.n
 def load() -> Dataset:
     """Every window and its state name, with the declared class list and standardisation."""
     windows, labels = generate()
+    return Dataset(features=windows, labels=labels, classes=CLASSES,
+                   feature_mean=0.0, feature_scale=SIGNAL_SCALE)
+
+
+def load_device() -> Dataset:
+    """This device's own windows: ``DEVICE_RECORDS`` of them, different on every device
+    (seeded by ``$SENSOR_DEVICE``), with the same declared constants as :func:`load`."""
+    device = int(os.environ.get(DEVICE_VARIABLE, "0"))
+    windows, labels = generate(DEVICE_RECORDS, SEED + 1 + device)
     return Dataset(features=windows, labels=labels, classes=CLASSES,
                    feature_mean=0.0, feature_scale=SIGNAL_SCALE)
