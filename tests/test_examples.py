@@ -34,11 +34,14 @@ async def _run(tmp_path: Path, **changes: object):
 
 
 async def test_the_sensor_example_learns_on_the_general_engine(tmp_path: Path) -> None:
+    # The example's recipe (examples/README.md): lr 1.0.
     result = await _run(tmp_path, model="examples.sensor.model:build",
-                        dataset="python:examples.sensor.data:load")
+                        dataset="python:examples.sensor.data:load", lr=1.0, rounds=6,
+                        local_steps=10)
     assert result.summary.sessions_done > 0
     assert result.summary.mean_accuracy is not None
-    assert result.summary.mean_accuracy > 1 / 5 + 0.15  # five machine states
+    # Five machine states: chance is 20 %; three checks of this run gave 43-56 %.
+    assert result.summary.mean_accuracy > 1 / 5 + 0.10
     assert _engines(result.metrics_path) == {"vmap"}
 
 
