@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", type=Path, metavar="FILE",
                         help="TOML scenario file (options below override it)")
     parser.add_argument("--peers", type=int, help="number of honest peers")
-    parser.add_argument("--dataset", help="digits | fashion-mnist[:DIR] | csv:PATH | npz:PATH")
-    parser.add_argument("--model", help=f"{' | '.join(MODEL_CHOICES)}")
+    parser.add_argument("--dataset", help="digits | fashion-mnist[:DIR] | csv:PATH | npz:PATH "
+                        "| python:MODULE:LOADER (a loader of your own)")
+    parser.add_argument("--model", help=f"{' | '.join(MODEL_CHOICES)} | MODULE:FACTORY (a "
+                        "model factory of your own)")
     parser.add_argument("--partition", help="iid | dirichlet | shards")
     parser.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: skewed)")
     dp = parser.add_mutually_exclusive_group()

@@ -145,6 +145,7 @@ _STATUS_EXTRAS = (
     "messages_received",
     "reconnects",
     "peers_live",
+    "engine",
 )
 
 

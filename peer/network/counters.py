@@ -135,6 +135,9 @@ class PeerStatus:
     peers_live: int = 0
     view_peers: int = 0  # peers in the membership view (live or not yet expired)
     view_buckets: int = -1  # announcement buckets followed; -1: every one (the full view)
+    # The per-example engine private steps run on ("ghost", "vmap"; "none": dp off; "": a
+    # node without a trainer that says).
+    engine: str = ""
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------
     round: int = 0

@@ -238,6 +238,7 @@ class Peer:
             budget_exhausted=self.gauges.budget_exhausted,
             clip_norm=getattr(self.trainer, "clip_norm", None),
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
+            engine=str(getattr(self.trainer, "engine", "")),
             sessions_total=self.totals.total,
             peers_live=eligible,
             view_peers=len(self.membership),

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.training.config import TrainerConfig
-from peer.training.models import is_user_model
+from peer.training.import_path import is_user_model
 from peer.training.privacy.noise import GaussianSource
 
 #: C stays in this range: a bound on a function of released values, only to keep it a float.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from peer.sharing import DEFAULT_STRATEGY, strategy_class
 from peer.sharing.topk import TopK
+from peer.training.import_path import check_import_path, is_user_model
 from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 #: The models peer.training.models can build ("scatter" needs kymatio, see features.py).
@@ -27,6 +28,8 @@ class TrainerConfig:
     ``planned_rounds - averaging_rounds`` rounds of ``local_steps`` steps spend exactly that
     epsilon, and the budget defaults to it."""
 
+    # A built-in name (MODEL_NAMES) or a user's factory "package.module:function"
+    # (peer/training/user_model.py; docs/peer.md, "Your own model and data").
     model: str = "mlp"
     # lr, momentum, batch size and the averaging tail's top-k won the sweeps of
     # docs/results.md ("Learning quality"); measured with the simulation's rounds.
@@ -91,8 +94,11 @@ class TrainerConfig:
     checkpoint_every_round: bool = True
 
     def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
+        if is_user_model(self.model):
+            check_import_path(self.model, "model")  # imported when the trainer builds it
+        elif self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES} or "
+                             "a factory 'package.module:function'")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -58,16 +58,18 @@ from peer.training.blocks import BlockSource, BlockStatus, open_block_source
 from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
-from peer.training.dpsgd import AuditHook, DPSGDStep, poisson_batch
+from peer.training.dpsgd import AuditHook, DPSGDStep, GhostClipEngine, poisson_batch
 from peer.training.group_epoch import GroupEpoch
 from peer.training.group_noise import GroupNoise
 from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
 from peer.training.models import (
     build_model,
     configure_torch_threads,
+    model_base_id,
     param_count,
     seeded_init,
     split_frozen,
+    training_engine,
 )
 from peer.training.optim import build_optimizer
 from peer.training.params import FlatParams
@@ -144,7 +146,7 @@ class LocalTrainer:
             config.averaging_topk_fraction)
         # Peers only group with the same model id, so a network never mixes share modes
         # (a displacement averaged with deltas would be meaningless).
-        self.model_id = self.sharing.model_id(f"{config.model}-{self.param_count}",
+        self.model_id = self.sharing.model_id(model_base_id(config.model, self.model),
                                               self._params.initial_digest())
         if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
             self.model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
@@ -164,6 +166,9 @@ class LocalTrainer:
         # Insecure mode seeds batch sampling too (experiments only: NOT private).
         self._sampling: torch.Generator | None = (
             torch.Generator().manual_seed(config.seed) if config.insecure_fast_noise else None)
+        #: The DP engine setting: a user model's is the one exact for it (user_model.py).
+        self._engine = training_engine(config.model, self._trainable, train.input_shape,
+                                       config.engine)
         self._dp_step = self._make_dp_step(noise, audit) if config.dp else None
         #: A caller's noise source or weakened noise: the ledger's epsilon no longer describes
         #: the steps.
@@ -177,9 +182,9 @@ class LocalTrainer:
             # The fill lends the displacement as of the last round: after a restart, now.
             self.sharing.reshare(self._params.displacement())
         log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
-                 "spent %.3f", self.model_id, len(train), len(self._blocks.ledgers),
+                 "spent %.3f, engine %s", self.model_id, len(train), len(self._blocks.ledgers),
                  self.sample_rate, self.sigma, self.clip_norm or config.max_grad_norm,
-                 self._blocks.ledgers.epsilon)
+                 self._blocks.ledgers.epsilon, self.engine)
 
     # ----------------------------------------------------------------------- set-up
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
@@ -198,7 +203,7 @@ class LocalTrainer:
                                max_grad_norm=cfg.max_grad_norm,
                                expected_batch_size=float(cfg.batch_size),
                                noise=choose_noise(noise, cfg.insecure_fast_noise, cfg.seed),
-                               engine=cfg.engine, audit=audit,
+                               engine=self._engine, audit=audit,
                                adaptive=(AdaptiveClip.from_config(cfg)
                                          if adaptive_clipping_on(cfg) else None))
 
@@ -214,6 +219,14 @@ class LocalTrainer:
     def round(self) -> int:
         """Rounds since the trainer was created (private and averaging, every block)."""
         return self._round
+
+    @property
+    def engine(self) -> str:
+        """The per-example engine private steps run on: "ghost" (the fast one), "vmap" (the
+        general one, torch.func) or "none" (dp off)."""
+        if self._dp_step is None:
+            return "none"
+        return "ghost" if isinstance(self._dp_step.engine, GhostClipEngine) else "vmap"
 
     @property
     def ledger(self) -> PrivacyLedger | None:
