@@ -30,7 +30,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +44,7 @@ from peer.network.session.common import (
     SessionContext,
     SessionParams,
     Step,
+    averaging_tail_params,
     group_min_sum,
     group_model_suffix,
 )
@@ -141,6 +142,10 @@ class SessionSeat:
         # Group noise (peer/group_steps.py, set by the node): the charged step behind the
         # fresh share and the one behind the session's (each has a ``contribution``).
         self.group_steps: GroupReleases | None = None
+        #: Group noise: the averaging tail's parameters (another model id: docs/privacy.md,
+        #: "The averaging tail"); None for any other peer.
+        self.tail_params = (averaging_tail_params(self.params)
+                            if self.params.field_contributions else None)
         self._fresh_step: Any = None
         self._session_step: Any = None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
@@ -175,6 +180,26 @@ class SessionSeat:
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more."""
         self._fresh = self._fresh_step = None
+
+    # ------------------------------------------------------------------ the averaging tail
+    def tail_peers(self, now: float) -> int:
+        """Live peers announcing this peer's averaging-tail model id (0 without a tail)."""
+        tail = self.tail_params
+        if tail is None or self.params is tail:
+            return 0
+        return len(self.membership.eligible(now, model_id=tail.model_id,
+                                            param_count=tail.param_count))
+
+    def enter_tail(self) -> SessionParams | None:
+        """Switch to the averaging tail's parameters (for good), withdrawing a private share
+        that never formed a group; None, and nothing changed, while a session is in flight (it
+        keeps the parameters it was made with) or for a peer without a tail."""
+        if self.session is not None or self.tail_params is None:
+            return None
+        self.withdraw_update()
+        self.params = self.tail_params
+        self.ctx = replace(self.ctx, params=self.params)
+        return self.params
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
