@@ -162,7 +162,7 @@ class RoundLoop:
             now = time.monotonic()
             state = host.pacing_state(now, next_at, math.inf)  # a share waits: update_pending
             stranded_since = (stranded_since or now) if stranded(state, steps.min_sum) else None
-            if (stranded_since is not None and not steps.in_tail
+            if (stranded_since is not None and not steps.in_tail and steps.tail_rounds > 0
                     and now - stranded_since >= self.pacing.stranded_tail_s):
                 self._enter_tail("too few private-step peers left to release a share")
                 if steps.in_tail:
