@@ -22,8 +22,9 @@ session:
 4. The averaging tail (docs/privacy.md, "The averaging tail"): once the plan is done, the
    budget spent or the peer stranded, :meth:`GroupSteps.make_tail` offers the current model
    alone (a :class:`TailShare`) to a session of the tail's model id, ``averaging_rounds``
-   times; :meth:`GroupSteps.apply` moves to the released mean model and nothing else: no
-   optimizer step, no ledger entry.
+   times, then keeps one ready that only answers others' tail invitations;
+   :meth:`GroupSteps.apply` moves to the released mean model and nothing else: no optimizer
+   step, no ledger entry.
 
 Security property: the model moves only by released sums (the mean of the members' models,
 itself post-processing of earlier releases, and the group's noised gradient sum); nothing
@@ -117,10 +118,11 @@ class GroupSteps:
         """Rounds so far: whole private rounds, then one per tail share."""
         return self.steps_made // max(1, int(self.trainer.config.local_steps)) + self.tail_made
 
-    def make_tail(self) -> TailShare:
-        """The next tail share: the model now (a function of earlier releases only)."""
+    def make_tail(self, counted: bool = True) -> TailShare:
+        """The next tail share: the model now (a function of earlier releases only).
+        ``counted`` False: a share past the tail that only answers others' tail sessions."""
         model = self.trainer.parameter_vector()
-        self.tail_made += 1
+        self.tail_made += int(counted)
         contribution = Contribution(indices=np.arange(model.size, dtype=np.uint32),
                                     values=model, round=self.rounds_done)
         return TailShare(contribution)

@@ -10,6 +10,7 @@ its budget is spent, it joins sessions of the tail's model id that only average 
   although their optimizers hold momentum.
 * Tail peers and private-step peers never meet in a session, formed or not: the tail's model
   id differs, and an INVITE across the two is declined on it.
+* A peer whose own tail is done starts no session but answers a late peer's tail invitations.
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ def make_trainer(digits_source, one_torch_thread) -> Callable[..., Any]:
 
     train, _test = digits_source
 
-    def make(index: int, n: int, *, seed: int, private_steps: int, budget: float) -> Any:
+    def make(index: int, n: int, *, seed: int, private_steps: int, budget: float,
+             tail: int = TAIL_ROUNDS) -> Any:
         shard = train.subset(np.arange(index, len(train.y), n))
         local, holdout = split_holdout(shard, 0.2, index)
         config = TrainerConfig(model="mlp", lr=0.05, momentum=0.9, batch_size=BATCH,
                                local_steps=private_steps, noise="group", honest_min=2,
-                               noise_multiplier=SIGMA_EFF, planned_rounds=1 + TAIL_ROUNDS,
-                               averaging_rounds=TAIL_ROUNDS, budget_epsilon=budget, seed=seed)
+                               noise_multiplier=SIGMA_EFF, planned_rounds=1 + tail,
+                               averaging_rounds=tail, budget_epsilon=budget, seed=seed)
         return LocalTrainer(config, local, holdout, None)
 
     return make
@@ -180,6 +182,35 @@ async def test_tail_and_private_step_peers_never_share_a_session(mosquitto,
         invite = m.Invite(group_size=3, threshold=2, model_id=theirs.model_id,
                           param_count=mine.param_count, frac_bits=16)
         assert check_invite(mine, invite) == "model_mismatch"
+
+
+async def test_a_peer_whose_tail_is_done_answers_a_late_peer_and_starts_nothing(
+        mosquitto, make_trainer) -> None:
+    from crypto.admission import AdmissionKey
+
+    net = Network(mosquitto.url, AdmissionKey.generate(NET))
+    early = [net.add(f"e{i}", make_trainer(i, 4, seed=7, private_steps=1, budget=1e-9,
+                                           tail=2), TAIL_FAST) for i in range(3)]
+    try:
+        await wait_until(lambda: all(p.status().budget_exhausted for p in early), 30,
+                         "the early peers' two-round tails")
+        late = net.add("late", make_trainer(3, 4, seed=7, private_steps=1, budget=1e-9),
+                       TAIL_FAST)
+        # Each late session holds at least two early members; the early peers hold at most
+        # three shares of their own tails, so four late releases need answering shares.
+        await wait_until(lambda: late.group_steps.averaged >= 4, 30,
+                         "four tail releases of the late peer")
+    finally:
+        await net.close()
+    for peer in early:
+        started = [e for e in net.events if e.peer_id == peer.peer_id
+                   and e.kind in ("session_done", "session_aborted")
+                   and e.data["role"] == "initiator"]
+        assert len(started) <= 2  # its own tail's shares only
+        assert peer.group_steps.tail_made == 2
+    late_ids = {bytes(e.data["session_id"]) for e in net.events
+                if e.kind == "session_done" and e.peer_id == "late"}
+    assert len(late_ids) >= 4
 
 
 def test_only_a_group_noise_peer_has_a_tail() -> None:

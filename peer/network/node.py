@@ -25,7 +25,7 @@ Every inbound message passes the checks of peer/network/inbound.py before it rea
 session; each failure is a counted drop with a reason (``status().drops``), so nothing on the
 wire can crash a peer. Large session messages travel as signed CHUNKs (bounded reassembly).
 
-(About 465 lines, past the usual ~450: this is the one place a peer's parts are wired to its
+(About 470 lines, past the usual ~450: this is the one place a peer's parts are wired to its
 I/O; each method is a few lines of wiring that would only move, not shrink, if split off.)
 """
 
@@ -458,10 +458,11 @@ class Peer:
         self.counters.round += 1
         self.offer_update(update.indices, update.values, int(update.round))
 
-    def offer_group_step(self, step: Any, rounds: int) -> None:
-        """A group-noise step's share is ready (RoundHost); ``rounds``: rounds done."""
+    def offer_group_step(self, step: Any, rounds: int, initiate: bool = True) -> None:
+        """A group-noise share is ready (RoundHost); ``rounds``: rounds done; ``initiate``
+        False: it only answers invitations."""
         self.counters.round = rounds
-        self.seat.offer_group_step(step)
+        self.seat.offer_group_step(step, initiate)
 
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more (RoundHost)."""

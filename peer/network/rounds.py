@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -95,7 +96,8 @@ class RoundHost(Protocol):
     def pacing_state(self, now: float, next_private_at: float,
                      next_averaging_at: float) -> PacingState: ...
     def round_done(self, update: Any) -> None: ...  # count it and offer it to sessions
-    def offer_group_step(self, step: Any, rounds: int) -> None: ...  # group noise: a share
+    def offer_group_step(self, step: Any, rounds: int,
+                         initiate: bool = True) -> None: ...  # group noise: a share
     def enter_averaging_tail(self) -> bool: ...  # group noise: the tail's model id from now
     @property
     def group_steps(self) -> Any: ...  # peer.group_steps.GroupSteps, or None (local noise)
@@ -152,7 +154,8 @@ class RoundLoop:
         release moves the model (peer/group_steps.py). Never a local round. Then the averaging
         tail (docs/privacy.md, "The averaging tail"): once the plan is done, the budget spent
         or the peer stranded, it switches to the tail's model id and offers its model alone,
-        one share per tail round, ``averaging_rounds`` times; then it serves only."""
+        one share per tail round, ``averaging_rounds`` times; then it only answers others' tail
+        invitations with its model."""
         host, gauges, steps = self.host, self.host.gauges, self.host.group_steps
         per_round = max(1, int(steps.trainer.config.local_steps))
         interval = self.pacing.private_round_interval_s / per_round
@@ -167,10 +170,11 @@ class RoundLoop:
                 self._enter_tail("too few private-step peers left to release a share")
                 if steps.in_tail:
                     continue  # the shared state changed: sample it again
-            if steps.tail_done and not state.update_pending:
-                self._spent("the averaging tail is done")
+            answering = steps.tail_done  # its own tail is done: it answers others' only
+            if answering and not gauges.budget_exhausted:
+                self._tail_done()
             decision = next_round(state, self.pacing)
-            if (gauges.budget_exhausted or state.update_pending or steps.tail_done
+            if ((gauges.budget_exhausted and not answering) or state.update_pending
                     or decision.kind is not RoundKind.PRIVATE):
                 self.wake.clear()
                 await wait_event(self.wake, max(0.05, min(decision.wait_s or 1.0, 1.0)))
@@ -178,7 +182,7 @@ class RoundLoop:
             await steps.settled()  # a share is taken at the model after every release
             if steps.in_tail:
                 next_at = now + interval * per_round  # a tail round is one share
-                share = await self._in_thread(steps.make_tail)
+                share = await self._in_thread(functools.partial(steps.make_tail, not answering))
             else:
                 next_at = now + interval
                 share = await self._group_share()
@@ -189,8 +193,8 @@ class RoundLoop:
                 await wait_event(self.wake, 0.2)
                 continue
             gauges.epsilon = optional_float(getattr(host.trainer, "epsilon", None))
-            host.offer_group_step(share, steps.rounds_done)
-            if steps.in_tail or steps.steps_made % per_round == 0:
+            host.offer_group_step(share, steps.rounds_done, initiate=not answering)
+            if not answering and (steps.in_tail or steps.steps_made % per_round == 0):
                 await self._group_round_done(steps.rounds_done, 0 if steps.in_tail else per_round)
 
     async def _group_share(self) -> Any:
@@ -223,6 +227,15 @@ class RoundLoop:
             steps.in_tail = True
             log.info("%s: %s; averaging tail of %d rounds, no more private steps",
                      host.peer_id, why, steps.tail_rounds)
+
+    def _tail_done(self) -> None:
+        """The peer's own tail is done: it starts no session any more and answers others' tail
+        invitations with its model (free); shown as a spent budget, its plan being over."""
+        gauges = self.host.gauges
+        gauges.budget_exhausted = True
+        log.info("%s: averaging tail done; answering others' tail sessions only",
+                 self.host.peer_id)
+        self.host.emit("budget_exhausted", epsilon=gauges.epsilon)
 
     def _spent(self, why: str) -> None:
         """No more shares of any kind: the peer serves others' sessions only."""

@@ -147,6 +147,7 @@ class SessionSeat:
         self.tail_params = (averaging_tail_params(self.params)
                             if self.params.field_contributions else None)
         self._fresh_step: Any = None
+        self._fresh_initiates = True  # False: the fresh share only answers invitations
         self._session_step: Any = None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
         self._latest_round = -1
@@ -169,12 +170,15 @@ class SessionSeat:
             fill=None if self.sharing is None else self.sharing.fill,
         )
         self._latest_round = max(self._latest_round, round_)
+        self._fresh_initiates = True
         self.wake.set()
 
-    def offer_group_step(self, step: Any) -> None:
+    def offer_group_step(self, step: Any, initiate: bool = True) -> None:
         """Make a group-noise step's share available for the next session (group mode keeps
-        at most one: the caller offers a new one only once this one is gone)."""
+        at most one: the caller offers a new one only once this one is gone); ``initiate``
+        False: it only answers others' invitations (a peer whose own tail is done)."""
         self._fresh, self._fresh_step = step.contribution, step
+        self._fresh_initiates = initiate
         self.wake.set()
 
     def withdraw_update(self) -> None:
@@ -268,7 +272,7 @@ class SessionSeat:
         """Start a session now if possible (fresh update, free, >= 2 eligible live peers)."""
         now = time.time() if now is None else now
         if (self.hooks.stopping() or self.session is not None or self._fresh is None
-                or not self.hooks.connected()
+                or not self._fresh_initiates or not self.hooks.connected()
                 or time.monotonic() - self._last_session_end < self.config.cooldown_s):
             return False
         k = min(self.params.group_size - 1 + max(0, self.config.over_invite), MAX_MEMBERS - 1)
@@ -290,7 +294,7 @@ class SessionSeat:
         rng = secrets.SystemRandom()
         while not self.hooks.stopping():
             self.wake.clear()
-            if self.session is None and self._fresh is not None:
+            if self.session is None and self._fresh is not None and self._fresh_initiates:
                 # Random delay, growing with consecutive failed invitations (collisions): a
                 # peer that waits is likely to be invited by a neighbour instead.
                 doublings = min(self._initiator_failures, MAX_BACKOFF_DOUBLINGS)
