@@ -84,8 +84,9 @@ def _spread(models: list[np.ndarray]) -> float:
     return max(float(np.linalg.norm(a - b)) for a, b in itertools.combinations(models, 2))
 
 
-async def test_tail_peers_average_and_their_ledgers_record_nothing(mosquitto,
-                                                                   make_trainer) -> None:
+@pytest.mark.parametrize("kind", ["shamir", "masked"])
+async def test_tail_peers_average_and_their_ledgers_record_nothing(mosquitto, make_trainer,
+                                                                   kind: str) -> None:
     from crypto.admission import AdmissionKey
 
     # A budget no step fits in: straight into the tail. The peers share one initial model
@@ -98,7 +99,8 @@ async def test_tail_peers_average_and_their_ledgers_record_nothing(mosquitto,
                              rng.normal(0.0, 0.1, d).astype(np.float32))
     before = [t.parameter_vector() for t in trainers]
     net = Network(mosquitto.url, AdmissionKey.generate(NET))
-    peers = [net.add(f"t{i}", trainer, TAIL_FAST) for i, trainer in enumerate(trainers)]
+    config = dataclasses.replace(TAIL_FAST, session_kind=kind)
+    peers = [net.add(f"t{i}", trainer, config) for i, trainer in enumerate(trainers)]
     try:
         await wait_until(lambda: all(p.group_steps.averaged >= 2 for p in peers), 40,
                          "every tail peer to apply two tail releases")
