@@ -70,8 +70,10 @@ def test_a_group_noise_peer_is_stranded_only_with_too_few_private_and_enough_tai
 
     assert is_stranded(2, 3)
     assert is_stranded(0, 7)
+    assert is_stranded(2, 1)  # the two others are stranded alike: the four average together
     assert not is_stranded(3, 5)  # a private release can still form
-    assert not is_stranded(2, 2)  # no tail group to join either: keep the share
+    assert not is_stranded(1, 1)  # too few to average either: keep the share
+    assert not is_stranded(2, 0)  # nobody in the tail: a network still starting
     assert not is_stranded(0, 0)  # nobody seen yet (a peer just started)
     with pytest.raises(ValueError, match="stranded_tail_s"):
         PacingConfig(stranded_tail_s=-1.0)

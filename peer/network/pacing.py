@@ -126,7 +126,10 @@ def private_round_interval(budget_hours: float | None, private_rounds: int) -> f
 
 def stranded(state: PacingState, min_sum: int) -> bool:
     """Whether a group-noise peer's private shares can no longer be released (pure): fewer
-    than ``min_sum`` - 1 other peers still take private steps, while at least ``min_sum`` - 1
-    average in the tail, with whom it can still average."""
+    than ``min_sum`` - 1 other peers still take private steps, while some peer has reached the
+    averaging tail and, counting the private-step peers (stranded alike, they move too), at
+    least ``min_sum`` - 1 others can average with it there. Without any tail peer (a network
+    still starting) nobody is stranded."""
     need = min_sum - 1
-    return state.eligible_peers < need <= state.tail_peers
+    return state.tail_peers > 0 and state.eligible_peers < need <= (
+        state.eligible_peers + state.tail_peers)
