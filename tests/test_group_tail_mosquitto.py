@@ -11,6 +11,9 @@ its budget is spent, it joins sessions of the tail's model id that only average 
 * Tail peers and private-step peers never meet in a session, formed or not: the tail's model
   id differs, and an INVITE across the two is declined on it.
 * A peer whose own tail is done starts no session but answers a late peer's tail invitations.
+* A stranded peer (too few private-step peers ever to release its share) withdraws the share
+  it took, whose ledger charge stays (the epsilon shown over-, never under-states), and averages
+  in the tail; a share of one stage is refused by a session of the other.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import pytest
 
 from peer.network.session.common import (
     GROUP_TAIL_SUFFIX,
+    Contribution,
     SessionParams,
     averaging_tail_params,
+    check_contribution,
     check_invite,
 )
 from peer.network.session.shamir import SessionTimeouts
@@ -54,19 +59,20 @@ TAIL_FAST = NodeConfig(
 
 @pytest.fixture
 def make_trainer(digits_source, one_torch_thread) -> Callable[..., Any]:
-    """make(index, n, seed, private_steps, budget): a real group-noise LocalTrainer (h = 2)
-    on a 1/n shard of digits whose plan is ``private_steps`` steps, then the tail."""
+    """make(index, n, seed, private_steps, budget): a real group-noise LocalTrainer (h = 2
+    unless ``honest_min``) on a 1/n shard of digits whose plan is ``private_steps`` steps,
+    then the tail."""
     from peer.training.data import split_holdout
     from peer.training.trainer import LocalTrainer, TrainerConfig
 
     train, _test = digits_source
 
     def make(index: int, n: int, *, seed: int, private_steps: int, budget: float,
-             tail: int = TAIL_ROUNDS) -> Any:
+             tail: int = TAIL_ROUNDS, honest_min: int = 2) -> Any:
         shard = train.subset(np.arange(index, len(train.y), n))
         local, holdout = split_holdout(shard, 0.2, index)
         config = TrainerConfig(model="mlp", lr=0.05, momentum=0.9, batch_size=BATCH,
-                               local_steps=private_steps, noise="group", honest_min=2,
+                               local_steps=private_steps, noise="group", honest_min=honest_min,
                                noise_multiplier=SIGMA_EFF, planned_rounds=1 + tail,
                                averaging_rounds=tail, budget_epsilon=budget, seed=seed)
         return LocalTrainer(config, local, holdout, None)
@@ -205,14 +211,72 @@ async def test_a_peer_whose_tail_is_done_answers_a_late_peer_and_starts_nothing(
     finally:
         await net.close()
     for peer in early:
+        # Sessions it started that formed: each consumed one of its own tail's shares (an
+        # invitation that never formed, e.g. one that yielded to a neighbour's, keeps the share
+        # and may be retried, so it is not counted). An answering share never invites.
         started = [e for e in net.events if e.peer_id == peer.peer_id
                    and e.kind in ("session_done", "session_aborted")
-                   and e.data["role"] == "initiator"]
-        assert len(started) <= 2  # its own tail's shares only
+                   and e.data["role"] == "initiator" and e.data["members"]]
+        assert len(started) <= 2
         assert peer.group_steps.tail_made == 2
     late_ids = {bytes(e.data["session_id"]) for e in net.events
                 if e.kind == "session_done" and e.peer_id == "late"}
     assert len(late_ids) >= 4
+
+
+async def test_a_stranded_peer_withdraws_its_charged_share_and_its_epsilon_keeps_it(
+        mosquitto, make_trainer) -> None:
+    from crypto.admission import AdmissionKey
+
+    # h = 3, c = 1: a private release needs 4. Three private-step peers see two others each,
+    # enough to take a step (its share charged first) but never to release it; two peers are
+    # in the tail. The three are stranded, withdraw the waiting share and average in the tail.
+    net = Network(mosquitto.url, AdmissionKey.generate(NET))
+    private = [net.add(f"p{i}", make_trainer(i, 5, seed=7, private_steps=10_000, budget=1e6,
+                                             honest_min=3), TAIL_FAST) for i in range(3)]
+    tail = [net.add(f"t{i}", make_trainer(3 + i, 5, seed=7, private_steps=1, budget=1e-9,
+                                          honest_min=3), TAIL_FAST) for i in range(2)]
+    try:
+        await wait_until(lambda: all(p.group_steps.in_tail and p.group_steps.averaged >= 1
+                                     for p in private), 40,
+                         "the stranded peers to reach the tail and average there")
+    finally:
+        await net.close()
+    for peer in private:
+        assert peer.params.model_id.endswith(GROUP_TAIL_SUFFIX)
+        assert peer.group_steps.applied == 0  # no private release ever formed
+        ledger = peer.trainer.ledger
+        # the share it took was charged before it existed and stays charged once withdrawn:
+        # the epsilon shown counts a step that never left (over, never under, the truth)
+        assert ledger.steps == 1
+        assert peer.status().epsilon == pytest.approx(
+            epsilon(1, SIGMA_EFF, ledger.sample_rate, 1e-5), rel=1e-9)
+        assert peer.status().epsilon > 0.0
+    sessions = _sessions(net)
+    assert sessions
+    for data in sessions:
+        assert len(data["members"]) >= tail[0].params.min_sum == 4
+    for data in (e.data for e in net.events if e.kind == "session_done"):
+        assert data["field_sum"] is None  # only tail releases: the private shares never left
+
+
+def test_a_share_of_one_stage_never_enters_a_session_of_the_other() -> None:
+    # A share prepared before a switch cannot be used after it: a session refuses, when it is
+    # made, a contribution whose layout is not its own (check_contribution, both kinds).
+    private = SessionParams(network_id="n", model_id="mlp-c1", param_count=4, group_size=4,
+                            threshold=2, min_sum=3, field_contributions=True)
+    tail = averaging_tail_params(private)
+    d = np.arange(4, dtype=np.uint32)
+    private_share = Contribution(indices=d, values=np.zeros(4, np.float32),
+                                 field_values=np.ones(4, np.uint32),
+                                 model=np.zeros(4, np.float32))
+    tail_share = Contribution(indices=d, values=np.zeros(4, np.float32))
+    check_contribution(private_share, private)
+    check_contribution(tail_share, tail)
+    with pytest.raises(ValueError, match="field elements"):
+        check_contribution(private_share, tail)
+    with pytest.raises(ValueError, match="field elements"):
+        check_contribution(tail_share, private)
 
 
 def test_only_a_group_noise_peer_has_a_tail() -> None:
