@@ -171,11 +171,12 @@ def group_sigma_eff(s: Scenario, plans: list[PeerPlan]) -> float:
 
 def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float,
                         audit: Any = None) -> Any:
-    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff."""
+    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff; its plan
+    is the scenario's rounds, the last ``averaging_rounds`` of them the averaging tail (the
+    network engines' tail sessions; the reference engine counts rounds itself)."""
     config = dataclasses.replace(
         trainer_config(s, model_name), noise="group", honest_min=s.honest_min,
-        noise_multiplier=sigma_eff, target_epsilon=None, averaging_rounds=0,
-        planned_rounds=max(1, private_rounds(s)))
+        noise_multiplier=sigma_eff, target_epsilon=None)
     return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir,
                                   audit=audit)
 
