@@ -6,7 +6,15 @@ load). Rows: method, threads, ms_per_step, ratio_vs_plain, ms_per_step_min,
 ratio_vs_plain_min. murmur_dp_vmap is the straightforward torch.func engine, kept for
 comparison; secure_noise_only is the cost of drawing param_count secure Gaussians.
 
+User models (rows ``user_plain_sgd``, ``user_dp_ghost``, ``user_dp_vmap``, with ``model`` the
+factory's import path and ``ratio_vs_ghost``, the general engine's cost per step over the fast
+engine's on the same model and batch): the examples' models, built through the same door as a
+peer's ``model = "package.module:factory"``. examples.fashion.model:build (Conv2d + Linear)
+runs on both engines; examples.sensor.model:build (Conv1d, GroupNorm) only on the general one,
+so its ratio is against plain SGD.
+
     python bench/dp_step_bench.py [--quick] [--out FILE] [--model cnn] [--batch 64]
+                                  [--user-models PATH,PATH | --user-models none]
 """
 
 from __future__ import annotations
@@ -115,16 +123,7 @@ def run(model_name: str, batch: int, threads_list: list[int], repeats: int, step
             "opacus_dp": _opacus(model_name, shape, x, y),
             "secure_noise_only": _noise_only(count),
         }
-        for fn in methods.values():  # warm-up (allocator, vmap tracing, thread pool)
-            for _ in range(5):
-                fn()
-        samples: dict[str, list[float]] = {name: [] for name in methods}
-        for _ in range(repeats):
-            for name, fn in methods.items():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    fn()
-                samples[name].append((time.perf_counter() - start) / steps * 1e3)
+        samples = _timed(methods, repeats, steps)
         plain_ms = statistics.median(samples["plain_sgd"])
         plain_min = min(samples["plain_sgd"])
         for name, values in samples.items():
@@ -146,6 +145,61 @@ def run(model_name: str, batch: int, threads_list: list[int], repeats: int, step
     return rows
 
 
+#: The examples' factories and the input shape and class count each is built for.
+USER_MODELS: dict[str, tuple[tuple[int, ...], int]] = {
+    "examples.fashion.model:build": ((1, 28, 28), 10),
+    "examples.sensor.model:build": ((3, 64), 5),
+}
+
+
+def _timed(methods: dict[str, Callable[[], None]], repeats: int, steps: int
+           ) -> dict[str, list[float]]:
+    """ms per step of every method in every repeat, the methods interleaved."""
+    for fn in methods.values():  # warm-up (allocator, vmap tracing, thread pool)
+        for _ in range(5):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            samples[name].append((time.perf_counter() - start) / steps * 1e3)
+    return samples
+
+
+def run_user(path: str, batch: int, threads_list: list[int], repeats: int, steps: int
+             ) -> list[dict[str, object]]:
+    """Rows of one user model: plain SGD and DP-SGD on each engine that handles it."""
+    from peer.training.user_model import engine_for
+
+    shape, classes = USER_MODELS[path]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    model = build_model(path, shape, classes)
+    engines = ["ghost", "vmap"] if engine_for(model, shape) == "ghost" else ["vmap"]
+    rows: list[dict[str, object]] = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        methods = {"user_plain_sgd": _plain(path, shape, x, y)}
+        for engine in engines:
+            methods[f"user_dp_{engine}"] = _murmur(path, shape, x, y, engine)
+        samples = _timed(methods, repeats, steps)
+        plain = statistics.median(samples["user_plain_sgd"])
+        ghost = statistics.median(samples.get("user_dp_ghost", [1.0]))
+        for name, values in samples.items():
+            ms = statistics.median(values)
+            row: dict[str, object] = {
+                "method": name, "model": path, "params": param_count(model), "batch": batch,
+                "threads": threads, "ms_per_step": round(ms, 3),
+                "ratio_vs_plain": round(ms / plain, 3)}
+            if "ghost" in engines:  # a model the fast engine cannot run has no such ratio
+                row["ratio_vs_ghost"] = round(ms / ghost, 3)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (< 60 s)")
@@ -153,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--user-models", default=",".join(USER_MODELS),
+                        help=f"comma-separated, of {', '.join(USER_MODELS)}; or none")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # Opacus warns about secure_mode / non-Poisson use
     repeats, steps = (5, 10) if args.quick else (15, 20)
@@ -165,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
             f" {row['ratio_vs_plain']:>8.2f} {row['ms_per_step_min']:>8.3f}"
             f" {row['ratio_vs_plain_min']:>6.2f}"
         )
+    paths = [] if args.user_models == "none" else args.user_models.split(",")
+    user_rows = [row for path in paths
+                 for row in run_user(path, args.batch, threads, repeats, steps)]
+    if user_rows:
+        print(f"\n{'user model':<30} {'method':<15} {'threads':>7} {'ms/step':>9} "
+              f"{'x plain':>8} {'x ghost':>8}")
+    for row in user_rows:
+        vs_ghost = f"{row['ratio_vs_ghost']:.2f}" if "ratio_vs_ghost" in row else "-"
+        print(f"{row['model']:<30} {row['method']:<15} {row['threads']:>7} "
+              f"{row['ms_per_step']:>9.3f} {row['ratio_vs_plain']:>8.2f} {vs_ghost:>8}")
+    rows += user_rows
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0

@@ -35,6 +35,7 @@ from peer.network.session.shamir import SessionTimeouts
 from peer.network.transport import BrokerSettings
 
 if TYPE_CHECKING:
+    from peer.training.audit_hook import AuditHook
     from peer.training.blocks import BlockSource
     from peer.training.data import Dataset
     from peer.training.trainer import LocalTrainer
@@ -113,15 +114,18 @@ def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
 
 
 def build_trainer(training: Any, train: Dataset, holdout: Dataset,
-                  state_dir: Path | None, source: BlockSource | None = None) -> LocalTrainer:
+                  state_dir: Path | None, source: BlockSource | None = None,
+                  audit: AuditHook | None = None) -> LocalTrainer:
     """The real trainer for ``training`` (a TrainerConfig); resumes from ``state_dir``.
 
     With ``source`` (a growing directory, ``data = "blocks:DIR"``) the records come in blocks,
     each with its own budget (peer/training/blocks.py); ``train`` then only gives the shape.
+    ``audit`` is for a privacy audit only (peer/training/audit_hook.py): no configuration
+    passes one.
     """
     from peer.training.trainer import LocalTrainer
 
-    return LocalTrainer(training, train, holdout, state_dir, source=source)
+    return LocalTrainer(training, train, holdout, state_dir, source=source, audit=audit)
 
 
 def load_block_data(cfg: PeerConfig) -> tuple[Dataset, Dataset, BlockSource]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peer.tomlcheck as tomlcheck
 from crypto.field import FixedPoint
-from peer import tomlcheck
 from peer.errors import PeerError
 from peer.files import FileReadError, read_small_file
 from peer.network.broker_settings import BrokerSettings
@@ -31,6 +31,7 @@ from peer.network.session.common import check_colluders
 from peer.network.session.kinds import kind_class
 from peer.network.session.shamir import SessionTimeouts
 from peer.training.config import TrainerConfig
+from peer.training.import_path import ImportPathError, check_import_path
 from peer.training.tables import TableConfig
 from protocol.chunks import check_max_message_bytes
 from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, MIN_THRESHOLD, is_valid_id
@@ -307,6 +308,14 @@ def _data_spec(value: str, base: Path) -> str:
         path_text, hash_sign, label = rest.partition("#")
         path = _existing_file(base, Path(path_text), "data")
         return f"{kind}:{path}{hash_sign}{label}"
+    if kind == "python" and sep:
+        # A user's loader (peer/training/user_data.py): the path is checked here, the
+        # module imported only when the data loads.
+        try:
+            check_import_path(rest, "data")
+        except ImportPathError as exc:
+            raise ConfigError(f"data: 'python:' needs a loader: {exc}") from None
+        return value
     raise ConfigError(f"data: {value!r} is not a data source; use 'digits', "
                       "'fashion-mnist[:DIR]', 'mnist:DIR', 'csv:PATH[#LABEL]', 'npz:PATH' or "
                       "'blocks:DIR'")

@@ -19,6 +19,13 @@ session:
    field sum divided by the contributors' expected batch sizes (each member's configured
    ``batch_size``: public, and equal across a group since it is part of the model id).
 
+4. The averaging tail (docs/privacy.md, "The averaging tail"): once the plan is done, the
+   budget spent or the peer stranded, :meth:`GroupSteps.make_tail` offers the current model
+   alone (a :class:`TailShare`) to a session of the tail's model id, ``averaging_rounds``
+   times, then keeps one ready that only answers others' tail invitations;
+   :meth:`GroupSteps.apply` moves to the released mean model and nothing else: no optimizer
+   step, no ledger entry.
+
 Security property: the model moves only by released sums (the mean of the members' models,
 itself post-processing of earlier releases, and the group's noised gradient sum); nothing
 derived from this member's own ``S_j`` is applied, kept or sent outside the share.
@@ -39,7 +46,7 @@ from peer.training.group_noise import GroupNoise, decode_sum, to_field
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroupStep", "GroupSteps"]
+__all__ = ["GroupStep", "GroupSteps", "TailShare"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,14 @@ class GroupStep:
     """One charged step waiting for its release: the epoch and what it contributes."""
 
     epoch: Any  # peer.training.group_epoch.GroupEpoch
+    contribution: Contribution
+
+
+@dataclass(frozen=True)
+class TailShare:
+    """One averaging-tail contribution: this member's model, every coordinate, as plain
+    values (no field elements, no noise share, nothing charged)."""
+
     contribution: Contribution
 
 
@@ -69,6 +84,12 @@ class GroupSteps:
         #: Steps charged so far (a restarted peer resumes its count from the ledger).
         self.steps_made = int(getattr(trainer.ledger, "steps", 0) or 0)
         self.applied = 0
+        #: The averaging tail: its length in rounds (one tail share each), the tail shares
+        #: made, and the tail releases applied.
+        self.tail_rounds = int(config.averaging_rounds)
+        self.in_tail = False
+        self.tail_made = 0
+        self.averaged = 0
         self._applying: asyncio.Task[None] | None = None
 
     @classmethod
@@ -87,6 +108,24 @@ class GroupSteps:
     @property
     def plan_done(self) -> bool:
         return self.steps_made >= self.planned_steps
+
+    @property
+    def tail_done(self) -> bool:
+        return self.in_tail and self.tail_made >= self.tail_rounds
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds so far: whole private rounds, then one per tail share."""
+        return self.steps_made // max(1, int(self.trainer.config.local_steps)) + self.tail_made
+
+    def make_tail(self, counted: bool = True) -> TailShare:
+        """The next tail share: the model now (a function of earlier releases only).
+        ``counted`` False: a share past the tail that only answers others' tail sessions."""
+        model = self.trainer.parameter_vector()
+        self.tail_made += int(counted)
+        contribution = Contribution(indices=np.arange(model.size, dtype=np.uint32),
+                                    values=model, round=self.rounds_done)
+        return TailShare(contribution)
 
     def make(self) -> GroupStep:
         """Charge one step (ledger on disk first) and take its share; blocking (a worker
@@ -107,9 +146,12 @@ class GroupSteps:
         divisor = len(result.contributors) * self.batch_size
         return decode_sum(result.field_sum, self.noise.scale) / divisor
 
-    def apply(self, step: GroupStep, result: GroupResult) -> bool:
-        """Move to the released mean model, then step with the released gradient; blocking.
-        False (nothing applied) for a release below ``min_sum`` or without its sums."""
+    def apply(self, step: GroupStep | TailShare, result: GroupResult) -> bool:
+        """Apply a release; blocking. A private step's: move to the released mean model, then
+        step with the released gradient. A tail share's: move to the released mean model only.
+        False (nothing applied) for a release below ``min_sum`` or not of the step's kind."""
+        if isinstance(step, TailShare):
+            return self.apply_tail(result)
         n = len(result.contributors)
         if n < self.min_sum or result.field_sum is None or result.model_sum is None:
             log.error("group release of %d contributions refused (needs %d)", n, self.min_sum)
@@ -121,7 +163,22 @@ class GroupSteps:
         self.applied += 1
         return True
 
-    def release(self, step: GroupStep, result: GroupResult) -> None:
+    def apply_tail(self, result: GroupResult) -> bool:
+        """Move to the mean of the released models (the plain sum over every coordinate);
+        the optimizer and the ledger are not touched."""
+        n, d = len(result.contributors), self.noise.dim
+        if (n < self.min_sum or result.field_sum is not None
+                or result.coordinates.size != d or result.group_sum.shape != (d,)):
+            log.error("tail release of %d contributions refused (needs %d, every coordinate "
+                      "and no field sum)", n, self.min_sum)
+            return False
+        mean = (result.group_sum / n).astype(np.float32)
+        own = self.trainer.parameter_vector()
+        self.trainer.apply_update(np.arange(d, dtype=np.uint32), mean - own)
+        self.averaged += 1
+        return True
+
+    def release(self, step: GroupStep | TailShare, result: GroupResult) -> None:
         """Apply a finished session's release in a worker thread (the event loop's side)."""
         previous = self._applying
 

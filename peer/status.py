@@ -97,6 +97,8 @@ def format_status(status: PeerStatus, *, uptime_s: float, budget_epsilon: float 
         _total("sessions", s.sessions_total, s.sessions_done) + f", {s.sessions_aborted} aborted",
         "acc " + ("-" if s.accuracy is None else f"{100.0 * s.accuracy:.1f}%"),
         _epsilon(s, budget),
+        *([] if s.clip_norm is None else [f"C {s.clip_norm:.3g}"]),
+        *([f"engine {s.engine}"] if s.engine not in ("", "none") else []),
         f"sent {human_bytes(s.bytes_sent)} recv {human_bytes(s.bytes_received)}",
         _drops(s.drops, top_drops),
     ]

@@ -10,7 +10,7 @@ group-noise epochs) carries m canaries, each in the run with an independent fair
   each included canary is Poisson-sampled at the target's rate q, like a record, and a sampled
   one is added to the clipped gradient sum before noise (local noise: the step's sum; group
   noise: the target's share S before rounding). The hook is
-  :class:`peer.training.dpsgd.AuditHook`, which only code that builds a trainer itself can
+  :class:`peer.training.audit_hook.AuditHook`, which only code that builds a trainer itself can
   pass: no configuration reaches it;
 * **input canaries** (black-box): m records of the test split, each with a wrong label drawn
   at random, appended to the target's training set when their coin says in.
@@ -45,7 +45,8 @@ from sim.reference import ReferenceNetwork
 from sim.scenario import Scenario
 from sim.setup import prepare
 
-__all__ = ["AuditOutcome", "AuditSpec", "GradientCanaries", "quiet_coordinates", "run_audit"]
+__all__ = ["AuditOutcome", "AuditSpec", "GradientCanaries", "quiet_coordinates", "run_audit",
+           "weakening_hook"]
 
 CANARY_KINDS = ("gradient", "input")
 VIEWS = ("released", "own", "other")
@@ -69,7 +70,7 @@ class AuditSpec:
 
 
 class GradientCanaries:
-    """Dirac gradient canaries for one trainer: an :class:`peer.training.dpsgd.AuditHook`."""
+    """Dirac gradient canaries for one trainer: an :class:`peer.training.audit_hook.AuditHook`."""
 
     def __init__(self, coords: np.ndarray, included: np.ndarray, norm: float,
                  noise_scale: float, rng: np.random.Generator) -> None:
@@ -149,6 +150,9 @@ class AuditOutcome:
     results: dict[str, AuditResult]
     sampled_canaries: int
     seconds: float
+    #: the target's ledger segments, (sigma, q, steps) runs: the mechanism its epsilon is for
+    #: (sim/audit_ceiling.py simulates it)
+    segments: tuple[tuple[float, float, int], ...] = ()
 
 
 def quiet_coordinates(trainer: Any, train: Any, m: int, rng: np.random.Generator
@@ -176,17 +180,23 @@ def quiet_coordinates(trainer: Any, train: Any, m: int, rng: np.random.Generator
     return np.sort(order[:m])
 
 
+def weakening_hook(noise_scale: float) -> GradientCanaries:
+    """A hook with no canaries that only scales the noise: for every peer but the target in a
+    weakened run, since a group release carries every member's share and weakening one member
+    would not show."""
+    return GradientCanaries(np.zeros(0, np.int64), np.zeros(0, bool), 1.0, noise_scale,
+                            np.random.default_rng())
+
+
 def _weaken_others(net: ReferenceNetwork, plans: list[Any], spec: AuditSpec) -> None:
-    """Every other peer's trainer rebuilt with the same weakened noise and no canaries: a
-    group release carries every member's share, so weakening one member would not show."""
+    """Every other peer's trainer rebuilt with :func:`weakening_hook`."""
     from peer.training.trainer import LocalTrainer
 
     for index, peer in enumerate(net.peers):
         if index != spec.target:
-            weak = GradientCanaries(np.zeros(0, np.int64), np.zeros(0, bool), 1.0,
-                                    spec.noise_scale, np.random.default_rng())
             peer.trainer = LocalTrainer(peer.trainer.config, plans[index].train,
-                                        plans[index].holdout, None, audit=weak)
+                                        plans[index].holdout, None,
+                                        audit=weakening_hook(spec.noise_scale))
 
 
 def _with_canary_records(train: Any, x: np.ndarray, y: np.ndarray) -> Any:
@@ -242,6 +252,9 @@ def run_audit(scenario: Scenario, spec: AuditSpec, rng: np.random.Generator | No
             d = target.trainer.param_count
             if spec.m > d:
                 raise ValueError(f"{spec.m} gradient canaries, but the model has {d} coordinates")
+            if target.trainer.clip_norm is not None:  # canaries of norm C_0, clipped to C_t
+                raise ValueError("gradient canaries need a fixed C: turn clip_adaptive off "
+                                 "(input canaries work with adaptive clipping)")
             hook = GradientCanaries(quiet_coordinates(target.trainer, plan.train, spec.m, rng),
                                     included, scenario.max_grad_norm, spec.noise_scale, rng)
         # The target's trainer again, built like the first but with the audit's hook, no disk.
@@ -267,8 +280,10 @@ def run_audit(scenario: Scenario, spec: AuditSpec, rng: np.random.Generator | No
             views["other"] = _input_scores(other, cx, cy)
         ledger = inner.ledger
         claimed = float(ledger.epsilon) if ledger is not None else float("inf")
+        segments = tuple((float(sg), float(q), int(n)) for sg, q, n in ledger.segments
+                         ) if ledger is not None else ()
         results = {view: audit_scores(scores, included, scenario.delta, spec.confidence)
                    for view, scores in views.items()}
     return AuditOutcome(claimed, scenario.delta, spec.m, int(included.sum()), results,
                         hook.sampled_total if hook is not None else 0,
-                        time.monotonic() - started)
+                        time.monotonic() - started, segments)

@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", type=Path, metavar="FILE",
                         help="TOML scenario file (options below override it)")
     parser.add_argument("--peers", type=int, help="number of honest peers")
-    parser.add_argument("--dataset", help="digits | fashion-mnist[:DIR] | csv:PATH | npz:PATH")
-    parser.add_argument("--model", help=f"{' | '.join(MODEL_CHOICES)}")
+    parser.add_argument("--dataset", help="digits | fashion-mnist[:DIR] | csv:PATH | npz:PATH "
+                        "| python:MODULE:LOADER (a loader of your own)")
+    parser.add_argument("--model", help=f"{' | '.join(MODEL_CHOICES)} | MODULE:FACTORY (a "
+                        "model factory of your own)")
     parser.add_argument("--partition", help="iid | dirichlet | shards")
     parser.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: skewed)")
     dp = parser.add_mutually_exclusive_group()
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and answer the test set through it (scatter model only)")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the centralized / standalone baselines")
+    parser.add_argument("--audit", action="store_true",
+                        help="after the run, audit the scenario's noise: a one-run lower "
+                             "bound on epsilon from canaries (two reference-engine runs), "
+                             "added to the report")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log INFO to stderr too (always in RUN_DIR/sim.log)")
     return parser
@@ -163,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label:<12} {value}")
     try:
         result = asyncio.run(run_simulation(scenario, progress=not args.no_progress,
-                                            baselines=not args.no_baselines))
+                                            baselines=not args.no_baselines,
+                                            audit=args.audit))
     except (SimulationError, OSError) as exc:
         print(f"murmur-sim: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -54,8 +54,11 @@ class SimPeer:
 class InProcessNetwork:
     """All peers as tasks of this event loop."""
 
-    def __init__(self, prep: Prepared, broker: BrokerSettings, writer: MetricsWriter) -> None:
+    def __init__(self, prep: Prepared, broker: BrokerSettings, writer: MetricsWriter,
+                 audits: dict[int, Any] | None = None) -> None:
         self.prep = prep
+        #: a privacy audit's hooks by peer index (sim/audit_network.py); empty in every run
+        self.audits = dict(audits or {})
         self.s = prep.scenario
         self.broker = broker
         self.writer = writer
@@ -67,7 +70,7 @@ class InProcessNetwork:
     def build(self) -> None:
         for plan in self.prep.plans:
             trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
-                                        self.prep.group_sigma_eff)
+                                        self.prep.group_sigma_eff, self.audits.get(plan.index))
             self.peers.append(SimPeer(plan, trainer))
         for plan in self.prep.hostile_plans:
             trainer = build_sim_trainer(self.s, self.prep.model_name, plan,
@@ -199,12 +202,15 @@ def _use_worker_threads(peer_count: int) -> None:
 
 
 async def run_inprocess(prep: Prepared, broker: BrokerSettings, writer: MetricsWriter,
-                        stop_requested: asyncio.Event, progress: Progress) -> dict[str, Any]:
-    """Run every peer in this event loop until the run ends; the run's outcome."""
+                        stop_requested: asyncio.Event, progress: Progress,
+                        net: InProcessNetwork | None = None) -> dict[str, Any]:
+    """Run every peer in this event loop until the run ends; the run's outcome. ``net``: a
+    network, built or not, for a caller that reads its peers afterwards (an audit)."""
     s = prep.scenario
     _use_worker_threads(len(prep.plans) + len(prep.hostile_plans))
-    net = InProcessNetwork(prep, broker, writer)
-    await asyncio.to_thread(net.build)
+    net = net or InProcessNetwork(prep, broker, writer)
+    if not net.peers:
+        await asyncio.to_thread(net.build)
     started = time.monotonic()
     for sim_peer in net.peers:
         net.start(sim_peer, record=True)

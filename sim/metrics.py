@@ -136,6 +136,7 @@ def _check_row(row: MetricsRow) -> None:
 # PeerStatus fields kept in a row's `extra` by MetricsWriter.record_status.
 _STATUS_EXTRAS = (
     "connected",
+    "clip_norm",
     "budget_exhausted",
     "aborts_by_reason",
     "merges_applied",
@@ -144,6 +145,7 @@ _STATUS_EXTRAS = (
     "messages_received",
     "reconnects",
     "peers_live",
+    "engine",
 )
 
 

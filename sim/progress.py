@@ -17,6 +17,7 @@ import numpy as np
 
 from peer.waiting import wait_event
 from sim.scenario import Scenario
+from sim.setup import averaging_rounds
 
 #: After every peer finished its rounds, wait at most this long for sessions in flight.
 DRAIN_S = 3.0
@@ -56,10 +57,12 @@ class Progress:
 
 def peers_finished(s: Scenario, done: list[bool]) -> bool:
     """Whether a run's peers are done (``done``: each peer's plan or budget is spent). With
-    group noise, also when those still training are too few ever to hold a release again
-    (fewer than max(3, c + 2, h + c)): they would only wait for the time cap."""
+    group noise and no averaging tail, also when those still training are too few ever to hold
+    a release again (fewer than max(3, c + 2, h + c)): they would only wait for the time cap.
+    With a tail such peers are stranded and move to it (docs/privacy.md, "The averaging
+    tail"), where peers whose own tail is done still answer them, so every peer finishes."""
     left = sum(1 for d in done if not d)
-    if s.noise == "group":
+    if s.noise == "group" and not averaging_rounds(s.rounds, s.averaging_fraction):
         floor = max(3, s.max_colluders + 2, s.honest_min + s.max_colluders)
         return left < floor
     return left == 0

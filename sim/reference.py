@@ -74,6 +74,7 @@ class ReferencePeer:
         return PeerStatus(
             peer_id=self.plan.peer_id, connected=True, accuracy=self.accuracy,
             epsilon=self.epsilon, budget_exhausted=self.budget_exhausted,
+            clip_norm=self.trainer.clip_norm,
             bytes_sent=self.payload_bytes, **vars(self.counters))
 
 

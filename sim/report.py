@@ -39,8 +39,10 @@ def write_report(
     run_dir: Path,
     scenario: Scenario,
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    audit: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Read run_dir/metrics.jsonl, write the PNG plots and report.html; return the HTML path."""
+    """Read run_dir/metrics.jsonl, write the PNG plots and report.html; return the HTML path.
+    ``audit``: a privacy audit's figures (sim.audit_card), shown as a card and a section."""
     run_dir = Path(run_dir)
     baselines = baselines or {}
     metrics = read_metrics_file(run_dir)
@@ -50,5 +52,6 @@ def write_report(
     for key, data in images.items():
         _atomic_write(run_dir / PLOT_FILES[key], data)
     path = run_dir / REPORT_FILE
-    _atomic_write(path, render_html(scenario, summary, baselines, images).encode("utf-8"))
+    _atomic_write(path, render_html(scenario, summary, baselines, images, audit
+                                    ).encode("utf-8"))
     return path

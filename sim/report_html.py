@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from sim.report_plots import PLOT_FILES
-from sim.report_summary import RunSummary, baseline_rows, format_bytes, format_percent
+from sim.report_summary import (
+    RunSummary,
+    audit_figures,
+    baseline_rows,
+    format_bytes,
+    format_percent,
+)
 from sim.scenario import Scenario
 from sim.scenario_io import scenario_summary
 
@@ -115,10 +121,12 @@ def render_html(
     summary: RunSummary,
     baselines: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, bytes],
+    audit: Mapping[str, Any] | None = None,
     *,
     title: str = "Murmur simulation report",
 ) -> str:
-    """The report page; images are PNG bytes keyed like PLOT_FILES (inlined as base64)."""
+    """The report page; images are PNG bytes keyed like PLOT_FILES (inlined as base64);
+    ``audit`` (sim.audit_card) adds the privacy audit's card and section."""
     esc = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -131,6 +139,7 @@ def render_html(
         *_cards(scenario, summary),
         *_scenario_table(scenario),
         *_baseline_table(summary, baselines),
+        *(_audit_section(audit) if audit is not None else []),
         '<h2>Plots</h2><div class="plots">',
         *_plot_figures(images),
         "</div><h2>Dropped messages</h2>",
@@ -228,3 +237,19 @@ def _events_section(summary: RunSummary) -> list[str]:
         *(f"<tr><td>{esc(e)}</td><td>{c}</td></tr>" for e, c in summary.events.items()),
         "</table>",
     ]
+
+
+def _audit_section(audit: Mapping[str, Any]) -> list[str]:
+    """The privacy audit: its figures as cards, the method, and what they mean."""
+    esc = html.escape
+    out = ['<h2 id="audit">Privacy audit</h2>']
+    if not audit.get("error"):
+        out += ['<div class="cards">',
+                *(f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>'
+                  for v, k in audit_figures(audit)),
+                "</div>"]
+    out.append(f"<p>Method: {esc(str(audit.get('method')))}; {esc(str(audit.get('noise')))} "
+               f"noise, m = {esc(str(audit.get('m')))} canaries, confidence "
+               f"{esc(str(audit.get('confidence')))}, δ = {esc(str(audit.get('delta')))}.</p>")
+    out.append(f"<p>{esc(str(audit.get('meaning')))}</p>")
+    return out

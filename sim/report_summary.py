@@ -162,3 +162,30 @@ def terminal_summary(
     if seconds and all(isinstance(t, int | float) for t in seconds):
         lines.append(f"baselines: trained in {sum(seconds):.1f} s (test set)")
     return "\n".join(lines)
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) and not isinstance(value, bool) \
+        else "–"
+
+
+def audit_figures(audit: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(figure, label) pairs of a privacy audit (sim.audit_card.ScenarioAudit.to_dict), for
+    the terminal line and the report's card."""
+    return [
+        (_figure(audit.get("epsilon_lower_bound")), "audit: lower bound on ε"),
+        (_figure(audit.get("epsilon_claimed")), "audit: claimed ε (ledger)"),
+        (_figure(audit.get("epsilon_ceiling")), "audit: the method's ceiling"),
+        (_figure(audit.get("weakened_lower_bound")),
+         f"audit: bound with noise ×{audit.get('weakened_noise_scale')}"),
+    ]
+
+
+def audit_line(audit: Mapping[str, Any]) -> str:
+    """One terminal line for a privacy audit's result."""
+    if audit.get("error"):
+        return f"audit: not run ({audit['error']})"
+    verdict = "passed" if audit.get("passed") else "FAILED"
+    figures = ", ".join(f"{label.removeprefix('audit: ')} {value}"
+                        for value, label in audit_figures(audit))
+    return f"audit ({audit.get('m')} canaries, {audit.get('confidence')}): {verdict}; {figures}"

@@ -49,7 +49,7 @@ from sim.metrics import METRICS_FILE, MetricsWriter, read_metrics_file
 from sim.processes import run_processes
 from sim.progress import Progress
 from sim.report import write_report
-from sim.report_summary import RunSummary, summarize, terminal_summary
+from sim.report_summary import RunSummary, audit_line, summarize, terminal_summary
 from sim.scenario import Scenario
 from sim.scenario_io import scenario_to_toml
 from sim.setup import (
@@ -86,6 +86,7 @@ class RunResult:
     hostile: list[dict[str, Any]] = field(default_factory=list)
     faults: dict[str, int] = field(default_factory=dict)
     churn_events: int = 0
+    audit: dict[str, Any] | None = None  #: ``--audit``: sim.audit_card.ScenarioAudit.to_dict
 
 
 # ----------------------------------------------------------------------------- the run
@@ -145,25 +146,27 @@ def baseline_inputs(prep: Prepared) -> tuple[Any, list[np.ndarray]]:
 
 async def run_simulation(scenario: Scenario, *, progress: bool = True,
                          baselines: bool = True,
-                         round_pause_s: float = ROUND_PAUSE_S) -> RunResult:
+                         round_pause_s: float = ROUND_PAUSE_S,
+                         audit: bool = False) -> RunResult:
     """Run the scenario end to end and write its report (see the module docstring).
 
     ``baselines=False`` skips the centralized/standalone references; ``round_pause_s`` paces
-    the peers' training (see ROUND_PAUSE_S; tests shorten it).
+    the peers' training (see ROUND_PAUSE_S; tests shorten it); ``audit=True`` adds a small
+    privacy audit of the scenario's noise after the run (sim/audit_card.py).
     """
     wall_start = time.monotonic()
     run_dir = make_run_dir(Path(scenario.out_dir), scenario.network)
     handler = _attach_log_file(run_dir)
     try:
         return await _run(scenario, run_dir, wall_start, progress=progress,
-                          baselines=baselines, round_pause_s=round_pause_s)
+                          baselines=baselines, round_pause_s=round_pause_s, audit=audit)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
 async def _run(scenario: Scenario, run_dir: Path, wall_start: float, *, progress: bool,
-               baselines: bool, round_pause_s: float) -> RunResult:
+               baselines: bool, round_pause_s: float, audit: bool) -> RunResult:
     write_text(run_dir / SCENARIO_FILE, scenario_to_toml(scenario))
     log.info("run directory %s", run_dir)
     stop_requested = asyncio.Event()
@@ -187,9 +190,15 @@ async def _run(scenario: Scenario, run_dir: Path, wall_start: float, *, progress
 
         pooled, parts = baseline_inputs(prep)
         base = await asyncio.to_thread(compute_baselines, scenario, pooled, prep.test, parts)
-    report_path = await asyncio.to_thread(write_report, run_dir, scenario, base)
-    result = _result(run_dir, report_path, base, outcome, wall_start=wall_start,
-                     interrupted=stop_requested.is_set())
+    card: dict[str, Any] | None = None
+    if audit and not stop_requested.is_set():
+        from sim.audit_card import audit_scenario
+
+        card = (await asyncio.to_thread(audit_scenario, scenario)).to_dict()
+    report_path = await asyncio.to_thread(write_report, run_dir, scenario, base, card)
+    result = dataclasses.replace(
+        _result(run_dir, report_path, base, outcome, wall_start=wall_start,
+                interrupted=stop_requested.is_set()), audit=card)
     write_text(run_dir / RESULT_FILE, json.dumps(result_dict(result), indent=1))
     log.info("done in %.1f s (%s); report %s", result.wall_time_s, result.stopped_by,
              report_path)
@@ -246,6 +255,7 @@ def result_dict(result: RunResult) -> dict[str, Any]:
         "hostile": result.hostile,
         "faults": result.faults,
         "churn_events": result.churn_events,
+        **({"audit": result.audit} if result.audit is not None else {}),
     }
 
 
@@ -268,5 +278,7 @@ def format_result(result: RunResult) -> str:
         lines.append("hostile: " + "; ".join(_describe_hostile(h) for h in result.hostile))
     if result.churn_events:
         lines.append(f"churn: {result.churn_events} leave/rejoin cycles")
+    if result.audit is not None:
+        lines.append(audit_line(result.audit))
     lines.append(f"report: {result.report_path}")
     return "\n".join(lines)

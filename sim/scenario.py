@@ -20,6 +20,7 @@ from peer import tomlcheck
 from peer.config import MAX_VIEW_SIZE, SessionConfig
 from peer.network.session.kinds import DEFAULT_SESSION_KIND, kind_class
 from peer.training.config import NOISE_MODES, TrainerConfig
+from peer.training.import_path import ImportPathError, check_import_path, is_user_model
 from protocol.limits import ID_PATTERN, MAX_MEMBERS, MIN_GROUP_SIZE, is_valid_id
 from sim.partition import PARTITION_SCHEMES
 
@@ -28,7 +29,7 @@ MODES = ("inprocess", "processes", "reference")
 BROKER_KINDS = ("embedded", "mosquitto")
 BROKER_URL_SCHEMES = ("mqtt", "mqtts")
 DATASET_NAMES = ("digits", "fashion-mnist")
-DATASET_PREFIXES = ("fashion-mnist:", "csv:", "npz:")
+DATASET_PREFIXES = ("fashion-mnist:", "csv:", "npz:", "python:")
 MODEL_CHOICES = ("mlp", "cnn", "scatter", "auto")
 
 
@@ -58,8 +59,11 @@ class Scenario:
 
     # -- peers and data ----------------------------------------------------------------------
     peers: int = 8
-    dataset: str = "digits"  # "digits" | "fashion-mnist[:ROOT]" | "csv:PATH" | "npz:PATH"
-    model: str = "auto"  # "mlp" | "cnn" | "scatter" | "auto" (cnn for 28x28 images, mlp otherwise)
+    # "digits" | "fashion-mnist[:ROOT]" | "csv:PATH" | "npz:PATH" | "python:MODULE:LOADER"
+    dataset: str = "digits"
+    # "mlp" | "cnn" | "scatter" | "auto" (cnn for 28x28 images, mlp otherwise) | a user's
+    # factory "package.module:function"
+    model: str = "auto"
     partition: str = "dirichlet"  # "iid" | "dirichlet" | "shards"
     alpha: float = 1.0  # Dirichlet concentration; smaller = more skewed
     shards_per_peer: int = 2
@@ -70,7 +74,12 @@ class Scenario:
     target_epsilon: float | None = 3.0  # per peer, over the planned rounds * local_steps
     noise_multiplier: float | None = None  # set instead of target_epsilon to fix sigma
     delta: float = TrainerConfig.delta
-    max_grad_norm: float = TrainerConfig.max_grad_norm
+    max_grad_norm: float = TrainerConfig.max_grad_norm  # C (adaptive clipping: the start)
+    # Adaptive clipping (docs/privacy.md): None is the trainer's rule (on for a user model)
+    clip_adaptive: bool | None = TrainerConfig.clip_adaptive
+    clip_target_quantile: float = TrainerConfig.clip_target_quantile
+    clip_learning_rate: float = TrainerConfig.clip_learning_rate
+    clip_count_stddev: float | None = TrainerConfig.clip_count_stddev
     # "local": every peer adds all of its noise; "group": each group release carries one
     # Gaussian whose shares h honest members add (docs/privacy.md, "Group noise"; every
     # engine: a network peer's private step is then one session's release)
@@ -191,9 +200,17 @@ def _check_data(s: Scenario) -> None:
         s.dataset in DATASET_NAMES
         or any(s.dataset.startswith(p) and len(s.dataset) > len(p) for p in DATASET_PREFIXES),
         "dataset",
-        f"expected 'digits', 'fashion-mnist[:ROOT]', 'csv:PATH' or 'npz:PATH', got {s.dataset!r}",
+        f"expected 'digits', 'fashion-mnist[:ROOT]', 'csv:PATH', 'npz:PATH' or "
+        f"'python:MODULE:LOADER', got {s.dataset!r}",
     )
-    _require(s.model in MODEL_CHOICES, "model", f"expected one of {MODEL_CHOICES}, got {s.model!r}")
+    _require(s.model in MODEL_CHOICES or is_user_model(s.model), "model",
+             f"expected one of {MODEL_CHOICES} or a factory 'package.module:function', "
+             f"got {s.model!r}")
+    if is_user_model(s.model):
+        try:
+            check_import_path(s.model, "model")
+        except ImportPathError as exc:
+            raise ScenarioError(str(exc), key="model") from None
     _require(
         s.partition in PARTITION_SCHEMES,
         "partition",
@@ -242,6 +259,14 @@ def _check_privacy(s: Scenario) -> None:
                  f"{s.honest_min + s.max_colluders} contributors, more than group_size "
                  f"{s.group_size}")
     _require(s.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {s.max_grad_norm}")
+    _require(not (s.clip_adaptive and s.noise == "group"), "clip_adaptive",
+             "adaptive clipping is refused with group noise (docs/privacy.md)")
+    _require(0 < s.clip_target_quantile < 1, "clip_target_quantile",
+             f"must be in (0, 1), got {s.clip_target_quantile}")
+    _require(s.clip_learning_rate > 0, "clip_learning_rate",
+             f"must be > 0, got {s.clip_learning_rate}")
+    _require(s.clip_count_stddev is None or s.clip_count_stddev > 0, "clip_count_stddev",
+             f"must be > 0, got {s.clip_count_stddev}")
 
 
 def _check_training(s: Scenario) -> None:

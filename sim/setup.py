@@ -136,6 +136,10 @@ def trainer_config(s: Scenario, model_name: str) -> Any:
         planned_rounds=s.rounds,
         delta=s.delta,
         max_grad_norm=s.max_grad_norm,
+        clip_adaptive=s.clip_adaptive,
+        clip_target_quantile=s.clip_target_quantile,
+        clip_learning_rate=s.clip_learning_rate,
+        clip_count_stddev=s.clip_count_stddev,
         # The budget is the target: a peer stops sharing once it spent what was planned.
         budget_epsilon=s.target_epsilon if s.dp else None,
         topk_fraction=s.topk_fraction,
@@ -165,13 +169,16 @@ def group_sigma_eff(s: Scenario, plans: list[PeerPlan]) -> float:
     return sigma_for(s.target_epsilon, s.delta, q_max, steps, config.accountant)
 
 
-def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float) -> Any:
-    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff."""
+def build_group_trainer(s: Scenario, model_name: str, plan: PeerPlan, sigma_eff: float,
+                        audit: Any = None) -> Any:
+    """The peer's real LocalTrainer in group-noise mode at the network's sigma_eff; its plan
+    is the scenario's rounds, the last ``averaging_rounds`` of them the averaging tail (the
+    network engines' tail sessions; the reference engine counts rounds itself)."""
     config = dataclasses.replace(
         trainer_config(s, model_name), noise="group", honest_min=s.honest_min,
-        noise_multiplier=sigma_eff, target_epsilon=None, averaging_rounds=0,
-        planned_rounds=max(1, private_rounds(s)))
-    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir)
+        noise_multiplier=sigma_eff, target_epsilon=None)
+    return assembly.build_trainer(config, plan.train, plan.holdout, plan.state_dir,
+                                  audit=audit)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -316,17 +323,18 @@ def prepare(s: Scenario, run_dir: Path) -> Prepared:
 
 # ----------------------------------------------------------------------------- one peer
 def build_sim_trainer(s: Scenario, model_name: str, plan: PeerPlan,
-                      group_sigma: float | None = None) -> Any:
+                      group_sigma: float | None = None, audit: Any = None) -> Any:
     """The peer's real LocalTrainer (resumes from its state_dir when a checkpoint exists),
     wrapped by the hostile behaviour the plan asks for; with group noise, in group mode at
-    the network's ``group_sigma`` (:func:`group_sigma_eff`)."""
+    the network's ``group_sigma`` (:func:`group_sigma_eff`). ``audit``: a privacy audit's
+    hook (sim/audit_network.py), never set by a scenario."""
     if s.noise == "group":
         if group_sigma is None:
             raise SimulationError("group noise needs the network's sigma_eff")
-        trainer = build_group_trainer(s, model_name, plan, group_sigma)
+        trainer = build_group_trainer(s, model_name, plan, group_sigma, audit)
     else:
         trainer = assembly.build_trainer(trainer_config(s, model_name), plan.train,
-                                         plan.holdout, plan.state_dir)
+                                         plan.holdout, plan.state_dir, audit=audit)
     if plan.hostile_kind == "huge_norm":
         return hostile.HugeNormTrainer(trainer)
     return trainer

@@ -123,6 +123,10 @@ def test_minimal_config_takes_defaults_and_inline_hex_key(network_dir: Path) -> 
         ('[training]\ntarget_epsilon = 8.0\nmodel = "rnn"\n', "training: unknown model"),
         ("[training]\ntarget_epsilon = 8.0\nlr = -1\n", "training: lr must be positive"),
         ('[training]\ntarget_epsilon = "high"\n', "training.target_epsilon: expected a number"),
+        ("[training]\ntarget_epsilon = 8.0\nclip_target_quantile = 1.5\n",
+         "training: clip_target_quantile must be in (0, 1)"),
+        ('[training]\nnoise_multiplier = 1.0\nnoise = "group"\nclip_adaptive = true\n',
+         "training: clip_adaptive is refused with noise = 'group'"),
         ('broker = "mqtt://x"\n', "'broker' must be a table"),
     ],
 )

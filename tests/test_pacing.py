@@ -12,6 +12,7 @@ from peer.network.pacing import (
     RoundKind,
     next_round,
     private_round_interval,
+    stranded,
 )
 
 GROUPED = PacingState(now=100.0, connected=True, eligible_peers=2, update_pending=False,
@@ -60,3 +61,19 @@ def test_private_round_interval_spreads_the_plan() -> None:
         private_round_interval(1.0, 0)
     with pytest.raises(ValueError):
         PacingConfig(private_round_interval_s=-1.0)
+
+
+def test_a_group_noise_peer_is_stranded_only_with_too_few_private_and_enough_tail_peers() -> None:
+    # min_sum 4: a private release needs 3 other private-step peers
+    def is_stranded(private: int, tail: int) -> bool:
+        return stranded(dataclasses.replace(GROUPED, eligible_peers=private, tail_peers=tail), 4)
+
+    assert is_stranded(2, 3)
+    assert is_stranded(0, 7)
+    assert is_stranded(2, 1)  # the two others are stranded alike: the four average together
+    assert not is_stranded(3, 5)  # a private release can still form
+    assert not is_stranded(1, 1)  # too few to average either: keep the share
+    assert not is_stranded(2, 0)  # nobody in the tail: a network still starting
+    assert not is_stranded(0, 0)  # nobody seen yet (a peer just started)
+    with pytest.raises(ValueError, match="stranded_tail_s"):
+        PacingConfig(stranded_tail_s=-1.0)

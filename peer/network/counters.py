@@ -129,11 +129,15 @@ class PeerStatus:
     epsilon: float | None = None  # spent, from the ledger (also right after a restart)
     budget_epsilon: float | None = None  # the ledger's budget (None: unlimited)
     budget_exhausted: bool = False
+    clip_norm: float | None = None  # adaptive clipping's current C (None: C is fixed)
     rounds_total: int = 0  # since the peer was created (checkpoint), this run included
     sessions_total: int = 0  # completed sessions since the peer was created, this run included
     peers_live: int = 0
     view_peers: int = 0  # peers in the membership view (live or not yet expired)
     view_buckets: int = -1  # announcement buckets followed; -1: every one (the full view)
+    # The per-example engine private steps run on ("ghost", "vmap"; "none": dp off; "": a
+    # node without a trainer that says).
+    engine: str = ""
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------
     round: int = 0

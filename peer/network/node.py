@@ -24,6 +24,9 @@ else can remove it from other peers' views (peer/network/view/membership.py).
 Every inbound message passes the checks of peer/network/inbound.py before it reaches a
 session; each failure is a counted drop with a reason (``status().drops``), so nothing on the
 wire can crash a peer. Large session messages travel as signed CHUNKs (bounded reassembly).
+
+(About 470 lines, past the usual ~450: this is the one place a peer's parts are wired to its
+I/O; each method is a few lines of wiring that would only move, not shrink, if split off.)
 """
 
 from __future__ import annotations
@@ -148,6 +151,7 @@ class Peer:
         self._next_expiry = 0.0
         self._round_wake = asyncio.Event()  # the training loop's: a session ended, a link changed
         self._was_connected = self._ever_connected = False
+        self._tail_announce: asyncio.Task[None] | None = None  # the tail's model id, at once
         self.gauges = TrainingGauges.of(trainer)
         self.seat = self._make_seat()
         # Group noise (peer/group_steps.py): each private step is one session's release.
@@ -236,7 +240,9 @@ class Peer:
             epsilon=self.gauges.epsilon,
             budget_epsilon=self.gauges.budget_epsilon,
             budget_exhausted=self.gauges.budget_exhausted,
+            clip_norm=getattr(self.trainer, "clip_norm", None),
             rounds_total=int(getattr(self.trainer, "round", self.counters.round)),
+            engine=str(getattr(self.trainer, "engine", "")),
             sessions_total=self.totals.total,
             peers_live=eligible,
             view_peers=len(self.membership),
@@ -395,11 +401,14 @@ class Peer:
     async def _announce_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.config.announce_interval_s)
-            if self.transport.connected.is_set():
-                try:
-                    await self._publish_announce()
-                except (NotConnectedError, PayloadTooLargeError) as exc:
-                    log.info("%s: announce not sent: %s", self.peer_id, exc)
+            await self._announce_once()
+
+    async def _announce_once(self) -> None:
+        if self.transport.connected.is_set():
+            try:
+                await self._publish_announce()
+            except (NotConnectedError, PayloadTooLargeError) as exc:
+                log.info("%s: announce not sent: %s", self.peer_id, exc)
 
     async def _checkpoint_loop(self) -> None:
         while not self._stopping:
@@ -432,17 +441,30 @@ class Peer:
             can_average=self.rounds.can_average,
             next_private_at=next_private_at,
             next_averaging_at=next_averaging_at,
+            tail_peers=self.seat.tail_peers(time.time()),
         )
+
+    def enter_averaging_tail(self) -> bool:
+        """Group noise (RoundHost): announce, invite and accept by the averaging tail's model
+        id from now on (docs/privacy.md, "The averaging tail"); False while a session is in
+        flight (nothing changed)."""
+        params = self.seat.enter_tail()
+        if params is None:
+            return False
+        self.params = params
+        self._tail_announce = asyncio.get_running_loop().create_task(self._announce_once())
+        return True
 
     def round_done(self, update: Any) -> None:
         """A round finished (RoundHost): count it and offer its update to sessions."""
         self.counters.round += 1
         self.offer_update(update.indices, update.values, int(update.round))
 
-    def offer_group_step(self, step: Any, rounds: int) -> None:
-        """A group-noise step's share is ready (RoundHost); ``rounds``: rounds done."""
+    def offer_group_step(self, step: Any, rounds: int, initiate: bool = True) -> None:
+        """A group-noise share is ready (RoundHost); ``rounds``: rounds done; ``initiate``
+        False: it only answers invitations."""
         self.counters.round = rounds
-        self.seat.offer_group_step(step)
+        self.seat.offer_group_step(step, initiate)
 
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more (RoundHost)."""

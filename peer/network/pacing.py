@@ -47,16 +47,20 @@ class PacingConfig:
     averaging rounds; one is only made once the previous update was shared.
     ``retry_private_s``: how often a peer whose budget is spent checks for new data.
     ``train_only_when_grouped``: False trains even while offline or alone (spends budget for
-    nothing; for experiments).
+    nothing; for experiments). ``stranded_tail_s``: group noise, how long a peer whose private
+    shares cannot be released any more (too few private-step peers left, enough in the
+    averaging tail) waits before it joins the tail (docs/privacy.md, "The averaging tail").
     """
 
     private_round_interval_s: float = 0.0
     averaging_interval_s: float = 5.0
     retry_private_s: float = 60.0
     train_only_when_grouped: bool = True
+    stranded_tail_s: float = 2.0
 
     def __post_init__(self) -> None:
-        for name in ("private_round_interval_s", "averaging_interval_s", "retry_private_s"):
+        for name in ("private_round_interval_s", "averaging_interval_s", "retry_private_s",
+                     "stranded_tail_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -74,6 +78,9 @@ class PacingState:
     can_average: bool
     next_private_at: float
     next_averaging_at: float
+    #: Group noise: live peers announcing the averaging tail's model id (``eligible_peers``
+    #: counts those announcing this peer's own).
+    tail_peers: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,3 +122,14 @@ def private_round_interval(budget_hours: float | None, private_rounds: int) -> f
     if private_rounds < 1:
         raise ValueError(f"private_rounds must be >= 1, got {private_rounds}")
     return budget_hours * 3600.0 / private_rounds
+
+
+def stranded(state: PacingState, min_sum: int) -> bool:
+    """Whether a group-noise peer's private shares can no longer be released (pure): fewer
+    than ``min_sum`` - 1 other peers still take private steps, while some peer has reached the
+    averaging tail and, counting the private-step peers (stranded alike, they move too), at
+    least ``min_sum`` - 1 others can average with it there. Without any tail peer (a network
+    still starting) nobody is stranded."""
+    need = min_sum - 1
+    return state.tail_peers > 0 and state.eligible_peers < need <= (
+        state.eligible_peers + state.tail_peers)

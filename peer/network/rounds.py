@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from peer.errors import BudgetExhaustedError
-from peer.network.pacing import PacingConfig, PacingState, RoundKind, next_round
+from peer.network.pacing import PacingConfig, PacingState, RoundKind, next_round, stranded
 from peer.waiting import wait_event
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ class RoundHost(Protocol):
     def pacing_state(self, now: float, next_private_at: float,
                      next_averaging_at: float) -> PacingState: ...
     def round_done(self, update: Any) -> None: ...  # count it and offer it to sessions
-    def offer_group_step(self, step: Any, rounds: int) -> None: ...  # group noise: a share
+    def offer_group_step(self, step: Any, rounds: int,
+                         initiate: bool = True) -> None: ...  # group noise: a share
+    def enter_averaging_tail(self) -> bool: ...  # group noise: the tail's model id from now
     @property
     def group_steps(self) -> Any: ...  # peer.group_steps.GroupSteps, or None (local noise)
     def withdraw_update(self) -> None: ...  # nothing fresh to contribute any more
@@ -148,70 +151,112 @@ class RoundLoop:
     async def _run_group_steps(self) -> None:
         """Group noise: keep at most one share ready, each a new one-step epoch (a new batch
         and a new G, charged to the ledger first); the seat offers it to one session and the
-        release moves the model (peer/group_steps.py). Never a local round."""
+        release moves the model (peer/group_steps.py). Never a local round. Then the averaging
+        tail (docs/privacy.md, "The averaging tail"): once the plan is done, the budget spent
+        or the peer stranded, it switches to the tail's model id and offers its model alone,
+        one share per tail round, ``averaging_rounds`` times; then it only answers others' tail
+        invitations with its model."""
         host, gauges, steps = self.host, self.host.gauges, self.host.group_steps
-        interval = self.pacing.private_round_interval_s / max(1, steps.trainer.config.local_steps)
         per_round = max(1, int(steps.trainer.config.local_steps))
+        interval = self.pacing.private_round_interval_s / per_round
         next_at = 0.0
+        stranded_since: float | None = None
         while not host.stopping:
             now = time.monotonic()
             state = host.pacing_state(now, next_at, math.inf)  # a share waits: update_pending
+            stranded_since = (stranded_since or now) if stranded(state, steps.min_sum) else None
+            if (stranded_since is not None and not steps.in_tail and steps.tail_rounds > 0
+                    and now - stranded_since >= self.pacing.stranded_tail_s):
+                self._enter_tail("too few private-step peers left to release a share")
+                if steps.in_tail:
+                    continue  # the shared state changed: sample it again
+            answering = steps.tail_done  # its own tail is done: it answers others' only
+            if answering and not gauges.budget_exhausted:
+                self._tail_done()
             decision = next_round(state, self.pacing)
-            if (gauges.budget_exhausted or state.update_pending
+            if ((gauges.budget_exhausted and not answering) or state.update_pending
                     or decision.kind is not RoundKind.PRIVATE):
                 self.wake.clear()
                 await wait_event(self.wake, max(0.05, min(decision.wait_s or 1.0, 1.0)))
                 continue
-            next_at = now + interval
-            await steps.settled()  # the share is taken at the model after every release
-            step = await self._group_share()
-            if step is False:
+            await steps.settled()  # a share is taken at the model after every release
+            if steps.in_tail:
+                next_at = now + interval * per_round  # a tail round is one share
+                share = await self._in_thread(functools.partial(steps.make_tail, not answering))
+            else:
+                next_at = now + interval
+                share = await self._group_share()
+            if share is False:
                 return
-            if step is None:
+            if share is None:  # now in the tail or serving only; or a session still in flight
+                self.wake.clear()
+                await wait_event(self.wake, 0.2)
                 continue
             gauges.epsilon = optional_float(getattr(host.trainer, "epsilon", None))
-            done = steps.steps_made // per_round
-            host.offer_group_step(step, done)
-            if steps.steps_made % per_round == 0:
-                await self._group_round_done(done)
+            host.offer_group_step(share, steps.rounds_done, initiate=not answering)
+            if not answering and (steps.in_tail or steps.steps_made % per_round == 0):
+                await self._group_round_done(steps.rounds_done, 0 if steps.in_tail else per_round)
 
     async def _group_share(self) -> Any:
-        """The next share; None when the budget or the plan is spent, False when training
-        failed."""
+        """The next private share; None when the budget or the plan is spent (the peer moves
+        to the averaging tail), False when training failed."""
         gauges, steps = self.host.gauges, self.host.group_steps
         if steps.plan_done:
-            self._spent("the planned private steps are done")
+            self._enter_tail("the planned private steps are done")
             return None
         try:
             gauges.training_now = True
             return await asyncio.to_thread(steps.make)
         except BudgetExhaustedError as exc:
-            self._spent(str(exc))
+            self._enter_tail(str(exc))
             return None
         except Exception as exc:
             return self._failed(exc)
         finally:
             gauges.training_now = False
 
+    def _enter_tail(self, why: str) -> None:
+        """No more private steps: join the averaging tail (none configured: serve only). While
+        a session is in flight nothing changes; the loop asks again."""
+        host, steps = self.host, self.host.group_steps
+        if steps.in_tail:
+            return
+        if steps.tail_rounds < 1:
+            self._spent(why)
+        elif host.enter_averaging_tail():
+            steps.in_tail = True
+            log.info("%s: %s; averaging tail of %d rounds, no more private steps",
+                     host.peer_id, why, steps.tail_rounds)
+
+    def _tail_done(self) -> None:
+        """The peer's own tail is done: it starts no session any more and answers others' tail
+        invitations with its model (free); shown as a spent budget, its plan being over."""
+        gauges = self.host.gauges
+        gauges.budget_exhausted = True
+        log.info("%s: averaging tail done; answering others' tail sessions only",
+                 self.host.peer_id)
+        self.host.emit("budget_exhausted", epsilon=gauges.epsilon)
+
     def _spent(self, why: str) -> None:
-        """No more private steps: the peer serves others' sessions only."""
+        """No more shares of any kind: the peer serves others' sessions only."""
         host, gauges = self.host, self.host.gauges
         if gauges.budget_exhausted:
             return
         gauges.budget_exhausted = True
         host.withdraw_update()
-        log.warning("%s: no more group-noise steps (%s); serving only", host.peer_id, why)
+        log.warning("%s: no more group-noise shares (%s); serving only", host.peer_id, why)
         host.emit("budget_exhausted", epsilon=gauges.epsilon)
 
-    async def _group_round_done(self, rounds: int) -> None:
-        """Every ``local_steps`` shares: the round event and, now and then, an evaluation."""
+    async def _group_round_done(self, rounds: int, steps: int) -> None:
+        """Every ``local_steps`` private shares, and every tail share (``steps`` 0): the round
+        event and, now and then, an evaluation."""
         host, gauges = self.host, self.host.gauges
         await host.group_steps.settled()
         if self.evaluate_every and rounds % self.evaluate_every == 0:
             accuracy = float(await asyncio.to_thread(host.trainer.evaluate))
             gauges.accuracy = accuracy if math.isfinite(accuracy) else None
         host.emit("round", round=rounds, epsilon=gauges.epsilon, accuracy=gauges.accuracy,
-                  steps=int(host.trainer.config.local_steps))
+                  steps=steps)
         for fraction in gauges.new_milestones():
             host.emit("budget_milestone", fraction=fraction, epsilon=gauges.epsilon,
                       budget_epsilon=gauges.budget_epsilon)

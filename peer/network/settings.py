@@ -33,7 +33,8 @@ class Trainer(Protocol):
 
     Optional members, read with defaults when absent (benchmark and test stand-ins):
     ``round`` (rounds since the peer was created), ``epsilon`` / ``budget_epsilon`` (from the
-    ledger; None without DP / without a budget), ``can_average`` and ``averaging_round()`` (a
+    ledger; None without DP / without a budget), ``clip_norm`` (adaptive clipping's current
+    C; None when C is fixed), ``can_average`` and ``averaging_round()`` (a
     round that re-shares the model without a private step).
     """
 

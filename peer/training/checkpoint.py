@@ -10,6 +10,7 @@ pickle; it can only fail to load, which raises :class:`CheckpointError`.
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class TrainerState:
     optimizer_state: dict[str, Any]
     residual: np.ndarray
     ledger_json: str  # BlockLedgers.to_json(): what ledger.json held when this was written
+    clip_norm: float | None = None  # adaptive clipping's current C (None: C is fixed)
 
 
 def save_checkpoint(path: Path, state: TrainerState) -> None:
@@ -51,8 +53,20 @@ def save_checkpoint(path: Path, state: TrainerState) -> None:
         "optimizer_state": state.optimizer_state,
         "residual": torch.from_numpy(np.asarray(state.residual, dtype=np.float32).copy()),
         "ledger_json": state.ledger_json,
+        "clip_norm": None if state.clip_norm is None else float(state.clip_norm),
     }
     atomic_write_with(Path(path), lambda handle: torch.save(payload, handle))
+
+
+def _clip_norm(value: Any) -> float | None:
+    """A stored adaptive C: None (fixed C, or a checkpoint from before adaptive clipping) or a
+    positive finite float."""
+    if value is None:
+        return None
+    clip_norm = float(value)
+    if not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"clip_norm {clip_norm} is not a positive number")
+    return clip_norm
 
 
 def load_checkpoint(path: Path) -> TrainerState:
@@ -74,6 +88,7 @@ def load_checkpoint(path: Path) -> TrainerState:
             optimizer_state=dict(payload["optimizer_state"]),
             residual=payload["residual"].numpy().astype(np.float32),
             ledger_json=str(payload["ledger_json"]),
+            clip_norm=_clip_norm(payload.get("clip_norm")),
         )
     except (KeyError, AttributeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: checkpoint is missing fields ({exc})") from exc

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from peer.sharing import DEFAULT_STRATEGY, strategy_class
 from peer.sharing.topk import TopK
+from peer.training.import_path import check_import_path, is_user_model
 from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 #: The models peer.training.models can build ("scatter" needs kymatio, see features.py).
@@ -27,6 +28,8 @@ class TrainerConfig:
     ``planned_rounds - averaging_rounds`` rounds of ``local_steps`` steps spend exactly that
     epsilon, and the budget defaults to it."""
 
+    # A built-in name (MODEL_NAMES) or a user's factory "package.module:function"
+    # (peer/training/user_model.py; docs/peer.md, "Your own model and data").
     model: str = "mlp"
     # lr, momentum, batch size and the averaging tail's top-k won the sweeps of
     # docs/results.md ("Learning quality"); measured with the simulation's rounds.
@@ -45,7 +48,18 @@ class TrainerConfig:
     # "pld" is 8-15 % tighter than "rdp" (bench/accountant_bench.py) and costs about 50 MB more
     # resident memory; "rdp" suits a peer on a 1 GB device.
     accountant: str = DEFAULT_ACCOUNTANT
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # C; with adaptive clipping the starting C
+    # Adaptive clipping (docs/privacy.md, "Adaptive clipping"; peer/training/adaptive_clip.py):
+    # each private step also releases a noised count of unclipped examples and moves C
+    # geometrically toward the ``clip_target_quantile`` of the gradient norms, at no extra
+    # epsilon (the gradient noise rises a little instead). None: on for a user model
+    # ("package.module:factory"), off for the built-in recipes (their C is tuned) and under
+    # group noise (where it is refused). Defaults from Andrew et al. (NeurIPS 2021).
+    clip_adaptive: bool | None = None
+    clip_target_quantile: float = 0.5  # gamma: the fraction of examples left unclipped
+    clip_learning_rate: float = 0.2  # eta of C <- C * exp(-eta * (b - gamma))
+    # sigma_b of the count, in examples; None: max(batch_size / 20, 2 * sigma)
+    clip_count_stddev: float | None = None
     budget_epsilon: float | None = None
     # "local": every private step adds the whole noise to this peer's own gradient (trusts no
     # one). "group": each private step is a group release to which each of at least
@@ -80,8 +94,11 @@ class TrainerConfig:
     checkpoint_every_round: bool = True
 
     def validate(self) -> None:
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
+        if is_user_model(self.model):
+            check_import_path(self.model, "model")  # imported when the trainer builds it
+        elif self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES} or "
+                             "a factory 'package.module:function'")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -103,6 +120,18 @@ class TrainerConfig:
                 raise ValueError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
             if self.target_epsilon is not None and not self.target_epsilon > 0:
                 raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+        if not 0 < self.clip_target_quantile < 1:
+            raise ValueError(f"clip_target_quantile must be in (0, 1), "
+                             f"got {self.clip_target_quantile}")
+        if not (self.clip_learning_rate > 0 and math.isfinite(self.clip_learning_rate)):
+            raise ValueError(f"clip_learning_rate must be positive, got {self.clip_learning_rate}")
+        if self.clip_count_stddev is not None and not (
+                self.clip_count_stddev > 0 and math.isfinite(self.clip_count_stddev)):
+            raise ValueError(f"clip_count_stddev must be positive, got {self.clip_count_stddev}")
+        if self.clip_adaptive and self.noise == "group":
+            raise ValueError("clip_adaptive is refused with noise = 'group': every member of a "
+                             "group release must clip to the one C its noise is calibrated to "
+                             "(docs/privacy.md, \"Adaptive clipping\")")
         if self.noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {NOISE_MODES}, got {self.noise!r}")
         if self.noise == "group" and (not self.dp or self.noise_multiplier is None):

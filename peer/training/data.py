@@ -39,6 +39,7 @@ from peer.training.tables import (
     npz_metadata,
     resolve,
 )
+from peer.training.user_data import load_python
 
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IDX_IMAGE_MAGIC = 0x00000803
@@ -383,6 +384,8 @@ def load_table(path: Path, label_column: str | int = "label",
 def _parse_spec(spec: str) -> tuple[str, str]:
     kind, _, rest = spec.partition(":")
     kind = kind.strip().lower()
+    if kind == "python":
+        return kind, rest  # checked by user_data.load_python
     if kind in ("digits", "fashion-mnist", "mnist", "csv", "npz"):
         if kind == "mnist" and not rest:
             raise DataError("mnist needs a directory: mnist:/path/to/idx/files")
@@ -391,7 +394,7 @@ def _parse_spec(spec: str) -> tuple[str, str]:
         return kind, rest
     raise DataError(
         f"unknown data source {spec!r}: use digits, fashion-mnist[:DIR], mnist:DIR, "
-        "csv:PATH[#LABEL] or npz:PATH"
+        "csv:PATH[#LABEL], npz:PATH or python:MODULE:LOADER"
     )
 
 
@@ -399,6 +402,9 @@ def _load_whole(kind: str, rest: str, table: TableConfig | None) -> Dataset:
     """The digits or table source before its fixed test split."""
     if kind == "digits":
         return load_digits()
+    if kind == "python":  # a user's loader, read like a table (user_data.py)
+        x, y, num_classes, name = load_python(rest, table)
+        return Dataset(x=x, y=y, num_classes=num_classes, name=name)
     path_text, _, label = rest.partition("#")
     path = Path(path_text)
     if path.suffix != f".{kind}":
@@ -414,7 +420,8 @@ def load_source(spec: str, table: TableConfig | None = None) -> tuple[Dataset, D
     """(train, test) for a source spec.
 
     ``digits`` | ``fashion-mnist[:ROOT]`` | ``mnist:ROOT`` | ``csv:PATH[#LABEL]`` |
-    ``npz:PATH``. Digits and tables get a fixed deterministic test split. ``table``: the
+    ``npz:PATH`` | ``python:MODULE:LOADER``. Digits, tables and loaders get a fixed
+    deterministic test split. ``table``: the
     public constants of a table source (the config's ``[table]``; see :func:`load_table`).
     """
     kind, rest = _parse_spec(spec)

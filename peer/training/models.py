@@ -1,6 +1,8 @@
-"""Model registry for the local trainer.
+"""Model registry for the local trainer, and the door to a user's own model.
 
-Every model here is built only from layers whose per-example gradients Murmur's DP-SGD engine
+A name with a colon, ``"package.module:factory"``, is a user's model factory
+(:func:`is_user_model`; built and checked by peer/training/user_model.py). Every built-in
+model here is built only from layers whose per-example gradients Murmur's DP-SGD engine
 computes exactly (``nn.Linear``, ``nn.Conv2d``) plus parameter-free layers (activations,
 pooling, flatten). There is deliberately no BatchNorm: it mixes examples within a batch, which
 breaks per-example gradients and therefore per-example clipping (the basis of record-level DP).
@@ -16,6 +18,11 @@ from torch import nn
 
 from peer.errors import PeerError
 from peer.training.config import MODEL_NAMES
+from peer.training.import_path import is_user_model
+from peer.training.user_model import build_user_model, choose_engine, user_model_base_id
+
+__all__ = ["ModelError", "build_model", "is_user_model", "model_base_id", "param_count",
+           "seeded_init", "split_frozen", "training_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +101,14 @@ def _build_scatter(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a registered model for inputs of ``input_shape`` (without the batch dimension)."""
+    """Build a registered model, or a user's (``"package.module:factory"``; checked, and
+    ModelFactoryError when DP-SGD cannot train it), for inputs of ``input_shape`` (without
+    the batch dimension)."""
     if num_classes < 2:
         raise ModelError(f"need at least 2 classes, got {num_classes}")
-    if name == "mlp":
+    if is_user_model(name):
+        model = build_user_model(name, tuple(input_shape), num_classes)
+    elif name == "mlp":
         model = _build_mlp(tuple(input_shape), num_classes)
     elif name == "cnn":
         model = _build_cnn(tuple(input_shape), num_classes)
@@ -107,6 +118,23 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     log.info("built model %s: %d parameters", name, param_count(model))
     return model
+
+
+def model_base_id(name: str, model: nn.Module) -> str:
+    """The model id's base before the sharing mode decorates it: the name and parameter count
+    of a built-in model, the factory's name, architecture digest and count of a user's."""
+    if is_user_model(name):
+        return user_model_base_id(name, model, param_count(model))
+    return f"{name}-{param_count(model)}"
+
+
+def training_engine(name: str, model: nn.Module, input_shape: tuple[int, ...],
+                    requested: str) -> str:
+    """The DP engine setting to build (dpsgd.make_engine): ``requested`` for a built-in model;
+    for a user's, the engine that computes its per-example gradients exactly."""
+    if is_user_model(name):
+        return choose_engine(model, tuple(input_shape), requested, name)
+    return requested
 
 
 def split_frozen(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
@@ -152,7 +180,8 @@ def seeded_init(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
+            # ConvNd: a user's model may hold Conv1d / Conv3d (built-in ones hold Conv2d).
+            if isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 bound = 1.0 / math.sqrt(module.weight[0].numel())
                 module.weight.uniform_(-bound, bound, generator=generator)
                 if module.bias is not None:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import numpy as np
@@ -136,6 +136,21 @@ def group_model_suffix(max_colluders: int) -> str:
     """What a group-noise peer appends to its trainer's model id (which names h, sigma_eff, C
     and the batch size): c, so peers that disagree about h + c never group."""
     return f"-c{max_colluders}"
+
+
+#: What a group-noise peer in its averaging tail appends to its private model id, so that tail
+#: members (who draw no noise share) and private-step members never form a session together
+#: (docs/privacy.md, "The averaging tail").
+GROUP_TAIL_SUFFIX = "-tail"
+
+
+def averaging_tail_params(private: SessionParams) -> SessionParams:
+    """The session parameters of a group-noise peer's averaging tail: the private ones with
+    the tail's model id and plain (model-only) contributions; ``min_sum`` is kept."""
+    if not private.field_contributions:
+        raise ValueError("only a group-noise peer has an averaging tail")
+    return replace(private, model_id=private.model_id + GROUP_TAIL_SUFFIX,
+                               field_contributions=False)
 
 
 def check_colluders(max_colluders: int, group_size: int, threshold: int) -> None:

@@ -30,7 +30,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,6 +44,7 @@ from peer.network.session.common import (
     SessionContext,
     SessionParams,
     Step,
+    averaging_tail_params,
     group_min_sum,
     group_model_suffix,
 )
@@ -141,7 +142,12 @@ class SessionSeat:
         # Group noise (peer/group_steps.py, set by the node): the charged step behind the
         # fresh share and the one behind the session's (each has a ``contribution``).
         self.group_steps: GroupReleases | None = None
+        #: Group noise: the averaging tail's parameters (another model id: docs/privacy.md,
+        #: "The averaging tail"); None for any other peer.
+        self.tail_params = (averaging_tail_params(self.params)
+                            if self.params.field_contributions else None)
         self._fresh_step: Any = None
+        self._fresh_initiates = True  # False: the fresh share only answers invitations
         self._session_step: Any = None
         self._recent_sessions: OrderedDict[bytes, None] = OrderedDict()
         self._latest_round = -1
@@ -164,17 +170,40 @@ class SessionSeat:
             fill=None if self.sharing is None else self.sharing.fill,
         )
         self._latest_round = max(self._latest_round, round_)
+        self._fresh_initiates = True
         self.wake.set()
 
-    def offer_group_step(self, step: Any) -> None:
+    def offer_group_step(self, step: Any, initiate: bool = True) -> None:
         """Make a group-noise step's share available for the next session (group mode keeps
-        at most one: the caller offers a new one only once this one is gone)."""
+        at most one: the caller offers a new one only once this one is gone); ``initiate``
+        False: it only answers others' invitations (a peer whose own tail is done)."""
         self._fresh, self._fresh_step = step.contribution, step
+        self._fresh_initiates = initiate
         self.wake.set()
 
     def withdraw_update(self) -> None:
         """Nothing fresh to contribute any more."""
         self._fresh = self._fresh_step = None
+
+    # ------------------------------------------------------------------ the averaging tail
+    def tail_peers(self, now: float) -> int:
+        """Live peers announcing this peer's averaging-tail model id (0 without a tail)."""
+        tail = self.tail_params
+        if tail is None or self.params is tail:
+            return 0
+        return len(self.membership.eligible(now, model_id=tail.model_id,
+                                            param_count=tail.param_count))
+
+    def enter_tail(self) -> SessionParams | None:
+        """Switch to the averaging tail's parameters (for good), withdrawing a private share
+        that never formed a group; None, and nothing changed, while a session is in flight (it
+        keeps the parameters it was made with) or for a peer without a tail."""
+        if self.session is not None or self.tail_params is None:
+            return None
+        self.withdraw_update()
+        self.params = self.tail_params
+        self.ctx = replace(self.ctx, params=self.params)
+        return self.params
 
     # ------------------------------------------------------------------ inbound
     def dispatch(self, header: m.Header, body: m.Body, now: float) -> None:
@@ -243,7 +272,7 @@ class SessionSeat:
         """Start a session now if possible (fresh update, free, >= 2 eligible live peers)."""
         now = time.time() if now is None else now
         if (self.hooks.stopping() or self.session is not None or self._fresh is None
-                or not self.hooks.connected()
+                or not self._fresh_initiates or not self.hooks.connected()
                 or time.monotonic() - self._last_session_end < self.config.cooldown_s):
             return False
         k = min(self.params.group_size - 1 + max(0, self.config.over_invite), MAX_MEMBERS - 1)
@@ -265,7 +294,7 @@ class SessionSeat:
         rng = secrets.SystemRandom()
         while not self.hooks.stopping():
             self.wake.clear()
-            if self.session is None and self._fresh is not None:
+            if self.session is None and self._fresh is not None and self._fresh_initiates:
                 # Random delay, growing with consecutive failed invitations (collisions): a
                 # peer that waits is likely to be invited by a neighbour instead.
                 doublings = min(self._initiator_failures, MAX_BACKOFF_DOUBLINGS)

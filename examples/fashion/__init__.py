@@ -1,0 +1,1 @@
+"""A user-defined image model on Fashion-MNIST."""
