@@ -144,6 +144,7 @@ _STATUS_EXTRAS = (
     "messages_received",
     "reconnects",
     "peers_live",
+    "peak_rss_mb",
 )
 
 

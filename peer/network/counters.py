@@ -134,6 +134,7 @@ class PeerStatus:
     peers_live: int = 0
     view_peers: int = 0  # peers in the membership view (live or not yet expired)
     view_buckets: int = -1  # announcement buckets followed; -1: every one (the full view)
+    peak_rss_mb: float | None = None  # this process's peak resident memory (peer.resources)
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------
     round: int = 0
