@@ -182,10 +182,13 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
     phases.mark("data")
     train, holdout = split_holdout(train_source, 0.2, seed=0)
     del train_source
-    model = "mlp" if config == "mlp" else "cnn"
-    # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k.
+    base, _, variant = config.partition("+")
+    model = "mlp" if base == "mlp" else "cnn"
+    # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k. "+table": the ledger's
+    # figures from an epsilon table (a child process), not the library in this process.
     overrides = {"model": model, "local_steps": steps_per_round, "dp": True,
-                 "noise_multiplier": 1.0, "batch_size": 64, "topk_fraction": 0.01}
+                 "noise_multiplier": 1.0, "batch_size": 64, "topk_fraction": 0.01,
+                 "epsilon_table": variant == "table"}
     known = {f.name for f in dataclasses.fields(TrainerConfig)}
     trainer_config = TrainerConfig(**{k: v for k, v in overrides.items() if k in known})
     with tempfile.TemporaryDirectory(prefix="murmur-bench-state-") as state:
@@ -209,6 +212,9 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
         "train_examples": len(train.y),
         "param_count": int(trainer.param_count),
         "steps_per_round": steps_per_round,
+        "epsilon": round(float(trainer.epsilon or 0.0), 4),
+        "accountant_loaded": "dp_accounting" in sys.modules,
+        "scipy_loaded": "scipy" in sys.modules,
     }
 
 

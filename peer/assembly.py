@@ -27,6 +27,7 @@ from crypto.errors import CertificateError, CryptoError
 from crypto.field import FixedPoint
 from crypto.identity import Identity
 from peer.config import ConfigError, PeerConfig, SessionConfig
+from peer.device import apply_process_settings
 from peer.files import FileTooLargeError, read_bounded
 from peer.group_steps import GroupSteps
 from peer.network.node import EventCallback, NodeConfig, Peer
@@ -225,9 +226,13 @@ def check_group_noise(cfg: PeerConfig) -> None:
 
 
 def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) -> Peer:
-    """The daemon's peer: credentials, data, trainer (resumed) and node from one config."""
+    """The daemon's peer: credentials, data, trainer (resumed) and node from one config.
+
+    The device profile's process settings (allocator, torch threads) apply first, so the data
+    is loaded under them."""
     identity, certificate = load_credentials(cfg)
     check_group_noise(cfg)
+    apply_process_settings(cfg.device)
     source: BlockSource | None = None
     if cfg.data.startswith(BLOCKS_PREFIX):
         train, holdout, source = load_block_data(cfg)

@@ -117,7 +117,9 @@ PEER_PROCESS = textwrap.dedent("""
     from pathlib import Path
     from peer.config import load_config
     from peer.assembly import build_trainer, load_local_data
+    from peer.device import apply_process_settings
     cfg = load_config(Path(sys.argv[1]))
+    apply_process_settings(cfg.device)
     train, holdout = load_local_data(cfg)
     trainer = build_trainer(cfg.training, train, holdout, cfg.state_dir)
     for _ in range(3):
@@ -129,8 +131,10 @@ PEER_PROCESS = textwrap.dedent("""
 """)
 
 
-def test_peer_process_with_a_table_never_imports_the_library(tmp_path: Path) -> None:
-    """The daemon's own assembly (config -> data -> trainer) and three private rounds."""
+def test_small_profile_peer_process_never_imports_the_library(tmp_path: Path) -> None:
+    """The daemon's own assembly (config -> data -> trainer) under ``[device] profile =
+    "small"`` and three private rounds: the figure is the library's, the library never
+    loaded."""
     from peer.provision import provision
 
     network = provision("tbl", ["p0"], tmp_path / "net", broker_url="mqtt://127.0.0.1:1")
@@ -138,7 +142,8 @@ def test_peer_process_with_a_table_never_imports_the_library(tmp_path: Path) -> 
     text = config.read_text()
     assert "target_epsilon = 8.0\n" in text  # sigma_for runs in the child too
     config.write_text(text.replace("target_epsilon = 8.0\n", "target_epsilon = 8.0\n"
-                                   'model = "mlp"\nlocal_steps = 5\nepsilon_table = true\n'))
+                                   'model = "mlp"\nlocal_steps = 5\n')
+                      + '\n[device]\nprofile = "small"\n')  # the profile turns the table on
     done = subprocess.run([sys.executable, "-c", PEER_PROCESS, str(config)], cwd=REPO,
                           capture_output=True, text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
