@@ -15,6 +15,8 @@ docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
 * glibc: allocations of 64 KiB and more are their own mappings, returned to the system when
   freed, one malloc arena, trim at 64 KiB (the data set's load-time copy and a round's
   per-example buffers no longer stay resident as freed heap);
+* no process-wide feature cache (the scatter model's trainer keeps its own features; the
+  cache held a second copy, 15.9 KB per image);
 * groups of 3 (threshold 2) with masked sessions: about a third of the bytes per member of a
   Shamir session at g = 3 (docs/results.md);
 * a checkpoint every 10 minutes, not after every round (SD-card writes; the ledger is still
@@ -61,6 +63,9 @@ class DeviceProfile:
         default_factory=lambda: MappingProxyType({}))
     torch_threads: int | None = None  # None: torch's own choice (one per core)
     allocator: AllocatorSettings | None = None
+    # Rows kept by the process-wide feature cache (peer/training/features.py; None: its
+    # default). A daemon's trainer keeps its own features, so its cache only duplicates them.
+    feature_cache_rows: int | None = None
 
 
 PROFILES: MappingProxyType[str, DeviceProfile] = MappingProxyType({
@@ -70,6 +75,7 @@ PROFILES: MappingProxyType[str, DeviceProfile] = MappingProxyType({
         session=MappingProxyType({"group_size": 3, "threshold": 2, "kind": "masked"}),
         top_level=MappingProxyType({"checkpoint_interval_s": 600.0}),
         torch_threads=1,
+        feature_cache_rows=0,
         allocator=AllocatorSettings(mmap_threshold_bytes=64 * 1024,
                                     trim_threshold_bytes=64 * 1024, arena_max=1),
     ),
@@ -121,3 +127,7 @@ def apply_process_settings(device: DeviceConfig) -> None:
         from peer.training.models import configure_torch_threads  # imports torch
 
         configure_torch_threads(profile.torch_threads)
+    if profile.feature_cache_rows is not None:
+        from peer.training.features import configure_feature_cache
+
+        configure_feature_cache(profile.feature_cache_rows)

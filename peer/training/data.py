@@ -73,11 +73,14 @@ class Dataset:
         return tuple(int(d) for d in self.x.shape[1:])
 
     def subset(self, indices: np.ndarray | list[int], name: str | None = None) -> Dataset:
-        """The records at ``indices`` (copied), keeping ``num_classes``."""
+        """The records at ``indices`` (copied), keeping ``num_classes``.
+
+        Indexing with an integer array already copies; a second ``.copy()`` held a third
+        copy of the records at the loading peak (+150 MB for Fashion-MNIST's training set)."""
         index = np.asarray(indices, dtype=np.int64)
         return Dataset(
-            x=self.x[index].copy(),
-            y=self.y[index].copy(),
+            x=self.x[index],
+            y=self.y[index],
             num_classes=self.num_classes,
             name=name or self.name,
         )
