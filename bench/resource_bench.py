@@ -16,7 +16,7 @@ Rows (``what``):
   math (scipy.special), Murmur's model and DP-SGD step on a synthetic 6 000-example shard and
   functional SGD; ``cnn+optim`` swaps in ``torch.optim.SGD`` to show what it imports;
 * ``peer_training``   -- the peer's training half exactly as ``murmur-peer run`` builds it
-  (peer.training.data.load_train_source, split_holdout,
+  (peer.training.data.load_train_source, split_holdout_consuming,
   peer.training.trainer.LocalTrainer with a state directory),
   running N local rounds: ``cnn`` on the full Fashion-MNIST training set, ``cnn_shard`` on a
   6 000-example shard given as an .npz file (what one device of a fleet would hold), ``mlp``
@@ -175,7 +175,7 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
                         data_spec: str) -> dict[str, Any]:
     import dataclasses
 
-    from peer.training.data import load_train_source, split_holdout
+    from peer.training.data import load_train_source, split_holdout_consuming
     from peer.training.trainer import LocalTrainer, TrainerConfig
 
     base, _, variant = config.partition("+")
@@ -189,7 +189,7 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
     # the source's training part is loaded, and the unsplit set is dropped once it is split.
     train_source = load_train_source(data_spec)
     phases.mark("data")
-    train, holdout = split_holdout(train_source, 0.2, seed=0)
+    train, holdout = split_holdout_consuming(train_source, 0.2, seed=0)
     del train_source
     model = {"mlp": "mlp", "scatter_shard": "scatter"}.get(base, "cnn")
     # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k. "+table": the ledger's

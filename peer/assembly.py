@@ -90,14 +90,14 @@ def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
     """(train, hold-out): the configured source's training part split in two, or, with
     ``evaluate`` set, all of it for training and the test split of ``evaluate`` as hold-out
     (public data: measuring on it spends no privacy and reveals nothing of the peer's own)."""
-    from peer.training.data import load_source, load_train_source, split_holdout
+    from peer.training.data import load_source, load_train_source, split_holdout_consuming
 
     try:
         # Only the training part: a device never evaluates on the source's test split, so
         # loading it would only cost memory (and, for IDX data, reading the test files).
         source = load_train_source(cfg.data, cfg.table)
         if cfg.evaluate is None:
-            return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
+            return split_holdout_consuming(source, cfg.holdout_fraction, cfg.training.seed)
     except Exception as exc:
         # DataError, OSError, ValueError...: all mean the configured data is unusable.
         raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
