@@ -409,7 +409,8 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         profile.session, _section(document, "session", label)), "session")
     training = build_dataclass(TrainerConfig, with_profile(
         profile.training, _section(document, "training", label)), "training")
-    pace = build_dataclass(PaceConfig, _section(document, "pace", label), "pace")
+    pace = build_dataclass(PaceConfig, with_profile(
+        profile.pace, _section(document, "pace", label)), "pace")
     table = _table(document, label, data, evaluate)
     return PeerConfig(
         peer_id=keys.peer_id,

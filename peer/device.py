@@ -1,9 +1,9 @@
 """Device profiles (``[device] profile``): the lean settings for a small device, picked together.
 
 A profile changes *defaults*, never an operator's choice: its values go under the config
-file's own ``[training]``, ``[session]`` and top-level keys, so a key set in the file wins.
-It also sets two things of the process itself before the peer is built: torch's intra-op
-threads and glibc's allocator. ``"default"`` changes nothing.
+file's own ``[training]``, ``[session]``, ``[pace]`` and top-level keys, so a key set in the
+file wins. It also sets things of the process itself before the peer is built: torch's
+intra-op threads, glibc's allocator and the feature cache. ``"default"`` changes nothing.
 
 ``"small"`` (a Raspberry Pi 3 / Zero 2 W class device; measured in
 docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
@@ -19,6 +19,8 @@ docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
   cache held a second copy, 15.9 KB per image);
 * groups of 3 (threshold 2) with masked sessions: about a third of the bytes per member of a
   Shamir session at g = 3 (docs/results.md);
+* after the budget, an averaging session at most every 5 minutes (``[pace]``; the default
+  5 s would let a small MLP peer send about 10 MB an hour);
 * a checkpoint every 10 minutes, not after every round (SD-card writes; the ledger is still
   written before any update leaves, so no privacy cost is ever lost).
 
@@ -61,6 +63,7 @@ class DeviceProfile:
     session: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     top_level: MappingProxyType[str, Any] = field(
         default_factory=lambda: MappingProxyType({}))
+    pace: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     torch_threads: int | None = None  # None: torch's own choice (one per core)
     allocator: AllocatorSettings | None = None
     # Rows kept by the process-wide feature cache (peer/training/features.py; None: its
@@ -74,6 +77,7 @@ PROFILES: MappingProxyType[str, DeviceProfile] = MappingProxyType({
         training=MappingProxyType({"epsilon_table": True, "eval_batch_size": 256}),
         session=MappingProxyType({"group_size": 3, "threshold": 2, "kind": "masked"}),
         top_level=MappingProxyType({"checkpoint_interval_s": 600.0}),
+        pace=MappingProxyType({"averaging_interval_s": 300.0}),
         torch_threads=1,
         feature_cache_rows=0,
         allocator=AllocatorSettings(mmap_threshold_bytes=64 * 1024,

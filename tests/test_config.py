@@ -231,6 +231,7 @@ def test_small_device_profile_changes_defaults_not_choices(network_dir: Path) ->
         3, 2, "masked")
     assert default.session == SessionConfig()
     assert (small.checkpoint_interval_s, default.checkpoint_interval_s) == (600.0, 60.0)
+    assert (small.pace.averaging_interval_s, default.pace.averaging_interval_s) == (300.0, 5.0)
     assert small.training.target_epsilon == 8.0  # the file's own key is kept
     assert PROFILES["small"].torch_threads == 1 and PROFILES["default"].allocator is None
     chosen = load_config(write(
