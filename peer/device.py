@@ -10,7 +10,7 @@ docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
 
 * accountant figures from an epsilon table (``epsilon_table``): the same exact PLD epsilon
   without dp-accounting and scipy resident (-62 MB on the CNN shard);
-* evaluation in batches of 256 (a 1024-image CNN batch held +27 MB at its peak);
+* evaluation in batches of 128 (a 1024-image CNN batch held +27 MB at its peak);
 * one torch thread (the broker, the sessions' crypto and the OS keep the other cores);
 * glibc: allocations of 64 KiB and more are their own mappings, returned to the system when
   freed, one malloc arena, trim at 64 KiB (the data set's load-time copy and a round's
@@ -74,7 +74,7 @@ class DeviceProfile:
 PROFILES: MappingProxyType[str, DeviceProfile] = MappingProxyType({
     "default": DeviceProfile(),
     "small": DeviceProfile(
-        training=MappingProxyType({"epsilon_table": True, "eval_batch_size": 256}),
+        training=MappingProxyType({"epsilon_table": True, "eval_batch_size": 128}),
         session=MappingProxyType({"group_size": 3, "threshold": 2, "kind": "masked"}),
         top_level=MappingProxyType({"checkpoint_interval_s": 600.0}),
         pace=MappingProxyType({"averaging_interval_s": 300.0}),

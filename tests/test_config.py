@@ -225,7 +225,7 @@ def test_small_device_profile_changes_defaults_not_choices(network_dir: Path) ->
     small = load_config(write(network_dir, MINIMAL + TRAINING + '[device]\nprofile = "small"\n'))
     default = load_config(write(network_dir, MINIMAL + TRAINING, "default.toml"))
     assert small.device.profile == "small" and default.device.profile == "default"
-    assert (small.training.epsilon_table, small.training.eval_batch_size) == (True, 256)
+    assert (small.training.epsilon_table, small.training.eval_batch_size) == (True, 128)
     assert (default.training.epsilon_table, default.training.eval_batch_size) == (False, 1024)
     assert (small.session.group_size, small.session.threshold, small.session.kind) == (
         3, 2, "masked")
