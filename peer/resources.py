@@ -18,15 +18,23 @@ _STATUS = Path("/proc/self/status")
 MIB = 1024 * 1024
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident set in MiB (None if the platform reports neither)."""
+def _vmhwm_kib() -> int | None:
+    """VmHWM from /proc/self/status in KiB (None: no /proc, or no such line)."""
     try:
         with _STATUS.open() as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / MIB  # the kernel reports kB
+                    return int(line.split()[1])  # the kernel reports kB
     except (OSError, ValueError, IndexError):
-        pass  # no /proc (or an unexpected line): fall back to getrusage below
+        return None
+    return None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set in MiB (None if the platform reports neither)."""
+    kib = _vmhwm_kib()
+    if kib is not None:
+        return kib * 1024 / MIB
     if sys.platform == "darwin":
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
     return None
