@@ -20,13 +20,14 @@ import csv
 import gzip
 import importlib.util
 import itertools
-import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from peer.training.idx import idx_file, read_idx
 
 # DataError is defined in tables.py (which needs nothing from here) and used from here.
 from peer.training.tables import (
@@ -41,8 +42,6 @@ from peer.training.tables import (
 )
 
 DEFAULT_FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-IDX_IMAGE_MAGIC = 0x00000803
-IDX_LABEL_MAGIC = 0x00000801
 TABLE_TEST_FRACTION = 0.2
 DIGITS_TEST_FRACTION = 0.25
 SPLIT_SEED = 0  # fixed so every run (and every peer) sees the same train/test split
@@ -175,100 +174,10 @@ def split_holdout_consuming(ds: Dataset, fraction: float, seed: int
     return Dataset(x, y, ds.num_classes, f"{ds.name}/train"), holdout
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as handle:
-                return handle.read()
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; EOFError = truncated gzip
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-
-
-def _parse_idx(path: Path, expected_magic: int, dims: int) -> np.ndarray:
-    data = _read_bytes(path)
-    header = 4 + 4 * dims
-    if len(data) >= 4:
-        (magic,) = struct.unpack(">I", data[:4])
-        if magic != expected_magic:
-            raise DataError(
-                f"{path}: IDX magic {magic:#010x}, expected {expected_magic:#010x}"
-            )
-    if len(data) < header:
-        raise DataError(f"{path}: {len(data)} bytes is too short for an IDX header")
-    shape = struct.unpack(f">{dims}I", data[4:header])
-    expected = int(np.prod(shape))
-    if len(data) - header != expected:
-        raise DataError(
-            f"{path}: IDX header promises {expected} bytes of data, file has {len(data) - header}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-#: Image rows decoded per read when streaming an IDX image file (bounds the loading copy).
-IDX_CHUNK_ROWS = 4096
-
-
-def _open_idx(path: Path) -> BinaryIO:
-    try:
-        return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: file not found") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-
-
-def _stream_idx_images(path: Path) -> np.ndarray:
-    """An IDX image file as float32 [N, 1, H, W] in [0, 1], decoded in chunks straight into
-    the result: the file's bytes are never held whole beside it (Fashion-MNIST: a 47 MB
-    bytes object less at the loading peak). Values as ``astype(float32) / 255`` of the whole."""
-    try:
-        with _open_idx(path) as handle:
-            header = handle.read(16)
-            if len(header) >= 4 and struct.unpack(">I", header[:4])[0] != IDX_IMAGE_MAGIC:
-                raise DataError(f"{path}: IDX magic {struct.unpack('>I', header[:4])[0]:#010x}, "
-                                f"expected {IDX_IMAGE_MAGIC:#010x}")
-            if len(header) < 16:
-                raise DataError(f"{path}: {len(header)} bytes is too short for an IDX header")
-            count, height, width = struct.unpack(">3I", header[4:])
-            x = np.empty((count, 1, height, width), dtype=np.float32)
-            row_bytes = height * width
-            for start in range(0, count, IDX_CHUNK_ROWS):
-                rows = min(IDX_CHUNK_ROWS, count - start)
-                chunk = handle.read(rows * row_bytes)
-                if len(chunk) != rows * row_bytes:
-                    raise DataError(f"{path}: IDX header promises {count * row_bytes} bytes of "
-                                    f"data, file has {start * row_bytes + len(chunk)}")
-                part = np.frombuffer(chunk, dtype=np.uint8).astype(np.float32)
-                part /= np.float32(255.0)
-                x[start : start + rows, 0] = part.reshape(rows, height, width)
-            extra = len(handle.read())
-            if extra:
-                raise DataError(f"{path}: IDX header promises {count * row_bytes} bytes of "
-                                f"data, file has {count * row_bytes + extra}")
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; EOFError = truncated gzip
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    return x
-
-
 def load_idx(images: Path, labels: Path, name: str = "idx") -> Dataset:
     """MNIST-format IDX image + label files (raw or .gz) -> [N, 1, H, W] in [0, 1]."""
-    targets = _parse_idx(Path(labels), IDX_LABEL_MAGIC, 1)
-    x = _stream_idx_images(Path(images))
-    if len(x) != len(targets):
-        raise DataError(f"{images}: {len(x)} images but {labels} has {len(targets)} labels")
-    if len(targets) and int(targets.max()) > 9:
-        raise DataError(f"{labels}: label {int(targets.max())} outside 0..9")
+    x, targets = read_idx(Path(images), Path(labels))
     return Dataset(x=x, y=targets.astype(np.int64), num_classes=10, name=name)
-
-
-def _idx_file(root: Path, stem: str) -> Path:
-    for candidate in (root / f"{stem}.gz", root / stem):
-        if candidate.exists():
-            return candidate
-    raise DataError(f"{root / stem}[.gz]: file not found")
 
 
 def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = True) -> Dataset:
@@ -278,8 +187,8 @@ def load_fashion_mnist(root: Path = DEFAULT_FASHION_MNIST_ROOT, train: bool = Tr
         raise DataError(f"{root}: not a directory (expected IDX files from dataset-fashion-mnist)")
     prefix = "train" if train else "t10k"
     return load_idx(
-        _idx_file(root, f"{prefix}-images-idx3-ubyte"),
-        _idx_file(root, f"{prefix}-labels-idx1-ubyte"),
+        idx_file(root, f"{prefix}-images-idx3-ubyte"),
+        idx_file(root, f"{prefix}-labels-idx1-ubyte"),
         name=f"{root.name}/{prefix}",
     )
 
