@@ -11,7 +11,9 @@ docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
 * accountant figures from an epsilon table (``epsilon_table``): the same exact PLD epsilon
   without dp-accounting and scipy resident (-62 MB on the CNN shard);
 * evaluation in batches of 128 (a 1024-image CNN batch held +27 MB at its peak);
-* one torch thread (the broker, the sessions' crypto and the OS keep the other cores);
+* one torch thread (the broker, the sessions' crypto and the OS keep the other cores), and
+  torch's own convolution kernels instead of oneDNN's (-16 MB on the CNN shard, the same CPU
+  per round measured here);
 * glibc: allocations of 64 KiB and more are their own mappings, returned to the system when
   freed, one malloc arena, trim at 64 KiB (the data set's load-time copy and a round's
   per-example buffers no longer stay resident as freed heap);
@@ -65,6 +67,9 @@ class DeviceProfile:
         default_factory=lambda: MappingProxyType({}))
     pace: MappingProxyType[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     torch_threads: int | None = None  # None: torch's own choice (one per core)
+    # False: torch's own convolution kernels instead of oneDNN's (mkldnn), whose scratch and
+    # code pages cost the CNN about 16 MB resident for no CPU measured here. None: torch's.
+    torch_mkldnn: bool | None = None
     allocator: AllocatorSettings | None = None
     # Rows kept by the process-wide feature cache (peer/training/features.py; None: its
     # default). A daemon's trainer keeps its own features, so its cache only duplicates them.
@@ -79,6 +84,7 @@ PROFILES: MappingProxyType[str, DeviceProfile] = MappingProxyType({
         top_level=MappingProxyType({"checkpoint_interval_s": 600.0}),
         pace=MappingProxyType({"averaging_interval_s": 300.0}),
         torch_threads=1,
+        torch_mkldnn=False,
         feature_cache_rows=0,
         allocator=AllocatorSettings(mmap_threshold_bytes=64 * 1024,
                                     trim_threshold_bytes=64 * 1024, arena_max=1),
@@ -131,6 +137,10 @@ def apply_process_settings(device: DeviceConfig) -> None:
         from peer.training.models import configure_torch_threads  # imports torch
 
         configure_torch_threads(profile.torch_threads)
+    if profile.torch_mkldnn is not None:
+        import torch
+
+        torch.backends.mkldnn.enabled = profile.torch_mkldnn
     if profile.feature_cache_rows is not None:
         from peer.training.features import configure_feature_cache
 

@@ -234,6 +234,7 @@ def test_small_device_profile_changes_defaults_not_choices(network_dir: Path) ->
     assert (small.pace.averaging_interval_s, default.pace.averaging_interval_s) == (300.0, 5.0)
     assert small.training.target_epsilon == 8.0  # the file's own key is kept
     assert PROFILES["small"].torch_threads == 1 and PROFILES["default"].allocator is None
+    assert PROFILES["small"].torch_mkldnn is False and PROFILES["default"].torch_mkldnn is None
     chosen = load_config(write(
         network_dir, MINIMAL + 'checkpoint_interval_s = 30.0\n' + TRAINING
         + 'epsilon_table = false\n[session]\nkind = "shamir"\n[device]\nprofile = "small"\n',
