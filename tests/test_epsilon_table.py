@@ -5,6 +5,7 @@ peer process that uses it never imports dp-accounting or scipy."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,9 @@ import pytest
 
 from peer.training.ledger import PrivacyLedger
 from peer.training.privacy import accountant as accountants
+from peer.training.privacy import table as tables
 from peer.training.privacy.base import AccountingError
-from peer.training.privacy.table import TABLE_FILE, EpsilonTable, TableKey
+from peer.training.privacy.table import TABLE_FILE, EpsilonTable, TableKey, method_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 DELTA = 1e-5
@@ -74,15 +76,64 @@ def test_stored_table_answers_without_a_child_and_a_miss_extends_it(tmp_path: Pa
     assert 100 in EpsilonTable(tmp_path / TABLE_FILE).entries(key)  # stored before use
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps(
-    {"format": 1, "sigmas": {}, "epsilons": {
-        TableKey("pld", DELTA, (), 1.0, RATE).text(): {"20": 0.9, "40": 0.5}}})])
-def test_malformed_table_is_counted_and_recomputed(tmp_path: Path, content: str) -> None:
-    (tmp_path / TABLE_FILE).write_text(content)  # the second one decreases: tampered
+def _stored_table(tmp_path: Path) -> dict[str, object]:
+    """The body of a table the peer itself wrote: entries for 20 and 40 steps at sigma 1."""
+    _ledger(EpsilonTable(tmp_path / TABLE_FILE, chunk=1), sigma=1.0).record(20)
+    body = json.loads((tmp_path / TABLE_FILE).read_text())
+    assert isinstance(body, dict)
+    return body
+
+
+def _understated(body: dict[str, object]) -> dict[str, object]:
+    """The table with every figure halved: still finite, >= 0 and non-decreasing."""
+    epsilons = body["epsilons"]
+    assert isinstance(epsilons, dict) and len(epsilons) == 1
+    return {**body, "epsilons": {k: {n: e / 2 for n, e in v.items()}
+                                 for k, v in epsilons.items()}}
+
+
+@pytest.mark.parametrize("damage", ["not json", "decreasing", "understated", "other method",
+                                    "format 1", "a string figure"])
+def test_damaged_or_foreign_table_is_counted_and_recomputed(tmp_path: Path,
+                                                            damage: str) -> None:
+    """A file the table would otherwise trust is refused: a halved-but-plausible table (the
+    SHA-256 no longer matches), one made by other accountant code (another fingerprint, even
+    with a matching digest), an old format, a figure that is not a number."""
+    body = _stored_table(tmp_path)
+    key = TableKey("pld", DELTA, (), 1.0, RATE).text()
+    if damage == "not json":
+        text = "{not json"
+    elif damage == "decreasing":
+        text = json.dumps({**body, "epsilons": {key: {"20": 0.9, "40": 0.5}}})
+    elif damage == "understated":
+        text = json.dumps(_understated(body))
+    elif damage == "other method":  # well-formed, as other accountant code would write it
+        foreign = {**_understated(body), "method": "0" * 64}
+        foreign["sha256"] = tables.body_digest("0" * 64, foreign["sigmas"],
+                                               foreign["epsilons"])
+        text = json.dumps(foreign)
+    elif damage == "format 1":
+        text = json.dumps({"format": 1, "sigmas": {}, "epsilons": _understated(body)[
+            "epsilons"]})
+    else:
+        text = json.dumps({**body, "epsilons": {key: {"20": "0.001", "40": "0.002"}}})
+    (tmp_path / TABLE_FILE).write_text(text)
     table = EpsilonTable(tmp_path / TABLE_FILE, chunk=1)
     assert table.rebuilt_files == 1
+    assert table.entries(TableKey("pld", DELTA, (), 1.0, RATE)) == {}
     ledger = _ledger(table, sigma=1.0)
     assert ledger.record(40) == accountants.epsilon_of_segments([(1.0, RATE, 40)], DELTA, "pld")
+    assert table.children_run == 1
+
+
+def test_intact_table_is_used_as_stored(tmp_path: Path) -> None:
+    body = _stored_table(tmp_path)
+    assert body["method"] == method_fingerprint() and body["format"] == tables.TABLE_FORMAT
+    table = EpsilonTable(tmp_path / TABLE_FILE)
+    assert table.rebuilt_files == 0
+    assert _ledger(table, sigma=1.0).epsilon_after(40) == accountants.epsilon_of_segments(
+        [(1.0, RATE, 40)], DELTA, "pld")
+    assert table.children_run == 0
 
 
 def test_sigma_for_comes_from_the_child_and_equals_the_library(tmp_path: Path) -> None:
@@ -103,13 +154,67 @@ def test_a_child_that_cannot_run_is_an_accounting_error(tmp_path: Path,
     assert ledger.steps == 0 and not (tmp_path / TABLE_FILE).exists()
 
 
+def _fake_child(tmp_path: Path, body: str) -> str:
+    """An executable that stands in for the child's interpreter (ignores its arguments)."""
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\n" + body + "\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("echo oops >&2; exit 1", "failed \\(1\\): oops"),
+    ("echo 'not json'", "no JSON"),
+    ("echo '[1.0]'", "gave"),
+    ("echo '{\"epsilons\": [0.1]}'", "gave"),  # no echo of key and counts, one figure
+    ("exec sleep 30", "did not run"),  # hangs: the timeout (lowered here) ends it
+])
+def test_a_child_that_crashes_hangs_or_talks_garbage_is_an_accounting_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, message: str) -> None:
+    table = EpsilonTable(tmp_path / TABLE_FILE, chunk=2)
+    monkeypatch.setattr(sys, "executable", _fake_child(tmp_path, body))
+    monkeypatch.setattr(tables, "CHILD_TIMEOUT_S", 1.0)
+    ledger = _ledger(table, sigma=1.0)
+    with pytest.raises(AccountingError, match=message):
+        ledger.check_budget(20)
+    with pytest.raises(AccountingError, match=message):
+        ledger.record(20)  # no step is recorded with an unknown epsilon
+    assert ledger.steps == 0 and ledger.epsilon == 0.0
+    assert not (tmp_path / TABLE_FILE).exists()
+
+
+def test_a_child_answering_another_key_is_an_accounting_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Well-formed figures for the wrong composition (sigma 2 instead of 1) are refused."""
+    other = TableKey("pld", DELTA, (), 2.0, RATE).text()
+    reply = json.dumps({"key": other, "steps": [20, 40], "epsilons": [0.01, 0.02]})
+    monkeypatch.setattr(sys, "executable", _fake_child(tmp_path, f"echo '{reply}'"))
+    ledger = _ledger(EpsilonTable(tmp_path / TABLE_FILE, chunk=1), sigma=1.0)
+    with pytest.raises(AccountingError, match="gave"):
+        ledger.check_budget(20)
+
+
+def _child(request: dict[str, object], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "peer.training.privacy.table_child"],
+                          input=json.dumps(request), capture_output=True, text=True, cwd=cwd,
+                          env=env, check=False)
+
+
 def test_child_refuses_a_bad_request() -> None:
-    done = subprocess.run([sys.executable, "-m", "peer.training.privacy.table_child"],
-                          input=json.dumps({"kind": "epsilons", "key": TableKey(
-                              "pld", DELTA, (), 1.0, RATE).text(), "steps": [0]}),
-                          capture_output=True, text=True, cwd=REPO, check=False)
+    key = TableKey("pld", DELTA, (), 1.0, RATE).text()
+    done = _child({"kind": "epsilons", "key": key, "steps": [0], "method": method_fingerprint()})
     assert done.returncode == 2
     assert "step count must be >= 1" in done.stderr
+    done = _child({"kind": "epsilons", "key": key, "steps": [20], "method": "0" * 64})
+    assert done.returncode == 2
+    assert "method fingerprint" in done.stderr
+    done = _child({"kind": "epsilons", "key": key, "steps": [20],
+                   "method": method_fingerprint()})
+    assert done.returncode == 0
+    reply = json.loads(done.stdout)
+    assert (reply["key"], reply["steps"]) == (key, [20])
+    assert reply["epsilons"] == [accountants.epsilon_of_segments([(1.0, RATE, 20)], DELTA, "pld")]
 
 
 PEER_PROCESS = textwrap.dedent("""

@@ -15,8 +15,15 @@ tables"):
   ``epsilon_of_segments`` an in-process ledger calls, and JSON round-trips doubles exactly.
 * Nothing is interpolated or guessed: a count that is not an entry is computed; if the child
   fails, :class:`~.base.AccountingError` is raised and the caller's round does not start.
-* A stored file that does not parse or breaks the table's invariants is logged, counted in
-  :attr:`EpsilonTable.rebuilt_files` and recomputed (it is derived data).
+* A figure also depends on what no key names: the accountant modules' constants (PLD's
+  discretization interval, the neighbouring relation, Poisson sampling, RDP's orders) and the
+  library versions. :func:`method_fingerprint` hashes those modules' source and the
+  libraries' versions; a table made under another fingerprint is never used, and a child
+  whose own fingerprint differs from the parent's refuses the request.
+* A stored file that does not parse, breaks the table's invariants, fails its SHA-256 over
+  the body (a partial or hand edit) or carries another fingerprint is logged, counted in
+  :attr:`EpsilonTable.rebuilt_files` and recomputed (it is derived data). The digest is not a
+  signature: whoever can write this file can write ``ledger.json`` beside it.
 
 :class:`InProcessAccountant` is the other :class:`EpsilonSource`: the library in this process
 (the default for a ledger with no table).
@@ -24,6 +31,8 @@ tables"):
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -40,13 +49,51 @@ from peer.training.privacy import accountant as accountants
 from peer.training.privacy.base import AccountingError, Segment, active_segments
 
 TABLE_FILE = "epsilon_table.json"
-TABLE_FORMAT = 1
+#: 2: a ``method`` fingerprint and a ``sha256`` of the body (format 1 files are rebuilt).
+TABLE_FORMAT = 2
 #: Step counts computed per child run beyond the one asked for (the next rounds' counts).
 CHUNK = 48
 #: A child that takes longer than this has failed (a chunk takes seconds on a Pi-class CPU).
 CHILD_TIMEOUT_S = 600.0
 
 log = logging.getLogger(__name__)
+
+#: The modules whose constants decide a figure besides its key (this package's files).
+_METHOD_MODULES = ("accountant.py", "base.py", "pld.py", "rdp.py")
+#: The distributions those modules call.
+_LIBRARIES = ("dp-accounting", "opacus", "scipy", "numpy")
+
+
+def method_fingerprint() -> str:
+    """SHA-256 of the accountant modules' source and the libraries' versions: what a figure
+    depends on that no :class:`TableKey` names. Imports none of them (importlib.metadata is
+    already loaded with torch)."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in _METHOD_MODULES:
+        source = (here / name).read_bytes()
+        digest.update(f"{name}:{len(source)}:".encode() + source)
+    for library in _LIBRARIES:
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        digest.update(f"{library}=={version};".encode())
+    return digest.hexdigest()
+
+
+def body_digest(method: str, sigmas: object, epsilons: object) -> str:
+    """The ``sha256`` field of a table file: SHA-256 of its body in canonical JSON."""
+    canonical = json.dumps({"method": method, "sigmas": sigmas, "epsilons": epsilons},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _number(value: object) -> float:
+    """A JSON number as a float (bool, str and None are refused: ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
 
 
 class EpsilonSource(Protocol):
@@ -124,7 +171,7 @@ def _valid_entries(entries: object) -> dict[int, float]:
     """A key's entries as {steps: epsilon}; ValueError if they break the invariants."""
     if not isinstance(entries, dict):
         raise ValueError("entries must be an object")
-    table = {int(n): float(e) for n, e in entries.items()}
+    table = {int(n): _number(e) for n, e in entries.items()}
     last = 0.0
     for n in sorted(table):
         if n < 1 or not (math.isfinite(table[n]) and table[n] >= last):
@@ -148,6 +195,8 @@ class EpsilonTable:
         self._lock = threading.Lock()
         self._epsilons: dict[str, dict[int, float]] = {}
         self._sigmas: dict[str, float] = {}
+        #: The accountant code and libraries this table's figures are valid for.
+        self.method = method_fingerprint()
         self._load()
 
     def _load(self) -> None:
@@ -157,9 +206,14 @@ class EpsilonTable:
             body = json.loads(self.path.read_text())
             if not isinstance(body, dict) or body.get("format") != TABLE_FORMAT:
                 raise ValueError(f"not an epsilon table of format {TABLE_FORMAT}")
+            if body["sha256"] != body_digest(body["method"], body["sigmas"],
+                                              body["epsilons"]):
+                raise ValueError("its SHA-256 does not match its body (partial or edited)")
+            if body["method"] != self.method:
+                raise ValueError("made by other accountant code or library versions")
             epsilons = {TableKey.from_text(k).text(): _valid_entries(v)
                         for k, v in body["epsilons"].items()}
-            sigmas = {str(k): float(v) for k, v in body["sigmas"].items()}
+            sigmas = {str(k): _number(v) for k, v in body["sigmas"].items()}
             if not all(v > 0 and math.isfinite(v) for v in sigmas.values()):
                 raise ValueError("a stored sigma is not positive and finite")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -170,9 +224,11 @@ class EpsilonTable:
         self._epsilons, self._sigmas = epsilons, sigmas
 
     def _save(self) -> None:
-        body = {"format": TABLE_FORMAT, "sigmas": self._sigmas,
-                "epsilons": {k: {str(n): e for n, e in sorted(v.items())}
-                             for k, v in self._epsilons.items()}}
+        epsilons = {k: {str(n): e for n, e in sorted(v.items())}
+                    for k, v in self._epsilons.items() if v}
+        body = {"format": TABLE_FORMAT, "method": self.method, "sigmas": self._sigmas,
+                "epsilons": epsilons,
+                "sha256": body_digest(self.method, self._sigmas, epsilons)}
         atomic_write_bytes(self.path, json.dumps(body, indent=0, sort_keys=True).encode())
 
     def entries(self, key: TableKey) -> dict[int, float]:
@@ -194,11 +250,12 @@ class EpsilonTable:
                 reply = self._run_child({"kind": "epsilons", "key": key.text(),
                                          "steps": counts})
                 figures = reply.get("epsilons")
-                if not isinstance(figures, list) or len(figures) != len(counts):
+                if (reply.get("key") != key.text() or reply.get("steps") != counts
+                        or not isinstance(figures, list) or len(figures) != len(counts)):
                     raise AccountingError(f"epsilon table child gave {reply!r}")
                 try:
-                    merged = _valid_entries({**stored, **dict(zip(counts, figures,
-                                                                  strict=True))})
+                    fresh = _valid_entries(dict(zip(counts, figures, strict=True)))
+                    merged = _valid_entries({**stored, **fresh})
                 except (ValueError, TypeError) as exc:
                     raise AccountingError(f"epsilon table child's figures: {exc}") from exc
                 stored.update(merged)
@@ -215,7 +272,7 @@ class EpsilonTable:
                                          "delta": delta, "sample_rate": sample_rate,
                                          "steps": steps, "accountant": accountant})
                 sigma = reply.get("sigma")
-                if not (isinstance(sigma, float) and sigma > 0 and math.isfinite(sigma)):
+                if not (type(sigma) is float and sigma > 0 and math.isfinite(sigma)):
                     raise AccountingError(f"epsilon table child gave {reply!r}")
                 self._sigmas[name] = sigma
                 self._save()
@@ -228,10 +285,13 @@ class EpsilonTable:
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
         self.children_run += 1
         try:
+            # cwd: ``-m`` puts the working directory first on sys.path, so the child would
+            # otherwise import whatever ``peer`` package sits there (the fingerprint would
+            # then refuse it, but this one is the right one).
             done = subprocess.run(
                 [sys.executable, "-m", "peer.training.privacy.table_child"],
-                input=json.dumps(request), capture_output=True, text=True, env=env,
-                timeout=CHILD_TIMEOUT_S, check=False)
+                input=json.dumps({**request, "method": self.method}), capture_output=True,
+                text=True, env=env, cwd=package_root, timeout=CHILD_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise AccountingError(f"epsilon table child did not run: {exc}") from exc
         if done.returncode != 0:

@@ -6,12 +6,16 @@ asked with the same functions an in-process ledger calls, and exits, so the peer
 process never holds the library. Requests:
 
 * ``{"kind": "epsilons", "key": TableKey.text(), "steps": [n, ...]}`` ->
-  ``{"epsilons": [...], "rdp": [...]}``: ``epsilon_of_segments(prefix + [(sigma, q, n)])``
-  for each n. For PLD, RDP's figure for the same composition is the cross-check: a PLD
-  figure above RDP's by more than :data:`PLD_SLACK` fails the request (exit status 3).
+  ``{"key": ..., "steps": [...], "epsilons": [...], "rdp": [...]}`` (the request's key and
+  counts echoed, so the parent can check what was answered):
+  ``epsilon_of_segments(prefix + [(sigma, q, n)])`` for each n. For PLD, RDP's figure for
+  the same composition is the cross-check: a PLD figure above RDP's by more than
+  :data:`PLD_SLACK` fails the request (exit status 3).
 * ``{"kind": "sigma", "target_epsilon", "delta", "sample_rate", "steps", "accountant"}`` ->
   ``{"sigma": ...}``: the accountant's ``sigma_for``.
 
+Every request carries the parent's ``method`` (:func:`.table.method_fingerprint`); a child
+whose own differs (other accountant code or library versions than the parent's) refuses it.
 Bad requests exit with status 2 and a message on stderr.
 """
 
@@ -22,7 +26,7 @@ import sys
 
 from peer.training.privacy import accountant as accountants
 from peer.training.privacy.base import AccountingError
-from peer.training.privacy.table import TableKey
+from peer.training.privacy.table import TableKey, method_fingerprint
 
 #: How far PLD's epsilon may exceed RDP's before the cross-check fails: PLD's pessimistic
 #: 1e-3 discretization can put it above RDP below epsilon ~0.005 (docs/privacy.md).
@@ -48,12 +52,16 @@ def epsilons(key: TableKey, counts: list[int]) -> dict[str, list[float]]:
 
 
 def answer(request: dict[str, object]) -> dict[str, object]:
+    if request.get("method") != method_fingerprint():
+        raise AccountingError("the parent's accountant code or library versions differ from "
+                              "this child's (method fingerprint)")
     kind = request.get("kind")
     if kind == "epsilons":
         steps = request["steps"]
-        if not isinstance(steps, list):
-            raise AccountingError("steps must be a list")
-        return epsilons(TableKey.from_text(str(request["key"])), [int(n) for n in steps])
+        if not isinstance(steps, list) or not all(type(n) is int for n in steps):
+            raise AccountingError("steps must be a list of integers")
+        key = TableKey.from_text(str(request["key"]))
+        return {"key": key.text(), "steps": steps, **epsilons(key, steps)}
     if kind == "sigma":
         sigma = accountants.sigma_for(
             float(request["target_epsilon"]), float(request["delta"]),  # type: ignore[arg-type]
