@@ -16,7 +16,7 @@ Rows (``what``):
   math (scipy.special), Murmur's model and DP-SGD step on a synthetic 6 000-example shard and
   functional SGD; ``cnn+optim`` swaps in ``torch.optim.SGD`` to show what it imports;
 * ``peer_training``   -- the peer's training half exactly as ``murmur-peer run`` builds it
-  (peer.training.data.load_train_source, split_holdout,
+  (peer.training.data.load_train_source, split_holdout_consuming,
   peer.training.trainer.LocalTrainer with a state directory),
   running N local rounds: ``cnn`` on the full Fashion-MNIST training set, ``cnn_shard`` on a
   6 000-example shard given as an .npz file (what one device of a fleet would hold), ``mlp``
@@ -25,7 +25,11 @@ Rows (``what``):
   sessions, trainer) against a loopback Mosquitto, next to two more peers so that sessions
   happen; sampled with psutil while it runs. ``cnn_shard+lean`` is a what-if: the same run
   with the two changes proposed in docs/deploy/raspberry-pi.md applied from outside
-  (:func:`install_lean_what_if`), so that the proposal has a measured figure.
+  (:func:`install_lean_what_if`), so that the proposal has a measured figure;
+* after those, in the same run (:func:`after_plan`): ``+table`` rows (the ledger's epsilon
+  table instead of dp-accounting in the process), ``+small`` rows (every setting of
+  ``[device] profile = "small"``, peer/device.py), the scatter model on the shard (features
+  included) as it stands and under the profile, and whole peers under the profile.
 
 Usage::
 
@@ -171,21 +175,33 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
                         data_spec: str) -> dict[str, Any]:
     import dataclasses
 
-    from peer.training.data import load_train_source, split_holdout
+    from peer.training.data import load_train_source, split_holdout_consuming
     from peer.training.trainer import LocalTrainer, TrainerConfig
 
+    base, _, variant = config.partition("+")
+    if variant == "small":  # the profile's process settings, before any data is loaded
+        from peer.device import DeviceConfig, apply_process_settings
+
+        apply_process_settings(DeviceConfig("small"))
     phases = Phases()
     phases.mark("imports")
     # The same sequence as peer.config.build_peer_parts (the `murmur-peer run` path): only
     # the source's training part is loaded, and the unsplit set is dropped once it is split.
     train_source = load_train_source(data_spec)
     phases.mark("data")
-    train, holdout = split_holdout(train_source, 0.2, seed=0)
+    train, holdout = split_holdout_consuming(train_source, 0.2, seed=0)
     del train_source
-    model = "mlp" if config == "mlp" else "cnn"
-    # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k.
-    overrides = {"model": model, "local_steps": steps_per_round, "dp": True,
-                 "noise_multiplier": 1.0, "batch_size": 64, "topk_fraction": 0.01}
+    model = {"mlp": "mlp", "scatter_shard": "scatter"}.get(base, "cnn")
+    # DP on, as on a device: sigma 1.0, expected batch 64, 1 % top-k. "+table": the ledger's
+    # figures from an epsilon table (a child process), not the library in this process;
+    # "+small": every setting of [device] profile = "small" (peer/device.py).
+    overrides: dict[str, Any] = {"model": model, "local_steps": steps_per_round, "dp": True,
+                                 "noise_multiplier": 1.0, "batch_size": 64,
+                                 "topk_fraction": 0.01, "epsilon_table": variant == "table"}
+    if variant == "small":
+        from peer.device import PROFILES
+
+        overrides.update(PROFILES["small"].training)
     known = {f.name for f in dataclasses.fields(TrainerConfig)}
     trainer_config = TrainerConfig(**{k: v for k, v in overrides.items() if k in known})
     with tempfile.TemporaryDirectory(prefix="murmur-bench-state-") as state:
@@ -209,6 +225,9 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
         "train_examples": len(train.y),
         "param_count": int(trainer.param_count),
         "steps_per_round": steps_per_round,
+        "epsilon": round(float(trainer.epsilon or 0.0), 4),
+        "accountant_loaded": "dp_accounting" in sys.modules,
+        "scipy_loaded": "scipy" in sys.modules,
     }
 
 
@@ -395,17 +414,45 @@ def plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, list[s
         print("Fashion-MNIST not found: skipping the CNN rows", file=sys.stderr)
     runs.append(("peer_training", "mlp", ["--rounds", rounds, "--steps", steps,
                                           "--data", "digits"]))
+    return runs + after_plan(args, workdir)
+
+
+def after_plan(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, list[str]]]:
+    """The rows with the ledger's epsilon table (``+table``) and the whole small-device
+    profile (``+small``), beside the rows above in the same run; the scatter model on the
+    shard, features included, as it stands and under the profile."""
+    import importlib.util
+
+    rounds, steps = str(args.rounds), str(args.steps)
+    common = ["--rounds", rounds, "--steps", steps]
+    shard = workdir / "fmnist-shard.npz"
+    runs: list[tuple[str, str, list[str]]] = []
+    if shard.exists():
+        runs += [("peer_training", config, [*common, "--data", f"npz:{shard}"])
+                 for config in ("cnn_shard+table", "cnn_shard+small")]
+        if not args.quick:
+            fmnist = fashion_mnist_dir()
+            runs.append(("peer_training", "cnn+small",
+                         [*common, "--data", f"fashion-mnist:{fmnist}"]))
+            if importlib.util.find_spec("kymatio") is not None:
+                runs += [("peer_training", config, [*common, "--data", f"npz:{shard}"])
+                         for config in ("scatter_shard", "scatter_shard+small")]
+    runs.append(("peer_training", "mlp+small", [*common, "--data", "digits"]))
     return runs
 
 
-def full_plan(workdir: Path) -> list[tuple[str, str, bool]]:
-    """(config, data spec, lean what-if) of the whole-peer runs: the CNN on a shard as the
-    code stands and with the two proposed changes, the MLP on digits."""
+def full_plan(workdir: Path) -> list[tuple[str, str, str]]:
+    """(config, data spec, variant) of the whole-peer runs: the CNN on a shard as the code
+    stands and with the two changes proposed earlier ("lean"), the MLP on digits; then both
+    under ``[device] profile = "small"`` ("small")."""
     runs = []
     shard = workdir / "fmnist-shard.npz"
     if shard.exists():
-        runs += [("cnn_shard", f"npz:{shard}", False), ("cnn_shard", f"npz:{shard}", True)]
-    runs.append(("mlp", "digits", False))
+        runs += [("cnn_shard", f"npz:{shard}", ""), ("cnn_shard", f"npz:{shard}", "lean")]
+    runs.append(("mlp", "digits", ""))
+    if shard.exists():
+        runs.append(("cnn_shard", f"npz:{shard}", "small"))
+    runs.append(("mlp", "digits", "small"))
     return runs
 
 
@@ -428,7 +475,7 @@ def toml_text(document: dict[str, Any]) -> str:
 
 
 def peer_configs(workdir: Path, broker_url: str, data_spec: str, model: str, steps: int,
-                 count: int) -> list[Path]:
+                 count: int, profile: str | None = None) -> list[Path]:
     """Provision a network of ``count`` peers and write their run configs (plain loopback
     MQTT: TLS costs the peer a few MB of OpenSSL state, measured separately by nobody)."""
     import tomllib
@@ -441,13 +488,16 @@ def peer_configs(workdir: Path, broker_url: str, data_spec: str, model: str, ste
     for files in network.peers:
         document = tomllib.loads(files.config.read_text())
         document.update(data=data_spec, announce_interval_s=5.0, silence_expiry_s=30.0,
-                        checkpoint_interval_s=60.0, status_interval_s=60.0,
-                        log_level="WARNING")
+                        status_interval_s=60.0, log_level="WARNING")
+        if profile is None:  # the profile's own checkpoint interval otherwise
+            document["checkpoint_interval_s"] = 60.0
         document["training"] = {"model": model, "local_steps": steps, "dp": True,
                                 "noise_multiplier": 1.0, "batch_size": 64,
                                 "topk_fraction": 0.01}
         # Back to back, as before pacing existed: this bench measures CPU per round.
         document["pace"] = {"budget_hours": 0.001}
+        if profile is not None:
+            document["device"] = {"profile": profile}
         path = files.config.with_name(f"{files.peer_id}.run.toml")
         path.write_text(toml_text(document))
         paths.append(path)
@@ -467,7 +517,7 @@ UNIT_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
 
 
 def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: float,
-                       workdir: Path, count: int = 3, lean: bool = False) -> dict[str, Any]:
+                       workdir: Path, count: int = 3, variant: str = "") -> dict[str, Any]:
     """Run ``count`` real ``murmur-peer run`` processes against a loopback Mosquitto for
     ``duration_s`` and report the first one: VmHWM, CPU per local round (everything the
     process did divided by its rounds, so sessions and networking are included)."""
@@ -478,8 +528,9 @@ def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: floa
     from sim.broker import MosquittoBroker
 
     model = "mlp" if config == "mlp" else "cnn"
-    row: dict[str, Any] = {"config": config + ("+lean" if lean else ""), "what": "peer_full",
-                           "peers": count}
+    lean = variant == "lean"
+    row: dict[str, Any] = {"config": config + (f"+{variant}" if variant else ""),
+                           "what": "peer_full", "peers": count}
     broker = MosquittoBroker()
     if not broker.available():
         row["error"] = "mosquitto not installed"
@@ -487,7 +538,8 @@ def measure_full_peers(config: str, data_spec: str, steps: int, duration_s: floa
     asyncio.run(broker.start())
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        configs = peer_configs(workdir, broker.url, data_spec, model, steps, count)
+        configs = peer_configs(workdir, broker.url, data_spec, model, steps, count,
+                               "small" if variant == "small" else None)
         env = {**os.environ, "PYTHONPATH": str(REPO), **UNIT_ENVIRONMENT}
         for path in configs:
             command = ([sys.executable, str(Path(__file__).resolve()), "--child",
@@ -600,11 +652,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_child(what, config, extra, timeout_s=600))
             print_table(rows[-1:], header=len(rows) == 1)
         if args.full_seconds > 0:
-            for config, data_spec, lean in full_plan(Path(tmp)):
-                workdir = Path(tmp) / f"full-{config}{'-lean' if lean else ''}"
+            for config, data_spec, variant in full_plan(Path(tmp)):
+                workdir = Path(tmp) / f"full-{config}-{variant or 'as-is'}"
                 workdir.mkdir()
                 rows.append(measure_full_peers(config, data_spec, args.steps,
-                                               args.full_seconds, workdir, lean=lean))
+                                               args.full_seconds, workdir, variant=variant))
                 print_table(rows[-1:], header=False)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -27,6 +27,7 @@ from crypto.errors import CertificateError, CryptoError
 from crypto.field import FixedPoint
 from crypto.identity import Identity
 from peer.config import ConfigError, PeerConfig, SessionConfig
+from peer.device import apply_process_settings
 from peer.files import FileTooLargeError, read_bounded
 from peer.group_steps import GroupSteps
 from peer.network.node import EventCallback, NodeConfig, Peer
@@ -90,14 +91,14 @@ def load_local_data(cfg: PeerConfig) -> tuple[Dataset, Dataset]:
     """(train, hold-out): the configured source's training part split in two, or, with
     ``evaluate`` set, all of it for training and the test split of ``evaluate`` as hold-out
     (public data: measuring on it spends no privacy and reveals nothing of the peer's own)."""
-    from peer.training.data import load_source, load_train_source, split_holdout
+    from peer.training.data import load_source, load_train_source, split_holdout_consuming
 
     try:
         # Only the training part: a device never evaluates on the source's test split, so
         # loading it would only cost memory (and, for IDX data, reading the test files).
         source = load_train_source(cfg.data, cfg.table)
         if cfg.evaluate is None:
-            return split_holdout(source, cfg.holdout_fraction, cfg.training.seed)
+            return split_holdout_consuming(source, cfg.holdout_fraction, cfg.training.seed)
     except Exception as exc:
         # DataError, OSError, ValueError...: all mean the configured data is unusable.
         raise ConfigError(f"data: cannot load {cfg.data!r}: {exc}") from None
@@ -229,9 +230,13 @@ def check_group_noise(cfg: PeerConfig) -> None:
 
 
 def peer_from_config(cfg: PeerConfig, *, on_event: EventCallback | None = None) -> Peer:
-    """The daemon's peer: credentials, data, trainer (resumed) and node from one config."""
+    """The daemon's peer: credentials, data, trainer (resumed) and node from one config.
+
+    The device profile's process settings (allocator, torch threads) apply first, so the data
+    is loaded under them."""
     identity, certificate = load_credentials(cfg)
     check_group_noise(cfg)
+    apply_process_settings(cfg.device)
     source: BlockSource | None = None
     if cfg.data.startswith(BLOCKS_PREFIX):
         train, holdout, source = load_block_data(cfg)

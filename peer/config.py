@@ -22,6 +22,7 @@ from typing import Any
 
 import peer.tomlcheck as tomlcheck
 from crypto.field import FixedPoint
+from peer.device import DeviceConfig, with_profile
 from peer.errors import PeerError
 from peer.files import FileReadError, read_small_file
 from peer.network.broker_settings import BrokerSettings
@@ -161,6 +162,7 @@ class PeerConfig:
     checkpoint_interval_s: float = NodeConfig.checkpoint_interval_s
     log_level: str = "INFO"
     source_path: Path | None = None
+    device: DeviceConfig = field(default_factory=DeviceConfig)  # [device]: peer/device.py
 
 
 def _check_seconds(value: float, key: str, upper: float = 86_400.0) -> None:
@@ -379,7 +381,7 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
 
 # ------------------------------------------------------------------------------------ loader
 #: The tables of a config file; every other key is a field of TopLevelKeys.
-_TABLES = ("broker", "training", "session", "pace", "table")
+_TABLES = ("broker", "training", "session", "pace", "table", "device")
 _TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(TopLevelKeys)} | set(_TABLES)
 
 
@@ -389,9 +391,13 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} "
                           f"(known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
-    top = {key: value for key, value in document.items() if key not in _TABLES}
-    keys: TopLevelKeys = build_dataclass(TopLevelKeys, top, "")
     label = str(source) if source is not None else "config"
+    device: DeviceConfig = build_dataclass(DeviceConfig, _section(document, "device", label),
+                                           "device")
+    profile = device.settings
+    top = with_profile(profile.top_level,
+                       {key: value for key, value in document.items() if key not in _TABLES})
+    keys: TopLevelKeys = build_dataclass(TopLevelKeys, top, "")
     identity_file = _existing_file(base, keys.identity_file, "identity_file")
     certificate_file = _existing_file(base, keys.certificate_file, "certificate_file")
     admission = _admission_key(keys.admission_public_key, base)
@@ -408,9 +414,12 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
             raise ConfigError(f"evaluate: {str(exc).removeprefix('data: ')}") from None
 
     broker = _broker(_section(document, "broker", label), base)
-    session = build_dataclass(SessionConfig, _section(document, "session", label), "session")
-    training = build_dataclass(TrainerConfig, _section(document, "training", label), "training")
-    pace = build_dataclass(PaceConfig, _section(document, "pace", label), "pace")
+    session = build_dataclass(SessionConfig, with_profile(
+        profile.session, _section(document, "session", label)), "session")
+    training = build_dataclass(TrainerConfig, with_profile(
+        profile.training, _section(document, "training", label)), "training")
+    pace = build_dataclass(PaceConfig, with_profile(
+        profile.pace, _section(document, "pace", label)), "pace")
     table = _table(document, label, data, evaluate)
     return PeerConfig(
         peer_id=keys.peer_id,
@@ -435,6 +444,7 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
         checkpoint_interval_s=keys.checkpoint_interval_s,
         log_level=keys.log_level.upper(),
         source_path=source,
+        device=device,
     )
 
 

@@ -4,13 +4,14 @@ Example::
 
     alice training 12m04s | peers 4 | rounds 1501 (+924 this run) | sessions 210 (+21 this run),
     2 aborted | acc 91.3% | eps 1.84/8.00 | sent 3.1 MiB recv 2.8 MiB | drops 3 (bad_signature 2,
-    replay 1)
+    replay 1) | peak rss 287 MiB
 
 (one line on the terminal; wrapped here). The word after the peer id is the node's state
 (:data:`peer.network.counters.STATES`: connecting, offline, waiting for peers, training,
 sharing, idle, budget spent: averaging only, serving only); the duration is this run's uptime.
 Rounds and sessions are totals since the peer was created, with this run's share in brackets
-when a restart makes them differ. ``eps spent/budget`` whenever training is private (also
+when a restart makes them differ. ``peak rss`` is the process's resident-memory high-water mark
+(:mod:`peer.resources`). ``eps spent/budget`` whenever training is private (also
 before the first round and after a restart: the figure is the ledger's); ``eps off`` only when
 DP is disabled.
 
@@ -102,6 +103,8 @@ def format_status(status: PeerStatus, *, uptime_s: float, budget_epsilon: float 
         f"sent {human_bytes(s.bytes_sent)} recv {human_bytes(s.bytes_received)}",
         _drops(s.drops, top_drops),
     ]
+    if s.peak_rss_mb is not None:
+        parts.append(f"peak rss {s.peak_rss_mb:.0f} MiB")
     if note:
         parts.append(note)
     line = " | ".join(parts)

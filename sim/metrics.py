@@ -146,6 +146,7 @@ _STATUS_EXTRAS = (
     "reconnects",
     "peers_live",
     "engine",
+    "peak_rss_mb",
 )
 
 

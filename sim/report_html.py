@@ -166,6 +166,8 @@ def _cards(scenario: Scenario, summary: RunSummary) -> list[str]:
         (format_bytes(summary.mean_bytes_sent), "sent per peer (mean)"),
         (f"{summary.duration_s:.0f} s", "run time"),
     ]
+    if summary.max_peak_rss_mb is not None:
+        cards.append((f"{summary.max_peak_rss_mb:.0f} MiB", "peak memory (largest process)"))
     return [
         '<div class="cards">',
         *(f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for v, k in cards),

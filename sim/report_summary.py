@@ -41,6 +41,9 @@ class RunSummary:
     events: dict[str, int]
     skipped_lines: int = 0
     sessions_not_formed: int = 0
+    # The largest peak resident memory any peer reported (MiB; None: none did). In-process
+    # runs share one process, so there it is the whole simulation's.
+    max_peak_rss_mb: float | None = None
 
 
 def _final_accuracy(row: MetricsRow) -> tuple[float | None, str]:
@@ -71,6 +74,8 @@ def summarize(rows: Sequence[MetricsRow], skipped_lines: int = 0) -> RunSummary:
         for reason, count in row.drops.items():
             drops[reason] = drops.get(reason, 0) + count
     epsilons = [r.epsilon for r in finals.values() if r.epsilon is not None]
+    peaks = [float(v) for r in rows for v in [r.extra.get("peak_rss_mb")]
+             if isinstance(v, int | float) and not isinstance(v, bool)]
     return RunSummary(
         peers=len(finals),
         duration_s=max((r.t for r in rows), default=0.0),
@@ -86,6 +91,7 @@ def summarize(rows: Sequence[MetricsRow], skipped_lines: int = 0) -> RunSummary:
         drops=dict(sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))),
         events=dict(Counter(row_event(row.event, row.extra) for row in rows).most_common()),
         skipped_lines=skipped_lines,
+        max_peak_rss_mb=max(peaks) if peaks else None,
     )
 
 
@@ -157,6 +163,8 @@ def terminal_summary(
         f"max ε {'–' if summary.max_epsilon is None else f'{summary.max_epsilon:.2f}'}; "
         f"{format_bytes(summary.mean_bytes_sent)} sent per peer; "
         f"drops: {sum(summary.drops.values())}"
+        + ("" if summary.max_peak_rss_mb is None else
+           f"; peak memory {summary.max_peak_rss_mb:.0f} MiB (largest process)")
     )
     seconds = [v.get("seconds") for v in (baselines or {}).values()]
     if seconds and all(isinstance(t, int | float) for t in seconds):

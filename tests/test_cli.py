@@ -349,12 +349,31 @@ def test_status_line_is_one_line_with_the_figures() -> None:
         uptime_s=1)
     assert after_restart.startswith("bob budget spent: averaging only 1s |")
     assert "| rounds 300 (+0 this run) |" in after_restart and "| eps 8.00/8.00 |" in after_restart
+    measured = format_status(PeerStatus(peer_id="erin", peak_rss_mb=287.4), uptime_s=1)
+    assert measured.endswith("| drops 0 | peak rss 287 MiB")
     no_dp = format_status(PeerStatus(peer_id="carol", dp=False, epsilon=None), uptime_s=1)
     assert "| eps off |" in no_dp
     unlimited = format_status(PeerStatus(peer_id="dave", epsilon=0.5), uptime_s=1)
     assert "| eps 0.50 (no budget) |" in unlimited
     assert human_bytes(0) == "0 B" and human_bytes(1023) == "1023 B"
     assert human_duration(3723) == "1h02m03s" and human_duration(float("nan")) == "0s"
+
+
+def test_peak_rss_is_the_kernels_high_water_mark() -> None:
+    """peer.resources.peak_rss_mb reads VmHWM: never below the resident set read now, and it
+    does not fall when memory is freed."""
+    import psutil
+
+    from peer.resources import peak_rss_mb
+
+    rss_before = psutil.Process().memory_info().rss / (1024 * 1024)
+    block = b"\x01" * (96 * 1024 * 1024)  # written: resident
+    with_block = peak_rss_mb()
+    assert with_block is not None and with_block >= rss_before + 90
+    del block
+    after = peak_rss_mb()  # the block is gone, its peak is not
+    assert after is not None and after >= rss_before + 90
+    assert psutil.Process().memory_info().rss / (1024 * 1024) < rss_before + 90
 
 
 def test_plain_report_prints_on_events_not_at_start() -> None:

@@ -219,3 +219,31 @@ def test_blocks_source_needs_a_directory_and_evaluate(network_dir: Path) -> None
     assert len(template) == 0 and template.input_shape == holdout.input_shape == (64,)
     assert template.num_classes == holdout.num_classes == 10
     assert source.directory == network_dir / "incoming"
+
+
+def test_small_device_profile_changes_defaults_not_choices(network_dir: Path) -> None:
+    """[device] profile = "small" picks the lean settings together; a key the file sets wins;
+    "default" changes nothing; an unknown profile is a one-line error naming the key."""
+    from peer.device import PROFILES
+
+    small = load_config(write(network_dir, MINIMAL + TRAINING + '[device]\nprofile = "small"\n'))
+    default = load_config(write(network_dir, MINIMAL + TRAINING, "default.toml"))
+    assert small.device.profile == "small" and default.device.profile == "default"
+    assert (small.training.epsilon_table, small.training.eval_batch_size) == (True, 128)
+    assert (default.training.epsilon_table, default.training.eval_batch_size) == (False, 1024)
+    assert (small.session.group_size, small.session.threshold, small.session.kind) == (
+        3, 2, "masked")
+    assert default.session == SessionConfig()
+    assert (small.checkpoint_interval_s, default.checkpoint_interval_s) == (600.0, 60.0)
+    assert (small.pace.averaging_interval_s, default.pace.averaging_interval_s) == (300.0, 5.0)
+    assert small.training.target_epsilon == 8.0  # the file's own key is kept
+    assert PROFILES["small"].torch_threads == 1 and PROFILES["default"].allocator is None
+    assert PROFILES["small"].torch_mkldnn is False and PROFILES["default"].torch_mkldnn is None
+    chosen = load_config(write(
+        network_dir, MINIMAL + 'checkpoint_interval_s = 30.0\n' + TRAINING
+        + 'epsilon_table = false\n[session]\nkind = "shamir"\n[device]\nprofile = "small"\n',
+        "chosen.toml"))
+    assert (chosen.training.epsilon_table, chosen.session.kind, chosen.session.group_size,
+            chosen.checkpoint_interval_s) == (False, "shamir", 3, 30.0)
+    bad = write(network_dir, MINIMAL + TRAINING + '[device]\nprofile = "tiny"\n', "bad.toml")
+    assert "profile" in config_error(bad) and "tiny" in config_error(bad)

@@ -249,3 +249,22 @@ def test_idx_pixels_scaled_exactly(tmp_path: Path) -> None:
     ds = load_idx(images, labels)
     expected = (pixels.astype(np.float32) / 255.0)[:, None]
     assert ds.x.dtype == np.float32 and np.array_equal(ds.x, expected)
+
+
+@pytest.mark.parametrize("fraction, seed", [(0.2, 0), (0.5, 7), (0.01, 3)])
+def test_consuming_split_gives_split_holdouts_records(fraction: float, seed: int) -> None:
+    """The in-place split (what a daemon uses) keeps the same records, order and names as
+    split_holdout; the train arrays stop at the kept records."""
+    from peer.training.data import split_holdout_consuming
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((9000, 1, 4, 4), dtype=np.float32)
+    y = rng.integers(0, 10, 9000)
+    expected = split_holdout(Dataset(x.copy(), y.copy(), 10, "set"), fraction, seed)
+    got = split_holdout_consuming(Dataset(x.copy(), y.copy(), 10, "set"), fraction, seed)
+    for want, have in zip(expected, got, strict=True):
+        assert np.array_equal(want.x, have.x) and np.array_equal(want.y, have.y)
+        assert (want.name, want.num_classes) == (have.name, have.num_classes)
+    assert got[0].x.shape == (len(expected[0]), 1, 4, 4)
+    with pytest.raises(DataError, match="too few"):
+        split_holdout_consuming(Dataset(x[:1].copy(), y[:1].copy(), 10, "one"), 0.2, 0)

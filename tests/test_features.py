@@ -308,3 +308,30 @@ def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("MURMUR_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / ".cache" / "murmur" / "features"
+
+
+def test_disabled_cache_computes_straight_into_one_tensor_in_chunks() -> None:
+    """configure_feature_cache(0) (the small device profile): the same features as the
+    cache gives, computed chunk by chunk, nothing kept in any cache."""
+    from peer.training.features import (
+        DEFAULT_CACHE_ROWS,
+        configure_feature_cache,
+        direct_features,
+    )
+
+    clear_feature_caches()
+    prefix = Counting(_scatter_prefix())
+    x = _images(7)
+    expected = cached_features(_scatter_prefix(), x)
+    clear_feature_caches()
+    configure_feature_cache(0)
+    try:
+        got = cached_features(prefix, x)
+        chunked = direct_features(prefix, x, chunk=3)
+        empty = direct_features(prefix, x[:0])
+    finally:
+        configure_feature_cache(DEFAULT_CACHE_ROWS)
+    assert torch.equal(got, expected) and torch.equal(chunked, expected)
+    assert prefix.rows == 7 + 7 + 1 and prefix.calls == 1 + 3 + 1  # chunks of 3: 3 + 3 + 1
+    assert empty.shape == (0, expected.shape[1])
+    assert len(feature_cache(prefix, (28, 28))) == 0

@@ -385,3 +385,21 @@ def test_sessions_plot_draws_not_formed_invitations_as_a_third_series() -> None:
     bottoms = [[bar.get_y() for bar in container] for container in ax.containers]
     assert heights == [[4], [1], [6]] and bottoms == [[0], [4], [5]]
     assert ax.get_ylim()[1] >= 11
+
+
+def test_report_and_summary_show_the_largest_peak_memory(tmp_path: Path) -> None:
+    """Peers report their process's peak RSS (PeerStatus.peak_rss_mb, kept in a row's extra);
+    the summary, the terminal table and the HTML report show the largest."""
+    from peer.network.counters import PeerStatus
+
+    with MetricsWriter(tmp_path) as writer:
+        for name, peak in (("p0", 281.5), ("p1", 312.25), ("p2", None)):
+            writer.record_status(PeerStatus(peer_id=name, peak_rss_mb=peak), "round", t=1.0)
+    rows = read_metrics(tmp_path)
+    assert [r.extra.get("peak_rss_mb") for r in rows] == [281.5, 312.25, None]
+    summary = summarize(rows)
+    assert summary.max_peak_rss_mb == 312.25
+    assert "peak memory 312 MiB (largest process)" in terminal_summary(summary)
+    text = write_report(tmp_path, Scenario(peers=3), {}).read_text()
+    assert "<b>312 MiB</b><span>peak memory (largest process)</span>" in text
+    assert summarize([r for r in rows if r.peer == "p2"]).max_peak_rss_mb is None

@@ -138,6 +138,7 @@ class PeerStatus:
     # The per-example engine private steps run on ("ghost", "vmap"; "none": dp off; "": a
     # node without a trainer that says).
     engine: str = ""
+    peak_rss_mb: float | None = None  # this process's peak resident memory (peer.resources)
     in_session: bool = False
     # -- counters (summed across incarnations) ------------------------------------------------
     round: int = 0

@@ -73,6 +73,7 @@ from peer.network.transport import (
 )
 from peer.network.view.loop import ViewKeeper, restored_announce_filters
 from peer.network.view.membership import MembershipView
+from peer.resources import peak_rss_mb
 from peer.sharing import SharingStrategy
 from peer.waiting import stop_tasks
 from protocol import messages as m
@@ -247,6 +248,7 @@ class Peer:
             peers_live=eligible,
             view_peers=len(self.membership),
             view_buckets=self.view.followed_buckets,
+            peak_rss_mb=peak_rss_mb(),
             in_session=self.session is not None,
             bytes_sent=t.bytes_sent,
             bytes_received=t.bytes_received,

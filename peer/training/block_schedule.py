@@ -52,7 +52,7 @@ from peer.training.blocks import BlockSource, BlockStatus
 from peer.training.config import TrainerConfig
 from peer.training.data import DataError, Dataset
 from peer.training.ledger import LedgerError, PrivacyLedger
-from peer.training.privacy.accountant import sigma_for
+from peer.training.privacy.table import IN_PROCESS, EpsilonSource
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,11 @@ class BlockSchedule:
     """The trainer's blocks and their ledgers; see the module docstring."""
 
     def __init__(self, config: TrainerConfig, static: Dataset, source: BlockSource | None,
-                 inputs: Callable[[np.ndarray], torch.Tensor]) -> None:
+                 inputs: Callable[[np.ndarray], torch.Tensor],
+                 epsilons: EpsilonSource = IN_PROCESS) -> None:
         self.config = config
+        #: Where every ledger's accountant figures (and sigma_for) come from.
+        self.epsilons = epsilons
         self.source = source
         self._inputs = inputs
         self._sigmas: dict[float, float] = {}
@@ -144,16 +147,18 @@ class BlockSchedule:
             assert cfg.target_epsilon is not None
             planned = cfg.planned_steps or (
                 cfg.planned_rounds - cfg.averaging_rounds) * cfg.local_steps
-            self._sigmas[rate] = sigma_for(cfg.target_epsilon, cfg.delta, rate, planned,
-                                           cfg.accountant)
+            self._sigmas[rate] = self.epsilons.sigma_for(cfg.target_epsilon, cfg.delta, rate,
+                                                         planned, cfg.accountant)
         return rate, self._sigmas[rate]
 
     def new_ledger(self, records: int) -> PrivacyLedger:
         rate, sigma = self.settings(records)
         cfg = self.config
-        return PrivacyLedger(sigma=sigma, max_grad_norm=cfg.max_grad_norm, sample_rate=rate,
-                             delta=cfg.delta, budget_epsilon=self.budget,
-                             accountant=cfg.accountant)
+        ledger = PrivacyLedger(sigma=sigma, max_grad_norm=cfg.max_grad_norm, sample_rate=rate,
+                               delta=cfg.delta, budget_epsilon=self.budget,
+                               accountant=cfg.accountant)
+        ledger.use_epsilons(self.epsilons)
+        return ledger
 
     def _adopt_settings(self, entry: BlockEntry) -> None:
         rate, sigma = self.settings(entry.records)
@@ -177,6 +182,7 @@ class BlockSchedule:
             entry.ledger.budget_epsilon = self.budget
             # A ledger keeps the largest epsilon any accountant gave it, so a switch is safe.
             entry.ledger.accountant = cfg.accountant
+            entry.ledger.use_epsilons(self.epsilons)
         self.ledgers = stored
         self.current = stored.get(STATIC_BLOCK) or self.current
         self._loaded = None

@@ -48,6 +48,11 @@ class TrainerConfig:
     # "pld" is 8-15 % tighter than "rdp" (bench/accountant_bench.py) and costs about 50 MB more
     # resident memory; "rdp" suits a peer on a 1 GB device.
     accountant: str = DEFAULT_ACCOUNTANT
+    # Take the accountant's figures from state_dir/epsilon_table.json, filled by a short-lived
+    # child process (peer/training/privacy/table.py): the same figures, bit for bit, without
+    # dp-accounting and scipy resident (50-100 MB). Needs a state directory; without one the
+    # library runs in this process.
+    epsilon_table: bool = False
     max_grad_norm: float = 1.0  # C; with adaptive clipping the starting C
     # Adaptive clipping (docs/privacy.md, "Adaptive clipping"; peer/training/adaptive_clip.py):
     # each private step also releases a noised count of unclipped examples and moves C

@@ -126,6 +126,9 @@ DEFAULT_CACHE_ROWS = 70_000
 #: Rows computed per forward pass of the prefix (bounds the transform's peak memory).
 DEFAULT_CACHE_CHUNK = 256
 _DIGEST_BYTES = 16
+#: Rows per forward pass without a cache (the small device profile): the scattering of 256
+#: images holds about 26 MB of transform buffers, of 64 about a quarter of that.
+DIRECT_CHUNK = 64
 
 
 def row_digests(x: np.ndarray) -> list[bytes]:
@@ -276,8 +279,30 @@ def feature_cache(prefix: nn.Module, row_shape: tuple[int, ...]) -> FeatureCache
 
 
 def cached_features(prefix: nn.Module, x: np.ndarray) -> torch.Tensor:
-    """``prefix(x)`` flattened to [N, F], computing only rows this process has not seen."""
+    """``prefix(x)`` flattened to [N, F], computing only rows this process has not seen.
+
+    With the caches disabled (:func:`configure_feature_cache` ``(0)``) the features go
+    straight into one tensor (:func:`direct_features`): no per-row copies, whose freed heap
+    would stay resident."""
+    if _cache_rows == 0:
+        return direct_features(prefix, x, chunk=DIRECT_CHUNK)
     return feature_cache(prefix, tuple(x.shape[1:])).features(prefix, x)
+
+
+def direct_features(prefix: nn.Module, x: np.ndarray, chunk: int = DEFAULT_CACHE_CHUNK
+                    ) -> torch.Tensor:
+    """``prefix(x)`` flattened to [N, F] float32, ``chunk`` rows per forward pass (the
+    transform's peak memory is bounded by the chunk, not the data set)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with torch.no_grad():
+        first = prefix(torch.from_numpy(x[:chunk] if len(x) else np.zeros(
+            (1, *x.shape[1:]), dtype=np.float32)))
+        width = first[0].numel()
+        out = torch.empty(len(x), width, dtype=torch.float32)
+        for start in range(0, len(x), chunk):
+            part = first if start == 0 else prefix(torch.from_numpy(x[start : start + chunk]))
+            out[start : start + len(part)] = part.reshape(len(part), width)
+    return out
 
 
 def configure_feature_cache(max_rows: int = DEFAULT_CACHE_ROWS) -> None:

@@ -19,14 +19,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from peer.errors import BudgetExhaustedError, PeerError
 from peer.files import atomic_write_bytes
-from peer.training.privacy.accountant import (
-    ACCOUNTANTS,
-    DEFAULT_ACCOUNTANT,
-    epsilon_of_segments,
-)
+from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+from peer.training.privacy.table import IN_PROCESS, EpsilonSource
 
 LEDGER_FORMAT = 1
 
@@ -54,6 +52,13 @@ class PrivacyLedger:
     budget_epsilon: float | None = None
     segments: list[list[float]] = field(default_factory=list)
     accountant: str = DEFAULT_ACCOUNTANT
+    #: Where the accountant's figures come from: the library in this process unless
+    #: :meth:`use_epsilons` names an epsilon table (not part of the file).
+    _epsilons: ClassVar[EpsilonSource] = IN_PROCESS
+
+    def use_epsilons(self, source: EpsilonSource) -> None:
+        """Take the accountant's figures from ``source`` (e.g. an :class:`EpsilonTable`)."""
+        self._epsilons = source  # type: ignore[misc]  # per-ledger override of the default
 
     @property
     def private(self) -> bool:
@@ -78,8 +83,9 @@ class PrivacyLedger:
             return math.inf if (self.steps + extra_steps) > 0 else 0.0
         if any(s <= 0 for s, _q, n in self.segments if n > 0):
             return math.inf
-        value = epsilon_of_segments(
-            self._segments_with(extra_steps), self.delta, self.accountant)
+        value = self._epsilons.epsilon_of_segments(
+            self._segments_with(extra_steps), self.delta, self.accountant,
+            stride=max(1, extra_steps))
         return max(self.epsilon, value)
 
     def check_budget(self, extra_steps: int) -> float:

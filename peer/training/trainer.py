@@ -74,6 +74,7 @@ from peer.training.models import (
 from peer.training.optim import build_optimizer
 from peer.training.params import FlatParams
 from peer.training.privacy.noise import GaussianSource, SecureGaussian, choose_noise
+from peer.training.privacy.table import epsilon_source
 
 __all__ = [
     "BlockSource",
@@ -89,6 +90,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.json"
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -157,7 +159,8 @@ class LocalTrainer:
         self.source = source
         # The blocks, their ledgers and DP settings; the trainable part's inputs of the
         # static set are computed once here (features, for a frozen prefix).
-        self._blocks = BlockSchedule(config, train, source, self._inputs)
+        self._blocks = BlockSchedule(config, train, source, self._inputs,
+                                     epsilon_source(config.epsilon_table, state_dir))
         # peer.training.optim, not torch.optim: constructing a torch.optim optimizer imports
         # torch._dynamo (+70 MB resident), too much for a 1 GB Raspberry Pi.
         self._optimizer = build_optimizer(config.optimizer, self._params.params, lr=config.lr,

@@ -18,10 +18,11 @@ The module-level functions below use the default accountant unless told otherwis
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from peer.training.privacy import pld, rdp
 from peer.training.privacy.base import AccountingError, Segment, check
 
 __all__ = [
@@ -49,8 +50,28 @@ class Accountant(Protocol):
     ) -> float: ...
 
 
-ACCOUNTANTS: dict[str, Accountant] = {pld.NAME: pld, rdp.NAME: rdp}
-DEFAULT_ACCOUNTANT = pld.NAME
+class _Registry(Mapping[str, Accountant]):
+    """Accountant name -> module, imported on first use: naming or checking an accountant
+    (config validation, a ledger file's ``accountant`` field) loads no library, so a peer
+    that takes its figures from an epsilon table (:mod:`.table`) never imports scipy."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self._modules = modules
+
+    def __getitem__(self, name: str) -> Accountant:
+        module = importlib.import_module(self._modules[name])
+        return module  # type: ignore[return-value]  # each module satisfies Accountant
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+ACCOUNTANTS: Mapping[str, Accountant] = _Registry(
+    {"pld": "peer.training.privacy.pld", "rdp": "peer.training.privacy.rdp"})
+DEFAULT_ACCOUNTANT = "pld"
 
 
 def get_accountant(name: str | None = None) -> Accountant:
