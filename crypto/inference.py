@@ -206,14 +206,21 @@ def _mat_mul_mod(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def zero_mask(seed: bytes, snapshot_id: bytes, client: str, counter: int, *, rows: int,
               classes: int, t: int, point: int) -> np.ndarray:
     """The point ``point`` of a random polynomial of degree 2(t - 1) with value 0 at 0, one per
-    (row, class), keyed by the mask seed and (snapshot, client, counter). Every serving peer of
-    a snapshot derives the same polynomial; only the seed's holders can."""
+    (row, class), keyed by the mask seed and (snapshot, client, counter, rows, classes, t).
+    Every serving peer of a snapshot derives the same polynomial; only the seed's holders can.
+
+    The shape is part of the key: the coefficients are laid out in the keystream by
+    (coefficient, row, class), so two queries of one counter with different row counts (a
+    client may send each serving peer a different ``rows``) would otherwise reuse keystream
+    words as different coefficients, and their answers would have a mask-free combination.
+    """
     if len(seed) != SEED_BYTES:
         raise ValueError(f"mask seed must be {SEED_BYTES} bytes")
     degree = 2 * (t - 1)
     raw = client.encode("ascii")
     key = hashlib.blake2b(MASK_DOMAIN + snapshot_id + bytes([len(raw)]) + raw
-                          + struct.pack(">Q", counter), key=seed, digest_size=SEED_BYTES).digest()
+                          + struct.pack(">QIII", counter, rows, classes, t),
+                          key=seed, digest_size=SEED_BYTES).digest()
     coefficients = expand_field(key, degree * rows * classes).reshape(degree, rows * classes)
     out = np.zeros(rows * classes, dtype=np.uint64)
     power = 1

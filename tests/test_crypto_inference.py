@@ -136,3 +136,18 @@ def test_each_answer_carries_its_mask_so_the_client_sees_h_plus_z():
     bare = product_share(w, f, params, mask=np.zeros_like(mask)).values.astype(np.int64)
     masked = product_share(w, f, params, mask=mask).values.astype(np.int64)
     assert np.array_equal((masked - bare) % (2**31 - 1), mask.reshape(-1).astype(np.int64))
+
+
+def test_queries_of_one_counter_with_different_row_counts_share_no_mask():
+    # A client may send serving peer 1 one row and peers 2 and 3 two rows under the same
+    # counter. Were the masks laid out in one keystream whatever the row count, row 0 at
+    # point 1 and rows 0 and 1 at points 2 and 3 would share coefficients, and this
+    # combination of the five answers (free of every shared coefficient) would cancel the
+    # masks: 6 Z_1(1) - (9 Z_2,0(2) - 4 Z_2,0(3)) - (9 Z_2,1(2) - 4 Z_2,1(3)) = 0.
+    p = 2**31 - 1
+    one = zero_mask(SEED, SNAPSHOT_ID, "client", 5, rows=1, classes=4, t=2, point=1)
+    two = [zero_mask(SEED, SNAPSHOT_ID, "client", 5, rows=2, classes=4, t=2, point=x)
+           for x in (2, 3)]
+    a, b, c = (m.astype(np.int64) for m in (one, *two))
+    combination = (6 * a[0] - (9 * b[0] - 4 * c[0]) - (9 * b[1] - 4 * c[1])) % p
+    assert combination.all()  # every class stays masked

@@ -73,3 +73,19 @@ def test_an_unknown_snapshot_and_a_malformed_share_are_refused():
         state.answer(snapshot, account, "c", _query(1), bytes(4 * 7))
     assert caught.value.reason == "bad_shares"
     assert account.rows_answered == 0  # a refused answer charges nothing
+
+
+def test_a_snapshot_is_installed_once_so_a_replay_cannot_reset_counters_or_quota():
+    state = _state(ServeLimits(max_snapshots=1), max_rows=2)
+    held = state.snapshots[SNAPSHOT]
+    share = bytes(32) + field_to_bytes(held.weights.values)
+    _answer(state, "c", _query(7, rows=2), 0.0)
+    with pytest.raises(DroppedError) as caught:
+        state.install(SNAPSHOT, held.model, share)
+    assert caught.value.reason == "snapshot_known"
+    assert _reason(state, "c", _query(7), 0.0) == "stale_counter"  # the account is kept
+    assert _reason(state, "c", _query(8), 0.0) == "quota"
+    state.install(bytes([1]) * 16, held.model, share)  # forgets SNAPSHOT (max_snapshots=1)
+    with pytest.raises(DroppedError) as caught:
+        state.install(SNAPSHOT, held.model, share)  # nor once it has been forgotten
+    assert caught.value.reason == "snapshot_known"

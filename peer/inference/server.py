@@ -53,6 +53,9 @@ class ServingPeer(InferenceParty):
         self.chunks = ChunkReassembler(ReassemblyLimits(max_partial_per_sender=2))
         self.queries_answered = 0
         self.announce_presence = announce_presence
+        #: Wall clock at start: a SNAPSHOT_SHARE signed (seq = the owner's clock in µs) before
+        #: it, less the clock skew, is a replay from before a restart (``stale_snapshot``).
+        self.started_at = time.time()
 
     @property
     def serving(self) -> list[bytes]:
@@ -134,6 +137,10 @@ class ServingPeer(InferenceParty):
             raise DroppedError("not_owner", msg.header.sender)
         owner = self.endpoint.certified(body.certificate, msg.header.sender, "peer")
         self.endpoint.authenticate(msg, owner)
+        if msg.header.seq / 1e6 < self.started_at - self.endpoint.clock_skew_s:
+            # Held in memory only, so this peer lost it, and the clients' counters with it,
+            # when it restarted: installing it again would let a client reuse its masks.
+            raise DroppedError("stale_snapshot", msg.header.session.hex())
         plaintext = self.endpoint.open_from(owner, msg, body.sealed)
         self.state.install(msg.header.session, body.model, plaintext)
         self._announce(msg.header.session)

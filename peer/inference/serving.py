@@ -8,6 +8,8 @@ Security properties:
   feature value; fewer than t serving peers learn neither.
 * Each client's counter strictly increases per snapshot, so the zero-constant mask
   (``crypto.inference.zero_mask``) of a (client, counter) is used at most once at this point.
+  A snapshot id is installed at most once per process (``snapshot_known`` otherwise): a
+  replayed SNAPSHOT_SHARE must not start the clients' counters and quotas again.
 * The per-client quota (``max_rows_per_client``, fixed by the owner in the snapshot) and rate
   (``rows_per_minute``) bound what one certificate can extract through this peer; over either
   is a counted drop. Memory held for others is bounded: at most ``max_snapshots`` snapshots
@@ -31,6 +33,8 @@ from protocol.inference import Query, ServedModel
 
 #: Bytes one client account costs at most (counter, two numbers, dict entry, id string).
 ACCOUNT_BYTES = 256
+#: Snapshot ids remembered as installed (16 bytes each), so none is installed twice.
+MAX_REMEMBERED_SNAPSHOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class ServingState:
         self.me = me
         self.limits = limits or ServeLimits()
         self.snapshots: OrderedDict[bytes, ServedSnapshot] = OrderedDict()
+        #: Ids installed before (held or forgotten), most recent last: never installed again,
+        #: because a fresh install would start every client's counter and quota from zero.
+        self.installed: OrderedDict[bytes, None] = OrderedDict()
         self.rows_served = 0
 
     def held_bytes(self) -> int:
@@ -95,6 +102,8 @@ class ServingState:
         """Hold the opened SNAPSHOT_SHARE payload (mask seed, then W and b at our point)."""
         if self.me not in model.servers:
             raise DroppedError("not_a_server", "the snapshot does not name this peer")
+        if snapshot_id in self.installed:
+            raise DroppedError("snapshot_known", snapshot_id.hex())
         params = params_of(model)
         expected = SEED_BYTES + FIELD_BYTES * params.weight_elements
         if len(plaintext) != expected:
@@ -107,9 +116,11 @@ class ServingState:
         snapshot = ServedSnapshot(snapshot_id, model, params, point,
                                   Share(x=point, values=values.copy()), plaintext[:SEED_BYTES])
         self.snapshots[snapshot_id] = snapshot
-        self.snapshots.move_to_end(snapshot_id)
+        self.installed[snapshot_id] = None
         while len(self.snapshots) > self.limits.max_snapshots:
             self.snapshots.popitem(last=False)
+        while len(self.installed) > MAX_REMEMBERED_SNAPSHOTS:
+            self.installed.popitem(last=False)
         return snapshot
 
     def admit(self, snapshot_id: bytes, client: str, query: Query,
