@@ -25,6 +25,16 @@ def _engines(metrics: Path) -> set[str]:
     return {r.extra["engine"] for r in read_metrics(metrics) if r.extra and "engine" in r.extra}
 
 
+def _clipped_adaptively(metrics: Path) -> bool:
+    """Whether the peers' status rows report a current clipping norm C (adaptive clipping:
+    a fixed C reports none), with every peer's C moved from its start."""
+    norms: dict[str, float] = {}
+    for r in read_metrics(metrics):
+        if r.extra and r.extra.get("clip_norm") is not None:
+            norms[r.peer] = r.extra["clip_norm"]
+    return bool(norms) and all(c != 1.0 for c in norms.values())
+
+
 async def _run(tmp_path: Path, **changes: object):
     base: dict[str, object] = dict(peers=4, rounds=5, local_steps=8, duration_s=60.0,
                                    partition="iid", noise_multiplier=0.6, out_dir=tmp_path)
@@ -43,6 +53,8 @@ async def test_the_sensor_example_learns_on_the_general_engine(tmp_path: Path) -
     # Five machine states: chance is 20 %; three checks of this run gave 43-56 %.
     assert result.summary.mean_accuracy > 1 / 5 + 0.10
     assert _engines(result.metrics_path) == {"vmap"}
+    # A model of one's own clips adaptively by default, as the README's command does.
+    assert _clipped_adaptively(result.metrics_path)
 
 
 async def test_the_fashion_example_learns_on_the_fast_engine(tmp_path: Path) -> None:
@@ -55,6 +67,7 @@ async def test_the_fashion_example_learns_on_the_fast_engine(tmp_path: Path) -> 
     assert result.summary.mean_accuracy is not None
     assert result.summary.mean_accuracy > 1 / 10 + 0.15
     assert _engines(result.metrics_path) == {"ghost"}
+    assert _clipped_adaptively(result.metrics_path)
 
 
 def test_a_model_path_that_is_not_one_is_a_usage_error(capsys) -> None:
