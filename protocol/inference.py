@@ -12,6 +12,15 @@ Size rules, checked before anything is opened:
 * QUERY.sealed is ``SEAL_OVERHEAD + 4 rows D`` for some D: whole field elements, whole rows;
   the serving peer checks D against its snapshot. ANSWER.sealed is ``SEAL_OVERHEAD + 4 rows C``.
 * ``rows`` is at most MAX_QUERY_ROWS and the whole message at most MAX_PAYLOAD_BYTES.
+* A snapshot's public description (:class:`SnapshotDescription`: network, owner, snapshot id,
+  issue time, the ordered server list, t, the public parameters, the content hash) travels as
+  the exact bytes the model owner signed, at most MAX_DESCRIPTION_BYTES, with the owner's
+  64-byte signature; SNAPSHOT_SHARE and SERVE carry both, so a serving peer re-announces what
+  the owner signed and a client checks it (peer/inference/endpoint.py). The bytes are a
+  msgpack array that starts with the str DESCRIPTION_TAG, so they can never be mistaken for
+  an envelope's signed part (which starts with an integer version). This is the second
+  layout of kinds 18 and 19 (description format DESCRIPTION_VERSION = 1); the first, with the
+  public parameters inline and no owner signature, is refused as malformed.
 
 This module imports nothing of protocol.messages (which imports it).
 """
@@ -20,7 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from functools import cached_property
+from typing import Final, NoReturn
+
+import msgpack
 
 from protocol.errors import FieldError
 from protocol.fields import _bytes, _id_list, _int, _peer_id
@@ -32,6 +44,8 @@ from protocol.limits import (
     MAX_SEQ_EXCLUSIVE,
     MIN_THRESHOLD,
     SEAL_OVERHEAD_BYTES,
+    SESSION_ID_BYTES,
+    SIGNATURE_BYTES,
 )
 
 #: Most feature rows in one QUERY (and logit rows in one ANSWER).
@@ -44,6 +58,11 @@ CONTENT_HASH_BYTES: Final = 32
 MASK_SEED_BYTES: Final = 32
 #: Fewest serving peers: 2t - 1 with the least threshold.
 MIN_SERVERS: Final = 2 * MIN_THRESHOLD - 1
+#: First element of a signed snapshot description (domain separation) and its format version.
+DESCRIPTION_TAG: Final = "murmur/snapshot-description"
+DESCRIPTION_VERSION: Final = 1
+#: Longest description: MAX_MEMBERS ids of at most 64 characters plus fixed fields (1.6 KB).
+MAX_DESCRIPTION_BYTES: Final = 512 + MAX_MEMBERS * 70
 
 
 @dataclass(frozen=True)
@@ -62,22 +81,56 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
+class SnapshotDescription:
+    """What the model owner signs about one snapshot: its public description.
+
+    The order of ``model.servers`` fixes each serving peer's point (index + 1)."""
+
+    network: str
+    owner: str
+    snapshot_id: bytes
+    issued_at_us: int
+    model: ServedModel
+
+
+@dataclass(frozen=True)
 class SnapshotShare:
-    """Owner to one serving peer: the owner's certificate, the snapshot's public parameters
-    and the sealed share."""
+    """Owner to one serving peer: the owner's certificate, the owner-signed description and
+    the sealed share."""
 
     recipient: str
     certificate: bytes
-    model: ServedModel
+    description: bytes
+    owner_signature: bytes
     sealed: bytes
+
+    @cached_property
+    def described(self) -> SnapshotDescription:
+        return decode_description(self.description)
+
+    @property
+    def model(self) -> ServedModel:
+        return self.described.model
 
 
 @dataclass(frozen=True)
 class Serve:
-    """A serving peer's retained announcement of the snapshot it serves (id in the header)."""
+    """A serving peer's retained announcement of the snapshot it serves (id in the header):
+    its certificate, and the owner's certificate, description and signature, as the owner
+    sent them."""
 
     certificate: bytes
-    model: ServedModel
+    owner_certificate: bytes
+    description: bytes
+    owner_signature: bytes
+
+    @cached_property
+    def described(self) -> SnapshotDescription:
+        return decode_description(self.description)
+
+    @property
+    def model(self) -> ServedModel:
+        return self.described.model
 
 
 @dataclass(frozen=True)
@@ -108,20 +161,16 @@ class Answer:
 MODEL_FIELDS: Final = ("servers", "threshold", "classes", "features", "frac_w", "frac_x",
                        "feature_norm_bound", "max_rows_per_client", "content_hash")
 INFERENCE_FIELDS: Final[dict[type, tuple[str, ...]]] = {
-    SnapshotShare: ("recipient", "certificate", *MODEL_FIELDS, "sealed"),
-    Serve: ("certificate", *MODEL_FIELDS),
+    SnapshotShare: ("recipient", "certificate", "description", "owner_signature", "sealed"),
+    Serve: ("certificate", "owner_certificate", "description", "owner_signature"),
     Query: ("recipient", "certificate", "counter", "rows", "sealed"),
     Answer: ("recipient", "counter", "rows", "sealed"),
 }
 
 
 def body_values(body: SnapshotShare | Serve | Query | Answer) -> list[object]:
-    """The body's values in wire order (a ServedModel flattened in place)."""
-    values: list[object] = []
-    for field in INFERENCE_FIELDS[type(body)]:
-        source = body.model if field in MODEL_FIELDS else body  # type: ignore[union-attr]
-        values.append(getattr(source, field))
-    return values
+    """The body's values in wire order."""
+    return [getattr(body, field) for field in INFERENCE_FIELDS[type(body)]]
 
 
 Fields = dict[str, object]
@@ -150,6 +199,57 @@ def _model(v: Fields, name: Namer) -> ServedModel:
     )
 
 
+def _reject_ext(code: int, data: bytes) -> NoReturn:
+    raise ValueError(f"msgpack ext type {code}")
+
+
+def encode_description(description: SnapshotDescription) -> bytes:
+    """The bytes the owner signs; checked by :func:`decode_description` before they are used."""
+    m = description.model
+    raw = msgpack.packb([DESCRIPTION_TAG, DESCRIPTION_VERSION, description.network,
+                         description.owner, description.snapshot_id, description.issued_at_us,
+                         list(m.servers), *[getattr(m, f) for f in MODEL_FIELDS[1:]]],
+                        use_bin_type=True)
+    if decode_description(raw) != description:
+        raise FieldError("the description does not survive its own decoder", "description")
+    return raw
+
+
+def decode_description(raw: object, field: str = "description") -> SnapshotDescription:
+    """Strictly decode signed description bytes (limits first); FieldError naming ``field``."""
+    raw = _bytes(raw, field, 1, MAX_DESCRIPTION_BYTES)
+    try:
+        v = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
+                            max_bin_len=MAX_DESCRIPTION_BYTES, max_str_len=MAX_DESCRIPTION_BYTES,
+                            max_array_len=MAX_MEMBERS + 16, max_map_len=0, max_ext_len=0,
+                            ext_hook=_reject_ext)
+    except (msgpack.UnpackException, ValueError, TypeError, OverflowError,
+            RecursionError) as exc:
+        raise FieldError(f"not one msgpack object ({exc or type(exc).__name__})",
+                         field) from None
+    width = 6 + len(MODEL_FIELDS)
+    if type(v) is not list or len(v) != width:
+        raise FieldError(f"expected an array of {width} values", field)
+    if v[0] != DESCRIPTION_TAG or type(v[1]) is not int or v[1] != DESCRIPTION_VERSION:
+        raise FieldError(f"not a snapshot description of version {DESCRIPTION_VERSION}", field)
+    return SnapshotDescription(
+        network=_peer_id(v[2], f"{field}.network"),
+        owner=_peer_id(v[3], f"{field}.owner"),
+        snapshot_id=_bytes(v[4], f"{field}.snapshot_id", SESSION_ID_BYTES, SESSION_ID_BYTES),
+        issued_at_us=_int(v[5], f"{field}.issued_at_us", 0, MAX_SEQ_EXCLUSIVE - 1),
+        model=_model(dict(zip(MODEL_FIELDS, v[6:], strict=True)),
+                     lambda name: f"{field}.{name}"),
+    )
+
+
+def _signed_description(v: Fields, name: Namer) -> tuple[bytes, bytes, SnapshotDescription]:
+    description = _bytes(v["description"], name("description"), 1, MAX_DESCRIPTION_BYTES)
+    described = decode_description(description, name("description"))
+    signature = _bytes(v["owner_signature"], name("owner_signature"), SIGNATURE_BYTES,
+                       SIGNATURE_BYTES)
+    return description, signature, described
+
+
 def snapshot_share_bytes(classes: int, features: int) -> int:
     """The exact length of SNAPSHOT_SHARE.sealed for a C x D layer."""
     elements = classes * features + classes
@@ -166,21 +266,28 @@ def _rows_sealed(value: object, field: str, rows: int) -> bytes:
 
 def decode_snapshot_share(v: Fields, sender: str, name: Namer) -> SnapshotShare:
     recipient = _peer_id(v["recipient"], name("recipient"))
-    model = _model(v, name)
+    description, signature, described = _signed_description(v, name)
+    model = described.model
     if recipient not in model.servers:
         raise FieldError("the recipient is not one of the servers", name("recipient"))
+    if described.owner != sender:
+        raise FieldError("a snapshot share comes from its owner", name("description"))
     size = snapshot_share_bytes(model.classes, model.features)
     certificate = _bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES)
-    return SnapshotShare(recipient=recipient, certificate=certificate, model=model,
+    return SnapshotShare(recipient=recipient, certificate=certificate, description=description,
+                         owner_signature=signature,
                          sealed=_bytes(v["sealed"], name("sealed"), size, size))
 
 
 def decode_serve(v: Fields, sender: str, name: Namer) -> Serve:
     certificate = _bytes(v["certificate"], name("certificate"), 1, MAX_CERTIFICATE_BYTES)
-    model = _model(v, name)
-    if sender not in model.servers:
+    owner_certificate = _bytes(v["owner_certificate"], name("owner_certificate"), 1,
+                               MAX_CERTIFICATE_BYTES)
+    description, signature, described = _signed_description(v, name)
+    if sender not in described.model.servers:
         raise FieldError("a SERVE comes from one of its servers", name("servers"))
-    return Serve(certificate=certificate, model=model)
+    return Serve(certificate=certificate, owner_certificate=owner_certificate,
+                 description=description, owner_signature=signature)
 
 
 def decode_query(v: Fields, sender: str, name: Namer) -> Query:

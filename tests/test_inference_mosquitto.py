@@ -5,11 +5,16 @@ talk only through a Mosquitto started by the test. The client computes the publi
 features of Fashion-MNIST test images itself; the private logits must equal the plaintext
 fixed-point logits exactly and give the plaintext float model's class on every image. A
 sniffer on ``#`` must see no feature and no weight value. A hostile client's floods and
-malformed queries are counted drops, and an honest client is still answered afterwards.
+malformed queries are counted drops, and an honest client is still answered afterwards. Rogue
+admitted peers announcing a competing snapshot, or other descriptions under the real snapshot
+id, are counted drops at a client that names its model owner, which still uses the owner's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +30,21 @@ from crypto.inference import (
     fixed_point_logits,
     share_features,
 )
+from peer.inference.client import QueryClient, QueryError
 from peer.inference.endpoint import InferenceEndpoint
 from peer.inference.local import LocalServing, local_serving, make_endpoint
 from peer.inference.serving import ServeLimits
 from peer.network.transport import BrokerSettings
 from peer.training.data import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
-from protocol.inference import Query
+from protocol.inference import (
+    Query,
+    Serve,
+    SnapshotDescription,
+    decode_description,
+    encode_description,
+)
 from protocol.messages import Kind
-from protocol.topics import direct_topic
+from protocol.topics import direct_topic, serve_topic
 from tests.conftest import require_installed, wait_until
 from tests.test_confidentiality_mosquitto import leaks, secret_windows
 from tests.test_node_mosquitto import Sniffer
@@ -146,4 +158,80 @@ async def test_a_hostile_client_gets_counted_drops_and_stalls_nobody(mosquitto):
             logits = await serving.client.predict(rows, serving.snapshot, timeout_s=30)
             assert np.array_equal(logits, fixed_point_logits(snapshot, rows))
         finally:
+            await sender.stop()
+
+
+async def test_rogue_peers_announcements_are_drops_and_the_owners_snapshot_is_used(mosquitto):
+    """Three admitted peers announce a newer snapshot of their own (complete: all its servers
+    announce it), one announces its own description under the real id, one the owner's
+    description altered to list it, under the owner's signature. A client naming the owner
+    counts each as a drop and is answered exactly from the owner's snapshot."""
+    from peer.inference.party import InferenceParty
+
+    rng = np.random.default_rng(5)
+    params = SnapshotParams.for_unit_variance(10, 64)
+    snapshot = encode_snapshot(rng.normal(0, 0.1, (10, 64)), rng.normal(0, 0.1, 10), params)
+    rows = rng.normal(0, 1, (3, 64))
+    rows /= np.sqrt((rows * rows).mean(axis=1, keepdims=True))
+    broker = BrokerSettings(url=mosquitto.url)
+    async with local_serving(broker, snapshot, network="rogue") as serving:
+        real = serving.snapshot
+        network = serving.admission.network_id
+        # the owner's signed description, as every real SERVE on the broker carries it
+        owner_cert, description, signature = (
+            serving.servers[0].state.snapshots[real.snapshot_id].announcement)
+        genuine = decode_description(description)
+        rogues = [make_endpoint(serving.admission, n) for n in ("mallory", "rogue-2", "rogue-3")]
+        mallory = rogues[0]
+        sender = InferenceParty(mallory, broker, [])
+        await sender.start()
+        sent: list[str] = []
+
+        def announce(rogue: InferenceEndpoint, snapshot_id: bytes, raw: bytes, sig: bytes,
+                     signer_cert: bytes) -> None:
+            topic = serve_topic(network, rogue.peer_id, snapshot_id)
+            body = Serve(rogue.certificate, signer_cert, raw, sig)
+            sender.send(topic, rogue.frame(Kind.SERVE, snapshot_id, body), retain=True)
+            sent.append(topic)
+
+        client = QueryClient(make_endpoint(serving.admission, "erin", ROLE_CLIENT), broker,
+                             owner="owner")
+        try:
+            # 1. a competing, newer snapshot described and signed by mallory, served by rogues
+            rogue_id = os.urandom(16)
+            rogue_model = dataclasses.replace(genuine.model,
+                                              servers=tuple(r.peer_id for r in rogues))
+            raw, sig = mallory.sign_description(SnapshotDescription(
+                network, "mallory", rogue_id, time.time_ns() // 1000, rogue_model))
+            for rogue in rogues:
+                announce(rogue, rogue_id, raw, sig, mallory.certificate)
+            # 2. mallory's own description under the real id, listing mallory first
+            conflict = dataclasses.replace(genuine, owner="mallory", model=dataclasses.replace(
+                genuine.model, servers=("mallory", *genuine.model.servers[1:])))
+            raw, sig = mallory.sign_description(conflict)
+            announce(mallory, real.snapshot_id, raw, sig, mallory.certificate)
+            # 3. the owner's description altered to list rogue-2, under the owner's signature
+            altered = encode_description(dataclasses.replace(genuine, model=dataclasses.replace(
+                genuine.model, servers=(genuine.model.servers[0], "rogue-2",
+                                        genuine.model.servers[2]))))
+            announce(rogues[1], real.snapshot_id, altered, signature, owner_cert)
+            await sender.flush(10)
+
+            with pytest.raises(QueryError, match="owner"):  # neither owner nor snapshot named
+                await QueryClient(client.endpoint, broker).wait_for_snapshot(1)
+            await client.start()
+            expected = {"untrusted_owner": 4, "bad_description_signature": 1}
+            await wait_until(lambda: all(client.drops.get(k, 0) >= v
+                                         for k, v in expected.items()),
+                             30, f"client drops {expected}")
+            known = await client.wait_for_snapshot(30)
+            assert (known.snapshot_id, known.owner) == (real.snapshot_id, "owner")
+            assert set(known.servers) == set(genuine.model.servers)
+            logits = await client.predict(rows, known, timeout_s=30)
+            assert np.array_equal(logits, fixed_point_logits(snapshot, rows))
+        finally:
+            await client.stop()
+            for topic in sent:  # clear the rogue retained announcements
+                sender.send(topic, b"", retain=True)
+            await sender.flush(10)
             await sender.stop()

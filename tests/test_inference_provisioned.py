@@ -50,7 +50,7 @@ async def run_query_command(files, broker: SecuredMosquitto, images: np.ndarray,
     np.savez(directory / "input.npz", x=images)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "peer.query", "--config", str(config),
-        str(directory / "input.npz"), stdout=asyncio.subprocess.PIPE,
+        str(directory / "input.npz"), "--owner", "owner", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
     out, err = await asyncio.wait_for(process.communicate(), 90)
     assert process.returncode == 0, err.decode()[-2000:]

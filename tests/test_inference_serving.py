@@ -89,3 +89,40 @@ def test_a_snapshot_is_installed_once_so_a_replay_cannot_reset_counters_or_quota
     with pytest.raises(DroppedError) as caught:
         state.install(SNAPSHOT, held.model, share)  # nor once it has been forgotten
     assert caught.value.reason == "snapshot_known"
+
+
+def test_a_description_signed_by_another_key_or_altered_after_signing_is_refused():
+    """The owner's signature over the snapshot description (endpoint.signed_description):
+    only the owner's key, over the exact bytes, for this network and snapshot id."""
+    import dataclasses
+    import time
+
+    from crypto.admission import AdmissionKey
+    from peer.inference.local import make_endpoint
+    from protocol.inference import SnapshotDescription, decode_description, encode_description
+
+    admission = AdmissionKey.generate("serve")
+    owner, mallory, client = (make_endpoint(admission, n) for n in ("owner", "mallory", "client"))
+    model = ServedModel(("s1", "s2", "s3"), 2, 3, 8, 12, 8, 100, 100, bytes(32))
+    description = SnapshotDescription("serve", "owner", SNAPSHOT, time.time_ns() // 1000, model)
+    raw, signature = owner.sign_description(description)
+
+    def reason(cert: bytes, raw: bytes, signature: bytes, snapshot_id: bytes = SNAPSHOT) -> str:
+        with pytest.raises(DroppedError) as caught:
+            client.signed_description(cert, decode_description(raw), raw, signature, snapshot_id)
+        return caught.value.reason
+
+    assert client.signed_description(owner.certificate, description, raw,
+                                     signature, SNAPSHOT).peer_id == "owner"
+    # signed by another key: mallory's signature over the owner's description
+    _, forged = mallory.sign_description(description)
+    assert reason(owner.certificate, raw, forged) == "bad_description_signature"
+    # mallory's certificate presented as the owner's
+    assert reason(mallory.certificate, raw, signature) == "sender_mismatch"
+    # altered after signing: another server list, or another threshold, under the signature
+    for changed in (dataclasses.replace(model, servers=("s1", "s2", "mallory")),
+                    dataclasses.replace(model, max_rows_per_client=10_000)):
+        altered = encode_description(dataclasses.replace(description, model=changed))
+        assert reason(owner.certificate, altered, signature) == "bad_description_signature"
+    # a genuine description replayed under another snapshot id
+    assert reason(owner.certificate, raw, signature, bytes(range(16))) == "bad_description"

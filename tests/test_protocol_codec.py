@@ -51,7 +51,9 @@ from protocol.inference import (
     Query,
     Serve,
     ServedModel,
+    SnapshotDescription,
     SnapshotShare,
+    encode_description,
     snapshot_share_bytes,
 )
 from protocol.limits import (
@@ -212,10 +214,18 @@ def inference_bodies(draw: st.DrawFn, kind: Kind, sender: str) -> object:
         feature_norm_bound=draw(st.integers(1, 2**30 - 1)),
         max_rows_per_client=draw(st.integers(0, 10**6)),
         content_hash=draw(st.binary(min_size=32, max_size=32)))
+    owner = sender if kind is Kind.SNAPSHOT_SHARE else draw(ids)
+    description = encode_description(SnapshotDescription(
+        draw(ids), owner, draw(st.binary(min_size=16, max_size=16)),
+        draw(st.integers(0, (1 << 63) - 1)), model))
+    signature = draw(st.binary(min_size=64, max_size=64))
     if kind is Kind.SERVE:
-        return Serve(certificate=draw(st.binary(min_size=1, max_size=300)), model=model)
+        return Serve(certificate=draw(st.binary(min_size=1, max_size=300)),
+                     owner_certificate=b"owner-cert", description=description,
+                     owner_signature=signature)
     size = snapshot_share_bytes(classes, features)
-    return SnapshotShare(recipient=draw(st.sampled_from(others)), certificate=b"cert", model=model,
+    return SnapshotShare(recipient=draw(st.sampled_from(others)), certificate=b"cert",
+                         description=description, owner_signature=signature,
                          sealed=draw(st.binary(min_size=size, max_size=size)))
 
 

@@ -50,7 +50,9 @@ from protocol.inference import (
     Query,
     Serve,
     ServedModel,
+    SnapshotDescription,
     SnapshotShare,
+    encode_description,
     snapshot_share_bytes,
 )
 from protocol.limits import SEAL_OVERHEAD_BYTES, SEALED_KEYS_BYTES, SEALED_SESSION_KEY_BYTES
@@ -71,6 +73,7 @@ def sign(data: bytes) -> bytes:
 
 
 SERVED = ServedModel(("bob", "carol", "dave"), 2, 3, 5, 14, 8, 2000, 1000, bytes(32))
+DESCRIBED = encode_description(SnapshotDescription("net", "alice", bytes(16), 1, SERVED))
 
 
 def valid_corpus() -> list[bytes]:
@@ -99,9 +102,10 @@ def valid_corpus() -> list[bytes]:
         (Kind.SURVIVORS, "alice", Survivors(members[:3])),
         (Kind.CONFIRM, "dave", Confirm(members[:3])),
         (Kind.REVEAL, "dave", Reveal(os.urandom(SEAL_OVERHEAD_BYTES + 65 * len(members)))),
-        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("bob", os.urandom(200), SERVED, os.urandom(
-            snapshot_share_bytes(SERVED.classes, SERVED.features)))),
-        (Kind.SERVE, "bob", Serve(os.urandom(200), SERVED)),
+        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare(
+            "bob", os.urandom(200), DESCRIBED, os.urandom(64),
+            os.urandom(snapshot_share_bytes(SERVED.classes, SERVED.features)))),
+        (Kind.SERVE, "bob", Serve(os.urandom(200), os.urandom(200), DESCRIBED, os.urandom(64))),
         (Kind.QUERY, "erin", Query("bob", os.urandom(200), 7, 2,
                                    os.urandom(SEAL_OVERHEAD_BYTES + 4 * 2 * SERVED.features))),
         (Kind.ANSWER, "bob", Answer("erin", 7, 2,

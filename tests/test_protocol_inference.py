@@ -9,13 +9,16 @@ import pytest
 from nacl.signing import SigningKey
 
 from protocol import Header, Kind, decode_message, encode_message
-from protocol.errors import FieldError
+from protocol.errors import FieldError, SizeLimitError
 from protocol.inference import (
     Answer,
     Query,
     Serve,
     ServedModel,
+    SnapshotDescription,
     SnapshotShare,
+    decode_description,
+    encode_description,
     snapshot_share_bytes,
 )
 from protocol.limits import SEAL_OVERHEAD_BYTES
@@ -25,6 +28,12 @@ from protocol.topics import check_topic_binding, direct_topic, parse_topic, serv
 KEY = SigningKey.generate()
 SNAPSHOT = bytes(range(16))
 MODEL = ServedModel(("bob", "carol", "dave"), 2, 10, 40, 14, 8, 700, 1000, b"h" * 32)
+DESC = encode_description(SnapshotDescription("net", "alice", SNAPSHOT, 5, MODEL))
+SIG = bytes(64)
+
+
+def described(model: ServedModel) -> bytes:
+    return encode_description(SnapshotDescription("net", "alice", SNAPSHOT, 5, model))
 
 
 def wire(kind: Kind, sender: str, body: object) -> bytes:
@@ -35,8 +44,8 @@ def wire(kind: Kind, sender: str, body: object) -> bytes:
 def test_each_kind_round_trips_with_the_snapshot_id_in_the_header():
     sealed_share = os.urandom(snapshot_share_bytes(10, 40))
     bodies = [
-        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", MODEL, sealed_share)),
-        (Kind.SERVE, "carol", Serve(b"cert", MODEL)),
+        (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", DESC, SIG, sealed_share)),
+        (Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC, SIG)),
         (Kind.QUERY, "erin", Query("carol", b"cert", 3, 2, bytes(SEAL_OVERHEAD_BYTES + 320))),
         (Kind.ANSWER, "carol", Answer("erin", 3, 2, bytes(SEAL_OVERHEAD_BYTES + 80))),
     ]
@@ -47,20 +56,27 @@ def test_each_kind_round_trips_with_the_snapshot_id_in_the_header():
 
 
 @pytest.mark.parametrize(("kind", "sender", "body", "field"), [
-    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", MODEL, bytes(100)),
+    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("carol", b"cert", DESC, SIG, bytes(100)),
      "snapshot_share.sealed"),
-    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("zed", b"cert", MODEL, bytes(
+    (Kind.SNAPSHOT_SHARE, "alice", SnapshotShare("zed", b"cert", DESC, SIG, bytes(
         snapshot_share_bytes(10, 40))), "snapshot_share.recipient"),
-    (Kind.SERVE, "zed", Serve(b"cert", MODEL), "serve.servers"),
-    (Kind.SERVE, "carol", Serve(b"cert", ServedModel(("bob", "carol", "dave"), 3, 10, 40, 14, 8,
-                                                     700, 1000, b"h" * 32)), "serve.servers"),
+    (Kind.SNAPSHOT_SHARE, "bob", SnapshotShare("carol", b"cert", DESC, SIG, bytes(
+        snapshot_share_bytes(10, 40))), "snapshot_share.description"),
+    (Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC, bytes(63)), "serve.owner_signature"),
+    (Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC[:-1], SIG), "serve.description"),
+    (Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC + b"\x00", SIG), "serve.description"),
+    (Kind.SERVE, "zed", Serve(b"cert", b"owner", DESC, SIG), "serve.servers"),
+    (Kind.SERVE, "carol", Serve(b"cert", b"owner", bytes(DESC).replace(
+        b"\x02\x0a", b"\x03\x0a", 1), SIG), "serve.description.servers"),
     (Kind.QUERY, "erin", Query("carol", b"cert", 3, 3, bytes(SEAL_OVERHEAD_BYTES + 320)),
      "query.sealed"),
     (Kind.QUERY, "erin", Query("carol", b"cert", 3, 0, bytes(SEAL_OVERHEAD_BYTES)),
      "query.rows"),
     (Kind.ANSWER, "carol", Answer("erin", 3, 2, bytes(SEAL_OVERHEAD_BYTES + 81)),
      "answer.sealed"),
-], ids=["share-size", "share-recipient", "serve-sender", "serve-too-few", "query-rows-split",
+], ids=["share-size", "share-recipient", "share-not-owner", "serve-short-signature",
+        "serve-truncated-description", "serve-trailing-byte", "serve-sender", "serve-too-few",
+        "query-rows-split",
         "query-no-rows", "answer-partial-element"])
 def test_malformed_bodies_are_refused_by_field(kind, sender, body, field):
     with pytest.raises(FieldError) as caught:
@@ -69,7 +85,7 @@ def test_malformed_bodies_are_refused_by_field(kind, sender, body, field):
 
 
 def test_serve_belongs_on_its_own_serve_topic_only():
-    message = decode_message(wire(Kind.SERVE, "carol", Serve(b"cert", MODEL)))
+    message = decode_message(wire(Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC, SIG)))
     check_topic_binding(parse_topic("net", serve_topic("net", "carol", SNAPSHOT)), message)
     with pytest.raises(FieldError, match="serve"):
         check_topic_binding(parse_topic("net", serve_topic("net", "carol", bytes(16))), message)
@@ -83,3 +99,16 @@ def test_a_query_is_bound_to_its_recipient_topic():
     check_topic_binding(parse_topic("net", direct_topic("net", "erin", "carol")), message)
     with pytest.raises(FieldError, match="recipient"):
         check_topic_binding(parse_topic("net", direct_topic("net", "erin", "dave")), message)
+
+
+def test_a_description_is_strictly_decoded_and_domain_separated():
+    assert decode_description(DESC) == SnapshotDescription("net", "alice", SNAPSHOT, 5, MODEL)
+    # an envelope's signed part is an array starting with an integer: never a description
+    signed = decode_message(wire(Kind.SERVE, "carol", Serve(b"cert", b"owner", DESC, SIG)))
+    with pytest.raises(FieldError, match="description"):
+        decode_description(signed.signed_bytes)
+    as_array = DESC.replace(b"\xbbmurmur/snapshot-description", b"\xbbmurmur/snapshot-descriptioN")
+    with pytest.raises(FieldError, match="snapshot description"):
+        decode_description(as_array)
+    with pytest.raises(SizeLimitError):
+        decode_description(bytes(2000))  # over MAX_DESCRIPTION_BYTES

@@ -3,12 +3,16 @@ served, shares and seals its feature rows to the serving peers, and rebuilds the
 (docs/inference.md).
 
 Security properties: the client's feature rows leave it only as Shamir shares of threshold t,
-each sealed for one serving peer, so the broker and fewer than t serving peers learn nothing
-of them. It accepts a SERVE only from a certificate of role ``peer`` named in that snapshot's
-server list, and an ANSWER only from such a server, for a query it sent, under the snapshot id
-it asked (otherwise ``snapshot_mismatch``, a counted drop, never a wrong answer). It rebuilds
-from the first 2t - 1 answers, so a serving peer that answers wrongly is not detected
-(honest-but-curious serving peers, docs/inference.md).
+each sealed for one serving peer, so the broker and fewer than t serving peers learn nothing of
+them. It accepts a SERVE only from a certificate of role ``peer`` named in that snapshot's
+server list, and only with a description of the snapshot signed by the model owner it names
+(``owner``; any other owner is ``untrusted_owner``, a forged or altered description
+``bad_description_signature``, both counted drops that never evict a trusted description).
+Without a named owner it uses only a snapshot id it was given (``--snapshot``), and refuses to
+guess when two owners signed descriptions under that id. An ANSWER only from such a server, for
+a query it sent, under the snapshot id it asked (otherwise ``snapshot_mismatch``, a counted
+drop, never a wrong answer). It rebuilds from the first 2t - 1 answers, so a serving peer that
+answers wrongly is not detected (honest-but-curious serving peers, docs/inference.md).
 """
 
 from __future__ import annotations
@@ -56,10 +60,11 @@ class QueryError(PeerError):
 
 @dataclass
 class KnownSnapshot:
-    """A snapshot and the serving peers whose SERVE for it arrived."""
+    """A snapshot as its owner signed it, and the serving peers whose SERVE for it arrived."""
 
     snapshot_id: bytes
     model: ServedModel
+    owner: str = ""
     servers: dict[str, PublicIdentity] = field(default_factory=dict)
     newest_seq: int = 0
 
@@ -82,11 +87,17 @@ class QueryClient(InferenceParty):
     role_suffix = "query"
 
     def __init__(self, endpoint: InferenceEndpoint, broker: BrokerSettings, *,
+                 owner: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        """``owner``: the model owner whose signed descriptions this client trusts; None
+        trusts only the snapshot id given to :meth:`wait_for_snapshot`."""
         network, me = endpoint.network_id, endpoint.peer_id
         super().__init__(endpoint, broker, [serve_filter(network), inbox_filter(network, me)])
+        self.owner = owner
         self.max_message_bytes = max_message_bytes
-        self.snapshots: dict[bytes, KnownSnapshot] = {}
+        #: Keyed by (snapshot id, owner): a description another peer signed under a real id
+        #: never displaces the real owner's.
+        self.snapshots: dict[tuple[bytes, str], KnownSnapshot] = {}
         self._pending: dict[int, _Pending] = {}
         self._counter = SequenceCounter()
         self._changed = asyncio.Event()
@@ -95,11 +106,16 @@ class QueryClient(InferenceParty):
     # ------------------------------------------------------------------------------ snapshots
     async def wait_for_snapshot(self, timeout_s: float, snapshot_id: bytes | None = None, *,
                                 settle_s: float = 0.5) -> KnownSnapshot:
-        """The newest snapshot (or ``snapshot_id``) all of whose servers announced it.
+        """The newest snapshot of the trusted owner (or ``snapshot_id``) all of whose servers
+        announced it.
 
         Retained announcements of several snapshots arrive in no particular order, so once one
         is complete the client waits until ``settle_s`` pass without a new SERVE before it
-        picks the newest (highest signed sequence number)."""
+        picks the newest (highest signed sequence number). Without an owner, ``snapshot_id``
+        is required, and two owners' complete descriptions under it are a QueryError."""
+        if self.owner is None and snapshot_id is None:
+            raise QueryError("name the model owner (--owner or owner in the config) or the "
+                             "snapshot (--snapshot): any admitted peer can announce one")
         deadline = time.monotonic() + timeout_s
         settled_at: float | None = None
         while True:
@@ -110,6 +126,10 @@ class QueryClient(InferenceParty):
             if ready and settled_at is None:
                 settled_at = min(now + settle_s, deadline)
             if ready and now >= settled_at:
+                if self.owner is None and len(ready) > 1:
+                    owners = sorted(s.owner for s in ready)
+                    raise QueryError(f"snapshot {snapshot_id.hex()} is described by owners "
+                                     f"{owners}: name the owner (--owner)")
                 return max(ready, key=lambda s: s.newest_seq)
             if now >= deadline:
                 raise QueryError("no snapshot is served by all its serving peers")
@@ -126,13 +146,22 @@ class QueryClient(InferenceParty):
         sender = msg.header.sender
         public = self.endpoint.certified(body.certificate, sender, "peer")
         self.endpoint.authenticate(msg, public)
-        known = self.snapshots.get(msg.header.session)
+        described = body.described
+        if self.owner is not None and described.owner != self.owner:
+            raise DroppedError("untrusted_owner", f"{sender}: owner {described.owner!r}")
+        self.endpoint.signed_description(body.owner_certificate, described, body.description,
+                                         body.owner_signature, msg.header.session)
+        # The decoder checked that the sender is in the signed server list; its point is its
+        # place there (+ 1), so no serving peer can claim another's point.
+        key = (msg.header.session, described.owner)
+        known = self.snapshots.get(key)
         if known is None:
             if len(self.snapshots) >= MAX_KNOWN_SNAPSHOTS:
                 raise DroppedError("too_many_snapshots", sender)
-            known = KnownSnapshot(msg.header.session, body.model)
-            self.snapshots[msg.header.session] = known
-        if body.model != known.model:
+            known = KnownSnapshot(msg.header.session, described.model, described.owner)
+            self.snapshots[key] = known
+        if described.model != known.model:
+            # Both signed by this owner under one id: the owner contradicts itself.
             raise DroppedError("snapshot_mismatch", f"{sender} describes another model")
         known.servers[sender] = public
         known.newest_seq = max(known.newest_seq, msg.header.seq)

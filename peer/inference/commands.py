@@ -108,7 +108,8 @@ def publish_snapshot(cfg: PeerConfig, *, servers: list[str], threshold: int,
             await publisher.stop()
 
     snapshot_id = asyncio.run(main())
-    print(f"snapshot {snapshot_id.hex()} (content {snapshot.content_hash.hex()[:16]}, "
+    print(f"snapshot {snapshot_id.hex()} of owner {cfg.peer_id} "
+          f"(content {snapshot.content_hash.hex()[:16]}, "
           f"frac_w={snapshot.params.frac_w}, frac_x={snapshot.params.frac_x}) shared to "
           f"{', '.join(servers)} at threshold {threshold}", file=out)
     return 0
@@ -129,8 +130,9 @@ def load_images(path: Path) -> np.ndarray:
 
 
 def query(cfg: PeerConfig, images: Path, *, snapshot_hex: str | None, timeout_s: float,
-          out: TextIO = sys.stdout) -> int:
-    """Private predictions of the images in ``images``: one line per image."""
+          owner: str | None = None, out: TextIO = sys.stdout) -> int:
+    """Private predictions of the images in ``images``: one line per image. ``owner``: the
+    model owner whose signed snapshot descriptions to trust (or pin ``snapshot_hex``)."""
     from peer.inference.client import QueryClient
     from peer.inference.features import client_features
 
@@ -138,11 +140,11 @@ def query(cfg: PeerConfig, images: Path, *, snapshot_hex: str | None, timeout_s:
     wanted = bytes.fromhex(snapshot_hex) if snapshot_hex else None
 
     async def main() -> np.ndarray:
-        client = QueryClient(endpoint_of(cfg), cfg.broker)
+        client = QueryClient(endpoint_of(cfg), cfg.broker, owner=owner)
         await client.start()
         try:
             snapshot = await client.wait_for_snapshot(timeout_s, wanted)
-            print(f"snapshot {snapshot.snapshot_id.hex()} served by "
+            print(f"snapshot {snapshot.snapshot_id.hex()} of owner {snapshot.owner} served by "
                   f"{', '.join(snapshot.model.servers)} (t = {snapshot.model.threshold})",
                   file=out)
             return await client.predict(features, snapshot, timeout_s=timeout_s)

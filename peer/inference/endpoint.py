@@ -7,7 +7,9 @@ signed header, signed by the key a valid admission certificate of the expected r
 its sender, and not a replay; every other message is a counted drop (``DroppedError``).
 Inference messages carry the certificate they are checked against (SNAPSHOT_SHARE, SERVE and
 QUERY do; an ANSWER comes from a server whose SERVE was checked), so no party needs the
-training membership.
+training membership. A snapshot's description is trusted only under its owner's signature
+(:meth:`InferenceEndpoint.signed_description`): the owner's certificate (role ``peer``) and an
+Ed25519 signature by the owner's identity key over the exact description bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from peer.errors import DroppedError
 from peer.network.counters import DropCounter
 from protocol.codec import decode_message, encode_message
 from protocol.errors import ProtocolError
+from protocol.inference import SnapshotDescription, encode_description
 from protocol.limits import MAX_PAYLOAD_BYTES
 from protocol.messages import PROTOCOL_VERSION, Body, Header, Kind, SequenceCounter, SignedMessage
 from protocol.topics import ParsedTopic, check_topic_binding, parse_topic
@@ -63,6 +66,11 @@ class InferenceEndpoint:
         header = Header(PROTOCOL_VERSION, self.network_id, kind, self.peer_id, snapshot_id,
                         self.seq.next() if seq is None else seq)
         return encode_message(header, body, self.identity.sign)
+
+    def sign_description(self, description: SnapshotDescription) -> tuple[bytes, bytes]:
+        """(description bytes, this owner's signature over them), with the identity key."""
+        raw = encode_description(description)
+        return raw, self.identity.sign(raw)
 
     def seal_for(self, recipient: PublicIdentity, snapshot_id: bytes, seq: int,
                  payload: bytes | memoryview) -> bytes:
@@ -132,3 +140,20 @@ class InferenceEndpoint:
             raise DroppedError("stale", msg.header.sender) from None
         except ReplayError:
             raise DroppedError("replay", msg.header.sender) from None
+
+    def signed_description(self, owner_certificate: bytes, description: SnapshotDescription,
+                           raw: bytes, signature: bytes,
+                           snapshot_id: bytes) -> PublicIdentity:
+        """The owner's identity if ``raw`` (decoded as ``description``) is signed by the peer it
+        names as owner, for this network and ``snapshot_id``; DroppedError otherwise
+        (``bad_description``, ``bad_description_signature`` or a certificate reason)."""
+        if description.network != self.network_id:
+            raise DroppedError("bad_description", f"network {description.network!r}")
+        if description.snapshot_id != snapshot_id:
+            raise DroppedError("bad_description", "signed for another snapshot id")
+        owner = self.certified(owner_certificate, description.owner, "peer")
+        try:
+            verify_signature(owner.verify_key, raw, signature)
+        except SignatureError:
+            raise DroppedError("bad_description_signature", description.owner) from None
+        return owner

@@ -56,7 +56,7 @@ async def local_serving(broker: BrokerSettings, snapshot: SnapshotCodes, *, netw
                          announce_presence=True) for name in names]
     owner = SnapshotPublisher(make_endpoint(admission, "owner"), broker, names,
                               max_message_bytes=max_message_bytes)
-    client = QueryClient(make_endpoint(admission, "client", ROLE_CLIENT), broker,
+    client = QueryClient(make_endpoint(admission, "client", ROLE_CLIENT), broker, owner="owner",
                          max_message_bytes=max_message_bytes)
     started: list[ServingPeer | SnapshotPublisher | QueryClient] = []
     try:

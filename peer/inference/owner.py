@@ -3,18 +3,22 @@ trained ``scatter`` model's linear layer and Shamir-share it to the serving peer
 (docs/inference.md).
 
 Security properties: each share is sealed for one serving peer, whose key comes from its
-retained, signed ANNOUNCE checked against the admission key and the role ``peer``; the mask
-seed is fresh per sharing and travels only inside those seals; any t - 1 shares are
-independent of the weights. Only the scatter model is served: its secret part is one linear
-layer. Models with nonlinearities between secret layers are refused
-(:class:`UnsupportedModelError`) because they need secure comparisons, i.e. an MPC runtime,
-and MPyC's runs over direct TCP connections between parties, not over a broker.
+retained, signed ANNOUNCE checked against the admission key and the role ``peer``; the mask seed
+is fresh per sharing and travels only inside those seals; any t - 1 shares are independent of
+the weights. The owner signs the snapshot's public description (id, ordered server list, t,
+public parameters, content hash, issue time) with its identity key; every serving peer re-
+announces exactly those bytes and that signature, and a client trusts a snapshot only under the
+signature of an owner it names (docs/inference.md). Only the scatter model is served: its secret
+part is one linear layer. Models with nonlinearities between secret layers are refused
+(:class:`UnsupportedModelError`) because they need secure comparisons, i.e. an MPC runtime, and
+MPyC's runs over direct TCP connections between parties, not over a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import numpy as np
 
@@ -29,7 +33,7 @@ from peer.inference.party import InferenceParty
 from peer.network.broker_settings import BrokerSettings
 from peer.network.transport import Incoming
 from protocol.chunks import encode_chunked
-from protocol.inference import ServedModel, SnapshotShare
+from protocol.inference import ServedModel, SnapshotDescription, SnapshotShare
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, SESSION_ID_BYTES
 from protocol.messages import Announce, Kind
 from protocol.topics import announce_topic, direct_topic
@@ -94,13 +98,16 @@ class SnapshotPublisher(InferenceParty):
         snapshot_id = os.urandom(SESSION_ID_BYTES)
         mask_seed = os.urandom(SEED_BYTES)
         ep = self.endpoint
+        description, signature = ep.sign_description(SnapshotDescription(
+            ep.network_id, ep.peer_id, snapshot_id, time.time_ns() // 1000, model))
         shares = share_snapshot(snapshot, n=len(self.servers), t=threshold)
         for server, share in zip(self.servers, shares, strict=True):
             seq = ep.seq.next()
             sealed = ep.seal_for(self.keys[server], snapshot_id, seq,
                                  mask_seed + field_to_bytes(share.values))
             wire = ep.frame(Kind.SNAPSHOT_SHARE, snapshot_id,
-                            SnapshotShare(server, ep.certificate, model, sealed), seq=seq)
+                            SnapshotShare(server, ep.certificate, description, signature,
+                                          sealed), seq=seq)
             topic = direct_topic(ep.network_id, ep.peer_id, server)
             for payload in encode_chunked(wire, max_message_bytes=self.max_message_bytes,
                                           network=ep.network_id, sender=ep.peer_id,

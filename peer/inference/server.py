@@ -2,7 +2,8 @@
 announces them, and answers clients' queries with sealed product shares (docs/inference.md).
 
 Security properties: it accepts a snapshot only from the one owner its configuration names
-(certified as a ``peer``), and queries only from certificates of role ``client``; every
+(certified as a ``peer``) and only with the owner's signature over its description, which it
+re-announces verbatim in its SERVE, and queries only from certificates of role ``client``; every
 message passes the checks of :class:`~peer.inference.endpoint.InferenceEndpoint` before a
 seal is opened; a hostile client's flood, malformed shares, stale counter or unknown snapshot
 is a counted drop (:attr:`drops`) and never stops the loop. It logs counts and ids, never a
@@ -85,9 +86,10 @@ class ServingPeer(InferenceParty):
         await super().stop(timeout_s)
 
     def _announce(self, snapshot_id: bytes) -> None:
-        model = self.state.snapshots[snapshot_id].model
+        announcement = self.state.snapshots[snapshot_id].announcement
+        assert announcement is not None  # set at install
         ep = self.endpoint
-        wire = ep.frame(Kind.SERVE, snapshot_id, Serve(ep.certificate, model))
+        wire = ep.frame(Kind.SERVE, snapshot_id, Serve(ep.certificate, *announcement))
         self.send(serve_topic(ep.network_id, ep.peer_id, snapshot_id), wire, retain=True)
 
     async def on_message(self, incoming: Incoming) -> None:
@@ -141,8 +143,13 @@ class ServingPeer(InferenceParty):
             # Held in memory only, so this peer lost it, and the clients' counters with it,
             # when it restarted: installing it again would let a client reuse its masks.
             raise DroppedError("stale_snapshot", msg.header.session.hex())
+        # The owner's signature over the description it sends, which this peer re-announces
+        # verbatim: a client trusts the description only under that signature.
+        self.endpoint.signed_description(body.certificate, body.described, body.description,
+                                         body.owner_signature, msg.header.session)
         plaintext = self.endpoint.open_from(owner, msg, body.sealed)
-        self.state.install(msg.header.session, body.model, plaintext)
+        snapshot = self.state.install(msg.header.session, body.model, plaintext)
+        snapshot.announcement = (body.certificate, body.description, body.owner_signature)
         self._announce(msg.header.session)
 
     def _on_query(self, msg: SignedMessage) -> None:

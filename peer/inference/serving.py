@@ -71,6 +71,8 @@ class ServedSnapshot:
     weights: Share
     mask_seed: bytes
     accounts: dict[str, ClientAccount] = field(default_factory=dict)
+    #: What the SERVE re-announces: the owner's certificate, signed description and signature.
+    announcement: tuple[bytes, bytes, bytes] | None = None
 
     def held_bytes(self) -> int:
         return int(self.weights.values.nbytes) + ACCOUNT_BYTES * len(self.accounts)
