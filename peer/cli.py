@@ -17,8 +17,9 @@ Subcommands::
     murmur-peer publish-snapshot --config peer.toml --servers a,b,c [--threshold 2]
                                  [--max-rows-per-client N]
 
-``provision --clients NAMES`` also issues client certificates (role ``client``: they may
-query serving peers, never train). The client itself is ``murmur-query``
+``provision --clients NAMES [--owner NAME]`` also issues client certificates (role ``client``:
+they may query serving peers, never train) and writes the model owner they trust into their
+configs. The client itself is ``murmur-query``
 (``python -m peer.query``); private predictions are described in docs/inference.md.
 """
 
@@ -132,7 +133,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
     names = parse_peer_list(args.peers)
     clients = parse_peer_list(args.clients) if args.clients.strip() else []
     result = provision(args.network, names, Path(args.out), days=args.days,
-                       broker_url=args.broker_url, demo=args.demo, clients=clients)
+                       broker_url=args.broker_url, demo=args.demo, clients=clients,
+                       owner=args.owner)
     print(f"network {result.network_id}: admission public key {result.admission_public_hex}")
     print(f"  {result.admission_key} (secret: keep offline after provisioning)")
     for files in result.peers:
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--clients", default="",
                       help="comma-separated client ids: certificates of role client, which may "
                            "query serving peers but never train (docs/inference.md)")
+    prov.add_argument("--owner", default=None,
+                      help="with --clients: the model owner (one of --peers) written into each "
+                           "client's config as owner, so murmur-query needs no --owner")
     prov.add_argument("--demo", action="store_true",
                       help="give each peer its own non-IID shard of the digits training split "
                            "(DIR/data/NAME.npz), evaluate on the digits test split, and pace "

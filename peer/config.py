@@ -452,17 +452,24 @@ def parse_config(document: dict[str, Any], base: Path, source: Path | None = Non
     )
 
 
-def load_config(path: Path) -> PeerConfig:
-    """Read and check a peer config file; ConfigError (one line, names file + key) on any fault."""
-    path = Path(path)
+def read_config_document(path: Path) -> dict[str, Any]:
+    """The parsed TOML of a config file, size-capped; ConfigError naming the file if unreadable."""
     try:
-        document = tomllib.loads(read_small_file(path, _MAX_CONFIG_FILE, "config file").decode())
+        return tomllib.loads(read_small_file(path, _MAX_CONFIG_FILE, "config file").decode())
     except FileReadError as exc:
         raise ConfigError(str(exc)) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: Path, document: dict[str, Any] | None = None) -> PeerConfig:
+    """Read and check a peer config file; ConfigError (one line, names file + key) on any fault.
+    ``document``: the file's TOML already read (less keys a caller reads itself)."""
+    path = Path(path)
+    if document is None:
+        document = read_config_document(path)
     try:
         return parse_config(document, path.resolve().parent, path)
     except ConfigError as exc:

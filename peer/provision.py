@@ -296,7 +296,7 @@ def _mosquitto_conf_text(passwd: Path, acl: Path) -> str:
 def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
               days: float = DEFAULT_CERT_DAYS, broker_url: str = "mqtt://127.0.0.1:1883",
               now: float | None = None, demo: bool = False,
-              clients: Sequence[str] = ()) -> ProvisionResult:
+              clients: Sequence[str] = (), owner: str | None = None) -> ProvisionResult:
     """Create every file of a new network in ``out`` (created if needed); never overwrite.
 
     Layout::
@@ -319,10 +319,15 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
     With ``demo`` each config trains on its peer's shard, is evaluated on the digits test
     split and paces its budget over :data:`DEMO_BUDGET_HOURS` (``[pace]``). With ``clients``,
     ``out/clients/NAME.*`` hold each client's files (certificate of role ``client``) and the
-    ACL is written per user (peer/provision_clients.py).
+    ACL is written per user (peer/provision_clients.py); ``owner``, one of the peers, is the
+    model owner written into each client's config (``owner = "NAME"``, the default of
+    ``murmur-query --owner``).
     """
     check_name(network_id, "network id")
     names = parse_peer_list(",".join([*peer_names, *clients]))[:len(peer_names)]
+    if owner is not None and (owner not in names or not clients):
+        raise ProvisionError(f"owner {owner!r}: must be one of the peers ({', '.join(names)}) "
+                             "and needs --clients (it is written into their configs)")
     out = Path(out)
     client_dir = out / "clients"
     result = dataclasses.replace(_layout(network_id, names, out, demo),
@@ -349,7 +354,7 @@ def provision(network_id: str, peer_names: Sequence[str], out: Path, *,
                     days=days, now=now)
     for files in result.clients:
         _write_peer(files, admission, passwords[files.peer_id], network_id, broker_url,
-                    days=days, now=now, role=ROLE_CLIENT)
+                    days=days, now=now, role=ROLE_CLIENT, owner=owner)
     _write_mosquitto(result, passwd_text)
     return dataclasses.replace(result, admission_public_hex=public_hex)
 
@@ -396,8 +401,9 @@ def _refuse_existing(result: ProvisionResult) -> None:
 
 def _write_peer(files: PeerFiles, admission: AdmissionKey, password: str, network_id: str,
                 broker_url: str, *, days: float, now: float | None,
-                role: str = ROLE_PEER) -> None:
-    """One peer's (or client's) identity, public identity, certificate, password and config."""
+                role: str = ROLE_PEER, owner: str | None = None) -> None:
+    """One peer's (or client's) identity, public identity, certificate, password and config
+    (a client's names ``owner``, when given, as the model owner it trusts)."""
     identity = Identity.generate(files.peer_id)
     identity.save(files.identity)
     save_public_identity(files.public, identity.public)
@@ -406,7 +412,7 @@ def _write_peer(files: PeerFiles, admission: AdmissionKey, password: str, networ
     write_file_atomic(files.broker_password, (password + "\n").encode(), mode=0o600)
     config = (_peer_config_text(network_id, files, broker_url) if role == ROLE_PEER else
               client_config_text(network_id, files.peer_id, files.broker_password.name,
-                                 broker_url))
+                                 broker_url, owner))
     write_file_atomic(files.config, config.encode(), mode=0o644)
 
 

@@ -22,10 +22,12 @@ import pytest
 from crypto.inference import SnapshotParams, encode_snapshot, fixed_point_logits
 from peer.config import parse_config
 from peer.inference.client import QueryClient
+from peer.inference.client_config import QueryKeys, load_client_config
 from peer.inference.commands import endpoint_of
 from peer.inference.owner import SnapshotPublisher
 from peer.inference.server import ServingPeer
-from peer.provision import provision
+from peer.provision import ProvisionError, provision
+from peer.query import main as query_main
 from sim.broker import free_loopback_port
 from tests.conftest import require_mosquitto, wait_until
 from tests.test_secured_broker import LOOPBACK, NETWORK, SecuredMosquitto, secrets_dir
@@ -34,7 +36,19 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(240)]
 __all__ = ["secrets_dir"]  # the fixture, imported for this module's tests
 
 
+def tls_config_file(files, broker: SecuredMosquitto) -> Path:
+    """The provisioned config with the broker's CA added (NAME-tls.toml next to it)."""
+    config = files.config.with_name(f"{files.peer_id}-tls.toml")
+    config.write_text(files.config.read_text().replace(
+        "[broker]\n", f'[broker]\nca_file = "{broker.pki.ca_cert}"\n'))
+    return config
+
+
 def config_of(files, broker: SecuredMosquitto):
+    if files.config.parent.name == "clients":  # a client.toml: its owner key is murmur-query's
+        client = load_client_config(tls_config_file(files, broker))
+        assert client.query == QueryKeys(owner="owner")  # provision --owner wrote it
+        return client.peer
     document = tomllib.loads(files.config.read_text())
     document["broker"]["ca_file"] = str(broker.pki.ca_cert)
     return parse_config(document, files.config.parent, files.config)
@@ -42,18 +56,18 @@ def config_of(files, broker: SecuredMosquitto):
 
 async def run_query_command(files, broker: SecuredMosquitto, images: np.ndarray,
                             directory: Path) -> list[str]:
-    """`python -m peer.query` with the client's provisioned config (plus the broker's CA);
-    returns the "INDEX class C" part of each prediction line."""
-    config = files.config.with_name("erin-tls.toml")
-    config.write_text(files.config.read_text().replace(
-        "[broker]\n", f'[broker]\nca_file = "{broker.pki.ca_cert}"\n'))
+    """`python -m peer.query` with the client's provisioned config (plus the broker's CA) and
+    no --owner: the config's owner key, written by provision --owner, names it. Returns the
+    "INDEX class C" part of each prediction line."""
+    config = tls_config_file(files, broker)
     np.savez(directory / "input.npz", x=images)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "peer.query", "--config", str(config),
-        str(directory / "input.npz"), "--owner", "owner", stdout=asyncio.subprocess.PIPE,
+        str(directory / "input.npz"), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
     out, err = await asyncio.wait_for(process.communicate(), 90)
     assert process.returncode == 0, err.decode()[-2000:]
+    assert "of owner owner served by" in out.decode()
     return [" ".join(line.split()[:3]) for line in out.decode().splitlines()
             if " class " in line]
 
@@ -62,7 +76,8 @@ async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_di
     require_mosquitto()
     port = free_loopback_port()
     network = provision(NETWORK, ["s1", "s2", "s3", "owner"], secrets_dir / "network",
-                        broker_url=f"mqtts://{LOOPBACK}:{port}", clients=["erin"])
+                        broker_url=f"mqtts://{LOOPBACK}:{port}", clients=["erin"],
+                        owner="owner")
     broker_dir = secrets_dir / "broker"
     broker_dir.mkdir()
     broker = SecuredMosquitto(broker_dir, NETWORK, port=port,
@@ -120,3 +135,37 @@ async def test_a_provisioned_client_is_answered_and_sees_nothing_else(secrets_di
         await broker.stop()
     assert not [t for t in seen if "/announce/" in t]  # retained ANNOUNCEs exist, unread
     assert all("/serve/" in t or t.endswith("/to/erin") for t in seen)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ('owner = "Bad Owner!"', "owner: 'Bad Owner!' must be a peer id"),
+    ("owner = 5", "owner: expected a string"),
+    ('owner = "owner"\nsnapshot = "beef"', "snapshot: 'beef' must be a snapshot id"),
+])
+def test_a_bad_owner_or_snapshot_in_client_toml_is_a_config_error(
+        secrets_dir: Path, capsys: pytest.CaptureFixture[str], line: str, error: str):
+    require_mosquitto()  # provisioning hashes broker passwords with mosquitto_passwd
+    network = provision(NETWORK, ["s1", "owner"], secrets_dir / "network", clients=["erin"],
+                        owner="owner")
+    config = network.clients[0].config
+    assert 'owner = "owner"\n' in config.read_text()
+    config.write_text(config.read_text().replace('owner = "owner"', line))
+    np.savez(secrets_dir / "input.npz", x=np.zeros((1, 28, 28), np.float32))
+    for flags in ([], ["--owner", "owner"]):  # a flag does not excuse a bad file
+        assert query_main(["--config", str(config), str(secrets_dir / "input.npz"),
+                           *flags]) == 2
+        assert f"murmur-query: error: {config}: {error}" in capsys.readouterr().err
+
+
+def test_the_owner_flag_overrides_the_config_and_provision_checks_the_owner(
+        secrets_dir: Path, capsys: pytest.CaptureFixture[str]):
+    require_mosquitto()
+    with pytest.raises(ProvisionError, match="'mallory': must be one of the peers"):
+        provision(NETWORK, ["s1", "owner"], secrets_dir / "refused", clients=["erin"],
+                  owner="mallory")
+    network = provision(NETWORK, ["s1", "owner"], secrets_dir / "network", clients=["erin"],
+                        owner="owner")
+    np.savez(secrets_dir / "input.npz", x=np.zeros((1, 28, 28), np.float32))
+    assert query_main(["--config", str(network.clients[0].config),
+                       str(secrets_dir / "input.npz"), "--owner", "Not An Id"]) == 2
+    assert "--owner: 'Not An Id' is not a peer id" in capsys.readouterr().err
