@@ -34,6 +34,11 @@ Rows (``what``):
 Usage::
 
     python bench/resource_bench.py [--quick] [--rounds N] [--out results.json]
+                                   [--only CONFIG ...]
+
+``--only`` keeps the rows whose ``config``, or ``what:config``, is one of those given (e.g.
+``--only peer_training:cnn --only cnn+small``: the full-data CNN peer as it stands and under
+the profile), with the same labels and fields as in a whole run.
 """
 
 from __future__ import annotations
@@ -632,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write rows as JSON here")
     parser.add_argument("--full-seconds", type=float, default=None,
                         help="how long the whole-peer runs last (0: skip them)")
+    parser.add_argument("--only", action="append", default=None, metavar="CONFIG",
+                        help="run only rows with this config (or what:config) label; repeatable")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -649,10 +656,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="murmur-resource-bench-") as tmp:
         for what, config, extra in plan(args, Path(tmp)):
+            if args.only is not None and not {config, f"{what}:{config}"} & set(args.only):
+                continue
             rows.append(run_child(what, config, extra, timeout_s=600))
             print_table(rows[-1:], header=len(rows) == 1)
         if args.full_seconds > 0:
             for config, data_spec, variant in full_plan(Path(tmp)):
+                if args.only is not None and not {config, f"peer_full:{config}"
+                                                  } & set(args.only):
+                    continue
                 workdir = Path(tmp) / f"full-{config}-{variant or 'as-is'}"
                 workdir.mkdir()
                 rows.append(measure_full_peers(config, data_spec, args.steps,

@@ -268,3 +268,30 @@ def test_consuming_split_gives_split_holdouts_records(fraction: float, seed: int
     assert got[0].x.shape == (len(expected[0]), 1, 4, 4)
     with pytest.raises(DataError, match="too few"):
         split_holdout_consuming(Dataset(x[:1].copy(), y[:1].copy(), 10, "one"), 0.2, 0)
+
+
+def test_consuming_split_holds_the_set_once() -> None:
+    """Both parts are disjoint views of the loaded set's own buffer (no hold-out copy), and
+    together they are every record exactly once; a fixed seed picks the same hold-out."""
+    from peer.training.data import split_holdout_consuming
+
+    n = 5000
+    x = np.arange(n, dtype=np.float32).repeat(4).reshape(n, 1, 2, 2)  # row i holds i
+    y = np.arange(n) % 10
+    source = Dataset(x, y.copy(), 10, "set")
+    buffer = source.x
+    train, holdout = split_holdout_consuming(source, 0.2, seed=11)
+    assert np.shares_memory(train.x, buffer) and np.shares_memory(holdout.x, buffer)
+    assert not np.shares_memory(train.x, holdout.x)
+    assert not np.shares_memory(train.y, holdout.y)
+    train_ids, holdout_ids = train.x[:, 0, 0, 0].astype(int), holdout.x[:, 0, 0, 0].astype(int)
+    assert sorted([*train_ids, *holdout_ids]) == list(range(n))
+    assert np.array_equal(train.y, train_ids % 10) and np.array_equal(holdout.y, holdout_ids % 10)
+    assert len(holdout) == 1000
+    again = split_holdout_consuming(Dataset(np.arange(n, dtype=np.float32), y.copy(), 10, "s"),
+                                    0.2, seed=11)
+    assert np.array_equal(again[1].x.astype(int), holdout_ids)
+    # what is held out is the seed's permutation, not anything in the data
+    _train, reference = split_holdout(Dataset(np.arange(n, dtype=np.float32), y, 10, "s"),
+                                      0.2, seed=11)
+    assert np.array_equal(reference.x.astype(int), holdout_ids)

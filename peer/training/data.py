@@ -143,36 +143,39 @@ def load_digits() -> Dataset:
     )
 
 
-#: Records moved per step when :func:`split_holdout_consuming` compacts a set in place.
-_COMPACT_ROWS = 4096
+def _permute_rows(x: np.ndarray, source: list[int]) -> None:
+    """``x[:] = x[source]`` in place with one spare row, following the permutation's cycles
+    (Fashion-MNIST's 60 000 images: about 0.05 s)."""
+    done = bytearray(len(source))
+    for start, first in enumerate(source):
+        if done[start] or first == start:
+            continue
+        spare, row = x[start].copy(), start
+        while source[row] != start:
+            x[row] = x[source[row]]
+            done[row], row = 1, source[row]
+        x[row], done[row] = spare, 1
 
 
 def split_holdout_consuming(ds: Dataset, fraction: float, seed: int
                             ) -> tuple[Dataset, Dataset]:
-    """:func:`split_holdout`'s records, order and names, without holding the set twice.
+    """:func:`split_holdout`'s records, order and names, holding the set once.
 
-    The hold-out is copied out, then the kept records move to the front of ``ds``'s own
-    arrays and the arrays shrink to them, so the peak holds the set once plus the hold-out
-    (Fashion-MNIST's 60 000 images: 226 MB instead of 376 MB). ``ds`` is consumed: it and any
-    view of its arrays must not be used afterwards.
+    The rows of ``ds``'s own arrays are reordered in place to the kept records followed by
+    the hold-out, and both parts are views of that one buffer (disjoint slices): the peak
+    holds the set once (Fashion-MNIST's 60 000 images: 188 MB; copying the hold-out out
+    added 38 MB). Training and evaluation only read the arrays. ``ds`` is consumed: it and
+    any view of its arrays must not be used afterwards.
     """
     if len(ds) < 2:
         raise DataError(f"{ds.name}: {len(ds)} records are too few to split")
     kept, split_off = _split_indices(len(ds), fraction, seed)
-    holdout = ds.subset(split_off, name=f"{ds.name}/holdout")
-    # kept is ascending, so kept[i] >= i: each step reads its rows (a copy) before writing
-    # rows at or below them, and later steps only read rows above everything written.
-    for start in range(0, len(kept), _COMPACT_ROWS):
-        index = kept[start : start + _COMPACT_ROWS]
-        ds.x[start : start + len(index)] = ds.x[index]
-        ds.y[start : start + len(index)] = ds.y[index]
-    x, y = ds.x, ds.y
-    if x.flags.owndata and y.flags.owndata:  # give the hold-out's rows back to the system
-        x.resize((len(kept), *x.shape[1:]), refcheck=False)
-        y.resize((len(kept),), refcheck=False)
-    else:
-        x, y = x[: len(kept)], y[: len(kept)]
-    return Dataset(x, y, ds.num_classes, f"{ds.name}/train"), holdout
+    source = np.concatenate([kept, split_off])
+    _permute_rows(ds.x, source.tolist())
+    ds.y[:] = ds.y[source]
+    cut = len(kept)
+    return (Dataset(ds.x[:cut], ds.y[:cut], ds.num_classes, f"{ds.name}/train"),
+            Dataset(ds.x[cut:], ds.y[cut:], ds.num_classes, f"{ds.name}/holdout"))
 
 
 def load_idx(images: Path, labels: Path, name: str = "idx") -> Dataset:
