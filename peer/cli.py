@@ -12,7 +12,7 @@ Subcommands::
     murmur-peer provision --network NET --peers a,b,c --out DIR [--days N] [--broker-url URL]
                           [--demo]
     murmur-peer run --config peer.toml
-    murmur-peer serve --config peer.toml --owner NAME [--standalone] [--max-clients N]
+    murmur-peer serve --config peer.toml [--owner NAME] [--standalone] [--max-clients N]
                       [--rows-per-minute R]
     murmur-peer publish-snapshot --config peer.toml --servers a,b,c [--threshold 2]
                                  [--max-rows-per-client N]
@@ -298,12 +298,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from peer.inference.commands import serve
-    from peer.inference.serving import ServeLimits
+    from peer.inference.serve_config import load_serve_config
 
-    cfg = load_config(Path(args.config))
+    cfg, table = load_serve_config(Path(args.config))
     _configure_logging(cfg.log_level)
-    limits = ServeLimits(max_clients=args.max_clients, rows_per_minute=args.rows_per_minute)
-    return serve(cfg, owner=args.owner, limits=limits, standalone=args.standalone)
+    settings = table.with_flags(owner=args.owner, standalone=args.standalone,
+                                max_clients=args.max_clients,
+                                rows_per_minute=args.rows_per_minute)
+    assert settings.owner is not None  # with_flags refuses a missing owner
+    return serve(cfg, owner=settings.owner, limits=settings.limits(),
+                 standalone=settings.standalone)
 
 
 def _cmd_publish_snapshot(args: argparse.Namespace) -> int:
@@ -317,16 +321,22 @@ def _cmd_publish_snapshot(args: argparse.Namespace) -> int:
 
 
 def _add_inference_commands(commands: Any) -> None:
+    from peer.inference.serve_config import ServeConfig
+
     serve = commands.add_parser("serve", help="serve private predictions of a model owner's "
                                               "snapshots until SIGINT/SIGTERM")
     serve.add_argument("--config", required=True, help="peer TOML config")
-    serve.add_argument("--owner", required=True, help="the peer whose snapshots to accept")
-    serve.add_argument("--standalone", action="store_true",
+    # Each flag defaults to None: not given, so the config's [serve] key (or its default,
+    # peer.inference.serve_config.ServeConfig) holds.
+    serve.add_argument("--owner", help="the peer whose snapshots to accept "
+                                       "(or [serve] owner)")
+    serve.add_argument("--standalone", action=argparse.BooleanOptionalAction, default=None,
                        help="announce this peer itself (when no `murmur-peer run` of it does)")
-    serve.add_argument("--max-clients", type=int, default=1024,
-                       help="client accounts per snapshot (default 1024)")
-    serve.add_argument("--rows-per-minute", type=int, default=60_000,
-                       help="rows answered per client per minute (default 60000)")
+    serve.add_argument("--max-clients", type=int,
+                       help=f"client accounts per snapshot (default {ServeConfig.max_clients})")
+    serve.add_argument("--rows-per-minute", type=int,
+                       help="rows answered per client per minute "
+                            f"(default {ServeConfig.rows_per_minute})")
     serve.set_defaults(handler=_cmd_serve)
     publish = commands.add_parser("publish-snapshot",
                                   help="share this peer's scatter model to serving peers")

@@ -385,7 +385,7 @@ def _broker(table: dict[str, Any], base: Path) -> BrokerSettings:
 
 # ------------------------------------------------------------------------------------ loader
 #: The tables of a config file; every other key is a field of TopLevelKeys.
-_TABLES = ("broker", "training", "session", "pace", "table", "device")
+_TABLES = ("broker", "training", "session", "pace", "table", "device", "serve")
 _TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(TopLevelKeys)} | set(_TABLES)
 
 

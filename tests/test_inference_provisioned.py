@@ -169,3 +169,46 @@ def test_the_owner_flag_overrides_the_config_and_provision_checks_the_owner(
     assert query_main(["--config", str(network.clients[0].config),
                        str(secrets_dir / "input.npz"), "--owner", "Not An Id"]) == 2
     assert "--owner: 'Not An Id' is not a peer id" in capsys.readouterr().err
+
+
+def test_serve_reads_its_serve_table_and_its_flags_override_it(
+        secrets_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """`murmur-peer serve --config` takes [serve] (owner, limits, standalone), a flag wins over
+    its key, a bad key is a one-line ConfigError naming file and key, and `murmur-peer run`'s
+    loader accepts the table."""
+    require_mosquitto()  # provisioning hashes broker passwords with mosquitto_passwd
+    import peer.inference.commands as commands
+    from peer.cli import main as peer_main
+    from peer.config import load_config
+
+    network = provision(NETWORK, ["s1", "owner"], secrets_dir / "network")
+    config = network.peers[0].config
+    plain = config.read_text()
+    config.write_text(plain + '\n[serve]\nowner = "owner"\nmax_clients = 7\nstandalone = true\n')
+    assert load_config(config).peer_id == "s1"  # what `run` loads: [serve] is not refused
+    calls: list[dict] = []
+    monkeypatch.setattr(commands, "serve", lambda cfg, **kw: calls.append(kw) or 0)
+    assert peer_main(["serve", "--config", str(config)]) == 0
+    assert peer_main(["serve", "--config", str(config), "--max-clients", "9",
+                      "--rows-per-minute", "11", "--no-standalone"]) == 0
+    used, overridden = calls
+    assert (used["owner"], used["standalone"]) == ("owner", True)
+    assert (used["limits"].max_clients, used["limits"].rows_per_minute) == (7, 60_000)
+    assert (overridden["owner"], overridden["standalone"]) == ("owner", False)
+    assert (overridden["limits"].max_clients, overridden["limits"].rows_per_minute) == (9, 11)
+    for table, error in (("max_clients = 0", "serve: max_clients: must be in 1..1000000"),
+                         ('owner = "Bad!"', "serve: owner: 'Bad!' must be a peer id"),
+                         ('rows_per_minute = "many"', "serve.rows_per_minute: expected an "
+                                                      "integer"),
+                         ("port = 1", "serve: unknown key 'port'")):
+        config.write_text(plain + f"\n[serve]\n{table}\n")
+        assert peer_main(["serve", "--config", str(config), "--owner", "owner"]) == 2
+        assert f"murmur-peer: error: {config}: {error}" in capsys.readouterr().err
+    config.write_text(plain)
+    assert peer_main(["serve", "--config", str(config)]) == 2  # no owner from either
+    assert "serve needs the model owner" in capsys.readouterr().err
+    assert peer_main(["serve", "--config", str(config), "--owner", "owner",
+                      "--max-clients", "0"]) == 2
+    assert "murmur-peer: error: --max-clients: must be in 1..1000000, got 0" in (
+        capsys.readouterr().err)
+    assert len(calls) == 2
