@@ -335,3 +335,62 @@ def test_disabled_cache_computes_straight_into_one_tensor_in_chunks() -> None:
     assert prefix.rows == 7 + 7 + 1 and prefix.calls == 1 + 3 + 1  # chunks of 3: 3 + 3 + 1
     assert empty.shape == (0, expected.shape[1])
     assert len(feature_cache(prefix, (28, 28))) == 0
+
+
+# ------------------------------------------------------------------ float16 feature storage
+def test_float16_features_are_the_float32_features_rounded() -> None:
+    """feature_dtype = "float16" (the small profile): the same features, each value rounded
+    once to float16 (relative error at most 2^-11), with the cache on and off."""
+    from peer.training.features import DEFAULT_CACHE_ROWS, configure_feature_cache
+
+    clear_feature_caches()
+    x = _images(9, seed=3)
+    expected = cached_features(_scatter_prefix(), x)
+    assert expected.dtype == torch.float32  # the default stays float32
+    cached = cached_features(_scatter_prefix(), x, torch.float16)
+    configure_feature_cache(0)
+    try:
+        direct = cached_features(_scatter_prefix(), x, torch.float16)
+    finally:
+        configure_feature_cache(DEFAULT_CACHE_ROWS)
+        clear_feature_caches()
+    for got in (cached, direct):
+        assert got.dtype == torch.float16 and got.shape == expected.shape
+        assert torch.equal(got, expected.to(torch.float16))
+        error = (got.float() - expected).abs()
+        assert bool((error <= expected.abs() * 2.0**-11 + 2.0**-25).all())
+
+
+def test_float16_features_reach_the_model_as_float32(tmp_path: Path) -> None:
+    data = _digits_28(120)
+    train, holdout = data.subset(np.arange(100)), data.subset(np.arange(100, 120))
+    seen: list[torch.dtype] = []
+
+    def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        seen.append(inputs[0].dtype)
+
+    for dtype in ("float32", "float16"):
+        config = TrainerConfig(model="scatter", local_steps=2, batch_size=32, dp=True,
+                               noise_multiplier=1.0, max_grad_norm=0.1, feature_dtype=dtype)
+        trainer = LocalTrainer(config, train, holdout, tmp_path / dtype)
+        assert trainer.static_inputs is not None
+        assert trainer.static_inputs.dtype == getattr(torch, dtype)
+        seen.clear()
+        handle = trainer.trainable.register_forward_pre_hook(record)
+        try:
+            trainer.train_round()
+            trainer.evaluate()
+            trainer.evaluate(data.subset(np.arange(10)))
+        finally:
+            handle.remove()
+        assert seen and set(seen) == {torch.float32}
+
+
+def test_feature_dtype_defaults_to_float32_and_the_small_profile_picks_float16() -> None:
+    from peer.device import PROFILES
+
+    assert TrainerConfig().feature_dtype == "float32"
+    assert PROFILES["small"].training["feature_dtype"] == "float16"
+    assert "feature_dtype" not in PROFILES["default"].training
+    with pytest.raises(ValueError, match="feature_dtype"):
+        TrainerConfig(feature_dtype="bfloat16").validate()

@@ -17,6 +17,8 @@ from peer.training.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 #: The models peer.training.models can build ("scatter" needs kymatio, see features.py).
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "scatter")
+#: Storage types of frozen features (TrainerConfig.feature_dtype).
+FEATURE_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Who adds a private step's noise: each peer all of it, or the group's honest members a share.
 NOISE_MODES: tuple[str, ...] = ("local", "group")
 
@@ -97,6 +99,9 @@ class TrainerConfig:
     engine: str = "auto"  # "auto" | "ghost" | "vmap"
     eval_batch_size: int = 1024
     checkpoint_every_round: bool = True
+    # How a frozen prefix's features ("scatter") are stored: "float32", or "float16" (half
+    # the memory; each batch is converted back to float32 before the model sees it).
+    feature_dtype: str = "float32"
 
     def validate(self) -> None:
         if is_user_model(self.model):
@@ -104,6 +109,9 @@ class TrainerConfig:
         elif self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES} or "
                              "a factory 'package.module:function'")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, "
+                             f"got {self.feature_dtype!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -278,27 +278,32 @@ def feature_cache(prefix: nn.Module, row_shape: tuple[int, ...]) -> FeatureCache
         return cache
 
 
-def cached_features(prefix: nn.Module, x: np.ndarray) -> torch.Tensor:
+def cached_features(prefix: nn.Module, x: np.ndarray, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
     """``prefix(x)`` flattened to [N, F], computing only rows this process has not seen.
 
     With the caches disabled (:func:`configure_feature_cache` ``(0)``) the features go
     straight into one tensor (:func:`direct_features`): no per-row copies, whose freed heap
-    would stay resident."""
+    would stay resident. ``dtype``: how the result is stored (the features are computed in
+    float32 and rounded once, row by row; ``torch.float16`` halves the memory). The cache
+    itself always holds float32."""
     if _cache_rows == 0:
-        return direct_features(prefix, x, chunk=DIRECT_CHUNK)
-    return feature_cache(prefix, tuple(x.shape[1:])).features(prefix, x)
+        return direct_features(prefix, x, chunk=DIRECT_CHUNK, dtype=dtype)
+    features = feature_cache(prefix, tuple(x.shape[1:])).features(prefix, x)
+    return features if dtype == torch.float32 else features.to(dtype)
 
 
-def direct_features(prefix: nn.Module, x: np.ndarray, chunk: int = DEFAULT_CACHE_CHUNK
-                    ) -> torch.Tensor:
-    """``prefix(x)`` flattened to [N, F] float32, ``chunk`` rows per forward pass (the
-    transform's peak memory is bounded by the chunk, not the data set)."""
+def direct_features(prefix: nn.Module, x: np.ndarray, chunk: int = DEFAULT_CACHE_CHUNK,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``prefix(x)`` flattened to [N, F], ``chunk`` rows per forward pass (the transform's
+    peak memory is bounded by the chunk, not the data set), stored as ``dtype`` (computed in
+    float32, each chunk rounded as it is written)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     with torch.no_grad():
         first = prefix(torch.from_numpy(x[:chunk] if len(x) else np.zeros(
             (1, *x.shape[1:]), dtype=np.float32)))
         width = first[0].numel()
-        out = torch.empty(len(x), width, dtype=torch.float32)
+        out = torch.empty(len(x), width, dtype=dtype)
         for start in range(0, len(x), chunk):
             part = first if start == 0 else prefix(torch.from_numpy(x[start : start + chunk]))
             out[start : start + len(part)] = part.reshape(len(part), width)

@@ -62,7 +62,7 @@ class GroupEpoch:
         with self.lock:
             batch = poisson_batch(len(self.y), self.sample_rate, self.sampling)
             # The step's C is the group's: begin_group_epoch checked they are equal.
-            clipped = self.dp_step.clipped_sum(self.x[batch], self.y[batch])
+            clipped = self.dp_step.clipped_sum(self.x[batch].float(), self.y[batch])
             return member_share(clipped, sigma, self.params, self.dp_step.noise)
 
     def apply(self, gradient: np.ndarray) -> None:

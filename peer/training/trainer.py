@@ -196,7 +196,7 @@ class LocalTrainer:
             return torch.from_numpy(x)
         from peer.training.features import cached_features
 
-        return cached_features(self._frozen, x)
+        return cached_features(self._frozen, x, getattr(torch, self.config.feature_dtype))
 
     def _make_dp_step(self, noise: GaussianSource | None,
                       audit: AuditHook | None) -> DPSGDStep:
@@ -372,7 +372,8 @@ class LocalTrainer:
             self.model.train()
             for _ in range(cfg.local_steps):
                 batch = poisson_batch(block.records, block.sample_rate, self._sampling)
-                x, y = block.x[batch], block.y[batch]
+                # Features stored as float16 (feature_dtype) reach the model as float32.
+                x, y = block.x[batch].float(), block.y[batch]
                 if self._dp_step is not None:
                     self._dp_step.step(x, y)  # noise is added even to an empty batch
                 else:
@@ -488,9 +489,9 @@ class LocalTrainer:
                 for start in range(0, len(data), self.config.eval_batch_size):
                     stop = start + self.config.eval_batch_size
                     if ds is None and self._holdout_x is not None:
-                        x = self._holdout_x[start:stop]  # featurised at construction
+                        x = self._holdout_x[start:stop].float()  # featurised at construction
                     else:
-                        x = self._inputs(data.x[start:stop])
+                        x = self._inputs(data.x[start:stop]).float()
                     y = torch.from_numpy(data.y[start:stop])
                     correct += int((self._trainable(x).argmax(1) == y).sum())
             self.model.train()
