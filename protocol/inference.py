@@ -93,8 +93,22 @@ class SnapshotDescription:
     model: ServedModel
 
 
+class _CarriesDescription:
+    """A message carrying the owner-signed description bytes: decoded once, on first use."""
+
+    description: bytes
+
+    @cached_property
+    def described(self) -> SnapshotDescription:
+        return decode_description(self.description)
+
+    @property
+    def model(self) -> ServedModel:
+        return self.described.model
+
+
 @dataclass(frozen=True)
-class SnapshotShare:
+class SnapshotShare(_CarriesDescription):
     """Owner to one serving peer: the owner's certificate, the owner-signed description and
     the sealed share."""
 
@@ -104,17 +118,9 @@ class SnapshotShare:
     owner_signature: bytes
     sealed: bytes
 
-    @cached_property
-    def described(self) -> SnapshotDescription:
-        return decode_description(self.description)
-
-    @property
-    def model(self) -> ServedModel:
-        return self.described.model
-
 
 @dataclass(frozen=True)
-class Serve:
+class Serve(_CarriesDescription):
     """A serving peer's retained announcement of the snapshot it serves (id in the header):
     its certificate, and the owner's certificate, description and signature, as the owner
     sent them."""
@@ -123,14 +129,6 @@ class Serve:
     owner_certificate: bytes
     description: bytes
     owner_signature: bytes
-
-    @cached_property
-    def described(self) -> SnapshotDescription:
-        return decode_description(self.description)
-
-    @property
-    def model(self) -> ServedModel:
-        return self.described.model
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,12 @@ from crypto.replay import ReplayWindow
 from crypto.sealing import SealContext, open_sealed, seal
 from peer.errors import DroppedError
 from peer.network.counters import DropCounter
-from protocol.codec import decode_message, encode_message
+from peer.network.inbound import decode_bound
+from protocol.codec import encode_message
 from protocol.errors import ProtocolError
 from protocol.inference import SnapshotDescription, encode_description
-from protocol.limits import MAX_PAYLOAD_BYTES
 from protocol.messages import PROTOCOL_VERSION, Body, Header, Kind, SequenceCounter, SignedMessage
-from protocol.topics import ParsedTopic, check_topic_binding, parse_topic
+from protocol.topics import ParsedTopic, parse_topic
 
 
 @dataclass
@@ -94,18 +94,7 @@ class InferenceEndpoint:
             parsed = parse_topic(self.network_id, topic)
         except ProtocolError as exc:
             raise DroppedError("bad_topic", str(exc)) from None
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise DroppedError("oversize")
-        try:
-            msg = decode_message(payload)
-        except ProtocolError as exc:
-            raise DroppedError("malformed", str(exc)) from None
-        if msg.header.network != self.network_id:
-            raise DroppedError("foreign_network", msg.header.network)
-        try:
-            check_topic_binding(parsed, msg)
-        except ProtocolError as exc:
-            raise DroppedError("topic_mismatch", str(exc)) from None
+        msg = decode_bound(self.network_id, parsed, payload)
         if parsed.recipient is not None and parsed.recipient != self.peer_id:
             raise DroppedError("wrong_recipient")
         return parsed, msg

@@ -98,22 +98,7 @@ class InboundChecks:
             drops.drop("chunk_evicted", "the largest sender's oldest message", evicted)
 
     def _decode_bound(self, parsed: ParsedTopic, payload: bytes) -> SignedMessage:
-        """Size, strict decode, network and topic binding."""
-        if len(payload) > MAX_PAYLOAD_BYTES:
-            raise DroppedError("oversize")
-        try:
-            msg = decode_message(payload)
-        except SizeLimitError as exc:
-            raise DroppedError("oversize", str(exc)) from None
-        except ProtocolError as exc:
-            raise DroppedError("malformed", str(exc)) from None
-        if msg.header.network != self.network_id:
-            raise DroppedError("foreign_network", msg.header.network)
-        try:
-            check_topic_binding(parsed, msg)
-        except ProtocolError as exc:
-            raise DroppedError("topic_mismatch", str(exc)) from None
-        return msg
+        return decode_bound(self.network_id, parsed, payload)
 
     def _authenticate(self, parsed: ParsedTopic, msg: SignedMessage) -> None:
         """Known sender, its signature, and a direct topic addressed to us."""
@@ -147,3 +132,24 @@ class InboundChecks:
         self._authenticate(parsed, inner)
         self.reassembled += 1
         return inner
+
+
+def decode_bound(network_id: str, parsed: ParsedTopic, payload: bytes) -> SignedMessage:
+    """Size, strict decode, network and topic binding of one payload on a parsed topic;
+    DroppedError (oversize, malformed, foreign_network, topic_mismatch) otherwise. Shared by
+    the training node and the inference parties (peer/inference/endpoint.py)."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise DroppedError("oversize")
+    try:
+        msg = decode_message(payload)
+    except SizeLimitError as exc:
+        raise DroppedError("oversize", str(exc)) from None
+    except ProtocolError as exc:
+        raise DroppedError("malformed", str(exc)) from None
+    if msg.header.network != network_id:
+        raise DroppedError("foreign_network", msg.header.network)
+    try:
+        check_topic_binding(parsed, msg)
+    except ProtocolError as exc:
+        raise DroppedError("topic_mismatch", str(exc)) from None
+    return msg

@@ -35,8 +35,8 @@ Adaptive clipping (adaptive_clip.py) changes only :class:`DPSGDStep`: it clips t
 C_t, draws the gradient noise at sigma_delta * C_t, releases the noised count and divides the
 gradient by C_t as well; both engines take C as their argument, so they need nothing new.
 
-Size: about 490 lines, past the 450-line guide: the two engines and the step share the clipping
-contract above and are reviewed together; the audit hook is the part that can move out.
+The clipping primitives both engines share live in peer/training/clipping.py, the audit hook
+in peer/training/audit_hook.py.
 """
 
 from __future__ import annotations
@@ -50,53 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from peer.errors import PeerError
 from peer.training.adaptive_clip import AdaptiveClip
 from peer.training.audit_hook import AuditHook, noise_scale_of
+from peer.training.clipping import ClippedGradient, UnsupportedModelError, clip_factors
+from peer.training.clipping import row_sq_norms as _row_sq_norms
+from peer.training.clipping import trainable_params as _trainable
+from peer.training.clipping import zero_rows as _zero_rows
 from peer.training.privacy.noise import GaussianSource, SecureGaussian, secure_bernoulli_mask
-
-_CLIP_EPS = 1e-6  # keeps the clip factor finite for a zero gradient; factor stays <= 1
-
-
-class UnsupportedModelError(PeerError, ValueError):
-    """The fast engine cannot compute exact per-example gradients for this model."""
-
-
-@dataclass(frozen=True)
-class ClippedGradient:
-    """Sum of clipped per-example gradients as one flat vector, plus diagnostics."""
-
-    flat_sum: torch.Tensor  # [param_count] float32, in model.parameters() order
-    per_example_norms: torch.Tensor  # [batch] norms *before* clipping (inf/NaN: dropped)
-    batch_size: int
-
-
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-example scale ``min(1, C / (norm + eps))``, and 0 where the norm is inf or NaN.
-
-    A clipped norm is always <= C: a gradient whose norm overflowed cannot be scaled to C
-    (C / NaN is NaN), so it is dropped instead. Each factor depends on that example's norm
-    alone, which keeps the clipped sum's sensitivity to one record at C (docs/privacy.md,
-    "Why clip, and what keeps a gradient finite").
-    """
-    factors = (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
-    return factors.masked_fill_(~torch.isfinite(norms), 0.0)
-
-
-def _zero_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``values`` with every example row (dim 0) not in ``keep`` set to 0: a dropped
-    example's inf or NaN would otherwise survive its zero factor (0 * inf = NaN)."""
-    mask = keep.view(-1, *([1] * (values.dim() - 1)))
-    return torch.where(mask, values, torch.zeros((), dtype=values.dtype))
-
-
-def _row_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm of each example's slice, in one fused kernel (no squared copy)."""
-    return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square_()
 
 
 def _patch_index(
