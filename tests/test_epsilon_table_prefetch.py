@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,18 +41,30 @@ def _library(steps: int, sigma: float = 1.0) -> float:
     return accountants.epsilon_of_segments([(sigma, RATE, steps)], DELTA, "pld")
 
 
-def _wrapped_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """Stand the child's interpreter in with a script that runs the real one, but first
-    waits while ``hold`` exists and fails (exit 1) while ``fail`` exists. Returns both."""
-    hold, fail = tmp_path / "hold", tmp_path / "fail"
+@dataclass(frozen=True)
+class Switches:
+    """Files that steer the wrapped interpreter: the child waits while ``hold`` exists,
+    fails (exit 1) while ``fail`` exists, and fails once (removing it) if ``fail_once``
+    exists; otherwise it runs the real interpreter."""
+
+    hold: Path
+    fail: Path
+    fail_once: Path
+
+
+def _wrapped_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Switches:
+    """Stand the child's interpreter in with a script steered by :class:`Switches`."""
+    switches = Switches(tmp_path / "hold", tmp_path / "fail", tmp_path / "fail-once")
     script = tmp_path / "wrapped-python"
-    script.write_text(f"#!/bin/sh\n"
-                      f"while [ -e '{hold}' ]; do sleep 0.02; done\n"
-                      f"if [ -e '{fail}' ]; then echo 'made to fail' >&2; exit 1; fi\n"
-                      f"exec '{sys.executable}' \"$@\"\n")
+    script.write_text(
+        f"#!/bin/sh\n"
+        f"while [ -e '{switches.hold}' ]; do sleep 0.02; done\n"
+        f"if [ -e '{switches.fail}' ]; then echo 'made to fail' >&2; exit 1; fi\n"
+        f"if [ -e '{switches.fail_once}' ]; then rm '{switches.fail_once}'; exit 1; fi\n"
+        f"exec '{sys.executable}' \"$@\"\n")
     script.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(script))
-    return hold, fail
+    return switches
 
 
 def test_next_chunk_is_computed_ahead_and_figures_equal_the_library(
@@ -79,7 +92,7 @@ def test_next_chunk_is_computed_ahead_and_figures_equal_the_library(
 
 def test_a_round_needing_a_count_being_computed_waits_for_that_child(
         tmp_path: Path, epsilon_tables: Tables, monkeypatch: pytest.MonkeyPatch) -> None:
-    hold, _fail = _wrapped_python(tmp_path, monkeypatch)
+    hold = _wrapped_python(tmp_path, monkeypatch).hold
     table = epsilon_tables(tmp_path / TABLE_FILE, chunk=3, margin=2)
     ledger = _ledger(table)
     for _ in range(4):  # 10 .. 40 from the first child; serving 30 starts 50 .. 80 ahead
@@ -99,6 +112,28 @@ def test_a_round_needing_a_count_being_computed_waits_for_that_child(
     assert table.background_chunks == 1 and table.background_failures == 0
 
 
+def test_a_round_waiting_on_a_background_child_that_fails_runs_its_own(
+        tmp_path: Path, epsilon_tables: Tables, monkeypatch: pytest.MonkeyPatch) -> None:
+    switches = _wrapped_python(tmp_path, monkeypatch)
+    table = epsilon_tables(tmp_path / TABLE_FILE, chunk=3, margin=2)
+    ledger = _ledger(table)
+    ledger.record(10)  # 10 .. 40 stored
+    ledger.record(10)
+    switches.hold.touch()
+    switches.fail_once.touch()
+    ledger.record(10)  # serving 30 starts 50 .. 80 ahead: held, then it will fail
+    ledger.record(10)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(ledger.record, 10)  # needs 50: waits for the held child
+        wait_until_sync(lambda: table.foreground_waits == 2, CHILD_WAIT_S,
+                        "the round to wait for the count")
+        switches.hold.unlink()
+        figure = pending.result(timeout=CHILD_WAIT_S)
+    assert figure == _library(50)  # from the round's own child, after the failure
+    assert table.background_failures == 1 and table.background_chunks == 0
+    assert table.foreground_children == 2 and table.children_run == 3
+
+
 @pytest.mark.parametrize("child_recovers", [True, False])
 def test_a_failed_background_child_is_counted_and_the_foreground_decides(
         tmp_path: Path, epsilon_tables: Tables, monkeypatch: pytest.MonkeyPatch,
@@ -106,7 +141,7 @@ def test_a_failed_background_child_is_counted_and_the_foreground_decides(
     """The failure is logged and counted and asking ahead pauses for the key; the round that
     misses then runs its own child: the library's figure if that works, else the typed
     error and no step recorded."""
-    _hold, fail = _wrapped_python(tmp_path, monkeypatch)
+    fail = _wrapped_python(tmp_path, monkeypatch).fail
     table = epsilon_tables(tmp_path / TABLE_FILE, chunk=3, margin=2)
     ledger = _ledger(table)
     ledger.record(10)  # 10 .. 40 stored
@@ -132,7 +167,7 @@ def test_a_failed_background_child_is_counted_and_the_foreground_decides(
 
 def test_close_kills_a_running_background_child_and_lookups_go_on(
         tmp_path: Path, epsilon_tables: Tables, monkeypatch: pytest.MonkeyPatch) -> None:
-    hold, _fail = _wrapped_python(tmp_path, monkeypatch)
+    hold = _wrapped_python(tmp_path, monkeypatch).hold
     table = epsilon_tables(tmp_path / TABLE_FILE, chunk=2, margin=2)
     ledger = _ledger(table)
     ledger.record(10)  # 10, 20, 30

@@ -405,12 +405,12 @@ class EpsilonTable:
                     return self._sigmas[name]
                 job = self._claim_or_wait(ChildJob("sigma " + name, (), False))
             if job is not None:
-                self._run_sigma(job, {"kind": "sigma", "target_epsilon": target_epsilon,
-                                      "delta": delta, "sample_rate": sample_rate,
-                                      "steps": steps, "accountant": accountant}, name)
+                self._run_sigma({"kind": "sigma", "target_epsilon": target_epsilon,
+                                 "delta": delta, "sample_rate": sample_rate,
+                                 "steps": steps, "accountant": accountant}, name)
 
-    def _run_sigma(self, job: ChildJob, request: dict[str, object], name: str) -> None:
-        """Run a ``sigma`` request in the slot ``job`` holds and store its answer."""
+    def _run_sigma(self, request: dict[str, object], name: str) -> None:
+        """Run a ``sigma`` request in the child slot the caller holds, store its answer."""
         try:
             reply = self._run_child(request, ChildProcess())
             sigma = reply.get("sigma")
