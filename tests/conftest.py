@@ -10,6 +10,7 @@
 * `embedded_broker`: the simulation's embedded amqtt broker on a kernel-chosen port.
 * `digits_source` / `digits`: the bundled digits data set, and its (train, holdout, test) split.
 * `one_torch_thread`: one intra-op torch thread for the test, restored afterwards.
+* `epsilon_tables`: opens epsilon tables and closes them after the test (no child left running).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 if TYPE_CHECKING:
     from peer.training.data import Dataset
+    from peer.training.privacy.table import EpsilonTable
 
 #: How often the wait helpers look at their condition.
 POLL_S = 0.02
@@ -180,3 +182,24 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- privacy
+@pytest.fixture
+def epsilon_tables() -> Iterator[Callable[..., EpsilonTable]]:
+    """Opens epsilon tables (``EpsilonTable``'s arguments) and closes each after the test:
+    a background child still running is killed and its thread joined, and none may be left
+    running (``child_running``)."""
+    from peer.training.privacy.table import EpsilonTable
+
+    opened: list[EpsilonTable] = []
+
+    def open_table(*args: object, **kwargs: object) -> EpsilonTable:
+        table = EpsilonTable(*args, **kwargs)  # type: ignore[arg-type]
+        opened.append(table)
+        return table
+
+    yield open_table
+    for table in opened:
+        table.close()
+    assert [t.path for t in opened if t.child_running] == [], "epsilon table children left"
