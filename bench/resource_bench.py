@@ -211,6 +211,10 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
     trainer_config = TrainerConfig(**{k: v for k, v in overrides.items() if k in known})
     with tempfile.TemporaryDirectory(prefix="murmur-bench-state-") as state:
         trainer = LocalTrainer(trainer_config, train, holdout, Path(state))
+        # As in peer.assembly.peer_from_config, the trainer is the data's only holder from
+        # here on (a scatter trainer keeps features, not the images: the images are freed).
+        train_examples = len(train)
+        del train, holdout
         phases.mark("trainer")
         round_cpu = []
         for _ in range(rounds):
@@ -227,7 +231,7 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
         **round_figures(round_cpu),
         "evaluate_cpu_s": round(evaluate_cpu, 3),
         "holdout_accuracy": round(float(accuracy), 3),
-        "train_examples": len(train.y),
+        "train_examples": train_examples,
         "param_count": int(trainer.param_count),
         "steps_per_round": steps_per_round,
         "epsilon": round(float(trainer.epsilon or 0.0), 4),

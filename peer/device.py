@@ -29,7 +29,7 @@ docs/deploy/raspberry-pi.md and ``bench/resource_bench.py``):
   written before any update leaves, so no privacy cost is ever lost).
 
 The model stays the trainer's default (``"mlp"``); ``"cnn"`` on 28x28 images fits the profile
-too (measured), and so does ``"scatter"`` on a shard with float16 features (327 MB measured).
+too (measured), and so does ``"scatter"`` on a shard with float16 features (319 MB measured).
 """
 
 from __future__ import annotations

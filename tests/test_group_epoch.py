@@ -116,16 +116,15 @@ def test_an_epoch_the_budget_cannot_afford_is_refused_before_anything() -> None:
     assert trainer.epsilon == 0.0
 
 
-def _reference_peer(index: int, trainer: LocalTrainer) -> ReferencePeer:
+def _reference_peer(index: int, train: Dataset, holdout: Dataset) -> ReferencePeer:
     plan = PeerPlan(index, f"p{index}", None, None,  # type: ignore[arg-type]
-                    np.arange(1), trainer.train_data, trainer.holdout, Path("."))
-    return ReferencePeer(plan, trainer)
+                    np.arange(1), train, holdout, Path("."))
+    return ReferencePeer(plan, LocalTrainer(_config(), train, holdout))
 
 
 def test_a_release_below_h_plus_c_contributors_applies_nothing() -> None:
-    trainers = [LocalTrainer(_config(), _digits(60, seed=20 + i), _digits(10, 30))
-                for i in range(3)]
-    peers = [_reference_peer(i, t) for i, t in enumerate(trainers)]
+    peers = [_reference_peer(i, _digits(60, seed=20 + i), _digits(10, 30)) for i in range(3)]
+    trainers = [peer.trainer for peer in peers]
     params = _params(trainers[0], c=1)  # h + c = 4 > 3 members
     before = [t.parameter_vector() for t in trainers]
     assert run_group_epoch(peers, params, steps=2) == 0

@@ -28,7 +28,8 @@ Security properties:
   the poll, or by the digest check when the block is loaded) is retired as refused.
 * **Fair choice**: the live block with the least epsilon spent (then fewest steps, then the
   oldest); all blocks have the same budget, so this is the least-spent fraction.
-* **Bounded memory**: the static set's tensors, plus at most one loaded source block.
+* **Bounded memory**: the static set's tensors, plus at most one loaded source block, each
+  as the trainable part's inputs (with a frozen prefix: features only, never the raw records).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ class BlockSchedule:
         self.source = source
         self._inputs = inputs
         self._sigmas: dict[float, float] = {}
-        self._static = static
+        #: Records of the static set (its raw records are not kept: only their inputs).
+        self.static_records = len(static)
         self._static_x = inputs(static.x) if len(static) else None
         self._static_y = torch.from_numpy(static.y)
         self._loaded: ActiveBlock | None = None
@@ -125,6 +127,12 @@ class BlockSchedule:
     def static_inputs(self) -> torch.Tensor | None:
         """The trainable part's inputs of the static set, computed once (None: no records)."""
         return self._static_x
+
+    def held_tensors(self) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """(inputs, labels) held: the static set's and a loaded source block's."""
+        loaded = self._loaded
+        return ([self._static_x, loaded.x if loaded else None],
+                [self._static_y, loaded.y if loaded else None])
 
     # ----------------------------------------------------------------------- settings
     @property
@@ -173,7 +181,7 @@ class BlockSchedule:
                     f"ledger in {where} was kept at delta={entry.ledger.delta}, config asks "
                     f"delta={cfg.delta}; epsilons at different deltas do not compose")
             if entry.block_id == STATIC_BLOCK:
-                entry.records = len(self._static)  # counted afresh: the static set may change
+                entry.records = self.static_records  # counted afresh: the static set may change
                 if entry.records:
                     self._adopt_settings(entry)
             if entry.ledger.steps > 0 and (entry.ledger.sigma > 0) != cfg.dp:

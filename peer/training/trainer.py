@@ -28,7 +28,8 @@ has its training and hold-out data featurised once at construction through the p
 cache of :mod:`peer.training.features`, and trains, DP-steps and evaluates only the trainable
 rest on those features. The prefix acts on each example alone and never changes, so the
 per-example gradients, the clipping and the privacy analysis are exactly those of the whole
-model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged.
+model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged. The trainer
+keeps no reference to the raw records once featurised (held_data.py; :attr:`data_held`).
 
 Size: at about 500 lines this module is past the project's 450-line guide, on purpose:
 ``LocalTrainer`` is the one owner of the model, its lock, optimizer, blocks and ledger, and its
@@ -43,6 +44,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from peer.sharing import SharingStrategy, build_strategy
+from peer.training import held_data
 from peer.training.adaptive_clip import AdaptiveClip, adaptive_clipping_on
 from peer.training.block_ledger import BlockLedgers, newest_ledgers
 from peer.training.block_schedule import ActiveBlock, BlockSchedule
@@ -132,13 +135,14 @@ class LocalTrainer:
         if len(train) == 0 and source is None:
             raise ValueError("training set is empty")
         self.config = config
-        self.train_data = train
-        self.holdout = holdout
         self.model = build_model(config.model, train.input_shape, train.num_classes)
         seeded_init(self.model, config.seed)
         #: Frozen feature prefix (None for mlp/cnn) and the trainable rest (the whole model
         #: when there is no prefix); they share the model's modules.
         self._frozen, self._trainable = split_frozen(self.model)
+        #: Raw records -> the trainable part's inputs (frozen features if any).
+        self._inputs = partial(held_data.trainable_inputs, self._frozen,
+                               getattr(torch, config.feature_dtype))
         self.param_count = param_count(self.model)
         # The flat vector, x0 (same seed on every peer), the model lock and queued merges.
         self._params = FlatParams([p for p in self.model.parameters() if p.requires_grad])
@@ -153,7 +157,8 @@ class LocalTrainer:
         if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
             self.model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
                               f"-C{config.max_grad_norm:g}-b{config.batch_size}")
-        self._holdout_x = self._inputs(holdout.x) if self._frozen is not None else None
+        # The hold-out as inputs: features (raw records not kept), else a view of the records.
+        self._holdout = held_data.EvalSet(self._inputs(holdout.x), torch.from_numpy(holdout.y))
         if source is not None:
             source.bind(train.input_shape, train.num_classes)
         self.source = source
@@ -190,14 +195,6 @@ class LocalTrainer:
                  self._blocks.ledgers.epsilon, self.engine)
 
     # ----------------------------------------------------------------------- set-up
-    def _inputs(self, x: np.ndarray) -> torch.Tensor:
-        """Input of the trainable part for raw records ``x``: frozen features if any."""
-        if self._frozen is None:
-            return torch.from_numpy(x)
-        from peer.training.features import cached_features
-
-        return cached_features(self._frozen, x, getattr(torch, self.config.feature_dtype))
-
     def _make_dp_step(self, noise: GaussianSource | None,
                       audit: AuditHook | None) -> DPSGDStep:
         cfg = self.config
@@ -284,7 +281,7 @@ class LocalTrainer:
     def _resume(self) -> None:
         assert self.ledger_path is not None and self.checkpoint_path is not None
         stored: BlockLedgers | None = None
-        static_records = len(self.train_data)
+        static_records = self._blocks.static_records
         if self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path)
             if state.model_id != self.model_id:
@@ -348,6 +345,14 @@ class LocalTrainer:
         """The trainable part's inputs of the static set (features, with a frozen prefix),
         computed once at construction; None when the static set has no records."""
         return self._blocks.static_inputs
+
+    @property
+    def data_held(self) -> held_data.HeldData:
+        """Bytes of record data held (static set, hold-out, loaded block); with a frozen
+        prefix only features and labels, never the raw records (held_data.HeldData)."""
+        x, y = self._blocks.held_tensors()
+        return held_data.count_held([*x, self._holdout.x], [*y, self._holdout.y],
+                                    featurised=self._frozen is not None)
 
     # ----------------------------------------------------------------------- API
     def train_round(self) -> LocalUpdate:
@@ -478,24 +483,18 @@ class LocalTrainer:
 
     def evaluate(self, ds: Dataset | None = None) -> float:
         """Accuracy (0..1) on ``ds``, the local hold-out by default; NaN if it is empty."""
-        data = self.holdout if ds is None else ds
-        if len(data) == 0:
+        size = len(self._holdout) if ds is None else len(ds)
+        if size == 0:
             return float("nan")
+        batch = self.config.eval_batch_size
+        batches = (self._holdout.batches(batch) if ds is None  # inputs made at construction
+                   else held_data.record_batches(ds.x, ds.y, self._inputs, batch))
         with self._params.lock:
             self._params.apply_pending()
             self.model.eval()
-            correct = 0
-            with torch.no_grad():
-                for start in range(0, len(data), self.config.eval_batch_size):
-                    stop = start + self.config.eval_batch_size
-                    if ds is None and self._holdout_x is not None:
-                        x = self._holdout_x[start:stop].float()  # featurised at construction
-                    else:
-                        x = self._inputs(data.x[start:stop]).float()
-                    y = torch.from_numpy(data.y[start:stop])
-                    correct += int((self._trainable(x).argmax(1) == y).sum())
+            correct = held_data.count_correct(self._trainable, batches)
             self.model.train()
-        return correct / len(data)
+        return correct / size
 
     def save_checkpoint(self) -> None:
         """Persist ledger, then model/optimizer/residual/round (no-op without state_dir)."""
