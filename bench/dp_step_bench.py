@@ -13,9 +13,11 @@ against the plain SGD of the same process: ``plain_sgd``, ``murmur_dp`` and
 process misled: once ``torch.func`` or Opacus had freed their large per-example buffers,
 glibc's dynamic mmap and trim thresholds had grown, and every later step of every method
 reused heap pages instead of faulting fresh ones in (a real peer never runs them).
-``minor_faults_per_step`` shows that cost. ``--profile small`` applies the device profile's
-process settings (peer/device.py: allocator, convolution kernels) in every child first, so
-the rows show the step as a small-profile peer runs it.
+``minor_faults_per_step`` shows that cost. Every child first puts itself in a peer's state:
+``--profile default`` (the default) fixes glibc's thresholds where a peer's data loading
+leaves them (:data:`WARM_ALLOCATOR`); ``small`` applies that device profile's process
+settings (peer/device.py: allocator, convolution kernels); ``none`` is a fresh process with
+glibc's and torch's own settings, which no peer is in.
 
 User models (rows ``user_plain_sgd``, ``user_dp_ghost``, ``user_dp_vmap``, with ``model`` the
 factory's import path and ``ratio_vs_ghost``, the general engine's cost per step over the fast
@@ -25,7 +27,7 @@ runs on both engines; examples.sensor.model:build (Conv1d, GroupNorm) only on th
 so its ratio is against plain SGD.
 
     python bench/dp_step_bench.py [--quick] [--out FILE] [--model cnn] [--batch 64]
-                                  [--profile default|small]
+                                  [--profile default|small|none]
                                   [--user-models PATH,PATH | --user-models none]
 """
 
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from peer.device import AllocatorSettings
 from peer.training.dpsgd import DPSGDStep
 from peer.training.models import build_model, param_count
 from peer.training.privacy.noise import SecureGaussian
@@ -124,6 +127,14 @@ def _noise_only(count: int):
     return step
 
 
+#: glibc's mmap and trim thresholds as a default-profile peer has them once loading its data
+#: has freed a large buffer (glibc raises both, up to these maxima, when it frees a large
+#: mapping). A fresh process without them faults its step's buffers in again on every step,
+#: which a peer does not: its CPU per round is the same with these thresholds fixed and
+#: without (bench/resource_bench.py, docs/privacy.md "DP step cost").
+WARM_ALLOCATOR = AllocatorSettings(mmap_threshold_bytes=32 << 20,
+                                   trim_threshold_bytes=64 << 20)
+
 #: The method groups of the CNN rows: each runs in its own process, beside plain SGD.
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("plain_sgd", "murmur_dp", "secure_noise_only"),
@@ -153,9 +164,11 @@ def _in_child(spec: dict[str, object]) -> dict[str, dict[str, float | list[float
 
 def _child_main(spec: dict[str, object]) -> int:
     """A child's work: the profile's process settings, then the group, timed and interleaved."""
-    if spec["profile"] != "default":
-        from peer.device import DeviceConfig, apply_process_settings
+    from peer.device import DeviceConfig, apply_allocator, apply_process_settings
 
+    if spec["profile"] == "default":
+        apply_allocator(WARM_ALLOCATOR)  # the default profile leaves the allocator alone
+    if spec["profile"] != "none":
         apply_process_settings(DeviceConfig(str(spec["profile"])))
     torch.set_num_threads(int(spec["threads"]))  # type: ignore[arg-type]
     names = tuple(spec["methods"])  # type: ignore[arg-type]
@@ -289,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--user-models", default=",".join(USER_MODELS),
                         help=f"comma-separated, of {', '.join(USER_MODELS)}; or none")
-    parser.add_argument("--profile", default="default", choices=["default", "small"],
-                        help="the device profile whose process settings every child applies")
+    parser.add_argument("--profile", default="default", choices=["default", "small", "none"],
+                        help="the device profile whose process settings every child applies "
+                             "(none: glibc's and torch's own)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one group's process
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # Opacus warns about secure_mode / non-Poisson use

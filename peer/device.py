@@ -55,7 +55,7 @@ class AllocatorSettings:
 
     mmap_threshold_bytes: int
     trim_threshold_bytes: int
-    arena_max: int
+    arena_max: int | None = None  # None: glibc's own (8 per core)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def apply_allocator(settings: AllocatorSettings) -> bool:
     applied = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, settings.mmap_threshold_bytes),
         (_M_TRIM_THRESHOLD, settings.trim_threshold_bytes),
-        (_M_ARENA_MAX, settings.arena_max)))
+        (_M_ARENA_MAX, settings.arena_max)) if value is not None)
     if not applied:
         log.warning("glibc refused an allocator setting of the device profile: %s", settings)
     return applied

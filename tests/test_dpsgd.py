@@ -21,6 +21,7 @@ from peer.training.dpsgd import (
     make_engine,
     poisson_batch,
 )
+from peer.training.ghost_engine import Workspace
 from peer.training.models import build_model
 from peer.training.privacy.accountant import (
     AccountingError,
@@ -74,6 +75,44 @@ def test_fast_engine_handles_padding_stride_dilation() -> None:
     fast = GhostClipEngine(model).clipped_sum(x, y, 0.5)
     reference = VmapEngine(model).clipped_sum(x, y, 0.5)
     torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_one_engine_stays_exact_as_its_workspace_is_reused_across_batch_sizes() -> None:
+    """The engine keeps its padded inputs, patches and per-example gradients between calls;
+    Poisson batches grow and shrink, and every call must still equal the reference engine
+    (a stale row or a dirtied padding border would show here)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=(1, 2), stride=(1, 2), dilation=(2, 1)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 7 * 6, 5),
+    )
+    engine, reference = GhostClipEngine(model), VmapEngine(model)
+    largest = 0
+    for seed, n in enumerate((20, 7, 33, 12, 33, 1)):
+        x, y = _batch((3, 9, 10), n=n, classes=5, seed=seed)
+        fast = engine.clipped_sum(x, y, 0.5)
+        expected = reference.clipped_sum(x, y, 0.5)
+        torch.testing.assert_close(fast.flat_sum, expected.flat_sum, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.per_example_norms, expected.per_example_norms,
+                                   rtol=1e-4, atol=1e-6)
+        largest = max(largest, n)
+        # Held: the padded input (3 x 11 x 14), the patches (7 x 6 positions x 27) and the
+        # per-example weight gradients (4 x 27) of the largest batch so far, in float32.
+        assert engine.workspace.held_bytes == 4 * largest * (3 * 11 * 14 + 7 * 6 * 27 + 4 * 27)
+
+
+def test_workspace_views_share_a_buffer_and_a_new_geometry_starts_from_zeros() -> None:
+    workspace = Workspace()
+    first = workspace.take(("pad", 0), (4, 2, 3))
+    first.fill_(7.0)
+    smaller = workspace.take(("pad", 0), (2, 2, 3))
+    assert smaller.data_ptr() == first.data_ptr() and bool((smaller == 7.0).all())
+    other_shape = workspace.take(("pad", 0), (2, 3, 3))
+    assert bool((other_shape == 0).all()) and workspace.held_bytes == 4 * 2 * 3 * 3
+    larger = workspace.take(("pad", 0), (5, 3, 3))
+    assert bool((larger == 0).all()) and workspace.held_bytes == 4 * 5 * 3 * 3
 
 
 def test_every_clipped_example_norm_is_at_most_c() -> None:

@@ -40,11 +40,6 @@ from peer.training.clipping import (
     zero_rows,
 )
 
-#: A workspace buffer grows to this multiple of the request, so a Poisson batch that is a
-#: little larger than the last one does not reallocate.
-_GROWTH = 1.25
-
-
 def _patch_index(
     layer: nn.Conv2d, channels: int, padded_hw: tuple[int, int], out_hw: tuple[int, int]
 ) -> torch.Tensor:
@@ -71,10 +66,11 @@ class Workspace:
     """Float32 buffers reused from one step to the next, one per (purpose, layer) key.
 
     ``take(key, shape)`` returns a contiguous view of ``shape`` into the key's buffer, which
-    grows (to :data:`_GROWTH` times the request) when a step needs more. A buffer is zeroed
-    when it is made and only ever written through the views a call takes, so a region no call
-    writes (a padding border) stays zero. The bytes held are those of the largest batch seen,
-    the same bytes one step would allocate anyway; :attr:`held_bytes` reports them.
+    is replaced by one of exactly the request's size when a step needs more (a Poisson batch
+    larger than any before: ever rarer as training goes on). A buffer is zeroed when it is
+    made and only ever written through the views a call takes, so a region no call writes (a
+    padding border) stays zero. The bytes held are those of the largest batch seen, the same
+    bytes that step allocated anyway; :attr:`held_bytes` reports them.
     """
 
     buffers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
@@ -88,7 +84,7 @@ class Workspace:
         inner = shape[1:]
         if buffer is None or buffer.numel() < need or self.shapes.get(key) != inner:
             # A new geometry (another input size) starts from zeros: a border must be zero.
-            buffer = torch.zeros(max(need, int(need * _GROWTH)), dtype=torch.float32)
+            buffer = torch.zeros(need, dtype=torch.float32)
             self.buffers[key] = buffer
             self.shapes[key] = inner
         return buffer[:need].view(shape)
