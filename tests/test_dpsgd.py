@@ -63,14 +63,19 @@ def test_fast_engine_matches_vmap_reference(name: str, shape: tuple[int, ...]) -
     torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
 
 
-def test_fast_engine_handles_padding_stride_dilation() -> None:
-    torch.manual_seed(1)
-    model = nn.Sequential(
+def _strided_conv_model(activation: nn.Module) -> nn.Module:
+    """A padded, strided, dilated convolution on 3 x 9 x 10 inputs, then a linear layer."""
+    return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=(1, 2), stride=(1, 2), dilation=(2, 1)),
-        nn.ReLU(),
+        activation,
         nn.Flatten(),
         nn.Linear(4 * 7 * 6, 5),
     )
+
+
+def test_fast_engine_handles_padding_stride_dilation() -> None:
+    torch.manual_seed(1)
+    model = _strided_conv_model(nn.ReLU())
     x, y = _batch((3, 9, 10), classes=5)
     fast = GhostClipEngine(model).clipped_sum(x, y, 0.5)
     reference = VmapEngine(model).clipped_sum(x, y, 0.5)
@@ -82,12 +87,7 @@ def test_one_engine_stays_exact_as_its_workspace_is_reused_across_batch_sizes() 
     Poisson batches grow and shrink, and every call must still equal the reference engine
     (a stale row or a dirtied padding border would show here)."""
     torch.manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=(1, 2), stride=(1, 2), dilation=(2, 1)),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(4 * 7 * 6, 5),
-    )
+    model = _strided_conv_model(nn.Tanh())
     engine, reference = GhostClipEngine(model), VmapEngine(model)
     largest = 0
     for seed, n in enumerate((20, 7, 33, 12, 33, 1)):
