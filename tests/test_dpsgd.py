@@ -105,14 +105,35 @@ def test_one_engine_stays_exact_as_its_workspace_is_reused_across_batch_sizes() 
 
 def test_workspace_views_share_a_buffer_and_a_new_geometry_starts_from_zeros() -> None:
     workspace = Workspace()
-    first = workspace.take(("pad", 0), (4, 2, 3))
+    first = workspace.take(("pad", 0), (4, 2, 3), same_geometry=True)
     first.fill_(7.0)
-    smaller = workspace.take(("pad", 0), (2, 2, 3))
+    smaller = workspace.take(("pad", 0), (2, 2, 3), same_geometry=True)
     assert smaller.data_ptr() == first.data_ptr() and bool((smaller == 7.0).all())
-    other_shape = workspace.take(("pad", 0), (2, 3, 3))
+    other_shape = workspace.take(("pad", 0), (2, 3, 3), same_geometry=True)
     assert bool((other_shape == 0).all()) and workspace.held_bytes == 4 * 2 * 3 * 3
-    larger = workspace.take(("pad", 0), (5, 3, 3))
+    larger = workspace.take(("pad", 0), (5, 3, 3), same_geometry=True)
     assert bool((larger == 0).all()) and workspace.held_bytes == 4 * 5 * 3 * 3
+    # Without same_geometry a smaller request of any shape reuses the buffer as it is.
+    scratch = workspace.take(("patches", 0), (3, 10))
+    scratch.fill_(1.0)
+    reshaped = workspace.take(("patches", 0), (2, 7))
+    assert reshaped.data_ptr() == scratch.data_ptr() and bool((reshaped == 1.0).all())
+    assert workspace.held_bytes == 4 * (5 * 3 * 3 + 3 * 10)
+
+
+def test_the_cnn_engine_shares_one_patch_buffer_between_its_convolutions() -> None:
+    """Each convolution's patches are dead once its per-example gradients are formed, so the
+    CNN's two convolutions use one buffer: the larger (conv1: 14 x 14 positions x 64)."""
+    torch.manual_seed(4)
+    model = build_model("cnn", (1, 28, 28), 10)
+    engine = GhostClipEngine(model)
+    x, y = _batch((1, 28, 28), n=9)
+    fast = engine.clipped_sum(x, y, 1.0)
+    reference = VmapEngine(model).clipped_sum(x, y, 1.0)
+    torch.testing.assert_close(fast.flat_sum, reference.flat_sum, rtol=1e-4, atol=1e-6)
+    padded, patches = 9 * 1 * 34 * 34, 9 * 196 * 64
+    per_example = 9 * (16 * 64 + 32 * 256)
+    assert engine.workspace.held_bytes == 4 * (padded + patches + per_example)
 
 
 def test_every_clipped_example_norm_is_at_most_c() -> None:

@@ -40,6 +40,7 @@ from peer.training.clipping import (
     zero_rows,
 )
 
+
 def _patch_index(
     layer: nn.Conv2d, channels: int, padded_hw: tuple[int, int], out_hw: tuple[int, int]
 ) -> torch.Tensor:
@@ -68,22 +69,25 @@ class Workspace:
     ``take(key, shape)`` returns a contiguous view of ``shape`` into the key's buffer, which
     is replaced by one of exactly the request's size when a step needs more (a Poisson batch
     larger than any before: ever rarer as training goes on). A buffer is zeroed when it is
-    made and only ever written through the views a call takes, so a region no call writes (a
-    padding border) stays zero. The bytes held are those of the largest batch seen, the same
-    bytes that step allocated anyway; :attr:`held_bytes` reports them.
+    made and only ever written through the views a call takes, so with ``same_geometry`` a
+    region no call writes (a padding border) stays zero. The bytes held are at most those
+    the largest batch seen allocated in its step; :attr:`held_bytes` reports them.
     """
 
     buffers: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     shapes: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
 
-    def take(self, key: tuple[str, int], shape: tuple[int, ...]) -> torch.Tensor:
+    def take(self, key: tuple[str, int], shape: tuple[int, ...], *,
+             same_geometry: bool = False) -> torch.Tensor:
+        """A view of ``shape`` into ``key``'s buffer. ``same_geometry``: the buffer is also
+        replaced when ``shape[1:]`` differs from the last request's, so a region only the
+        other geometry wrote (a padding border) is never read as zero when it is not."""
         need = 1
         for size in shape:
             need *= size
         buffer = self.buffers.get(key)
-        inner = shape[1:]
+        inner = shape[1:] if same_geometry else ()
         if buffer is None or buffer.numel() < need or self.shapes.get(key) != inner:
-            # A new geometry (another input size) starts from zeros: a border must be zero.
             buffer = torch.zeros(need, dtype=torch.float32)
             self.buffers[key] = buffer
             self.shapes[key] = inner
@@ -161,7 +165,8 @@ class GhostClipEngine:
         batch, channels, height, width = a.shape
         if pad_h or pad_w:
             height, width = height + 2 * pad_h, width + 2 * pad_w
-            padded = self.workspace.take(("pad", index), (batch, channels, height, width))
+            padded = self.workspace.take(("pad", index), (batch, channels, height, width),
+                                         same_geometry=True)
             padded[:, :, pad_h : height - pad_h, pad_w : width - pad_w].copy_(a)
             a = padded
         key = (id(layer), channels, height, width)
@@ -169,7 +174,8 @@ class GhostClipEngine:
         if patch_index is None:
             patch_index = _patch_index(layer, channels, (height, width), (out_hw[0], out_hw[1]))
             self._patch_indices[key] = patch_index
-        out = self.workspace.take(("patches", index), (batch, patch_index.numel()))
+        # One patch buffer for every layer: a layer's patches are dead once its bmm is done.
+        out = self.workspace.take(("patches", 0), (batch, patch_index.numel()))
         torch.index_select(a.reshape(batch, -1), 1, patch_index, out=out)
         return out.view(batch, out_hw[0] * out_hw[1], -1)
 
