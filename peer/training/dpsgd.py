@@ -36,7 +36,7 @@ in peer/training/audit_hook.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -79,18 +79,21 @@ class VmapEngine:
         return torch.cat([grads[n].reshape(x.shape[0], -1) for n in self._names], dim=1)
 
     def clipped_sum(
-        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
+        out: torch.Tensor | None = None,
     ) -> ClippedGradient:
+        """As :meth:`GhostClipEngine.clipped_sum`: written into ``out`` when one is given."""
         count = sum(p.numel() for p in _trainable(self.model))
+        flat = torch.empty(count) if out is None else out
         if x.shape[0] == 0:
-            return ClippedGradient(torch.zeros(count), torch.zeros(0), 0)
+            return ClippedGradient(flat.zero_(), torch.zeros(0), 0)
         per_example = self.per_example_flat(x, y)
         norms = per_example.norm(dim=1)
         factors = clip_factors(norms, max_grad_norm)
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
             per_example = _zero_rows(per_example, finite)
-        return ClippedGradient(per_example.t().mv(factors), norms, x.shape[0])
+        return ClippedGradient(torch.mv(per_example.t(), factors, out=flat), norms, x.shape[0])
 
 
 def make_engine(model: nn.Module, engine: str = "auto") -> GhostClipEngine | VmapEngine:
@@ -143,6 +146,10 @@ class DPSGDStep:
     engine: GhostClipEngine | VmapEngine
     audit: AuditHook | None = None  #: audit only (peer/training/audit_hook.py)
     adaptive: AdaptiveClip | None = None  #: adaptive clipping state (None: C fixed)
+    # step()'s gradient: one flat vector reused every step, each parameter's .grad a view
+    # of its slice (built on the first step; every entry is overwritten by each step).
+    _grads: tuple[torch.Tensor, list[tuple[nn.Parameter, torch.Tensor]]] | None = field(
+        default=None, init=False, repr=False)
 
     @classmethod
     def build(
@@ -206,16 +213,20 @@ class DPSGDStep:
         added, when one is attached), before noise."""
         return self._clipped(x, y).flat_sum
 
-    def _clipped(self, x: torch.Tensor, y: torch.Tensor) -> ClippedGradient:
-        clipped = self.engine.clipped_sum(x, y, self.clip_norm)
+    def _clipped(self, x: torch.Tensor, y: torch.Tensor,
+                 out: torch.Tensor | None = None) -> ClippedGradient:
+        clipped = self.engine.clipped_sum(x, y, self.clip_norm, out=out)
         if self.audit is not None:
             self.audit.add_canaries(clipped.flat_sum)
         return clipped
 
-    def private_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The flat private gradient for one batch (already divided by the expected size)."""
+    def private_gradient(self, x: torch.Tensor, y: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat private gradient for one batch (already divided by the expected size),
+        written into ``out`` when one is given (a float32 vector of every trainable
+        parameter; each entry is overwritten)."""
         clip_norm = self.clip_norm  # C_t: the clipping and the noise scale of this step
-        clipped = self._clipped(x, y)
+        clipped = self._clipped(x, y, out)
         flat = clipped.flat_sum
         multiplier = (self.noise_multiplier if self.adaptive is None
                       else self.adaptive.value_multiplier)
@@ -230,9 +241,15 @@ class DPSGDStep:
         return flat.mul_(1.0 / divisor)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        flat = self.private_gradient(x, y)
-        offset = 0
-        for p in _trainable(self.model):
-            numel = p.numel()
-            p.grad = flat[offset : offset + numel].view_as(p)
-            offset += numel
+        if self._grads is None:
+            params = _trainable(self.model)
+            flat = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+            views, offset = [], 0
+            for p in params:
+                views.append((p, flat[offset : offset + p.numel()].view_as(p)))
+                offset += p.numel()
+            self._grads = (flat, views)
+        flat, views = self._grads
+        self.private_gradient(x, y, out=flat)
+        for p, view in views:
+            p.grad = view

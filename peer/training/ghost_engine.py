@@ -113,6 +113,16 @@ class _LayerTerms:
     second: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class _LayerSlices:
+    """One layer's views into the flat output vector: the weight in its own shape and flat,
+    and the bias (None without a trainable bias)."""
+
+    weight: torch.Tensor
+    weight_flat: torch.Tensor
+    bias: torch.Tensor | None
+
+
 class GhostClipEngine:
     """Clipped per-example gradient sums for models of Linear / Conv2d + parameter-free layers.
 
@@ -149,6 +159,8 @@ class GhostClipEngine:
         self._capturing = False
         self._patch_indices: dict[tuple[int, int, int, int], torch.Tensor] = {}
         self.workspace = Workspace()
+        self._slices: list[_LayerSlices] = []
+        self._slices_key: tuple[int, int] | None = None
         for index, layer in enumerate(self._layers):
             layer.register_forward_hook(self._make_hook(index))
 
@@ -188,12 +200,16 @@ class GhostClipEngine:
         return hook
 
     def clipped_sum(
-        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+        self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
+        out: torch.Tensor | None = None,
     ) -> ClippedGradient:
+        """The clipped sum of the batch's per-example gradients as one flat vector, written
+        into ``out`` (a float32 vector of every trainable parameter, each entry overwritten)
+        when one is given, else into a new one."""
         batch = x.shape[0]
-        flat = torch.zeros(self._param_count, dtype=torch.float32)
+        flat = torch.empty(self._param_count, dtype=torch.float32) if out is None else out
         if batch == 0:
-            return ClippedGradient(flat, torch.zeros(0), 0)
+            return ClippedGradient(flat.zero_(), torch.zeros(0), 0)
         inputs, out_grads = self._capture(x, y)
         # Pass 1: per-example squared norms, layer by layer, without a Python loop per example.
         sq_norms = torch.zeros(batch, dtype=torch.float32)
@@ -209,8 +225,27 @@ class GhostClipEngine:
                                  else zero_rows(terms.second, finite))
                      for terms in saved]
         # Pass 2: weighted sums straight into the flat output vector.
-        self._weighted_sums(flat, saved, factors)
+        self._weighted_sums(self._slices_of(flat), saved, factors)
         return ClippedGradient(flat, norms, batch)
+
+    def _slices_of(self, flat: torch.Tensor) -> list[_LayerSlices]:
+        """Each layer's weight (in its own shape) and bias views into ``flat``, in parameter
+        order; the views of the last vector asked for are kept, so a caller that passes the
+        same ``out`` every step builds them once."""
+        if self._slices_key != (flat.data_ptr(), flat.numel()):
+            slices, offset = [], 0
+            for layer in self._layers:
+                weight = flat[offset : offset + layer.weight.numel()]
+                offset += weight.numel()
+                bias = None
+                if layer.bias is not None and layer.bias.requires_grad:
+                    bias = flat[offset : offset + layer.bias.numel()]
+                    offset += bias.numel()
+                slices.append(_LayerSlices(weight.view(layer.weight.shape), weight, bias))
+            if offset != flat.numel():  # every entry must be written: flat may be reused
+                raise ValueError(f"out has {flat.numel()} entries, the layers {offset}")
+            self._slices, self._slices_key = slices, (flat.data_ptr(), flat.numel())
+        return self._slices
 
     def _capture(
         self, x: torch.Tensor, y: torch.Tensor
@@ -274,24 +309,17 @@ class GhostClipEngine:
         return _LayerTerms("dense", per_w.reshape(batch, -1), bias_sum)
 
     def _weighted_sums(
-        self, flat: torch.Tensor, saved: list[_LayerTerms], factors: torch.Tensor
+        self, slices: list[_LayerSlices], saved: list[_LayerTerms], factors: torch.Tensor
     ) -> None:
-        """Write sum_i factor_i * g_i of every layer into its slice of ``flat``."""
-        offset = 0
-        for layer, terms in zip(self._layers, saved, strict=True):
-            w_numel = layer.weight.numel()
-            w_out = flat[offset : offset + w_numel]
+        """Write sum_i factor_i * g_i of every layer into its slices of the flat vector."""
+        for views, terms in zip(slices, saved, strict=True):
             if terms.kind == "linear":
                 scaled_b = terms.second * factors[:, None]  # type: ignore[operator]
-                torch.mm(scaled_b.t(), terms.first, out=w_out.view(layer.weight.shape))
-                bias_value = scaled_b.sum(0)
+                torch.mm(scaled_b.t(), terms.first, out=views.weight)
+                if views.bias is not None:
+                    torch.sum(scaled_b, 0, out=views.bias)
             else:
-                torch.mv(terms.first.t(), factors, out=w_out)
-                bias_value = (None if terms.second is None
-                              else torch.mv(terms.second.t(), factors))
-            offset += w_numel
-            if layer.bias is not None and layer.bias.requires_grad:
-                b_numel = layer.bias.numel()
-                assert bias_value is not None
-                flat[offset : offset + b_numel].copy_(bias_value)
-                offset += b_numel
+                torch.mv(terms.first.t(), factors, out=views.weight_flat)
+                if views.bias is not None:
+                    assert terms.second is not None
+                    torch.mv(terms.second.t(), factors, out=views.bias)
