@@ -136,6 +136,28 @@ def test_the_cnn_engine_shares_one_patch_buffer_between_its_convolutions() -> No
     assert engine.workspace.held_bytes == 4 * (padded + patches + per_example)
 
 
+@pytest.mark.parametrize("engine_class", [GhostClipEngine, VmapEngine])
+def test_a_clipped_sum_written_into_a_reused_vector_overwrites_every_entry(
+        engine_class: type) -> None:
+    """``out=`` is the DP step's reused gradient vector: a stale entry there would become
+    part of a released gradient, so a vector full of NaN must come back equal to a fresh one
+    (a bias-free layer included, whose parameters sit between two others')."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * 6 * 6, 4))
+    engine = engine_class(model)
+    x, y = _batch((1, 8, 8), n=6, classes=4)
+    fresh = engine.clipped_sum(x, y, 0.8).flat_sum
+    out = torch.full_like(fresh, float("nan"))
+    for _ in range(2):  # the second call reuses the views built for ``out``
+        written = engine.clipped_sum(x, y, 0.8, out=out)
+        assert written.flat_sum.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, fresh, rtol=1e-5, atol=1e-7)
+        out.fill_(float("nan"))
+    empty = engine.clipped_sum(x[:0], y[:0], 0.8, out=out)
+    assert empty.batch_size == 0 and bool((out == 0).all())
+
+
 def test_every_clipped_example_norm_is_at_most_c() -> None:
     torch.manual_seed(2)
     model = build_model("cnn", (1, 28, 28), 10)
