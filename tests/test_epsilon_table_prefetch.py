@@ -8,6 +8,7 @@ the ``epsilon_tables`` fixture, which closes it and checks that no child is left
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -181,6 +182,53 @@ def test_close_kills_a_running_background_child_and_lookups_go_on(
     assert ledger.record(10) == _library(30)
     assert ledger.record(10) == _library(40)  # a miss after close: computed in the foreground
     assert not table.child_running and table.children_run == 3
+
+
+def test_a_background_thread_that_cannot_start_frees_the_slot(
+        tmp_path: Path, epsilon_tables: Tables, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread for the chunk ahead (a process or memory limit): the figure already stored
+    is still served, the failure is counted like a failed child, and the next miss runs its
+    own child instead of waiting on a slot nobody holds."""
+    table = epsilon_tables(tmp_path / TABLE_FILE, chunk=2, margin=2)
+    ledger = _ledger(table)
+    ledger.record(10)  # 10, 20, 30
+
+    def cannot_start(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    assert ledger.record(10) == _library(20)  # serving 20 asks ahead for 40 .. 60: no thread
+    assert not table.child_running
+    assert table.background_failures == 1 and table.children_run == 1
+    monkeypatch.undo()
+    assert ledger.record(10) == _library(30)  # paused: no chunk ahead after a failure
+    assert ledger.record(10) == _library(40)  # a miss: the round's own child
+    assert table.foreground_children == 2 and table.children_run == 2
+
+
+def test_a_failed_write_stores_and_serves_nothing(
+        tmp_path: Path, epsilon_tables: Tables) -> None:
+    """A chunk whose file write fails, ahead or in the foreground, leaves the table's entries
+    as the file last held them: ahead it is a counted failure, in the foreground the round's
+    AccountingError, and no step is recorded."""
+    path = tmp_path / TABLE_FILE
+    table = epsilon_tables(path, chunk=2, margin=2)
+    ledger = _ledger(table)
+    ledger.record(10)  # 10, 20, 30 written
+    key = TableKey("pld", DELTA, (), 1.0, RATE)
+    written = EpsilonTable(path, margin=0).entries(key)
+    assert sorted(written) == [10, 20, 30]
+    path.unlink()
+    path.mkdir()  # the atomic rename onto the table's path now fails
+    ledger.record(10)  # serving 20 asks ahead for 40 .. 60, whose write fails
+    wait_until_sync(lambda: table.background_failures == 1, CHILD_WAIT_S,
+                    "the failed write to be counted")
+    assert table.entries(key) == written and table.background_chunks == 0
+    assert ledger.record(10) == _library(30)
+    with pytest.raises(AccountingError, match="not stored"):
+        ledger.record(10)  # needs 40: its own child runs, its write fails
+    assert ledger.steps == 30 and table.entries(key) == written
+    assert table.foreground_children == 2
 
 
 @pytest.mark.parametrize(("stored", "steps", "stride", "margin", "expected"), [

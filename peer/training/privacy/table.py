@@ -212,7 +212,8 @@ class EpsilonTable:
       waited for a running child or for its own).
     * :attr:`foreground_children`: children started by a caller for its own miss.
     * :attr:`background_chunks`: background children whose figures were stored.
-    * :attr:`background_failures`: background children that failed (not counting a close).
+    * :attr:`background_failures`: background children that failed, or whose thread did not
+      start (not counting a close).
     * :attr:`rebuilt_files`: stored files found unusable and recomputed.
     * :attr:`child_running`: whether a child (either kind) is running now.
     """
@@ -336,10 +337,16 @@ class EpsilonTable:
         if counts is None:
             return
         job = ChildJob(name, counts, True)
-        self._running, self.children_run = job, self.children_run + 1
-        self._worker = threading.Thread(target=self._run_job, args=(job,),
-                                        name="epsilon-table-ahead", daemon=True)
-        self._worker.start()
+        worker = threading.Thread(target=self._run_job, args=(job,),
+                                  name="epsilon-table-ahead", daemon=True)
+        self._running = job
+        try:
+            worker.start()
+        except RuntimeError as exc:  # no thread (a process or memory limit): no child either
+            self._running = None
+            self._paused_after_failure(job, f"its thread did not start: {exc}")
+            return
+        self._worker, self.children_run = worker, self.children_run + 1
 
     def _run_job(self, job: ChildJob) -> None:
         """Run ``job``'s child without the lock, then check and store its figures under it.
@@ -374,10 +381,14 @@ class EpsilonTable:
             if self._closed:
                 log.info("%s: computing epsilon figures ahead stopped (%s)", self.path, exc)
                 return
-            log.warning("%s: computing epsilon figures ahead failed (%s); the next miss "
-                        "computes them in the foreground", self.path, exc)
-            self.background_failures += 1
-            self._paused.add(job.key)
+            self._paused_after_failure(job, str(exc))
+
+    def _paused_after_failure(self, job: ChildJob, why: str) -> None:
+        """With the lock held: the logging, counting and pausing of :meth:`_background_failed`."""
+        log.warning("%s: computing epsilon figures ahead failed (%s); the next miss "
+                    "computes them in the foreground", self.path, why)
+        self.background_failures += 1
+        self._paused.add(job.key)
 
     def _store(self, job: ChildJob, reply: dict[str, object]) -> None:
         """With the lock held: merge a reply's figures into ``job.key``'s entries and write

@@ -10,7 +10,9 @@ Properties:
 * :func:`prefetch_counts` is pure and only continues the stride the ledger is walking; it
   never proposes a count that is already stored.
 * :class:`ChildProcess` holds the running child so it can be killed: a table that is closed
-  (or a process that exits, :func:`close_at_exit`) leaves no child behind.
+  (or a process that exits, :func:`close_at_exit`) leaves no background child behind. A
+  foreground child is not killed: its caller is waiting for its figure, and it ends with its
+  request or at its timeout.
 
 This module imports neither the accountant's library nor :mod:`.table` (no cycle).
 """
