@@ -322,8 +322,11 @@ class EpsilonTable:
             self.children_run += 1
             self.foreground_children += 1
             return job
-        # The child running now may cover this count; if not, it holds the one slot.
-        if not self._changed.wait_for(lambda: self._running is None,
+        # The child running now may cover this count; if not, it holds the one slot. Wait for
+        # that child to end, not for the slot to be free: another caller may take the slot
+        # first, and the figure this caller needs may already be stored by then.
+        running = self._running
+        if not self._changed.wait_for(lambda: self._running is not running,
                                       timeout=CHILD_TIMEOUT_S + 60.0):
             raise AccountingError("the running epsilon table child did not finish")
         return None
