@@ -3,7 +3,8 @@
 * :class:`PeerError` is the root of every error a peer raises on purpose (bad config, unusable
   data, a broken ledger or checkpoint, a broker that cannot be reached), so a caller that wants
   "anything Murmur refused" catches one class. Errors that are also plain bad arguments derive
-  from ``ValueError`` too.
+  from ``ValueError`` too. :class:`ConfigError` is the one a peer's configuration raises
+  (peer/config.py and the modules it reads tables and paths with).
 * :class:`DroppedError` means "this input was refused, count it under ``reason``": an inbound
   message (membership, inbound checks, session) or a rebuilt group sum (merge). It is never
   fatal; the node counts it by reason and goes on. Inbound checks and the membership view
@@ -19,6 +20,10 @@ from __future__ import annotations
 
 class PeerError(Exception):
     """Root of the errors raised on purpose anywhere in ``peer/``."""
+
+
+class ConfigError(PeerError):
+    """The configuration cannot be used; the message names the file, key and problem."""
 
 
 class DroppedError(PeerError):

@@ -1,6 +1,6 @@
 """Where a peer's broker is and how it authenticates to it: :class:`BrokerSettings`.
 
-Kept apart from the transport so that configuration code (peer/config.py) can check a broker
+Kept apart from the transport so that configuration code (peer/config_tables.py) can check a broker
 section without the MQTT client; ``peer.network.transport`` re-exports the names.
 """
 

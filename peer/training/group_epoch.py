@@ -23,11 +23,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from peer.training.config import TrainerConfig
 from peer.training.dpsgd import DPSGDStep, poisson_batch
 from peer.training.group_noise import GroupNoise, member_share
 from peer.training.optim import Optimizer
 
-__all__ = ["GroupEpoch"]
+__all__ = ["GroupEpoch", "group_epoch_step"]
+
+
+def group_epoch_step(config: TrainerConfig, dp_step: DPSGDStep | None, params: GroupNoise,
+                     param_count: int) -> DPSGDStep:
+    """The trainer's DP step, if an epoch with the group's ``params`` may start on it;
+    ValueError if the trainer is not set up for group noise or the parameters are another
+    model's."""
+    if dp_step is None or config.noise != "group":
+        raise ValueError("group epochs need dp = true and noise = 'group'")
+    if params.dim != param_count or params.max_grad_norm != config.max_grad_norm:
+        raise ValueError("group-noise parameters do not match this model")
+    if dp_step.adaptive is not None:  # validate() refuses it; never a moving C here
+        raise ValueError("adaptive clipping is refused with group noise")
+    return dp_step
 
 
 @dataclass

@@ -30,23 +30,14 @@ rest on those features. The prefix acts on each example alone and never changes,
 per-example gradients, the clipping and the privacy analysis are exactly those of the whole
 model; ``self.model`` (its state_dict, flat parameters, model id) is unchanged. The trainer
 keeps no reference to the raw records once featurised (held_data.py; :attr:`data_held`).
-
-Size: at about 500 lines this module is past the project's 450-line guide, on purpose:
-``LocalTrainer`` is the one owner of the model, its lock, optimizer, blocks and ledger, and its
-three kinds of step (a local round, an averaging round, a group epoch's start) share that
-state; the step bodies live in dpsgd.py, block_schedule.py and group_epoch.py (adaptive
-clipping in adaptive_clip.py).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -55,16 +46,14 @@ import torch.nn.functional as F
 from peer.sharing import SharingStrategy, build_strategy
 from peer.training import held_data
 from peer.training.adaptive_clip import AdaptiveClip, adaptive_clipping_on
-from peer.training.block_ledger import BlockLedgers, newest_ledgers
 from peer.training.block_schedule import ActiveBlock, BlockSchedule
 from peer.training.blocks import BlockSource, BlockStatus, open_block_source
-from peer.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from peer.training.config import TrainerConfig
 from peer.training.data import Dataset
-from peer.training.dpsgd import AuditHook, DPSGDStep, GhostClipEngine, poisson_batch
-from peer.training.group_epoch import GroupEpoch
+from peer.training.dpsgd import AuditHook, DPSGDStep, poisson_batch
+from peer.training.group_epoch import GroupEpoch, group_epoch_step
 from peer.training.group_noise import GroupNoise
-from peer.training.ledger import BudgetExhaustedError, LedgerError, PrivacyLedger
+from peer.training.ledger import BudgetExhaustedError
 from peer.training.models import (
     build_model,
     configure_torch_threads,
@@ -78,8 +67,12 @@ from peer.training.optim import build_optimizer
 from peer.training.params import FlatParams
 from peer.training.privacy.noise import GaussianSource, SecureGaussian, choose_noise
 from peer.training.privacy.table import epsilon_source
+from peer.training.state_files import CHECKPOINT_FILE, LEDGER_FILE, StateFiles, TrainerParts
+from peer.training.trainer_readouts import TrainerReadouts
 
 __all__ = [
+    "CHECKPOINT_FILE",
+    "LEDGER_FILE",
     "BlockSource",
     "BlockStatus",
     "BudgetExhaustedError",
@@ -91,10 +84,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-LEDGER_FILE = "ledger.json"
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -109,8 +98,32 @@ class LocalUpdate:
     block: int | None = None  # the block this round trained on (None: averaging round)
 
 
-class LocalTrainer:
-    """Trains one peer's model privately; see the module docstring for the guarantees."""
+def _model_id(config: TrainerConfig, model: torch.nn.Module, sharing: SharingStrategy,
+              params: FlatParams) -> str:
+    """The id peers group by: the architecture, x0, the share mode and any group-noise
+    parameters."""
+    # Peers only group with the same model id, so a network never mixes share modes
+    # (a displacement averaged with deltas would be meaningless).
+    model_id = sharing.model_id(model_base_id(config.model, model), params.initial_digest())
+    if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
+        model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
+                     f"-C{config.max_grad_norm:g}-b{config.batch_size}")
+    return model_id
+
+
+def _noise_replaced(noise: GaussianSource | None, audit: AuditHook | None) -> bool:
+    """A caller's noise source or weakened noise: the ledger's epsilon no longer describes
+    the steps."""
+    return ((noise is not None and type(noise) is not SecureGaussian)
+            or (audit is not None and audit.noise_scale != 1.0))
+
+
+class LocalTrainer(TrainerReadouts):
+    """Trains one peer's model privately; see the module docstring for the guarantees.
+
+    Its read-only properties (round, epsilon, engine, model lock, ...) are in
+    :class:`~peer.training.trainer_readouts.TrainerReadouts`; where its state lives on disk
+    in :mod:`peer.training.state_files`."""
 
     def __init__(
         self,
@@ -150,13 +163,7 @@ class LocalTrainer:
         self.sharing: SharingStrategy = build_strategy(
             config.share, config.topk_fraction, self.param_count,
             config.averaging_topk_fraction)
-        # Peers only group with the same model id, so a network never mixes share modes
-        # (a displacement averaged with deltas would be meaningless).
-        self.model_id = self.sharing.model_id(model_base_id(config.model, self.model),
-                                              self._params.initial_digest())
-        if config.noise == "group":  # one sigma, C and h per group (docs/privacy.md)
-            self.model_id += (f"-group-h{config.honest_min}-s{config.noise_multiplier:.6g}"
-                              f"-C{config.max_grad_norm:g}-b{config.batch_size}")
+        self.model_id = _model_id(config, self.model, self.sharing, self._params)
         # The hold-out as inputs: features (raw records not kept), else a view of the records.
         self._holdout = held_data.EvalSet(self._inputs(holdout.x), torch.from_numpy(holdout.y))
         if source is not None:
@@ -178,23 +185,26 @@ class LocalTrainer:
         self._engine = training_engine(config.model, self._trainable, train.input_shape,
                                        config.engine)
         self._dp_step = self._make_dp_step(noise, audit) if config.dp else None
-        #: A caller's noise source or weakened noise: the ledger's epsilon no longer describes
-        #: the steps.
-        self._noise_replaced = ((noise is not None and type(noise) is not SecureGaussian)
-                                or (audit is not None and audit.noise_scale != 1.0))
+        self._noise_replaced = _noise_replaced(noise, audit)
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._resume()
+        #: What a checkpoint holds besides the round and the ledgers.
+        self._parts = TrainerParts(
+            self.model_id, self.model, self._optimizer, self.sharing,
+            None if self._dp_step is None else self._dp_step.adaptive)
+        self._files = self._open_state()
         if self.sharing.needs_common_init:
             # The fill lends the displacement as of the last round: after a restart, now.
             self.sharing.reshare(self._params.displacement())
-        log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
-                 "spent %.3f, engine %s", self.model_id, len(train), len(self._blocks.ledgers),
-                 self.sample_rate, self.sigma, self.clip_norm or config.max_grad_norm,
-                 self._blocks.ledgers.epsilon, self.engine)
+        self._log_started(len(train))
 
     # ----------------------------------------------------------------------- set-up
+    def _log_started(self, static_records: int) -> None:
+        log.info("trainer %s: %d static records, %d blocks, q=%.4f, sigma=%.3f, C=%.2f, epsilon "
+                 "spent %.3f, engine %s", self.model_id, static_records,
+                 len(self._blocks.ledgers), self.sample_rate, self.sigma,
+                 self.clip_norm or self.config.max_grad_norm, self._blocks.ledgers.epsilon,
+                 self.engine)
+
     def _make_dp_step(self, noise: GaussianSource | None,
                       audit: AuditHook | None) -> DPSGDStep:
         cfg = self.config
@@ -207,152 +217,25 @@ class LocalTrainer:
                                adaptive=(AdaptiveClip.from_config(cfg)
                                          if adaptive_clipping_on(cfg) else None))
 
-    @property
-    def ledger_path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / LEDGER_FILE
-
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / CHECKPOINT_FILE
-
-    @property
-    def round(self) -> int:
-        """Rounds since the trainer was created (private and averaging, every block)."""
-        return self._round
-
-    @property
-    def engine(self) -> str:
-        """The per-example engine private steps run on: "ghost" (the fast one), "vmap" (the
-        general one, torch.func) or "none" (dp off)."""
-        if self._dp_step is None:
-            return "none"
-        return "ghost" if isinstance(self._dp_step.engine, GhostClipEngine) else "vmap"
-
-    @property
-    def ledger(self) -> PrivacyLedger | None:
-        """The worst block's ledger (without a source: the static set's, the only one)."""
-        return max((e.ledger for e in self._blocks.ledgers), key=lambda led: led.epsilon,
-                   default=None)
-
-    @property
-    def epsilon(self) -> float | None:
-        """The worst record's epsilon: the largest of any block's (None when dp is off; inf
-        when a ``noise`` source passed to the constructor voids the ledger's figure)."""
-        return self._shown_epsilon() if self.config.dp else None
-
-    def _shown_epsilon(self) -> float:
-        return math.inf if self._noise_replaced else self._blocks.ledgers.epsilon
-
-    @property
-    def budget_epsilon(self) -> float | None:
-        """Every block's budget (budget_epsilon, else the DP target; None: unlimited)."""
-        return self._blocks.budget
-
-    @property
-    def sigma(self) -> float:
-        """Noise multiplier of the last trained block (before any round: the static set)."""
-        return self._blocks.current.ledger.sigma if self._blocks.current else 0.0
-
-    @property
-    def clip_norm(self) -> float | None:
-        """Adaptive clipping's current C_t, the norm the next private step clips to (None when
-        C is fixed at ``max_grad_norm`` or dp is off)."""
-        step = self._dp_step
-        return None if step is None or step.adaptive is None else step.clip_norm
-
-    @property
-    def sample_rate(self) -> float:
-        return self._blocks.current.ledger.sample_rate if self._blocks.current else 0.0
-
-    @property
-    def can_average(self) -> bool:
-        """Whether :meth:`averaging_round` is possible (the strategy averages models)."""
-        return self.sharing.needs_common_init
-
-    def blocks_status(self) -> list[BlockStatus]:
-        """Every block's records, epsilon, steps and whether (and why) it retired."""
-        return self._blocks.status()
-
-    @property
-    def residual(self) -> np.ndarray:
-        """What the sharing strategy keeps between rounds (a copy)."""
-        return self.sharing.state
-
-    def _resume(self) -> None:
-        assert self.ledger_path is not None and self.checkpoint_path is not None
-        stored: BlockLedgers | None = None
-        static_records = self._blocks.static_records
-        if self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path)
-            if state.model_id != self.model_id:
-                raise LedgerError(
-                    f"{self.checkpoint_path}: checkpoint is for {state.model_id}, "
-                    f"config builds {self.model_id}"
-                )
-            self.model.load_state_dict(state.model_state)
-            self._optimizer.load_state_dict(state.optimizer_state)
-            try:
-                self.sharing.restore(state.residual)
-            except ValueError:
-                raise LedgerError(
-                    f"{self.checkpoint_path}: residual has the wrong length") from None
-            self._round = state.round
-            if state.clip_norm is not None and self._dp_step is not None \
-                    and self._dp_step.adaptive is not None:  # adaptive C continues
-                self._dp_step.adaptive.clip_norm = state.clip_norm
-            stored = BlockLedgers.from_json(state.ledger_json, str(self.checkpoint_path),
-                                            static_records)
-        stored = newest_ledgers(self.ledger_path, stored, static_records, self.checkpoint_path)
-        if stored is None:
-            return
-        self._blocks.adopt(stored, str(self.state_dir))  # delta, settings, budget, accountant
-        log.info("resumed round %d, %d steps, epsilon %.3f", self._round, stored.steps,
-                 stored.epsilon)
-
-    # ----------------------------------------------------------------------- read-outs
-    @property
-    def model_lock(self) -> threading.Lock:
-        """The lock a round holds while it steps the model (evaluation and checkpointing
-        too). A merge never waits for it: while it is held, merges queue."""
-        return self._params.lock
-
-    @property
-    def pending_merges(self) -> int:
-        """Merges queued behind whoever holds :attr:`model_lock`, not yet in the model."""
-        return self._params.pending
+    def _open_state(self) -> StateFiles | None:
+        """The state directory's files (the directory made if missing), after resuming from
+        what they hold; None without a state directory."""
+        if self.state_dir is None:
+            return None
+        files = StateFiles.create(self.state_dir)
+        resumed = files.restore(self._parts, self._blocks.static_records)
+        self._round = resumed.round
+        if resumed.ledgers is not None:
+            # delta, settings, budget, accountant
+            self._blocks.adopt(resumed.ledgers, str(self.state_dir))
+            log.info("resumed round %d, %d steps, epsilon %.3f", self._round,
+                     resumed.ledgers.steps, resumed.ledgers.epsilon)
+        return files
 
     def apply_pending_merges(self) -> None:
         """Apply the queued merges, as a round does between its steps (caller holds
         :attr:`model_lock`)."""
         self._params.apply_pending()
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state as the checkpoint stores it (its kind and buffers)."""
-        return self._optimizer.state_dict()
-
-    @property
-    def frozen_prefix(self) -> torch.nn.Module | None:
-        """The model's frozen, parameter-free feature prefix (None for mlp and cnn)."""
-        return self._frozen
-
-    @property
-    def trainable(self) -> torch.nn.Module:
-        """What trains and is evaluated: the rest after the frozen prefix, else the model."""
-        return self._trainable
-
-    @property
-    def static_inputs(self) -> torch.Tensor | None:
-        """The trainable part's inputs of the static set (features, with a frozen prefix),
-        computed once at construction; None when the static set has no records."""
-        return self._blocks.static_inputs
-
-    @property
-    def data_held(self) -> held_data.HeldData:
-        """Bytes of record data held (static set, hold-out, loaded block); with a frozen
-        prefix only features and labels, never the raw records (held_data.HeldData)."""
-        x, y = self._blocks.held_tensors()
-        return held_data.count_held([*x, self._holdout.x], [*y, self._holdout.y],
-                                    featurised=self._frozen is not None)
 
     # ----------------------------------------------------------------------- API
     def train_round(self) -> LocalUpdate:
@@ -419,12 +302,7 @@ class LocalTrainer:
         """``steps`` group-noise steps on one block, charged to its ledger (on disk) before
         any share exists; BudgetExhaustedError, before anything, if no block can afford them
         (docs/privacy.md, "Group noise")."""
-        if self._dp_step is None or self.config.noise != "group":
-            raise ValueError("group epochs need dp = true and noise = 'group'")
-        if params.dim != self.param_count or params.max_grad_norm != self.config.max_grad_norm:
-            raise ValueError("group-noise parameters do not match this model")
-        if self._dp_step.adaptive is not None:  # validate() refuses it; never a moving C here
-            raise ValueError("adaptive clipping is refused with group noise")
+        dp_step = group_epoch_step(self.config, self._dp_step, params, self.param_count)
         with self._params.lock:
             block = self._start_block(steps)
             block.entry.ledger.record(steps)
@@ -432,7 +310,7 @@ class LocalTrainer:
             self._persist(checkpoint=self.config.checkpoint_every_round)
         self.model.train()
         return GroupEpoch(params, steps, block.sigma, block.x, block.y, block.sample_rate,
-                          self._dp_step, self._params.params, self._optimizer,
+                          dp_step, self._params.params, self._optimizer,
                           self._params.lock, self._sampling)
 
     def parameter_vector(self) -> np.ndarray:
@@ -440,17 +318,6 @@ class LocalTrainer:
         with self._params.lock:
             self._params.apply_pending()
             return self._params.flat().numpy().copy()
-
-    def _in_averaging_tail(self) -> bool:
-        """Whether the plan's private rounds are done and only averaging is left.
-
-        The tail has no end: a peer that finished its plan keeps re-sharing its model (free,
-        post-processing) while slower neighbours finish theirs, instead of running into its
-        budget and dropping out of the averaging its neighbours still need.
-        """
-        cfg = self.config
-        first = cfg.planned_rounds - cfg.averaging_rounds
-        return cfg.averaging_rounds > 0 and self._round >= first
 
     def averaging_round(self) -> LocalUpdate:
         """A round with no private step: re-share the model's current displacement.
@@ -504,19 +371,6 @@ class LocalTrainer:
 
     def _persist(self, *, checkpoint: bool) -> None:
         self._blocks.dirty = False
-        if self.ledger_path is None or self.checkpoint_path is None:
-            return
-        self._blocks.ledgers.save(self.ledger_path)
-        if checkpoint:
-            save_checkpoint(
-                self.checkpoint_path,
-                TrainerState(
-                    model_id=self.model_id,
-                    round=self._round,
-                    model_state=self.model.state_dict(),
-                    optimizer_state=self._optimizer.state_dict(),
-                    residual=self.sharing.state,
-                    ledger_json=self._blocks.ledgers.to_json(),
-                    clip_norm=self.clip_norm,
-                ),
-            )
+        if self._files is not None:
+            self._files.write(self._blocks.ledgers, self._parts.snapshot(
+                self._round, self._blocks.ledgers) if checkpoint else None)
