@@ -190,7 +190,7 @@ def child_peer_training(config: str, rounds: int, steps_per_round: int,
         apply_process_settings(DeviceConfig("small"))
     phases = Phases()
     phases.mark("imports")
-    # The same sequence as peer.config.build_peer_parts (the `murmur-peer run` path): only
+    # The same sequence as peer.assembly.peer_from_config (the `murmur-peer run` path): only
     # the source's training part is loaded, and the unsplit set is dropped once it is split.
     train_source = load_train_source(data_spec)
     phases.mark("data")
@@ -260,9 +260,10 @@ OPACUS_DEFAULT_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 6
 def install_lean_what_if() -> None:
     """(1) Load only Opacus' RDP analysis module (numpy + scipy.special) instead of running
     ``opacus/__init__`` (peer/training/privacy/accountant.py now does this itself, so (1) changes
-    nothing any more; kept so the row measures the same thing as before); (2) use functional
-    SGD instead of constructing a torch.optim optimizer (which imports torch._dynamo). Both
-    leave the arithmetic unchanged."""
+    nothing any more; kept so the row measures the same thing as before). (2), functional SGD
+    instead of a torch.optim optimizer (which imports torch._dynamo), is what the trainer
+    itself does now (peer/training/optim.py), so the row differs from ``cnn_shard`` only by
+    (1). Both leave the arithmetic unchanged."""
     import importlib.util
     import types
 
@@ -293,45 +294,6 @@ def install_lean_what_if() -> None:
         get_noise_multiplier)
     sys.modules.update(packages)
     sys.modules["opacus.accountants.analysis.rdp"] = rdp
-
-    import torch
-    from torch.optim.sgd import sgd
-
-    import peer.training.trainer
-
-    class FunctionalSGD:
-        """torch.optim.SGD's update through the functional API (no torch._dynamo)."""
-
-        def __init__(self, params: list[torch.Tensor], lr: float, momentum: float) -> None:
-            self.params, self.lr, self.momentum = params, lr, momentum
-            self.buffers: list[torch.Tensor | None] = [None] * len(params)
-
-        def zero_grad(self, set_to_none: bool = True) -> None:
-            for p in self.params:
-                p.grad = None
-
-        @torch.no_grad()
-        def step(self) -> None:
-            live = [i for i, p in enumerate(self.params) if p.grad is not None]
-            buffers = [self.buffers[i] for i in live]
-            sgd([self.params[i] for i in live], [self.params[i].grad for i in live], buffers,
-                weight_decay=0.0, momentum=self.momentum, lr=self.lr, dampening=0.0,
-                nesterov=False, maximize=False)
-            for i, buffer in zip(live, buffers, strict=True):
-                self.buffers[i] = buffer
-
-        def state_dict(self) -> dict[str, Any]:
-            return {"momentum_buffers": list(self.buffers)}
-
-        def load_state_dict(self, state: dict[str, Any]) -> None:
-            self.buffers = list(state.get("momentum_buffers", self.buffers))
-
-    def make_optimizer(trainer: Any) -> FunctionalSGD:
-        if trainer.config.optimizer != "sgd":
-            raise SystemExit("what-if run supports optimizer = 'sgd' only")
-        return FunctionalSGD(trainer._params, trainer.config.lr, trainer.config.momentum)
-
-    peer.training.trainer.LocalTrainer._make_optimizer = make_optimizer  # type: ignore[method-assign]
 
 
 def child_main(args: argparse.Namespace) -> None:
