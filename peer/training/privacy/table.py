@@ -30,24 +30,30 @@ only on a real miss. Properties (docs/privacy.md, "epsilon tables"):
   signature: whoever can write this file can write ``ledger.json`` beside it.
 
 :class:`InProcessAccountant` is the other :class:`EpsilonSource`: the library in this process
-(the default for a ledger with no table).
+(the default for a ledger with no table). What names a figure and what a stored table must
+satisfy (:class:`TableKey`, the fingerprint, the digest) is in :mod:`.table_key`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
 import math
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from peer.files import atomic_write_bytes
 from peer.training.privacy import accountant as accountants
-from peer.training.privacy.base import AccountingError, Segment, active_segments
+from peer.training.privacy.base import AccountingError, Segment
+from peer.training.privacy.table_key import (
+    TableKey,
+    body_digest,
+    method_fingerprint,
+    number,
+    sigma_key,
+    valid_entries,
+)
 from peer.training.privacy.table_prefetch import (
     ChildJob,
     ChildProcess,
@@ -56,6 +62,12 @@ from peer.training.privacy.table_prefetch import (
     prefetch_counts,
     run_child,
 )
+
+__all__ = [
+    "CHILD_TIMEOUT_S", "CHUNK", "IN_PROCESS", "TABLE_FILE", "TABLE_FORMAT", "EpsilonSource",
+    "EpsilonTable", "InProcessAccountant", "TableKey", "body_digest", "epsilon_source",
+    "method_fingerprint",
+]
 
 TABLE_FILE = "epsilon_table.json"
 #: 2: a ``method`` fingerprint and a ``sha256`` of the body (format 1 files are rebuilt).
@@ -66,44 +78,6 @@ CHUNK = 48
 CHILD_TIMEOUT_S = 600.0
 
 log = logging.getLogger(__name__)
-
-#: The modules whose constants decide a figure besides its key (this package's files).
-_METHOD_MODULES = ("accountant.py", "base.py", "pld.py", "rdp.py")
-#: The distributions those modules call.
-_LIBRARIES = ("dp-accounting", "opacus", "scipy", "numpy")
-
-
-def method_fingerprint() -> str:
-    """SHA-256 of the accountant modules' source and the libraries' versions: what a figure
-    depends on that no :class:`TableKey` names. Imports none of them (importlib.metadata is
-    already loaded with torch)."""
-    digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in _METHOD_MODULES:
-        source = (here / name).read_bytes()
-        digest.update(f"{name}:{len(source)}:".encode() + source)
-    for library in _LIBRARIES:
-        try:
-            version = importlib.metadata.version(library)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
-        digest.update(f"{library}=={version};".encode())
-    return digest.hexdigest()
-
-
-def body_digest(method: str, sigmas: object, epsilons: object) -> str:
-    """The ``sha256`` field of a table file: SHA-256 of its body in canonical JSON."""
-    canonical = json.dumps({"method": method, "sigmas": sigmas, "epsilons": epsilons},
-                           sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _number(value: object) -> float:
-    """A JSON number as a float (bool, str and None are refused: ValueError)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{value!r} is not a number")
-    return float(value)
-
 
 class EpsilonSource(Protocol):
     """Where a ledger gets its accountant's figures from."""
@@ -137,56 +111,6 @@ def epsilon_source(use_table: bool, state_dir: Path | str | None) -> EpsilonSour
         return IN_PROCESS
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     return EpsilonTable(Path(state_dir) / TABLE_FILE)
-
-
-@dataclass(frozen=True)
-class TableKey:
-    """Everything a figure depends on except the last segment's step count."""
-
-    accountant: str
-    delta: float
-    prefix: tuple[Segment, ...]
-    sigma: float
-    sample_rate: float
-
-    @classmethod
-    def of(cls, segments: list[Segment], delta: float, accountant: str
-           ) -> tuple[TableKey, int] | None:
-        """The key and step count of a composition (None: no step, epsilon 0)."""
-        active = active_segments(segments, delta)
-        if not active:
-            return None
-        sigma, rate, steps = active[-1]
-        return cls(accountant, float(delta), active[:-1], sigma, rate), steps
-
-    def text(self) -> str:
-        """Canonical JSON (floats as shortest round-trip repr): the key in the file."""
-        return json.dumps([self.accountant, self.delta, [list(p) for p in self.prefix],
-                           self.sigma, self.sample_rate])
-
-    @classmethod
-    def from_text(cls, text: str) -> TableKey:
-        accountant, delta, prefix, sigma, rate = json.loads(text)
-        return cls(str(accountant), float(delta),
-                   tuple((float(s), float(q), int(n)) for s, q, n in prefix),
-                   float(sigma), float(rate))
-
-
-def _sigma_key(target: float, delta: float, rate: float, steps: int, accountant: str) -> str:
-    return json.dumps([accountant, float(target), float(delta), float(rate), int(steps)])
-
-
-def _valid_entries(entries: object) -> dict[int, float]:
-    """A key's entries as {steps: epsilon}; ValueError if they break the invariants."""
-    if not isinstance(entries, dict):
-        raise ValueError("entries must be an object")
-    table = {int(n): _number(e) for n, e in entries.items()}
-    last = 0.0
-    for n in sorted(table):
-        if n < 1 or not (math.isfinite(table[n]) and table[n] >= last):
-            raise ValueError(f"entry {n}: {table[n]} is not finite, >= 0 and non-decreasing")
-        last = table[n]
-    return table
 
 
 class EpsilonTable:
@@ -261,9 +185,9 @@ class EpsilonTable:
                 raise ValueError("its SHA-256 does not match its body (partial or edited)")
             if body["method"] != self.method:
                 raise ValueError("made by other accountant code or library versions")
-            epsilons = {TableKey.from_text(k).text(): _valid_entries(v)
+            epsilons = {TableKey.from_text(k).text(): valid_entries(v)
                         for k, v in body["epsilons"].items()}
-            sigmas = {str(k): _number(v) for k, v in body["sigmas"].items()}
+            sigmas = {str(k): number(v) for k, v in body["sigmas"].items()}
             if not all(v > 0 and math.isfinite(v) for v in sigmas.values()):
                 raise ValueError("a stored sigma is not positive and finite")
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -403,8 +327,8 @@ class EpsilonTable:
             raise AccountingError(f"epsilon table child gave {reply!r}")
         stored = self._epsilons.get(job.key, {})
         try:
-            fresh = _valid_entries(dict(zip(counts, figures, strict=True)))
-            merged = _valid_entries({**stored, **fresh})
+            fresh = valid_entries(dict(zip(counts, figures, strict=True)))
+            merged = valid_entries({**stored, **fresh})
         except (ValueError, TypeError) as exc:
             raise AccountingError(f"epsilon table child's figures: {exc}") from exc
         self._save({**self._epsilons, job.key: merged}, self._sigmas)
@@ -412,7 +336,7 @@ class EpsilonTable:
     def sigma_for(self, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                   accountant: str) -> float:
         """The accountant's ``sigma_for``, computed once in a child and stored."""
-        name = _sigma_key(target_epsilon, delta, sample_rate, steps, accountant)
+        name = sigma_key(target_epsilon, delta, sample_rate, steps, accountant)
         while True:
             with self._lock:
                 if name in self._sigmas:

@@ -14,7 +14,7 @@ process never holds the library. Requests:
 * ``{"kind": "sigma", "target_epsilon", "delta", "sample_rate", "steps", "accountant"}`` ->
   ``{"sigma": ...}``: the accountant's ``sigma_for``.
 
-Every request carries the parent's ``method`` (:func:`.table.method_fingerprint`); a child
+Every request carries the parent's ``method`` (:func:`.table_key.method_fingerprint`); a child
 whose own differs (other accountant code or library versions than the parent's) refuses it.
 Bad requests exit with status 2 and a message on stderr.
 """
@@ -26,7 +26,7 @@ import sys
 
 from peer.training.privacy import accountant as accountants
 from peer.training.privacy.base import AccountingError
-from peer.training.privacy.table import TableKey, method_fingerprint
+from peer.training.privacy.table_key import TableKey, method_fingerprint
 
 #: How far PLD's epsilon may exceed RDP's before the cross-check fails: PLD's pessimistic
 #: 1e-3 discretization can put it above RDP below epsilon ~0.005 (docs/privacy.md).
