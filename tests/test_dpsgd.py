@@ -158,6 +158,111 @@ def test_a_clipped_sum_written_into_a_reused_vector_overwrites_every_entry(
     assert empty.batch_size == 0 and bool((out == 0).all())
 
 
+def _mixed_geometry_model() -> nn.Module:
+    """Two padded convolutions of different geometry (their padded inputs 2 x 9 x 8 and
+    4 x 11 x 8, their patches 42 x 18 and 54 x 36 per example) sharing the patch buffer, a
+    bias-free one and a frozen bias between trained ones, on 2 x 7 x 6 inputs."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(),  # -> 4 x 7 x 6
+        nn.Conv2d(4, 3, 3, padding=(2, 1), bias=False), nn.Tanh(),  # -> 3 x 9 x 6
+        nn.Conv2d(3, 5, 2, stride=2), nn.Tanh(), nn.Flatten(),  # -> 5 x 4 x 3
+        nn.Linear(60, 6, bias=False), nn.Tanh(), nn.Linear(6, 4),
+    )
+    model[4].bias.requires_grad_(False)
+    return model
+
+
+def test_the_dp_step_reuses_its_vector_and_workspace_without_a_stale_entry() -> None:
+    """Every step's .grad must be that step's batch alone: a batch smaller than the one before
+    (stale rows), an empty one, one with a NaN example (its rows dropped), on a model whose
+    convolutions differ in geometry and share the patch buffer, with no noise so that any
+    entry left from an earlier step would show against the reference engine."""
+    torch.manual_seed(6)
+    model = _mixed_geometry_model()
+    step = DPSGDStep.build(model, noise_multiplier=0.0, max_grad_norm=0.6,
+                           expected_batch_size=8.0, engine="ghost")
+    assert isinstance(step.engine, GhostClipEngine)
+    reference = VmapEngine(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == 7 and all(p is not model[4].bias for p in trained)
+    for seed, n in enumerate((11, 3, 14, 0, 5, 14)):
+        x, y = _batch((2, 7, 6), n=n, classes=4, seed=seed)
+        if n == 5:
+            x[2, 1, 3, 3] = float("nan")
+        step.step(x, y)
+        grad = torch.cat([p.grad.reshape(-1) for p in trained])
+        expected = reference.clipped_sum(x, y, 0.6).flat_sum / 8.0
+        assert bool(torch.isfinite(grad).all())
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    assert model[4].bias.grad is None
+
+
+def test_a_layout_the_fast_engine_cannot_write_is_refused_when_it_is_built() -> None:
+    """The fast engine writes each layer's weight and then its trainable bias: a frozen weight
+    under a trained bias, or a weight shared by two layers, is refused when the engine is
+    built (so "auto" falls back to the general engine) instead of failing at every step."""
+    frozen = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    frozen[0].weight.requires_grad_(False)
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    tied = nn.Sequential(first, nn.Tanh(), second)
+    x, y = _batch((4,), n=6, classes=3)
+    for model in (frozen, tied):
+        with pytest.raises(UnsupportedModelError, match="weight then its bias"):
+            GhostClipEngine(model)
+        step = DPSGDStep.build(model, noise_multiplier=0.0, max_grad_norm=0.5,
+                               expected_batch_size=6.0)
+        assert isinstance(step.engine, VmapEngine)
+        step.step(x, y)
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+        torch.testing.assert_close(grad, VmapEngine(model).clipped_sum(x, y, 0.5).flat_sum / 6)
+
+
+class _MaybeTwice(nn.Module):
+    """Runs its hidden layer once or, with ``twice``, twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.twice = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(x))
+        if self.twice:
+            h = torch.tanh(self.hidden(h))
+        return self.head(h)
+
+
+def test_a_layer_that_runs_twice_in_a_step_is_refused_at_that_step() -> None:
+    """The engine keeps one input and output per layer: a second call would replace the
+    first's and the sum would silently miss its part. The call is refused, and the slots it
+    left filled do not make the next call fail or read them."""
+    torch.manual_seed(7)
+    model = _MaybeTwice()
+    engine = GhostClipEngine(model)
+    x, y = _batch((4,), n=5, classes=3)
+    with pytest.raises(UnsupportedModelError, match="ran twice"):
+        engine.clipped_sum(x, y, 1.0)
+    model.twice = False
+    torch.testing.assert_close(engine.clipped_sum(x, y, 1.0).flat_sum,
+                               VmapEngine(model).clipped_sum(x, y, 1.0).flat_sum,
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine_class", [GhostClipEngine, VmapEngine])
+def test_out_must_be_a_contiguous_float32_vector_of_every_parameter(engine_class: type) -> None:
+    """The engines write every entry of exactly such a vector (the ghost engine keeps its views
+    into it by address and length); anything else is refused, not partly written."""
+    model = build_model("mlp", (8,), 3)
+    count = sum(p.numel() for p in model.parameters())
+    engine = engine_class(model)
+    x, y = _batch((8,), n=4, classes=3)
+    for bad in (torch.zeros(2 * count)[::2], torch.zeros(count + 1), torch.zeros(count - 1),
+                torch.zeros(count, dtype=torch.float64), torch.zeros(1, count)):
+        with pytest.raises(ValueError, match="contiguous float32 vector"):
+            engine.clipped_sum(x, y, 1.0, out=bad)
+
+
 def test_every_clipped_example_norm_is_at_most_c() -> None:
     torch.manual_seed(2)
     model = build_model("cnn", (1, 28, 28), 10)

@@ -53,6 +53,19 @@ def zero_rows(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype))
 
 
+def output_vector(out: torch.Tensor | None, count: int) -> torch.Tensor:
+    """The vector a clipped sum is written into: ``out``, once checked to be a contiguous
+    float32 vector of ``count`` entries (the engines write every entry of exactly that), or a
+    new one."""
+    if out is None:
+        return torch.empty(count, dtype=torch.float32)
+    if (out.dim() != 1 or out.numel() != count or out.dtype != torch.float32
+            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 vector of {count} entries, got "
+                         f"{out.dtype} of shape {tuple(out.shape)}")
+    return out
+
+
 def row_sq_norms(per_example: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each example's slice, in one fused kernel (no squared copy)."""
     return torch.linalg.vector_norm(per_example.reshape(per_example.shape[0], -1), dim=1).square_()

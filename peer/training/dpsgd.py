@@ -45,7 +45,12 @@ from torch.func import functional_call, grad, vmap
 
 from peer.training.adaptive_clip import AdaptiveClip
 from peer.training.audit_hook import AuditHook, noise_scale_of
-from peer.training.clipping import ClippedGradient, UnsupportedModelError, clip_factors
+from peer.training.clipping import (
+    ClippedGradient,
+    UnsupportedModelError,
+    clip_factors,
+    output_vector,
+)
 from peer.training.clipping import trainable_params as _trainable
 from peer.training.clipping import zero_rows as _zero_rows
 from peer.training.ghost_engine import GhostClipEngine
@@ -83,8 +88,7 @@ class VmapEngine:
         out: torch.Tensor | None = None,
     ) -> ClippedGradient:
         """As :meth:`GhostClipEngine.clipped_sum`: written into ``out`` when one is given."""
-        count = sum(p.numel() for p in _trainable(self.model))
-        flat = torch.empty(count) if out is None else out
+        flat = output_vector(out, sum(p.numel() for p in _trainable(self.model)))
         if x.shape[0] == 0:
             return ClippedGradient(flat.zero_(), torch.zeros(0), 0)
         per_example = self.per_example_flat(x, y)
@@ -147,7 +151,8 @@ class DPSGDStep:
     audit: AuditHook | None = None  #: audit only (peer/training/audit_hook.py)
     adaptive: AdaptiveClip | None = None  #: adaptive clipping state (None: C fixed)
     # step()'s gradient: one flat vector reused every step, each parameter's .grad a view
-    # of its slice (built on the first step; every entry is overwritten by each step).
+    # of its slice (built on the first step; every entry is overwritten by each step, so a
+    # .grad kept past the next step holds that step's gradient: copy it to keep it).
     _grads: tuple[torch.Tensor, list[tuple[nn.Parameter, torch.Tensor]]] | None = field(
         default=None, init=False, repr=False)
 

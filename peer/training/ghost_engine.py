@@ -19,7 +19,10 @@ Security property: the clipped sum equals the one computed from materialised per
 gradients (tested against :class:`peer.training.dpsgd.VmapEngine`), so its L2 sensitivity to
 adding or removing one record is C. The workspace only holds intermediate values of the
 current call; every entry a call reads was written earlier in that same call, or is a padding
-border that is never written and stays zero.
+border that is never written and stays zero. The engine refuses what would break the first
+claim: when it is built, a model whose trainable parameters are not each layer's weight then
+its bias, in the model's order (the layout of the vector it writes); at a step, a layer that
+runs twice (its hooks keep one input and output per layer).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from peer.training.clipping import (
     ClippedGradient,
     UnsupportedModelError,
     clip_factors,
+    output_vector,
     row_sq_norms,
     trainable_params,
     zero_rows,
@@ -152,6 +156,18 @@ class GhostClipEngine:
         params = trainable_params(model)
         if any(id(p) not in owned for p in params):
             raise UnsupportedModelError("model has trainable parameters outside Linear/Conv2d")
+        # The engine writes each layer's weight, then its trainable bias, one after the other
+        # (_slices_of): that must be the model's trainable parameters, in their order.
+        layout = []
+        for layer in self._layers:
+            layout.append(layer.weight)
+            if layer.bias is not None and layer.bias.requires_grad:
+                layout.append(layer.bias)
+        if [id(p) for p in layout] != [id(p) for p in params]:
+            raise UnsupportedModelError(
+                "a layer's trainable parameters are not its weight then its bias (a frozen "
+                "weight under a trained bias, a parameter shared between layers, or one a "
+                "Linear/Conv2d subclass added)")
         self._params = params
         self._param_count = sum(p.numel() for p in params)
         self._inputs: list[torch.Tensor | None] = [None] * len(self._layers)
@@ -194,6 +210,10 @@ class GhostClipEngine:
     def _make_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if self._capturing:
+                if self._outputs[index] is not None:
+                    # A second call would replace the first's input and output, and the
+                    # per-example gradients would miss the first call's part.
+                    raise UnsupportedModelError("a trainable layer ran twice in forward()")
                 self._inputs[index] = inputs[0].detach()
                 self._outputs[index] = output
 
@@ -207,7 +227,7 @@ class GhostClipEngine:
         into ``out`` (a float32 vector of every trainable parameter, each entry overwritten)
         when one is given, else into a new one."""
         batch = x.shape[0]
-        flat = torch.empty(self._param_count, dtype=torch.float32) if out is None else out
+        flat = output_vector(out, self._param_count)
         if batch == 0:
             return ClippedGradient(flat.zero_(), torch.zeros(0), 0)
         inputs, out_grads = self._capture(x, y)
@@ -231,7 +251,10 @@ class GhostClipEngine:
     def _slices_of(self, flat: torch.Tensor) -> list[_LayerSlices]:
         """Each layer's weight (in its own shape) and bias views into ``flat``, in parameter
         order; the views of the last vector asked for are kept, so a caller that passes the
-        same ``out`` every step builds them once."""
+        same ``out`` every step builds them once. ``flat`` is a contiguous float32 vector
+        (:func:`output_vector`), so its address and length name the memory the views write;
+        and the kept views hold that memory, so no other vector can be given its address
+        while they are kept."""
         if self._slices_key != (flat.data_ptr(), flat.numel()):
             slices, offset = [], 0
             for layer in self._layers:
@@ -252,6 +275,9 @@ class GhostClipEngine:
     ) -> tuple[list[torch.Tensor | None], tuple[torch.Tensor, ...]]:
         """One forward pass with the hooks on: every layer's input, and the gradient of the
         summed loss with respect to every layer's output (b_i is example i's gradient)."""
+        # Empty slots first: a forward pass that raised may have left some filled.
+        self._inputs = [None] * len(self._layers)
+        self._outputs = [None] * len(self._layers)
         self._capturing = True
         try:
             logits = self.model(x)
