@@ -155,7 +155,10 @@ def test_count_noise_comes_from_the_steps_secure_source(digits, one_torch_thread
 
 def test_clip_norm_converges_toward_the_target_quantile(digits, one_torch_thread) -> None:
     """A fixed real model on real data: C moves from 100x too large to where about the target
-    fraction of the examples' gradient norms lies below it."""
+    fraction of the examples' gradient norms lies below it. C keeps moving with the count's
+    noise, so the fraction is averaged over the last 150 of 300 steps: over 30 runs its
+    final value alone spread with a standard deviation of 0.058 (one CI run saw 0.52), the
+    average with 0.0035 around 0.296."""
     model = _mlp(digits.train)
     x, y = torch.from_numpy(digits.train.x), torch.from_numpy(digits.train.y)
     norms = make_engine(model, "ghost").clipped_sum(x, y, 1.0).per_example_norms
@@ -164,11 +167,13 @@ def test_clip_norm_converges_toward_the_target_quantile(digits, one_torch_thread
                            expected_batch_size=256.0,
                            adaptive=AdaptiveClip(clip_norm=start, target_quantile=0.3))
     generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    fractions = []
+    for index in range(300):
         batch = torch.randperm(len(x), generator=generator)[:256]
         step.private_gradient(x[batch], y[batch])
-    fraction = float((norms <= step.clip_norm).float().mean())
-    assert 0.15 <= fraction <= 0.45
+        if index >= 150:
+            fractions.append(float((norms <= step.clip_norm).float().mean()))
+    assert 0.25 <= sum(fractions) / len(fractions) <= 0.35
 
 
 def test_both_engines_clip_to_the_moving_c(digits, one_torch_thread) -> None:
