@@ -30,18 +30,12 @@ import torch
 from sim.audit import AuditSpec, GradientCanaries, run_audit
 from sim.scenario_io import scenario_from_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
 CONFIDENCE = 0.999
 M = 500
 BASE = dict(peers=4, group_size=4, dataset="digits", mode="reference", seed=0,
             target_epsilon=1.0, delta=1e-7)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_gradient_canaries_are_sampled_like_records_and_only_when_included():

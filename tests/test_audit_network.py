@@ -21,26 +21,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from sim.audit import AuditSpec
 from sim.audit_network import NETWORK_VIEWS, run_network_audit
 from sim.scenario_io import scenario_from_dict
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_torch_thread")]
 
 CONFIDENCE = 0.999
 M = 500
 FAST_PAUSE_S = 0.5  # pauses between rounds shortened; everything else is the real thing
 BASE = dict(peers=4, group_size=4, dataset="digits", seed=0, target_epsilon=1.0, delta=1e-7)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_network_audit_passes_the_real_mechanism():

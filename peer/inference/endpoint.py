@@ -35,7 +35,15 @@ from peer.network.inbound import decode_bound
 from protocol.codec import encode_message
 from protocol.errors import ProtocolError
 from protocol.inference import SnapshotDescription, encode_description
-from protocol.messages import PROTOCOL_VERSION, Body, Header, Kind, SequenceCounter, SignedMessage
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Announce,
+    Body,
+    Header,
+    Kind,
+    SequenceCounter,
+    SignedMessage,
+)
 from protocol.topics import ParsedTopic, parse_topic
 
 
@@ -115,6 +123,18 @@ class InferenceEndpoint:
             raise DroppedError("wrong_role", f"{cert.peer_id!r} is a {cert.role}, not a {role}")
         if cert.peer_id != sender:
             raise DroppedError("sender_mismatch", f"certificate of {cert.peer_id!r}")
+        return public
+
+    def announced_peer(self, msg: SignedMessage) -> PublicIdentity:
+        """The identity an ANNOUNCE carries: its certificate valid, of a peer and the sender's,
+        and the message signed under it; DroppedError otherwise. No replay window: a retained
+        announcement is delivered again to every new subscriber."""
+        assert isinstance(msg.body, Announce)
+        public = self.certified(msg.body.certificate, msg.header.sender, "peer")
+        try:
+            verify_signature(public.verify_key, msg.signed_bytes, msg.signature)
+        except SignatureError:
+            raise DroppedError("bad_signature", msg.header.sender) from None
         return public
 
     def authenticate(self, msg: SignedMessage, sender: PublicIdentity) -> None:

@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-from crypto.errors import SignatureError
 from crypto.field import field_to_bytes
-from crypto.identity import PublicIdentity, verify_signature
+from crypto.identity import PublicIdentity
 from crypto.inference import SnapshotCodes, share_snapshot
 from crypto.masking import SEED_BYTES
 from peer.errors import DroppedError, PeerError
@@ -35,7 +34,7 @@ from peer.network.transport import Incoming
 from protocol.chunks import encode_chunked
 from protocol.inference import ServedModel, SnapshotDescription, SnapshotShare
 from protocol.limits import DEFAULT_MAX_MESSAGE_BYTES, SESSION_ID_BYTES
-from protocol.messages import Announce, Kind
+from protocol.messages import Kind
 from protocol.topics import announce_topic, direct_topic
 
 SERVABLE_MODELS = ("scatter",)
@@ -73,13 +72,7 @@ class SnapshotPublisher(InferenceParty):
         _, msg = self.endpoint.decode(incoming.topic, incoming.payload)
         if msg.header.kind is not Kind.ANNOUNCE or msg.header.sender not in self.servers:
             raise DroppedError("unexpected_kind", Kind(msg.header.kind).name)
-        assert isinstance(msg.body, Announce)
-        public = self.endpoint.certified(msg.body.certificate, msg.header.sender, "peer")
-        try:
-            verify_signature(public.verify_key, msg.signed_bytes, msg.signature)
-        except SignatureError:
-            raise DroppedError("bad_signature", msg.header.sender) from None
-        self.keys[msg.header.sender] = public
+        self.keys[msg.header.sender] = self.endpoint.announced_peer(msg)
         if set(self.keys) == set(self.servers):
             self._all_known.set()
 

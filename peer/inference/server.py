@@ -16,9 +16,8 @@ import contextlib
 import os
 import time
 
-from crypto.errors import SignatureError
 from crypto.field import field_view
-from crypto.identity import PublicIdentity, verify_signature
+from crypto.identity import PublicIdentity
 from peer.errors import DroppedError
 from peer.inference.endpoint import InferenceEndpoint
 from peer.inference.party import InferenceParty
@@ -107,13 +106,7 @@ class ServingPeer(InferenceParty):
             raise DroppedError("unexpected_kind", Kind(kind).name)
 
     def _on_owner_announce(self, msg: SignedMessage) -> None:
-        assert isinstance(msg.body, Announce)
-        public = self.endpoint.certified(msg.body.certificate, msg.header.sender, "peer")
-        try:
-            verify_signature(public.verify_key, msg.signed_bytes, msg.signature)
-        except SignatureError:
-            raise DroppedError("bad_signature", msg.header.sender) from None
-        self.owner_public = public
+        self.owner_public = self.endpoint.announced_peer(msg)
 
     def _on_chunk(self, topic: str, msg: SignedMessage) -> None:
         """A piece of the owner's SNAPSHOT_SHARE, authenticated before it is held."""

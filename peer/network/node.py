@@ -25,7 +25,7 @@ Every inbound message passes the checks of peer/network/inbound.py before it rea
 session; each failure is a counted drop with a reason (``status().drops``), so nothing on the
 wire can crash a peer. Large session messages travel as signed CHUNKs (bounded reassembly).
 
-(About 470 lines, past the usual ~450: this is the one place a peer's parts are wired to its
+(About 475 lines, past the usual ~450: this is the one place a peer's parts are wired to its
 I/O; each method is a few lines of wiring that would only move, not shrink, if split off.)
 """
 
@@ -60,8 +60,8 @@ from peer.network.pacing import PacingState, can_form_group
 from peer.network.rounds import RoundLoop, TrainingGauges
 from peer.network.session.common import SessionContext
 from peer.network.session.group import GroupSession
-from peer.network.session.kinds import build_kind
-from peer.network.session.seat import SeatHooks, SessionSeat, session_params
+from peer.network.session.kinds import build_kind, session_params
+from peer.network.session.seat import SeatHooks, SessionSeat
 from peer.network.settings import EventCallback, NodeConfig, PeerEvent, Trainer
 from peer.network.transport import (
     BrokerSettings,
@@ -214,8 +214,12 @@ class Peer:
         """Called by the transport before each connection: a new connection id, and the
         LEAVE for it that the broker publishes (retained) if the connection dies."""
         self._connection_id = os.urandom(CONNECTION_ID_BYTES)
-        leave = m.Leave("connection lost", self._connection_id)
-        payload = self.framer.encode(m.Kind.LEAVE, b"", leave)
+        return self._leave("connection lost")
+
+    def _leave(self, reason: str) -> WillMessage:
+        """This connection's LEAVE, retained on the announce topic: it replaces the peer's
+        announcement, so newcomers do not invite it."""
+        payload = self.framer.encode(m.Kind.LEAVE, b"", m.Leave(reason, self._connection_id))
         return announce_topic(self.network_id, self.peer_id), payload, True
 
     def _state(self, connected: bool, eligible: int) -> str:
@@ -299,10 +303,7 @@ class Peer:
         # Let the aborts and the leave go out while still connected (bounded wait).
         if self.transport.connected.is_set():
             with contextlib.suppress(ProtocolError, ValueError):
-                # Retained: it replaces our announcement, so newcomers do not invite us.
-                leave = self.framer.encode(m.Kind.LEAVE, b"",
-                                           m.Leave("stopping", self._connection_id))
-                self.outbox.put((announce_topic(self.network_id, self.peer_id), leave, True))
+                self.outbox.put(self._leave("stopping"))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self.outbox.drained()

@@ -24,7 +24,7 @@ suffix, so a Shamir peer neither invites nor accepts a masked peer, and the othe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from peer.network.session.common import (
     Contribution,
@@ -33,6 +33,8 @@ from peer.network.session.common import (
     SessionTimeouts,
     Step,
     check_invite,
+    group_min_sum,
+    group_model_suffix,
 )
 from peer.network.session.group import GroupSession
 from peer.network.session.masked import MaskedSession
@@ -40,6 +42,9 @@ from peer.network.session.masked_messages import MaskedTimeouts
 from peer.network.session.shamir import Session
 from protocol import messages as m
 from protocol.topics import session_filter
+
+if TYPE_CHECKING:  # settings imports the session modules' types, not this registry
+    from peer.network.settings import NodeConfig, Trainer
 
 #: Appended to the model id in masked mode (after the sharing strategy's own suffix).
 MASKED_MODEL_SUFFIX = "-masked"
@@ -156,3 +161,26 @@ def build_kind(name: str, timeouts: SessionTimeouts,
                masked_timeouts: MaskedTimeouts | None = None) -> SessionKind:
     """The session kind ``name``, set up from the peer's timeouts."""
     return kind_class(name).from_timeouts(timeouts, masked_timeouts)
+
+
+def session_params(network_id: str, config: NodeConfig, trainer: Trainer,
+                   session_kind: SessionKind) -> SessionParams:
+    """What every session of this peer agrees on with its members (model, group, timeouts).
+
+    A group-noise trainer (``noise = "group"``) makes sessions that carry field elements and
+    release only sums of at least h + c contributions; c joins h in the model id, so peers
+    that disagree about either never group (docs/privacy.md, "Group noise")."""
+    training = getattr(trainer, "config", None)
+    group = getattr(training, "noise", "local") == "group"
+    c = config.max_colluders
+    model_id = session_kind.model_id(trainer.model_id)
+    return SessionParams(
+        network_id=network_id,
+        model_id=model_id + group_model_suffix(c) if group else model_id,
+        param_count=trainer.param_count,
+        group_size=config.group_size, threshold=config.threshold,
+        fixed_point=config.fixed_point, timeouts=config.timeouts,
+        max_colluders=c,
+        min_sum=group_min_sum(getattr(training, "honest_min", 0), c) if group else 0,
+        field_contributions=group,
+    )

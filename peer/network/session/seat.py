@@ -18,10 +18,8 @@ to its host (peer/network/node.py) through :class:`SeatHooks`, and the host fram
 chunks and queues them. Sessions of every kind share one interface (``handle``,
 ``on_timeout``, ``abort``, ``inviting``: peer/network/session/group.py), so the seat drives
 them directly; only making one (``initiate``, ``join``) goes through the session kind
-(peer/network/session/kinds.py).
-
-Size: about 455 lines, at the 450-line guide: the averaging tail's switch (``enter_tail``)
-belongs with the share it withdraws, so it lives here rather than in a module of its own.
+(peer/network/session/kinds.py), and so does what a peer's sessions agree on
+(``session_params``).
 """
 
 from __future__ import annotations
@@ -48,8 +46,6 @@ from peer.network.session.common import (
     SessionParams,
     Step,
     averaging_tail_params,
-    group_min_sum,
-    group_model_suffix,
 )
 from peer.network.session.group import GroupSession
 from peer.network.session.kinds import SessionKind
@@ -89,29 +85,6 @@ class SeatHooks:
     connected: Callable[[], bool]
     stopping: Callable[[], bool]
     budget_spent: Callable[[], bool]
-
-
-def session_params(network_id: str, config: NodeConfig, trainer: Trainer,
-                   session_kind: SessionKind) -> SessionParams:
-    """What every session of this peer agrees on with its members (model, group, timeouts).
-
-    A group-noise trainer (``noise = "group"``) makes sessions that carry field elements and
-    release only sums of at least h + c contributions; c joins h in the model id, so peers
-    that disagree about either never group (docs/privacy.md, "Group noise")."""
-    training = getattr(trainer, "config", None)
-    group = getattr(training, "noise", "local") == "group"
-    c = config.max_colluders
-    model_id = session_kind.model_id(trainer.model_id)
-    return SessionParams(
-        network_id=network_id,
-        model_id=model_id + group_model_suffix(c) if group else model_id,
-        param_count=trainer.param_count,
-        group_size=config.group_size, threshold=config.threshold,
-        fixed_point=config.fixed_point, timeouts=config.timeouts,
-        max_colluders=c,
-        min_sum=group_min_sum(getattr(training, "honest_min", 0), c) if group else 0,
-        field_contributions=group,
-    )
 
 
 class GroupReleases(Protocol):
